@@ -1,0 +1,89 @@
+"""Stage: frame accuracy of the trained DNNs on train / validation / test, as JSON + Markdown.
+
+Frame accuracy is the share of frames whose argmax pdf-id equals the forced alignment's.
+``report.json`` has one entry per system under "systems", each with "frame_accuracy":
+{"train", "valid", "test"} as fractions; ``report.md`` shows the same as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from asrkd.data import DataDir
+from asrkd.nnet import pick_device
+from asrkd.train import FrameData, data_split, evaluate_frames, load_model
+
+log = logging.getLogger(__name__)
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        f"# {report['corpus']}: frame accuracy",
+        "",
+        "| system | model | train | valid | test |",
+        "|---|---|---|---|---|",
+    ]
+    for name, system in report["systems"].items():
+        acc = system["frame_accuracy"]
+        lines.append(f"| {name} | {system['model']} | {100 * acc['train']:.2f}% | {100 * acc['valid']:.2f}% | {100 * acc['test']:.2f}% |")
+    lines += ["", f"Command: `{report['command']}`", "", "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment;",
+              "valid = speakers held out of training.", ""]
+    gmm = report.get("gmm", {})
+    if gmm:
+        lines.append(f"GMM: {gmm['mono_pdfs']} monophone pdfs -> {gmm['tri_pdfs']} tied triphone states (pdf-ids).")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg) -> None:
+    exp = Path(cfg.exp_dir)
+    device = pick_device(cfg.train.device)
+    torch.set_num_threads(int(cfg.train.num_threads))
+    train_data = FrameData.load(exp, "train", cfg.model, device)
+    test_data = FrameData.load(exp, "test", cfg.model, device)
+    train_utts, valid_utts = data_split(cfg)
+    test_utts = DataDir.read(Path(cfg.data_dir) / "test").utt_ids
+    sets = {"train": (train_data, train_data.labeled(train_utts)), "valid": (train_data, train_data.labeled(valid_utts)),
+            "test": (test_data, test_data.labeled(test_utts))}
+    model_dir = exp / "dnn" / cfg.train.name
+    model = load_model(model_dir / "final.pt", device)
+    results = {name: evaluate_frames(model, data, idx, cfg.eval.batch_size) for name, (data, idx) in sets.items()}
+    history = json.loads((model_dir / "history.json").read_text())
+    gmm_log = json.loads((exp / "tri" / "log.json").read_text())
+    report = {
+        "corpus": cfg.corpus,
+        # the recipe line that produced the run (run.sh exports it), else this command
+        "command": os.environ.get("ASRKD_RECIPE_COMMAND") or " ".join(["asrkd", *sys.argv[1:]]),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "gmm": {"mono_pdfs": gmm_log["mono"]["num_pdfs"], "tri_pdfs": gmm_log["tri"]["num_pdfs"],
+                "tree": gmm_log["tri"]["tree"], "seconds": gmm_log["mono"]["seconds"] + gmm_log["tri"]["seconds"]},
+        "systems": {
+            cfg.train.name: {
+                "model": f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}",
+                "frame_accuracy": {k: v["frame_accuracy"] for k, v in results.items()},
+                "cross_entropy": {k: v["cross_entropy"] for k, v in results.items()},
+                "frames": {k: v["frames"] for k, v in results.items()},
+                "epochs": len(history),
+                "train_seconds": sum(h["seconds"] for h in history),
+                "history": history,
+            }
+        },
+    }
+    out_dir = exp / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "report.md").write_text(markdown_table(report))
+    log.info("frame accuracy: %s", {k: round(v["frame_accuracy"], 4) for k, v in results.items()})
+    if cfg.results_dir:
+        results_dir = Path(cfg.results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("report.json", "report.md"):
+            shutil.copyfile(out_dir / name, results_dir / name)
+        log.info("report copied to %s", results_dir)

