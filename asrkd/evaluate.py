@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -36,9 +37,12 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {name} | {system['model']} | {100 * acc['train']:.2f}% | {100 * acc['valid']:.2f}% | {100 * acc['test']:.2f}% |")
     lines += ["", f"Command: `{report['command']}`", "", "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment;",
               "valid = speakers held out of training.", ""]
-    gmm = report.get("gmm", {})
-    if gmm:
-        lines.append(f"GMM: {gmm['mono_pdfs']} monophone pdfs -> {gmm['tri_pdfs']} tied triphone states (pdf-ids).")
+    gmm = report["gmm"]
+    lines.append(f"GMM: {gmm['mono_pdfs']} monophone pdfs -> {gmm['tri_pdfs']} tied triphone states (pdf-ids), "
+                 f"trained and aligned in {gmm['seconds']:.0f} s.")
+    for name, system in report["systems"].items():
+        lines.append(f"{name}: {system['epochs']} epochs in {system['train_seconds']:.0f} s.")
+    lines.append(f"Machine: {report['machine']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -62,6 +66,7 @@ def run(cfg) -> None:
         # the recipe line that produced the run (run.sh exports it), else this command
         "command": os.environ.get("ASRKD_RECIPE_COMMAND") or " ".join(["asrkd", *sys.argv[1:]]),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}",
         "gmm": {"mono_pdfs": gmm_log["mono"]["num_pdfs"], "tri_pdfs": gmm_log["tri"]["num_pdfs"],
                 "tree": gmm_log["tri"]["tree"], "seconds": gmm_log["mono"]["seconds"] + gmm_log["tri"]["seconds"]},
         "systems": {

@@ -96,7 +96,7 @@ def main() -> None:
     gather_s = timed_steps(gather_step, args.steps, device)
     frames_done = args.steps * batch_size
     print(json.dumps({
-        "benchmark": "train_throughput", "source": source, "device": str(device),
+        "benchmark": "train_throughput", "command": " ".join(["python", *sys.argv]), "source": source, "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "model": f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}",
         "bf16_autocast": bool(cfg.train.bf16_autocast), "batch_size": batch_size, "num_pdfs": num_pdfs,

@@ -1,0 +1,25 @@
+"""README quotes the committed reports; this keeps the quotes and the reports identical."""
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_readme_table_is_the_committed_report() -> None:
+    report = (REPO / "results" / "an4" / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("|")]
+    assert len(table) >= 3
+    readme = (REPO / "README.md").read_text()
+    assert "\n".join(table) in readme
+
+
+def test_readme_benchmark_rows_are_the_committed_json() -> None:
+    import json
+
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `results/")]
+    assert rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        bench = json.loads((REPO / cells[0].strip("`")).read_text())
+        assert cells[1:] == [bench["model"], str(bench["bf16_autocast"]), str(bench["trainer_frames_per_second"]),
+                             str(bench["model_frames_per_second"]), str(bench["data_path_ratio"])]
