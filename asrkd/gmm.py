@@ -12,6 +12,7 @@ Outputs of the stage, under ``exp/``:
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import pickle
@@ -152,21 +153,66 @@ def accumulate(model: GmmModel, alignments: dict[str, np.ndarray], feats: Featur
     return accs, trans_stats, total_like / max(total_frames, 1)
 
 
-def update(model: GmmModel, accs: khg.AccumAmDiagGmm, trans_stats: np.ndarray, target_gauss: int, cfg) -> None:
+def split_targets(occupancy: np.ndarray, current: np.ndarray, target: int, power: float, min_count: float) -> np.ndarray:
+    """Gaussians per pdf after mixing up to ``target`` (Kaldi's GetSplitTargets idea).
+
+    One Gaussian at a time goes to the pdf with the highest occupancy**power per Gaussian,
+    as long as each of its Gaussians keeps at least ``min_count`` frames.
+    """
+    counts = current.astype(np.int64).copy()
+    scores = [(-(occ**power) / n, pdf) for pdf, (occ, n) in enumerate(zip(occupancy, counts))]
+    heapq.heapify(scores)
+    while counts.sum() < target and scores:
+        _, pdf = heapq.heappop(scores)
+        if (counts[pdf] + 1) * min_count > occupancy[pdf]:
+            continue  # this pdf is full; drop it from the queue
+        counts[pdf] += 1
+        heapq.heappush(scores, (-(occupancy[pdf] ** power) / counts[pdf], pdf))
+    return counts
+
+
+def mix_up(am: khg.AmDiagGmm, occupancy: np.ndarray, target: int, cfg, rng: np.random.Generator) -> None:
+    """Split Gaussians towards ``target`` in all (gmm-est --mix-up), with a seeded perturbation.
+
+    Kaldi's split perturbs the two halves' means by +/- perturb_factor standard deviations of
+    noise; the wheel draws that noise from an unseedable std::random_device, which made every
+    run's GMM, and so its alignment, differ. This does the same split with a numpy Generator.
+    """
+    current = np.array([am.get_pdf(i).num_gauss for i in range(am.num_pdfs)])
+    for pdf, count in enumerate(split_targets(occupancy, current, target, cfg.power, cfg.min_count)):
+        gmm = am.get_pdf(pdf)
+        if count <= gmm.num_gauss:
+            continue
+        # copies: the binding returns views of buffers that resize() frees
+        weights, means, inv_vars = list(gmm.weights.copy()), list(gmm.means.copy()), list(gmm.inv_vars.copy())
+        while len(weights) < count:
+            k = int(np.argmax(weights))  # the heaviest component splits in two
+            weights[k] /= 2
+            noise = rng.standard_normal(len(means[k])) * cfg.perturb_factor / np.sqrt(inv_vars[k])
+            weights.append(weights[k])
+            means.append(means[k] + noise)
+            inv_vars.append(inv_vars[k].copy())
+            means[k] = means[k] - noise
+        gmm.resize(count, len(means[0]))
+        gmm.set_weights(np.asarray(weights, dtype=np.float32))
+        gmm.set_invvars_and_means(np.asarray(inv_vars, dtype=np.float32), np.asarray(means, dtype=np.float32))
+        gmm.compute_gconsts()
+
+
+def update(model: GmmModel, accs: khg.AccumAmDiagGmm, trans_stats: np.ndarray, target_gauss: int, cfg, rng: np.random.Generator) -> None:
     """gmm-est: ML update of transitions and GMMs, then split Gaussians towards ``target_gauss``."""
     model.trans_model.mle_update(trans_stats, khg.MleTransitionUpdateConfig())
     opts = khg.MleDiagGmmOptions()
     opts.min_gaussian_occupancy = float(cfg.min_gaussian_occupancy)
     khg.mle_am_diag_gmm_update(config=opts, amdiag_gmm_acc=accs, flags=khg.str_to_gmm_flags("mvw"), am_gmm=model.am)
-    occupancy = np.array([accs.get_acc(i).occupancy.sum() for i in range(accs.num_accs)], dtype=np.float32)
+    occupancy = np.array([accs.get_acc(i).occupancy.sum() for i in range(accs.num_accs)])
     if target_gauss > model.am.num_gauss:
-        model.am.split_by_count(
-            state_occs=occupancy, target_components=int(target_gauss),
-            perturb_factor=cfg.mixup.perturb_factor, power=cfg.mixup.power, min_count=cfg.mixup.min_count,
-        )
+        mix_up(model.am, occupancy, target_gauss, cfg.mixup, rng)
 
 
-def train_em(model: GmmModel, graphs: dict, feats: FeatureStore, alignments: dict, stage_cfg, cfg, name: str) -> tuple[dict, dict, list]:
+def train_em(
+    model: GmmModel, graphs: dict, feats: FeatureStore, alignments: dict, stage_cfg, cfg, name: str, rng: np.random.Generator
+) -> tuple[dict, dict, list]:
     """EM passes as train_mono.sh/train_deltas.sh: realign on realign_iters, grow Gaussians linearly."""
     history, dropped = [], {}
     start_gauss = model.am.num_gauss
@@ -177,7 +223,7 @@ def train_em(model: GmmModel, graphs: dict, feats: FeatureStore, alignments: dic
         accs, trans_stats, like = accumulate(model, alignments, feats)
         grow = min(it + 1, max(1, stage_cfg.num_iters - 5)) / max(1, stage_cfg.num_iters - 5)
         target = int(start_gauss + (stage_cfg.total_gauss - start_gauss) * grow)
-        update(model, accs, trans_stats, target, cfg.gmm)
+        update(model, accs, trans_stats, target, cfg.gmm, rng)
         history.append({"iter": it, "avg_loglike": like, "num_gauss": model.am.num_gauss, "aligned": len(alignments)})
         log.info("%s iter %d: avg log-like %.3f over %d utts, %d Gaussians (%.1fs)", name, it, like, len(alignments), model.am.num_gauss, time.time() - tic)
     return alignments, dropped, history
@@ -261,6 +307,7 @@ def run(cfg) -> None:
     max_drop = cfg.prep.max_drop_fraction
 
     tic = time.time()
+    rng = np.random.default_rng(cfg.seed)  # the Gaussian splits' perturbation: runs are reproducible
     frames = np.asarray(feats.frames, dtype=np.float64)
     mono_tree = khg.monophone_context_dependency_shared(
         phone_classes=lang.phone_sets, phone2num_pdf_classes=topo.get_phone_to_num_pdf_classes()
@@ -272,7 +319,7 @@ def run(cfg) -> None:
     dropped.update(short)
     account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, exp / "mono" / "dropped.json")
     graphs = {u: g for u, g in graphs.items() if u in alignments}
-    alignments, failed, mono_history = train_em(mono, graphs, feats, alignments, cfg.gmm.mono, cfg, "mono")
+    alignments, failed, mono_history = train_em(mono, graphs, feats, alignments, cfg.gmm.mono, cfg, "mono", rng)
     alignments, failed = align(mono, graphs, feats, cfg.gmm.align)
     mono.save(exp / "mono")
     mono_time = time.time() - tic
@@ -281,7 +328,7 @@ def run(cfg) -> None:
     tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree)
     tri_graphs, _ = compile_graphs(lang, tri, data, list(graphs))
     tri_alignments, failed = align(tri, tri_graphs, feats, cfg.gmm.align)
-    tri_alignments, failed, tri_history = train_em(tri, tri_graphs, feats, tri_alignments, cfg.gmm.tri, cfg, "tri")
+    tri_alignments, failed, tri_history = train_em(tri, tri_graphs, feats, tri_alignments, cfg.gmm.tri, cfg, "tri", rng)
     tri.save(tri_dir)
     tri_time = time.time() - tic
 

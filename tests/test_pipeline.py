@@ -111,3 +111,14 @@ def test_download_unpacks_an_archive(an4: Path, tmp_path: Path) -> None:
     assert root == tmp_path / "downloads" / "an4"
     data, dropped = an4_prep.read_split(root, "train")
     assert len(data.utt2spk) > 5 and not dropped
+
+
+def test_gmm_stage_is_reproducible(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(run_dir / "exp" / "feats", tmp_path / "exp" / "feats")
+    cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={tmp_path}/exp", *TINY])
+    gmm.run(cfg)
+    for name in ("train", "test"):
+        again = np.load(tmp_path / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy")
+        np.testing.assert_array_equal(again, np.load(run_dir / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy"))
