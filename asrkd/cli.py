@@ -31,6 +31,8 @@ COMMANDS = {
     "make-feats": "asrkd.features",
     "train-gmm": "asrkd.gmm",
     "train-dnn": "asrkd.train",
+    "make-graph": "asrkd.graph",
+    "decode": "asrkd.decode",
     "evaluate": "asrkd.evaluate",
 }
 

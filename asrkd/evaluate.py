@@ -25,25 +25,48 @@ from asrkd.train import FrameData, data_split, evaluate_frames, load_model
 log = logging.getLogger(__name__)
 
 
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
 def markdown_table(report: dict) -> str:
     lines = [
-        f"# {report['corpus']}: frame accuracy",
+        f"# {report['corpus']}: frame accuracy and WER",
         "",
-        "| system | model | train | valid | test |",
-        "|---|---|---|---|---|",
+        "| system | model | frame acc. train | frame acc. valid | frame acc. test | WER test | WER test (unseen sentences) | LMWT |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, system in report["systems"].items():
-        acc = system["frame_accuracy"]
-        lines.append(f"| {name} | {system['model']} | {100 * acc['train']:.2f}% | {100 * acc['valid']:.2f}% | {100 * acc['test']:.2f}% |")
-    lines += ["", f"Command: `{report['command']}`", "", "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment;",
-              "valid = speakers held out of training.", ""]
+        acc = system.get("frame_accuracy") or {}
+        wer = system.get("wer") or {}
+        lines.append(
+            f"| {name} | {system['model']} | {percent(acc.get('train'))} | {percent(acc.get('valid'))} | {percent(acc.get('test'))} "
+            f"| {percent(wer.get('test'))} | {percent(wer.get('test_unseen'))} | {system.get('lmwt', '–')} |"
+        )
+    lines += ["", f"Command: `{report['command']}`", "",
+              "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment; valid = speakers held out of training.",
+              "WER: Kaldi WFST decoding (HCLG with a 3-gram LM on the training transcripts), LM weight and insertion penalty",
+              "chosen on the validation speakers; unseen = test sentences that never occur in train.", ""]
     gmm = report["gmm"]
     lines.append(f"GMM: {gmm['mono_pdfs']} monophone pdfs -> {gmm['tri_pdfs']} tied triphone states (pdf-ids), "
                  f"trained and aligned in {gmm['seconds']:.0f} s.")
     for name, system in report["systems"].items():
-        lines.append(f"{name}: {system['epochs']} epochs in {system['train_seconds']:.0f} s.")
+        if "epochs" in system:
+            lines.append(f"{name}: {system['epochs']} epochs in {system['train_seconds']:.0f} s.")
     lines.append(f"Machine: {report['machine']}.")
     return "\n".join(lines) + "\n"
+
+
+def decoding_result(exp: Path, system: str) -> dict:
+    """WER fields of a decoded system (empty when the decode stage has not run for it)."""
+    path = exp / "decode" / system / "wer.json"
+    if not path.is_file():
+        return {}
+    result = json.loads(path.read_text())
+    return {"wer": {"test": result["test"]["wer"], "test_unseen": result["test_unseen"]["wer"], "valid": result["valid"]["wer"]},
+            "wer_details": {k: result[k] for k in ("test", "test_unseen", "valid")},
+            "lmwt": result["lmwt"], "word_ins_penalty": result["word_ins_penalty"],
+            "decode_real_time_factor": result["real_time_factor"]}
 
 
 def run(cfg) -> None:
@@ -70,6 +93,7 @@ def run(cfg) -> None:
         "gmm": {"mono_pdfs": gmm_log["mono"]["num_pdfs"], "tri_pdfs": gmm_log["tri"]["num_pdfs"],
                 "tree": gmm_log["tri"]["tree"], "seconds": gmm_log["mono"]["seconds"] + gmm_log["tri"]["seconds"]},
         "systems": {
+            "gmm": {"model": f"tri ({gmm_log['tri']['num_pdfs']} pdfs)", "frame_accuracy": None, **decoding_result(exp, "gmm")},
             cfg.train.name: {
                 "model": f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}",
                 "frame_accuracy": {k: v["frame_accuracy"] for k, v in results.items()},
@@ -78,6 +102,7 @@ def run(cfg) -> None:
                 "epochs": len(history),
                 "train_seconds": sum(h["seconds"] for h in history),
                 "history": history,
+                **decoding_result(exp, cfg.train.name),
             }
         },
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asrkd import evaluate, features, gmm, lang, train
+from asrkd import decode, evaluate, features, gmm, graph, lang, train
 from asrkd.cli import load_config
 from asrkd.features import FeatureStore
 from asrkd.stage import TooManyDropped, account_dropped
@@ -21,6 +21,7 @@ TINY = [
     "gmm.mono.num_iters=6", "gmm.mono.total_gauss=150", "gmm.mono.realign_iters=[2,4]",
     "gmm.tree.max_leaves=130", "gmm.tree.min_count=40",
     "gmm.tri.num_iters=4", "gmm.tri.total_gauss=250", "gmm.tri.realign_iters=[2]",
+    "decode.beam=10", "decode.lattice_beam=4", "decode.lmwt=[8,10,12]", "decode.word_ins_penalty=[0.0,0.5]",
 ]
 
 
@@ -37,7 +38,7 @@ def run_dir(an4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     transcription.write_text("\n".join(lines) + "\n")
     cfg = load_config([f"corpus_dir={corpus}", f"data_dir={root}/data", f"exp_dir={root}/exp", *TINY])
     an4_prep.prepare(cfg)
-    for stage in (lang, features, gmm, train, evaluate):
+    for stage in (lang, features, gmm, train, graph, decode, evaluate):
         stage.run(cfg)
     return root
 
@@ -50,6 +51,31 @@ def test_report_has_frame_accuracy_for_every_set(run_dir: Path) -> None:
     assert report["gmm"]["mono_pdfs"] < num_pdfs <= 130  # the tree split contexts, within max_leaves
     assert all(5.0 / num_pdfs < a <= 1.0 for a in accuracy.values())  # far above chance
     assert "| baseline | 2x64 |" in (run_dir / "exp" / "report" / "report.md").read_text()
+    for system in ("gmm", "baseline"):
+        wer = report["systems"][system]["wer"]
+        assert set(wer) == {"test", "test_unseen", "valid"} and 0.0 <= wer["test"] < 1.0
+        assert report["systems"][system]["lmwt"] in range(6, 18)
+
+
+def test_a_known_state_sequence_decodes_to_its_words(run_dir: Path) -> None:
+    import kaldifst
+
+    from asrkd.data import DataDir
+    from asrkd.gmm import GmmModel
+
+    exp = run_dir / "exp"
+    hclg = kaldifst.StdVectorFst.read(str(exp / "graph" / "HCLG.fst"))
+    model = GmmModel.load(exp / "tri")
+    id2word = {int(i): w for w, i in (line.split() for line in (exp / "graph" / "words.txt").read_text().splitlines())}
+    store = FeatureStore.load(exp / "feats" / "mfcc" / "test")
+    pdf_ids = np.load(exp / "tri" / "ali_test" / "pdf_ids.npy")
+    text = DataDir.read(run_dir / "data" / "test").text
+    for utt in store.utt_ids[:3]:
+        start, end = store.span(utt)
+        scores = np.full((end - start, model.num_pdfs), -20.0, dtype=np.float32)
+        scores[np.arange(end - start), pdf_ids[start:end]] = 0.0  # the forced alignment's states win every frame
+        lattice = decode.decode_lattice(hclg, decode.transition_id_matrix(scores, model.tid_to_pdf(), 0.1), 13.0, 6.0)
+        assert " ".join(id2word[w] for w in decode.best_words(lattice, 10.0, 0.1)) == text[utt]
 
 
 def test_alignment_covers_every_frame_of_every_aligned_utterance(run_dir: Path) -> None:

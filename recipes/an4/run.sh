@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AN4 (CMU census, ~0.8 h of read speech): wav -> hybrid DNN -> frame-accuracy report.
+# AN4 (CMU census, ~0.8 h of read speech): wav -> hybrid DNN -> frame accuracy and WER report.
 #
 #   recipes/an4/run.sh [--stage N] [--stop-stage M] [--corpus-dir DIR] [-- hydra overrides...]
 #
@@ -45,5 +45,7 @@ run_stage 1 "lang dir (lexicon, phones, topology, L.fst)" asrkd prepare-lang "${
 run_stage 2 "fbank + MFCC features with per-speaker CMVN" asrkd make-feats "${args[@]}"
 run_stage 3 "GMM-HMM: monophone, triphone tree, forced alignment" asrkd train-gmm "${args[@]}"
 run_stage 4 "baseline DNN (cross-entropy on pdf-ids)" asrkd train-dnn "${args[@]}"
-run_stage 5 "frame-accuracy report" asrkd evaluate "${args[@]}"
+run_stage 5 "decoding graph: 3-gram LM on train transcripts, HCLG" asrkd make-graph "${args[@]}"
+run_stage 6 "decode GMM and DNN, LM-weight sweep on validation speakers, WER" asrkd decode "${args[@]}"
+run_stage 7 "report: frame accuracy and WER" asrkd evaluate "${args[@]}"
 echo "$(date '+%F %T') done"

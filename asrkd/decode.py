@@ -1,0 +1,250 @@
+"""Stage: WER through an external Kaldi WFST decoder, with Kaldi's LM-weight sweep.
+
+Acoustic scores are a (frames x pdfs) log-likelihood matrix: for the GMM, Kaldi's own
+per-Gaussian log-likelihoods; for a DNN, log-posteriors minus log-priors (pdf counts of the
+training alignment, floored). The matrix is expanded to one column per transition-id and
+scaled by the acoustic weight, which makes kaldi_decoder's DecodableCtc (it reads column
+``index - 1``) behave as Kaldi's DecodableMatrixScaledMapped. LatticeSimpleDecoder produces a
+raw lattice per utterance; each (LM weight, word insertion penalty) pair of the sweep takes
+the best path of the rescaled lattice, as Kaldi's score_kaldi_wer.sh does. The pair is chosen
+on the validation speakers, never on the test set it reports.
+
+``exp/decode/<system>/``: ``wer.json`` (the sweep, the chosen pair, test and unseen-sentence
+WER with substitutions/deletions/insertions), ``hyp_<set>.txt`` and, with
+``decode.write_loglikes_ark``, ``loglikes_<set>.ark/.scp``: the unscaled (frames x pdfs)
+log-likelihoods that a user's own ``latgen-faster-mapped`` decodes with its HCLG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import kaldi_hmm_gmm as khg  # noqa: F401  (import order: kaldi_hmm_gmm before kaldi_decoder)
+import kaldi_decoder
+import kaldifst
+import numpy as np
+import torch
+
+from asrkd.data import DataDir, read_table
+from asrkd.features import FeatureStore
+from asrkd.gmm import GmmModel
+from asrkd.nnet import SplicedFrames, pick_device
+from asrkd.stage import account_dropped, mark_done, skip_if_done
+
+log = logging.getLogger(__name__)
+
+
+def gmm_loglikes(model: GmmModel, feats: np.ndarray) -> np.ndarray:
+    """(T, pdfs) log-likelihoods of each pdf's GMM (Kaldi computes the per-Gaussian terms)."""
+    x = np.ascontiguousarray(feats, dtype=np.float32)
+    columns = []
+    for pdf in range(model.num_pdfs):
+        per_gauss = model.am.get_pdf(pdf).log_likelihoods_matrix(x)
+        top = per_gauss.max(axis=1, keepdims=True)
+        columns.append((top + np.log(np.exp(per_gauss - top).sum(axis=1, keepdims=True)))[:, 0])
+    return np.stack(columns, axis=1)
+
+
+def log_priors(pdf_counts: np.ndarray, floor: float) -> np.ndarray:
+    """log P(pdf) from alignment counts, floored so unseen pdfs do not get infinite scores."""
+    priors = np.maximum(pdf_counts / max(pdf_counts.sum(), 1), floor)
+    return np.log(priors / priors.sum())
+
+
+@torch.no_grad()
+def dnn_loglikes(model, frames: SplicedFrames, utt: str, priors: np.ndarray) -> np.ndarray:
+    """Scaled likelihoods of the hybrid model: log p(pdf | x) - log p(pdf)."""
+    start, end = frames.store.span(utt)
+    device = frames.frames.device
+    logits = model(frames.context(torch.arange(start, end, device=device))).float()
+    return (torch.log_softmax(logits, dim=-1).cpu().numpy() - priors).astype(np.float32)
+
+
+def check_scores(utt: str, scores: np.ndarray, num_frames: int, num_pdfs: int) -> None:
+    """Clear errors for score matrices a decoder would silently misread."""
+    if scores.ndim != 2 or scores.shape[1] != num_pdfs:
+        raise ValueError(f"utterance {utt}: score matrix has shape {scores.shape}, expected (frames, {num_pdfs} pdfs)")
+    if scores.shape[0] != num_frames:
+        raise ValueError(f"utterance {utt}: {scores.shape[0]} score rows for {num_frames} frames")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"utterance {utt}: {int((~np.isfinite(scores)).sum())} NaN/inf scores")
+
+
+def transition_id_matrix(loglikes: np.ndarray, tid_to_pdf: np.ndarray, acoustic_scale: float) -> np.ndarray:
+    """Column t-1 holds transition-id t's pdf score times the acoustic scale (DecodableCtc's layout)."""
+    return np.ascontiguousarray(acoustic_scale * loglikes[:, tid_to_pdf[1:]], dtype=np.float32)
+
+
+def decode_lattice(hclg: kaldifst.StdVectorFst, scores: np.ndarray, beam: float, lattice_beam: float) -> kaldifst.Lattice | None:
+    """Raw (undeterminized) lattice of one utterance; None when no path reaches the end."""
+    config = kaldi_decoder.LatticeSimpleDecoderConfig(beam=beam, lattice_beam=lattice_beam)
+    decoder = kaldi_decoder.LatticeSimpleDecoder(hclg, config)
+    decoder.decode(kaldi_decoder.DecodableCtc(scores))
+    ok, lattice = decoder.get_raw_lattice(use_final_probs=True)
+    if not ok or lattice.num_states == 0:
+        ok, lattice = decoder.get_raw_lattice(use_final_probs=False)  # partial, as Kaldi's --allow-partial
+        if not ok or lattice.num_states == 0:
+            return None
+    return lattice
+
+
+def lattice_arcs(lattice: kaldifst.Lattice, state: int) -> list:
+    """Arcs leaving ``state`` (kaldifst's public ArcIterator takes only tropical FSTs)."""
+    from _kaldifst import _ArcIteratorLattice
+
+    iterator, arcs = _ArcIteratorLattice(lattice, state), []
+    while not iterator.done:
+        arcs.append(iterator.value)
+        iterator.next()
+    return arcs
+
+
+def add_word_penalty(lattice: kaldifst.Lattice, penalty: float) -> kaldifst.Lattice:
+    """lattice-add-penalty: ``penalty`` more graph cost on every word arc."""
+    out = lattice.copy()
+    if penalty == 0:
+        return out
+    for state in range(out.num_states):
+        arcs = lattice_arcs(out, state)
+        if not any(arc.olabel for arc in arcs):
+            continue
+        out.delete_arcs(state, len(arcs))
+        for arc in arcs:
+            weight = arc.weight
+            if arc.olabel:
+                weight = kaldifst.LatticeWeight(weight.value1 + penalty, weight.value2)
+            out.add_arc(state=state, arc=kaldifst.LatticeArc(arc.ilabel, arc.olabel, weight, arc.nextstate))
+    return out
+
+
+def best_words(lattice: kaldifst.Lattice, lm_weight: float, decode_acoustic_scale: float) -> list[int]:
+    """Best path with acoustics weighted 1/lm_weight relative to the graph (lattice-scale + best-path)."""
+    best = kaldifst.lattice_to_nbest(lattice, acoustic_scale=1.0 / (decode_acoustic_scale * lm_weight), lm_scale=1.0, n=1)
+    if not best:
+        return []
+    path, words = best[0], []
+    state = path.start
+    while state >= 0:
+        arcs = lattice_arcs(path, state)
+        if not arcs:
+            break
+        words += [arc.olabel for arc in arcs[:1] if arc.olabel]
+        state = arcs[0].nextstate
+    return words
+
+
+def word_error_rate(refs: dict[str, str], hyps: dict[str, str]) -> dict:
+    """WER with substitutions/deletions/insertions (jiwer); an utterance without output counts as all deleted."""
+    import jiwer
+
+    utts = sorted(refs)
+    out = jiwer.process_words([refs[u] for u in utts], [hyps.get(u, "") for u in utts])
+    words = sum(len(refs[u].split()) for u in utts)
+    return {"wer": out.wer, "substitutions": out.substitutions, "deletions": out.deletions,
+            "insertions": out.insertions, "words": words, "utterances": len(utts)}
+
+
+def sweep(lattices: dict[str, kaldifst.Lattice | None], id2word: dict[int, str], cfg) -> dict[tuple[float, float], dict[str, str]]:
+    """Hypotheses for every (LM weight, insertion penalty) pair of the sweep."""
+    result: dict[tuple[float, float], dict[str, str]] = {}
+    for penalty in cfg.word_ins_penalty:
+        penalized = {u: (add_word_penalty(lat, penalty) if lat is not None else None) for u, lat in lattices.items()}
+        for lm_weight in cfg.lmwt:
+            result[(float(lm_weight), float(penalty))] = {
+                u: " ".join(id2word[w] for w in best_words(lat, lm_weight, cfg.acoustic_scale)) if lat is not None else ""
+                for u, lat in penalized.items()
+            }
+    return result
+
+
+def choose_weights(dev_refs: dict[str, str], hyps: dict[tuple[float, float], dict[str, str]]) -> tuple[tuple[float, float], dict]:
+    """The (LM weight, penalty) with the lowest dev WER (ties: the smaller pair), and every pair's WER."""
+    dev_wer = {pair: word_error_rate(dev_refs, h)["wer"] for pair, h in hyps.items()}
+    return min(dev_wer, key=lambda pair: (dev_wer[pair], pair)), dev_wer
+
+
+def unseen_sentences(test_text: dict[str, str], train_text: dict[str, str]) -> list[str]:
+    """Test utterances whose sentence never occurs in the training transcripts."""
+    seen = set(train_text.values())
+    return sorted(u for u, t in test_text.items() if t not in seen)
+
+
+def run(cfg) -> None:
+    from asrkd.train import data_split, load_model
+
+    exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
+    dcfg = cfg.decode
+    hclg = kaldifst.StdVectorFst.read(str(exp / "graph" / "HCLG.fst"))
+    id2word = {int(i): w for w, i in (line.split() for line in (exp / "graph" / "words.txt").read_text().splitlines())}
+    gmm = GmmModel.load(exp / "tri")
+    tid_to_pdf = gmm.tid_to_pdf()
+    _, valid_utts = data_split(cfg)
+    train_text = read_table(data_dir / "train" / "text")
+    test = DataDir.read(data_dir / "test")
+    sets = {"valid": ("train", {u: train_text[u] for u in valid_utts}), "test": ("test", test.text)}
+    device = pick_device(cfg.train.device)
+    priors = log_priors(np.load(exp / "tri" / "ali_train" / "pdf_counts.npy"), dcfg.prior_floor)
+
+    for system in dcfg.systems:
+        out_dir = exp / "decode" / system
+        if skip_if_done(out_dir, f"decode {system}"):
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if system == "gmm":
+            feats = {name: FeatureStore.load(exp / "feats" / "mfcc" / name, mmap=False) for name in ("train", "test")}
+            score = lambda name, utt: gmm_loglikes(gmm, feats[name][utt])  # noqa: E731
+        else:
+            model = load_model(exp / "dnn" / system / "final.pt", device)
+            model.eval()
+            frames = {name: SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / name, mmap=False),
+                                          model.config["left_context"], model.config["right_context"], device)
+                      for name in ("train", "test")}
+            score = lambda name, utt: dnn_loglikes(model, frames[name], utt, priors)  # noqa: E731
+        hyps, decode_seconds, audio_seconds = {}, 0.0, 0.0
+        for set_name, (store_name, refs) in sets.items():
+            lattices, dropped, matrices = {}, {}, {}
+            for utt in sorted(refs):
+                tic = time.time()
+                try:
+                    loglikes = score(store_name, utt)
+                except KeyError:
+                    dropped[utt] = f"utterance {utt}: no features"
+                    continue
+                check_scores(utt, loglikes, len(loglikes), gmm.num_pdfs)
+                if dcfg.write_loglikes_ark:
+                    matrices[utt] = loglikes
+                lattices[utt] = decode_lattice(hclg, transition_id_matrix(loglikes, tid_to_pdf, dcfg.acoustic_scale), dcfg.beam, dcfg.lattice_beam)
+                decode_seconds += time.time() - tic
+                audio_seconds += len(loglikes) * cfg.features.frame_shift_ms / 1000
+                if lattices[utt] is None:
+                    dropped[utt] = f"utterance {utt}: no path survived the beam (scored as all deletions)"
+            account_dropped(f"decode {system} {set_name}", len(refs), dropped, cfg.prep.max_drop_fraction, out_dir / f"dropped_{set_name}.json")
+            hyps[set_name] = sweep(lattices, id2word, dcfg)
+            if matrices:
+                import kaldiio
+
+                with kaldiio.WriteHelper(f"ark,scp:{out_dir}/loglikes_{set_name}.ark,{out_dir}/loglikes_{set_name}.scp") as writer:
+                    for utt, matrix in matrices.items():
+                        writer(utt, matrix)
+        best, valid_wer = choose_weights(sets["valid"][1], hyps["valid"])
+        unseen = unseen_sentences(test.text, train_text)
+        test_hyps = hyps["test"][best]
+        result = {
+            "system": system, "lmwt": best[0], "word_ins_penalty": best[1],
+            "valid": word_error_rate(sets["valid"][1], hyps["valid"][best]),
+            "test": word_error_rate(test.text, test_hyps),
+            "test_unseen": word_error_rate({u: test.text[u] for u in unseen}, test_hyps),
+            "sweep_valid_wer": [{"lmwt": p[0], "word_ins_penalty": p[1], "wer": w} for p, w in sorted(valid_wer.items())],
+            "real_time_factor": decode_seconds / max(audio_seconds, 1e-9),
+            "beam": dcfg.beam, "lattice_beam": dcfg.lattice_beam, "acoustic_scale": dcfg.acoustic_scale,
+        }
+        (out_dir / "wer.json").write_text(json.dumps(result, indent=1))
+        for set_name in sets:
+            (out_dir / f"hyp_{set_name}.txt").write_text("".join(f"{u} {h}\n" for u, h in sorted(hyps[set_name][best].items())))
+        log.info("decode %s: LMWT %g, penalty %g (valid WER %.2f%%) -> test WER %.2f%%, unseen %.2f%%, RTF %.3f",
+                 system, best[0], best[1], 100 * result["valid"]["wer"], 100 * result["test"]["wer"],
+                 100 * result["test_unseen"]["wer"], result["real_time_factor"])
+        mark_done(out_dir)

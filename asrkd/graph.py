@@ -1,0 +1,121 @@
+"""Stage: the decoding graph HCLG (Kaldi's utils/mkgraph.sh) and its n-gram LM.
+
+The LM is a Kneser-Ney ARPA model trained on the training transcripts by ``kaldingram``
+(AN4's own an4.lm covers only 13 digit words). Every FST operation is Kaldi/OpenFst code
+from the pinned wheels:
+
+  G     = kaldilm.arpa2fst(ARPA, #0 on back-off arcs)
+  LG    = minimize(determinize*(L_disambig o G))
+  CLG   = compose_context(LG)                      (triphone context, ilabels = phone windows)
+  HCLGa = determinize*(H o CLG), disambiguation transition-ids -> epsilon, minimize
+  HCLG  = add_self_loops(HCLGa, self_loop_scale)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import kaldi_hmm_gmm as khg  # noqa: F401  (import order: kaldi_hmm_gmm, then kaldi_decoder, then kaldilm)
+import kaldifst
+
+from asrkd.data import read_table
+from asrkd.gmm import GmmModel
+from asrkd.lang import Lang
+from asrkd.stage import mark_done, skip_if_done
+
+log = logging.getLogger(__name__)
+
+
+def lm_text(transcripts: dict[str, str], lang: Lang) -> tuple[list[str], dict[str, str]]:
+    """Sentences for the LM: those whose words all have pronunciations (the rest are reported)."""
+    sentences, dropped = [], {}
+    for utt, text in sorted(transcripts.items()):
+        unknown = [w for w in text.split() if w not in lang.words]
+        if unknown:
+            dropped[utt] = f"utterance {utt}: words without pronunciation {unknown}"
+        else:
+            sentences.append(text)
+    return sentences, dropped
+
+
+def train_arpa(sentences: list[str], order: int, out_dir: Path) -> Path:
+    """Kneser-Ney n-gram ARPA via kaldingram (SRILM-compatible discounting)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # kaldingram reports progress through tqdm
+    from kaldingram import train as kaldingram_train
+
+    text = out_dir / "lm_text.txt"
+    text.write_text("".join(s + "\n" for s in sentences))
+    arpa = out_dir / f"lm_{order}gram.arpa"
+    kaldingram_train.main(["--ngram-order", str(order), "--text", str(text), "--lm", str(arpa)])
+    return arpa
+
+
+def arpa_to_g(arpa: Path, words_txt: Path, out: Path) -> kaldifst.StdVectorFst:
+    import kaldi_decoder  # noqa: F401  (kaldilm hangs when imported before it)
+    import kaldilm
+
+    kaldilm.arpa2fst(input_arpa=str(arpa), output_fst=str(out), disambig_symbol="#0", read_symbol_table=str(words_txt))
+    return kaldifst.StdVectorFst.read(str(out))
+
+
+def relabel_to_epsilon(fst: kaldifst.StdVectorFst, labels: set[int]) -> None:
+    """fstrmsymbols: the disambiguation transition-ids become epsilon on the input side."""
+    for state in range(fst.num_states):
+        arcs = list(kaldifst.ArcIterator(fst, state))
+        if not any(arc.ilabel in labels for arc in arcs):
+            continue
+        fst.delete_arcs(state, len(arcs))
+        for arc in arcs:
+            ilabel = 0 if arc.ilabel in labels else arc.ilabel
+            fst.add_arc(state=state, arc=kaldifst.StdArc(ilabel=ilabel, olabel=arc.olabel, weight=arc.weight, nextstate=arc.nextstate))
+
+
+def make_hclg(lang: Lang, model: GmmModel, g: kaldifst.StdVectorFst, self_loop_scale: float, transition_scale: float) -> kaldifst.StdVectorFst:
+    lexicon = lang.lexicon_fst(disambig=True)
+    kaldifst.arcsort(lexicon, sort_type="olabel")
+    kaldifst.arcsort(g, sort_type="ilabel")
+    lg = kaldifst.compose(lexicon, g)
+    kaldifst.determinize_star(lg, use_log=True)  # returns True only when stopped at max_states (none set)
+    kaldifst.minimize_encoded(lg)
+    clg, ilabels = kaldifst.compose_context(
+        disambig_syms=lang.disambig_ids, context_width=model.tree.context_width,
+        central_position=model.tree.central_position, ifst=lg,
+    )
+    kaldifst.arcsort(clg, sort_type="ilabel")
+    h, disambig_tids = khg.get_h_transducer(
+        ilabel_info=ilabels, ctx_dep=model.tree, trans_model=model.trans_model,
+        config=khg.HTransducerConfig(transition_scale=transition_scale),
+    )
+    hclg = kaldifst.compose(h, clg)
+    kaldifst.determinize_star(hclg, use_log=True)
+    relabel_to_epsilon(hclg, set(disambig_tids))
+    kaldifst.minimize_encoded(hclg)
+    return khg.add_self_loops(self_loop_scale=self_loop_scale, disambig_syms=[], reorder=True, trans_model=model.trans_model, ifst=hclg)
+
+
+def run(cfg) -> None:
+    exp = Path(cfg.exp_dir)
+    out_dir = exp / "graph"
+    if skip_if_done(out_dir, "make-graph"):
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lang = Lang.load(Path(cfg.data_dir) / "lang")
+    transcripts = read_table(Path(cfg.data_dir) / cfg.graph.lm_data / "text")
+    if cfg.graph.lm_exclude_valid:  # the validation speakers choose the LM weight: keep their text unseen
+        from asrkd.train import data_split
+
+        _, valid = data_split(cfg)
+        transcripts = {u: t for u, t in transcripts.items() if u not in set(valid)}
+    sentences, dropped = lm_text(transcripts, lang)
+    if dropped:
+        log.warning("make-graph: %d LM sentences left out (%s)", len(dropped), next(iter(dropped.values())))
+    arpa = train_arpa(sentences, cfg.graph.lm_order, out_dir)
+    g = arpa_to_g(arpa, lang.directory / "words.txt", out_dir / "G.fst")
+    model = GmmModel.load(exp / "tri")
+    hclg = make_hclg(lang, model, g, cfg.graph.self_loop_scale, cfg.graph.transition_scale)
+    hclg.write(str(out_dir / "HCLG.fst"))
+    (out_dir / "words.txt").write_text((lang.directory / "words.txt").read_text())
+    log.info("make-graph: %d-gram LM from %d sentences; HCLG has %d states", cfg.graph.lm_order, len(sentences), hclg.num_states)
+    mark_done(out_dir)
