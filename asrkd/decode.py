@@ -231,6 +231,9 @@ def run(cfg) -> None:
                         writer(utt, matrix)
         best, valid_wer = choose_weights(sets["valid"][1], hyps["valid"])
         unseen = unseen_sentences(test.text, train_text)
+        oov = sorted({w for t in test.text.values() for w in t.split() if w not in set(id2word.values())})
+        if oov:  # they count as errors: no path of the graph can output them
+            log.warning("decode %s: test references hold %d word types outside the graph's vocabulary: %s", system, len(oov), oov[:10])
         test_hyps = hyps["test"][best]
         result = {
             "system": system, "lmwt": best[0], "word_ins_penalty": best[1],
@@ -239,6 +242,7 @@ def run(cfg) -> None:
             "test_unseen": word_error_rate({u: test.text[u] for u in unseen}, test_hyps),
             "sweep_valid_wer": [{"lmwt": p[0], "word_ins_penalty": p[1], "wer": w} for p, w in sorted(valid_wer.items())],
             "real_time_factor": decode_seconds / max(audio_seconds, 1e-9),
+            "reference_oov_words": oov,
             "beam": dcfg.beam, "lattice_beam": dcfg.lattice_beam, "acoustic_scale": dcfg.acoustic_scale,
         }
         (out_dir / "wer.json").write_text(json.dumps(result, indent=1))

@@ -133,6 +133,8 @@ def align(model: GmmModel, graphs: dict, feats: FeatureStore, cfg) -> tuple[dict
             dropped[utt] = f"utterance {utt}: alignment failed even with retry_beam={cfg.retry_beam}"
             continue
         alignments[utt] = np.asarray(tids, dtype=np.int64)
+    if dropped:  # training goes on without them this pass; the final alignment accounts for them
+        log.warning("align: %d of %d utterances failed (e.g. %s)", len(dropped), len(graphs), next(iter(dropped)))
     return alignments, dropped
 
 
@@ -212,21 +214,21 @@ def update(model: GmmModel, accs: khg.AccumAmDiagGmm, trans_stats: np.ndarray, t
 
 def train_em(
     model: GmmModel, graphs: dict, feats: FeatureStore, alignments: dict, stage_cfg, cfg, name: str, rng: np.random.Generator
-) -> tuple[dict, dict, list]:
+) -> tuple[dict, list]:
     """EM passes as train_mono.sh/train_deltas.sh: realign on realign_iters, grow Gaussians linearly."""
-    history, dropped = [], {}
+    history = []
     start_gauss = model.am.num_gauss
     for it in range(stage_cfg.num_iters):
         tic = time.time()
         if it in set(stage_cfg.realign_iters):
-            alignments, dropped = align(model, graphs, feats, cfg.gmm.align)
+            alignments, _ = align(model, graphs, feats, cfg.gmm.align)
         accs, trans_stats, like = accumulate(model, alignments, feats)
         grow = min(it + 1, max(1, stage_cfg.num_iters - 5)) / max(1, stage_cfg.num_iters - 5)
         target = int(start_gauss + (stage_cfg.total_gauss - start_gauss) * grow)
         update(model, accs, trans_stats, target, cfg.gmm, rng)
         history.append({"iter": it, "avg_loglike": like, "num_gauss": model.am.num_gauss, "aligned": len(alignments)})
         log.info("%s iter %d: avg log-like %.3f over %d utts, %d Gaussians (%.1fs)", name, it, like, len(alignments), model.am.num_gauss, time.time() - tic)
-    return alignments, dropped, history
+    return alignments, history
 
 
 def transition_state_table(model: GmmModel, topo: khg.HmmTopology) -> np.ndarray:
@@ -319,16 +321,16 @@ def run(cfg) -> None:
     dropped.update(short)
     account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, exp / "mono" / "dropped.json")
     graphs = {u: g for u, g in graphs.items() if u in alignments}
-    alignments, failed, mono_history = train_em(mono, graphs, feats, alignments, cfg.gmm.mono, cfg, "mono", rng)
-    alignments, failed = align(mono, graphs, feats, cfg.gmm.align)
+    _, mono_history = train_em(mono, graphs, feats, alignments, cfg.gmm.mono, cfg, "mono", rng)
+    alignments, _ = align(mono, graphs, feats, cfg.gmm.align)  # the final model's alignment feeds the tree
     mono.save(exp / "mono")
     mono_time = time.time() - tic
 
     tic = time.time()
     tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree)
     tri_graphs, _ = compile_graphs(lang, tri, data, list(graphs))
-    tri_alignments, failed = align(tri, tri_graphs, feats, cfg.gmm.align)
-    tri_alignments, failed, tri_history = train_em(tri, tri_graphs, feats, tri_alignments, cfg.gmm.tri, cfg, "tri", rng)
+    tri_alignments, _ = align(tri, tri_graphs, feats, cfg.gmm.align)
+    _, tri_history = train_em(tri, tri_graphs, feats, tri_alignments, cfg.gmm.tri, cfg, "tri", rng)
     tri.save(tri_dir)
     tri_time = time.time() - tic
 

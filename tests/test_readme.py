@@ -23,3 +23,13 @@ def test_readme_benchmark_rows_are_the_committed_json() -> None:
         bench = json.loads((REPO / cells[0].strip("`")).read_text())
         assert cells[1:] == [bench["model"], str(bench["bf16_autocast"]), str(bench["trainer_frames_per_second"]),
                              str(bench["model_frames_per_second"]), str(bench["data_path_ratio"])]
+
+
+def test_readme_decode_benchmark_rows_are_the_committed_json() -> None:
+    import json
+
+    bench = json.loads((REPO / "results" / "an4" / "bench" / "decode_baseline_cpu.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    for row in bench["beams"]:
+        line = f"| {row['beam']} | {row['lattice_beam']} | {row['decode_seconds']} | {row['real_time_factor']} | {100 * row['test_wer']:.2f}% |"
+        assert line in readme
