@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -76,11 +77,22 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def train_model(cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dir: Path) -> HybridDNN:
-    """Cross-entropy training with per-epoch checkpoints; resumes from the last one in ``out_dir``."""
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, frame indices) -> loss
+
+
+def train_model(
+    cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dir: Path,
+    loss_fn: LossFn | None = None, init_seed: int | None = None,
+) -> HybridDNN:
+    """Training with per-epoch checkpoints; resumes from the last one in ``out_dir``.
+
+    The loss is cross-entropy on the alignment's pdf-ids unless ``loss_fn`` is given (the
+    student's distillation loss). ``init_seed`` seeds only the initial weights (ensemble
+    members differ in it alone); the frame order always follows ``cfg.seed``.
+    """
     tcfg = cfg.train
     device = data.pdf_ids.device
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed if init_seed is None else init_seed)
     model = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model).to(device)
     sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
     sample_frames = data.frames.frames[torch.from_numpy(np.sort(sample)).to(device)].float().cpu().numpy()
@@ -112,7 +124,7 @@ def train_model(cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarr
             batch = torch.from_numpy(order[start : start + tcfg.batch_size]).to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(data.frames.context(batch))
-            loss = F.cross_entropy(logits.float(), data.pdf_ids[batch])
+            loss = loss_fn(logits, batch) if loss_fn else F.cross_entropy(logits.float(), data.pdf_ids[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -146,16 +158,21 @@ def data_split(cfg) -> tuple[list[str], list[str]]:
     return split_by_speaker(data, cfg.train.valid_fraction, cfg.seed)
 
 
-def run(cfg) -> None:
-    out_dir = Path(cfg.exp_dir) / "dnn" / cfg.train.name
-    if skip_if_done(out_dir, f"train-dnn {cfg.train.name}"):
-        return
+def prepare_training(cfg) -> tuple[FrameData, np.ndarray, np.ndarray]:
+    """The training set's frames and the labeled frame indices of its training and validation speakers."""
     torch.set_num_threads(int(cfg.train.num_threads))
     device = pick_device(cfg.train.device)
     data = FrameData.load(Path(cfg.exp_dir), "train", cfg.model, device)
     train_utts, valid_utts = data_split(cfg)
     train_idx, valid_idx = data.labeled(train_utts), data.labeled(valid_utts)
-    log.info("train-dnn %s: %d training frames (%d utts), %d validation frames (%d utts), %d pdfs, device %s",
-             cfg.train.name, len(train_idx), len(train_utts), len(valid_idx), len(valid_utts), data.num_pdfs, device)
-    train_model(cfg, data, train_idx, valid_idx, out_dir)
+    log.info("%d training frames (%d utts), %d validation frames (%d utts), %d pdfs, device %s",
+             len(train_idx), len(train_utts), len(valid_idx), len(valid_utts), data.num_pdfs, device)
+    return data, train_idx, valid_idx
+
+
+def run(cfg) -> None:
+    out_dir = Path(cfg.exp_dir) / "dnn" / cfg.train.name
+    if skip_if_done(out_dir, f"train-dnn {cfg.train.name}"):
+        return
+    train_model(cfg, *prepare_training(cfg), out_dir)
     mark_done(out_dir)

@@ -148,3 +148,21 @@ def test_gmm_stage_is_reproducible(run_dir: Path, tmp_path: Path) -> None:
     for name in ("train", "test"):
         again = np.load(tmp_path / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy")
         np.testing.assert_array_equal(again, np.load(run_dir / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy"))
+
+
+def test_ensemble_soft_targets_and_a_student(run_dir: Path) -> None:
+    from asrkd import ensemble, soft_targets, student
+    from asrkd.soft_targets import SoftTargetStore, current_checksum, store_dir
+
+    cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.epochs=1", "ensemble.size=2",
+                       "distill.temperatures=[1,2]", "distill.student_temperatures=[2]", "distill.top_k=5"])
+    ensemble.run(cfg)
+    soft_targets.run(cfg)
+    store = SoftTargetStore.load(store_dir(cfg, 2.0), current_checksum(cfg))
+    sharp = SoftTargetStore.load(store_dir(cfg, 1.0), current_checksum(cfg))
+    np.testing.assert_allclose(np.asarray(store.dense[:100], dtype=np.float32).sum(1), 1.0, atol=2e-2)
+    # a higher temperature gives softer targets
+    assert np.asarray(store.dense[:100], dtype=np.float32).max(1).mean() < np.asarray(sharp.dense[:100], dtype=np.float32).max(1).mean()
+    student.run(cfg)
+    history = json.loads((run_dir / "exp" / "dnn" / "student_T2_dense" / "history.json").read_text())
+    assert len(history) == 1 and 0.0 < history[0]["valid_frame_accuracy"] <= 1.0
