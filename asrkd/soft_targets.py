@@ -1,7 +1,8 @@
-"""Stage: the ensemble's soft targets, stored once per temperature.
+"""Stage: a teacher's soft targets, stored once per temperature (``exp/soft_targets/<teacher>/T<T>``).
 
 For every frame of the training feature store and each T in ``distill.temperatures``, the
-average over members of softmax(z/T). A store holds them twice: dense fp16 (frames x pdfs)
+average over the teacher's models of softmax(z/T): the ensemble's members, or one DNN (the
+3%-data experiment's 100% model). A store holds them twice: dense fp16 (frames x pdfs)
 and a compact top-k form (the k largest, renormalized, plus the mass outside them per
 frame). ``header.json`` records T, k, the number of pdfs and frames, and the checksums of the
 feature store and alignment they were computed from; loading a store against other features
@@ -108,7 +109,16 @@ def ensemble_soft_targets(members: list[HybridDNN], frames: SplicedFrames, tempe
 
 
 def store_dir(cfg, temperature: float) -> Path:
-    return Path(cfg.exp_dir) / "soft_targets" / f"T{temperature:g}"
+    return Path(cfg.exp_dir) / "soft_targets" / cfg.distill.teacher / f"T{temperature:g}"
+
+
+def teacher_dirs(cfg) -> list[Path]:
+    """The ensemble's members, or the one DNN ``exp/dnn/<distill.teacher>`` (e.g. the 100% model)."""
+    from asrkd.ensemble import member_dirs
+
+    if cfg.distill.teacher == cfg.ensemble.name:
+        return member_dirs(cfg)
+    return [Path(cfg.exp_dir) / "dnn" / cfg.distill.teacher]
 
 
 def current_checksum(cfg) -> str:
@@ -121,8 +131,7 @@ def current_checksum(cfg) -> str:
 
 
 def run(cfg) -> None:
-    """Stage: average the ensemble members' softmax(z/T) over every training frame, per T."""
-    from asrkd.ensemble import member_dirs
+    """Stage: the teacher's (average) softmax(z/T) for every training frame, per T."""
     from asrkd.features import FeatureStore
     from asrkd.nnet import pick_device
     from asrkd.stage import mark_done, skip_if_done
@@ -134,7 +143,7 @@ def run(cfg) -> None:
         return
     torch.set_num_threads(int(cfg.train.num_threads))
     device = pick_device(cfg.train.device)
-    members = [load_model(d / "final.pt", device) for d in member_dirs(cfg)]
+    members = [load_model(d / "final.pt", device) for d in teacher_dirs(cfg)]
     store = FeatureStore.load(Path(cfg.exp_dir) / "feats" / "fbank" / "train", mmap=False)
     frames = SplicedFrames(store, members[0].config["left_context"], members[0].config["right_context"], device)
     checksum = current_checksum(cfg)

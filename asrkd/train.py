@@ -140,7 +140,12 @@ def train_model(
                  epoch, record["train_cross_entropy"], valid["frame_accuracy"], valid["cross_entropy"], record["frames_per_second"])
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "history": history, "epoch": epoch}, out_dir / f"epoch-{epoch}.pt")
-    torch.save({"model": model.state_dict(), "config": model.config}, out_dir / "final.pt")
+    selected = len(history) - 1
+    if tcfg.early_stopping:  # keep the epoch that generalized best, as the paper's 3% hard model needs
+        selected = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
+        model.load_state_dict(torch.load(out_dir / f"epoch-{selected}.pt", map_location=device, weights_only=False)["model"])
+        log.info("early stopping: epoch %d has the best validation accuracy", selected)
+    torch.save({"model": model.state_dict(), "config": model.config, "epoch": selected}, out_dir / "final.pt")
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     return model
 
@@ -153,9 +158,21 @@ def load_model(path: Path, device: torch.device) -> HybridDNN:
 
 
 def data_split(cfg) -> tuple[list[str], list[str]]:
-    """Training and validation utterances of ``train.data``: whole speakers held out."""
-    data = DataDir.read(Path(cfg.data_dir) / cfg.train.data)
-    return split_by_speaker(data, cfg.train.valid_fraction, cfg.seed)
+    """Training and validation utterances: whole speakers of ``train`` held out for validation.
+
+    The split is made on the full training set, so a run on a subset (``train.data``) is
+    validated on the same speakers as the full run; the subset's utterances of those
+    speakers are left out of its training.
+    """
+    full = DataDir.read(Path(cfg.data_dir) / "train")
+    train, valid = split_by_speaker(full, cfg.train.valid_fraction, cfg.seed)
+    if cfg.train.data != "train":
+        subset = set(DataDir.read(Path(cfg.data_dir) / cfg.train.data).utt_ids)
+        held_out = len(subset & set(valid))
+        train = [u for u in train if u in subset]
+        if held_out:
+            log.info("%s: %d utterances are of validation speakers and are not trained on", cfg.train.data, held_out)
+    return train, valid
 
 
 def prepare_training(cfg) -> tuple[FrameData, np.ndarray, np.ndarray]:

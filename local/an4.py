@@ -1,4 +1,5 @@
 """AN4 (CMU census database) -> Kaldi data dirs ``data/train``, ``data/test``, ``data/train_<pct>pct``
+(one per ``prep.subset_fractions``)
 and the corpus dictionary ``data/local/dict``.
 
 Usage (from a recipe dir): ``python -m local.an4 corpus_dir=/path/to/an4 [hydra overrides]``.
@@ -91,9 +92,13 @@ def write_dict(root: Path, dict_dir: Path, silence_phone: str) -> None:
     (dict_dir / "silence_phones.txt").write_text(f"{silence_phone}\n")
 
 
+def subset_name(fraction: float) -> str:
+    """data/train_3pct for 0.03: the data dir of a seeded speaker-balanced share of train."""
+    return f"train_{round(100 * fraction)}pct"
+
+
 def prepare(cfg) -> None:
     data_dir = Path(cfg.data_dir)
-    pct = round(100 * cfg.prep.subset_fraction)
     if skip_if_done(data_dir / "train", "an4 prep"):
         return
     root = find_corpus_root(Path(cfg.corpus_dir))
@@ -106,9 +111,11 @@ def prepare(cfg) -> None:
         total = len(data.utt2spk) + len(dropped)
         account_dropped(f"an4 prep ({split})", total, dropped, cfg.prep.max_drop_fraction, data_dir / "local" / f"dropped_{split}.json")
         data.write(data_dir / split)
-    subset = data.subset(speaker_balanced_subset(data, cfg.prep.subset_fraction, cfg.prep.subset_seed))
-    subset.write(data_dir / f"train_{pct}pct")
-    log.info("train: %d utterances, %d speakers; %d%% subset: %d utterances", len(data.utt2spk), len(data.spk2utt), pct, len(subset.utt2spk))
+    log.info("train: %d utterances, %d speakers", len(data.utt2spk), len(data.spk2utt))
+    for fraction in cfg.prep.subset_fractions:
+        subset = data.subset(speaker_balanced_subset(data, fraction, cfg.prep.subset_seed))
+        subset.write(data_dir / subset_name(fraction))
+        log.info("%s: %d utterances of %d speakers", subset_name(fraction), len(subset.utt2spk), len(subset.spk2utt))
     write_dict(root, data_dir / "local" / "dict", cfg.lang.silence_phone)
     mark_done(data_dir / "test")
     mark_done(data_dir / "train")

@@ -164,5 +164,44 @@ def test_ensemble_soft_targets_and_a_student(run_dir: Path) -> None:
     # a higher temperature gives softer targets
     assert np.asarray(store.dense[:100], dtype=np.float32).max(1).mean() < np.asarray(sharp.dense[:100], dtype=np.float32).max(1).mean()
     student.run(cfg)
-    history = json.loads((run_dir / "exp" / "dnn" / "student_T2_dense" / "history.json").read_text())
+    history = json.loads((run_dir / "exp" / "dnn" / "student_ensemble_T2_dense" / "history.json").read_text())
     assert len(history) == 1 and 0.0 < history[0]["valid_frame_accuracy"] <= 1.0
+
+
+def test_soft_targets_of_one_teacher_train_a_subset_student(run_dir: Path) -> None:
+    from asrkd import soft_targets, student
+
+    cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.epochs=2", "train.data=train_10pct",
+                       "distill.teacher=baseline", "distill.temperatures=[2]", "distill.student_temperatures=[2]",
+                       "distill.top_k=5", "distill.form=topk"])
+    soft_targets.run(cfg)
+    assert (run_dir / "exp" / "soft_targets" / "baseline" / "T2" / "header.json").is_file()
+    student.run(cfg)
+    history = json.loads((run_dir / "exp" / "dnn" / "student_baseline_T2_topk" / "history.json").read_text())
+    assert len(history) == 2
+
+
+def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best_epoch(run_dir: Path) -> None:
+    import torch
+
+    from asrkd.data import DataDir
+    from asrkd.train import data_split
+
+    full = DataDir.read(run_dir / "data" / "train")
+    for fraction in (0.03, 0.1, 0.3):
+        subset = DataDir.read(run_dir / "data" / an4_prep.subset_name(fraction))
+        assert len(subset.utt2spk) == round(fraction * len(full.utt2spk))
+    overrides = [f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY]
+    full_train, full_valid = data_split(load_config(overrides))
+    cfg = load_config([*overrides, "train.data=train_30pct", "train.name=sub30_es", "train.epochs=4", "train.early_stopping=true"])
+    sub_train, sub_valid = data_split(cfg)
+    assert sub_valid == full_valid and set(sub_train) <= set(full_train)
+    assert set(sub_train) == set(DataDir.read(run_dir / "data" / "train_30pct").utt_ids) - set(full_valid)
+    train.run(cfg)
+    out = run_dir / "exp" / "dnn" / "sub30_es"
+    history = json.loads((out / "history.json").read_text())
+    best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
+    final = torch.load(out / "final.pt", weights_only=False)
+    assert final["epoch"] == best
+    chosen = torch.load(out / f"epoch-{best}.pt", weights_only=False)["model"]
+    assert all(torch.equal(final["model"][k], chosen[k]) for k in chosen)
