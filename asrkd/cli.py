@@ -25,7 +25,8 @@ def load_config(overrides: list[str] | None = None, config_dir: Path | None = No
         return compose(config_name="config", overrides=list(overrides or []))
 
 
-# command -> module whose run(cfg) implements it; imported on use, so each command loads only its step
+# command -> "module" whose run(cfg), or "module:function", implements it; imported on use,
+# so each command loads only its step
 COMMANDS = {
     "prepare-lang": "asrkd.lang",
     "make-feats": "asrkd.features",
@@ -37,6 +38,9 @@ COMMANDS = {
     "make-graph": "asrkd.graph",
     "decode": "asrkd.decode",
     "evaluate": "asrkd.evaluate",
+    "train-3pct": "asrkd.three_percent:run_train",
+    "decode-3pct": "asrkd.three_percent:run_decode",
+    "report-3pct": "asrkd.three_percent:run_report",
 }
 
 
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.overrides, args.config_dir)
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("asrkd").info("%s with overrides %s", args.command, args.overrides)
-    importlib.import_module(COMMANDS[args.command]).run(cfg)
+    module, _, function = COMMANDS[args.command].partition(":")
+    getattr(importlib.import_module(module), function or "run")(cfg)
 
 
 if __name__ == "__main__":

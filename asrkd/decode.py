@@ -173,7 +173,7 @@ def unseen_sentences(test_text: dict[str, str], train_text: dict[str, str]) -> l
 
 
 def run(cfg) -> None:
-    from asrkd.train import data_split, load_model
+    from asrkd.train import data_split, load_model, model_path
 
     exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
     dcfg = cfg.decode
@@ -197,7 +197,7 @@ def run(cfg) -> None:
             feats = {name: FeatureStore.load(exp / "feats" / "mfcc" / name, mmap=False) for name in ("train", "test")}
             score = lambda name, utt: gmm_loglikes(gmm, feats[name][utt])  # noqa: E731
         else:
-            model = load_model(exp / "dnn" / system / "final.pt", device)
+            model = load_model(model_path(exp, system), device)
             model.eval()
             frames = {name: SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / name, mmap=False),
                                           model.config["left_context"], model.config["right_context"], device)

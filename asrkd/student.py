@@ -15,15 +15,16 @@ from asrkd.stage import mark_done, skip_if_done
 from asrkd.train import prepare_training, train_model
 
 
-def student_name(teacher: str, temperature: float, form: str) -> str:
-    return f"student_{teacher}_T{temperature:g}_{form}"
+def student_name(teacher: str, temperature: float, form: str, data: str = "train") -> str:
+    """exp/dnn/student_<teacher>_T<T>_<form>, with _<data> when trained on a subset of train."""
+    return f"student_{teacher}_T{temperature:g}_{form}" + ("" if data == "train" else f"_{data}")
 
 
 def run(cfg) -> None:
     dcfg = cfg.distill
     data = None
     for temperature in [float(t) for t in dcfg.student_temperatures]:
-        out_dir = Path(cfg.exp_dir) / "dnn" / student_name(dcfg.teacher, temperature, dcfg.form)
+        out_dir = Path(cfg.exp_dir) / "dnn" / student_name(dcfg.teacher, temperature, dcfg.form, cfg.train.data)
         if skip_if_done(out_dir, f"train-student T={temperature:g}"):
             continue
         if data is None:

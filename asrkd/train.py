@@ -112,6 +112,8 @@ def train_model(
         log.info("resuming from %s", resume)
 
     use_bf16 = bool(tcfg.bf16_autocast)
+    # training-set accuracy per epoch (the over-fitting curve) on a fixed sample of the training frames
+    train_sample = np.sort(np.random.default_rng(cfg.seed).permutation(train_idx)[: int(tcfg.accuracy_sample_frames)])
     for epoch in range(first_epoch, tcfg.epochs):
         tic = time.time()
         model.train()
@@ -133,21 +135,28 @@ def train_model(
         scheduler.step()
         seconds = time.time() - tic
         valid = evaluate_frames(model, data, valid_idx, cfg.eval.batch_size)
-        record = {"epoch": epoch, "train_cross_entropy": total_loss / max(seen, 1), "valid_frame_accuracy": valid["frame_accuracy"],
+        train_acc = evaluate_frames(model, data, train_sample, cfg.eval.batch_size)["frame_accuracy"]
+        record = {"epoch": epoch, "train_cross_entropy": total_loss / max(seen, 1), "train_frame_accuracy": train_acc,
+                  "valid_frame_accuracy": valid["frame_accuracy"],
                   "valid_cross_entropy": valid["cross_entropy"], "frames_per_second": seen / seconds, "seconds": seconds}
         history.append(record)
         log.info("epoch %d: train CE %.3f, valid acc %.4f CE %.3f, %.0f frames/s",
                  epoch, record["train_cross_entropy"], valid["frame_accuracy"], valid["cross_entropy"], record["frames_per_second"])
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "history": history, "epoch": epoch}, out_dir / f"epoch-{epoch}.pt")
-    selected = len(history) - 1
-    if tcfg.early_stopping:  # keep the epoch that generalized best, as the paper's 3% hard model needs
-        selected = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
-        model.load_state_dict(torch.load(out_dir / f"epoch-{selected}.pt", map_location=device, weights_only=False)["model"])
-        log.info("early stopping: epoch %d has the best validation accuracy", selected)
-    torch.save({"model": model.state_dict(), "config": model.config, "epoch": selected}, out_dir / "final.pt")
+    torch.save({"model": model.state_dict(), "config": model.config, "epoch": len(history) - 1}, out_dir / "final.pt")
+    # early stopping, kept beside the last epoch: the epoch that generalized best (system "<name>@best")
+    best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
+    best_state = torch.load(out_dir / f"epoch-{best}.pt", map_location=device, weights_only=False)["model"]
+    torch.save({"model": best_state, "config": model.config, "epoch": best}, out_dir / "best.pt")
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     return model
+
+
+def model_path(exp_dir: Path, system: str) -> Path:
+    """``exp/dnn/<name>/final.pt`` (the last epoch), or ``best.pt`` for ``<name>@best`` (early stopping)."""
+    name, _, which = system.partition("@")
+    return Path(exp_dir) / "dnn" / name / f"{which or 'final'}.pt"
 
 
 def load_model(path: Path, device: torch.device) -> HybridDNN:

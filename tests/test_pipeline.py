@@ -177,7 +177,7 @@ def test_soft_targets_of_one_teacher_train_a_subset_student(run_dir: Path) -> No
     soft_targets.run(cfg)
     assert (run_dir / "exp" / "soft_targets" / "baseline" / "T2" / "header.json").is_file()
     student.run(cfg)
-    history = json.loads((run_dir / "exp" / "dnn" / "student_baseline_T2_topk" / "history.json").read_text())
+    history = json.loads((run_dir / "exp" / "dnn" / "student_baseline_T2_topk_train_10pct" / "history.json").read_text())
     assert len(history) == 2
 
 
@@ -193,15 +193,38 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
         assert len(subset.utt2spk) == round(fraction * len(full.utt2spk))
     overrides = [f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY]
     full_train, full_valid = data_split(load_config(overrides))
-    cfg = load_config([*overrides, "train.data=train_30pct", "train.name=sub30_es", "train.epochs=4", "train.early_stopping=true"])
+    cfg = load_config([*overrides, "train.data=train_30pct", "train.name=sub30", "train.epochs=4"])
     sub_train, sub_valid = data_split(cfg)
     assert sub_valid == full_valid and set(sub_train) <= set(full_train)
     assert set(sub_train) == set(DataDir.read(run_dir / "data" / "train_30pct").utt_ids) - set(full_valid)
     train.run(cfg)
-    out = run_dir / "exp" / "dnn" / "sub30_es"
+    out = run_dir / "exp" / "dnn" / "sub30"
     history = json.loads((out / "history.json").read_text())
+    assert all(0 < h["train_frame_accuracy"] <= 1 for h in history)
     best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
-    final = torch.load(out / "final.pt", weights_only=False)
+    assert torch.load(out / "final.pt", weights_only=False)["epoch"] == 3
+    final = torch.load(out / "best.pt", weights_only=False)
     assert final["epoch"] == best
     chosen = torch.load(out / f"epoch-{best}.pt", weights_only=False)["model"]
     assert all(torch.equal(final["model"][k], chosen[k]) for k in chosen)
+
+
+def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
+    from asrkd import three_percent
+
+    cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "three_percent.fractions=[0.1,0.3]",
+                       "three_percent.epochs=2"])
+    three_percent.run_train(cfg)
+    three_percent.run_decode(cfg)
+    three_percent.run_report(cfg)
+    report = json.loads((run_dir / "exp" / "report" / "report.json").read_text())["three_percent"]
+    rows = {"full_hard", "sub_hard", "sub_hard_early_stop", "sub_soft"}
+    # the ensemble test above left T=2 soft targets of a 2-member ensemble: its student is the extra row
+    assert set(report["rows"]) == rows | {"sub_soft_ensemble"}
+    assert report["fraction"] == 0.1 and [c["fraction"] for c in report["curve"]] == [0.1, 0.3]
+    for row in report["rows"].values():
+        assert 0 < row["frame_accuracy"]["test"] <= 1 and 0 <= row["wer"]["test"] <= 1.5
+    full, hard, soft = (report["rows"][r]["frame_accuracy"]["test"] for r in ("full_hard", "sub_hard", "sub_soft"))
+    assert report["gap_closed"] == pytest.approx((soft - hard) / (full - hard))
+    assert (run_dir / "exp" / "report" / "three_percent_curves.png").stat().st_size > 10_000
+    assert "| sub_soft |" in (run_dir / "exp" / "report" / "three_percent.md").read_text()

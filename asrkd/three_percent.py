@@ -1,0 +1,184 @@
+"""The 3%-data experiment (the paper's §6 table): soft targets as a regularizer.
+
+For each fraction in ``three_percent.fractions`` (3% by default, 10% and 30% for a curve), on
+the seeded speaker-balanced subset ``data/train_<pct>pct`` and with the baseline's
+architecture and config:
+
+* ``hard_<pct>pct``: cross-entropy on the alignment; its last epoch is the run without early
+  stopping, ``hard_<pct>pct@best`` (best validation epoch) the run with it;
+* ``student_baseline_T<T>_dense_train_<pct>pct``: the paper's loss with soft targets from the
+  100% model at T = ``three_percent.temperature``, no early stopping;
+* with an ensemble's soft targets on disk, also ``student_ensemble_...`` as an extra row.
+
+Commands: ``train-3pct``, ``decode-3pct``, ``report-3pct`` (``recipes/an4/run_3pct.sh``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from asrkd.data import DataDir
+
+log = logging.getLogger(__name__)
+
+PAPER = {"full_hard": {"train": 0.634, "test": 0.589}, "sub_hard": {"train": 0.673, "test": 0.445},
+         "sub_soft": {"train": 0.654, "test": 0.570}}
+
+
+def pct(fraction: float) -> str:
+    return f"{round(100 * fraction)}pct"
+
+
+def subset_cfg(cfg, fraction: float, teacher: str | None = None):
+    """The config of one subset run: same model and training knobs, the subset's data."""
+    overrides = {"train": {"data": f"train_{pct(fraction)}", "name": f"hard_{pct(fraction)}", "epochs": cfg.three_percent.epochs},
+                 "distill": {"teacher": teacher or "baseline", "temperatures": [cfg.three_percent.temperature],
+                             "student_temperatures": [cfg.three_percent.temperature], "form": "dense"}}
+    return OmegaConf.merge(cfg, overrides)
+
+
+def teachers(cfg) -> list[str]:
+    """The 100% model, plus the ensemble when its soft targets exist."""
+    from asrkd.soft_targets import store_dir
+
+    ensemble = OmegaConf.merge(cfg, {"distill": {"teacher": cfg.ensemble.name}})
+    has_ensemble = (store_dir(ensemble, float(cfg.three_percent.temperature)) / ".done").is_file()
+    return ["baseline"] + ([cfg.ensemble.name] if has_ensemble else [])
+
+
+def systems(cfg) -> dict[float, dict[str, str]]:
+    """Row name -> DNN system (exp/dnn/<name>[@best]) for each fraction."""
+    from asrkd.student import student_name
+
+    out = {}
+    for fraction in cfg.three_percent.fractions:
+        data, temperature = f"train_{pct(fraction)}", float(cfg.three_percent.temperature)
+        rows = {"sub_hard": f"hard_{pct(fraction)}", "sub_hard_early_stop": f"hard_{pct(fraction)}@best",
+                "sub_soft": student_name("baseline", temperature, "dense", data)}
+        for teacher in teachers(cfg)[1:]:
+            rows[f"sub_soft_{teacher}"] = student_name(teacher, temperature, "dense", data)
+        out[float(fraction)] = rows
+    return out
+
+
+def run_train(cfg) -> None:
+    """Stage: soft targets of the 100% model, then the hard and soft runs of every fraction."""
+    from asrkd import soft_targets, student, train
+
+    soft_targets.run(subset_cfg(cfg, cfg.three_percent.fractions[0]))
+    for fraction in cfg.three_percent.fractions:
+        sub = subset_cfg(cfg, fraction)
+        train.run(sub)
+        for teacher in teachers(cfg):
+            student.run(subset_cfg(cfg, fraction, teacher))
+
+
+def run_decode(cfg) -> None:
+    """Stage: WER of every row (the 100% model is the main recipe's baseline)."""
+    from asrkd import decode
+
+    names = ["baseline"] + [s for rows in systems(cfg).values() for s in rows.values()]
+    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
+
+
+def frame_accuracy(cfg, system: str, train_utts: list[str], data_cache: dict) -> dict[str, float]:
+    from asrkd.nnet import pick_device
+    from asrkd.train import FrameData, evaluate_frames, load_model, model_path
+
+    device = pick_device(cfg.train.device)
+    exp = Path(cfg.exp_dir)
+    if not data_cache:
+        data_cache["train"] = FrameData.load(exp, "train", cfg.model, device)
+        data_cache["test"] = FrameData.load(exp, "test", cfg.model, device)
+        data_cache["test_idx"] = data_cache["test"].labeled(DataDir.read(Path(cfg.data_dir) / "test").utt_ids)
+    model = load_model(model_path(exp, system), device)
+    return {"train": evaluate_frames(model, data_cache["train"], data_cache["train"].labeled(train_utts), cfg.eval.batch_size)["frame_accuracy"],
+            "test": evaluate_frames(model, data_cache["test"], data_cache["test_idx"], cfg.eval.batch_size)["frame_accuracy"]}
+
+
+def plot_curves(exp: Path, rows: dict[str, str], out: Path) -> None:
+    """Train and validation frame accuracy per epoch, hard vs soft targets (the over-fitting curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, style in (("sub_hard", "tab:red"), ("sub_soft", "tab:blue")):
+        history = json.loads((exp / "dnn" / rows[row].split("@")[0] / "history.json").read_text())
+        epochs = [h["epoch"] + 1 for h in history]
+        ax.plot(epochs, [100 * h["train_frame_accuracy"] for h in history], color=style, linestyle="--", label=f"{row} train")
+        ax.plot(epochs, [100 * h["valid_frame_accuracy"] for h in history], color=style, label=f"{row} valid")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("frame accuracy (%)")
+    ax.set_title("3% of AN4 train: hard vs soft targets")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    main = result["rows"]
+    lines = [f"# {result['corpus']}: {100 * result['fraction']:g}% of the training data, hard vs soft targets", "",
+             "| row | system | train frame acc. | test frame acc. | test WER | paper train | paper test |", "|---|---|---|---|---|---|---|"]
+    for row, entry in main.items():
+        paper = PAPER.get(row)
+        quoted = [f"{100 * paper[k]:.1f}%" if paper else "–" for k in ("train", "test")]
+        lines.append(f"| {row} | {entry['system']} | {100 * entry['frame_accuracy']['train']:.2f}% | {100 * entry['frame_accuracy']['test']:.2f}% "
+                     f"| {100 * entry['wer']['test']:.2f}% | {quoted[0]} | {quoted[1]} |")
+    lines += ["", f"Share of the gap closed by soft targets (test frame accuracy): {100 * result['gap_closed']:.1f}% "
+              "((sub_soft - sub_hard) / (full_hard - sub_hard)).", "", "Test frame accuracy by fraction of the training data:", "",
+              "| fraction | sub_hard | sub_hard_early_stop | sub_soft |", "|---|---|---|---|"]
+    for entry in result["curve"]:
+        lines.append(f"| {100 * entry['fraction']:g}% | {100 * entry['sub_hard']:.2f}% | {100 * entry['sub_hard_early_stop']:.2f}% | {100 * entry['sub_soft']:.2f}% |")
+    lines += ["", f"Soft targets: the 100% model at T = {result['temperature']:g}; train accuracy is on each row's own training frames.",
+              "Paper: Hinton, Vinyals & Dean (2015), §6 (a speech model on 3% of ~2000 h).", ""]
+    return "\n".join(lines)
+
+
+def run_report(cfg) -> None:
+    """Stage: the §6 table, the gap closed, a curve over fractions and the over-fitting plot."""
+    from asrkd.train import data_split
+
+    exp = Path(cfg.exp_dir)
+    full_train, _ = data_split(cfg)
+    cache: dict = {}
+    by_fraction = systems(cfg)
+    curve, main = [], None
+    for fraction, rows in by_fraction.items():
+        sub_train, _ = data_split(subset_cfg(cfg, fraction))
+        entries = {}
+        if fraction == float(cfg.three_percent.fractions[0]):
+            entries["full_hard"] = {"system": "baseline", "frame_accuracy": frame_accuracy(cfg, "baseline", full_train, cache)}
+        for row, system in rows.items():
+            entries[row] = {"system": system, "frame_accuracy": frame_accuracy(cfg, system, sub_train, cache)}
+        for entry in entries.values():
+            wer = json.loads((exp / "decode" / entry["system"] / "wer.json").read_text())
+            entry["wer"] = {"test": wer["test"]["wer"], "test_unseen": wer["test_unseen"]["wer"]}
+            entry["lmwt"] = wer["lmwt"]
+        curve.append({"fraction": fraction, **{row: entries[row]["frame_accuracy"]["test"] for row in ("sub_hard", "sub_hard_early_stop", "sub_soft")}})
+        if main is None:
+            main = (fraction, entries, rows)
+    fraction, entries, rows = main
+    full, hard, soft = (entries[r]["frame_accuracy"]["test"] for r in ("full_hard", "sub_hard", "sub_soft"))
+    result = {"corpus": cfg.corpus, "fraction": fraction, "temperature": float(cfg.three_percent.temperature),
+              "rows": entries, "gap_closed": (soft - hard) / (full - hard) if full != hard else None, "curve": curve}
+    out_dir = exp / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "three_percent.md").write_text(markdown(result))
+    plot_curves(exp, rows, out_dir / "three_percent_curves.png")
+    report_path = out_dir / "report.json"
+    report = json.loads(report_path.read_text())
+    report["three_percent"] = result
+    report_path.write_text(json.dumps(report, indent=1))
+    log.info("3%% experiment: test frame acc full %.4f, hard %.4f, soft %.4f; gap closed %.3f", full, hard, soft, result["gap_closed"])
+    if cfg.results_dir:
+        for name in ("report.json", "three_percent.md", "three_percent_curves.png"):
+            shutil.copyfile(out_dir / name, Path(cfg.results_dir) / name)
