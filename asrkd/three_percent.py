@@ -101,7 +101,7 @@ def frame_accuracy(cfg, system: str, train_utts: list[str], data_cache: dict) ->
             "test": evaluate_frames(model, data_cache["test"], data_cache["test_idx"], cfg.eval.batch_size)["frame_accuracy"]}
 
 
-def plot_curves(exp: Path, rows: dict[str, str], out: Path) -> None:
+def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> None:
     """Train and validation frame accuracy per epoch, hard vs soft targets (the over-fitting curve)."""
     import matplotlib
 
@@ -116,7 +116,7 @@ def plot_curves(exp: Path, rows: dict[str, str], out: Path) -> None:
         ax.plot(epochs, [100 * h["valid_frame_accuracy"] for h in history], color=style, label=f"{row} valid")
     ax.set_xlabel("epoch")
     ax.set_ylabel("frame accuracy (%)")
-    ax.set_title("3% of AN4 train: hard vs soft targets")
+    ax.set_title(f"{100 * fraction:g}% of the training data: hard vs soft targets")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -173,7 +173,7 @@ def run_report(cfg) -> None:
     out_dir = exp / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "three_percent.md").write_text(markdown(result))
-    plot_curves(exp, rows, out_dir / "three_percent_curves.png")
+    plot_curves(exp, rows, fraction, out_dir / "three_percent_curves.png")
     report_path = out_dir / "report.json"
     report = json.loads(report_path.read_text())
     report["three_percent"] = result
