@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def markdown(result: dict) -> str:
         quoted = [f"{100 * paper[k]:.1f}%" if paper else "–" for k in ("train", "test")]
         lines.append(f"| {row} | {entry['system']} | {100 * entry['frame_accuracy']['train']:.2f}% | {100 * entry['frame_accuracy']['test']:.2f}% "
                      f"| {100 * entry['wer']['test']:.2f}% | {quoted[0]} | {quoted[1]} |")
-    lines += ["", f"Share of the gap closed by soft targets (test frame accuracy): {100 * result['gap_closed']:.1f}% "
+    lines += ["", f"Command: `{result['command']}`", "", f"Share of the gap closed by soft targets (test frame accuracy): {100 * result['gap_closed']:.1f}% "
               "((sub_soft - sub_hard) / (full_hard - sub_hard)).", "", "Test frame accuracy by fraction of the training data:", "",
               "| fraction | sub_hard | sub_hard_early_stop | sub_soft |", "|---|---|---|---|"]
     for entry in result["curve"]:
@@ -168,7 +169,7 @@ def run_report(cfg) -> None:
             main = (fraction, entries, rows)
     fraction, entries, rows = main
     full, hard, soft = (entries[r]["frame_accuracy"]["test"] for r in ("full_hard", "sub_hard", "sub_soft"))
-    result = {"corpus": cfg.corpus, "fraction": fraction, "temperature": float(cfg.three_percent.temperature),
+    result = {"corpus": cfg.corpus, "command": os.environ.get("ASRKD_RECIPE_COMMAND") or "asrkd report-3pct", "fraction": fraction, "temperature": float(cfg.three_percent.temperature),
               "rows": entries, "gap_closed": (soft - hard) / (full - hard) if full != hard else None, "curve": curve}
     out_dir = exp / "report"
     out_dir.mkdir(parents=True, exist_ok=True)

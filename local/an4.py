@@ -97,9 +97,21 @@ def subset_name(fraction: float) -> str:
     return f"train_{round(100 * fraction)}pct"
 
 
+def write_subsets(data: DataDir, cfg) -> None:
+    """data/train_<pct>pct for every prep.subset_fractions (missing ones only: they are seeded)."""
+    for fraction in cfg.prep.subset_fractions:
+        out = Path(cfg.data_dir) / subset_name(fraction)
+        if (out / "spk2utt").is_file():
+            continue
+        subset = data.subset(speaker_balanced_subset(data, fraction, cfg.prep.subset_seed))
+        subset.write(out)
+        log.info("%s: %d utterances of %d speakers", subset_name(fraction), len(subset.utt2spk), len(subset.spk2utt))
+
+
 def prepare(cfg) -> None:
     data_dir = Path(cfg.data_dir)
     if skip_if_done(data_dir / "train", "an4 prep"):
+        write_subsets(DataDir.read(data_dir / "train"), cfg)  # fractions added to the config since
         return
     root = find_corpus_root(Path(cfg.corpus_dir))
     if root is None:
@@ -112,10 +124,7 @@ def prepare(cfg) -> None:
         account_dropped(f"an4 prep ({split})", total, dropped, cfg.prep.max_drop_fraction, data_dir / "local" / f"dropped_{split}.json")
         data.write(data_dir / split)
     log.info("train: %d utterances, %d speakers", len(data.utt2spk), len(data.spk2utt))
-    for fraction in cfg.prep.subset_fractions:
-        subset = data.subset(speaker_balanced_subset(data, fraction, cfg.prep.subset_seed))
-        subset.write(data_dir / subset_name(fraction))
-        log.info("%s: %d utterances of %d speakers", subset_name(fraction), len(subset.utt2spk), len(subset.spk2utt))
+    write_subsets(data, cfg)
     write_dict(root, data_dir / "local" / "dict", cfg.lang.silence_phone)
     mark_done(data_dir / "test")
     mark_done(data_dir / "train")

@@ -33,3 +33,11 @@ def test_readme_decode_benchmark_rows_are_the_committed_json() -> None:
     for row in bench["beams"]:
         line = f"| {row['beam']} | {row['lattice_beam']} | {row['decode_seconds']} | {row['real_time_factor']} | {100 * row['test_wer']:.2f}% |"
         assert line in readme
+
+
+def test_readme_quotes_the_committed_three_percent_table() -> None:
+    report = (REPO / "results" / "an4" / "three_percent.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    for line in report.splitlines():
+        if line.startswith("|"):
+            assert line in readme
