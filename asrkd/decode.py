@@ -31,6 +31,7 @@ import torch
 from asrkd.data import DataDir, read_table
 from asrkd.features import FeatureStore
 from asrkd.gmm import GmmModel
+from asrkd.lang import read_symbol_table
 from asrkd.nnet import SplicedFrames, pick_device
 from asrkd.stage import account_dropped, mark_done, skip_if_done
 
@@ -178,7 +179,7 @@ def run(cfg) -> None:
     exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
     dcfg = cfg.decode
     hclg = kaldifst.StdVectorFst.read(str(exp / "graph" / "HCLG.fst"))
-    id2word = {int(i): w for w, i in (line.split() for line in (exp / "graph" / "words.txt").read_text().splitlines())}
+    id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
     gmm = GmmModel.load(exp / "tri")
     tid_to_pdf = gmm.tid_to_pdf()
     _, valid_utts = data_split(cfg)

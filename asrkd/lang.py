@@ -129,6 +129,15 @@ def make_topology(silence_ids: list[int], nonsilence_ids: list[int], num_sil_sta
     )
 
 
+def read_symbol_table(path: Path) -> dict[str, int]:
+    """An OpenFst/Kaldi symbol table (``symbol id`` per line), as phones.txt and words.txt."""
+    table = {}
+    for line in Path(path).read_text().splitlines():
+        symbol, index = line.split()
+        table[symbol] = int(index)
+    return table
+
+
 @dataclass
 class Lang:
     """Symbol tables and phone sets of a lang dir; the FSTs and topology stay on disk."""
@@ -183,19 +192,12 @@ class Lang:
     def load(cls, directory: Path) -> "Lang":
         directory = Path(directory)
 
-        def symbols(name: str) -> dict[str, int]:
-            table = {}
-            for line in (directory / name).read_text().splitlines():
-                sym, idx = line.split()
-                table[sym] = int(idx)
-            return table
-
         lexicon: dict[str, list[list[str]]] = {}
         for line in (directory / "lexicon.txt").read_text().splitlines():
             word, *phones = line.split()
             lexicon.setdefault(word, []).append(phones)
         silence = (directory / "phones" / "silence.txt").read_text().split()
-        return cls(directory, symbols("phones.txt"), symbols("words.txt"), silence, lexicon)
+        return cls(directory, read_symbol_table(directory / "phones.txt"), read_symbol_table(directory / "words.txt"), silence, lexicon)
 
 
 def _lexicon_fst(

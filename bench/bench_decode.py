@@ -28,6 +28,7 @@ from asrkd.cli import load_config  # noqa: E402
 from asrkd.data import DataDir  # noqa: E402
 from asrkd.features import FeatureStore  # noqa: E402
 from asrkd.gmm import GmmModel  # noqa: E402
+from asrkd.lang import read_symbol_table  # noqa: E402
 from asrkd.nnet import SplicedFrames  # noqa: E402
 from asrkd.train import load_model  # noqa: E402
 
@@ -44,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(int(cfg.train.num_threads))
     exp = args.exp_dir
     hclg = decode.kaldifst.StdVectorFst.read(str(exp / "graph" / "HCLG.fst"))
-    id2word = {int(i): w for w, i in (line.split() for line in (exp / "graph" / "words.txt").read_text().splitlines())}
+    id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
     gmm = GmmModel.load(exp / "tri")
     chosen = json.loads((exp / "decode" / args.system / "wer.json").read_text())
     test = DataDir.read(args.data_dir / "test")

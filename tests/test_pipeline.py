@@ -62,11 +62,12 @@ def test_a_known_state_sequence_decodes_to_its_words(run_dir: Path) -> None:
 
     from asrkd.data import DataDir
     from asrkd.gmm import GmmModel
+    from asrkd.lang import read_symbol_table
 
     exp = run_dir / "exp"
     hclg = kaldifst.StdVectorFst.read(str(exp / "graph" / "HCLG.fst"))
     model = GmmModel.load(exp / "tri")
-    id2word = {int(i): w for w, i in (line.split() for line in (exp / "graph" / "words.txt").read_text().splitlines())}
+    id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
     store = FeatureStore.load(exp / "feats" / "mfcc" / "test")
     pdf_ids = np.load(exp / "tri" / "ali_test" / "pdf_ids.npy")
     text = DataDir.read(run_dir / "data" / "test").text
