@@ -10,37 +10,12 @@
 # repository, else downloaded from CMU (prep.download_url).
 set -euo pipefail
 
-stage=0
-stop_stage=100
 corpus_dir=${AN4_DIR:-}
-overrides=()
-command_line="recipes/an4/run.sh $*"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --stage) stage=$2; shift 2 ;;
-    --stop-stage) stop_stage=$2; shift 2 ;;
-    --corpus-dir) corpus_dir=$2; shift 2 ;;
-    --) shift; overrides=("$@"); break ;;
-    *) echo "usage: $0 [--stage N] [--stop-stage M] [--corpus-dir DIR] [-- hydra overrides]" >&2; exit 1 ;;
-  esac
-done
-
-cd "$(dirname "$0")"
-root=$(cd ../.. && pwd)
+. "$(dirname "$0")/../stages.sh"
 [ -n "$corpus_dir" ] || corpus_dir=$root/../shared/corpora/an4
-export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
-export ASRKD_RECIPE_COMMAND=${command_line% }
 args=(corpus=an4 "corpus_dir=$corpus_dir" data_dir=data exp_dir=exp "results_dir=$root/results/an4" ${overrides[@]+"${overrides[@]}"})
 
-run_stage() {  # run_stage N description command...
-  local n=$1 what=$2; shift 2
-  if [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ]; then
-    echo "$(date '+%F %T') stage $n: $what"
-    "$@"
-  fi
-}
-
-run_stage 0 "data prep (data/train, data/test, 3% subset)" python -m local.an4 "${args[@]}"
+run_stage 0 "data prep (data/train, data/test, subsets of train)" python -m local.an4 "${args[@]}"
 run_stage 1 "lang dir (lexicon, phones, topology, L.fst)" asrkd prepare-lang "${args[@]}"
 run_stage 2 "fbank + MFCC features with per-speaker CMVN" asrkd make-feats "${args[@]}"
 run_stage 3 "GMM-HMM: monophone, triphone tree, forced alignment" asrkd train-gmm "${args[@]}"

@@ -1,0 +1,36 @@
+# Shared by the stage-numbered recipes (recipes/<corpus>/run*.sh), which source it with their
+# arguments, as Kaldi recipes source utils/parse_options.sh:
+#
+#   <recipe> [--stage N] [--stop-stage M] [--corpus-dir DIR] [-- hydra overrides...]
+#
+# It sets $stage, $stop_stage, $corpus_dir (default: what the recipe set before sourcing),
+# $overrides, $root (the repository); moves into the recipe's dir (its data/ and exp/); puts
+# the repository on PYTHONPATH (for local/); exports ASRKD_RECIPE_COMMAND (reports record it);
+# and defines run_stage.
+
+stage=0
+stop_stage=100
+corpus_dir=${corpus_dir:-}
+overrides=()
+recipe_dir=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$recipe_dir/../.." && pwd)
+export ASRKD_RECIPE_COMMAND="${recipe_dir#"$root"/}/$(basename "$0")${*:+ $*}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stage) stage=$2; shift 2 ;;
+    --stop-stage) stop_stage=$2; shift 2 ;;
+    --corpus-dir) corpus_dir=$2; shift 2 ;;
+    --) shift; overrides=("$@"); break ;;
+    *) echo "usage: $0 [--stage N] [--stop-stage M] [--corpus-dir DIR] [-- hydra overrides]" >&2; exit 1 ;;
+  esac
+done
+cd "$recipe_dir"
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+
+run_stage() {  # run_stage N description command...
+  local n=$1 what=$2; shift 2
+  if [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ]; then
+    echo "$(date '+%F %T') stage $n: $what"
+    "$@"
+  fi
+}
