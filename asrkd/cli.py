@@ -41,6 +41,8 @@ COMMANDS = {
     "train-3pct": "asrkd.three_percent:run_train",
     "decode-3pct": "asrkd.three_percent:run_decode",
     "report-3pct": "asrkd.three_percent:run_report",
+    "decode-distill": "asrkd.distillation:run_decode",
+    "report-distill": "asrkd.distillation:run_report",
 }
 
 

@@ -2,7 +2,8 @@
 
 Acoustic scores are a (frames x pdfs) log-likelihood matrix: for the GMM, Kaldi's own
 per-Gaussian log-likelihoods; for a DNN, log-posteriors minus log-priors (pdf counts of the
-training alignment, floored). The matrix is expanded to one column per transition-id and
+training alignment, floored); for an ensemble, the log of its members' averaged posteriors
+minus the same priors. The matrix is expanded to one column per transition-id and
 scaled by the acoustic weight, which makes kaldi_decoder's DecodableCtc (it reads column
 ``index - 1``) behave as Kaldi's DecodableMatrixScaledMapped. LatticeSimpleDecoder produces a
 raw lattice per utterance; each (LM weight, word insertion penalty) pair of the sweep takes
@@ -174,7 +175,7 @@ def unseen_sentences(test_text: dict[str, str], train_text: dict[str, str]) -> l
 
 
 def run(cfg) -> None:
-    from asrkd.train import data_split, load_model, model_path
+    from asrkd.train import data_split, load_system
 
     exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
     dcfg = cfg.decode
@@ -198,7 +199,7 @@ def run(cfg) -> None:
             feats = {name: FeatureStore.load(exp / "feats" / "mfcc" / name, mmap=False) for name in ("train", "test")}
             score = lambda name, utt: gmm_loglikes(gmm, feats[name][utt])  # noqa: E731
         else:
-            model = load_model(model_path(exp, system), device)
+            model = load_system(exp, system, device)
             model.eval()
             frames = {name: SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / name, mmap=False),
                                           model.config["left_context"], model.config["right_context"], device)

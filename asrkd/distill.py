@@ -4,8 +4,8 @@
 teacher's soft targets at temperature T and the student's softmax(z/T), multiplied by T^2 so
 its gradients keep their size as T changes (they scale as 1/T^2), plus the hard term,
 cross-entropy with the forced alignment's pdf-ids at T = 1, weighted relative to the soft
-term (0.5 in the paper). ``logit_matching_loss`` is its high-temperature limit (§2.1):
-squared error between zero-mean student and teacher logits.
+term (0.5 in the paper). ``logit_matching_loss`` is the soft term's high-temperature limit
+(§2.1): squared error between zero-mean student and teacher logits.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ def soft_cross_entropy(student_logits: torch.Tensor, soft_targets: torch.Tensor,
     return -(soft_targets.float() * log_probs).sum(-1).mean()
 
 
+def hard_term(student_logits: torch.Tensor, hard_targets: torch.Tensor, hard_weight: float) -> torch.Tensor | float:
+    """hard_weight * CE(pdf-ids, softmax(z)): the forced alignment's term, at T = 1."""
+    return hard_weight * F.cross_entropy(student_logits.float(), hard_targets) if hard_weight else 0.0
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     soft_targets: torch.Tensor,
@@ -29,14 +34,27 @@ def distillation_loss(
     hard_weight: float = 0.5,
 ) -> torch.Tensor:
     """soft_weight * T^2 * CE(soft targets, softmax(z/T)) + hard_weight * CE(pdf-ids, softmax(z))."""
-    loss = soft_weight * temperature**2 * soft_cross_entropy(student_logits, soft_targets, temperature)
-    if hard_weight:
-        loss = loss + hard_weight * F.cross_entropy(student_logits.float(), hard_targets)
-    return loss
+    soft = soft_weight * temperature**2 * soft_cross_entropy(student_logits, soft_targets, temperature)
+    return soft + hard_term(student_logits, hard_targets, hard_weight)
 
 
 def logit_matching_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """0.5 * squared error between zero-mean logits, averaged over frames (the T -> inf limit)."""
+    """Squared error between zero-mean logits, 0.5 * ||z - v||^2 / N averaged over frames.
+
+    The 1/N (N pdfs) makes it the T -> inf limit of T^2 * CE(soft targets, softmax(z/T)) in
+    gradient, so soft_weight and hard_weight mean the same as in distillation_loss.
+    """
     student = student_logits.float() - student_logits.float().mean(-1, keepdim=True)
     teacher = teacher_logits.float() - teacher_logits.float().mean(-1, keepdim=True)
-    return 0.5 * (student - teacher).pow(2).sum(-1).mean()
+    return 0.5 * (student - teacher).pow(2).mean(-1).mean()
+
+
+def logit_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    hard_targets: torch.Tensor,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.5,
+) -> torch.Tensor:
+    """soft_weight * logit matching + hard_weight * CE(pdf-ids, softmax(z)): §2.1's high-T limit of the objective."""
+    return soft_weight * logit_matching_loss(student_logits, teacher_logits) + hard_term(student_logits, hard_targets, hard_weight)

@@ -2,7 +2,8 @@
 
 Frame accuracy is the share of frames whose argmax pdf-id equals the forced alignment's.
 ``report.json`` has one entry per system under "systems", each with "frame_accuracy":
-{"train", "valid", "test"} as fractions; ``report.md`` shows the same as a table.
+{"train", "valid", "test"} as fractions; ``report.md`` shows the same as a table. Later
+reports (the 3%-data experiment, distillation) add their sections to the same files.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf
 
 from asrkd.data import DataDir
 from asrkd.nnet import pick_device
-from asrkd.train import FrameData, data_split, evaluate_frames, load_model
+from asrkd.train import FrameData, data_split, evaluate_frames, load_system
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,11 @@ def markdown_table(report: dict) -> str:
             f"| {name} | {system['model']} | {percent(acc.get('train'))} | {percent(acc.get('valid'))} | {percent(acc.get('test'))} "
             f"| {percent(wer.get('test'))} | {percent(wer.get('test_unseen'))} | {system.get('lmwt', '–')} |"
         )
-    lines += ["", f"Command: `{report['command']}`", "",
+    others = {}  # rows added by later reports (distillation), by the command that made them
+    for name, system in report["systems"].items():
+        if system.get("command", report["command"]) != report["command"]:
+            others.setdefault(system["command"], []).append(name)
+    lines += ["", f"Command: `{report['command']}`" + "".join(f"; {', '.join(names)}: `{command}`" for command, names in others.items()), "",
               "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment; valid = speakers held out of training.",
               "WER: Kaldi WFST decoding (HCLG with a 3-gram LM on the training transcripts), LM weight and insertion penalty",
               "chosen on the validation speakers; unseen = test sentences that never occur in train.", ""]
@@ -69,27 +74,68 @@ def decoding_result(exp: Path, system: str) -> dict:
             "decode_real_time_factor": result["real_time_factor"]}
 
 
+class FrameScorer:
+    """Frame accuracy and cross-entropy of DNN systems (ensembles too) against the alignment.
+
+    The train and test frames are loaded once; each call scores one system on the test set
+    and on any named lists of training utterances (train, valid, a subset's train).
+    """
+
+    def __init__(self, cfg):
+        self.exp, self.batch_size = Path(cfg.exp_dir), cfg.eval.batch_size
+        self.device = pick_device(cfg.train.device)
+        torch.set_num_threads(int(cfg.train.num_threads))
+        self.train = FrameData.load(self.exp, "train", cfg.model, self.device)
+        test = FrameData.load(self.exp, "test", cfg.model, self.device)
+        self.test = (test, test.labeled(DataDir.read(Path(cfg.data_dir) / "test").utt_ids))
+
+    def score(self, system: str, train_sets: dict[str, list[str]]) -> dict[str, dict]:
+        """{set: {"frame_accuracy", "cross_entropy", "frames"}} for each of ``train_sets`` and "test"."""
+        model = load_system(self.exp, system, self.device)
+        sets = {name: (self.train, self.train.labeled(utts)) for name, utts in train_sets.items()} | {"test": self.test}
+        return {name: evaluate_frames(model, data, idx, self.batch_size) for name, (data, idx) in sets.items()}
+
+
+def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
+    """Add ``section``'s keys to exp/report/report.json (its "systems" to the systems there),
+    rewrite report.md, and copy both and ``files`` (from exp/report) to ``results_dir``.
+
+    Each reporting stage owns its keys, so rerunning one keeps what the others wrote.
+    """
+    out_dir = Path(cfg.exp_dir) / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    systems = {**report.get("systems", {}), **section.get("systems", {})}
+    report.update(section)
+    report["systems"] = systems
+    path.write_text(json.dumps(report, indent=1))
+    (out_dir / "report.md").write_text(markdown_table(report))
+    if cfg.results_dir:
+        results_dir = Path(cfg.results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("report.json", "report.md", *files):
+            shutil.copyfile(out_dir / name, results_dir / name)
+        log.info("report copied to %s", results_dir)
+    return report
+
+
+def recipe_command(default: str) -> str:
+    """The recipe line that produced the run (recipes export it), else ``default``."""
+    return os.environ.get("ASRKD_RECIPE_COMMAND") or default
+
+
 def run(cfg) -> None:
     exp = Path(cfg.exp_dir)
-    device = pick_device(cfg.train.device)
-    torch.set_num_threads(int(cfg.train.num_threads))
-    train_data = FrameData.load(exp, "train", cfg.model, device)
-    test_data = FrameData.load(exp, "test", cfg.model, device)
     train_utts, valid_utts = data_split(cfg)
-    test_utts = DataDir.read(Path(cfg.data_dir) / "test").utt_ids
-    sets = {"train": (train_data, train_data.labeled(train_utts)), "valid": (train_data, train_data.labeled(valid_utts)),
-            "test": (test_data, test_data.labeled(test_utts))}
-    model_dir = exp / "dnn" / cfg.train.name
-    model = load_model(model_dir / "final.pt", device)
-    results = {name: evaluate_frames(model, data, idx, cfg.eval.batch_size) for name, (data, idx) in sets.items()}
-    history = json.loads((model_dir / "history.json").read_text())
+    results = FrameScorer(cfg).score(cfg.train.name, {"train": train_utts, "valid": valid_utts})
+    history = json.loads((exp / "dnn" / cfg.train.name / "history.json").read_text())
     gmm_log = json.loads((exp / "tri" / "log.json").read_text())
     report = {
         "corpus": cfg.corpus,
-        # the recipe line that produced the run (run.sh exports it), else this command
-        "command": os.environ.get("ASRKD_RECIPE_COMMAND") or " ".join(["asrkd", *sys.argv[1:]]),
+        "command": recipe_command(" ".join(["asrkd", *sys.argv[1:]])),
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.train.device)}",
         "gmm": {"mono_pdfs": gmm_log["mono"]["num_pdfs"], "tri_pdfs": gmm_log["tri"]["num_pdfs"],
                 "tree": gmm_log["tri"]["tree"], "seconds": gmm_log["mono"]["seconds"] + gmm_log["tri"]["seconds"]},
         "systems": {
@@ -106,14 +152,5 @@ def run(cfg) -> None:
             }
         },
     }
-    out_dir = exp / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "report.md").write_text(markdown_table(report))
+    merge_into_report(cfg, report)
     log.info("frame accuracy: %s", {k: round(v["frame_accuracy"], 4) for k, v in results.items()})
-    if cfg.results_dir:
-        results_dir = Path(cfg.results_dir)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("report.json", "report.md"):
-            shutil.copyfile(out_dir / name, results_dir / name)
-        log.info("report copied to %s", results_dir)

@@ -74,6 +74,41 @@ class HybridDNN(nn.Module):
                    model_cfg.hidden_dim, model_cfg.dropout)
 
 
+class EnsembleDNN(nn.Module):
+    """Members that score the same frames; the ensemble's prediction is their average softmax.
+
+    ``forward`` returns log of the averaged probabilities, which are logits of that average
+    (softmax of them gives it back), so frame accuracy, cross-entropy and the decoder's
+    log-posteriors treat an ensemble exactly as one DNN.
+    """
+
+    def __init__(self, members: list[HybridDNN]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+
+    def member_logits(self, spliced: torch.Tensor) -> torch.Tensor:
+        """(members, B, num_pdfs) logits of every member."""
+        return torch.stack([member(spliced).float() for member in self.members])
+
+    def forward(self, spliced: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(self.member_logits(spliced), dim=-1)
+        return torch.logsumexp(log_probs, dim=0) - float(np.log(len(self.members)))
+
+
+def average_softmax(member_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The members' average softmax(z/T): the ensemble's soft targets at temperature T."""
+    return torch.softmax(member_logits / temperature, dim=-1).mean(0)
+
+
+def average_zero_mean_logits(member_logits: torch.Tensor) -> torch.Tensor:
+    """The members' average zero-mean logits: what average_softmax tends to as T grows
+    (softmax(z/T) ~ (1 + z/T) / N for zero-mean z), the teacher of logit matching."""
+    return (member_logits - member_logits.mean(-1, keepdim=True)).mean(0)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

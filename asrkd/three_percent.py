@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -39,8 +37,10 @@ def subset_cfg(cfg, fraction: float, teacher: str | None = None):
     """The config of one subset run: same model and training knobs, the subset's data."""
     overrides = {"train": {"data": f"train_{pct(fraction)}", "name": f"hard_{pct(fraction)}", "epochs": cfg.three_percent.epochs},
                  "distill": {"teacher": teacher or "baseline", "temperatures": [cfg.three_percent.temperature],
-                             "student_temperatures": [cfg.three_percent.temperature], "form": "dense"}}
-    return OmegaConf.merge(cfg, overrides)
+                             "logit_matching": False}}
+    merged = OmegaConf.merge(cfg, overrides)
+    merged.distill.students = {"dense": [cfg.three_percent.temperature]}  # replaced, not merged: no top-k student
+    return merged
 
 
 def teachers(cfg) -> list[str]:
@@ -87,21 +87,6 @@ def run_decode(cfg) -> None:
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
 
 
-def frame_accuracy(cfg, system: str, train_utts: list[str], data_cache: dict) -> dict[str, float]:
-    from asrkd.nnet import pick_device
-    from asrkd.train import FrameData, evaluate_frames, load_model, model_path
-
-    device = pick_device(cfg.train.device)
-    exp = Path(cfg.exp_dir)
-    if not data_cache:
-        data_cache["train"] = FrameData.load(exp, "train", cfg.model, device)
-        data_cache["test"] = FrameData.load(exp, "test", cfg.model, device)
-        data_cache["test_idx"] = data_cache["test"].labeled(DataDir.read(Path(cfg.data_dir) / "test").utt_ids)
-    model = load_model(model_path(exp, system), device)
-    return {"train": evaluate_frames(model, data_cache["train"], data_cache["train"].labeled(train_utts), cfg.eval.batch_size)["frame_accuracy"],
-            "test": evaluate_frames(model, data_cache["test"], data_cache["test_idx"], cfg.eval.batch_size)["frame_accuracy"]}
-
-
 def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> None:
     """Train and validation frame accuracy per epoch, hard vs soft targets (the over-fitting curve)."""
     import matplotlib
@@ -127,6 +112,7 @@ def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> 
 
 def markdown(result: dict) -> str:
     main = result["rows"]
+    curve_rows = [row for row in result["curve"][0] if row != "fraction"]
     lines = [f"# {result['corpus']}: {100 * result['fraction']:g}% of the training data, hard vs soft targets", "",
              "| row | system | train frame acc. | test frame acc. | test WER | paper train | paper test |", "|---|---|---|---|---|---|---|"]
     for row, entry in main.items():
@@ -136,50 +122,50 @@ def markdown(result: dict) -> str:
                      f"| {100 * entry['wer']['test']:.2f}% | {quoted[0]} | {quoted[1]} |")
     lines += ["", f"Command: `{result['command']}`", "", f"Share of the gap closed by soft targets (test frame accuracy): {100 * result['gap_closed']:.1f}% "
               "((sub_soft - sub_hard) / (full_hard - sub_hard)).", "", "Test frame accuracy by fraction of the training data:", "",
-              "| fraction | sub_hard | sub_hard_early_stop | sub_soft |", "|---|---|---|---|"]
+              "| fraction | " + " | ".join(curve_rows) + " |", "|---" * (len(curve_rows) + 1) + "|"]
     for entry in result["curve"]:
-        lines.append(f"| {100 * entry['fraction']:g}% | {100 * entry['sub_hard']:.2f}% | {100 * entry['sub_hard_early_stop']:.2f}% | {100 * entry['sub_soft']:.2f}% |")
-    lines += ["", f"Soft targets: the 100% model at T = {result['temperature']:g}; train accuracy is on each row's own training frames.",
+        lines.append(f"| {100 * entry['fraction']:g}% | " + " | ".join(f"{100 * entry[row]:.2f}%" for row in curve_rows) + " |")
+    lines += ["", f"Soft targets: the 100% model (sub_soft) or the ensemble (sub_soft_ensemble) at T = {result['temperature']:g}; "
+              "train accuracy is on each row's own training frames.",
               "Paper: Hinton, Vinyals & Dean (2015), §6 (a speech model on 3% of ~2000 h).", ""]
     return "\n".join(lines)
 
 
 def run_report(cfg) -> None:
     """Stage: the §6 table, the gap closed, a curve over fractions and the over-fitting plot."""
+    from asrkd.evaluate import FrameScorer, merge_into_report, recipe_command
     from asrkd.train import data_split
 
     exp = Path(cfg.exp_dir)
     full_train, _ = data_split(cfg)
-    cache: dict = {}
+    scorer = FrameScorer(cfg)
+
+    def frame_accuracy(system: str, train_utts: list[str]) -> dict[str, float]:
+        return {k: v["frame_accuracy"] for k, v in scorer.score(system, {"train": train_utts}).items()}
+
     by_fraction = systems(cfg)
     curve, main = [], None
     for fraction, rows in by_fraction.items():
         sub_train, _ = data_split(subset_cfg(cfg, fraction))
         entries = {}
         if fraction == float(cfg.three_percent.fractions[0]):
-            entries["full_hard"] = {"system": "baseline", "frame_accuracy": frame_accuracy(cfg, "baseline", full_train, cache)}
+            entries["full_hard"] = {"system": "baseline", "frame_accuracy": frame_accuracy("baseline", full_train)}
         for row, system in rows.items():
-            entries[row] = {"system": system, "frame_accuracy": frame_accuracy(cfg, system, sub_train, cache)}
+            entries[row] = {"system": system, "frame_accuracy": frame_accuracy(system, sub_train)}
         for entry in entries.values():
             wer = json.loads((exp / "decode" / entry["system"] / "wer.json").read_text())
             entry["wer"] = {"test": wer["test"]["wer"], "test_unseen": wer["test_unseen"]["wer"]}
             entry["lmwt"] = wer["lmwt"]
-        curve.append({"fraction": fraction, **{row: entries[row]["frame_accuracy"]["test"] for row in ("sub_hard", "sub_hard_early_stop", "sub_soft")}})
+        curve.append({"fraction": fraction, **{row: entries[row]["frame_accuracy"]["test"] for row in rows}})
         if main is None:
             main = (fraction, entries, rows)
     fraction, entries, rows = main
     full, hard, soft = (entries[r]["frame_accuracy"]["test"] for r in ("full_hard", "sub_hard", "sub_soft"))
-    result = {"corpus": cfg.corpus, "command": os.environ.get("ASRKD_RECIPE_COMMAND") or "asrkd report-3pct", "fraction": fraction, "temperature": float(cfg.three_percent.temperature),
+    result = {"corpus": cfg.corpus, "command": recipe_command("asrkd report-3pct"), "fraction": fraction, "temperature": float(cfg.three_percent.temperature),
               "rows": entries, "gap_closed": (soft - hard) / (full - hard) if full != hard else None, "curve": curve}
     out_dir = exp / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "three_percent.md").write_text(markdown(result))
     plot_curves(exp, rows, fraction, out_dir / "three_percent_curves.png")
-    report_path = out_dir / "report.json"
-    report = json.loads(report_path.read_text())
-    report["three_percent"] = result
-    report_path.write_text(json.dumps(report, indent=1))
+    merge_into_report(cfg, {"three_percent": result}, ("three_percent.md", "three_percent_curves.png"))
     log.info("3%% experiment: test frame acc full %.4f, hard %.4f, soft %.4f; gap closed %.3f", full, hard, soft, result["gap_closed"])
-    if cfg.results_dir:
-        for name in ("report.json", "three_percent.md", "three_percent_curves.png"):
-            shutil.copyfile(out_dir / name, Path(cfg.results_dir) / name)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from asrkd.data import DataDir, split_by_speaker
 from asrkd.features import FeatureStore
-from asrkd.nnet import HybridDNN, SplicedFrames, pick_device
-from asrkd.stage import mark_done, skip_if_done
+from asrkd.nnet import EnsembleDNN, HybridDNN, SplicedFrames, pick_device
+from asrkd.stage import is_done, mark_done, skip_if_done
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,19 @@ def load_model(path: Path, device: torch.device) -> HybridDNN:
     model = HybridDNN(**state["config"]).to(device)
     model.load_state_dict(state["model"])
     return model
+
+
+def load_system(exp_dir: Path, system: str, device: torch.device) -> HybridDNN | EnsembleDNN:
+    """The model of a DNN system: ``<name>[@best]`` under exp/dnn, or an ensemble's directory
+    (``exp/dnn/<name>/member-<i>``), whose members' average softmax is its prediction."""
+    name = system.partition("@")[0]
+    members = sorted((Path(exp_dir) / "dnn" / name).glob("member-*"), key=lambda d: int(d.name.split("-")[1]))
+    if not members:
+        return load_model(model_path(exp_dir, system), device)
+    missing = [d.name for d in members if not is_done(d)]
+    if missing:
+        raise FileNotFoundError(f"ensemble {name}: members {missing} have not finished training (train-ensemble)")
+    return EnsembleDNN([load_model(model_path(exp_dir, f"{name}/{d.name}{system[len(name):]}"), device) for d in members])
 
 
 def data_split(cfg) -> tuple[list[str], list[str]]:

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from asrkd.distill import distillation_loss, logit_matching_loss
+from asrkd.distill import distillation_loss, logit_distillation_loss, logit_matching_loss
 
 
 def soft_gradient(student: torch.Tensor, teacher: torch.Tensor, temperature: float, hard_weight: float = 0.0) -> torch.Tensor:
@@ -24,7 +24,7 @@ def test_high_temperature_limit_is_logit_matching() -> None:
     student, teacher = student - student.mean(-1, keepdim=True), teacher - teacher.mean(-1, keepdim=True)
     matched = student.clone().requires_grad_(True)
     logit_matching_loss(matched, teacher).backward()
-    expected = matched.grad / student.shape[1]  # T^2 dC/dz -> (z - v) / N as T grows
+    expected = matched.grad  # T^2 dC/dz -> (z - v) / N as T grows, the logit-matching gradient
     for temperature, tolerance in ((20.0, 0.05), (100.0, 0.01)):
         error = (soft_gradient(student, teacher, temperature) - expected).norm() / expected.norm()
         assert error < tolerance
@@ -38,3 +38,6 @@ def test_hard_weight_is_relative_to_the_soft_term() -> None:
     soft_only = distillation_loss(logits, soft, labels, 2.0, soft_weight=1.0, hard_weight=0.0)
     torch.testing.assert_close(both - soft_only, 0.5 * F.cross_entropy(logits, labels))
     torch.testing.assert_close(distillation_loss(logits, soft, labels, 2.0, soft_weight=0.0, hard_weight=1.0), F.cross_entropy(logits, labels))
+    teacher = torch.randn(6, 10)
+    torch.testing.assert_close(logit_distillation_loss(logits, teacher, labels, 1.0, 0.5) - logit_matching_loss(logits, teacher),
+                               0.5 * F.cross_entropy(logits, labels))

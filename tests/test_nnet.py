@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from asrkd.features import FeatureStore
-from asrkd.nnet import HybridDNN, SplicedFrames
+from asrkd.nnet import EnsembleDNN, HybridDNN, SplicedFrames, average_softmax, average_zero_mean_logits
 
 
 def test_splicing_repeats_edge_frames_and_never_crosses_utterances() -> None:
@@ -23,3 +23,18 @@ def test_paper_sized_input_and_output() -> None:
     model = HybridDNN(feat_dim=40, num_pdfs=300, left_context=20, right_context=5, num_hidden_layers=2, hidden_dim=64)
     assert model.layers[0].in_features == 26 * 40
     assert model(torch.zeros(7, 26, 40)).shape == (7, 300)
+
+
+def test_ensemble_predicts_the_members_average_softmax() -> None:
+    torch.manual_seed(0)
+    members = [HybridDNN(feat_dim=3, num_pdfs=5, left_context=1, right_context=1, num_hidden_layers=1, hidden_dim=8) for _ in range(3)]
+    ensemble = EnsembleDNN(members)
+    x = torch.randn(4, 3, 3)
+    average = torch.stack([torch.softmax(m(x), -1) for m in members]).mean(0)
+    torch.testing.assert_close(torch.softmax(ensemble(x), -1), average)  # its output works as logits
+    torch.testing.assert_close(ensemble(x).exp().sum(-1), torch.ones(4))
+    logits = ensemble.member_logits(x)
+    torch.testing.assert_close(average_softmax(logits, 1.0), average)
+    # as T grows, T * (average softmax(z/T) - 1/N) * N tends to the average zero-mean logits
+    high = 1000.0
+    torch.testing.assert_close(high * 5 * (average_softmax(logits, high) - 0.2), average_zero_mean_logits(logits), atol=1e-2, rtol=1e-2)

@@ -151,12 +151,12 @@ def test_gmm_stage_is_reproducible(run_dir: Path, tmp_path: Path) -> None:
         np.testing.assert_array_equal(again, np.load(run_dir / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy"))
 
 
-def test_ensemble_soft_targets_and_a_student(run_dir: Path) -> None:
-    from asrkd import ensemble, soft_targets, student
+def test_ensemble_soft_targets_students_and_table1(run_dir: Path) -> None:
+    from asrkd import distillation, ensemble, soft_targets, student
     from asrkd.soft_targets import SoftTargetStore, current_checksum, store_dir
 
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.epochs=1", "ensemble.size=2",
-                       "distill.temperatures=[1,2]", "distill.student_temperatures=[2]", "distill.top_k=5"])
+                       "distill.temperatures=[1,2]", "distill.students.dense=[1,2]", "distill.students.topk=[2]", "distill.top_k=5"])
     ensemble.run(cfg)
     soft_targets.run(cfg)
     store = SoftTargetStore.load(store_dir(cfg, 2.0), current_checksum(cfg))
@@ -165,16 +165,36 @@ def test_ensemble_soft_targets_and_a_student(run_dir: Path) -> None:
     # a higher temperature gives softer targets
     assert np.asarray(store.dense[:100], dtype=np.float32).max(1).mean() < np.asarray(sharp.dense[:100], dtype=np.float32).max(1).mean()
     student.run(cfg)
-    history = json.loads((run_dir / "exp" / "dnn" / "student_ensemble_T2_dense" / "history.json").read_text())
-    assert len(history) == 1 and 0.0 < history[0]["valid_frame_accuracy"] <= 1.0
+    for name in ("student_ensemble_T1_dense", "student_ensemble_T2_dense", "student_ensemble_T2_topk", "student_ensemble_logits"):
+        history = json.loads((run_dir / "exp" / "dnn" / name / "history.json").read_text())
+        assert len(history) == 1 and 0.0 < history[0]["valid_frame_accuracy"] <= 1.0
+    distillation.run_decode(cfg)
+    distillation.run_report(cfg)
+    report = json.loads((run_dir / "exp" / "report" / "report.json").read_text())
+    systems, result = report["systems"], report["distillation"]
+    assert {"baseline", "ensemble", "distilled", "distilled_dense_T1", "distilled_dense_T2", "distilled_topk_T2",
+            "distilled_logits"} <= set(systems)
+    dense = {t: systems[f"distilled_dense_T{t}"]["frame_accuracy"]["valid"] for t in (1, 2)}
+    distilled = systems["distilled"]
+    assert distilled["temperature"] == max(dense, key=dense.get)  # chosen on validation, not test
+    test_acc = {name: systems[name]["frame_accuracy"]["test"] for name in ("baseline", "ensemble", "distilled")}
+    assert distilled["gain_kept"] == pytest.approx((test_acc["distilled"] - test_acc["baseline"]) / (test_acc["ensemble"] - test_acc["baseline"]))
+    assert 0 <= systems["ensemble"]["wer"]["test"] <= 1.5 and systems["ensemble"]["members"] == 2
+    (topk,) = result["topk"]
+    assert topk["temperature"] == 2 and 0 < topk["size_ratio"] < 1 and 0 <= topk["mean_residual"] < 1
+    for name in ("distillation_curves.png", "distillation_temperature.png"):
+        assert (run_dir / "exp" / "report" / name).stat().st_size > 10_000
+    markdown = (run_dir / "exp" / "report" / "distillation.md").read_text()
+    assert "| 2x ensemble |" in markdown and "∞ (logit matching)" in markdown
+    assert "| ensemble | 2 x 2x64 |" in (run_dir / "exp" / "report" / "report.md").read_text()
 
 
 def test_soft_targets_of_one_teacher_train_a_subset_student(run_dir: Path) -> None:
     from asrkd import soft_targets, student
 
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.epochs=2", "train.data=train_10pct",
-                       "distill.teacher=baseline", "distill.temperatures=[2]", "distill.student_temperatures=[2]",
-                       "distill.top_k=5", "distill.form=topk"])
+                       "distill.teacher=baseline", "distill.temperatures=[2]", "distill.students.dense=[]",
+                       "distill.students.topk=[2]", "distill.top_k=5", "distill.logit_matching=false"])
     soft_targets.run(cfg)
     assert (run_dir / "exp" / "soft_targets" / "baseline" / "T2" / "header.json").is_file()
     student.run(cfg)

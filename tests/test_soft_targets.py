@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asrkd.soft_targets import SoftTargetMismatch, SoftTargetStore, source_checksum, top_k
+from asrkd.soft_targets import SoftTargetMismatch, SoftTargetStore, TeacherLogits, source_checksum, top_k
 
 
 def test_top_k_renormalizes_and_accounts_for_the_rest() -> None:
@@ -28,3 +28,14 @@ def test_store_round_trip_and_mismatch(tmp_path: Path) -> None:
     other = source_checksum("abc", np.arange(1, 31))  # the same features, another alignment
     with pytest.raises(SoftTargetMismatch, match="rerun the soft-targets stage"):
         SoftTargetStore.load(tmp_path, other)
+
+
+def test_teacher_logits_round_trip_and_mismatch(tmp_path: Path) -> None:
+    logits = np.random.default_rng(1).normal(size=(20, 7)).astype(np.float32)
+    checksum = source_checksum("abc", np.arange(20))
+    TeacherLogits.from_logits(logits, checksum).save(tmp_path)
+    loaded = TeacherLogits.load(tmp_path, checksum)
+    assert loaded.header["num_frames"] == 20 and loaded.header["num_pdfs"] == 7
+    np.testing.assert_allclose(loaded.batch(np.array([3, 19])).numpy(), logits[[3, 19]], atol=1e-2)
+    with pytest.raises(SoftTargetMismatch, match="rerun the soft-targets stage"):
+        TeacherLogits.load(tmp_path, source_checksum("abd", np.arange(20)))
