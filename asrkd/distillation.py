@@ -113,6 +113,13 @@ def plot_temperature(rows: list[dict], baseline: dict, ensemble: dict, out: Path
     plt.close(fig)
 
 
+def table_row(entry: dict) -> dict:
+    """A Table 1 row: frame accuracy, test WER and its word errors (how many words a WER difference is)."""
+    details = entry["wer_details"]["test"]
+    return {"frame_accuracy": entry["frame_accuracy"], "wer": entry["wer"]["test"],
+            "word_errors": details["substitutions"] + details["deletions"] + details["insertions"], "words": details["words"]}
+
+
 def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
@@ -120,12 +127,12 @@ def pct(value: float | None) -> str:
 def markdown(result: dict) -> str:
     table = result["table1"]
     lines = [f"# {result['corpus']}: distillation (Hinton, Vinyals & Dean 2015, Table 1)", "",
-             "| system | test frame accuracy | test WER | paper frame accuracy | paper WER |", "|---|---|---|---|---|"]
+             "| system | test frame accuracy | test WER | test word errors | paper frame accuracy | paper WER |", "|---|---|---|---|---|---|"]
     for row in ("baseline", "ensemble", "distilled"):
         entry, paper = table[row], PAPER[row]
         label = {"baseline": "baseline", "ensemble": f"{result['ensemble_size']}x ensemble",
                  "distilled": f"distilled single model (T = {table['distilled']['temperature']:g})"}[row]
-        lines.append(f"| {label} | {pct(entry['frame_accuracy']['test'])} | {pct(entry['wer'])} "
+        lines.append(f"| {label} | {pct(entry['frame_accuracy']['test'])} | {pct(entry['wer'])} | {entry['word_errors']} / {entry['words']} "
                      f"| {pct(paper['frame_accuracy'])} | {pct(paper['wer'])} |")
     lines += ["", f"Command: `{result['command']}`", "",
               f"Share of the ensemble's gain the student keeps: {pct(result['gain_kept'])} of the test frame-accuracy gain "
@@ -203,10 +210,8 @@ def run_report(cfg) -> None:
     result = {
         "corpus": cfg.corpus, "command": command, "ensemble_size": len(members), "teacher": cfg.distill.teacher,
         "top_k": int(cfg.distill.top_k), "soft_weight": float(cfg.distill.soft_weight), "hard_weight": float(cfg.distill.hard_weight),
-        "table1": {"baseline": {"frame_accuracy": baseline["frame_accuracy"], "wer": wer(baseline)},
-                   "ensemble": {"frame_accuracy": ensemble["frame_accuracy"], "wer": wer(ensemble)},
-                   "distilled": {"system": distilled["system"], "temperature": distilled["temperature"],
-                                 "frame_accuracy": distilled["frame_accuracy"], "wer": wer(distilled)}},
+        "table1": {"baseline": table_row(baseline), "ensemble": table_row(ensemble),
+                   "distilled": {"system": distilled["system"], "temperature": distilled["temperature"], **table_row(distilled)}},
         "gain_kept": distilled["gain_kept"], "wer_gain_kept": distilled["wer_gain_kept"],
         "members": {"test_frame_accuracy": member_test, "min": min(member_test), "max": max(member_test),
                     "mean": float(np.mean(member_test))},

@@ -56,8 +56,9 @@ def markdown_table(report: dict) -> str:
     lines.append(f"GMM: {gmm['mono_pdfs']} monophone pdfs -> {gmm['tri_pdfs']} tied triphone states (pdf-ids), "
                  f"trained and aligned in {gmm['seconds']:.0f} s.")
     for name, system in report["systems"].items():
-        if "epochs" in system:
-            lines.append(f"{name}: {system['epochs']} epochs in {system['train_seconds']:.0f} s.")
+        if "train_seconds" in system:
+            what = f"{system['epochs']} epochs" if "epochs" in system else "trained"
+            lines.append(f"{name}: {what} in {system['train_seconds']:.0f} s.")
     lines.append(f"Machine: {report['machine']}.")
     return "\n".join(lines) + "\n"
 
