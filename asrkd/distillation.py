@@ -196,8 +196,7 @@ def run_report(cfg) -> None:
     best = max(dense, key=lambda label: rows[label]["frame_accuracy"]["valid"])
     accuracy = lambda e: e["frame_accuracy"]["test"]  # noqa: E731
     wer = lambda e: e["wer"]["test"]  # noqa: E731
-    distilled = {**rows[best], "temperature": rows[best]["temperature"],
-                 "gain_kept": gain_kept(accuracy(rows[best]), accuracy(baseline), accuracy(ensemble)),
+    distilled = {**rows[best], "gain_kept": gain_kept(accuracy(rows[best]), accuracy(baseline), accuracy(ensemble)),
                  "wer_gain_kept": gain_kept(wer(rows[best]), wer(baseline), wer(ensemble))}
     topk = []
     for label, row in rows.items():
