@@ -118,6 +118,16 @@ class DataDir:
         return data
 
 
+def fraction_tag(fraction: float) -> str:
+    """``3pct`` for 0.03: how names of subsets and of the runs on them spell a fraction of train."""
+    return f"{round(100 * fraction)}pct"
+
+
+def subset_name(fraction: float) -> str:
+    """data/train_3pct for 0.03: the data dir of a seeded speaker-balanced share of train."""
+    return f"train_{fraction_tag(fraction)}"
+
+
 def speaker_balanced_subset(data: DataDir, fraction: float, seed: int) -> list[str]:
     """Draw round(fraction * N) utterances spread as evenly as possible over the speakers.
 

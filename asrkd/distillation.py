@@ -17,9 +17,9 @@ them all and writes
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import OmegaConf
 
@@ -30,11 +30,17 @@ PAPER = {"baseline": {"frame_accuracy": 0.589, "wer": 0.109}, "ensemble": {"fram
          "distilled": {"frame_accuracy": 0.608, "wer": 0.107}}
 
 
-def student_systems(cfg) -> dict[str, str]:
-    """Row name (``<form>_T<T>``, ``logits``) -> the student's system (exp/dnn/<name>)."""
+class StudentRow(NamedTuple):
+    form: str  # dense | topk | logits
+    temperature: float | None  # None: logit matching
+    system: str  # exp/dnn/<system>
+
+
+def student_rows(cfg) -> dict[str, StudentRow]:
+    """Row name (``<form>_T<T>``, ``logits``) -> every student the config asks for."""
     from asrkd.student import LOGITS, student_name, students
 
-    return {(LOGITS if form == LOGITS else f"{form}_T{temperature:g}"): student_name(cfg.distill.teacher, temperature, form)
+    return {(LOGITS if form == LOGITS else f"{form}_T{temperature:g}"): StudentRow(form, temperature, student_name(cfg.distill.teacher, temperature, form))
             for form, temperature in students(cfg)}
 
 
@@ -42,7 +48,7 @@ def run_decode(cfg) -> None:
     """Stage: WER of the ensemble and of every student (the baseline is the main recipe's)."""
     from asrkd import decode
 
-    names = ["baseline", cfg.distill.teacher, *student_systems(cfg).values()]
+    names = ["baseline", cfg.distill.teacher, *(row.system for row in student_rows(cfg).values())]
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
 
 
@@ -57,60 +63,37 @@ def store_bytes(directory: Path) -> dict[str, int]:
     return {"dense": size("dense"), "topk": size("topk_ids", "topk_probs", "residual")}
 
 
-def history_of(exp: Path, system: str) -> list[dict]:
-    return json.loads((exp / "dnn" / system / "history.json").read_text())
-
-
 def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Path) -> None:
     """Validation frame accuracy per epoch: the baseline, every member, every student."""
-    import matplotlib
+    from asrkd.evaluate import saved_figure
+    from asrkd.train import read_history
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, member in enumerate(members):
-        history = json.loads((member / "history.json").read_text())
-        ax.plot([h["epoch"] + 1 for h in history], [100 * h["valid_frame_accuracy"] for h in history], color="0.75",
-                linewidth=0.8, label="ensemble members" if i == 0 else None)
-    for label, system in {"baseline": "baseline", **systems}.items():
-        history = history_of(exp, system)
-        ax.plot([h["epoch"] + 1 for h in history], [100 * h["valid_frame_accuracy"] for h in history],
-                linewidth=2 if label == "baseline" else 1.2, color="black" if label == "baseline" else None,
-                linestyle="--" if label.startswith("topk") or label == "logits" else "-", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation frame accuracy (%)")
-    ax.set_title("Training curves: baseline, ensemble members, distilled students")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    title = "Training curves: baseline, ensemble members, distilled students"
+    with saved_figure(out, (8, 5), "epoch", "validation frame accuracy (%)", title, fontsize=8, ncol=2) as ax:
+        for i, member in enumerate(members):
+            history = read_history(member)
+            ax.plot([h["epoch"] + 1 for h in history], [100 * h["valid_frame_accuracy"] for h in history], color="0.75",
+                    linewidth=0.8, label="ensemble members" if i == 0 else None)
+        for label, system in {"baseline": "baseline", **systems}.items():
+            history = read_history(exp / "dnn" / system)
+            ax.plot([h["epoch"] + 1 for h in history], [100 * h["valid_frame_accuracy"] for h in history],
+                    linewidth=2 if label == "baseline" else 1.2, color="black" if label == "baseline" else None,
+                    linestyle="--" if label.startswith("topk") or label == "logits" else "-", label=label)
 
 
 def plot_temperature(rows: list[dict], baseline: dict, ensemble: dict, out: Path) -> None:
     """Student frame accuracy (validation and test) against T, with the baseline and the ensemble."""
-    import matplotlib
+    from asrkd.evaluate import saved_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    temperatures = [r["temperature"] for r in rows]
-    for split, color in (("valid", "tab:blue"), ("test", "tab:red")):
-        ax.plot(temperatures, [100 * r["frame_accuracy"][split] for r in rows], "o-", color=color, label=f"student, {split}")
-        ax.axhline(100 * baseline[split], color=color, linestyle=":", label=f"baseline, {split}")
-        ax.axhline(100 * ensemble[split], color=color, linestyle="--", label=f"ensemble, {split}")
-    ax.set_xscale("log")
-    ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
-    ax.set_xlabel("temperature T")
-    ax.set_ylabel("frame accuracy (%)")
-    ax.set_title("Distilled student vs temperature (dense soft targets)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    title = "Distilled student vs temperature (dense soft targets)"
+    with saved_figure(out, (7, 4.5), "temperature T", "frame accuracy (%)", title, fontsize=8) as ax:
+        temperatures = [r["temperature"] for r in rows]
+        for split, color in (("valid", "tab:blue"), ("test", "tab:red")):
+            ax.plot(temperatures, [100 * r["frame_accuracy"][split] for r in rows], "o-", color=color, label=f"student, {split}")
+            ax.axhline(100 * baseline[split], color=color, linestyle=":", label=f"baseline, {split}")
+            ax.axhline(100 * ensemble[split], color=color, linestyle="--", label=f"ensemble, {split}")
+        ax.set_xscale("log")
+        ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
 
 
 def table_row(entry: dict) -> dict:
@@ -120,11 +103,9 @@ def table_row(entry: dict) -> dict:
             "word_errors": details["substitutions"] + details["deletions"] + details["insertions"], "words": details["words"]}
 
 
-def pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f}%"
-
-
 def markdown(result: dict) -> str:
+    from asrkd.evaluate import percent
+
     table = result["table1"]
     lines = [f"# {result['corpus']}: distillation (Hinton, Vinyals & Dean 2015, Table 1)", "",
              "| system | test frame accuracy | test WER | test word errors | paper frame accuracy | paper WER |", "|---|---|---|---|---|---|"]
@@ -132,27 +113,27 @@ def markdown(result: dict) -> str:
         entry, paper = table[row], PAPER[row]
         label = {"baseline": "baseline", "ensemble": f"{result['ensemble_size']}x ensemble",
                  "distilled": f"distilled single model (T = {table['distilled']['temperature']:g})"}[row]
-        lines.append(f"| {label} | {pct(entry['frame_accuracy']['test'])} | {pct(entry['wer'])} | {entry['word_errors']} / {entry['words']} "
-                     f"| {pct(paper['frame_accuracy'])} | {pct(paper['wer'])} |")
+        lines.append(f"| {label} | {percent(entry['frame_accuracy']['test'])} | {percent(entry['wer'])} | {entry['word_errors']} / {entry['words']} "
+                     f"| {percent(paper['frame_accuracy'])} | {percent(paper['wer'])} |")
     lines += ["", f"Command: `{result['command']}`", "",
-              f"Share of the ensemble's gain the student keeps: {pct(result['gain_kept'])} of the test frame-accuracy gain "
-              f"and {pct(result['wer_gain_kept'])} of the WER gain ((student - baseline) / (ensemble - baseline)).",
+              f"Share of the ensemble's gain the student keeps: {percent(result['gain_kept'])} of the test frame-accuracy gain "
+              f"and {percent(result['wer_gain_kept'])} of the WER gain ((student - baseline) / (ensemble - baseline)).",
               f"The distilled T is the one with the best validation frame accuracy; single members score "
-              f"{pct(result['members']['min'])}–{pct(result['members']['max'])} test frame accuracy (mean {pct(result['members']['mean'])}).",
+              f"{percent(result['members']['min'])}–{percent(result['members']['max'])} test frame accuracy (mean {percent(result['members']['mean'])}).",
               "", "Every student, by soft-target form and temperature:", "",
               "| student | T | frame acc. train | frame acc. valid | frame acc. test | WER test | LMWT |", "|---|---|---|---|---|---|---|"]
     for name, row in result["students"].items():
         acc = row["frame_accuracy"]
         temperature = "∞ (logit matching)" if row["temperature"] is None else f"{row['temperature']:g}"
-        lines.append(f"| {name} | {temperature} | {pct(acc['train'])} | {pct(acc['valid'])} | {pct(acc['test'])} | {pct(row['wer'])} | {row['lmwt']} |")
+        lines.append(f"| {name} | {temperature} | {percent(acc['train'])} | {percent(acc['valid'])} | {percent(acc['test'])} | {percent(row['wer'])} | {row['lmwt']} |")
     if result["topk"]:
         lines += ["", f"What the top-k form costs (k = {result['top_k']}): the same student trained on the top-k and on the dense soft targets.", "",
                   "| T | dense test acc. | top-k test acc. | difference | top-k store / dense store | mass outside the top k (mean) |",
                   "|---|---|---|---|---|---|"]
         for row in result["topk"]:
-            lines.append(f"| {row['temperature']:g} | {pct(row['dense'])} | {pct(row['topk'])} | {100 * (row['topk'] - row['dense']):+.2f} points "
+            lines.append(f"| {row['temperature']:g} | {percent(row['dense'])} | {percent(row['topk'])} | {100 * (row['topk'] - row['dense']):+.2f} points "
                          f"| {row['size_ratio']:.3f} ({row['bytes']['topk'] / 2**20:.0f} / {row['bytes']['dense'] / 2**20:.0f} MiB) "
-                         f"| {pct(row['mean_residual'])} |")
+                         f"| {percent(row['mean_residual'])} |")
     lines += ["", "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment. WER: Kaldi WFST decoding, LM weight",
               "chosen on the validation speakers; the ensemble decodes its members' averaged posteriors.",
               "Paper: ~2000 h of Voice Search, 8x2560 DNNs, 14000 tied states; here: AN4 with the config in report.json.",
@@ -167,16 +148,15 @@ def run_report(cfg) -> None:
     from asrkd.ensemble import member_dirs
     from asrkd.evaluate import FrameScorer, decoding_result, merge_into_report, recipe_command
     from asrkd.soft_targets import store_dir
-    from asrkd.student import LOGITS, students
-    from asrkd.train import data_split
+    from asrkd.student import LOGITS
+    from asrkd.train import data_split, read_history
 
     exp = Path(cfg.exp_dir)
     train_utts, valid_utts = data_split(cfg)
     scorer = FrameScorer(cfg)
     command = recipe_command("asrkd report-distill")
     model = f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}"
-    student_rows = student_systems(cfg)
-    temperatures = {label: temperature for label, (_, temperature) in zip(student_rows, students(cfg))}
+    students = student_rows(cfg)
 
     def entry(system: str, **extra) -> dict:
         scores = scorer.score(system, {"train": train_utts, "valid": valid_utts})
@@ -187,11 +167,11 @@ def run_report(cfg) -> None:
     members = member_dirs(cfg)
     baseline = entry("baseline")
     ensemble = entry(cfg.distill.teacher, members=len(members), model=f"{len(members)} x {model}",
-                     train_seconds=sum(h["seconds"] for d in members for h in json.loads((d / "history.json").read_text())))
+                     train_seconds=sum(h["seconds"] for d in members for h in read_history(d)))
     member_test = [scorer.score(f"{cfg.distill.teacher}/{d.name}", {})["test"]["frame_accuracy"] for d in members]
-    rows = {label: entry(system, temperature=temperatures[label],
-                         train_seconds=sum(h["seconds"] for h in history_of(exp, system)))
-            for label, system in student_rows.items()}
+    rows = {label: entry(student.system, temperature=student.temperature,
+                         train_seconds=sum(h["seconds"] for h in read_history(exp / "dnn" / student.system)))
+            for label, student in students.items()}
     dense = [label for label in rows if label.startswith("dense_")]
     best = max(dense, key=lambda label: rows[label]["frame_accuracy"]["valid"])
     accuracy = lambda e: e["frame_accuracy"]["test"]  # noqa: E731
@@ -214,7 +194,7 @@ def run_report(cfg) -> None:
         "gain_kept": distilled["gain_kept"], "wer_gain_kept": distilled["wer_gain_kept"],
         "members": {"test_frame_accuracy": member_test, "min": min(member_test), "max": max(member_test),
                     "mean": float(np.mean(member_test))},
-        "students": {student_rows[label]: {"form": label.split("_")[0], "temperature": row["temperature"],
+        "students": {students[label].system: {"form": students[label].form, "temperature": row["temperature"],
                                            "frame_accuracy": row["frame_accuracy"], "wer": wer(row), "lmwt": row["lmwt"]}
                      for label, row in rows.items()},
         "topk": topk,
@@ -222,7 +202,7 @@ def run_report(cfg) -> None:
     out_dir = exp / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "distillation.md").write_text(markdown(result))
-    plot_curves(exp, members, student_rows, out_dir / "distillation_curves.png")
+    plot_curves(exp, members, {label: student.system for label, student in students.items()}, out_dir / "distillation_curves.png")
     by_temperature = [rows[label] for label in sorted(dense, key=lambda label: rows[label]["temperature"])]
     plot_temperature(by_temperature, baseline["frame_accuracy"], ensemble["frame_accuracy"], out_dir / "distillation_temperature.png")
     systems = {"ensemble": ensemble, "distilled": distilled,

@@ -14,14 +14,16 @@ import os
 import platform
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from omegaconf import OmegaConf
 
 from asrkd.data import DataDir
 from asrkd.nnet import pick_device
-from asrkd.train import FrameData, data_split, evaluate_frames, load_system
+from asrkd.train import FrameData, data_split, evaluate_frames, load_system, read_history
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,28 @@ def markdown_table(report: dict) -> str:
             lines.append(f"{name}: {what} in {system['train_seconds']:.0f} s.")
     lines.append(f"Machine: {report['machine']}.")
     return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def saved_figure(out: Path, size: tuple[float, float], xlabel: str, ylabel: str, title: str, **legend) -> Iterator:
+    """Axes to draw on; on exit the labels, grid and legend go on and the PNG is written to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(**legend)
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def decoding_result(exp: Path, system: str) -> dict:
@@ -130,7 +154,7 @@ def run(cfg) -> None:
     exp = Path(cfg.exp_dir)
     train_utts, valid_utts = data_split(cfg)
     results = FrameScorer(cfg).score(cfg.train.name, {"train": train_utts, "valid": valid_utts})
-    history = json.loads((exp / "dnn" / cfg.train.name / "history.json").read_text())
+    history = read_history(exp / "dnn" / cfg.train.name)
     gmm_log = json.loads((exp / "tri" / "log.json").read_text())
     report = {
         "corpus": cfg.corpus,

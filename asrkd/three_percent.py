@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from asrkd.data import DataDir
+from asrkd.data import fraction_tag, subset_name
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,9 @@ PAPER = {"full_hard": {"train": 0.634, "test": 0.589}, "sub_hard": {"train": 0.6
          "sub_soft": {"train": 0.654, "test": 0.570}}
 
 
-def pct(fraction: float) -> str:
-    return f"{round(100 * fraction)}pct"
-
-
 def subset_cfg(cfg, fraction: float, teacher: str | None = None):
     """The config of one subset run: same model and training knobs, the subset's data."""
-    overrides = {"train": {"data": f"train_{pct(fraction)}", "name": f"hard_{pct(fraction)}", "epochs": cfg.three_percent.epochs},
+    overrides = {"train": {"data": subset_name(fraction), "name": f"hard_{fraction_tag(fraction)}", "epochs": cfg.three_percent.epochs},
                  "distill": {"teacher": teacher or "baseline", "temperatures": [cfg.three_percent.temperature],
                              "logit_matching": False}}
     merged = OmegaConf.merge(cfg, overrides)
@@ -58,8 +54,8 @@ def systems(cfg) -> dict[float, dict[str, str]]:
 
     out = {}
     for fraction in cfg.three_percent.fractions:
-        data, temperature = f"train_{pct(fraction)}", float(cfg.three_percent.temperature)
-        rows = {"sub_hard": f"hard_{pct(fraction)}", "sub_hard_early_stop": f"hard_{pct(fraction)}@best",
+        data, temperature = subset_name(fraction), float(cfg.three_percent.temperature)
+        rows = {"sub_hard": f"hard_{fraction_tag(fraction)}", "sub_hard_early_stop": f"hard_{fraction_tag(fraction)}@best",
                 "sub_soft": student_name("baseline", temperature, "dense", data)}
         for teacher in teachers(cfg)[1:]:
             rows[f"sub_soft_{teacher}"] = student_name(teacher, temperature, "dense", data)
@@ -89,25 +85,15 @@ def run_decode(cfg) -> None:
 
 def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> None:
     """Train and validation frame accuracy per epoch, hard vs soft targets (the over-fitting curve)."""
-    import matplotlib
+    from asrkd.evaluate import saved_figure
+    from asrkd.train import read_history
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row, style in (("sub_hard", "tab:red"), ("sub_soft", "tab:blue")):
-        history = json.loads((exp / "dnn" / rows[row].split("@")[0] / "history.json").read_text())
-        epochs = [h["epoch"] + 1 for h in history]
-        ax.plot(epochs, [100 * h["train_frame_accuracy"] for h in history], color=style, linestyle="--", label=f"{row} train")
-        ax.plot(epochs, [100 * h["valid_frame_accuracy"] for h in history], color=style, label=f"{row} valid")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("frame accuracy (%)")
-    ax.set_title(f"{100 * fraction:g}% of the training data: hard vs soft targets")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    with saved_figure(out, (7, 4.5), "epoch", "frame accuracy (%)", f"{100 * fraction:g}% of the training data: hard vs soft targets") as ax:
+        for row, style in (("sub_hard", "tab:red"), ("sub_soft", "tab:blue")):
+            history = read_history(exp / "dnn" / rows[row].split("@")[0])
+            epochs = [h["epoch"] + 1 for h in history]
+            ax.plot(epochs, [100 * h["train_frame_accuracy"] for h in history], color=style, linestyle="--", label=f"{row} train")
+            ax.plot(epochs, [100 * h["valid_frame_accuracy"] for h in history], color=style, label=f"{row} valid")
 
 
 def markdown(result: dict) -> str:

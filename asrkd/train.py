@@ -153,6 +153,11 @@ def train_model(
     return model
 
 
+def read_history(model_dir: Path) -> list[dict]:
+    """The per-epoch records train_model wrote (loss, frame accuracies, seconds)."""
+    return json.loads((Path(model_dir) / "history.json").read_text())
+
+
 def model_path(exp_dir: Path, system: str) -> Path:
     """``exp/dnn/<name>/final.pt`` (the last epoch), or ``best.pt`` for ``<name>@best`` (early stopping)."""
     name, _, which = system.partition("@")
@@ -169,14 +174,14 @@ def load_model(path: Path, device: torch.device) -> HybridDNN:
 def load_system(exp_dir: Path, system: str, device: torch.device) -> HybridDNN | EnsembleDNN:
     """The model of a DNN system: ``<name>[@best]`` under exp/dnn, or an ensemble's directory
     (``exp/dnn/<name>/member-<i>``), whose members' average softmax is its prediction."""
-    name = system.partition("@")[0]
+    name, at, which = system.partition("@")
     members = sorted((Path(exp_dir) / "dnn" / name).glob("member-*"), key=lambda d: int(d.name.split("-")[1]))
     if not members:
         return load_model(model_path(exp_dir, system), device)
     missing = [d.name for d in members if not is_done(d)]
     if missing:
         raise FileNotFoundError(f"ensemble {name}: members {missing} have not finished training (train-ensemble)")
-    return EnsembleDNN([load_model(model_path(exp_dir, f"{name}/{d.name}{system[len(name):]}"), device) for d in members])
+    return EnsembleDNN([load_model(model_path(exp_dir, f"{name}/{d.name}{at}{which}"), device) for d in members])
 
 
 def data_split(cfg) -> tuple[list[str], list[str]]:

@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from asrkd.data import DataDir, speaker_balanced_subset
+from asrkd.data import DataDir, speaker_balanced_subset, subset_name
 from asrkd.stage import account_dropped, mark_done, skip_if_done
 
 log = logging.getLogger("local.an4")
@@ -90,11 +90,6 @@ def write_dict(root: Path, dict_dir: Path, silence_phone: str) -> None:
     phones = (root / "etc" / "an4.phone").read_text().split()
     (dict_dir / "nonsilence_phones.txt").write_text("".join(f"{p}\n" for p in phones if p != silence_phone))
     (dict_dir / "silence_phones.txt").write_text(f"{silence_phone}\n")
-
-
-def subset_name(fraction: float) -> str:
-    """data/train_3pct for 0.03: the data dir of a seeded speaker-balanced share of train."""
-    return f"train_{round(100 * fraction)}pct"
 
 
 def write_subsets(data: DataDir, cfg) -> None:
