@@ -1,28 +1,74 @@
 """``asrkd <command> [hydra overrides]``: one command per pipeline step.
 
-Recipes call these; each command reads ``conf/config.yaml`` composed with the overrides,
-skips its work when its outputs are complete (a ``.done`` marker, as Kaldi recipes do) and
-otherwise (re)builds them.
+Recipes call these; each command reads ``conf/config.yaml`` composed with the overrides. A
+stage whose outputs were made from the same config and inputs is skipped; one whose config
+or inputs changed is refused with the keys that changed, unless ``redo=true`` (see
+:mod:`asrkd.stage`). Errors the user can fix (bad input, a mistyped key, a stale stage)
+print as one line naming the file or key and the fix; ``log_level=DEBUG`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
+
 from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def load_config(overrides: list[str] | None = None, config_dir: Path | None = None) -> DictConfig:
-    """Compose the Hydra config (``conf/`` of this checkout unless ``config_dir`` is given)."""
-    from hydra import compose, initialize_config_dir
+class ConfigError(ValueError):
+    """An override names a key or option the config does not have."""
 
+
+def config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cfg``, leaves and groups."""
+    keys = []
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        keys.append(name)
+        if isinstance(value, DictConfig):
+            keys += config_keys(value, f"{name}.")
+    return keys
+
+
+def load_config(overrides: list[str] | None = None, config_dir: Path | None = None) -> DictConfig:
+    """Compose the Hydra config (``conf/`` of this checkout unless ``config_dir`` is given).
+
+    A mistyped key or option is a ConfigError naming it and the nearest valid one, not a
+    Hydra traceback.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = list(overrides or [])
     with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
-        return compose(config_name="config", overrides=list(overrides or []))
+        try:
+            return compose(config_name="config", overrides=overrides)
+        except HydraException as err:
+            base = compose(config_name="config")
+            raise ConfigError(explain_override_error(str(err), overrides, base, Path(config_dir or CONF_DIR))) from None
+
+
+def explain_override_error(message: str, overrides: list[str], base: DictConfig, config_dir: Path) -> str:
+    known = config_keys(base)
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        groups = [p.name for p in config_dir.iterdir() if p.is_dir()]
+        if key in groups:
+            options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+            if value not in options:
+                near = difflib.get_close_matches(value, options, n=1)
+                return f"config: {key}={value} is not an option of {key} ({', '.join(options)})" + (f"; did you mean {key}={near[0]}?" if near else "")
+        elif key not in known:
+            near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            return f"config: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "; see conf/config.yaml")
+    return "config: " + message.splitlines()[0]
 
 
 # command -> "module" whose run(cfg), or "module:function", implements it; imported on use,
@@ -30,7 +76,9 @@ def load_config(overrides: list[str] | None = None, config_dir: Path | None = No
 COMMANDS = {
     "prepare-lang": "asrkd.lang",
     "make-feats": "asrkd.features",
+    "speed-perturb": "asrkd.perturb",
     "train-gmm": "asrkd.gmm",
+    "align": "asrkd.gmm:run_align",
     "train-dnn": "asrkd.train",
     "train-ensemble": "asrkd.ensemble",
     "soft-targets": "asrkd.soft_targets",
@@ -43,7 +91,27 @@ COMMANDS = {
     "report-3pct": "asrkd.three_percent:run_report",
     "decode-distill": "asrkd.distillation:run_decode",
     "report-distill": "asrkd.distillation:run_report",
+    "train-levers": "asrkd.levers:run_train",
+    "decode-levers": "asrkd.levers:run_decode",
 }
+
+
+def run_command(function: Callable[[DictConfig], None], overrides: list[str], name: str, config_dir: Path | None = None) -> None:
+    """Compose the config, set up logging and run ``function``; fixable errors exit with one line."""
+    from asrkd.stage import StageError
+
+    try:
+        cfg = load_config(overrides, config_dir)
+    except ConfigError as err:
+        sys.exit(f"asrkd {name}: {err}")
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("asrkd").info("%s with overrides %s", name, overrides)
+    try:
+        function(cfg)
+    except (StageError, ValueError, FileNotFoundError) as err:
+        if cfg.log_level == "DEBUG":
+            raise
+        sys.exit(f"asrkd {name}: error: {err}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,11 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=paper train.epochs=3")
     parser.add_argument("--config-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    cfg = load_config(args.overrides, args.config_dir)
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("asrkd").info("%s with overrides %s", args.command, args.overrides)
     module, _, function = COMMANDS[args.command].partition(":")
-    getattr(importlib.import_module(module), function or "run")(cfg)
+    run_command(getattr(importlib.import_module(module), function or "run"), args.overrides, args.command, args.config_dir)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 A data dir is the contract between the corpus-specific prep in ``local/`` and every later
 step, so it is validated the way Kaldi's ``utils/validate_data_dir.sh`` does: sorted keys,
 identical utterance sets across files, speaker-prefixed utterance ids, non-empty transcripts.
+``text`` may be absent (``--no-text``): unlabeled audio, usable as a distillation transfer set.
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ class DataDirError(ValueError):
 def read_table(path: Path) -> dict[str, str]:
     """Read a Kaldi ``key value...`` table; the value is the rest of the line (may be empty)."""
     table: dict[str, str] = {}
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    raw = Path(path).read_bytes()
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = raw[: err.start].count(b"\n") + 1
+        raise DataDirError(
+            f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x}); convert the file, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path}`"
+        ) from None
+    for lineno, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             raise DataDirError(f"{path}:{lineno}: empty line")
         key, _, value = line.strip().partition(" ")
@@ -32,18 +42,26 @@ def read_table(path: Path) -> dict[str, str]:
 
 
 def write_table(path: Path, table: dict[str, str]) -> None:
-    """Write a table sorted by key in C locale order, as Kaldi's tools require."""
+    """Write a table sorted by key in C locale order, as Kaldi's tools require (atomically)."""
+    from asrkd.stage import write_text
+
     lines = [f"{key} {table[key]}".rstrip() for key in sorted(table)]
-    Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 @dataclass
 class DataDir:
-    """The in-memory form of a Kaldi data dir."""
+    """The in-memory form of a Kaldi data dir.
+
+    ``utt2uniq`` (optional, as Kaldi's perturbed data dirs write it) maps a copy of an
+    utterance (``sp0.9-<utt>``) to the utterance it was made from, so that copies of a
+    validation speaker's audio never end up in training.
+    """
 
     wav_scp: dict[str, str] = field(default_factory=dict)
     text: dict[str, str] = field(default_factory=dict)
     utt2spk: dict[str, str] = field(default_factory=dict)
+    utt2uniq: dict[str, str] = field(default_factory=dict)
 
     @property
     def utt_ids(self) -> list[str]:
@@ -56,12 +74,17 @@ class DataDir:
             spk2utt.setdefault(self.utt2spk[utt], []).append(utt)
         return spk2utt
 
+    def source(self, utt: str) -> str:
+        """The original utterance ``utt`` is a copy of (itself when it is no copy)."""
+        return self.utt2uniq.get(utt, utt)
+
     def subset(self, utt_ids: list[str]) -> "DataDir":
         keep = set(utt_ids)
         return DataDir(
             wav_scp={u: v for u, v in self.wav_scp.items() if u in keep},
             text={u: v for u, v in self.text.items() if u in keep},
             utt2spk={u: v for u, v in self.utt2spk.items() if u in keep},
+            utt2uniq={u: v for u, v in self.utt2uniq.items() if u in keep},
         )
 
     def validate(self, where: str = "data dir") -> None:
@@ -70,6 +93,8 @@ class DataDir:
         if not utts:
             raise DataDirError(f"{where}: no utterances")
         for name, table in (("wav.scp", self.wav_scp), ("text", self.text)):
+            if name == "text" and not table:
+                continue  # no transcripts: unlabeled audio
             missing = sorted(utts - set(table))
             extra = sorted(set(table) - utts)
             if missing or extra:
@@ -86,32 +111,42 @@ class DataDir:
         for utt, words in self.text.items():
             if not words.split():
                 raise DataDirError(f"{where}/text: utterance {utt!r} has an empty transcript")
+        extra = sorted(set(self.utt2uniq) - utts)
+        if extra:
+            raise DataDirError(f"{where}/utt2uniq: utterances not in utt2spk: {extra[:3]}")
 
     def write(self, directory: Path) -> None:
         self.validate(str(directory))
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_table(directory / "wav.scp", self.wav_scp)
-        write_table(directory / "text", self.text)
+        if self.text:
+            write_table(directory / "text", self.text)
         write_table(directory / "utt2spk", self.utt2spk)
         write_table(directory / "spk2utt", {s: " ".join(u) for s, u in self.spk2utt.items()})
+        if self.utt2uniq:
+            write_table(directory / "utt2uniq", self.utt2uniq)
 
     @classmethod
     def read(cls, directory: Path) -> "DataDir":
         directory = Path(directory)
-        for name in ("wav.scp", "text", "utt2spk", "spk2utt"):
+        for name in ("wav.scp", "utt2spk", "spk2utt"):
             if not (directory / name).is_file():
                 raise DataDirError(f"{directory}: missing {name}")
         data = cls(
             wav_scp=read_table(directory / "wav.scp"),
-            text=read_table(directory / "text"),
+            text=read_table(directory / "text") if (directory / "text").is_file() else {},
             utt2spk=read_table(directory / "utt2spk"),
+            utt2uniq=read_table(directory / "utt2uniq") if (directory / "utt2uniq").is_file() else {},
         )
         data.validate(str(directory))
-        for name in ("wav.scp", "text", "utt2spk", "spk2utt"):
+        for name in ("wav.scp", "text", "utt2spk", "spk2utt", "utt2uniq"):
+            if not (directory / name).is_file():
+                continue
             keys = list(read_table(directory / name))
             if keys != sorted(keys):
-                raise DataDirError(f"{directory}/{name}: not sorted (run its writer again)")
+                raise DataDirError(f"{directory}/{name}: not sorted; sort it in C order (`LC_ALL=C sort -k1,1 -o {name} {name}`, "
+                                   "or Kaldi's utils/fix_data_dir.sh)")
         spk2utt = {s: u.split() for s, u in read_table(directory / "spk2utt").items()}
         if spk2utt != data.spk2utt:
             raise DataDirError(f"{directory}/spk2utt: does not match utt2spk")
@@ -167,3 +202,15 @@ def split_by_speaker(data: DataDir, valid_fraction: float, seed: int) -> tuple[l
     train = [u for u in data.utt_ids if data.utt2spk[u] not in valid_speakers]
     valid = [u for u in data.utt_ids if data.utt2spk[u] in valid_speakers]
     return train, valid
+
+
+def speaker_folds(speakers: list[str], folds: int, seed: int) -> list[list[str]]:
+    """Speakers dealt into ``folds`` groups in a seeded order (cross-fitted teachers: member i
+    never sees fold i mod folds, so those speakers' soft targets come from members that did not)."""
+    import random
+
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    order = sorted(set(speakers))
+    random.Random(seed).shuffle(order)
+    return [sorted(order[f::folds]) for f in range(folds)]

@@ -18,7 +18,6 @@ log-likelihoods that a user's own ``latgen-faster-mapped`` decodes with its HCLG
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,11 +29,11 @@ import numpy as np
 import torch
 
 from asrkd.data import DataDir, read_table
-from asrkd.features import FeatureStore
+from asrkd.features import FeatureStore, write_kaldi_matrices
 from asrkd.gmm import GmmModel
 from asrkd.lang import read_symbol_table
 from asrkd.nnet import SplicedFrames, pick_device
-from asrkd.stage import account_dropped, mark_done, skip_if_done
+from asrkd.stage import account_dropped, plan, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +148,21 @@ def word_error_rate(refs: dict[str, str], hyps: dict[str, str]) -> dict:
             "insertions": out.insertions, "words": words, "utterances": len(utts)}
 
 
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    """Word-level Levenshtein distance: substitutions + deletions + insertions of the best alignment."""
+    row = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, 1):
+        previous, row[0] = row[0], i
+        for j, other in enumerate(hyp, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
+    return row[-1]
+
+
+def utterance_errors(refs: dict[str, str], hyps: dict[str, str]) -> dict[str, list[int]]:
+    """{utt: [word errors, reference words]}: what the bootstrap resamples (asrkd.stats)."""
+    return {u: [edit_distance(refs[u].split(), hyps.get(u, "").split()), len(refs[u].split())] for u in sorted(refs)}
+
+
 def sweep(lattices: dict[str, kaldifst.Lattice | None], id2word: dict[int, str], cfg) -> dict[tuple[float, float], dict[str, str]]:
     """Hypotheses for every (LM weight, insertion penalty) pair of the sweep."""
     result: dict[tuple[float, float], dict[str, str]] = {}
@@ -174,8 +188,13 @@ def unseen_sentences(test_text: dict[str, str], train_text: dict[str, str]) -> l
     return sorted(u for u, t in test_text.items() if t not in seen)
 
 
+DECODE_KEYS = ("decode.acoustic_scale", "decode.beam", "decode.lattice_beam", "decode.prior_floor", "decode.lmwt",
+               "decode.word_ins_penalty", "decode.write_loglikes_ark", "seed", "train.valid_fraction", "features.frame_shift_ms")
+
+
 def run(cfg) -> None:
-    from asrkd.train import data_split, load_system
+    """Stage 6: decode every system of ``decode.systems`` (the GMM, DNNs, ensembles) on validation and test."""
+    from asrkd.train import data_split, load_system, system_dirs
 
     exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
     dcfg = cfg.decode
@@ -192,9 +211,13 @@ def run(cfg) -> None:
 
     for system in dcfg.systems:
         out_dir = exp / "decode" / system
-        if skip_if_done(out_dir, f"decode {system}"):
+        kind = "mfcc" if system == "gmm" else "fbank"
+        models = {"model": exp / "tri"} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(exp, system)}
+        inputs = {**models, "graph": exp / "graph", "priors": exp / "tri" / "ali_train", "test": data_dir / "test", "train": data_dir / "train",
+                  "test features": exp / "feats" / kind / "test", "train features": exp / "feats" / kind / "train"}
+        stage = plan(f"decode {system}", out_dir, cfg, DECODE_KEYS, inputs, {"system": system})
+        if stage.up_to_date:
             continue
-        out_dir.mkdir(parents=True, exist_ok=True)
         if system == "gmm":
             feats = {name: FeatureStore.load(exp / "feats" / "mfcc" / name, mmap=False) for name in ("train", "test")}
             score = lambda name, utt: gmm_loglikes(gmm, feats[name][utt])  # noqa: E731
@@ -226,11 +249,7 @@ def run(cfg) -> None:
             account_dropped(f"decode {system} {set_name}", len(refs), dropped, cfg.prep.max_drop_fraction, out_dir / f"dropped_{set_name}.json")
             hyps[set_name] = sweep(lattices, id2word, dcfg)
             if matrices:
-                import kaldiio
-
-                with kaldiio.WriteHelper(f"ark,scp:{out_dir}/loglikes_{set_name}.ark,{out_dir}/loglikes_{set_name}.scp") as writer:
-                    for utt, matrix in matrices.items():
-                        writer(utt, matrix)
+                write_kaldi_matrices(out_dir / f"loglikes_{set_name}.ark", out_dir / f"loglikes_{set_name}.scp", matrices.items())
         best, valid_wer = choose_weights(sets["valid"][1], hyps["valid"])
         unseen = unseen_sentences(test.text, train_text)
         oov = sorted({w for t in test.text.values() for w in t.split() if w not in set(id2word.values())})
@@ -246,11 +265,12 @@ def run(cfg) -> None:
             "real_time_factor": decode_seconds / max(audio_seconds, 1e-9),
             "reference_oov_words": oov,
             "beam": dcfg.beam, "lattice_beam": dcfg.lattice_beam, "acoustic_scale": dcfg.acoustic_scale,
+            "utterance_errors": {"test": utterance_errors(test.text, test_hyps)},
         }
-        (out_dir / "wer.json").write_text(json.dumps(result, indent=1))
+        write_json(out_dir / "wer.json", result)
         for set_name in sets:
-            (out_dir / f"hyp_{set_name}.txt").write_text("".join(f"{u} {h}\n" for u, h in sorted(hyps[set_name][best].items())))
+            write_text(out_dir / f"hyp_{set_name}.txt", "".join(f"{u} {h}\n" for u, h in sorted(hyps[set_name][best].items())))
         log.info("decode %s: LMWT %g, penalty %g (valid WER %.2f%%) -> test WER %.2f%%, unseen %.2f%%, RTF %.3f",
                  system, best[0], best[1], 100 * result["valid"]["wer"], 100 * result["test"]["wer"],
                  100 * result["test_unseen"]["wer"], result["real_time_factor"])
-        mark_done(out_dir)
+        stage.commit(test_wer=result["test"]["wer"], lmwt=best[0], word_ins_penalty=best[1])

@@ -21,8 +21,15 @@ def soft_cross_entropy(student_logits: torch.Tensor, soft_targets: torch.Tensor,
 
 
 def hard_term(student_logits: torch.Tensor, hard_targets: torch.Tensor, hard_weight: float) -> torch.Tensor | float:
-    """hard_weight * CE(pdf-ids, softmax(z)): the forced alignment's term, at T = 1."""
-    return hard_weight * F.cross_entropy(student_logits.float(), hard_targets) if hard_weight else 0.0
+    """hard_weight * CE(pdf-ids, softmax(z)): the forced alignment's term, at T = 1.
+
+    Frames whose target is -1 (a transfer set's unaligned or unlabeled frames) have no hard
+    term: the mean is over the labeled frames of the batch, and a batch without one adds 0.
+    """
+    if not hard_weight:
+        return 0.0
+    labeled = (hard_targets >= 0).sum().clamp(min=1)
+    return hard_weight * F.cross_entropy(student_logits.float(), hard_targets, ignore_index=-1, reduction="sum") / labeled
 
 
 def distillation_loss(

@@ -1,18 +1,23 @@
-"""Distillation results (the paper's §4, Table 1): baseline / ensemble / distilled, and over T.
+"""Distillation results (the paper's §4, Table 1) with intervals: baseline / ensemble / distilled,
+the students over T, the top-k cost, and the levers of :mod:`asrkd.levers`.
 
 After ``train-ensemble``, ``soft-targets`` and ``train-student``: ``decode-distill`` decodes
-the ensemble (its members' averaged posteriors) and every student; ``report-distill`` scores
-them all and writes
+the ensemble (its members' averaged posteriors), every student and the baseline's replicates;
+``report-distill`` scores them all and writes
 
-* the Table 1 rows: the baseline, the ensemble and the distilled model — the dense student
-  whose temperature gives the best *validation* frame accuracy — with test frame accuracy and
-  WER, and the share of the ensemble's gain the student keeps,
-  (student - baseline) / (ensemble - baseline), in frame accuracy and in WER;
-* one row per temperature, the top-k students against the dense ones at the same T (with
-  the stores' sizes), and the logit-matching student;
-* ``distillation.md``, ``distillation_curves.png`` (validation accuracy per epoch) and
-  ``distillation_temperature.png`` (accuracy vs T), and the systems "ensemble", "distilled"
-  and "distilled_<form>_T<T>" in ``report.json``.
+* Table 1: the baseline (the recipe's one model, and the mean ± std of every single model
+  trained with its recipe: its replicates and the ensemble's members), the ensemble and the
+  distilled model (the dense students at the T with the best *validation* frame accuracy
+  averaged over their seeds), each with its 95% interval (:mod:`asrkd.stats`); the share of
+  the ensemble's gain the student keeps, against the one baseline and against the mean of
+  single models, with its interval;
+* the paired differences the tables state (ensemble − baseline, student − baseline, top-k −
+  dense, best T − runner-up on validation), with P(difference > 0);
+* one row per temperature, the top-k and logit-matching students;
+* the levers (students on other transfer sets, cross-fitted teachers, more epochs), each
+  against its same-data baseline, and ``distillation_levers.png`` (gain kept per lever);
+* ``distillation.md``, ``distillation_curves.png``, ``distillation_temperature.png`` and the
+  systems "ensemble", "distilled", "distilled_<form>_T<T>", "lever_<name>" in ``report.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from omegaconf import OmegaConf
+
+from asrkd.stats import format_interval, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +40,33 @@ PAPER = {"baseline": {"frame_accuracy": 0.589, "wer": 0.109}, "ensemble": {"fram
 class StudentRow(NamedTuple):
     form: str  # dense | topk | logits
     temperature: float | None  # None: logit matching
-    system: str  # exp/dnn/<system>
+    systems: list[str]  # exp/dnn/<system> of each replicate
 
 
 def student_rows(cfg) -> dict[str, StudentRow]:
-    """Row name (``<form>_T<T>``, ``logits``) -> every student the config asks for."""
-    from asrkd.student import LOGITS, student_name, students
+    """Row name (``<form>_T<T>``, ``logits``) -> every student the config asks for, with its replicates."""
+    from asrkd.student import LOGITS, name_of, students
 
-    return {(LOGITS if form == LOGITS else f"{form}_T{temperature:g}"): StudentRow(form, temperature, student_name(cfg.distill.teacher, temperature, form))
-            for form, temperature in students(cfg)}
+    rows: dict[str, StudentRow] = {}
+    for student in students(cfg):
+        label = LOGITS if student.form == LOGITS else f"{student.form}_T{student.temperature:g}"
+        row = rows.setdefault(label, StudentRow(student.form, student.temperature, []))
+        row.systems.append(name_of(cfg, student))
+    return rows
+
+
+def baseline_replicates(cfg) -> list[str]:
+    from asrkd.train import replicate_name
+
+    return [replicate_name(cfg.train.name, r) for r in range(int(cfg.distill.seeds.get("dense", 1)))]
 
 
 def run_decode(cfg) -> None:
-    """Stage: WER of the ensemble and of every student (the baseline is the main recipe's)."""
+    """Stage 4: WER of the ensemble, every student and the baseline's replicates (the baseline itself is the main recipe's)."""
     from asrkd import decode
 
-    names = ["baseline", cfg.distill.teacher, *(row.system for row in student_rows(cfg).values())]
+    names = [*baseline_replicates(cfg), cfg.distill.teacher, *(s for row in student_rows(cfg).values() for s in row.systems)]
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
-
-
-def gain_kept(student: float, baseline: float, ensemble: float) -> float | None:
-    """The share of the ensemble's improvement over the baseline that the student keeps."""
-    return (student - baseline) / (ensemble - baseline) if ensemble != baseline else None
 
 
 def store_bytes(directory: Path) -> dict[str, int]:
@@ -64,7 +76,7 @@ def store_bytes(directory: Path) -> dict[str, int]:
 
 
 def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Path) -> None:
-    """Validation frame accuracy per epoch: the baseline, every member, every student."""
+    """Validation frame accuracy per epoch: the baseline, every member, every student (first seed)."""
     from asrkd.evaluate import saved_figure
     from asrkd.train import read_history
 
@@ -82,132 +94,322 @@ def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Pa
 
 
 def plot_temperature(rows: list[dict], baseline: dict, ensemble: dict, out: Path) -> None:
-    """Student frame accuracy (validation and test) against T, with the baseline and the ensemble."""
+    """Student frame accuracy (validation, and test with its interval) against T, with the baseline and the ensemble."""
     from asrkd.evaluate import saved_figure
 
-    title = "Distilled student vs temperature (dense soft targets)"
+    title = "Distilled students vs temperature (dense soft targets, mean over seeds)"
     with saved_figure(out, (7, 4.5), "temperature T", "frame accuracy (%)", title, fontsize=8) as ax:
         temperatures = [r["temperature"] for r in rows]
+        ax.plot(temperatures, [100 * r["frame_accuracy"]["valid"] for r in rows], "o-", color="tab:blue", label="student, valid")
+        test = [100 * r["frame_accuracy"]["test"] for r in rows]
+        errors = [[t - 100 * r["frame_accuracy_ci"]["test"][0] for t, r in zip(test, rows)],
+                  [100 * r["frame_accuracy_ci"]["test"][1] - t for t, r in zip(test, rows)]]
+        ax.errorbar(temperatures, test, yerr=errors, fmt="o-", color="tab:red", capsize=3, label="student, test (95% CI)")
         for split, color in (("valid", "tab:blue"), ("test", "tab:red")):
-            ax.plot(temperatures, [100 * r["frame_accuracy"][split] for r in rows], "o-", color=color, label=f"student, {split}")
             ax.axhline(100 * baseline[split], color=color, linestyle=":", label=f"baseline, {split}")
             ax.axhline(100 * ensemble[split], color=color, linestyle="--", label=f"ensemble, {split}")
         ax.set_xscale("log")
         ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
 
 
-def table_row(entry: dict) -> dict:
-    """A Table 1 row: frame accuracy, test WER and its word errors (how many words a WER difference is)."""
-    details = entry["wer_details"]["test"]
-    return {"frame_accuracy": entry["frame_accuracy"], "wer": entry["wer"]["test"],
-            "word_errors": details["substitutions"] + details["deletions"] + details["insertions"], "words": details["words"]}
+def plot_levers(levers: list[dict], out: Path) -> None:
+    """Gain kept per lever (test frame accuracy) with its 95% interval, against the 80% target."""
+    from asrkd.evaluate import saved_figure
+
+    title = "Share of the ensemble's gain the student keeps, per lever (test frame accuracy)"
+    with saved_figure(out, (7, 4.5), "lever", "gain kept (%)", title, fontsize=8) as ax:
+        names = [lever["name"] for lever in levers]
+        kept = [lever["gain_kept"] for lever in levers]
+        values = [100 * k["estimate"] if k["estimate"] is not None else float("nan") for k in kept]
+        lows = [100 * k["ci"][0] if k["ci"][0] is not None else v for k, v in zip(kept, values)]
+        highs = [100 * k["ci"][1] if k["ci"][1] is not None else v for k, v in zip(kept, values)]
+        ax.errorbar(range(len(names)), values, yerr=[[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]],
+                    fmt="o", color="tab:red", capsize=4, label="student vs same-data baseline (95% CI)")
+        ax.axhline(100, color="tab:green", linestyle="--", label="the ensemble")
+        ax.axhline(80, color="0.5", linestyle=":", label="target: 80%")
+        ax.axhline(0, color="black", linewidth=0.8, label="the same-data baseline")
+        ax.set_xticks(range(len(names)), names)
+
+
+def soft_target_diagnostics(cfg, teacher: str, store: str, temperature: float, groups: dict[str, list[str]]) -> dict:
+    """What a teacher's soft targets say beyond the labels, per group of utterances of a store:
+    how often their argmax is the aligned pdf, and the mean probability they give it. A teacher
+    that memorized its training frames agrees with the labels there far more than on voices it
+    never heard: its soft targets there are nearly the hard labels again."""
+    import numpy as np
+
+    from asrkd.features import FeatureStore
+
+    exp = Path(cfg.exp_dir)
+    dense = np.load(exp / "soft_targets" / teacher / store / f"T{temperature:g}" / "dense.npy", mmap_mode="r")
+    pdf_ids = np.load(exp / "tri" / f"ali_{store}" / "pdf_ids.npy")
+    features = FeatureStore.load(exp / "feats" / "fbank" / store)
+    out = {}
+    for group, utts in groups.items():
+        frames = np.concatenate([np.arange(*features.span(u)) for u in utts if u in features])
+        frames = frames[pdf_ids[frames] >= 0]
+        agree, mass = 0, 0.0
+        for start in range(0, len(frames), 65536):
+            chunk = frames[start : start + 65536]
+            probs = np.asarray(dense[chunk], dtype=np.float32)
+            agree += int((probs.argmax(1) == pdf_ids[chunk]).sum())
+            mass += float(probs[np.arange(len(chunk)), pdf_ids[chunk]].sum())
+        out[group] = {"frames": int(len(frames)), "argmax_is_label": agree / len(frames), "mass_on_label": mass / len(frames)}
+    return out
+
+
+def p_above_zero(difference: dict | None) -> str:
+    return "–" if not difference else f"{difference['p_above_zero']:.2f}"
+
+
+def word_errors(entry: dict) -> str:
+    details = (entry.get("wer_details") or {}).get("test")
+    if not details:
+        return "–"
+    return f"{details['substitutions'] + details['deletions'] + details['insertions']} / {details['words']}"
 
 
 def markdown(result: dict) -> str:
-    from asrkd.evaluate import percent
+    from asrkd.evaluate import percent, with_ci
 
     table = result["table1"]
+    seeds = result["seeds"]
     lines = [f"# {result['corpus']}: distillation (Hinton, Vinyals & Dean 2015, Table 1)", "",
-             "| system | test frame accuracy | test WER | test word errors | paper frame accuracy | paper WER |", "|---|---|---|---|---|---|"]
-    for row in ("baseline", "ensemble", "distilled"):
-        entry, paper = table[row], PAPER[row]
-        label = {"baseline": "baseline", "ensemble": f"{result['ensemble_size']}x ensemble",
-                 "distilled": f"distilled single model (T = {table['distilled']['temperature']:g})"}[row]
-        lines.append(f"| {label} | {percent(entry['frame_accuracy']['test'])} | {percent(entry['wer'])} | {entry['word_errors']} / {entry['words']} "
-                     f"| {percent(paper['frame_accuracy'])} | {percent(paper['wer'])} |")
+             "| system | seeds | test frame accuracy [95% CI] | test WER [95% CI] | test word errors | paper frame accuracy | paper WER |",
+             "|---|---|---|---|---|---|---|"]
+    labels = {"baseline": "baseline", "single_models": "single models (mean ± std)", "ensemble": f"{result['ensemble_size']}x ensemble",
+              "distilled": f"distilled single model (T = {result['temperature']:g})"}
+    for row, label in labels.items():
+        entry = table[row]
+        paper = PAPER.get("baseline" if row == "single_models" else row, {})
+        accuracy = with_ci(entry, "frame_accuracy")
+        if row == "single_models":
+            spread = entry["spread"]
+            accuracy += f" (± {100 * spread['std']:.2f})"
+        lines.append(f"| {label} | {entry['seeds']} | {accuracy} | {with_ci(entry, 'wer')} | {word_errors(entry) if entry['seeds'] == 1 else '–'} "
+                     f"| {percent(paper.get('frame_accuracy'))} | {percent(paper.get('wer'))} |")
+    gain = result["gain_kept"]
     lines += ["", f"Command: `{result['command']}`", "",
-              f"Share of the ensemble's gain the student keeps: {percent(result['gain_kept'])} of the test frame-accuracy gain "
-              f"and {percent(result['wer_gain_kept'])} of the WER gain ((student - baseline) / (ensemble - baseline)).",
-              f"The distilled T is the one with the best validation frame accuracy; single members score "
-              f"{percent(result['members']['min'])}–{percent(result['members']['max'])} test frame accuracy (mean {percent(result['members']['mean'])}).",
-              "", "Every student, by soft-target form and temperature:", "",
-              "| student | T | frame acc. train | frame acc. valid | frame acc. test | WER test | LMWT |", "|---|---|---|---|---|---|---|"]
+              "Share of the ensemble's test frame-accuracy gain the distilled model keeps ((student − baseline) / (ensemble − baseline)):",
+              f"{format_interval(gain['vs_baseline'])} against the baseline, {format_interval(gain['vs_single_models'])} against the mean of "
+              f"single models; of the WER gain: {format_interval(result['wer_gain_kept']['vs_baseline']) if result['wer_gain_kept']['vs_baseline'] else '–'} against the baseline.",
+              f"Single models: the baseline's {seeds} replicates and the {result['ensemble_size']} ensemble members, "
+              f"{percent(table['single_models']['spread']['min'])}–{percent(table['single_models']['spread']['max'])} test frame accuracy.",
+              f"T = {result['temperature']:g} has the best validation frame accuracy of the dense students (mean over {seeds} seeds); "
+              f"against the runner-up (T = {result['temperature_choice']['runner_up']:g}) by "
+              f"{format_interval(result['temperature_choice']['difference'], signed=True)} points on validation, "
+              f"P(> 0) = {result['temperature_choice']['difference']['p_above_zero']:.2f}: "
+              + ("significant." if result["temperature_choice"]["significant"] else "not significant (the choice of T is within noise)."),
+              "", "Paired differences (test, points of frame accuracy / WER; bootstrap over test utterances, seeds resampled too):", "",
+              "| difference | frame accuracy [95% CI] | P(> 0) | WER [95% CI] | P(> 0) |", "|---|---|---|---|---|"]
+    for name, difference in result["differences"].items():
+        acc, wer = difference["frame_accuracy"], difference.get("wer")
+        lines.append(f"| {name} | {format_interval(acc, signed=True)} | {acc['p_above_zero']:.2f} "
+                     f"| {format_interval(wer, signed=True) if wer else '–'} | {p_above_zero(wer)} |")
+    lines += ["", "Every student, by soft-target form and temperature (seeds: the mean over them):", "",
+              "| student | T | seeds | frame acc. train | frame acc. valid | frame acc. test [95% CI] | WER test [95% CI] | student − baseline [95% CI] | P(> 0) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["students"].items():
         acc = row["frame_accuracy"]
         temperature = "∞ (logit matching)" if row["temperature"] is None else f"{row['temperature']:g}"
-        lines.append(f"| {name} | {temperature} | {percent(acc['train'])} | {percent(acc['valid'])} | {percent(acc['test'])} | {percent(row['wer'])} | {row['lmwt']} |")
+        lines.append(f"| {name} | {temperature} | {row['seeds']} | {percent(acc['train'])} | {percent(acc['valid'])} | {with_ci(row, 'frame_accuracy')} "
+                     f"| {with_ci(row, 'wer')} | {format_interval(row['minus_baseline'], signed=True)} | {row['minus_baseline']['p_above_zero']:.2f} |")
     if result["topk"]:
-        lines += ["", f"What the top-k form costs (k = {result['top_k']}): the same student trained on the top-k and on the dense soft targets.", "",
-                  "| T | dense test acc. | top-k test acc. | difference | top-k store / dense store | mass outside the top k (mean) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", f"What the top-k form costs (k = {result['top_k']}): the same student (seed 0) trained on the top-k and on the dense soft targets.", "",
+                  "| T | dense test acc. | top-k test acc. | top-k − dense [95% CI] | P(> 0) | top-k store / dense store | mass outside the top k (mean) |",
+                  "|---|---|---|---|---|---|---|"]
         for row in result["topk"]:
-            lines.append(f"| {row['temperature']:g} | {percent(row['dense'])} | {percent(row['topk'])} | {100 * (row['topk'] - row['dense']):+.2f} points "
-                         f"| {row['size_ratio']:.3f} ({row['bytes']['topk'] / 2**20:.0f} / {row['bytes']['dense'] / 2**20:.0f} MiB) "
+            lines.append(f"| {row['temperature']:g} | {percent(row['dense'])} | {percent(row['topk'])} | {format_interval(row['difference'], signed=True)} "
+                         f"| {row['difference']['p_above_zero']:.2f} | {row['size_ratio']:.3f} ({row['bytes']['topk'] / 2**20:.0f} / {row['bytes']['dense'] / 2**20:.0f} MiB) "
                          f"| {percent(row['mean_residual'])} |")
+    if result.get("levers"):
+        lines += ["", f"Levers (T = {result['temperature']:g}; gain kept against the {result['ensemble_size']}x ensemble "
+                  f"({percent(table['ensemble']['frame_accuracy']['test'])}) and the baseline trained on the same data; "
+                  "a row over one seed is a single-seed claim):", "",
+                  "| lever | student seeds | student test acc. [95% CI] | same-data baseline | baseline test acc. [95% CI] | student − baseline [95% CI] "
+                  "| P(> 0) | gain kept [95% CI] | student WER [95% CI] | baseline WER [95% CI] |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for lever in result["levers"].values():
+            lines.append(f"| {lever['name']} | {len(lever['students'])} | {with_ci(lever['student'], 'frame_accuracy')} | {lever['baseline_name']} "
+                         f"| {with_ci(lever['baseline'], 'frame_accuracy')} | {format_interval(lever['minus_baseline'], signed=True)} "
+                         f"| {lever['minus_baseline']['p_above_zero']:.2f} | {format_interval(lever['gain_kept'])} "
+                         f"| {with_ci(lever['student'], 'wer')} | {with_ci(lever['baseline'], 'wer')} |")
+        if result.get("teacher_diagnostics"):
+            lines += ["", f"What the soft targets (T = {result['temperature']:g}) say beyond the labels: how often their argmax is the aligned pdf, "
+                      "and the mean probability they give it, on the training speakers' frames (what the student learns from) "
+                      "and on the validation speakers' (voices no member trained on):", "",
+                      "| teacher | store | argmax = label, training speakers | argmax = label, validation speakers | mass on label, training | mass on label, validation |",
+                      "|---|---|---|---|---|---|"]
+            for row in result["teacher_diagnostics"]:
+                train_group, valid_group = row["groups"]["training speakers"], row["groups"]["validation speakers"]
+                lines.append(f"| {row['teacher']} | {row['store']} | {percent(train_group['argmax_is_label'])} | {percent(valid_group['argmax_is_label'])} "
+                             f"| {percent(train_group['mass_on_label'])} | {percent(valid_group['mass_on_label'])} |")
+        lines += ["", "Levers: " + "; ".join(f"{lever['name']}: {lever['description']}" for lever in result["levers"].values()) + "."]
+        lines += ["Target: a lever that keeps at least 80% with (student − baseline) above zero at 95%: "
+                  + (", ".join(name for name, lever in result["levers"].items() if lever["meets_target"]) or "none on this run") + "."]
     lines += ["", "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment. WER: Kaldi WFST decoding, LM weight",
               "chosen on the validation speakers; the ensemble decodes its members' averaged posteriors.",
+              "[95% CI]: percentile bootstrap over whole test utterances (asrkd/stats.py); rows over several seeds resample the seeds too,",
+              "one-seed rows hold the test-set variation only. Differences and gains kept are paired (the same utterance draws).",
               "Paper: ~2000 h of Voice Search, 8x2560 DNNs, 14000 tied states; here: AN4 with the config in report.json.",
-              "Plots: distillation_curves.png (validation accuracy per epoch), distillation_temperature.png (accuracy vs T).", ""]
+              "Plots: distillation_curves.png (validation accuracy per epoch), distillation_temperature.png (accuracy vs T)"
+              + (", distillation_levers.png (gain kept per lever)." if result.get("levers") else "."), ""]
     return "\n".join(lines)
 
 
+def choose_temperature(cfg, evaluation, sets: dict[str, list[str]], dense: dict[float, list[str]]) -> dict:
+    """The T whose dense students have the best validation frame accuracy (mean over seeds), and
+    whether it beats the runner-up: a paired bootstrap over validation utterances and seeds."""
+    from asrkd.levers import chosen_temperature
+    from asrkd.stats import Bootstrap, UtteranceCounts
+
+    temperature = chosen_temperature(cfg)
+    tables = {t: [evaluation.scorer.score(s, sets)["valid"]["utterances"] for s in systems] for t, systems in dense.items()}
+    boot = Bootstrap(sorted(tables[temperature][0]), cfg.stats.replicates, cfg.stats.confidence, cfg.stats.seed)
+    for t, replicates in tables.items():
+        boot.add(f"T{t:g}", UtteranceCounts.from_tables(replicates))
+    ranked = sorted(dense, key=lambda t: -boot.estimates[f"T{t:g}"])
+    runner_up = ranked[1] if len(ranked) > 1 else temperature
+    difference = boot.difference(f"T{temperature:g}", f"T{runner_up:g}")
+    return {"temperature": temperature, "runner_up": runner_up, "difference": difference,
+            "significant": difference["ci"][0] is not None and difference["ci"][0] > 0,
+            "valid_frame_accuracy": {f"{t:g}": boot.estimates[f"T{t:g}"] for t in dense}}
+
+
+def topk_costs(cfg, evaluation, entry, rows_cfg: dict[str, StudentRow], rows: dict[str, dict]) -> list[dict]:
+    """Each top-k student against the dense student (seed 0) at its T, with the stores' sizes."""
+    import numpy as np
+
+    from asrkd.evaluate import bootstrap_key
+    from asrkd.soft_targets import store_dir
+
+    frames, out = evaluation.frames, []
+    for label, row in rows_cfg.items():
+        dense_label = f"dense_T{row.temperature:g}" if row.form == "topk" else None
+        if dense_label not in rows_cfg:
+            continue
+        first = rows_cfg[dense_label].systems[0]
+        entry([first])
+        directory = store_dir(cfg, row.temperature)
+        sizes = store_bytes(directory)
+        out.append({"temperature": row.temperature, "dense": frames.estimates[first], "topk": rows[label]["frame_accuracy"]["test"],
+                    "difference": frames.difference(bootstrap_key(row.systems), first), "bytes": sizes, "size_ratio": sizes["topk"] / sizes["dense"],
+                    "mean_residual": float(np.load(directory / "residual.npy", mmap_mode="r").astype(np.float64).mean())})
+    return out
+
+
+def lever_results(cfg, evaluation, entry, temperature: float, replicates: list[str]) -> tuple[dict, dict, list[dict]]:
+    """Every lever whose models are trained: its students against its same-data baseline and the
+    ensemble (difference, gain kept, both with intervals), the report rows, and what its
+    teacher's soft targets say beyond the labels."""
+    from asrkd.evaluate import bootstrap_key
+    from asrkd.levers import levers
+    from asrkd.stage import is_complete
+    from asrkd.student import student_cfg
+    from asrkd.train import TrainingSet, data_split
+
+    exp, frames = Path(cfg.exp_dir), evaluation.frames
+    results, systems, diagnostics = {}, {}, []
+    _, valid_utts = data_split(cfg)
+    for lever in levers(cfg, temperature):
+        if not all(is_complete(exp / "dnn" / s) for s in [*lever.students, *lever.baselines]):
+            log.info("lever %s: not all its models are trained (run_distill.sh stage 8); left out", lever.name)
+            continue
+        row = lever.name.replace(" ", "_")
+        student_entry, baseline_entry = entry(lever.students), entry(lever.baselines)
+        if lever.name != "train":  # the reference lever's students are the distilled row
+            systems[f"lever_{row}"] = student_entry
+        systems[f"{cfg.train.name}_seeds" if lever.baselines == replicates else f"lever_{row}_baseline"] = baseline_entry
+        minus = frames.difference(bootstrap_key(lever.students), bootstrap_key(lever.baselines))
+        kept = frames.share(bootstrap_key(lever.students), bootstrap_key(lever.baselines), cfg.distill.teacher)
+        results[lever.name] = {"name": lever.name, "description": lever.description, "teacher": lever.teacher,
+                               "students": lever.students, "baselines": lever.baselines,
+                               "baseline_name": lever.baselines[0] + (f" ({len(lever.baselines)} seeds)" if len(lever.baselines) > 1 else ""),
+                               "student": student_entry, "baseline": baseline_entry, "minus_baseline": minus, "gain_kept": kept,
+                               "gain_kept_ci": kept["ci"],
+                               "meets_target": bool(kept["whole_gain_significant"] and kept["estimate"] is not None and kept["estimate"] >= 0.8
+                                                    and minus["ci"][0] > 0)}
+        training = TrainingSet(student_cfg(lever.student_cfg))
+        if not any(d["teacher"] == lever.teacher and d["store"] == training.stores[0] for d in diagnostics):
+            groups = {"training speakers": training.train_utts, "validation speakers": valid_utts}
+            diagnostics.append({"teacher": lever.teacher, "store": training.stores[0], "lever": lever.name,
+                                "groups": soft_target_diagnostics(cfg, lever.teacher, training.stores[0], temperature, groups)})
+    return results, systems, diagnostics
+
+
 def run_report(cfg) -> None:
-    """Stage: Table 1, the table over T, top-k vs dense, plots; sections of report.json."""
+    """Stage 5 (and 10): Table 1 with intervals, the differences, the table over T, top-k vs dense,
+    the levers whose systems exist, plots; the "distillation" section and systems of report.json."""
     import numpy as np
 
     from asrkd.ensemble import member_dirs
-    from asrkd.evaluate import FrameScorer, decoding_result, merge_into_report, recipe_command
-    from asrkd.soft_targets import store_dir
+    from asrkd.evaluate import Evaluation, bootstrap_key, merge_into_report, recipe_command
+    from asrkd.stage import write_text
     from asrkd.student import LOGITS
     from asrkd.train import data_split, read_history
 
     exp = Path(cfg.exp_dir)
     train_utts, valid_utts = data_split(cfg)
-    scorer = FrameScorer(cfg)
+    sets = {"train": train_utts, "valid": valid_utts}
+    evaluation = Evaluation(cfg)
+    frames, words = evaluation.frames, evaluation.words
     command = recipe_command("asrkd report-distill")
-    model = f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}"
-    students = student_rows(cfg)
+    rows_cfg = student_rows(cfg)
 
-    def entry(system: str, **extra) -> dict:
-        scores = scorer.score(system, {"train": train_utts, "valid": valid_utts})
-        return {"model": model, "system": system, "command": command,
-                "frame_accuracy": {k: v["frame_accuracy"] for k, v in scores.items()},
-                "cross_entropy": {k: v["cross_entropy"] for k, v in scores.items()}, **extra, **decoding_result(exp, system)}
+    def entry(systems: list[str], train_sets: dict = sets, **extra) -> dict:
+        return evaluation.entry(systems, train_sets, command=command, **extra)
 
-    members = member_dirs(cfg)
-    baseline = entry("baseline")
-    ensemble = entry(cfg.distill.teacher, members=len(members), model=f"{len(members)} x {model}",
-                     train_seconds=sum(h["seconds"] for d in members for h in read_history(d)))
-    member_test = [scorer.score(f"{cfg.distill.teacher}/{d.name}", {})["test"]["frame_accuracy"] for d in members]
-    rows = {label: entry(student.system, temperature=student.temperature,
-                         train_seconds=sum(h["seconds"] for h in read_history(exp / "dnn" / student.system)))
-            for label, student in students.items()}
-    dense = [label for label in rows if label.startswith("dense_")]
-    best = max(dense, key=lambda label: rows[label]["frame_accuracy"]["valid"])
-    accuracy = lambda e: e["frame_accuracy"]["test"]  # noqa: E731
-    wer = lambda e: e["wer"]["test"]  # noqa: E731
-    distilled = {**rows[best], "gain_kept": gain_kept(accuracy(rows[best]), accuracy(baseline), accuracy(ensemble)),
-                 "wer_gain_kept": gain_kept(wer(rows[best]), wer(baseline), wer(ensemble))}
-    topk = []
+    def differences(a: str, b: str) -> dict:
+        return {"frame_accuracy": frames.difference(a, b), **({"wer": words.difference(a, b)} if a in words.samples and b in words.samples else {})}
+
+    members = member_dirs(cfg, cfg.distill.teacher)
+    replicates = baseline_replicates(cfg)
+    baseline = entry([cfg.train.name])
+    ensemble = entry([cfg.distill.teacher], members=len(members), train_seconds=sum(h["seconds"] for d in members for h in read_history(d)))
+    single_models = entry([*replicates, *(f"{cfg.distill.teacher}/{d.name}" for d in members)], {}, key="single models")
+    single_models["spread"] = mean_std(single_models["per_seed"]["test_frame_accuracy"])
+    rows = {label: entry(row.systems, temperature=row.temperature,
+                         train_seconds=float(np.mean([sum(h["seconds"] for h in read_history(exp / "dnn" / s)) for s in row.systems])))
+            for label, row in rows_cfg.items()}
     for label, row in rows.items():
-        if label.startswith("topk_") and f"dense_T{row['temperature']:g}" in rows:
-            directory = store_dir(cfg, row["temperature"])
-            sizes = store_bytes(directory)
-            topk.append({"temperature": row["temperature"], "dense": accuracy(rows[f"dense_T{row['temperature']:g}"]), "topk": accuracy(row),
-                         "bytes": sizes, "size_ratio": sizes["topk"] / sizes["dense"],
-                         "mean_residual": float(np.load(directory / "residual.npy", mmap_mode="r").astype(np.float64).mean())})
+        row["minus_baseline"] = frames.difference(bootstrap_key(rows_cfg[label].systems), cfg.train.name)
+
+    dense = {row.temperature: row.systems for row in rows_cfg.values() if row.form == "dense"}
+    choice = choose_temperature(cfg, evaluation, sets, dense)
+    temperature = choice.pop("temperature")
+    distilled_label = f"dense_T{temperature:g}"
+    distilled = bootstrap_key(rows_cfg[distilled_label].systems)
+    gain_kept = {"vs_baseline": frames.share(distilled, cfg.train.name, cfg.distill.teacher),
+                 "vs_single_models": frames.share(distilled, "single models", cfg.distill.teacher)}
+    wer_gain_kept = {"vs_baseline": words.share(distilled, cfg.train.name, cfg.distill.teacher) if distilled in words.samples else None}
+    diffs = {"ensemble − baseline": differences(cfg.distill.teacher, cfg.train.name),
+             "ensemble − single models (mean)": differences(cfg.distill.teacher, "single models"),
+             f"distilled (T = {temperature:g}) − baseline": differences(distilled, cfg.train.name),
+             f"distilled (T = {temperature:g}) − single models (mean)": differences(distilled, "single models")}
+    levers, lever_systems, diagnostics = lever_results(cfg, evaluation, entry, temperature, replicates)
     result = {
-        "corpus": cfg.corpus, "command": command, "ensemble_size": len(members), "teacher": cfg.distill.teacher,
+        "corpus": cfg.corpus, "command": command, "ensemble_size": len(members), "teacher": cfg.distill.teacher, "seeds": len(replicates),
         "top_k": int(cfg.distill.top_k), "soft_weight": float(cfg.distill.soft_weight), "hard_weight": float(cfg.distill.hard_weight),
-        "table1": {"baseline": table_row(baseline), "ensemble": table_row(ensemble),
-                   "distilled": {"system": distilled["system"], "temperature": distilled["temperature"], **table_row(distilled)}},
-        "gain_kept": distilled["gain_kept"], "wer_gain_kept": distilled["wer_gain_kept"],
-        "members": {"test_frame_accuracy": member_test, "min": min(member_test), "max": max(member_test),
-                    "mean": float(np.mean(member_test))},
-        "students": {students[label].system: {"form": students[label].form, "temperature": row["temperature"],
-                                           "frame_accuracy": row["frame_accuracy"], "wer": wer(row), "lmwt": row["lmwt"]}
-                     for label, row in rows.items()},
-        "topk": topk,
+        "temperature": temperature, "temperature_choice": choice, "bootstrap_unit": cfg.stats.unit,
+        "table1": {"baseline": baseline, "single_models": single_models, "ensemble": ensemble, "distilled": rows[distilled_label]},
+        "gain_kept": gain_kept, "gain_kept_ci": gain_kept["vs_baseline"]["ci"], "wer_gain_kept": wer_gain_kept, "differences": diffs,
+        "baseline_seeds": {"systems": replicates, "test_frame_accuracy": single_models["per_seed"]["test_frame_accuracy"][: len(replicates)]},
+        "members": {"test_frame_accuracy": single_models["per_seed"]["test_frame_accuracy"][len(replicates):]},
+        "students": {row_cfg.systems[0]: rows[label] for label, row_cfg in rows_cfg.items()},
+        "topk": topk_costs(cfg, evaluation, entry, rows_cfg, rows), "levers": levers, "teacher_diagnostics": diagnostics,
     }
     out_dir = exp / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "distillation.md").write_text(markdown(result))
-    plot_curves(exp, members, {label: student.system for label, student in students.items()}, out_dir / "distillation_curves.png")
-    by_temperature = [rows[label] for label in sorted(dense, key=lambda label: rows[label]["temperature"])]
+    files = ["distillation.md", "distillation_curves.png", "distillation_temperature.png"]
+    write_text(out_dir / "distillation.md", markdown(result))
+    plot_curves(exp, members, {label: row.systems[0] for label, row in rows_cfg.items()}, out_dir / "distillation_curves.png")
+    by_temperature = [rows[f"dense_T{t:g}"] for t in sorted(dense)]
     plot_temperature(by_temperature, baseline["frame_accuracy"], ensemble["frame_accuracy"], out_dir / "distillation_temperature.png")
-    systems = {"ensemble": ensemble, "distilled": distilled,
-               **{("distilled_logits" if label == LOGITS else f"distilled_{label}"): row for label, row in rows.items()}}
-    merge_into_report(cfg, {"systems": systems, "distillation": result},
-                      ("distillation.md", "distillation_curves.png", "distillation_temperature.png"))
-    log.info("distillation: test frame acc baseline %.4f, ensemble %.4f, distilled (T=%g) %.4f; gain kept %.3f",
-             accuracy(baseline), accuracy(ensemble), distilled["temperature"], accuracy(distilled), distilled["gain_kept"] or float("nan"))
+    if levers:
+        plot_levers(list(levers.values()), out_dir / "distillation_levers.png")
+        files.append("distillation_levers.png")
+    systems = {"ensemble": ensemble, "distilled": {**rows[distilled_label], "gain_kept": gain_kept["vs_baseline"]["estimate"]},
+               **{("distilled_logits" if label == LOGITS else f"distilled_{label}"): row for label, row in rows.items()}, **lever_systems}
+    merge_into_report(cfg, {"systems": systems, "distillation": result}, tuple(files))
+    log.info("distillation: test frame acc baseline %.4f, ensemble %.4f, distilled (T=%g) %.4f; gain kept %s",
+             baseline["frame_accuracy"]["test"], ensemble["frame_accuracy"]["test"], temperature, rows[distilled_label]["frame_accuracy"]["test"],
+             format_interval(gain_kept["vs_baseline"]))

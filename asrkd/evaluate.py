@@ -1,9 +1,12 @@
-"""Stage: frame accuracy of the trained DNNs on train / validation / test, as JSON + Markdown.
+"""Stage 7: frame accuracy and WER of the trained systems, with intervals, as JSON + Markdown.
 
 Frame accuracy is the share of frames whose argmax pdf-id equals the forced alignment's.
 ``report.json`` has one entry per system under "systems", each with "frame_accuracy":
-{"train", "valid", "test"} as fractions; ``report.md`` shows the same as a table. Later
-reports (the 3%-data experiment, distillation) add their sections to the same files.
+{"train", "valid", "test"} as fractions, "frame_accuracy_ci" and "wer_ci" ({"test": [lo, hi]},
+the bootstrap of :mod:`asrkd.stats`), and the fingerprint and config of the model it reports;
+``report.md`` shows the same as a table. Later reports (the 3%-data experiment, distillation)
+add their sections to the same files, and every report merges into what is there: rerunning one
+recipe never erases what another wrote (the committed ``results/<corpus>/report.json`` too).
 """
 
 from __future__ import annotations
@@ -12,18 +15,20 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from asrkd.data import DataDir
 from asrkd.nnet import pick_device
-from asrkd.train import FrameData, data_split, evaluate_frames, load_system, read_history
+from asrkd.stage import atomic_write, copy_file, input_record, write_json, write_text
+from asrkd.stats import Bootstrap, UtteranceCounts, format_interval, frame_table
+from asrkd.train import FrameData, data_split, evaluate_frames, load_system, read_history, system_dirs
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +37,28 @@ def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
 
+def with_ci(entry: dict, metric: str) -> str:
+    """'55.97% [55.10, 56.84]': a system's test value with its 95% interval, or '–'."""
+    value = (entry.get(metric) or {}).get("test")
+    ci = (entry.get(f"{metric}_ci") or {}).get("test")
+    if value is None:
+        return "–"
+    return format_interval({"estimate": value, "ci": ci}) if ci else percent(value)
+
+
 def markdown_table(report: dict) -> str:
     lines = [
         f"# {report['corpus']}: frame accuracy and WER",
         "",
-        "| system | model | frame acc. train | frame acc. valid | frame acc. test | WER test | WER test (unseen sentences) | LMWT |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | model | seeds | frame acc. train | frame acc. valid | frame acc. test [95% CI] | WER test [95% CI] | WER test (unseen sentences) | LMWT |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, system in report["systems"].items():
         acc = system.get("frame_accuracy") or {}
         wer = system.get("wer") or {}
         lines.append(
-            f"| {name} | {system['model']} | {percent(acc.get('train'))} | {percent(acc.get('valid'))} | {percent(acc.get('test'))} "
-            f"| {percent(wer.get('test'))} | {percent(wer.get('test_unseen'))} | {system.get('lmwt', '–')} |"
+            f"| {name} | {system['model']} | {system.get('seeds', 1)} | {percent(acc.get('train'))} | {percent(acc.get('valid'))} "
+            f"| {with_ci(system, 'frame_accuracy')} | {with_ci(system, 'wer')} | {percent(wer.get('test_unseen'))} | {system.get('lmwt', '–')} |"
         )
     others = {}  # rows added by later reports (distillation), by the command that made them
     for name, system in report["systems"].items():
@@ -53,7 +67,9 @@ def markdown_table(report: dict) -> str:
     lines += ["", f"Command: `{report['command']}`" + "".join(f"; {', '.join(names)}: `{command}`" for command, names in others.items()), "",
               "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment; valid = speakers held out of training.",
               "WER: Kaldi WFST decoding (HCLG with a 3-gram LM on the training transcripts), LM weight and insertion penalty",
-              "chosen on the validation speakers; unseen = test sentences that never occur in train.", ""]
+              "chosen on the validation speakers; unseen = test sentences that never occur in train.",
+              f"[95% CI]: bootstrap over whole test {report.get('bootstrap_unit', 'utterance')}s (asrkd/stats.py); rows with several seeds",
+              "give the mean over seeds, and their interval resamples the seeds too; one seed: test-set variation only.", ""]
     gmm = report["gmm"]
     lines.append(f"GMM: {gmm['mono_pdfs']} monophone pdfs -> {gmm['tri_pdfs']} tied triphone states (pdf-ids), "
                  f"trained and aligned in {gmm['seconds']:.0f} s.")
@@ -82,7 +98,8 @@ def saved_figure(out: Path, size: tuple[float, float], xlabel: str, ylabel: str,
         ax.grid(alpha=0.3)
         ax.legend(**legend)
         fig.tight_layout()
-        fig.savefig(out, dpi=120)
+        with atomic_write(out) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
 
@@ -103,7 +120,8 @@ class FrameScorer:
     """Frame accuracy and cross-entropy of DNN systems (ensembles too) against the alignment.
 
     The train and test frames are loaded once; each call scores one system on the test set
-    and on any named lists of training utterances (train, valid, a subset's train).
+    and on any named lists of training utterances (train, valid, a subset's train), keeps the
+    per-utterance counts of every set ("utterances", for the bootstrap) and caches the result.
     """
 
     def __init__(self, cfg):
@@ -113,35 +131,142 @@ class FrameScorer:
         self.train = FrameData.load(self.exp, "train", cfg.model, self.device)
         test = FrameData.load(self.exp, "test", cfg.model, self.device)
         self.test = (test, test.labeled(DataDir.read(Path(cfg.data_dir) / "test").utt_ids))
+        self.cache: dict[tuple[str, str], dict] = {}
+
+    @property
+    def test_utterances(self) -> list[str]:
+        """The test utterances with aligned frames (the frame bootstrap's units)."""
+        data, indices = self.test
+        store = data.frames.store
+        return sorted(frame_table(store.utt_ids, store.offsets, indices, np.zeros(len(indices))))
 
     def score(self, system: str, train_sets: dict[str, list[str]]) -> dict[str, dict]:
-        """{set: {"frame_accuracy", "cross_entropy", "frames"}} for each of ``train_sets`` and "test"."""
-        model = load_system(self.exp, system, self.device)
+        """{set: {"frame_accuracy", "cross_entropy", "frames", "utterances": {utt: [correct, frames]}}}
+        for each of ``train_sets`` and "test"."""
         sets = {name: (self.train, self.train.labeled(utts)) for name, utts in train_sets.items()} | {"test": self.test}
-        return {name: evaluate_frames(model, data, idx, self.batch_size) for name, (data, idx) in sets.items()}
+        todo = [name for name in sets if (system, name) not in self.cache]
+        if todo:
+            model = load_system(self.exp, system, self.device)
+            for name in todo:
+                data, indices = sets[name]
+                result = evaluate_frames(model, data, indices, self.batch_size)
+                store = data.frames.store
+                result["utterances"] = frame_table(store.utt_ids, store.offsets, indices, result.pop("hits"))
+                self.cache[(system, name)] = result
+        return {name: self.cache[(system, name)] for name in sets}
+
+
+def bootstrap_key(systems: list[str]) -> str:
+    """How a system (or the mean over its replicates) is named among the bootstrap's replicates."""
+    return systems[0] if len(systems) == 1 else f"{systems[0]} (+{len(systems) - 1} seeds)"
+
+
+class Evaluation:
+    """Systems scored on test (frames and words) with their bootstrap replicates.
+
+    ``entry(systems)`` reports one system, or the mean over its seeds when ``systems`` lists
+    replicates; their replicates stay in ``frames`` / ``words`` (the Bootstraps of frame
+    accuracy and of WER) under ``bootstrap_key(systems)`` (or ``key``), for paired
+    differences and ratios.
+    """
+
+    def __init__(self, cfg, scorer: FrameScorer | None = None):
+        self.cfg, self.exp = cfg, Path(cfg.exp_dir)
+        self.scorer = scorer or FrameScorer(cfg)
+        test = DataDir.read(Path(cfg.data_dir) / "test")
+        scfg = cfg.stats
+        if scfg.unit not in ("utterance", "speaker"):
+            raise ValueError(f"stats.unit must be 'utterance' or 'speaker', got {scfg.unit!r}")
+        self.unit_of = test.utt2spk if scfg.unit == "speaker" else None
+        self.frames = Bootstrap(self.scorer.test_utterances, scfg.replicates, scfg.confidence, scfg.seed, self.unit_of)
+        self.words = Bootstrap(test.utt_ids, scfg.replicates, scfg.confidence, scfg.seed, self.unit_of)
+
+    def entry(self, systems: list[str], train_sets: dict[str, list[str]], key: str | None = None, **extra) -> dict:
+        """The report entry of ``systems`` (one, or replicates: their mean), labeled with the model
+        their own records say they are (not the current config's)."""
+        key = key or bootstrap_key(systems)
+        scores = [self.scorer.score(system, train_sets) for system in systems]
+        sets = list(scores[0])
+        out: dict = {"model": model_label(self.exp, systems[0]), "system": systems[0] if len(systems) == 1 else systems, "seeds": len(systems),
+                     "frame_accuracy": {k: mean(s[k]["frame_accuracy"] for s in scores) for k in sets},
+                     "cross_entropy": {k: mean(s[k]["cross_entropy"] for s in scores) for k in sets}}
+        test = UtteranceCounts.from_tables([s["test"]["utterances"] for s in scores])
+        out["frame_accuracy_ci"] = {"test": self.frames.add(key, test)["ci"]}
+        decoded = [decoding_result(self.exp, system) for system in systems]
+        if all(decoded):
+            out |= self.wer_fields(key, systems, decoded)
+        elif any(decoded):
+            log.info("%s: only some of its models are decoded; its WER is left out", key)
+        if len(systems) > 1:
+            out["per_seed"] = {"test_frame_accuracy": test.per_seed()}
+        out["stage"] = model_records(self.exp, systems)
+        return out | extra
+
+    def wer_fields(self, key: str, systems: list[str], decoded: list[dict]) -> dict:
+        errors = [json.loads((self.exp / "decode" / s / "wer.json").read_text())["utterance_errors"]["test"] for s in systems]
+        counts = UtteranceCounts.from_tables(errors)
+        out = {"wer": {k: mean(d["wer"][k] for d in decoded) for k in decoded[0]["wer"]}, "wer_ci": {"test": self.words.add(key, counts)["ci"]},
+               "lmwt": decoded[0]["lmwt"] if len(decoded) == 1 else [d["lmwt"] for d in decoded]}
+        if len(decoded) == 1:
+            out |= {k: decoded[0][k] for k in ("wer_details", "word_ins_penalty", "decode_real_time_factor")}
+        else:
+            out["per_seed_wer"] = counts.per_seed()
+        return out
+
+    def decoded_only(self, system: str, model: str) -> dict:
+        """A system without frame scores (the GMM): WER with its interval."""
+        decoded = decoding_result(self.exp, system)
+        return {"model": model, "frame_accuracy": None, **(self.wer_fields(system, [system], [decoded]) if decoded else {})}
+
+
+def model_label(exp: Path, system: str) -> str:
+    """'4x512', or '10 x 4x512' for an ensemble, from the model's stage record."""
+    dirs = system_dirs(exp, system)
+    config = input_record(dirs[0])["config"]
+    label = f"{config['model.num_hidden_layers']}x{config['model.hidden_dim']}"
+    return label if dirs == [exp / "dnn" / system.partition("@")[0]] else f"{len(dirs)} x {label}"
+
+
+def mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values))
+
+
+def model_records(exp: Path, systems: list[str]) -> dict:
+    """The fingerprint and config each system's model(s) were made with, and its decode's fingerprint."""
+    out = {}
+    for system in systems:
+        records = [input_record(d) for d in system_dirs(exp, system)]
+        decode = exp / "decode" / system
+        out[system] = {"fingerprint": [r["fingerprint"] for r in records] if len(records) > 1 else records[0]["fingerprint"],
+                       "config": records[0]["config"], "inputs": {k: v["fingerprint"] for k, v in records[0]["inputs"].items()},
+                       "decode_fingerprint": input_record(decode)["fingerprint"] if (decode / "stage.json").is_file() else None}
+    return out
 
 
 def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
-    """Add ``section``'s keys to exp/report/report.json (its "systems" to the systems there),
-    rewrite report.md, and copy both and ``files`` (from exp/report) to ``results_dir``.
+    """Add ``section``'s keys to the report (its "systems" to the systems there), rewrite
+    report.md, and copy both and ``files`` (from exp/report) to ``results_dir``.
 
-    Each reporting stage owns its keys, so rerunning one keeps what the others wrote.
+    The report merged into is ``results_dir/report.json`` when there is one (what the other
+    recipes committed), else exp/report/report.json: each reporting stage owns its keys, so
+    rerunning one recipe, even in a fresh clone, keeps what the others wrote.
     """
     out_dir = Path(cfg.exp_dir) / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.json"
-    report = json.loads(path.read_text()) if path.is_file() else {}
+    base = Path(cfg.results_dir) / "report.json" if cfg.results_dir else None
+    if base is None or not base.is_file():
+        base = out_dir / "report.json"
+    report = json.loads(base.read_text()) if base.is_file() else {}
     systems = {**report.get("systems", {}), **section.get("systems", {})}
     report.update(section)
     report["systems"] = systems
-    path.write_text(json.dumps(report, indent=1))
-    (out_dir / "report.md").write_text(markdown_table(report))
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.md", markdown_table(report))
     if cfg.results_dir:
         results_dir = Path(cfg.results_dir)
-        results_dir.mkdir(parents=True, exist_ok=True)
         for name in ("report.json", "report.md", *files):
-            shutil.copyfile(out_dir / name, results_dir / name)
-        log.info("report copied to %s", results_dir)
+            copy_file(out_dir / name, results_dir / name)
+        log.info("report merged into %s", results_dir)
     return report
 
 
@@ -150,32 +275,36 @@ def recipe_command(default: str) -> str:
     return os.environ.get("ASRKD_RECIPE_COMMAND") or default
 
 
+def machine(cfg) -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.train.device)}"
+
+
 def run(cfg) -> None:
+    """Stage 7: the GMM and the baseline (its replicates too: the mean over seeds, train.seeds > 1)."""
+    from asrkd.train import replicate_name
+
     exp = Path(cfg.exp_dir)
     train_utts, valid_utts = data_split(cfg)
-    results = FrameScorer(cfg).score(cfg.train.name, {"train": train_utts, "valid": valid_utts})
+    evaluation = Evaluation(cfg)
+    sets = {"train": train_utts, "valid": valid_utts}
     history = read_history(exp / "dnn" / cfg.train.name)
     gmm_log = json.loads((exp / "tri" / "log.json").read_text())
+    baseline = evaluation.entry([cfg.train.name], sets, epochs=len(history),
+                                train_seconds=sum(h["seconds"] for h in history), history=history)
+    systems = {"gmm": evaluation.decoded_only("gmm", f"tri ({gmm_log['tri']['num_pdfs']} pdfs)"), cfg.train.name: baseline}
+    if int(cfg.train.seeds) > 1:
+        replicates = [replicate_name(cfg.train.name, r) for r in range(int(cfg.train.seeds))]
+        systems[f"{cfg.train.name}_seeds"] = evaluation.entry(replicates, sets)
     report = {
         "corpus": cfg.corpus,
         "command": recipe_command(" ".join(["asrkd", *sys.argv[1:]])),
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.train.device)}",
+        "machine": machine(cfg),
+        "bootstrap_unit": cfg.stats.unit,
         "gmm": {"mono_pdfs": gmm_log["mono"]["num_pdfs"], "tri_pdfs": gmm_log["tri"]["num_pdfs"],
-                "tree": gmm_log["tri"]["tree"], "seconds": gmm_log["mono"]["seconds"] + gmm_log["tri"]["seconds"]},
-        "systems": {
-            "gmm": {"model": f"tri ({gmm_log['tri']['num_pdfs']} pdfs)", "frame_accuracy": None, **decoding_result(exp, "gmm")},
-            cfg.train.name: {
-                "model": f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}",
-                "frame_accuracy": {k: v["frame_accuracy"] for k, v in results.items()},
-                "cross_entropy": {k: v["cross_entropy"] for k, v in results.items()},
-                "frames": {k: v["frames"] for k, v in results.items()},
-                "epochs": len(history),
-                "train_seconds": sum(h["seconds"] for h in history),
-                "history": history,
-                **decoding_result(exp, cfg.train.name),
-            }
-        },
+                "tree": gmm_log["tri"]["tree"], "seconds": gmm_log["mono"]["seconds"] + gmm_log["tri"]["seconds"],
+                "fingerprint": input_record(exp / "tri")["fingerprint"]},
+        "systems": systems,
     }
     merge_into_report(cfg, report)
-    log.info("frame accuracy: %s", {k: round(v["frame_accuracy"], 4) for k, v in results.items()})
+    log.info("frame accuracy: %s", {k: round(v, 4) for k, v in baseline["frame_accuracy"].items()})

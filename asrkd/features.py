@@ -24,6 +24,7 @@ import numpy as np
 import soundfile as sf
 
 from asrkd.data import DataDir
+from asrkd.stage import progress
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +75,39 @@ class FeatureStore:
         frames = np.concatenate([items[u] for u in utt_ids]).astype(dtype)
         return cls(utt_ids, offsets, frames)
 
+    @classmethod
+    def concat(cls, stores: list["FeatureStore"]) -> "FeatureStore":
+        """Several stores end to end, in order (utterance ids must differ)."""
+        utt_ids = [u for store in stores for u in store.utt_ids]
+        if len(set(utt_ids)) < len(utt_ids):
+            raise ValueError("feature stores to combine share utterance ids; use one store that holds them all")
+        starts = np.cumsum([0] + [store.num_frames for store in stores[:-1]])
+        offsets = np.concatenate([[0]] + [store.offsets[1:] + start for store, start in zip(stores, starts)]).astype(np.int64)
+        return cls(utt_ids, offsets, np.concatenate([np.asarray(store.frames) for store in stores]))
+
     def save(self, directory: Path) -> None:
+        from asrkd.stage import save_npy, write_json
+
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / self.FRAMES, self.frames)
-        index = {"utt_ids": self.utt_ids, "offsets": self.offsets.tolist(), "checksum": self.checksum()}
-        (directory / self.INDEX).write_text(json.dumps(index))
+        save_npy(directory / self.FRAMES, self.frames)
+        write_json(directory / self.INDEX, {"utt_ids": self.utt_ids, "offsets": self.offsets.tolist(), "checksum": self.checksum()})
 
     @classmethod
     def load(cls, directory: Path, mmap: bool = True) -> "FeatureStore":
         directory = Path(directory)
         if not (directory / cls.INDEX).is_file():
-            raise FileNotFoundError(f"{directory}: no feature store ({cls.INDEX} missing)")
+            raise FileNotFoundError(f"{directory}: no feature store ({cls.INDEX} missing); run make-feats")
         index = json.loads((directory / cls.INDEX).read_text())
-        frames = np.load(directory / cls.FRAMES, mmap_mode="r" if mmap else None)
+        frames = load_array(directory / cls.FRAMES, mmap, "make-feats")
         offsets = np.asarray(index["offsets"], dtype=np.int64)
         if offsets[-1] != len(frames):
             raise ValueError(f"{directory}: index covers {offsets[-1]} frames, array has {len(frames)}")
         return cls(index["utt_ids"], offsets, frames)
+
+    @staticmethod
+    def utterances(directory: Path) -> list[str]:
+        """The utterance ids of the store in ``directory`` (its index only)."""
+        return json.loads((Path(directory) / FeatureStore.INDEX).read_text())["utt_ids"]
 
     def checksum(self) -> str:
         """A content hash: later stores (alignments, soft targets) record which features they match."""
@@ -103,11 +119,7 @@ class FeatureStore:
 
     def write_kaldi(self, ark: Path, scp: Path) -> None:
         """Export as a Kaldi float matrix ark + scp, readable by copy-feats and friends."""
-        import kaldiio
-
-        with kaldiio.WriteHelper(f"ark,scp:{ark},{scp}") as writer:
-            for utt in self.utt_ids:
-                writer(utt, np.asarray(self[utt], dtype=np.float32))
+        write_kaldi_matrices(ark, scp, ((utt, np.asarray(self[utt], dtype=np.float32)) for utt in self.utt_ids))
 
     @classmethod
     def read_kaldi(cls, scp: Path, dtype: str = "float32") -> "FeatureStore":
@@ -117,17 +129,86 @@ class FeatureStore:
         return cls.from_arrays({utt: np.asarray(m) for utt, m in kaldiio.load_scp(str(scp)).items()}, dtype)
 
 
-def read_waveform(path: str, utt: str, sample_rate: int) -> np.ndarray:
-    """Read mono audio on Kaldi's int16 scale; errors name the utterance and the file."""
+class AudioError(ValueError):
+    """An utterance's audio cannot be used as it is; the message names it, the file and the fix."""
+
+
+def check_wav_length(path: str, utt: str) -> None:
+    """A RIFF/WAVE file whose data chunk is shorter than its header says was cut short.
+
+    libsndfile reads such a file without a word (it returns the samples that are there), so
+    a truncated download or copy would otherwise train on half an utterance.
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        header = f.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return  # not RIFF/WAVE: libsndfile checks its own formats
+        size = Path(path).stat().st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                raise AudioError(f"utterance {utt}: truncated wav ({path}: no data chunk); re-copy the file")
+            name, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if name == b"data":
+                present = size - f.tell()
+                if length > present and length != 0xFFFFFFFF:  # 0xFFFFFFFF: streamed, length unknown
+                    raise AudioError(f"utterance {utt}: truncated wav ({path}: its header declares {length} bytes of audio, "
+                                     f"the file holds {present}); re-copy the file")
+                return
+            f.seek(length + (length & 1), 1)
+
+
+def write_kaldi_matrices(ark: Path, scp: Path, items) -> None:
+    """(utt, matrix) pairs as a Kaldi ark + scp (kaldiio), both written atomically; the scp
+    points at the ark's final name."""
+    import kaldiio
+
+    from asrkd.stage import atomic_write
+
+    with atomic_write(ark) as tmp_ark, atomic_write(scp) as tmp_scp:
+        with kaldiio.WriteHelper(f"ark,scp:{tmp_ark},{tmp_scp}") as writer:
+            for utt, matrix in items:
+                writer(utt, matrix)
+        tmp_scp.write_text(tmp_scp.read_text().replace(str(tmp_ark), str(ark)))
+
+
+def read_waveform(path: str, utt: str, sample_rate: int, channel: int | None = None, resample: bool = False) -> np.ndarray:
+    """Read one channel of audio on Kaldi's int16 scale; errors name the utterance, the file and the fix.
+
+    Multi-channel audio needs ``channel`` (Kaldi too refuses it unless wav.scp picks one);
+    another sample rate needs ``resample`` (polyphase, scipy), as features assume one rate.
+    """
     try:
+        check_wav_length(path, utt)
         samples, rate = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as err:  # soundfile raises several types for missing/corrupt files
-        raise ValueError(f"utterance {utt}: cannot read audio {path}: {err}") from err
+    except AudioError:
+        raise
+    except Exception as err:  # a missing file, or one soundfile cannot decode
+        raise AudioError(f"utterance {utt}: unreadable audio ({path}: {getattr(err, 'strerror', None) or err})") from err
+    channels = samples.shape[1]
+    if channels > 1 and channel is None:
+        raise AudioError(f"utterance {utt}: {channels} channels ({path}); set features.channel=<0..{channels - 1}> "
+                         "to use one (Kaldi would need `sox ... remix N |` in wav.scp)")
+    if channel is not None and not 0 <= channel < channels:
+        raise AudioError(f"utterance {utt}: {channels} channel(s) ({path}); features.channel={channel} is not one of them")
+    samples = samples[:, channel or 0]
     if rate != sample_rate:
-        raise ValueError(f"utterance {utt}: {path} has sample rate {rate}, config expects {sample_rate}")
+        if not resample:
+            raise AudioError(f"utterance {utt}: sample rate {rate} ({path}; features.sample_rate is {sample_rate}); "
+                             "set features.resample=true to resample it")
+        from math import gcd
+
+        from scipy.signal import resample_poly
+
+        g = gcd(int(rate), int(sample_rate))
+        samples = resample_poly(samples, int(sample_rate) // g, int(rate) // g).astype(np.float32)
     if samples.shape[0] == 0:
-        raise ValueError(f"utterance {utt}: {path} is empty")
-    return samples[:, 0] * 32768.0
+        raise AudioError(f"utterance {utt}: zero-length audio ({path})")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"utterance {utt}: NaN or infinite samples ({path})")
+    return samples * 32768.0
 
 
 def _frame_options(cfg) -> knf.FrameExtractionOptions:
@@ -186,34 +267,50 @@ def make_features(data: DataDir, cfg, kind: str) -> tuple[FeatureStore, dict[str
     items: dict[str, np.ndarray] = {}
     dropped: dict[str, str] = {}
     min_frames = 1
-    for utt in data.utt_ids:
+    for utt in progress(data.utt_ids, f"{kind} features"):
         try:
-            samples = read_waveform(data.wav_scp[utt], utt, cfg.sample_rate)
+            samples = read_waveform(data.wav_scp[utt], utt, cfg.sample_rate, cfg.channel, cfg.resample)
             feats = compute(samples, cfg)
-        except ValueError as err:
+        except AudioError as err:
             dropped[utt] = str(err)
             log.warning("%s", err)
             continue
         if len(feats) < min_frames:
             dropped[utt] = f"utterance {utt}: audio shorter than one frame"
             continue
+        if not np.isfinite(feats).all():
+            dropped[utt] = f"utterance {utt}: NaN or infinite {kind} features (audio {data.wav_scp[utt]})"
+            continue
         items[utt] = feats
     if not items:
-        raise ValueError(f"no utterance produced {kind} features ({len(dropped)} dropped)")
+        raise AudioError(f"no utterance produced {kind} features ({len(dropped)} dropped, e.g. {next(iter(dropped.values()), '')})")
     apply_speaker_cmvn(items, data.utt2spk, norm_vars=bool(cfg.cmvn_norm_vars[kind]))
     dtype = cfg.storage_dtype[kind]
     return FeatureStore.from_arrays(items, dtype), dropped
 
 
+# the config keys that decide a feature store (features.sets only says which stores to make)
+FEATURE_KEYS = ("features.write_kaldi_ark", "features.sample_rate", "features.frame_length_ms", "features.frame_shift_ms",
+                "features.dither", "features.num_mel_bins", "features.num_ceps", "features.cmvn_norm_vars",
+                "features.storage_dtype", "features.channel", "features.resample")
+
+
+def store_dir(exp_dir: Path | str, kind: str, name: str) -> Path:
+    """exp/feats/<kind>/<set>: the feature store of a data dir."""
+    return Path(exp_dir) / "feats" / kind / name
+
+
 def run(cfg) -> None:
-    """Stage: fbank (DNN) and MFCC+deltas (GMM) for every set in ``features.sets``."""
-    from asrkd.stage import account_dropped, mark_done, skip_if_done
+    """Stage 2: fbank (DNN) and MFCC+deltas (GMM) for every set in ``features.sets``."""
+    from asrkd.stage import account_dropped, plan
 
     for name in cfg.features.sets:
-        data = DataDir.read(Path(cfg.data_dir) / name)
+        data_path = Path(cfg.data_dir) / name
+        data = DataDir.read(data_path)
         for kind in ("fbank", "mfcc"):
-            out_dir = Path(cfg.exp_dir) / "feats" / kind / name
-            if skip_if_done(out_dir, f"make-feats {kind} {name}"):
+            out_dir = store_dir(cfg.exp_dir, kind, name)
+            stage = plan(f"make-feats {kind} {name}", out_dir, cfg, FEATURE_KEYS, {"data": data_path}, {"kind": kind})
+            if stage.up_to_date:
                 continue
             store, dropped = make_features(data, cfg.features, kind)
             account_dropped(f"make-feats {kind} {name}", len(data.utt2spk), dropped, cfg.prep.max_drop_fraction, out_dir / "dropped.json")
@@ -221,4 +318,14 @@ def run(cfg) -> None:
             if cfg.features.write_kaldi_ark:
                 store.write_kaldi(out_dir / "feats.ark", out_dir / "feats.scp")
             log.info("make-feats %s %s: %d utterances, %d frames x %d", kind, name, len(store.utt_ids), store.num_frames, store.dim)
-            mark_done(out_dir)
+            stage.commit(utterances=len(store.utt_ids), frames=store.num_frames, dropped=len(dropped))
+
+
+def load_array(path: Path, mmap: bool, stage: str) -> np.ndarray:
+    """np.load with an error that names the file and the stage to rerun when it is cut short or corrupt."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is truncated or corrupt ({err}); rerun {stage} with redo=true") from err

@@ -8,12 +8,15 @@ Outputs of the stage, under ``exp/``:
   tri/ali_<set>/ ``pdf_ids.npy`` and ``transition_ids.npy``: one entry per frame of the
                  feature store (same offsets), -1 for utterances that could not be aligned;
                  ``pdf_counts.npy`` (train): the state counts behind the hybrid priors.
+
+``train-gmm`` trains the models, then aligns every set in ``features.sets``; ``align`` aligns
+sets made later (a speed-perturbed copy of train) with the same triphone model, as Kaldi's
+align_si.sh does. Each ``ali_<set>`` is a stage output of its own.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import pickle
 import time
@@ -28,7 +31,7 @@ from asrkd import tree as tree_lib
 from asrkd.data import DataDir
 from asrkd.features import FeatureStore
 from asrkd.lang import POSITIONS, Lang
-from asrkd.stage import account_dropped, mark_done, skip_if_done
+from asrkd.stage import account_dropped, atomic_write, plan, save_npy, write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,10 @@ class GmmModel:
         return np.asarray(self.trans_model.transition_id_to_pdf_array(), dtype=np.int64)
 
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / "model.pkl", "wb") as out:
+        with atomic_write(directory / "model.pkl") as tmp, open(tmp, "wb") as out:
             pickle.dump({"tree": self.tree, "trans_model": self.trans_model, "am": self.am}, out)
-        self.tree.write(binary=True, filename=str(directory / "tree"))
+        with atomic_write(directory / "tree") as tmp:
+            self.tree.write(binary=True, filename=str(tmp))
 
     @classmethod
     def load(cls, directory: Path) -> "GmmModel":
@@ -282,25 +285,34 @@ def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments
 
 def store_alignment(model: GmmModel, alignments: dict[str, np.ndarray], feats: FeatureStore, out_dir: Path) -> np.ndarray:
     """Per-frame transition-ids and pdf-ids in the feature store's layout (-1 where unaligned)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     tids = np.full(feats.num_frames, -1, dtype=np.int32)
     for utt, ali in alignments.items():
         start, end = feats.span(utt)
         tids[start:end] = ali
     pdf_ids = np.where(tids >= 0, model.tid_to_pdf()[np.maximum(tids, 0)], -1).astype(np.int32)
-    np.save(out_dir / "transition_ids.npy", tids)
-    np.save(out_dir / "pdf_ids.npy", pdf_ids)
-    (out_dir / "index.json").write_text(json.dumps({"num_pdfs": model.num_pdfs, "features_checksum": feats.checksum(),
-                                                    "aligned_utterances": len(alignments), "utterances": len(feats.utt_ids)}))
+    save_npy(out_dir / "transition_ids.npy", tids)
+    save_npy(out_dir / "pdf_ids.npy", pdf_ids)
+    write_json(out_dir / "index.json", {"num_pdfs": model.num_pdfs, "features_checksum": feats.checksum(),
+                                        "aligned_utterances": len(alignments), "utterances": len(feats.utt_ids)})
     return pdf_ids
 
 
 def run(cfg) -> None:
-    """Stage: monophone -> triphone -> final alignment of every set in ``features.sets``."""
+    """Stage 3: monophone -> triphone, then the alignment of every set in ``features.sets``."""
     exp = Path(cfg.exp_dir)
     tri_dir = exp / "tri"
-    if skip_if_done(tri_dir, "train-gmm"):
-        return
+    stage = plan("train-gmm", tri_dir, cfg, ("seed", "gmm"), {"lang": Path(cfg.data_dir) / "lang", "data": Path(cfg.data_dir) / "train",
+                                                                "features": exp / "feats" / "mfcc" / "train"})
+    if not stage.up_to_date:
+        summary = train(cfg)
+        stage.commit(mono_pdfs=summary["mono"]["num_pdfs"], tri_pdfs=summary["tri"]["num_pdfs"])
+    run_align(cfg)
+
+
+def train(cfg) -> dict:
+    """Monophone training from a flat start, the tree, triphone training: exp/mono, exp/tri."""
+    exp = Path(cfg.exp_dir)
+    tri_dir = exp / "tri"
     lang = Lang.load(Path(cfg.data_dir) / "lang")
     topo = read_topology(lang)
     data = DataDir.read(Path(cfg.data_dir) / "train")
@@ -336,19 +348,33 @@ def run(cfg) -> None:
 
     summary = {"mono": {"num_pdfs": mono.num_pdfs, "history": mono_history, "seconds": mono_time},
                "tri": {"num_pdfs": tri.num_pdfs, "tree": tree_info, "history": tri_history, "seconds": tri_time}}
+    write_json(tri_dir / "log.json", summary)
+    return summary
+
+
+def run_align(cfg) -> None:
+    """Stage 3's end, and the ``align`` command: the triphone model's forced alignment of every
+    set in ``features.sets`` (exp/tri/ali_<set>), utterances that fail counted and listed."""
+    exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
+    tri_dir = exp / "tri"
+    tri = None
     for name in cfg.features.sets:
-        set_data = DataDir.read(Path(cfg.data_dir) / name)
-        set_feats = feats if name == "train" else FeatureStore.load(exp / "feats" / "mfcc" / name, mmap=False)
+        out_dir = tri_dir / f"ali_{name}"
+        mfcc = exp / "feats" / "mfcc" / name
+        stage = plan(f"align {name}", out_dir, cfg, ("gmm.align",), {"model": tri_dir, "lang": data_dir / "lang", "data": data_dir / name,
+                                                                     "features": mfcc})
+        if stage.up_to_date:
+            continue
+        if tri is None:
+            tri, lang = GmmModel.load(tri_dir), Lang.load(data_dir / "lang")
+        set_data = DataDir.read(data_dir / name)
+        set_feats = FeatureStore.load(mfcc, mmap=False)
         set_utts = [u for u in set_data.utt_ids if u in set_feats]
         set_graphs, dropped = compile_graphs(lang, tri, set_data, set_utts)
         set_alignments, failed = align(tri, set_graphs, set_feats, cfg.gmm.align)
         dropped.update(failed)
-        out_dir = tri_dir / f"ali_{name}"
-        account_dropped(f"train-gmm align {name}", len(set_utts), dropped, max_drop, out_dir / "dropped.json")
+        account_dropped(f"align {name}", len(set_utts), dropped, cfg.prep.max_drop_fraction, out_dir / "dropped.json")
         pdf_ids = store_alignment(tri, set_alignments, set_feats, out_dir)
-        if name == "train":
-            counts = np.bincount(pdf_ids[pdf_ids >= 0], minlength=tri.num_pdfs)
-            np.save(out_dir / "pdf_counts.npy", counts)
-        summary[f"ali_{name}"] = {"aligned": len(set_alignments), "dropped": len(dropped)}
-    (tri_dir / "log.json").write_text(json.dumps(summary, indent=1))
-    mark_done(tri_dir)
+        counts = np.bincount(pdf_ids[pdf_ids >= 0], minlength=tri.num_pdfs)
+        save_npy(out_dir / "pdf_counts.npy", counts)  # priors of the hybrid models trained on this set
+        stage.commit(aligned=len(set_alignments), dropped=len(dropped))

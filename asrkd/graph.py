@@ -23,7 +23,7 @@ import kaldifst
 from asrkd.data import read_table
 from asrkd.gmm import GmmModel
 from asrkd.lang import Lang
-from asrkd.stage import mark_done, skip_if_done
+from asrkd.stage import atomic_write, plan, write_text
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,10 @@ def train_arpa(sentences: list[str], order: int, out_dir: Path) -> Path:
     from kaldingram import train as kaldingram_train
 
     text = out_dir / "lm_text.txt"
-    text.write_text("".join(s + "\n" for s in sentences))
+    write_text(text, "".join(s + "\n" for s in sentences))
     arpa = out_dir / f"lm_{order}gram.arpa"
-    kaldingram_train.main(["--ngram-order", str(order), "--text", str(text), "--lm", str(arpa)])
+    with atomic_write(arpa) as tmp:
+        kaldingram_train.main(["--ngram-order", str(order), "--text", str(text), "--lm", str(tmp)])
     return arpa
 
 
@@ -56,7 +57,8 @@ def arpa_to_g(arpa: Path, words_txt: Path, out: Path) -> kaldifst.StdVectorFst:
     import kaldi_decoder  # noqa: F401  (kaldilm hangs when imported before it)
     import kaldilm
 
-    kaldilm.arpa2fst(input_arpa=str(arpa), output_fst=str(out), disambig_symbol="#0", read_symbol_table=str(words_txt))
+    with atomic_write(out) as tmp:
+        kaldilm.arpa2fst(input_arpa=str(arpa), output_fst=str(tmp), disambig_symbol="#0", read_symbol_table=str(words_txt))
     return kaldifst.StdVectorFst.read(str(out))
 
 
@@ -96,13 +98,16 @@ def make_hclg(lang: Lang, model: GmmModel, g: kaldifst.StdVectorFst, self_loop_s
 
 
 def run(cfg) -> None:
+    """Stage 5: the LM on the training transcripts (validation speakers' sentences left out) and HCLG."""
     exp = Path(cfg.exp_dir)
     out_dir = exp / "graph"
-    if skip_if_done(out_dir, "make-graph"):
+    data_dir = Path(cfg.data_dir)
+    stage = plan("make-graph", out_dir, cfg, ("graph", "seed", "train.valid_fraction"),
+                 {"lang": data_dir / "lang", "model": exp / "tri", "lm data": data_dir / cfg.graph.lm_data, "split": data_dir / "train"})
+    if stage.up_to_date:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lang = Lang.load(Path(cfg.data_dir) / "lang")
-    transcripts = read_table(Path(cfg.data_dir) / cfg.graph.lm_data / "text")
+    lang = Lang.load(data_dir / "lang")
+    transcripts = read_table(data_dir / cfg.graph.lm_data / "text")
     if cfg.graph.lm_exclude_valid:  # the validation speakers choose the LM weight: keep their text unseen
         from asrkd.train import data_split
 
@@ -115,7 +120,8 @@ def run(cfg) -> None:
     g = arpa_to_g(arpa, lang.directory / "words.txt", out_dir / "G.fst")
     model = GmmModel.load(exp / "tri")
     hclg = make_hclg(lang, model, g, cfg.graph.self_loop_scale, cfg.graph.transition_scale)
-    hclg.write(str(out_dir / "HCLG.fst"))
-    (out_dir / "words.txt").write_text((lang.directory / "words.txt").read_text())
+    with atomic_write(out_dir / "HCLG.fst") as tmp:
+        hclg.write(str(tmp))
+    write_text(out_dir / "words.txt", (lang.directory / "words.txt").read_text())
     log.info("make-graph: %d-gram LM from %d sentences; HCLG has %d states", cfg.graph.lm_order, len(sentences), hclg.num_states)
-    mark_done(out_dir)
+    stage.commit(lm_sentences=len(sentences), lm_sentences_dropped=len(dropped), hclg_states=hclg.num_states)

@@ -235,8 +235,9 @@ def prepare_lang(
     lexicon: dict[str, list[list[str]]], out_dir: Path, silence_phone: str, sil_prob: float, num_sil_states: int, num_nonsil_states: int
 ) -> Lang:
     """Write a Kaldi lang dir for ``lexicon`` (base phones, no positions) into ``out_dir``."""
+    from asrkd.stage import atomic_write, write_text
+
     out_dir = Path(out_dir)
-    (out_dir / "phones").mkdir(parents=True, exist_ok=True)
     prons = [(w, position_phones(p)) for w in sorted(lexicon) for p in lexicon[w]]
     prons.append((SILENCE_WORD, [silence_phone]))
     disambig_prons, max_disambig = add_disambig(prons)
@@ -247,45 +248,56 @@ def prepare_lang(
     word_list = ["<eps>", SILENCE_WORD] + sorted(lexicon) + ["#0", "<s>", "</s>"]
     words = {w: i for i, w in enumerate(word_list)}
 
-    (out_dir / "phones.txt").write_text("".join(f"{p} {i}\n" for p, i in phones.items()))
-    (out_dir / "words.txt").write_text("".join(f"{w} {i}\n" for w, i in words.items()))
-    (out_dir / "lexicon.txt").write_text("".join(f"{w} {' '.join(p)}\n" for w, p in prons))
-    (out_dir / "phones" / "silence.txt").write_text(f"{silence_phone}\n")
-    (out_dir / "phones" / "nonsilence.txt").write_text("".join(f"{p}\n" for p in sorted({base_phone(p) for p in nonsil})))
-    (out_dir / "phones" / "disambig.int").write_text("".join(f"{phones[f'#{i}']}\n" for i in range(max_disambig + 1)))
-    (out_dir / "topo").write_text(
-        make_topology([phones[silence_phone]], [phones[p] for p in nonsil], num_sil_states, num_nonsil_states)
-    )
-    _lexicon_fst(prons, phones, words, silence_phone, sil_prob, disambig_loop=False).write(str(out_dir / "L.fst"))
-    _lexicon_fst(disambig_prons, phones, words, silence_phone, sil_prob, disambig_loop=True).write(
-        str(out_dir / "L_disambig.fst")
-    )
+    write_text(out_dir / "phones.txt", "".join(f"{p} {i}\n" for p, i in phones.items()))
+    write_text(out_dir / "words.txt", "".join(f"{w} {i}\n" for w, i in words.items()))
+    write_text(out_dir / "lexicon.txt", "".join(f"{w} {' '.join(p)}\n" for w, p in prons))
+    write_text(out_dir / "phones" / "silence.txt", f"{silence_phone}\n")
+    write_text(out_dir / "phones" / "nonsilence.txt", "".join(f"{p}\n" for p in sorted({base_phone(p) for p in nonsil})))
+    write_text(out_dir / "phones" / "disambig.int", "".join(f"{phones[f'#{i}']}\n" for i in range(max_disambig + 1)))
+    write_text(out_dir / "topo", make_topology([phones[silence_phone]], [phones[p] for p in nonsil], num_sil_states, num_nonsil_states))
+    for name, entries, loop in (("L.fst", prons, False), ("L_disambig.fst", disambig_prons, True)):
+        with atomic_write(out_dir / name) as tmp:
+            _lexicon_fst(entries, phones, words, silence_phone, sil_prob, disambig_loop=loop).write(str(tmp))
     lang = Lang.load(out_dir)
-    (out_dir / "phones" / "sets.int").write_text("".join(" ".join(map(str, s)) + "\n" for s in lang.phone_sets))
+    write_text(out_dir / "phones" / "sets.int", "".join(" ".join(map(str, s)) + "\n" for s in lang.phone_sets))
     return lang
 
 
+def vocabulary(data_dir: Path) -> tuple[set[str], list[Path]]:
+    """The words of every data dir's transcripts (what the lexicon must cover) and the files read."""
+    from asrkd.data import read_table
+
+    words: set[str] = set()
+    texts = sorted(p for p in Path(data_dir).glob("*/text") if p.parent.name not in ("local", "lang"))
+    for text in texts:
+        for transcript in read_table(text).values():
+            words.update(transcript.split())
+    return words, texts
+
+
 def run(cfg) -> None:
-    """Stage: ``data/local/dict`` (+ CMUdict) and the words of every data dir -> ``data/lang``."""
+    """Stage 1: ``data/local/dict`` (+ CMUdict) and the words of every data dir -> ``data/lang``.
+
+    Its fingerprint holds the dictionary files and the vocabulary, so a data dir with new
+    words makes the lang dir (and the GMM, graph and models built on its phones) stale.
+    """
     import logging
 
-    from asrkd.data import read_table
-    from asrkd.stage import mark_done, skip_if_done
+    from asrkd.stage import digest, plan
 
     log = logging.getLogger(__name__)
     data_dir = Path(cfg.data_dir)
     out_dir = data_dir / "lang"
-    if skip_if_done(out_dir, "prepare-lang"):
-        return
     dict_dir = data_dir / "local" / "dict"
+    words, texts = vocabulary(data_dir)
+    dictionary = digest({p.name: p.read_text(encoding="latin-1") for p in sorted(dict_dir.iterdir()) if p.is_file()})
+    stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": dictionary, "vocabulary": digest(sorted(words)),
+                                                                  "vocabulary_size": len(words)})
+    if stage.up_to_date:
+        return
     primary = read_sphinx_dict(dict_dir / "lexicon.dic")
     phone_set = set((dict_dir / "nonsilence_phones.txt").read_text().split())
     fallback = read_sphinx_dict(cmudict_path()) if cfg.lang.use_cmudict else {}
-    words: set[str] = set()
-    texts = sorted(p for p in data_dir.glob("*/text") if p.parent.name != "local")
-    for text in texts:
-        for transcript in read_table(text).values():
-            words.update(transcript.split())
     lexicon, missing = build_lexicon(words, primary, fallback, phone_set)
     from_cmudict = sorted(w for w in lexicon if w not in primary)
     if from_cmudict:
@@ -296,4 +308,4 @@ def run(cfg) -> None:
         lexicon, out_dir, cfg.lang.silence_phone, cfg.lang.sil_prob, cfg.lang.num_sil_states, cfg.lang.num_nonsil_states
     )
     log.info("prepare-lang: %d words, %d phones (with positions) from %s", len(lexicon), len(lang.real_phone_ids), texts)
-    mark_done(out_dir)
+    stage.commit(words=len(lexicon), phones=len(lang.real_phone_ids), without_pronunciation=sorted(missing))

@@ -89,9 +89,10 @@ class EnsembleDNN(nn.Module):
         self.members = nn.ModuleList(members)
         self.config = members[0].config
 
-    def member_logits(self, spliced: torch.Tensor) -> torch.Tensor:
-        """(members, B, num_pdfs) logits of every member."""
-        return torch.stack([member(spliced).float() for member in self.members])
+    def member_logits(self, spliced: torch.Tensor, members: list[int] | None = None) -> torch.Tensor:
+        """(members, B, num_pdfs) logits of every member (or of the members listed)."""
+        chosen = self.members if members is None else [self.members[i] for i in members]
+        return torch.stack([member(spliced).float() for member in chosen])
 
     def forward(self, spliced: torch.Tensor) -> torch.Tensor:
         log_probs = torch.log_softmax(self.member_logits(spliced), dim=-1)

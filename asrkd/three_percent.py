@@ -1,4 +1,4 @@
-"""The 3%-data experiment (the paper's §6 table): soft targets as a regularizer.
+"""The 3%-data experiment (the paper's §6 table): soft targets as a regularizer, with intervals.
 
 For each fraction in ``three_percent.fractions`` (3% by default, 10% and 30% for a curve), on
 the seeded speaker-balanced subset ``data/train_<pct>pct`` and with the baseline's
@@ -8,20 +8,26 @@ architecture and config:
   stopping, ``hard_<pct>pct@best`` (best validation epoch) the run with it;
 * ``student_baseline_T<T>_dense_train_<pct>pct``: the paper's loss with soft targets from the
   100% model at T = ``three_percent.temperature``, no early stopping;
-* with an ensemble's soft targets on disk, also ``student_ensemble_...`` as an extra row.
+* with an ensemble's soft targets on disk, also ``student_ensemble_...`` as an extra row;
+* with ``three_percent.speed_perturbed``, the same hard and soft runs on the subset's
+  speed-perturbed copies (``train_<pct>pct_sp``, made by the speed-perturb stage): the
+  transfer set that adds no audio but the subset's own.
+
+Every test number has its 95% interval, the gap closed ((soft − hard) / (100% − hard)) too,
+and the soft − hard differences their P(> 0) (:mod:`asrkd.stats`, one seed per row).
 
 Commands: ``train-3pct``, ``decode-3pct``, ``report-3pct`` (``recipes/an4/run_3pct.sh``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from asrkd.data import fraction_tag, subset_name
+from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +35,13 @@ PAPER = {"full_hard": {"train": 0.634, "test": 0.589}, "sub_hard": {"train": 0.6
          "sub_soft": {"train": 0.654, "test": 0.570}}
 
 
-def subset_cfg(cfg, fraction: float, teacher: str | None = None):
-    """The config of one subset run: same model and training knobs, the subset's data."""
-    overrides = {"train": {"data": subset_name(fraction), "name": f"hard_{fraction_tag(fraction)}", "epochs": cfg.three_percent.epochs},
+def subset_cfg(cfg, fraction: float, teacher: str | None = None, perturbed: bool = False):
+    """The config of one subset run: same model and training knobs, the subset's data (or its _sp copies)."""
+    suffix = "_sp" if perturbed else ""
+    overrides = {"train": {"data": subset_name(fraction) + suffix, "name": f"hard_{fraction_tag(fraction)}{suffix}",
+                           "epochs": cfg.three_percent.epochs, "seeds": 1},
                  "distill": {"teacher": teacher or "baseline", "temperatures": [cfg.three_percent.temperature],
-                             "logit_matching": False}}
+                             "logit_matching": False, "transfer": [], "epochs": None, "seeds": {"dense": 1}}}
     merged = OmegaConf.merge(cfg, overrides)
     merged.distill.students = {"dense": [cfg.three_percent.temperature]}  # replaced, not merged: no top-k student
     return merged
@@ -42,9 +50,10 @@ def subset_cfg(cfg, fraction: float, teacher: str | None = None):
 def teachers(cfg) -> list[str]:
     """The 100% model, plus the ensemble when its soft targets exist."""
     from asrkd.soft_targets import store_dir
+    from asrkd.stage import is_complete
 
     ensemble = OmegaConf.merge(cfg, {"distill": {"teacher": cfg.ensemble.name}})
-    has_ensemble = (store_dir(ensemble, float(cfg.three_percent.temperature)) / ".done").is_file()
+    has_ensemble = is_complete(store_dir(ensemble, float(cfg.three_percent.temperature)))
     return ["baseline"] + ([cfg.ensemble.name] if has_ensemble else [])
 
 
@@ -59,6 +68,9 @@ def systems(cfg) -> dict[float, dict[str, str]]:
                 "sub_soft": student_name("baseline", temperature, "dense", data)}
         for teacher in teachers(cfg)[1:]:
             rows[f"sub_soft_{teacher}"] = student_name(teacher, temperature, "dense", data)
+        if cfg.three_percent.speed_perturbed:
+            rows["sub_hard_sp"] = f"hard_{fraction_tag(fraction)}_sp"
+            rows["sub_soft_sp"] = student_name("baseline", temperature, "dense", f"{data}_sp")
         out[float(fraction)] = rows
     return out
 
@@ -67,12 +79,14 @@ def run_train(cfg) -> None:
     """Stage: soft targets of the 100% model, then the hard and soft runs of every fraction."""
     from asrkd import soft_targets, student, train
 
-    soft_targets.run(subset_cfg(cfg, cfg.three_percent.fractions[0]))
+    variants = [False, True] if cfg.three_percent.speed_perturbed else [False]
     for fraction in cfg.three_percent.fractions:
-        sub = subset_cfg(cfg, fraction)
-        train.run(sub)
-        for teacher in teachers(cfg):
-            student.run(subset_cfg(cfg, fraction, teacher))
+        for perturbed in variants:
+            train.run(subset_cfg(cfg, fraction, perturbed=perturbed))
+            for teacher in teachers(cfg) if not perturbed else ["baseline"]:
+                sub = subset_cfg(cfg, fraction, teacher, perturbed)
+                soft_targets.run(sub)
+                student.run(sub)
 
 
 def run_decode(cfg) -> None:
@@ -97,61 +111,82 @@ def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> 
 
 
 def markdown(result: dict) -> str:
+    from asrkd.evaluate import percent, with_ci
+
     main = result["rows"]
-    curve_rows = [row for row in result["curve"][0] if row != "fraction"]
     lines = [f"# {result['corpus']}: {100 * result['fraction']:g}% of the training data, hard vs soft targets", "",
-             "| row | system | train frame acc. | test frame acc. | test WER | paper train | paper test |", "|---|---|---|---|---|---|---|"]
+             "| row | system | train frame acc. | test frame acc. [95% CI] | test WER [95% CI] | paper train | paper test |",
+             "|---|---|---|---|---|---|---|"]
     for row, entry in main.items():
         paper = PAPER.get(row)
         quoted = [f"{100 * paper[k]:.1f}%" if paper else "–" for k in ("train", "test")]
-        lines.append(f"| {row} | {entry['system']} | {100 * entry['frame_accuracy']['train']:.2f}% | {100 * entry['frame_accuracy']['test']:.2f}% "
-                     f"| {100 * entry['wer']['test']:.2f}% | {quoted[0]} | {quoted[1]} |")
-    lines += ["", f"Command: `{result['command']}`", "", f"Share of the gap closed by soft targets (test frame accuracy): {100 * result['gap_closed']:.1f}% "
-              "((sub_soft - sub_hard) / (full_hard - sub_hard)).", "", "Test frame accuracy by fraction of the training data:", "",
-              "| fraction | " + " | ".join(curve_rows) + " |", "|---" * (len(curve_rows) + 1) + "|"]
+        lines.append(f"| {row} | {entry['system']} | {percent(entry['frame_accuracy']['train'])} | {with_ci(entry, 'frame_accuracy')} "
+                     f"| {with_ci(entry, 'wer')} | {quoted[0]} | {quoted[1]} |")
+    lines += ["", f"Command: `{result['command']}`", "",
+              f"Share of the gap closed by soft targets (test frame accuracy): {format_interval(result['gap_closed_interval'])} "
+              "((sub_soft − sub_hard) / (full_hard − sub_hard))"
+              + (f"; on the speed-perturbed copies: {format_interval(result['gap_closed_sp'])} ((sub_soft_sp − sub_hard_sp) / (full_hard − sub_hard_sp))."
+                 if result.get("gap_closed_sp") else "."),
+              "", "Test frame accuracy by fraction of the training data, and what soft targets add:", ""]
+    columns = [c for c in result["curve"][0]["rows"]]
+    differences = list(result["curve"][0]["differences"])
+    lines += ["| fraction | " + " | ".join(columns) + " | " + " | ".join(f"{d} [95% CI] (P > 0)" for d in differences) + " |",
+              "|---" * (len(columns) + len(differences) + 1) + "|"]
     for entry in result["curve"]:
-        lines.append(f"| {100 * entry['fraction']:g}% | " + " | ".join(f"{100 * entry[row]:.2f}%" for row in curve_rows) + " |")
+        cells = [format_interval(entry["rows"][c]) for c in columns]
+        cells += [f"{format_interval(entry['differences'][d], signed=True)} ({entry['differences'][d]['p_above_zero']:.2f})" for d in differences]
+        lines.append(f"| {100 * entry['fraction']:g}% | " + " | ".join(cells) + " |")
     lines += ["", f"Soft targets: the 100% model (sub_soft) or the ensemble (sub_soft_ensemble) at T = {result['temperature']:g}; "
-              "train accuracy is on each row's own training frames.",
+              "_sp rows train on the subset and its speed-perturbed copies (0.9, 1.1); train accuracy is on each row's own "
+              "(unperturbed) training frames.",
+              "[95% CI]: bootstrap over whole test utterances (asrkd/stats.py); one seed per row: test-set variation only.",
               "Paper: Hinton, Vinyals & Dean (2015), §6 (a speech model on 3% of ~2000 h).", ""]
     return "\n".join(lines)
 
 
 def run_report(cfg) -> None:
-    """Stage: the §6 table, the gap closed, a curve over fractions and the over-fitting plot."""
-    from asrkd.evaluate import FrameScorer, merge_into_report, recipe_command
+    """Stage: the §6 table with intervals, the gap closed, a curve over fractions and the over-fitting plot."""
+    from asrkd.evaluate import Evaluation, bootstrap_key, merge_into_report, recipe_command
+    from asrkd.stage import write_text
     from asrkd.train import data_split
 
     exp = Path(cfg.exp_dir)
     full_train, _ = data_split(cfg)
-    scorer = FrameScorer(cfg)
+    evaluation = Evaluation(cfg)
+    frames = evaluation.frames
+    command = recipe_command("asrkd report-3pct")
 
-    def frame_accuracy(system: str, train_utts: list[str]) -> dict[str, float]:
-        return {k: v["frame_accuracy"] for k, v in scorer.score(system, {"train": train_utts}).items()}
+    def entry(system: str, train_utts: list[str]) -> dict:
+        out = evaluation.entry([system], {"train": train_utts}, command=command)
+        return {"system": system, **{k: out[k] for k in ("frame_accuracy", "frame_accuracy_ci", "wer", "wer_ci", "lmwt", "stage") if k in out}}
 
-    by_fraction = systems(cfg)
     curve, main = [], None
-    for fraction, rows in by_fraction.items():
+    for fraction, rows in systems(cfg).items():
         sub_train, _ = data_split(subset_cfg(cfg, fraction))
         entries = {}
-        if fraction == float(cfg.three_percent.fractions[0]):
-            entries["full_hard"] = {"system": "baseline", "frame_accuracy": frame_accuracy("baseline", full_train)}
-        for row, system in rows.items():
-            entries[row] = {"system": system, "frame_accuracy": frame_accuracy(system, sub_train)}
-        for entry in entries.values():
-            wer = json.loads((exp / "decode" / entry["system"] / "wer.json").read_text())
-            entry["wer"] = {"test": wer["test"]["wer"], "test_unseen": wer["test_unseen"]["wer"]}
-            entry["lmwt"] = wer["lmwt"]
-        curve.append({"fraction": fraction, **{row: entries[row]["frame_accuracy"]["test"] for row in rows}})
         if main is None:
-            main = (fraction, entries, rows)
-    fraction, entries, rows = main
+            entries["full_hard"] = entry("baseline", full_train)
+        for row, system in rows.items():
+            entries[row] = entry(system, sub_train)
+        key = {row: bootstrap_key([system]) for row, system in rows.items()}
+        pairs = {"sub_soft − sub_hard": ("sub_soft", "sub_hard")}
+        if "sub_soft_sp" in rows:
+            pairs |= {"sub_hard_sp − sub_hard": ("sub_hard_sp", "sub_hard"), "sub_soft_sp − sub_hard_sp": ("sub_soft_sp", "sub_hard_sp"),
+                      "sub_soft_sp − sub_soft": ("sub_soft_sp", "sub_soft")}
+        curve.append({"fraction": fraction, "rows": {row: frames.interval(key[row]) for row in rows},
+                      "differences": {name: frames.difference(key[a], key[b]) for name, (a, b) in pairs.items()}})
+        if main is None:
+            main = (fraction, entries, rows, key)
+    fraction, entries, rows, key = main
     full, hard, soft = (entries[r]["frame_accuracy"]["test"] for r in ("full_hard", "sub_hard", "sub_soft"))
-    result = {"corpus": cfg.corpus, "command": recipe_command("asrkd report-3pct"), "fraction": fraction, "temperature": float(cfg.three_percent.temperature),
-              "rows": entries, "gap_closed": (soft - hard) / (full - hard) if full != hard else None, "curve": curve}
+    gap = frames.share(key["sub_soft"], key["sub_hard"], "baseline")
+    result = {"corpus": cfg.corpus, "command": command, "fraction": fraction, "temperature": float(cfg.three_percent.temperature),
+              "rows": entries, "gap_closed": gap["estimate"], "gap_closed_ci": gap["ci"], "gap_closed_interval": gap,
+              "curve": curve, "bootstrap_unit": cfg.stats.unit}
+    if "sub_soft_sp" in rows:
+        result["gap_closed_sp"] = frames.share(key["sub_soft_sp"], key["sub_hard_sp"], "baseline")
     out_dir = exp / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "three_percent.md").write_text(markdown(result))
+    write_text(out_dir / "three_percent.md", markdown(result))
     plot_curves(exp, rows, fraction, out_dir / "three_percent_curves.png")
     merge_into_report(cfg, {"three_percent": result}, ("three_percent.md", "three_percent_curves.png"))
-    log.info("3%% experiment: test frame acc full %.4f, hard %.4f, soft %.4f; gap closed %.3f", full, hard, soft, result["gap_closed"])
+    log.info("3%% experiment: test frame acc full %.4f, hard %.4f, soft %.4f; gap closed %s", full, hard, soft, format_interval(gap))

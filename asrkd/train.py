@@ -1,7 +1,13 @@
-"""Stage: train a hybrid DNN on the forced alignment (cross-entropy on pdf-ids).
+"""Stage 4: train a hybrid DNN on the forced alignment (cross-entropy on pdf-ids).
 
-Held-out validation speakers, one checkpoint per epoch, resume from the last checkpoint, and
-seeded shuffles (seed + epoch), so a resumed run continues exactly as an uninterrupted one.
+The one training loop of the toolkit: the baseline, ensemble members, students and every
+later model kind train through :func:`train_stage` / :func:`train_model`, differing in their
+loss, their frames and their seeds only.
+
+Held-out validation speakers (copies of their audio, ``sp0.9-...``, are held out with them),
+seeded shuffles (seed + epoch), and two checkpoints: ``last.pt`` (the last complete epoch,
+with optimizer and RNG state) and ``best.pt`` (the best validation epoch). A killed run resumes
+from ``last.pt`` and ends bit for bit where an uninterrupted one does (on CPU).
 """
 
 from __future__ import annotations
@@ -18,81 +24,153 @@ import torch
 import torch.nn.functional as F
 
 from asrkd.data import DataDir, split_by_speaker
-from asrkd.features import FeatureStore
+from asrkd.features import FeatureStore, load_array
 from asrkd.nnet import EnsembleDNN, HybridDNN, SplicedFrames, pick_device
-from asrkd.stage import is_done, mark_done, skip_if_done
+from asrkd.stage import StageError, atomic_write, is_complete, plan, progress, write_json
 
 log = logging.getLogger(__name__)
+
+# the config keys that decide a trained model (train.name says where it goes; threads and device do not change it)
+TRAIN_KEYS = ("seed", "model", "train.data", "train.valid_fraction", "train.epochs", "train.batch_size", "train.lr",
+              "train.weight_decay", "train.lr_decay", "train.bf16_autocast", "train.max_frames_per_epoch",
+              "train.accuracy_sample_frames")
+REPLICATE_SEED_STRIDE = 100  # replicate r of a model trains with seed + 100 r (r = 0 is the model itself)
+
+
+class TrainingDiverged(StageError):
+    """The loss became NaN or infinite."""
+
+
+def replicate_name(name: str, replicate: int) -> str:
+    """``baseline`` for replicate 0, ``baseline_seed<r>`` for the others."""
+    return name if replicate == 0 else f"{name}_seed{replicate}"
 
 
 @dataclass
 class FrameData:
-    """Spliced fbank frames of one data set with the pdf-id of every frame (-1: unaligned)."""
+    """Spliced fbank frames of one feature store with the pdf-id of every frame (-1: unaligned)."""
 
     frames: SplicedFrames
     pdf_ids: torch.Tensor
     num_pdfs: int
 
     @classmethod
-    def load(cls, exp_dir: Path, name: str, model_cfg, device: torch.device) -> "FrameData":
-        store = FeatureStore.load(exp_dir / "feats" / "fbank" / name, mmap=False)
-        ali_dir = exp_dir / "tri" / f"ali_{name}"
-        pdf_ids = np.load(ali_dir / "pdf_ids.npy")
-        index = json.loads((ali_dir / "index.json").read_text())
-        mfcc_index = json.loads((exp_dir / "feats" / "mfcc" / name / FeatureStore.INDEX).read_text())
-        if mfcc_index["utt_ids"] != store.utt_ids or mfcc_index["offsets"] != store.offsets.tolist():
-            raise ValueError(
-                f"{exp_dir}/feats/fbank/{name} and the alignment's mfcc store hold different utterances or "
-                "lengths; recompute the features of both (make-feats) and realign"
-            )
-        if len(pdf_ids) != store.num_frames:
-            raise ValueError(f"{ali_dir}/pdf_ids.npy has {len(pdf_ids)} frames, the features {store.num_frames}")
+    def load(cls, exp_dir: Path, name: str, model_cfg, device: torch.device, require_alignment: bool = True) -> "FrameData":
+        """Features of ``exp/feats/fbank/<name>`` and the alignment ``exp/tri/ali_<name>``, checked
+        against each other. Without an alignment (unlabeled audio, ``require_alignment=False``)
+        every frame is -1: it can carry soft targets only."""
+        store_path = Path(exp_dir) / "feats" / "fbank" / name
+        store = FeatureStore.load(store_path, mmap=False)
+        bad = ~np.isfinite(np.asarray(store.frames, dtype=np.float32)).all(axis=1)
+        if bad.any():
+            utts = sorted({store.utt_ids[i] for i in np.searchsorted(store.offsets, np.flatnonzero(bad), side="right") - 1})
+            raise ValueError(f"{store_path}: NaN/inf features in {len(utts)} utterance(s), e.g. {utts[:3]}; rerun make-feats with redo=true")
+        ali_dir = Path(exp_dir) / "tri" / f"ali_{name}"
+        if not (ali_dir / "pdf_ids.npy").is_file():
+            if require_alignment:
+                raise FileNotFoundError(f"{ali_dir}: no alignment of {name}; run `asrkd align features.sets=[{name}]`")
+            num_pdfs = json.loads((Path(exp_dir) / "tri" / "log.json").read_text())["tri"]["num_pdfs"]
+            pdf_ids = np.full(store.num_frames, -1, dtype=np.int64)
+        else:
+            pdf_ids = load_array(ali_dir / "pdf_ids.npy", False, "align").astype(np.int64)
+            num_pdfs = int(json.loads((ali_dir / "index.json").read_text())["num_pdfs"])
+            mfcc_index = json.loads((Path(exp_dir) / "feats" / "mfcc" / name / FeatureStore.INDEX).read_text())
+            if mfcc_index["utt_ids"] != store.utt_ids or mfcc_index["offsets"] != store.offsets.tolist():
+                raise ValueError(f"{store_path} and the alignment's mfcc store hold different utterances or lengths; "
+                                 "recompute the features of both (make-feats) and realign")
+            if len(pdf_ids) != store.num_frames:
+                raise ValueError(f"{ali_dir}/pdf_ids.npy has {len(pdf_ids)} frames, the features {store.num_frames}; realign")
+            if pdf_ids.max(initial=-1) >= num_pdfs or pdf_ids.min(initial=-1) < -1:
+                raise ValueError(f"{ali_dir}/pdf_ids.npy holds pdf-ids outside [0, {num_pdfs}) (max {pdf_ids.max()}); "
+                                 "it belongs to another model: realign")
         frames = SplicedFrames(store, model_cfg.left_context, model_cfg.right_context, device)
-        return cls(frames, torch.from_numpy(pdf_ids.astype(np.int64)).to(device), int(index["num_pdfs"]))
+        return cls(frames, torch.from_numpy(pdf_ids).to(device), num_pdfs)
+
+    @classmethod
+    def combine(cls, parts: list["FrameData"]) -> "FrameData":
+        """The frames of several stores end to end (a transfer set in a store of its own): each
+        part's frames start where the previous part's end; windows never cross utterances."""
+        if len(parts) == 1:
+            return parts[0]
+        store = FeatureStore.concat([part.frames.store for part in parts])
+        pdfs = {part.num_pdfs for part in parts}
+        if len(pdfs) > 1:
+            raise ValueError(f"the stores' alignments come from models with different numbers of pdfs {sorted(pdfs)}; realign them")
+        first = parts[0].frames
+        frames = SplicedFrames(store, first.left, first.right, first.frames.device)
+        return cls(frames, torch.cat([part.pdf_ids for part in parts]), pdfs.pop())
+
+    def indices(self, utt_ids: list[str]) -> np.ndarray:
+        """Frame indices of ``utt_ids`` (those in the store), aligned or not."""
+        return self.frames.frame_indices([u for u in utt_ids if u in self.frames.store])
 
     def labeled(self, utt_ids: list[str]) -> np.ndarray:
         """Frame indices of ``utt_ids`` that have an alignment."""
-        indices = self.frames.frame_indices([u for u in utt_ids if u in self.frames.store])
+        indices = self.indices(utt_ids)
         return indices[self.pdf_ids.cpu().numpy()[indices] >= 0]
 
 
 @torch.no_grad()
-def evaluate_frames(model: HybridDNN, data: FrameData, indices: np.ndarray, batch_size: int) -> dict[str, float]:
-    """Frame accuracy (argmax vs forced alignment) and cross-entropy over ``indices``."""
+def evaluate_frames(model: HybridDNN, data: FrameData, indices: np.ndarray, batch_size: int) -> dict:
+    """Frame accuracy (argmax vs forced alignment) and cross-entropy over ``indices``; ``hits``
+    is 1 for every frame whose argmax is the alignment's (for per-utterance statistics)."""
     model.eval()
     device = data.pdf_ids.device
-    correct, loss, total = 0, 0.0, 0
+    hits = np.zeros(len(indices), dtype=np.int8)
+    loss = 0.0
     for start in range(0, len(indices), batch_size):
         batch = torch.from_numpy(indices[start : start + batch_size]).to(device)
         logits = model(data.frames.context(batch)).float()
         target = data.pdf_ids[batch]
-        correct += int((logits.argmax(-1) == target).sum())
+        hits[start : start + len(batch)] = (logits.argmax(-1) == target).cpu().numpy()
         loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        total += len(batch)
-    return {"frame_accuracy": correct / max(total, 1), "cross_entropy": loss / max(total, 1), "frames": total}
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    checkpoints = sorted(out_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
+    total = len(indices)
+    return {"frame_accuracy": float(hits.sum()) / max(total, 1), "cross_entropy": loss / max(total, 1), "frames": total, "hits": hits}
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, frame indices) -> loss
 
 
-def train_model(
-    cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dir: Path,
-    loss_fn: LossFn | None = None, init_seed: int | None = None,
-) -> HybridDNN:
-    """Training with per-epoch checkpoints; resumes from the last one in ``out_dir``.
+def model_seed(cfg, replicate: int) -> int:
+    return int(cfg.seed) + REPLICATE_SEED_STRIDE * replicate
 
-    The loss is cross-entropy on the alignment's pdf-ids unless ``loss_fn`` is given (the
-    student's distillation loss). ``init_seed`` seeds only the initial weights (ensemble
-    members differ in it alone); the frame order always follows ``cfg.seed``.
+
+def save_model(path: Path, model: HybridDNN, epoch: int) -> None:
+    with atomic_write(path) as tmp:
+        torch.save({"model": model.state_dict(), "config": model.config, "epoch": epoch}, tmp)
+
+
+def read_checkpoint(path: Path, device: torch.device, fingerprint: str) -> dict | None:
+    """``last.pt`` when it is readable and of this very run; else None (with a warning when unusable)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # a file cut short by a kill or a full disk: torch's zip reader fails
+        log.warning("%s is unreadable (%s): training starts from epoch 0", path, str(err).splitlines()[0])
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("%s belongs to another configuration: training starts from epoch 0", path)
+        return None
+    return state
+
+
+def train_model(
+    cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dir: Path, loss_fn: LossFn | None = None,
+    init_seed: int | None = None, replicate: int = 0, fingerprint: str = "", hard: torch.Tensor | None = None,
+) -> list[dict]:
+    """Train, keeping ``last.pt`` (resume point) and ``best.pt``; returns the per-epoch history.
+
+    The loss is cross-entropy on ``hard`` (pdf-ids; the alignment unless given) unless
+    ``loss_fn`` is given (a student's). ``init_seed`` seeds only the initial weights (ensemble
+    members differ in it alone); otherwise replicate r uses seed + 100 r for the weights, the
+    frame order and dropout. A ``last.pt`` of the same ``fingerprint`` is resumed from.
     """
     tcfg = cfg.train
     device = data.pdf_ids.device
-    torch.manual_seed(cfg.seed if init_seed is None else init_seed)
+    hard = data.pdf_ids if hard is None else hard
+    seed = model_seed(cfg, replicate)
+    torch.manual_seed(seed if init_seed is None else init_seed)
     model = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model).to(device)
     sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
     sample_frames = data.frames.frames[torch.from_numpy(np.sort(sample)).to(device)].float().cpu().numpy()
@@ -100,57 +178,68 @@ def train_model(
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=tcfg.lr_decay)
     history: list[dict] = []
-    first_epoch = 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    resume = latest_checkpoint(out_dir)
-    if resume is not None:
-        state = torch.load(resume, map_location=device, weights_only=False)
+    state = read_checkpoint(out_dir / "last.pt", device, fingerprint)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        history, first_epoch = state["history"], state["epoch"] + 1
-        log.info("resuming from %s", resume)
+        torch.set_rng_state(state["rng"]["torch"])  # dropout continues as if never interrupted
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        history = state["history"]
+        log.info("resuming %s after epoch %d", out_dir, history[-1]["epoch"])
 
     use_bf16 = bool(tcfg.bf16_autocast)
-    # training-set accuracy per epoch (the over-fitting curve) on a fixed sample of the training frames
-    train_sample = np.sort(np.random.default_rng(cfg.seed).permutation(train_idx)[: int(tcfg.accuracy_sample_frames)])
-    for epoch in range(first_epoch, tcfg.epochs):
+    # training-set accuracy per epoch (the over-fitting curve) on a fixed sample of the labeled training frames
+    labeled = train_idx[hard[torch.from_numpy(train_idx).to(device)].cpu().numpy() >= 0]
+    train_sample = np.sort(np.random.default_rng(cfg.seed).permutation(labeled)[: int(tcfg.accuracy_sample_frames)])
+    for epoch in range(len(history), tcfg.epochs):
         tic = time.time()
         model.train()
-        rng = np.random.default_rng([cfg.seed, epoch])
+        rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(train_idx)
         if tcfg.max_frames_per_epoch:
             order = order[: int(tcfg.max_frames_per_epoch)]
         total_loss, seen = 0.0, 0
-        for start in range(0, len(order), tcfg.batch_size):
+        starts = range(0, len(order), tcfg.batch_size)
+        for step, start in enumerate(progress(starts, f"{out_dir.name} epoch {epoch}")):
             batch = torch.from_numpy(order[start : start + tcfg.batch_size]).to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(data.frames.context(batch))
-            loss = loss_fn(logits, batch) if loss_fn else F.cross_entropy(logits.float(), data.pdf_ids[batch])
+            loss = loss_fn(logits, batch) if loss_fn else F.cross_entropy(logits.float(), hard[batch])
+            value = float(loss.detach())
+            if not np.isfinite(value):
+                raise TrainingDiverged(f"{out_dir}: the loss is {value} at epoch {epoch}, batch {step}; lower train.lr, "
+                                       "or check the features and targets (the last complete epoch is kept in last.pt)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss.detach()) * len(batch)
+            total_loss += value * len(batch)
             seen += len(batch)
         scheduler.step()
         seconds = time.time() - tic
         valid = evaluate_frames(model, data, valid_idx, cfg.eval.batch_size)
-        train_acc = evaluate_frames(model, data, train_sample, cfg.eval.batch_size)["frame_accuracy"]
+        train_acc = evaluate_frames(model, data, train_sample, cfg.eval.batch_size)["frame_accuracy"] if len(train_sample) else None
         record = {"epoch": epoch, "train_cross_entropy": total_loss / max(seen, 1), "train_frame_accuracy": train_acc,
                   "valid_frame_accuracy": valid["frame_accuracy"],
                   "valid_cross_entropy": valid["cross_entropy"], "frames_per_second": seen / seconds, "seconds": seconds}
         history.append(record)
-        log.info("epoch %d: train CE %.3f, valid acc %.4f CE %.3f, %.0f frames/s",
+        log.info("%s epoch %d: train loss %.3f, valid acc %.4f CE %.3f, %.0f frames/s", out_dir.name,
                  epoch, record["train_cross_entropy"], valid["frame_accuracy"], valid["cross_entropy"], record["frames_per_second"])
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "history": history, "epoch": epoch}, out_dir / f"epoch-{epoch}.pt")
-    torch.save({"model": model.state_dict(), "config": model.config, "epoch": len(history) - 1}, out_dir / "final.pt")
-    # early stopping, kept beside the last epoch: the epoch that generalized best (system "<name>@best")
-    best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
-    best_state = torch.load(out_dir / f"epoch-{best}.pt", map_location=device, weights_only=False)["model"]
-    torch.save({"model": best_state, "config": model.config, "epoch": best}, out_dir / "best.pt")
-    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-    return model
+        if record["valid_frame_accuracy"] > max((h["valid_frame_accuracy"] for h in history[:-1]), default=-1.0):
+            save_model(out_dir / "best.pt", model, epoch)  # early stopping's model: system "<name>@best"
+        if cfg.train.keep_epoch_checkpoints:
+            save_model(out_dir / f"epoch-{epoch}.pt", model, epoch)
+        rng_state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        with atomic_write(out_dir / "last.pt") as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "history": history, "rng": rng_state, "fingerprint": fingerprint}, tmp)
+    save_model(out_dir / "final.pt", model, len(history) - 1)
+    write_json(out_dir / "history.json", history)
+    if not cfg.train.keep_last_checkpoint:
+        (out_dir / "last.pt").unlink()  # optimizer state: 2x the model, needed only to resume
+    return history
 
 
 def read_history(model_dir: Path) -> list[dict]:
@@ -165,58 +254,177 @@ def model_path(exp_dir: Path, system: str) -> Path:
 
 
 def load_model(path: Path, device: torch.device) -> HybridDNN:
-    state = torch.load(path, map_location=device, weights_only=False)
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such model; train it first") from None
+    except Exception as err:
+        raise ValueError(f"{path} is truncated or corrupt ({str(err).splitlines()[0]}); retrain it with redo=true") from err
     model = HybridDNN(**state["config"]).to(device)
     model.load_state_dict(state["model"])
     return model
 
 
+def system_dirs(exp_dir: Path, system: str) -> list[Path]:
+    """The model directories behind a system: one DNN, or an ensemble's members."""
+    name = system.partition("@")[0]
+    members = sorted((Path(exp_dir) / "dnn" / name).glob("member-*"), key=lambda d: int(d.name.split("-")[1]))
+    return members or [Path(exp_dir) / "dnn" / name]
+
+
 def load_system(exp_dir: Path, system: str, device: torch.device) -> HybridDNN | EnsembleDNN:
     """The model of a DNN system: ``<name>[@best]`` under exp/dnn, or an ensemble's directory
     (``exp/dnn/<name>/member-<i>``), whose members' average softmax is its prediction."""
+    from asrkd.stage import input_fingerprint
+
     name, at, which = system.partition("@")
-    members = sorted((Path(exp_dir) / "dnn" / name).glob("member-*"), key=lambda d: int(d.name.split("-")[1]))
-    if not members:
-        return load_model(model_path(exp_dir, system), device)
-    missing = [d.name for d in members if not is_done(d)]
-    if missing:
-        raise FileNotFoundError(f"ensemble {name}: members {missing} have not finished training (train-ensemble)")
-    return EnsembleDNN([load_model(model_path(exp_dir, f"{name}/{d.name}{at}{which}"), device) for d in members])
+    dirs = system_dirs(exp_dir, system)
+    for directory in dirs:
+        input_fingerprint(directory)  # complete, and not made from inputs that were remade since
+    if dirs != [Path(exp_dir) / "dnn" / name]:
+        return EnsembleDNN([load_model(model_path(exp_dir, f"{name}/{d.name}{at}{which}"), device) for d in dirs])
+    return load_model(model_path(exp_dir, system), device)
 
 
 def data_split(cfg) -> tuple[list[str], list[str]]:
     """Training and validation utterances: whole speakers of ``train`` held out for validation.
 
-    The split is made on the full training set, so a run on a subset (``train.data``) is
-    validated on the same speakers as the full run; the subset's utterances of those
-    speakers are left out of its training.
+    The split is made on the full training set, so a run on a subset or a perturbed copy
+    (``train.data``) is validated on the same speakers as the full run; the utterances of
+    ``train.data`` that are (copies of) those speakers' are left out of its training.
     """
     full = DataDir.read(Path(cfg.data_dir) / "train")
     train, valid = split_by_speaker(full, cfg.train.valid_fraction, cfg.seed)
     if cfg.train.data != "train":
-        subset = set(DataDir.read(Path(cfg.data_dir) / cfg.train.data).utt_ids)
-        held_out = len(subset & set(valid))
-        train = [u for u in train if u in subset]
-        if held_out:
-            log.info("%s: %d utterances are of validation speakers and are not trained on", cfg.train.data, held_out)
+        train = without_valid(DataDir.read(Path(cfg.data_dir) / cfg.train.data), set(valid), cfg.train.data)
     return train, valid
 
 
-def prepare_training(cfg) -> tuple[FrameData, np.ndarray, np.ndarray]:
-    """The training set's frames and the labeled frame indices of its training and validation speakers."""
-    torch.set_num_threads(int(cfg.train.num_threads))
-    device = pick_device(cfg.train.device)
-    data = FrameData.load(Path(cfg.exp_dir), "train", cfg.model, device)
-    train_utts, valid_utts = data_split(cfg)
-    train_idx, valid_idx = data.labeled(train_utts), data.labeled(valid_utts)
-    log.info("%d training frames (%d utts), %d validation frames (%d utts), %d pdfs, device %s",
-             len(train_idx), len(train_utts), len(valid_idx), len(valid_utts), data.num_pdfs, device)
-    return data, train_idx, valid_idx
+def without_valid(data: DataDir, valid: set[str], name: str) -> list[str]:
+    """The utterances of ``data`` that are not validation utterances nor copies of one."""
+    kept = [u for u in data.utt_ids if data.source(u) not in valid]
+    if len(kept) < len(data.utt_ids):
+        log.info("%s: %d utterances are (copies) of validation speakers and are not trained on", name, len(data.utt_ids) - len(kept))
+    return kept
+
+
+def store_for(exp_dir: Path, utts: set[str]) -> str | None:
+    """The smallest complete fbank store that holds all ``utts`` (a subset of train uses train's), or None."""
+    candidates = []
+    for directory in sorted((Path(exp_dir) / "feats" / "fbank").glob("*")):
+        if is_complete(directory):
+            held = FeatureStore.utterances(directory)
+            if utts <= set(held):
+                candidates.append((len(held), directory.name))
+    return min(candidates)[1] if candidates else None
+
+
+def stores_for(exp_dir: Path, groups: dict[str, set[str]]) -> list[str]:
+    """The feature stores that hold the utterances of ``groups`` (data dir -> utterances): one
+    when a store holds them all, else the smallest store of each data dir, in order."""
+    single = store_for(exp_dir, set().union(*groups.values()))
+    if single is not None:
+        return [single]
+    stores = []
+    for name, utts in groups.items():
+        store = store_for(exp_dir, utts)
+        if store is None:
+            raise FileNotFoundError(f"no feature store in {exp_dir}/feats/fbank holds the {len(utts)} utterances of {name} "
+                                    f"(e.g. {sorted(utts)[:2]}); run make-feats features.sets=[{name}]")
+        if store not in stores:
+            stores.append(store)
+    return stores
+
+
+class TrainingSet:
+    """What a model trains on: the labeled utterances of ``train.data``, optionally a transfer set
+    (data dirs whose frames carry soft targets only; no alignment or transcript needed), and
+    the validation utterances.
+
+    Construction is cheap (utterance lists, the feature stores that hold them, the input paths
+    a stage fingerprints); ``load`` reads the frames once, the stores end to end when the
+    transfer set has a store of its own (``parts``: store name -> first frame).
+    """
+
+    def __init__(self, cfg, transfer: list[str] | tuple[str, ...] = ()):
+        self.cfg, self.exp = cfg, Path(cfg.exp_dir)
+        self.train_utts, self.valid_utts = data_split(cfg)
+        valid = set(self.valid_utts)
+        data_dir = Path(cfg.data_dir)
+        transfer_sets = {name: without_valid(DataDir.read(data_dir / name), valid, name) for name in transfer}
+        self.transfer_utts = sorted({u for utts in transfer_sets.values() for u in utts})
+        groups = {cfg.train.data: set(self.train_utts), "train": valid} | {name: set(utts) for name, utts in transfer_sets.items()}
+        self.stores = stores_for(self.exp, groups)
+        self.inputs: dict[str, Path] = {"data": data_dir / cfg.train.data, "split": data_dir / "train"}
+        for i, store in enumerate(self.stores):
+            suffix = "" if i == 0 else f" {store}"
+            self.inputs[f"features{suffix}"] = self.exp / "feats" / "fbank" / store
+            if i == 0 or (self.exp / "tri" / f"ali_{store}").is_dir():
+                self.inputs[f"alignment{suffix}"] = self.exp / "tri" / f"ali_{store}"
+        self.inputs |= {f"transfer {name}": data_dir / name for name in transfer}
+        self.parts: dict[str, int] = {}
+        self._loaded: tuple | None = None
+        self._parent: TrainingSet | None = None
+
+    def without(self, excluded: Callable[[str], bool]) -> "TrainingSet":
+        """The same set without the training utterances ``excluded`` picks (a cross-fitted member's);
+        the frames are shared, not loaded again."""
+        import copy
+
+        view = copy.copy(self)
+        view.train_utts = [u for u in self.train_utts if not excluded(u)]
+        view.transfer_utts = [u for u in self.transfer_utts if not excluded(u)]
+        view._parent, view._loaded = self._parent or self, None
+        return view
+
+    def load(self) -> tuple[FrameData, np.ndarray, np.ndarray, torch.Tensor]:
+        """(frames, training frame indices, validation frame indices, hard targets: pdf-id or -1)."""
+        if self._loaded is None:
+            if self._parent is not None:
+                data, _, valid_idx, _ = self._parent.load()
+                self.parts = self._parent.parts
+            else:
+                torch.set_num_threads(int(self.cfg.train.num_threads))
+                device = pick_device(self.cfg.train.device)
+                parts = [FrameData.load(self.exp, store, self.cfg.model, device, require_alignment=i == 0) for i, store in enumerate(self.stores)]
+                starts = np.cumsum([0] + [part.frames.store.num_frames for part in parts])
+                self.parts = {store: int(start) for store, start in zip(self.stores, starts)}
+                data = FrameData.combine(parts)
+                valid_idx = data.labeled(self.valid_utts)
+            labeled = data.labeled(self.train_utts)
+            hard = torch.full_like(data.pdf_ids, -1)  # the hard term only where train.data is aligned
+            index = torch.from_numpy(labeled).to(hard.device)
+            hard[index] = data.pdf_ids[index]
+            train_idx = np.union1d(labeled, data.indices(self.transfer_utts)) if self.transfer_utts else labeled
+            log.info("%d training frames (%d labeled, %d utts + %d transfer utts), %d validation frames (%d utts), %d pdfs, "
+                     "stores %s, device %s", len(train_idx), len(labeled), len(self.train_utts), len(self.transfer_utts),
+                     len(valid_idx), len(self.valid_utts), data.num_pdfs, "+".join(self.stores), hard.device)
+            self._loaded = (data, train_idx, valid_idx, hard)
+        return self._loaded
+
+
+def train_stage(
+    cfg, stage_name: str, out_dir: Path, training: TrainingSet, *, loss: Callable[[FrameData, torch.Tensor], LossFn] | None = None,
+    keys: tuple[str, ...] = (), inputs: dict[str, Path] | None = None, values: dict | None = None,
+    init_seed: int | None = None, replicate: int = 0,
+) -> None:
+    """Plan, train and record one model: the fingerprint holds TRAIN_KEYS + ``keys``, the training
+    set's inputs + ``inputs``, the seeds and ``values``. ``loss(frames, hard targets)`` makes the
+    loss function (default: cross-entropy on the hard targets)."""
+    stage = plan(stage_name, out_dir, cfg, TRAIN_KEYS + keys, {**training.inputs, **(inputs or {})},
+                 {"replicate": replicate, "init_seed": init_seed, **(values or {})})
+    if stage.up_to_date:
+        return
+    data, train_idx, valid_idx, hard = training.load()
+    history = train_model(cfg, data, train_idx, valid_idx, out_dir, loss(data, hard) if loss else None, init_seed, replicate,
+                          stage.fingerprint, hard)
+    best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
+    stage.commit(epochs=len(history), best_epoch=best, seconds=sum(h["seconds"] for h in history))
 
 
 def run(cfg) -> None:
-    out_dir = Path(cfg.exp_dir) / "dnn" / cfg.train.name
-    if skip_if_done(out_dir, f"train-dnn {cfg.train.name}"):
-        return
-    train_model(cfg, *prepare_training(cfg), out_dir)
-    mark_done(out_dir)
+    """Stage 4: ``train.seeds`` replicates of the DNN ``train.name`` (replicate r > 0: ``<name>_seed<r>``)."""
+    training = TrainingSet(cfg)
+    for replicate in range(int(cfg.train.seeds)):
+        name = replicate_name(cfg.train.name, replicate)
+        train_stage(cfg, f"train-dnn {name}", Path(cfg.exp_dir) / "dnn" / name, training, replicate=replicate)

@@ -355,8 +355,3 @@ def load_context_dependency(data: bytes) -> khg.ContextDependency:
     tree.__setstate__((list(np.frombuffer(data, dtype=np.int8)),))
     return tree
 
-
-def write_tree_file(path, data: bytes) -> None:
-    """A Kaldi ``tree`` file (binary header ``\\0B`` then the body), readable by Kaldi's tools."""
-    with open(path, "wb") as out:
-        out.write(b"\x00B" + data)

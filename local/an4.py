@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from asrkd.data import DataDir, speaker_balanced_subset, subset_name
-from asrkd.stage import account_dropped, mark_done, skip_if_done
+from asrkd.stage import account_dropped, copy_file, digest, plan, read_record, write_text
 
 log = logging.getLogger("local.an4")
 
@@ -56,6 +56,7 @@ def read_split(root: Path, split: str) -> tuple[DataDir, dict[str, str]]:
     """One AN4 split (``train`` or ``test``) as a DataDir; returns it and the dropped utterances."""
     fileids = (root / "etc" / f"an4_{split}.fileids").read_text().split()
     transcripts: dict[str, str] = {}
+    conflicting: set[str] = set()
     path = root / "etc" / f"an4_{split}.transcription"
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -63,14 +64,21 @@ def read_split(root: Path, split: str) -> tuple[DataDir, dict[str, str]]:
         words, _, tail = line.rpartition("(")
         if not tail.endswith(")"):
             raise ValueError(f"{path}:{lineno}: no '(utterance-id)' at the end of {line!r}")
-        transcripts[tail[:-1]] = " ".join(w for w in words.split() if w not in NON_WORDS)
+        text = " ".join(w for w in words.split() if w not in NON_WORDS)
+        if transcripts.get(tail[:-1], text) != text:
+            conflicting.add(tail[:-1])
+        transcripts[tail[:-1]] = text
     data, dropped = DataDir(), {}
-    for fileid in fileids:
+    for lineno, fileid in enumerate(fileids, 1):
         name = Path(fileid).name
         speaker = Path(fileid).parent.name
         utt = f"{speaker}-{name}"
         audio = next((p for p in (root / "wav" / f"{fileid}.wav", root / "wav" / f"{fileid}.sph") if p.is_file()), None)
-        if name not in transcripts:
+        if utt in data.utt2spk or utt in dropped:
+            dropped[f"{utt} (line {lineno})"] = f"utterance {utt}: duplicate utterance id (an4_{split}.fileids line {lineno}; the first is kept)"
+        elif name in conflicting:
+            dropped[utt] = f"utterance {utt}: two different transcripts in {path.name}"
+        elif name not in transcripts:
             dropped[utt] = f"utterance {utt}: no transcript in {path.name}"
         elif not transcripts[name]:
             dropped[utt] = f"utterance {utt}: empty transcript"
@@ -85,11 +93,10 @@ def read_split(root: Path, split: str) -> tuple[DataDir, dict[str, str]]:
 
 def write_dict(root: Path, dict_dir: Path, silence_phone: str) -> None:
     """Kaldi's data/local/dict: the corpus dictionary and its phone lists."""
-    dict_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(root / "etc" / "an4.dic", dict_dir / "lexicon.dic")
+    copy_file(root / "etc" / "an4.dic", dict_dir / "lexicon.dic")
     phones = (root / "etc" / "an4.phone").read_text().split()
-    (dict_dir / "nonsilence_phones.txt").write_text("".join(f"{p}\n" for p in phones if p != silence_phone))
-    (dict_dir / "silence_phones.txt").write_text(f"{silence_phone}\n")
+    write_text(dict_dir / "nonsilence_phones.txt", "".join(f"{p}\n" for p in phones if p != silence_phone))
+    write_text(dict_dir / "silence_phones.txt", f"{silence_phone}\n")
 
 
 def write_subsets(data: DataDir, cfg) -> None:
@@ -103,15 +110,28 @@ def write_subsets(data: DataDir, cfg) -> None:
         log.info("%s: %d utterances of %d speakers", subset_name(fraction), len(subset.utt2spk), len(subset.spk2utt))
 
 
+def corpus_fingerprint(root: Path) -> str:
+    """What decides the data dirs: AN4's file lists, transcripts and dictionaries (not where it lies)."""
+    names = sorted(p.name for p in (root / "etc").iterdir() if p.suffix in (".fileids", ".transcription", ".dic", ".phone"))
+    return digest({name: (root / "etc" / name).read_text(encoding="latin-1") for name in names})
+
+
 def prepare(cfg) -> None:
+    """Stage 0: data/train, data/test, the subsets of train and data/local/dict."""
     data_dir = Path(cfg.data_dir)
-    if skip_if_done(data_dir / "train", "an4 prep"):
+    root = find_corpus_root(Path(cfg.corpus_dir))
+    if root is None and read_record(data_dir / "local") is not None:
+        log.info("an4 prep: no corpus at %s to check against; keeping the data dirs in %s", cfg.corpus_dir, data_dir)
         write_subsets(DataDir.read(data_dir / "train"), cfg)  # fractions added to the config since
         return
-    root = find_corpus_root(Path(cfg.corpus_dir))
     if root is None:
         log.info("no AN4 at %s", cfg.corpus_dir)
         root = download_an4(cfg.prep.download_url, data_dir / "local" / "downloads")
+    stage = plan("an4 prep", data_dir / "local", cfg, ("prep.subset_seed", "lang.silence_phone"),
+                 values={"corpus": corpus_fingerprint(root)}, clear=False)
+    if stage.up_to_date:
+        write_subsets(DataDir.read(data_dir / "train"), cfg)
+        return
     log.info("AN4 from %s", root)
     for split in ("test", "train"):
         data, dropped = read_split(root, split)
@@ -119,18 +139,17 @@ def prepare(cfg) -> None:
         account_dropped(f"an4 prep ({split})", total, dropped, cfg.prep.max_drop_fraction, data_dir / "local" / f"dropped_{split}.json")
         data.write(data_dir / split)
     log.info("train: %d utterances, %d speakers", len(data.utt2spk), len(data.spk2utt))
+    for fraction in cfg.prep.subset_fractions:  # a redo redraws them from the new train
+        shutil.rmtree(data_dir / subset_name(fraction), ignore_errors=True)
     write_subsets(data, cfg)
     write_dict(root, data_dir / "local" / "dict", cfg.lang.silence_phone)
-    mark_done(data_dir / "test")
-    mark_done(data_dir / "train")
+    stage.commit()
 
 
 def main(argv: list[str] | None = None) -> None:
-    from asrkd.cli import load_config
+    from asrkd.cli import run_command
 
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    prepare(cfg)
+    run_command(prepare, sys.argv[1:] if argv is None else argv, "an4 prep")
 
 
 if __name__ == "__main__":

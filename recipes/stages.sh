@@ -1,7 +1,10 @@
 # Shared by the stage-numbered recipes (recipes/<corpus>/run*.sh), which source it with their
 # arguments, as Kaldi recipes source utils/parse_options.sh:
 #
-#   <recipe> [--stage N] [--stop-stage M] [--corpus-dir DIR] [-- hydra overrides...]
+#   <recipe> [--stage N] [--stop-stage M] [--corpus-dir DIR] [--redo] [-- hydra overrides...]
+#
+# A stage whose outputs were made with the same config and inputs is skipped; one whose config
+# or inputs changed is refused with what changed, unless --redo (Hydra: redo=true) remakes it.
 #
 # It sets $stage, $stop_stage, $corpus_dir (default: what the recipe set before sourcing),
 # $overrides, $root (the repository); moves into the recipe's dir (its data/ and exp/); puts
@@ -10,6 +13,7 @@
 
 stage=0
 stop_stage=100
+redo=
 corpus_dir=${corpus_dir:-}
 overrides=()
 recipe_dir=$(cd "$(dirname "$0")" && pwd)
@@ -20,10 +24,12 @@ while [ $# -gt 0 ]; do
     --stage) stage=$2; shift 2 ;;
     --stop-stage) stop_stage=$2; shift 2 ;;
     --corpus-dir) corpus_dir=$2; shift 2 ;;
+    --redo) redo=true; shift ;;
     --) shift; overrides=("$@"); break ;;
-    *) echo "usage: $0 [--stage N] [--stop-stage M] [--corpus-dir DIR] [-- hydra overrides]" >&2; exit 1 ;;
+    *) echo "usage: $0 [--stage N] [--stop-stage M] [--corpus-dir DIR] [--redo] [-- hydra overrides]" >&2; exit 1 ;;
   esac
 done
+[ -z "${redo:-}" ] || overrides=(redo=true ${overrides[@]+"${overrides[@]}"})
 cd "$recipe_dir"
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 

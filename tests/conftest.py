@@ -15,6 +15,45 @@ sys.path.insert(0, str(REPO))  # local/ (corpus-specific prep) lives beside the 
 AN4 = Path(os.environ.get("AN4_DIR", REPO.parent / "shared" / "corpora" / "an4"))
 
 
+TINY = [
+    "model=tiny", "train.epochs=2", "train.batch_size=128",
+    "gmm.mono.num_iters=6", "gmm.mono.total_gauss=150", "gmm.mono.realign_iters=[2,4]",
+    "gmm.tree.max_leaves=130", "gmm.tree.min_count=40",
+    "gmm.tri.num_iters=4", "gmm.tri.total_gauss=250", "gmm.tri.realign_iters=[2]",
+    "decode.beam=10", "decode.lattice_beam=4", "decode.lmwt=[8,10,12]", "decode.word_ins_penalty=[0.0,0.5]",
+    "stats.replicates=500",
+]
+
+
+def tiny_config(root: Path, *overrides: str):
+    """The test config of a run dir: its data/ and exp/, tiny models, short GMM training."""
+    from asrkd.cli import load_config
+
+    return load_config([f"corpus_dir={root}/corpus", f"data_dir={root}/data", f"exp_dir={root}/exp", *TINY, *overrides])
+
+
+@pytest.fixture(scope="session")
+def run_dir(an4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mini AN4 (8 training, 2 test speakers) through prep -> ... -> evaluate, with two defects
+    the stages must survive and report: a missing wav, a word no lexicon knows."""
+    from asrkd import decode, evaluate, features, gmm, graph, lang, train
+    from local import an4 as an4_prep
+
+    root = tmp_path_factory.mktemp("e2e")
+    corpus = make_mini_an4(an4, root / "corpus", train_speakers=8, test_speakers=2)
+    missing = next((corpus / "wav" / "an4_clstk").rglob("*.wav"))
+    missing.unlink()
+    transcription = corpus / "etc" / "an4_train.transcription"
+    lines = transcription.read_text().splitlines()
+    lines[-1] = lines[-1].replace("</s>", "QWERTYZZ </s>")
+    transcription.write_text("\n".join(lines) + "\n")
+    cfg = tiny_config(root)
+    an4_prep.prepare(cfg)
+    for stage in (lang, features, gmm, train, graph, decode, evaluate):
+        stage.run(cfg)
+    return root
+
+
 @pytest.fixture(scope="session")
 def an4() -> Path:
     if not (AN4 / "etc" / "an4_train.transcription").is_file():

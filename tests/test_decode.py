@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from asrkd.decode import check_scores, choose_weights, log_priors, transition_id_matrix, unseen_sentences, word_error_rate
+from asrkd.decode import (check_scores, choose_weights, log_priors, transition_id_matrix, unseen_sentences, utterance_errors,
+                          word_error_rate)
 
 
 def test_wer_counts_errors_by_kind() -> None:
@@ -10,6 +11,15 @@ def test_wer_counts_errors_by_kind() -> None:
     result = word_error_rate(refs, {"a": "ONE TOO THREE FOUR"})  # b has no output: a deletion
     assert (result["substitutions"], result["insertions"], result["deletions"]) == (1, 1, 1)
     assert result["wer"] == pytest.approx(3 / 4)
+
+
+def test_utterance_errors_add_up_to_the_corpus_wer() -> None:
+    refs = {"a": "ONE TWO THREE", "b": "YES", "c": "GO TO SLEEP NOW"}
+    hyps = {"a": "ONE TOO THREE FOUR", "c": "GO SLEEP NOW NOW"}  # b: no output, all deleted
+    per_utterance = utterance_errors(refs, hyps)
+    assert per_utterance == {"a": [2, 3], "b": [1, 1], "c": [2, 4]}
+    total = word_error_rate(refs, hyps)
+    assert sum(e for e, _ in per_utterance.values()) == total["substitutions"] + total["deletions"] + total["insertions"]
 
 
 def test_sweep_choice_is_the_dev_best_pair() -> None:

@@ -9,7 +9,7 @@ from asrkd.features import FeatureStore, apply_speaker_cmvn, compute_fbank, make
 
 CFG = OmegaConf.create({"sample_rate": 16000, "frame_length_ms": 25, "frame_shift_ms": 10, "dither": 0.0, "num_mel_bins": 40,
                         "num_ceps": 13, "cmvn_norm_vars": {"fbank": False, "mfcc": False},
-                        "storage_dtype": {"fbank": "float16", "mfcc": "float32"}})
+                        "storage_dtype": {"fbank": "float16", "mfcc": "float32"}, "channel": None, "resample": False})
 
 
 def reference_fbank(samples: np.ndarray, num_bins: int = 40, rate: int = 16000) -> np.ndarray:
@@ -74,6 +74,6 @@ def test_unreadable_audio_is_dropped_with_its_reason(an4: Path, tmp_path: Path) 
     store, dropped = make_features(data, CFG, "fbank")
     assert store.utt_ids == ["s-good"] and store.frames.dtype == np.float16
     assert set(dropped) == {"s-missing", "s-broken"}
-    assert "utterance s-missing: cannot read audio" in dropped["s-missing"]
-    with pytest.raises(ValueError, match="sample rate 16000, config expects 8000"):
+    assert "utterance s-missing: unreadable audio" in dropped["s-missing"] and "No such file" in dropped["s-missing"]
+    with pytest.raises(ValueError, match="sample rate 16000 .*features.sample_rate is 8000.*features.resample=true"):
         read_waveform(str(wav), "utt", 8000)

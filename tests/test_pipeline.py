@@ -8,40 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asrkd import decode, evaluate, features, gmm, graph, lang, train
+from asrkd import decode, gmm, train
 from asrkd.cli import load_config
 from asrkd.features import FeatureStore
 from asrkd.stage import TooManyDropped, account_dropped
 from local import an4 as an4_prep
 
-from .conftest import make_mini_an4
-
-TINY = [
-    "model=tiny", "train.epochs=2", "train.batch_size=128",
-    "gmm.mono.num_iters=6", "gmm.mono.total_gauss=150", "gmm.mono.realign_iters=[2,4]",
-    "gmm.tree.max_leaves=130", "gmm.tree.min_count=40",
-    "gmm.tri.num_iters=4", "gmm.tri.total_gauss=250", "gmm.tri.realign_iters=[2]",
-    "decode.beam=10", "decode.lattice_beam=4", "decode.lmwt=[8,10,12]", "decode.word_ins_penalty=[0.0,0.5]",
-]
-
-
-@pytest.fixture(scope="module")
-def run_dir(an4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("e2e")
-    corpus = make_mini_an4(an4, root / "corpus", train_speakers=8, test_speakers=2)
-    # bad input the stages must survive and report: a missing wav, a word no lexicon knows
-    missing = next((corpus / "wav" / "an4_clstk").rglob("*.wav"))
-    missing.unlink()
-    transcription = corpus / "etc" / "an4_train.transcription"
-    lines = transcription.read_text().splitlines()
-    lines[-1] = lines[-1].replace("</s>", "QWERTYZZ </s>")
-    transcription.write_text("\n".join(lines) + "\n")
-    cfg = load_config([f"corpus_dir={corpus}", f"data_dir={root}/data", f"exp_dir={root}/exp", *TINY])
-    an4_prep.prepare(cfg)
-    for stage in (lang, features, gmm, train, graph, decode, evaluate):
-        stage.run(cfg)
-    return root
-
+from .conftest import TINY, make_mini_an4
 
 def test_report_has_frame_accuracy_for_every_set(run_dir: Path) -> None:
     report = json.loads((run_dir / "exp" / "report" / "report.json").read_text())
@@ -50,7 +23,12 @@ def test_report_has_frame_accuracy_for_every_set(run_dir: Path) -> None:
     num_pdfs = report["gmm"]["tri_pdfs"]
     assert report["gmm"]["mono_pdfs"] < num_pdfs <= 130  # the tree split contexts, within max_leaves
     assert all(5.0 / num_pdfs < a <= 1.0 for a in accuracy.values())  # far above chance
-    assert "| baseline | 2x64 |" in (run_dir / "exp" / "report" / "report.md").read_text()
+    assert "| baseline | 2x64 | 1 |" in (run_dir / "exp" / "report" / "report.md").read_text()
+    baseline = report["systems"]["baseline"]
+    lo, hi = baseline["frame_accuracy_ci"]["test"]
+    assert lo < baseline["frame_accuracy"]["test"] < hi and baseline["wer_ci"]["test"][0] <= baseline["wer"]["test"]
+    assert baseline["stage"]["baseline"]["config"]["model.hidden_dim"] == 64  # the config it was made with
+    assert len(baseline["stage"]["baseline"]["fingerprint"]) == 16
     for system in ("gmm", "baseline"):
         wer = report["systems"][system]["wer"]
         assert set(wer) == {"test", "test_unseen", "valid"} and 0.0 <= wer["test"] < 1.0
@@ -110,23 +88,15 @@ def test_too_many_dropped_fails_the_stage(tmp_path: Path) -> None:
         account_dropped("x", 10, {"a": "utterance a: why", "b": "utterance b: why"}, 0.1, tmp_path / "d.json")
 
 
-def test_finished_stages_are_skipped_and_training_resumes(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.name=resumed", "train.epochs=1"])
+def test_finished_stages_are_skipped(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY])
     caplog.set_level(logging.INFO)
     gmm.run(cfg)
-    assert "train-gmm: " in caplog.text and "is complete, skipping" in caplog.text
     train.run(cfg)
-    out = run_dir / "exp" / "dnn" / "resumed"
-    (out / ".done").unlink()
-    cfg.train.epochs = 2
-    caplog.clear()
-    train.run(cfg)
-    assert "resuming from" in caplog.text and "epoch-0.pt" in caplog.text
-    history = json.loads((out / "history.json").read_text())
-    baseline = json.loads((run_dir / "exp" / "dnn" / "baseline" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1]
-    # seeded: the resumed run ends where the uninterrupted one did
-    assert history[-1]["valid_frame_accuracy"] == pytest.approx(baseline[-1]["valid_frame_accuracy"], abs=1e-6)
+    decode.run(cfg)
+    for stage in ("train-gmm", "align train", "train-dnn baseline", "decode baseline"):
+        assert f"{stage}: " in caplog.text
+    assert caplog.text.count("is complete and current, skipping") == 6  # tri, ali_train, ali_test, baseline, 2 decodes
 
 
 def test_download_unpacks_an_archive(an4: Path, tmp_path: Path) -> None:
@@ -143,29 +113,34 @@ def test_download_unpacks_an_archive(an4: Path, tmp_path: Path) -> None:
 def test_gmm_stage_is_reproducible(run_dir: Path, tmp_path: Path) -> None:
     import shutil
 
+    shutil.copytree(run_dir / "data", tmp_path / "data")  # stage records name their inputs relative to themselves
     shutil.copytree(run_dir / "exp" / "feats", tmp_path / "exp" / "feats")
-    cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={tmp_path}/exp", *TINY])
+    cfg = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY])
     gmm.run(cfg)
     for name in ("train", "test"):
         again = np.load(tmp_path / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy")
         np.testing.assert_array_equal(again, np.load(run_dir / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy"))
 
 
-def test_ensemble_soft_targets_students_and_table1(run_dir: Path) -> None:
-    from asrkd import distillation, ensemble, soft_targets, student
+DISTILL = ["train.epochs=1", "ensemble.size=2", "distill.temperatures=[1,2]", "distill.students.dense=[1,2]", "distill.students.topk=[2]",
+           "distill.seeds.dense=2", "levers.cross_fitted={name:ensemble_xfit,folds:2}", "levers.student_epochs=[2]"]
+
+
+def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) -> None:
+    from asrkd import distillation, ensemble, features, levers, perturb, soft_targets, student
     from asrkd.soft_targets import SoftTargetStore, current_checksum, store_dir
 
-    cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.epochs=1", "ensemble.size=2",
-                       "distill.temperatures=[1,2]", "distill.students.dense=[1,2]", "distill.students.topk=[2]", "distill.top_k=5"])
+    cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, *DISTILL])
+    train.run(load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.seeds=${distill.seeds.dense}"]))
     ensemble.run(cfg)
     soft_targets.run(cfg)
-    store = SoftTargetStore.load(store_dir(cfg, 2.0), current_checksum(cfg))
-    sharp = SoftTargetStore.load(store_dir(cfg, 1.0), current_checksum(cfg))
+    store = SoftTargetStore.load(store_dir(cfg, 2.0), current_checksum(run_dir / "exp", "train"))
+    sharp = SoftTargetStore.load(store_dir(cfg, 1.0), current_checksum(run_dir / "exp", "train"))
     np.testing.assert_allclose(np.asarray(store.dense[:100], dtype=np.float32).sum(1), 1.0, atol=2e-2)
     # a higher temperature gives softer targets
     assert np.asarray(store.dense[:100], dtype=np.float32).max(1).mean() < np.asarray(sharp.dense[:100], dtype=np.float32).max(1).mean()
     student.run(cfg)
-    for name in ("student_ensemble_T1_dense", "student_ensemble_T2_dense", "student_ensemble_T2_topk", "student_ensemble_logits"):
+    for name in ("student_ensemble_T1_dense", "student_ensemble_T2_dense_seed1", "student_ensemble_T2_topk", "student_ensemble_logits"):
         history = json.loads((run_dir / "exp" / "dnn" / name / "history.json").read_text())
         assert len(history) == 1 and 0.0 < history[0]["valid_frame_accuracy"] <= 1.0
     distillation.run_decode(cfg)
@@ -174,19 +149,49 @@ def test_ensemble_soft_targets_students_and_table1(run_dir: Path) -> None:
     systems, result = report["systems"], report["distillation"]
     assert {"baseline", "ensemble", "distilled", "distilled_dense_T1", "distilled_dense_T2", "distilled_topk_T2",
             "distilled_logits"} <= set(systems)
-    dense = {t: systems[f"distilled_dense_T{t}"]["frame_accuracy"]["valid"] for t in (1, 2)}
-    distilled = systems["distilled"]
-    assert distilled["temperature"] == max(dense, key=dense.get)  # chosen on validation, not test
+    # T is chosen on validation, averaged over the students' seeds
+    valid = {t: np.mean([train.read_history(run_dir / "exp" / "dnn" / f"student_ensemble_T{t}_dense{s}")[-1]["valid_frame_accuracy"]
+                         for s in ("", "_seed1")]) for t in (1, 2)}
+    assert result["temperature"] == max(valid, key=valid.get) and systems["distilled"]["seeds"] == 2
+    assert set(result["temperature_choice"]["valid_frame_accuracy"]) == {"1", "2"}
     test_acc = {name: systems[name]["frame_accuracy"]["test"] for name in ("baseline", "ensemble", "distilled")}
-    assert distilled["gain_kept"] == pytest.approx((test_acc["distilled"] - test_acc["baseline"]) / (test_acc["ensemble"] - test_acc["baseline"]))
-    assert 0 <= systems["ensemble"]["wer"]["test"] <= 1.5 and systems["ensemble"]["members"] == 2
+    kept = result["gain_kept"]["vs_baseline"]
+    assert kept["estimate"] == pytest.approx((test_acc["distilled"] - test_acc["baseline"]) / (test_acc["ensemble"] - test_acc["baseline"]))
+    assert kept["ci"] == result["gain_kept_ci"] and kept["ci"][0] <= kept["ci"][1]
+    singles = result["table1"]["single_models"]
+    assert singles["seeds"] == 4 and len(result["baseline_seeds"]["test_frame_accuracy"]) == 2 and len(result["members"]["test_frame_accuracy"]) == 2
+    assert singles["frame_accuracy"]["test"] == pytest.approx(np.mean(result["baseline_seeds"]["test_frame_accuracy"] + result["members"]["test_frame_accuracy"]))
+    for name in ("baseline", "ensemble", "distilled"):
+        lo, hi = systems[name]["frame_accuracy_ci"]["test"]
+        assert lo <= systems[name]["frame_accuracy"]["test"] <= hi and len(systems[name]["wer_ci"]["test"]) == 2
+    assert 0 <= result["differences"]["ensemble − baseline"]["frame_accuracy"]["p_above_zero"] <= 1
     (topk,) = result["topk"]
     assert topk["temperature"] == 2 and 0 < topk["size_ratio"] < 1 and 0 <= topk["mean_residual"] < 1
+    assert set(result["levers"]) == {"train"}  # the reference only: no other lever trained yet
     for name in ("distillation_curves.png", "distillation_temperature.png"):
         assert (run_dir / "exp" / "report" / name).stat().st_size > 10_000
     markdown = (run_dir / "exp" / "report" / "distillation.md").read_text()
-    assert "| 2x ensemble |" in markdown and "∞ (logit matching)" in markdown
-    assert "| ensemble | 2 x 2x64 |" in (run_dir / "exp" / "report" / "report.md").read_text()
+    assert "| 2x ensemble |" in markdown and "∞ (logit matching)" in markdown and "P(> 0)" in markdown
+    assert "| ensemble | 2 x 2x64 | 1 |" in (run_dir / "exp" / "report" / "report.md").read_text()
+
+    perturb.run(cfg)
+    sp = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "features.sets=[${perturb.source}_sp]"])
+    features.run(sp)
+    gmm.run_align(sp)
+    levers.run_train(cfg)
+    levers.run_decode(cfg)
+    distillation.run_report(cfg)
+    result = json.loads((run_dir / "exp" / "report" / "report.json").read_text())["distillation"]
+    by_name = result["levers"]
+    assert set(by_name) == {"train", "train_sp", "cross-fitted", "epochs 2"}
+    assert by_name["train_sp"]["baselines"] == ["baseline_sp"]  # the same-data baseline, levers.seeds replicates
+    assert len(by_name["train_sp"]["students"]) == 1 and len(by_name["train"]["students"]) == 2  # the reference keeps stage 3's seeds
+    assert not list((run_dir / "exp" / "dnn").glob("student_*_train_sp_seed1"))  # levers.seeds = 1: no replicate trained
+    assert by_name["cross-fitted"]["teacher"] == "ensemble_xfit" and by_name["epochs 2"]["baselines"] == ["baseline", "baseline_seed1"]
+    for lever in by_name.values():
+        assert len(lever["gain_kept_ci"]) == 2 and 0 <= lever["minus_baseline"]["p_above_zero"] <= 1
+    assert len(train.read_history(run_dir / "exp" / "dnn" / "student_ensemble_T{:g}_dense_e2".format(result["temperature"]))) == 2
+    assert (run_dir / "exp" / "report" / "distillation_levers.png").stat().st_size > 10_000
 
 
 def test_soft_targets_of_one_teacher_train_a_subset_student(run_dir: Path) -> None:
@@ -194,9 +199,9 @@ def test_soft_targets_of_one_teacher_train_a_subset_student(run_dir: Path) -> No
 
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.epochs=2", "train.data=train_10pct",
                        "distill.teacher=baseline", "distill.temperatures=[2]", "distill.students.dense=[]",
-                       "distill.students.topk=[2]", "distill.top_k=5", "distill.logit_matching=false"])
+                       "distill.students.topk=[2]", "distill.logit_matching=false"])
     soft_targets.run(cfg)
-    assert (run_dir / "exp" / "soft_targets" / "baseline" / "T2" / "header.json").is_file()
+    assert (run_dir / "exp" / "soft_targets" / "baseline" / "train" / "T2" / "header.json").is_file()
     student.run(cfg)
     history = json.loads((run_dir / "exp" / "dnn" / "student_baseline_T2_topk_train_10pct" / "history.json").read_text())
     assert len(history) == 2
@@ -214,7 +219,7 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
         assert len(subset.utt2spk) == round(fraction * len(full.utt2spk))
     overrides = [f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY]
     full_train, full_valid = data_split(load_config(overrides))
-    cfg = load_config([*overrides, "train.data=train_30pct", "train.name=sub30", "train.epochs=4"])
+    cfg = load_config([*overrides, "train.data=train_30pct", "train.name=sub30", "train.epochs=4", "train.keep_epoch_checkpoints=true"])
     sub_train, sub_valid = data_split(cfg)
     assert sub_valid == full_valid and set(sub_train) <= set(full_train)
     assert set(sub_train) == set(DataDir.read(run_dir / "data" / "train_30pct").utt_ids) - set(full_valid)
@@ -227,6 +232,7 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
     final = torch.load(out / "best.pt", weights_only=False)
     assert final["epoch"] == best
     chosen = torch.load(out / f"epoch-{best}.pt", weights_only=False)["model"]
+    assert not (out / "last.pt").exists()  # the resume point goes once training is complete
     assert all(torch.equal(final["model"][k], chosen[k]) for k in chosen)
 
 
@@ -239,13 +245,18 @@ def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
     three_percent.run_decode(cfg)
     three_percent.run_report(cfg)
     report = json.loads((run_dir / "exp" / "report" / "report.json").read_text())["three_percent"]
-    rows = {"full_hard", "sub_hard", "sub_hard_early_stop", "sub_soft"}
-    # the ensemble test above left T=2 soft targets of a 2-member ensemble: its student is the extra row
+    rows = {"full_hard", "sub_hard", "sub_hard_early_stop", "sub_soft", "sub_hard_sp", "sub_soft_sp"}
+    # the ensemble test above left T=2 soft targets of a 2-member ensemble (its student is the extra row) and train_sp
     assert set(report["rows"]) == rows | {"sub_soft_ensemble"}
     assert report["fraction"] == 0.1 and [c["fraction"] for c in report["curve"]] == [0.1, 0.3]
     for row in report["rows"].values():
         assert 0 < row["frame_accuracy"]["test"] <= 1 and 0 <= row["wer"]["test"] <= 1.5
+        lo, hi = row["frame_accuracy_ci"]["test"]
+        assert lo <= row["frame_accuracy"]["test"] <= hi
     full, hard, soft = (report["rows"][r]["frame_accuracy"]["test"] for r in ("full_hard", "sub_hard", "sub_soft"))
     assert report["gap_closed"] == pytest.approx((soft - hard) / (full - hard))
+    assert report["gap_closed_ci"][0] <= report["gap_closed"] <= report["gap_closed_ci"][1]
+    assert set(report["curve"][0]["differences"]) == {"sub_soft − sub_hard", "sub_hard_sp − sub_hard", "sub_soft_sp − sub_hard_sp",
+                                                     "sub_soft_sp − sub_soft"}
     assert (run_dir / "exp" / "report" / "three_percent_curves.png").stat().st_size > 10_000
     assert "| sub_soft |" in (run_dir / "exp" / "report" / "three_percent.md").read_text()

@@ -43,3 +43,13 @@ def test_readme_quotes_the_committed_three_percent_and_distillation_tables() -> 
         assert len(lines) >= 6
         for line in lines:
             assert line in readme, (name, line)
+
+
+def test_every_reliability_row_names_a_test_that_exists() -> None:
+    import re
+
+    rows = [line for line in (REPO / "docs" / "reliability.md").read_text().splitlines() if line.startswith("| ") and "`test_" in line]
+    assert len(rows) >= 25
+    for row in rows:
+        for file, test in re.findall(r"`(test_\w+\.py)::(test_\w+)`", row):
+            assert re.search(rf"^def {test}\(", (REPO / "tests" / file).read_text(), re.M), (file, test)

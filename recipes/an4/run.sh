@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # AN4 (CMU census, ~0.8 h of read speech): wav -> hybrid DNN -> frame accuracy and WER report.
 #
-#   recipes/an4/run.sh [--stage N] [--stop-stage M] [--corpus-dir DIR] [-- hydra overrides...]
+#   recipes/an4/run.sh [--stage N] [--stop-stage M] [--corpus-dir DIR] [--redo] [-- hydra overrides...]
 #
-# Each stage skips work whose outputs are complete (a .done marker in its output dir), so a
-# rerun resumes; DNN training also resumes from its last epoch checkpoint. Working dirs are
-# recipes/an4/data and recipes/an4/exp; the report is copied to results/an4/.
+# A stage skips work whose outputs were made with the same config and inputs (stage.json in its
+# output dir), refuses changed ones unless --redo; DNN training resumes from last.pt. Working dirs are
+# recipes/an4/data and recipes/an4/exp; the report is merged into results/an4/.
 # The corpus is read from --corpus-dir, else $AN4_DIR, else ../shared/corpora/an4 beside the
 # repository, else downloaded from CMU (prep.download_url).
 set -euo pipefail

@@ -1,0 +1,129 @@
+"""Stages 6-10 of run_distill.sh: what moves the share of the ensemble's gain a student keeps.
+
+On AN4 the teacher has memorized its own training frames (the ensemble scores ~81% on them
+and ~58% on test), so its soft targets there say little more than the labels. Each lever
+trains students at the temperature chosen on validation (:func:`chosen_temperature`),
+``levers.seeds`` seeds each (null: ``distill.seeds.dense``), and names the baseline it must beat, trained on the same
+data, so that no lever wins by a weaker comparison:
+
+* ``train``: the reference, the students of stage 3 on ``train``, against the baseline;
+* ``train_sp`` (``levers.speed_perturbed``): students on the speed-perturbed copies
+  ``train_sp`` (the ensemble's soft targets there), against a baseline trained on
+  ``train_sp`` with hard labels;
+* ``epochs <E>`` (``levers.student_epochs``): students trained for E epochs, against the
+  baseline (the soft targets may over-fit less than the labels);
+* ``cross-fitted`` (``levers.cross_fitted``, the dearest, so trained last): a second ensemble
+  whose members never see one fold of the training speakers; each utterance's soft targets
+  come from the members that never saw its speaker; against the baseline.
+
+Every lever's gain kept is measured against the same ensemble (``distill.teacher``, trained
+on ``train``) and its own same-data baseline; the report is :mod:`asrkd.distillation`'s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from asrkd.train import read_history, replicate_name
+
+
+class Lever(NamedTuple):
+    name: str
+    description: str
+    students: list[str]  # exp/dnn systems: the student's replicates
+    baselines: list[str]  # the same-data baseline's replicates
+    teacher: str  # the ensemble whose soft targets the student learned from
+    student_cfg: object  # the config that trains the students
+    baseline_cfg: object | None  # the config that trains the baseline (None: the main recipe's)
+
+
+def dense_students(cfg) -> dict[float, list[str]]:
+    """T -> the dense students' replicates of the main sweep (stage 3)."""
+    from asrkd.student import Student, name_of
+
+    seeds = int(cfg.distill.seeds.get("dense", 1))
+    return {float(t): [name_of(cfg, Student("dense", float(t), r)) for r in range(seeds)] for t in cfg.distill.students.dense}
+
+
+def validation_accuracy(exp: Path, systems: list[str]) -> float:
+    """The mean over replicates of the last epoch's validation frame accuracy."""
+    return float(np.mean([read_history(exp / "dnn" / s)[-1]["valid_frame_accuracy"] for s in systems]))
+
+
+def chosen_temperature(cfg) -> float:
+    """The T whose dense students have the best validation frame accuracy, averaged over their seeds."""
+    exp = Path(cfg.exp_dir)
+    by_t = {t: validation_accuracy(exp, systems) for t, systems in dense_students(cfg).items()}
+    return max(by_t, key=by_t.get)
+
+
+def lever_seeds(cfg) -> int:
+    """Replicates of each lever's students and same-data baseline: ``levers.seeds``, else the dense students'."""
+    seeds = cfg.levers.get("seeds")
+    return int(cfg.distill.seeds.get("dense", 1) if seeds is None else seeds)
+
+
+def narrowed(cfg, temperature: float, **distill):
+    """A lever's students' config: ``levers.seeds`` dense students at ``temperature``, with ``distill`` overrides."""
+    merged = OmegaConf.merge(cfg, {"distill": {"temperatures": [temperature], "logit_matching": False, **distill}})
+    merged.distill.students = {"dense": [temperature]}  # replaced, not merged: no top-k student
+    merged.distill.seeds = {"dense": lever_seeds(cfg)}
+    return merged
+
+
+def levers(cfg, temperature: float | None = None) -> list[Lever]:
+    """Every lever the config asks for, with its systems (trained or not)."""
+    from asrkd.student import Student, name_of
+
+    t = chosen_temperature(cfg) if temperature is None else temperature
+    stage3_seeds, seeds = int(cfg.distill.seeds.get("dense", 1)), lever_seeds(cfg)
+    baselines = [replicate_name(cfg.train.name, r) for r in range(stage3_seeds)]  # run_distill.sh stage 0's
+
+    def students(student_cfg, replicates: int = seeds) -> list[str]:
+        return [name_of(student_cfg, Student("dense", t, r)) for r in range(replicates)]
+
+    reference = narrowed(cfg, t)
+    out = [Lever("train", "students on train (stage 3)", students(reference, stage3_seeds), baselines, cfg.distill.teacher,
+                 reference, None)]
+    if cfg.levers.speed_perturbed:
+        sp = f"{cfg.perturb.source}_sp"
+        student_cfg = OmegaConf.merge(narrowed(cfg, t), {"train": {"data": sp}})
+        baseline_cfg = OmegaConf.merge(cfg, {"train": {"data": sp, "name": f"{cfg.train.name}_sp", "seeds": seeds}})
+        out.append(Lever(sp, f"students and baseline on {sp} (speeds {', '.join(f'{s:g}' for s in cfg.perturb.speeds)})",
+                         students(student_cfg), [replicate_name(f"{cfg.train.name}_sp", r) for r in range(seeds)],
+                         cfg.distill.teacher, student_cfg, baseline_cfg))
+    for epochs in cfg.levers.student_epochs:
+        student_cfg = narrowed(cfg, t, epochs=int(epochs))
+        out.append(Lever(f"epochs {epochs}", f"students trained {epochs} epochs (baseline {cfg.train.epochs})",
+                         students(student_cfg), baselines, cfg.distill.teacher, student_cfg, None))
+    if cfg.levers.cross_fitted:
+        xfit = cfg.levers.cross_fitted
+        student_cfg = OmegaConf.merge(narrowed(cfg, t, teacher=xfit.name), {"ensemble": {"name": xfit.name, "folds": xfit.folds}})
+        out.append(Lever("cross-fitted", f"soft targets from {xfit.folds}-fold cross-fitted members ({xfit.name})",
+                         students(student_cfg), baselines, xfit.name, student_cfg, None))
+    return out
+
+
+def run_train(cfg) -> None:
+    """Stage 8: every lever's baseline, teacher, soft targets and students that are not complete."""
+    from asrkd import ensemble, soft_targets, student, train
+
+    for lever in levers(cfg)[1:]:
+        if lever.baseline_cfg is not None:
+            train.run(lever.baseline_cfg)
+        if lever.teacher != cfg.distill.teacher:
+            ensemble.run(lever.student_cfg)
+        soft_targets.run(lever.student_cfg)
+        student.run(lever.student_cfg)
+
+
+def run_decode(cfg) -> None:
+    """Stage 9: WER of every lever's students, baselines and teacher."""
+    from asrkd import decode
+
+    names = [s for lever in levers(cfg)[1:] for s in [*lever.students, *lever.baselines, lever.teacher]]
+    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": list(dict.fromkeys(names))}}))
