@@ -57,9 +57,9 @@ def load_config(overrides: list[str] | None = None, config_dir: Path | None = No
 
 def explain_override_error(message: str, overrides: list[str], base: DictConfig, config_dir: Path) -> str:
     known = config_keys(base)
+    groups = [p.name for p in config_dir.iterdir() if p.is_dir()]
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        groups = [p.name for p in config_dir.iterdir() if p.is_dir()]
         if key in groups:
             options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
             if value not in options:

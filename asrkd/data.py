@@ -9,7 +9,7 @@ identical utterance sets across files, speaker-prefixed utterance ids, non-empty
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,12 @@ class DataDir:
 
     def subset(self, utt_ids: list[str]) -> "DataDir":
         keep = set(utt_ids)
-        return DataDir(
-            wav_scp={u: v for u, v in self.wav_scp.items() if u in keep},
-            text={u: v for u, v in self.text.items() if u in keep},
-            utt2spk={u: v for u, v in self.utt2spk.items() if u in keep},
-            utt2uniq={u: v for u, v in self.utt2uniq.items() if u in keep},
-        )
+        return DataDir(**{t.name: {u: v for u, v in getattr(self, t.name).items() if u in keep} for t in fields(self)})
+
+    @classmethod
+    def combine(cls, *parts: "DataDir") -> "DataDir":
+        """utils/combine_data.sh: the union of data dirs with distinct utterance ids."""
+        return cls(**{t.name: {u: v for part in parts for u, v in getattr(part, t.name).items()} for t in fields(cls)})
 
     def validate(self, where: str = "data dir") -> None:
         """Raise DataDirError on the first violation of Kaldi's data-dir rules."""

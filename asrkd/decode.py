@@ -148,19 +148,14 @@ def word_error_rate(refs: dict[str, str], hyps: dict[str, str]) -> dict:
             "insertions": out.insertions, "words": words, "utterances": len(utts)}
 
 
-def edit_distance(ref: list[str], hyp: list[str]) -> int:
-    """Word-level Levenshtein distance: substitutions + deletions + insertions of the best alignment."""
-    row = list(range(len(hyp) + 1))
-    for i, word in enumerate(ref, 1):
-        previous, row[0] = row[0], i
-        for j, other in enumerate(hyp, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
-    return row[-1]
-
-
 def utterance_errors(refs: dict[str, str], hyps: dict[str, str]) -> dict[str, list[int]]:
-    """{utt: [word errors, reference words]}: what the bootstrap resamples (asrkd.stats)."""
-    return {u: [edit_distance(refs[u].split(), hyps.get(u, "").split()), len(refs[u].split())] for u in sorted(refs)}
+    """{utt: [word errors, reference words]} with :func:`word_error_rate`'s counting: what the
+    bootstrap resamples (asrkd.stats)."""
+    out = {}
+    for utt in sorted(refs):
+        counts = word_error_rate({utt: refs[utt]}, {utt: hyps.get(utt, "")})
+        out[utt] = [counts["substitutions"] + counts["deletions"] + counts["insertions"], counts["words"]]
+    return out
 
 
 def sweep(lattices: dict[str, kaldifst.Lattice | None], id2word: dict[int, str], cfg) -> dict[tuple[float, float], dict[str, str]]:

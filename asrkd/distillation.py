@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from omegaconf import OmegaConf
 
+from asrkd.levers import baseline_replicates
 from asrkd.stats import format_interval, mean_std
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,6 @@ def student_rows(cfg) -> dict[str, StudentRow]:
         row = rows.setdefault(label, StudentRow(student.form, student.temperature, []))
         row.systems.append(name_of(cfg, student))
     return rows
-
-
-def baseline_replicates(cfg) -> list[str]:
-    from asrkd.train import replicate_name
-
-    return [replicate_name(cfg.train.name, r) for r in range(int(cfg.distill.seeds.get("dense", 1)))]
 
 
 def run_decode(cfg) -> None:

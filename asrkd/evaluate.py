@@ -28,7 +28,7 @@ from asrkd.data import DataDir
 from asrkd.nnet import pick_device
 from asrkd.stage import atomic_write, copy_file, input_record, write_json, write_text
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval, frame_table
-from asrkd.train import FrameData, data_split, evaluate_frames, load_system, read_history, system_dirs
+from asrkd.train import FrameData, data_split, evaluate_frames, load_system, read_history, replicates, system_dirs
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,6 @@ def machine(cfg) -> str:
 
 def run(cfg) -> None:
     """Stage 7: the GMM and the baseline (its replicates too: the mean over seeds, train.seeds > 1)."""
-    from asrkd.train import replicate_name
-
     exp = Path(cfg.exp_dir)
     train_utts, valid_utts = data_split(cfg)
     evaluation = Evaluation(cfg)
@@ -293,8 +291,7 @@ def run(cfg) -> None:
                                 train_seconds=sum(h["seconds"] for h in history), history=history)
     systems = {"gmm": evaluation.decoded_only("gmm", f"tri ({gmm_log['tri']['num_pdfs']} pdfs)"), cfg.train.name: baseline}
     if int(cfg.train.seeds) > 1:
-        replicates = [replicate_name(cfg.train.name, r) for r in range(int(cfg.train.seeds))]
-        systems[f"{cfg.train.name}_seeds"] = evaluation.entry(replicates, sets)
+        systems[f"{cfg.train.name}_seeds"] = evaluation.entry(replicates(cfg), sets)
     report = {
         "corpus": cfg.corpus,
         "command": recipe_command(" ".join(["asrkd", *sys.argv[1:]])),

@@ -295,11 +295,6 @@ FEATURE_KEYS = ("features.write_kaldi_ark", "features.sample_rate", "features.fr
                 "features.storage_dtype", "features.channel", "features.resample")
 
 
-def store_dir(exp_dir: Path | str, kind: str, name: str) -> Path:
-    """exp/feats/<kind>/<set>: the feature store of a data dir."""
-    return Path(exp_dir) / "feats" / kind / name
-
-
 def run(cfg) -> None:
     """Stage 2: fbank (DNN) and MFCC+deltas (GMM) for every set in ``features.sets``."""
     from asrkd.stage import account_dropped, plan
@@ -308,7 +303,7 @@ def run(cfg) -> None:
         data_path = Path(cfg.data_dir) / name
         data = DataDir.read(data_path)
         for kind in ("fbank", "mfcc"):
-            out_dir = store_dir(cfg.exp_dir, kind, name)
+            out_dir = Path(cfg.exp_dir) / "feats" / kind / name
             stage = plan(f"make-feats {kind} {name}", out_dir, cfg, FEATURE_KEYS, {"data": data_path}, {"kind": kind})
             if stage.up_to_date:
                 continue

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 from omegaconf import OmegaConf
 
-from asrkd.train import read_history, replicate_name
+from asrkd.train import read_history, replicates
 
 
 class Lever(NamedTuple):
@@ -41,12 +41,32 @@ class Lever(NamedTuple):
     baseline_cfg: object | None  # the config that trains the baseline (None: the main recipe's)
 
 
+def dense_seeds(cfg) -> int:
+    """Replicates of each dense student of stage 3, and of the baseline (stage 0)."""
+    return int(cfg.distill.seeds.get("dense", 1))
+
+
+def baseline_replicates(cfg) -> list[str]:
+    """The baseline's replicates run_distill.sh stage 0 trains (``train.seeds=${distill.seeds.dense}``)."""
+    return replicates(OmegaConf.merge(cfg, {"train": {"seeds": dense_seeds(cfg)}}))
+
+
+def student_systems(cfg) -> list[str]:
+    """The students train-student makes with ``cfg``, by name, in training order."""
+    from asrkd.student import name_of, students
+
+    return [name_of(cfg, student) for student in students(cfg)]
+
+
 def dense_students(cfg) -> dict[float, list[str]]:
     """T -> the dense students' replicates of the main sweep (stage 3)."""
-    from asrkd.student import Student, name_of
+    from asrkd.student import name_of, students
 
-    seeds = int(cfg.distill.seeds.get("dense", 1))
-    return {float(t): [name_of(cfg, Student("dense", float(t), r)) for r in range(seeds)] for t in cfg.distill.students.dense}
+    out: dict[float, list[str]] = {}
+    for student in students(cfg):
+        if student.form == "dense":
+            out.setdefault(student.temperature, []).append(name_of(cfg, student))
+    return out
 
 
 def validation_accuracy(exp: Path, systems: list[str]) -> float:
@@ -64,47 +84,33 @@ def chosen_temperature(cfg) -> float:
 def lever_seeds(cfg) -> int:
     """Replicates of each lever's students and same-data baseline: ``levers.seeds``, else the dense students'."""
     seeds = cfg.levers.get("seeds")
-    return int(cfg.distill.seeds.get("dense", 1) if seeds is None else seeds)
-
-
-def narrowed(cfg, temperature: float, **distill):
-    """A lever's students' config: ``levers.seeds`` dense students at ``temperature``, with ``distill`` overrides."""
-    merged = OmegaConf.merge(cfg, {"distill": {"temperatures": [temperature], "logit_matching": False, **distill}})
-    merged.distill.students = {"dense": [temperature]}  # replaced, not merged: no top-k student
-    merged.distill.seeds = {"dense": lever_seeds(cfg)}
-    return merged
+    return dense_seeds(cfg) if seeds is None else int(seeds)
 
 
 def levers(cfg, temperature: float | None = None) -> list[Lever]:
-    """Every lever the config asks for, with its systems (trained or not)."""
-    from asrkd.student import Student, name_of
+    """Every lever the config asks for, with its systems (trained or not), named by the same
+    functions that train them (:func:`student_systems`, :func:`asrkd.train.replicates`)."""
+    from asrkd.student import dense_only
 
     t = chosen_temperature(cfg) if temperature is None else temperature
-    stage3_seeds, seeds = int(cfg.distill.seeds.get("dense", 1)), lever_seeds(cfg)
-    baselines = [replicate_name(cfg.train.name, r) for r in range(stage3_seeds)]  # run_distill.sh stage 0's
-
-    def students(student_cfg, replicates: int = seeds) -> list[str]:
-        return [name_of(student_cfg, Student("dense", t, r)) for r in range(replicates)]
-
-    reference = narrowed(cfg, t)
-    out = [Lever("train", "students on train (stage 3)", students(reference, stage3_seeds), baselines, cfg.distill.teacher,
-                 reference, None)]
+    seeds, baselines = lever_seeds(cfg), baseline_replicates(cfg)
+    reference = dense_only(cfg, t, dense_seeds(cfg))  # stage 3's students at T
+    out = [Lever("train", "students on train (stage 3)", student_systems(reference), baselines, cfg.distill.teacher, reference, None)]
     if cfg.levers.speed_perturbed:
         sp = f"{cfg.perturb.source}_sp"
-        student_cfg = OmegaConf.merge(narrowed(cfg, t), {"train": {"data": sp}})
+        student_cfg = OmegaConf.merge(dense_only(cfg, t, seeds), {"train": {"data": sp}})
         baseline_cfg = OmegaConf.merge(cfg, {"train": {"data": sp, "name": f"{cfg.train.name}_sp", "seeds": seeds}})
         out.append(Lever(sp, f"students and baseline on {sp} (speeds {', '.join(f'{s:g}' for s in cfg.perturb.speeds)})",
-                         students(student_cfg), [replicate_name(f"{cfg.train.name}_sp", r) for r in range(seeds)],
-                         cfg.distill.teacher, student_cfg, baseline_cfg))
+                         student_systems(student_cfg), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
     for epochs in cfg.levers.student_epochs:
-        student_cfg = narrowed(cfg, t, epochs=int(epochs))
+        student_cfg = dense_only(cfg, t, seeds, epochs=int(epochs))
         out.append(Lever(f"epochs {epochs}", f"students trained {epochs} epochs (baseline {cfg.train.epochs})",
-                         students(student_cfg), baselines, cfg.distill.teacher, student_cfg, None))
+                         student_systems(student_cfg), baselines, cfg.distill.teacher, student_cfg, None))
     if cfg.levers.cross_fitted:
         xfit = cfg.levers.cross_fitted
-        student_cfg = OmegaConf.merge(narrowed(cfg, t, teacher=xfit.name), {"ensemble": {"name": xfit.name, "folds": xfit.folds}})
+        student_cfg = OmegaConf.merge(dense_only(cfg, t, seeds, teacher=xfit.name), {"ensemble": {"name": xfit.name, "folds": xfit.folds}})
         out.append(Lever("cross-fitted", f"soft targets from {xfit.folds}-fold cross-fitted members ({xfit.name})",
-                         students(student_cfg), baselines, xfit.name, student_cfg, None))
+                         student_systems(student_cfg), baselines, xfit.name, student_cfg, None))
     return out
 
 

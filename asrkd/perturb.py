@@ -50,15 +50,6 @@ def perturbed_copy(data: DataDir, factor: float, wav_dir: Path) -> DataDir:
     return copy
 
 
-def combine(*parts: DataDir) -> DataDir:
-    """utils/combine_data.sh: the union of data dirs with distinct utterance ids."""
-    out = DataDir()
-    for part in parts:
-        for table in ("wav_scp", "text", "utt2spk", "utt2uniq"):
-            getattr(out, table).update(getattr(part, table))
-    return out
-
-
 def run(cfg) -> None:
     """Stage: data/<source>_sp (audio at each speed, utt2uniq) and its subsets."""
     pcfg = cfg.perturb
@@ -86,7 +77,7 @@ def run(cfg) -> None:
         copies.append(copy.subset([u for u in copy.utt_ids if u not in dropped]))
     account_dropped(f"speed-perturb {pcfg.source}", len(data.utt_ids) * len(pcfg.speeds), dropped, cfg.prep.max_drop_fraction,
                     out_dir / "dropped.json")
-    perturbed = combine(data, *copies)
+    perturbed = DataDir.combine(data, *copies)
     perturbed.write(out_dir)
     subsets = []
     for fraction in cfg.prep.subset_fractions if pcfg.source == "train" else []:

@@ -265,7 +265,8 @@ def teacher_groups(cfg, store_utts: list[str], offsets: np.ndarray, member_dirs:
     from asrkd.stage import read_record
 
     everyone = list(range(len(member_dirs)))
-    held_out = [set(read_record(d)["config"].get("held_out_speakers") or []) if read_record(d) else set() for d in member_dirs]
+    records = [read_record(d) or {"config": {}} for d in member_dirs]
+    held_out = [set(record["config"].get("held_out_speakers") or []) for record in records]
     if not any(held_out):
         return [(np.arange(int(offsets[-1])), everyone)]
     full = DataDir.read(Path(cfg.data_dir) / "train")

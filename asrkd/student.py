@@ -61,6 +61,15 @@ def student_cfg(cfg):
     return OmegaConf.merge(cfg, {"train": {"epochs": cfg.distill.epochs}}) if cfg.distill.epochs else cfg
 
 
+def dense_only(cfg, temperature: float, seeds: int, **distill):
+    """A config whose students are ``seeds`` dense students at ``temperature`` alone (no top-k, no
+    logit matching), with ``distill`` overrides: a lever's students, a subset run's."""
+    merged = OmegaConf.merge(cfg, {"distill": {"temperatures": [temperature], "logit_matching": False, **distill}})
+    merged.distill.students = {"dense": [temperature]}  # replaced, not merged: no top-k student
+    merged.distill.seeds = {"dense": seeds}
+    return merged
+
+
 def name_of(cfg, student: Student) -> str:
     return student_name(cfg.distill.teacher, student.temperature, student.form, cfg.train.data, list(cfg.distill.transfer),
                         cfg.distill.epochs, student.replicate)

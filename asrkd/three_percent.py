@@ -38,13 +38,11 @@ PAPER = {"full_hard": {"train": 0.634, "test": 0.589}, "sub_hard": {"train": 0.6
 def subset_cfg(cfg, fraction: float, teacher: str | None = None, perturbed: bool = False):
     """The config of one subset run: same model and training knobs, the subset's data (or its _sp copies)."""
     suffix = "_sp" if perturbed else ""
-    overrides = {"train": {"data": subset_name(fraction) + suffix, "name": f"hard_{fraction_tag(fraction)}{suffix}",
-                           "epochs": cfg.three_percent.epochs, "seeds": 1},
-                 "distill": {"teacher": teacher or "baseline", "temperatures": [cfg.three_percent.temperature],
-                             "logit_matching": False, "transfer": [], "epochs": None, "seeds": {"dense": 1}}}
-    merged = OmegaConf.merge(cfg, overrides)
-    merged.distill.students = {"dense": [cfg.three_percent.temperature]}  # replaced, not merged: no top-k student
-    return merged
+    from asrkd.student import dense_only
+
+    students = dense_only(cfg, cfg.three_percent.temperature, 1, teacher=teacher or "baseline", transfer=[], epochs=None)
+    return OmegaConf.merge(students, {"train": {"data": subset_name(fraction) + suffix, "name": f"hard_{fraction_tag(fraction)}{suffix}",
+                                                "epochs": cfg.three_percent.epochs, "seeds": 1}})
 
 
 def teachers(cfg) -> list[str]:

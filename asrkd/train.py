@@ -46,6 +46,11 @@ def replicate_name(name: str, replicate: int) -> str:
     return name if replicate == 0 else f"{name}_seed{replicate}"
 
 
+def replicates(cfg) -> list[str]:
+    """The systems train-dnn makes with ``cfg``: ``train.seeds`` replicates of ``train.name``."""
+    return [replicate_name(cfg.train.name, r) for r in range(int(cfg.train.seeds))]
+
+
 @dataclass
 class FrameData:
     """Spliced fbank frames of one feature store with the pdf-id of every frame (-1: unaligned)."""
@@ -425,6 +430,5 @@ def train_stage(
 def run(cfg) -> None:
     """Stage 4: ``train.seeds`` replicates of the DNN ``train.name`` (replicate r > 0: ``<name>_seed<r>``)."""
     training = TrainingSet(cfg)
-    for replicate in range(int(cfg.train.seeds)):
-        name = replicate_name(cfg.train.name, replicate)
+    for replicate, name in enumerate(replicates(cfg)):
         train_stage(cfg, f"train-dnn {name}", Path(cfg.exp_dir) / "dnn" / name, training, replicate=replicate)
