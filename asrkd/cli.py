@@ -13,6 +13,7 @@ import argparse
 import difflib
 import importlib
 import logging
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -93,11 +94,13 @@ COMMANDS = {
     "report-distill": "asrkd.distillation:run_report",
     "train-levers": "asrkd.levers:run_train",
     "decode-levers": "asrkd.levers:run_decode",
+    "export": "asrkd.export",
 }
 
 
 def run_command(function: Callable[[DictConfig], None], overrides: list[str], name: str, config_dir: Path | None = None) -> None:
     """Compose the config, set up logging and run ``function``; fixable errors exit with one line."""
+    from asrkd import parallel
     from asrkd.stage import StageError
 
     try:
@@ -105,6 +108,11 @@ def run_command(function: Callable[[DictConfig], None], overrides: list[str], na
     except ConfigError as err:
         sys.exit(f"asrkd {name}: {err}")
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    launch = parallel.launch_command(name, overrides + (["--config-dir", str(config_dir)] if config_dir else []), int(cfg.train.nproc))
+    if launch is not None:  # train.nproc > 1: the same command on that many ranks (torchrun)
+        logging.getLogger("asrkd").info("%s on %d processes: %s", name, cfg.train.nproc, " ".join(launch))
+        sys.exit(subprocess.run(launch).returncode)
+    parallel.init_from_environment()
     logging.getLogger("asrkd").info("%s with overrides %s", name, overrides)
     try:
         function(cfg)

@@ -33,7 +33,7 @@ from asrkd.features import FeatureStore, write_kaldi_matrices
 from asrkd.gmm import GmmModel
 from asrkd.lang import read_symbol_table
 from asrkd.nnet import SplicedFrames, pick_device
-from asrkd.stage import account_dropped, plan, write_json, write_text
+from asrkd.stage import account_dropped, plan, progress, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def run(cfg) -> None:
         hyps, decode_seconds, audio_seconds = {}, 0.0, 0.0
         for set_name, (store_name, refs) in sets.items():
             lattices, dropped, matrices = {}, {}, {}
-            for utt in sorted(refs):
+            for utt in progress(sorted(refs), f"decode {system} {set_name}", unit="utterances"):
                 tic = time.time()
                 try:
                     loglikes = score(store_name, utt)

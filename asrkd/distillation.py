@@ -64,12 +64,6 @@ def run_decode(cfg) -> None:
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
 
 
-def store_bytes(directory: Path) -> dict[str, int]:
-    """Bytes on disk of a soft-target store's dense form and of its top-k form."""
-    size = lambda *names: sum((directory / f"{n}.npy").stat().st_size for n in names)  # noqa: E731
-    return {"dense": size("dense"), "topk": size("topk_ids", "topk_probs", "residual")}
-
-
 def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Path) -> None:
     """Validation frame accuracy per epoch: the baseline, every member, every student (first seed)."""
     from asrkd.evaluate import saved_figure
@@ -164,14 +158,20 @@ def word_errors(entry: dict) -> str:
     return f"{details['substitutions'] + details['deletions'] + details['insertions']} / {details['words']}"
 
 
+def cost_cells(entry: dict) -> str:
+    """'parameters | ms' of a row that has a measured cost (a system's), else dashes (a mean over models)."""
+    cost = entry.get("cost")
+    return f"{cost['parameters']:,} | {cost['ms_per_1000_frames']:.1f}" if cost else "– | –"
+
+
 def markdown(result: dict) -> str:
     from asrkd.evaluate import percent, with_ci
 
     table = result["table1"]
     seeds = result["seeds"]
     lines = [f"# {result['corpus']}: distillation (Hinton, Vinyals & Dean 2015, Table 1)", "",
-             "| system | seeds | test frame accuracy [95% CI] | test WER [95% CI] | test word errors | paper frame accuracy | paper WER |",
-             "|---|---|---|---|---|---|---|"]
+             "| system | seeds | test frame accuracy [95% CI] | test WER [95% CI] | test word errors | parameters | scoring ms / 1000 frames | paper frame accuracy | paper WER |",
+             "|---|---|---|---|---|---|---|---|---|"]
     labels = {"baseline": "baseline", "single_models": "single models (mean ± std)", "ensemble": f"{result['ensemble_size']}x ensemble",
               "distilled": f"distilled single model (T = {result['temperature']:g})"}
     for row, label in labels.items():
@@ -182,9 +182,11 @@ def markdown(result: dict) -> str:
             spread = entry["spread"]
             accuracy += f" (± {100 * spread['std']:.2f})"
         lines.append(f"| {label} | {entry['seeds']} | {accuracy} | {with_ci(entry, 'wer')} | {word_errors(entry) if entry['seeds'] == 1 else '–'} "
-                     f"| {percent(paper.get('frame_accuracy'))} | {percent(paper.get('wer'))} |")
+                     f"| {cost_cells(entry)} | {percent(paper.get('frame_accuracy'))} | {percent(paper.get('wer'))} |")
     gain = result["gain_kept"]
-    lines += ["", f"Command: `{result['command']}`", "",
+    cost = table["baseline"]["cost"]
+    lines += ["", f"Command: `{result['command']}`. Cost: parameters (an ensemble's: all its members') and the time to score 1000 test frames "
+              f"(`asrkd/cost.py`, measured once per system on {cost['device']}, {cost['threads']} threads, batch {cost['batch_size']}).", "",
               "Share of the ensemble's test frame-accuracy gain the distilled model keeps ((student − baseline) / (ensemble − baseline)):",
               f"{format_interval(gain['vs_baseline'])} against the baseline, {format_interval(gain['vs_single_models'])} against the mean of "
               f"single models; of the WER gain: {format_interval(result['wer_gain_kept']['vs_baseline']) if result['wer_gain_kept']['vs_baseline'] else '–'} against the baseline.",
@@ -202,21 +204,26 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {format_interval(acc, signed=True)} | {acc['p_above_zero']:.2f} "
                      f"| {format_interval(wer, signed=True) if wer else '–'} | {p_above_zero(wer)} |")
     lines += ["", "Every student, by soft-target form and temperature (seeds: the mean over them):", "",
-              "| student | T | seeds | frame acc. train | frame acc. valid | frame acc. test [95% CI] | WER test [95% CI] | student − baseline [95% CI] | P(> 0) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| student | T | seeds | frame acc. train | frame acc. valid | frame acc. test [95% CI] | WER test [95% CI] | student − baseline [95% CI] | P(> 0) | parameters | scoring ms / 1000 frames |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["students"].items():
         acc = row["frame_accuracy"]
         temperature = "∞ (logit matching)" if row["temperature"] is None else f"{row['temperature']:g}"
         lines.append(f"| {name} | {temperature} | {row['seeds']} | {percent(acc['train'])} | {percent(acc['valid'])} | {with_ci(row, 'frame_accuracy')} "
-                     f"| {with_ci(row, 'wer')} | {format_interval(row['minus_baseline'], signed=True)} | {row['minus_baseline']['p_above_zero']:.2f} |")
-    if result["topk"]:
-        lines += ["", f"What the top-k form costs (k = {result['top_k']}): the same student (seed 0) trained on the top-k and on the dense soft targets.", "",
-                  "| T | dense test acc. | top-k test acc. | top-k − dense [95% CI] | P(> 0) | top-k store / dense store | mass outside the top k (mean) |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in result["topk"]:
-            lines.append(f"| {row['temperature']:g} | {percent(row['dense'])} | {percent(row['topk'])} | {format_interval(row['difference'], signed=True)} "
-                         f"| {row['difference']['p_above_zero']:.2f} | {row['size_ratio']:.3f} ({row['bytes']['topk'] / 2**20:.0f} / {row['bytes']['dense'] / 2**20:.0f} MiB) "
-                         f"| {percent(row['mean_residual'])} |")
+                     f"| {with_ci(row, 'wer')} | {format_interval(row['minus_baseline'], signed=True)} | {row['minus_baseline']['p_above_zero']:.2f} "
+                     f"| {cost_cells(row)} |")
+    if result["compact_forms"]:
+        lines += ["", "The compact soft-target forms against the dense one at the same T (same seeds; size per frame against the dense fp32 "
+                  "row, 4 bytes per pdf): `topk` renormalizes the k largest (the rest is lost), `compact` keeps their true mass and "
+                  "spreads the rest evenly over the other pdfs, `compact_prior` spreads it by the pdf priors; k chosen per T from the "
+                  "residual within `distill.compact.budget`.", "",
+                  "| form | T | k | seeds | dense test acc. | form test acc. | form − dense [95% CI] | P(> 0) | WER form − dense [95% CI] | bytes / frame | of dense fp32 | mass outside the k (mean) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in result["compact_forms"]:
+            lines.append(f"| {row['form']} | {row['temperature']:g} | {row['k']} | {row['seeds']} | {percent(row['dense'])} | {percent(row['accuracy'])} "
+                         f"| {format_interval(row['difference'], signed=True)} | {row['difference']['p_above_zero']:.2f} "
+                         f"| {format_interval(row['wer_difference'], signed=True) if row['wer_difference'] else '–'} | {row['bytes_per_frame']} "
+                         f"| {percent(row['of_dense_fp32'])} | {percent(row['mean_residual'])} |")
     if result.get("levers"):
         lines += ["", f"Levers (T = {result['temperature']:g}; gain kept against the {result['ensemble_size']}x ensemble "
                   f"({percent(table['ensemble']['frame_accuracy']['test'])}) and the baseline trained on the same data; "
@@ -271,25 +278,33 @@ def choose_temperature(cfg, evaluation, sets: dict[str, list[str]], dense: dict[
             "valid_frame_accuracy": {f"{t:g}": boot.estimates[f"T{t:g}"] for t in dense}}
 
 
-def topk_costs(cfg, evaluation, entry, rows_cfg: dict[str, StudentRow], rows: dict[str, dict]) -> list[dict]:
-    """Each top-k student against the dense student (seed 0) at its T, with the stores' sizes."""
+def compact_forms(cfg, evaluation, entry, rows_cfg: dict[str, StudentRow], rows: dict[str, dict]) -> list[dict]:
+    """Each top-k and compact student against the dense students of its T (as many seeds as it
+    has, paired by seed), with the form's bytes per frame and the mass it leaves outside its k."""
     import numpy as np
 
     from asrkd.evaluate import bootstrap_key
-    from asrkd.soft_targets import store_dir
+    from asrkd.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir
 
     frames, out = evaluation.frames, []
     for label, row in rows_cfg.items():
-        dense_label = f"dense_T{row.temperature:g}" if row.form == "topk" else None
+        dense_label = f"dense_T{row.temperature:g}" if row.form in ("topk", *COMPACT_FORMS) else None
         if dense_label not in rows_cfg:
             continue
-        first = rows_cfg[dense_label].systems[0]
-        entry([first])
-        directory = store_dir(cfg, row.temperature)
-        sizes = store_bytes(directory)
-        out.append({"temperature": row.temperature, "dense": frames.estimates[first], "topk": rows[label]["frame_accuracy"]["test"],
-                    "difference": frames.difference(bootstrap_key(row.systems), first), "bytes": sizes, "size_ratio": sizes["topk"] / sizes["dense"],
-                    "mean_residual": float(np.load(directory / "residual.npy", mmap_mode="r").astype(np.float64).mean())})
+        seeds = min(len(row.systems), len(rows_cfg[dense_label].systems))  # paired by seed
+        systems, dense = row.systems[:seeds], rows_cfg[dense_label].systems[:seeds]
+        entry(systems)
+        entry(dense)
+        store = SoftTargetStore.load(store_dir(cfg, row.temperature), current_checksum(Path(cfg.exp_dir), "train"))
+        targets = store.rows(row.form, "cpu", OmegaConf.to_container(cfg.distill.compact), pdf_priors(cfg) if row.form == "compact_prior" else None)
+        residual = targets.mean_residual() if row.form in COMPACT_FORMS else float(np.asarray(store.residual, dtype=np.float64).mean())
+        out.append({"form": row.form, "temperature": row.temperature, "k": targets.k, "seeds": seeds,
+                    "dense": frames.estimates[bootstrap_key(dense)], "accuracy": frames.estimates[bootstrap_key(systems)],
+                    "difference": frames.difference(bootstrap_key(systems), bootstrap_key(dense)),
+                    "wer_difference": (evaluation.words.difference(bootstrap_key(systems), bootstrap_key(dense))
+                                       if {bootstrap_key(systems), bootstrap_key(dense)} <= set(evaluation.words.samples) else None),
+                    "bytes_per_frame": targets.bytes_per_frame(), "dense_fp32_bytes_per_frame": 4 * store.header["num_pdfs"],
+                    "of_dense_fp32": targets.bytes_per_frame() / (4 * store.header["num_pdfs"]), "mean_residual": residual})
     return out
 
 
@@ -337,6 +352,7 @@ def run_report(cfg) -> None:
     the levers whose systems exist, plots; the "distillation" section and systems of report.json."""
     import numpy as np
 
+    from asrkd.cost import system_cost
     from asrkd.ensemble import member_dirs
     from asrkd.evaluate import Evaluation, bootstrap_key, merge_into_report, recipe_command
     from asrkd.stage import write_text
@@ -368,6 +384,8 @@ def run_report(cfg) -> None:
             for label, row in rows_cfg.items()}
     for label, row in rows.items():
         row["minus_baseline"] = frames.difference(bootstrap_key(rows_cfg[label].systems), cfg.train.name)
+        row["cost"] = system_cost(cfg, rows_cfg[label].systems[0])
+    baseline["cost"], ensemble["cost"] = system_cost(cfg, cfg.train.name), system_cost(cfg, cfg.distill.teacher)
 
     dense = {row.temperature: row.systems for row in rows_cfg.values() if row.form == "dense"}
     choice = choose_temperature(cfg, evaluation, sets, dense)
@@ -391,7 +409,7 @@ def run_report(cfg) -> None:
         "baseline_seeds": {"systems": replicates, "test_frame_accuracy": single_models["per_seed"]["test_frame_accuracy"][: len(replicates)]},
         "members": {"test_frame_accuracy": single_models["per_seed"]["test_frame_accuracy"][len(replicates):]},
         "students": {row_cfg.systems[0]: rows[label] for label, row_cfg in rows_cfg.items()},
-        "topk": topk_costs(cfg, evaluation, entry, rows_cfg, rows), "levers": levers, "teacher_diagnostics": diagnostics,
+        "compact_forms": compact_forms(cfg, evaluation, entry, rows_cfg, rows), "levers": levers, "teacher_diagnostics": diagnostics,
     }
     out_dir = exp / "report"
     files = ["distillation.md", "distillation_curves.png", "distillation_temperature.png"]

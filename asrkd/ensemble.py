@@ -1,7 +1,10 @@
 """Stage: the ensemble, ``ensemble.size`` DNNs identical but for the seed of their initial weights.
 
-Members train one after another (``exp/dnn/<ensemble.name>/member-<i>``), each resumable;
-member i is initialized with seed ``seed + 1 + i`` so none repeats the baseline.
+Members (``exp/dnn/<ensemble.name>/member-<i>``) train one after another, or with
+``ensemble.fused`` all in one step as stacked weights (:class:`asrkd.nnet.StackedDNN`), on the
+same frame order either way; member i is initialized with seed ``seed + 1 + i`` so none
+repeats the baseline. Fused, they differ from sequential members only in dropout's masks
+(one random stream for the stack) and float summation order.
 
 Cross-fitted teachers (``ensemble.folds`` = K >= 2): the training speakers are dealt into K
 folds and member i never sees fold i mod K. The soft targets of a training utterance then
@@ -12,10 +15,14 @@ the ensemble still averages all members.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from asrkd.data import DataDir, speaker_folds
-from asrkd.train import TrainingSet, train_stage
+from asrkd.nnet import pick_device
+from asrkd.train import Model, TrainingSet, train_stage
+
+log = logging.getLogger(__name__)
 
 
 def member_dirs(cfg, name: str | None = None) -> list[Path]:
@@ -32,13 +39,36 @@ def held_out_speakers(cfg, training: TrainingSet) -> list[list[str]]:
     return [speakers[i % folds] for i in range(cfg.ensemble.size)]
 
 
+def fused(cfg) -> bool:
+    """``ensemble.fused``: true, false, or auto (fused on a GPU; one after another on CPU, where
+    the fused step is no faster: results/bench/train_throughput_cpu.json). Cross-fitted
+    members train on different frames, so they never fuse."""
+    setting = str(cfg.ensemble.fused).lower()
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"ensemble.fused must be auto, true or false, got {cfg.ensemble.fused!r}")
+    if int(cfg.ensemble.folds):
+        if setting == "true":
+            log.warning("ensemble.folds=%s: cross-fitted members see different frames and train one after another", cfg.ensemble.folds)
+        return False
+    if setting == "auto":
+        return pick_device(cfg.train.device).type == "cuda"
+    return setting == "true"
+
+
 def run(cfg) -> None:
-    """Stage (run_distill.sh): train every member that is not complete."""
+    """Stage (run_distill.sh): train every member that is not complete, fused or one after another."""
     training = TrainingSet(cfg)
     full = DataDir.read(Path(cfg.data_dir) / "train")
     data = DataDir.read(Path(cfg.data_dir) / cfg.train.data)
+    models = []
     for i, (out_dir, held_out) in enumerate(zip(member_dirs(cfg), held_out_speakers(cfg, training))):
         hidden = set(held_out)
-        member = training.without(lambda utt: full.utt2spk.get(data.source(utt)) in hidden) if hidden else training
-        train_stage(cfg, f"train-ensemble {cfg.ensemble.name} member {i}", out_dir, member, keys=("ensemble.folds",),
-                    values={"member": i, "held_out_speakers": held_out}, init_seed=cfg.seed + 1 + i)
+        model = Model(f"train-ensemble {cfg.ensemble.name} member {i}", out_dir, init_seed=cfg.seed + 1 + i,
+                      values={"member": i, "held_out_speakers": held_out})
+        if hidden:
+            member = training.without(lambda utt: full.utt2spk.get(data.source(utt)) in hidden)
+            train_stage(cfg, [model], member, keys=("ensemble.folds",))
+        else:
+            models.append(model)
+    if models:
+        train_stage(cfg, models, training, keys=("ensemble.folds",), fused=fused(cfg))

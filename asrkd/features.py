@@ -267,7 +267,7 @@ def make_features(data: DataDir, cfg, kind: str) -> tuple[FeatureStore, dict[str
     items: dict[str, np.ndarray] = {}
     dropped: dict[str, str] = {}
     min_frames = 1
-    for utt in progress(data.utt_ids, f"{kind} features"):
+    for utt in progress(data.utt_ids, f"{kind} features", unit="utterances"):
         try:
             samples = read_waveform(data.wav_scp[utt], utt, cfg.sample_rate, cfg.channel, cfg.resample)
             feats = compute(samples, cfg)

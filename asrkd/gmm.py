@@ -31,7 +31,7 @@ from asrkd import tree as tree_lib
 from asrkd.data import DataDir
 from asrkd.features import FeatureStore
 from asrkd.lang import POSITIONS, Lang
-from asrkd.stage import account_dropped, atomic_write, plan, save_npy, write_json
+from asrkd.stage import account_dropped, atomic_write, plan, progress, save_npy, write_json
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def align(model: GmmModel, graphs: dict, feats: FeatureStore, cfg) -> tuple[dict
     config = khg.AlignConfig()
     config.beam, config.retry_beam, config.careful = float(cfg.beam), float(cfg.retry_beam), False
     alignments, dropped = {}, {}
-    for utt, graph in graphs.items():
+    for utt, graph in progress(list(graphs.items()), "align", unit="utterances"):
         fst = graph.copy()
         khg.add_transition_probs(
             trans_model=model.trans_model, transition_scale=cfg.transition_scale, self_loop_scale=cfg.self_loop_scale, fst=fst

@@ -74,6 +74,52 @@ class HybridDNN(nn.Module):
                    model_cfg.hidden_dim, model_cfg.dropout)
 
 
+class StackedDNN(nn.Module):
+    """Several HybridDNNs of one shape as stacked weights: each layer is one batched matmul
+    (``baddbmm``) for all of them, so an ensemble trains (or a teacher scores) in one step
+    instead of one model after another. ``forward`` returns (members, B, num_pdfs) logits;
+    every member keeps its own initial weights, normalization and (elementwise) Adam state,
+    so a step on the stack is the members' separate steps side by side. ``member(i)`` gives
+    member i back as a HybridDNN (for evaluation, checkpoints and decoding).
+    """
+
+    def __init__(self, members: list[HybridDNN]):
+        super().__init__()
+        if not members or any(m.config != members[0].config for m in members):
+            raise ValueError("a stack needs at least one member, all of one configuration")
+        self.config, self.size = members[0].config, len(members)
+        self.register_buffer("feat_mean", torch.stack([m.feat_mean for m in members]))
+        self.register_buffer("feat_inv_std", torch.stack([m.feat_inv_std for m in members]))
+        linears = [[layer for layer in m.layers if isinstance(layer, nn.Linear)] for m in members]
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([ls[i].weight.detach().t() for ls in linears]).contiguous())
+                                        for i in range(len(linears[0])))  # (members, in, out)
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([ls[i].bias.detach()[None] for ls in linears]))
+                                       for i in range(len(linears[0])))  # (members, 1, out)
+
+    def forward(self, spliced: torch.Tensor) -> torch.Tensor:
+        """(B, window, feat_dim) -> (members, B, num_pdfs) logits."""
+        x = (spliced[None] - self.feat_mean[:, None, None]) * self.feat_inv_std[:, None, None]
+        h = x.flatten(2)
+        last = len(self.weights) - 1
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(bias, h, weight)
+            if i < last:
+                h = nn.functional.dropout(torch.relu(h), self.config["dropout"], self.training)
+        return h
+
+    def member(self, i: int) -> HybridDNN:
+        with torch.random.fork_rng(devices=[]):  # a copy must not move the training's random stream
+            model = HybridDNN(**self.config).to(self.feat_mean.device)
+        linears = [layer for layer in model.layers if isinstance(layer, nn.Linear)]
+        with torch.no_grad():
+            model.feat_mean.copy_(self.feat_mean[i])
+            model.feat_inv_std.copy_(self.feat_inv_std[i])
+            for linear, weight, bias in zip(linears, self.weights, self.biases):
+                linear.weight.copy_(weight[i].t())
+                linear.bias.copy_(bias[i, 0])
+        return model.train(self.training)
+
+
 class EnsembleDNN(nn.Module):
     """Members that score the same frames; the ensemble's prediction is their average softmax.
 
@@ -111,6 +157,12 @@ def average_zero_mean_logits(member_logits: torch.Tensor) -> torch.Tensor:
 
 
 def pick_device(name: str) -> torch.device:
+    """``train.device``: auto (a GPU when there is one; under torchrun this rank's), cpu, cuda."""
+    from asrkd.parallel import local_device
+
+    local = local_device(name)
+    if local is not None:
+        return local
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -65,7 +65,7 @@ def run(cfg) -> None:
     copies, dropped = [], {}
     for factor in pcfg.speeds:
         copy = perturbed_copy(data, float(factor), wav_dir)
-        for utt, new in progress(list(zip(data.utt_ids, copy.utt_ids)), f"speed {factor:g}"):
+        for utt, new in progress(list(zip(data.utt_ids, copy.utt_ids)), f"speed {factor:g}", unit="utterances"):
             try:
                 samples = read_waveform(data.wav_scp[utt], utt, cfg.features.sample_rate, cfg.features.channel, cfg.features.resample)
             except ValueError as err:

@@ -9,8 +9,11 @@ saw its speaker; frames of other speakers (validation, unlabeled audio) average 
 With ``distill.logit_matching``, also the teacher's average zero-mean logits
 (``.../logits``), the target of the logit-matching student.
 
-A store holds the targets twice: dense fp16 (frames x pdfs) and a compact top-k form (the
-k largest, renormalized, plus the mass outside them per frame). ``header.json`` records T,
+A store holds the targets twice: dense fp16 (frames x pdfs) and the top-k form (the k largest,
+renormalized, ids int16 where pdfs < 32768, plus the mass outside them per frame). Students read
+three forms (``TargetRows``): ``dense``; ``topk``, the k renormalized (the mass outside is lost);
+``compact``, the k' <= k largest with the mass outside spread evenly over the other pdfs, k'
+chosen per T from the residual within a size budget (``distill.compact``). ``header.json`` records T,
 k, the number of pdfs and frames and the checksum of the features (and alignment) they were
 computed from; loading a store against other features, another T, k or number of pdfs, or
 a file cut short fails with the reason instead of training on wrong targets. Arrays are
@@ -48,12 +51,17 @@ def source_checksum(features_checksum: str, pdf_ids: np.ndarray | None) -> str:
     return digest.hexdigest()[:16]
 
 
+def id_dtype(num_pdfs: int) -> str:
+    """int16 holds every pdf-id below 32768 (half of int32's bytes); larger trees need int32."""
+    return "int16" if num_pdfs < 32768 else "int32"
+
+
 def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, renormalized probabilities, residual mass) of each row's k most likely pdfs."""
     ids = np.argpartition(-probs, k - 1, axis=1)[:, :k]
     kept = np.take_along_axis(probs, ids, axis=1).astype(np.float32)
     mass = kept.sum(1, keepdims=True)
-    return ids.astype(np.int32), (kept / np.maximum(mass, 1e-12)), (1.0 - mass[:, 0])
+    return ids.astype(id_dtype(probs.shape[1])), (kept / np.maximum(mass, 1e-12)), (1.0 - mass[:, 0])
 
 
 class ArrayWriter:
@@ -79,7 +87,7 @@ class ArrayWriter:
 class SoftTargetStore:
     header: dict
     dense: np.ndarray  # (frames, pdfs) fp16
-    topk_ids: np.ndarray  # (frames, k) int32
+    topk_ids: np.ndarray  # (frames, k) int16 (int32 for >= 32768 pdfs, and in stores written before)
     topk_probs: np.ndarray  # (frames, k) fp16, renormalized to sum to 1
     residual: np.ndarray  # (frames,) fp16: probability mass the top-k form leaves out
 
@@ -97,7 +105,7 @@ class SoftTargetStore:
     @staticmethod
     def writer(directory: Path, header: dict) -> ArrayWriter:
         frames, pdfs, k = header["num_frames"], header["num_pdfs"], header["k"]
-        return ArrayWriter(directory, {"dense": ((frames, pdfs), "float16"), "topk_ids": ((frames, k), "int32"),
+        return ArrayWriter(directory, {"dense": ((frames, pdfs), "float16"), "topk_ids": ((frames, k), id_dtype(pdfs)),
                                        "topk_probs": ((frames, k), "float16"), "residual": ((frames,), "float16")})
 
     @staticmethod
@@ -127,15 +135,109 @@ class SoftTargetStore:
         check_shape(directory / "topk_ids.npy", arrays["topk_ids"], (header["num_frames"], header["k"]))
         return cls(header, **arrays)
 
-    def batch(self, indices: np.ndarray, form: str) -> torch.Tensor:
-        """(B, pdfs) float targets of frames ``indices``: dense, or top-k scattered back."""
+    def rows(self, form: str, device: torch.device | str = "cpu", compact: dict | None = None,
+             pdf_priors: np.ndarray | None = None) -> "TargetRows":
+        """The ``form`` of every frame as tensors on ``device`` (read once; a batch is then one
+        gather there): ``dense``, ``topk``, ``compact`` or ``compact_prior`` (``compact``: its
+        budget and residual; ``pdf_priors``: what ``compact_prior`` spreads the residual by)."""
         if form == "dense":
-            return torch.from_numpy(np.asarray(self.dense[indices], dtype=np.float32))
-        if form != "topk":
-            raise ValueError(f"soft-target form must be 'dense' or 'topk', got {form!r}")
-        out = torch.zeros(len(indices), self.header["num_pdfs"])
-        ids = torch.from_numpy(np.asarray(self.topk_ids[indices], dtype=np.int64))
-        return out.scatter_(1, ids, torch.from_numpy(np.asarray(self.topk_probs[indices], dtype=np.float32)))
+            return TargetRows("dense", self.header["num_pdfs"], device, dense=self.dense)
+        if form == "topk":
+            return TargetRows("topk", self.header["num_pdfs"], device, ids=self.topk_ids, probs=self.topk_probs)
+        if form in COMPACT_FORMS:
+            if form == "compact_prior" and pdf_priors is None:
+                raise ValueError("the compact_prior form needs the pdf priors (the training alignment's pdf counts)")
+            return TargetRows.compact(self, device, **(compact or {}), pdf_priors=pdf_priors if form == "compact_prior" else None)
+        raise ValueError(f"soft-target form must be 'dense', 'topk', 'compact' or 'compact_prior', got {form!r}")
+
+
+COMPACT_FORMS = ("compact", "compact_prior")
+
+
+def compact_bytes(k: int) -> int:
+    """Bytes per frame of the compact form: k int16 ids, k fp16 probabilities, the fp16 residual."""
+    return 4 * k + 2
+
+
+def compact_k(sorted_probs: np.ndarray, residual: np.ndarray, num_pdfs: int, budget: float, max_residual: float) -> int:
+    """The compact form's k for one store: the smallest k whose mean mass outside the top k is
+    at most ``max_residual``, but never more bytes than ``budget`` x the dense fp32 row (4 bytes
+    per pdf), nor more than the k the store keeps. ``sorted_probs``: the stored top-k, largest
+    first, renormalized; ``residual``: the mass outside them."""
+    kept = sorted_probs.shape[1]
+    within_budget = min(kept, int((budget * 4 * num_pdfs - 2) // 4))
+    if within_budget < 1:
+        raise ValueError(f"distill.compact.budget={budget} leaves no room for one pdf of {num_pdfs} (4 bytes each + 2)")
+    mass = np.cumsum(sorted_probs.astype(np.float64), axis=1) * (1.0 - residual.astype(np.float64))[:, None]
+    mean_outside = 1.0 - mass.mean(0)  # mean residual with the top 1, 2, ... kept
+    enough = np.flatnonzero(mean_outside <= max_residual)
+    return int(min(within_budget, enough[0] + 1 if len(enough) else kept))
+
+
+class TargetRows:
+    """Soft targets (or teacher logits) of every frame of a store, resident on one device; ``batch``
+    gathers a batch's rows there and returns them as (B, pdfs) float32, so a training step makes
+    no round trip through the host.
+
+    Forms: ``dense`` (the row), ``topk`` (k probabilities renormalized: the rest is dropped),
+    ``compact`` (the k largest with their true mass; the residual spread evenly over the other
+    pdfs, so every row still sums to one and no pdf's probability is zeroed), ``compact_prior``
+    (the residual spread over the other pdfs in proportion to their priors, so rare pdfs are
+    not lifted above what they are worth: the decoder divides by the priors), ``logits``.
+    """
+
+    def __init__(self, form: str, num_pdfs: int, device: torch.device | str, *, dense=None, ids=None, probs=None, residual=None,
+                 pdf_priors=None):
+        self.form, self.num_pdfs, self.device = form, num_pdfs, torch.device(device)
+        self.pdf_priors = None if pdf_priors is None else torch.as_tensor(pdf_priors, dtype=torch.float32, device=self.device)
+        as_tensor = lambda a: None if a is None else torch.from_numpy(np.array(a)).to(self.device)  # noqa: E731  (read into memory)
+        self.dense, self.ids, self.probs, self.residual = as_tensor(dense), as_tensor(ids), as_tensor(probs), as_tensor(residual)
+        self.k = None if ids is None else int(ids.shape[1])
+        self.num_frames = len(dense if dense is not None else ids)
+
+    @classmethod
+    def compact(cls, store: SoftTargetStore, device, budget: float = 0.05, max_residual: float = 0.01,
+                pdf_priors: np.ndarray | None = None) -> "TargetRows":
+        probs = np.asarray(store.topk_probs, dtype=np.float32)
+        order = np.argsort(-probs, axis=1, kind="stable")
+        probs = np.take_along_axis(probs, order, axis=1)
+        residual = np.asarray(store.residual, dtype=np.float32)
+        num_pdfs = store.header["num_pdfs"]
+        k = compact_k(probs, residual, num_pdfs, budget, max_residual)
+        ids = np.take_along_axis(np.asarray(store.topk_ids), order[:, :k], axis=1).astype(id_dtype(num_pdfs))
+        mass = (probs[:, :k] * (1.0 - residual)[:, None]).astype(np.float16)  # the true probabilities, not renormalized
+        left = np.clip(1.0 - mass.astype(np.float32).sum(1), 0.0, 1.0).astype(np.float16)
+        return cls("compact" if pdf_priors is None else "compact_prior", num_pdfs, device, ids=ids, probs=mass, residual=left,
+                   pdf_priors=pdf_priors)
+
+    def bytes_per_frame(self) -> int:
+        """What one frame of this form takes as stored (the compact form: int16 ids, fp16 mass and residual)."""
+        if self.form in COMPACT_FORMS:
+            return compact_bytes(self.k)
+        if self.dense is not None:
+            return self.dense.element_size() * self.num_pdfs
+        return self.k * (self.ids.element_size() + self.probs.element_size())
+
+    def mean_residual(self) -> float:
+        """Mean probability mass outside the rows the form keeps (0 for dense)."""
+        if self.form in COMPACT_FORMS:
+            return float(self.residual.double().mean())
+        return 0.0
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, pdfs) float32 rows of frames ``indices`` (a tensor on this device)."""
+        if self.dense is not None:
+            return self.dense[indices].float()
+        ids = self.ids[indices].long()
+        if self.form == "compact":
+            spread = self.residual[indices].float() / (self.num_pdfs - self.k)
+            out = spread[:, None].expand(len(indices), self.num_pdfs).clone()
+        elif self.form == "compact_prior":
+            out = self.pdf_priors[None].expand(len(indices), self.num_pdfs).clone().scatter_(1, ids, 0.0)
+            out *= self.residual[indices].float()[:, None] / out.sum(1, keepdim=True).clamp(min=1e-12)
+        else:
+            out = torch.zeros(len(indices), self.num_pdfs, device=self.device)
+        return out.scatter_(1, ids, self.probs[indices].float())
 
 
 class TeacherLogits:
@@ -175,8 +277,8 @@ class TeacherLogits:
         check_shape(directory / "logits.npy", logits, (header["num_frames"], header["num_pdfs"]))
         return cls(header, logits)
 
-    def batch(self, indices: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.logits[indices], dtype=np.float32))
+    def rows(self, device: torch.device | str = "cpu") -> TargetRows:
+        return TargetRows("logits", self.header["num_pdfs"], device, dense=self.logits)
 
 
 def read_header(directory: Path, expected_checksum: str, expected: dict) -> dict:
@@ -221,7 +323,7 @@ def write_teacher_outputs(teacher: EnsembleDNN, frames: SplicedFrames, groups: F
     teacher.eval()
     device = frames.frames.device
     batches = [(indices[s : s + batch_size], members) for indices, members in groups for s in range(0, len(indices), batch_size)]
-    for indices, members in progress(batches, "soft targets"):
+    for indices, members in progress(batches, "soft targets", unit="batches"):
         member_logits = teacher.member_logits(frames.context(torch.from_numpy(indices).to(device)), members)
         for t, writer in writers.items():
             SoftTargetStore.fill(writer, indices, average_softmax(member_logits, t).cpu().numpy(), top_k_size)
@@ -233,6 +335,14 @@ def write_teacher_outputs(teacher: EnsembleDNN, frames: SplicedFrames, groups: F
     if logits_writer is not None:
         logits_writer.close()
         write_json(logits_dir / "header.json", logits_header)
+
+
+def pdf_priors(cfg) -> np.ndarray:
+    """The pdf priors the decoder divides by (the training alignment's floored pdf frequencies):
+    what the compact_prior form spreads its residual by."""
+    from asrkd.decode import log_priors
+
+    return np.exp(log_priors(np.load(Path(cfg.exp_dir) / "tri" / "ali_train" / "pdf_counts.npy"), cfg.decode.prior_floor))
 
 
 def teacher_dir(cfg, store: str) -> Path:

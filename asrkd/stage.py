@@ -257,12 +257,13 @@ class Stage:
 
 def plan(
     name: str, out_dir: Path | str, cfg, keys: tuple[str, ...] | list[str], inputs: dict[str, Path | str] | None = None,
-    values: dict[str, Any] | None = None, clear: bool = True,
+    values: dict[str, Any] | None = None, clear: bool = True, writer: bool = True,
 ) -> Stage:
     """Fingerprint a stage from the config ``keys`` it reads, its ``inputs`` (paths of upstream
     outputs or data dirs) and ``values`` (anything else that decides its outputs), and decide
     whether it must run. ``clear``: on a redo, delete the old outputs first (they could
     otherwise be resumed from); False for directories that hold more than this stage's outputs.
+    ``writer``: False on torchrun's ranks other than 0, which decide the same but touch nothing.
     """
     out_dir = Path(out_dir)
     config = {**config_values(cfg, keys), **(values or {})}
@@ -288,7 +289,7 @@ def plan(
                 "(another name or exp_dir)"
             )
         log.warning("%s: redoing %s (%s)", name, out_dir, "; ".join(changes))
-        if clear:
+        if clear and writer:
             shutil.rmtree(out_dir, ignore_errors=True)
     elif existing is None and out_dir.is_dir() and clear and any(out_dir.iterdir()):
         legacy = [p.name for p in out_dir.iterdir()][:5]
@@ -297,8 +298,11 @@ def plan(
                 f"{name}: {out_dir} holds outputs without a stage record ({', '.join(legacy)}; made by an older asrkd or by hand). "
                 "Pass redo=true (recipes: --redo) to remake them, or delete the directory"
             )
-        shutil.rmtree(out_dir, ignore_errors=True)
+        if writer:
+            shutil.rmtree(out_dir, ignore_errors=True)
     stage.resumable = partial is not None and partial["fingerprint"] == stage.fingerprint
+    if not writer:
+        return stage
     check_writable(out_dir)
     for leftover in out_dir.glob(".*.tmp-*"):  # what a kill during a write leaves: never a complete file
         leftover.unlink()
@@ -309,8 +313,10 @@ def plan(
 # ----------------------------------------------------------------------------- progress
 
 
-def progress(items, what: str, total: int | None = None) -> Iterator:
-    """Yield ``items``, drawing a one-line counter on stderr when it is a terminal (never in logs)."""
+def progress(items, what: str, total: int | None = None, unit: str = "", scale: int = 1) -> Iterator:
+    """Yield ``items``, drawing a one-line counter on stderr when it is a terminal (never in logs):
+    done/total, the rate and the time left. Each item counts ``scale`` ``unit`` (a batch of
+    frames: ``unit="frames", scale=batch_size``), so the rate reads in frames or utterances."""
     import sys
     import time
 
@@ -318,15 +324,25 @@ def progress(items, what: str, total: int | None = None) -> Iterator:
         yield from items
         return
     total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-    shown, count = 0.0, 0
+    start = shown = time.monotonic()
+    count = 0
+    suffix = f" {unit}" if unit else ""
+
+    def line(now: float) -> str:
+        rate = count * scale / max(now - start, 1e-9)
+        text = f"\r{what}: {count * scale}" + (f"/{total * scale}" if total else "") + f"{suffix}, {rate:,.0f}{suffix}/s"
+        if total and rate > 0:
+            text += f", {(total - count) * scale / rate:.0f} s left"
+        return text + " "
+
     for count, item in enumerate(items, 1):
         yield item
         now = time.monotonic()
         if now - shown > 0.5:
-            sys.stderr.write(f"\r{what}: {count}" + (f"/{total}" if total else "") + " ")
+            sys.stderr.write(line(now))
             sys.stderr.flush()
             shown = now
-    sys.stderr.write(f"\r{what}: {count}" + (f"/{total}" if total else "") + " done\n")
+    sys.stderr.write(line(time.monotonic()) + "done\n")
 
 
 # ----------------------------------------------------------------------------- dropped utterances

@@ -1,8 +1,10 @@
 """Stage: distilled students, same architecture and training recipe as a member.
 
 ``distill.students`` maps a soft-target form to the temperatures of the students trained on
-it: ``dense`` (the stored fp16 averages) or ``topk`` (the compact form, to measure what it
-costs); ``distill.seeds`` gives how many replicates of each form train (seed + 100 r). Their
+it: ``dense`` (the stored fp16 averages), ``topk`` (the k largest renormalized, to measure what
+dropping the rest costs), ``compact`` or ``compact_prior`` (the k' largest with the rest spread
+evenly or by the pdf priors: the forms for a scale where dense does not fit;
+:class:`asrkd.soft_targets.TargetRows`); ``distill.seeds`` gives how many replicates of each form train (seed + 100 r). Their
 loss is the paper's T^2 * CE(soft targets at T, softmax(z/T)) + hard_weight * CE(pdf-ids,
 softmax(z)). With ``distill.logit_matching``, one more student matches the teacher's
 zero-mean logits instead (§2.1, the objective's high-T limit).
@@ -10,27 +12,30 @@ zero-mean logits instead (§2.1, the objective's high-T limit).
 The student trains on the labeled utterances of ``train.data`` and, with ``distill.transfer``,
 on the frames of those data dirs too, with the soft term alone (no alignment needed: unlabeled
 audio works). ``distill.epochs`` sets its epochs apart from the baseline's. Its soft targets
-are the teacher's on the feature store that holds all those utterances (stage soft-targets).
+are the teacher's on the feature store that holds all those utterances (stage soft-targets),
+held on the training device, or with ``distill.on_the_fly`` the teacher's own outputs
+computed in each step (no store).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from asrkd.distill import distillation_loss, logit_distillation_loss
-from asrkd.soft_targets import SoftTargetStore, TeacherLogits, current_checksum, logits_dir, store_dir
-from asrkd.train import TrainingSet, replicate_name, train_stage
+from asrkd.nnet import StackedDNN
+from asrkd.soft_targets import (COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, current_checksum, logits_dir, pdf_priors,
+                                store_dir)
+from asrkd.train import Model, TrainingSet, replicate_name, train_stage
 
 LOGITS = "logits"  # the form name of the logit-matching student
 
 
 class Student(NamedTuple):
-    form: str  # dense | topk | logits
+    form: str  # dense | topk | compact | compact_prior | logits
     temperature: float | None  # None: logit matching
     replicate: int
 
@@ -76,23 +81,104 @@ def name_of(cfg, student: Student) -> str:
 
 
 class StoreParts:
-    """The soft targets (or teacher logits) of a training set's frames: a store per feature store
-    the set spans, each at the frame where its part starts (``TrainingSet.parts``)."""
+    """The soft targets (or teacher logits) of a training set's frames, resident on the training
+    device: a store per feature store the set spans, each at the frame where its part starts
+    (``TrainingSet.parts``); ``batch`` gathers a batch's rows there."""
 
-    def __init__(self, parts: list[tuple[int, SoftTargetStore | TeacherLogits]]):
-        self.parts = [(start, start + store.header["num_frames"], store) for start, store in parts]
+    def __init__(self, parts: list[tuple[int, TargetRows]]):
+        self.parts = [(start, start + rows.num_frames, rows) for start, rows in parts]
 
-    def batch(self, indices: np.ndarray, *form: str) -> torch.Tensor:
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
         if len(self.parts) == 1 and self.parts[0][0] == 0:
-            return self.parts[0][2].batch(indices, *form)
-        out = None
-        for start, end, store in self.parts:
+            return self.parts[0][2].batch(indices)
+        out = torch.zeros(len(indices), self.parts[0][2].num_pdfs, device=indices.device)
+        for start, end, rows in self.parts:
             inside = (indices >= start) & (indices < end)
-            if inside.any():
-                rows = store.batch(indices[inside] - start, *form)
-                out = torch.zeros(len(indices), rows.shape[1]) if out is None else out
-                out[torch.from_numpy(inside)] = rows
+            out[inside] = rows.batch(indices[inside] - start)
         return out
+
+
+class TeacherOnTheFly:
+    """The teacher's targets computed inside the student's step (``distill.on_the_fly``) instead of
+    read from a store: its models stacked (one batched matmul per layer), each frame averaged
+    over the members allowed to score it (a cross-fitted teacher's ``teacher_groups``). At the
+    paper's scale a dense store would be frames x pdfs; this costs a teacher forward per step."""
+
+    def __init__(self, members: list, frames, group_of: torch.Tensor | None = None, weights: torch.Tensor | None = None):
+        """``members``: the teacher's models; ``group_of`` (frames,) and ``weights`` (groups, members):
+        which members average for each frame (default: all, equally)."""
+        device = frames.frames.device
+        self.net = (StackedDNN(members) if len(members) > 1 else members[0]).eval().requires_grad_(False)
+        self.frames = frames
+        self.group_of = torch.zeros(frames.store.num_frames, dtype=torch.long, device=device) if group_of is None else group_of
+        self.weights = torch.full((1, len(members)), 1.0 / len(members), device=device) if weights is None else weights
+
+    @classmethod
+    def of_system(cls, cfg, data) -> "TeacherOnTheFly":
+        """``distill.teacher`` (an ensemble's members or one DNN) over ``data``'s frames, with a
+        cross-fitted teacher's members restricted as its soft-target store would be."""
+        from asrkd.nnet import EnsembleDNN
+        from asrkd.soft_targets import teacher_groups
+        from asrkd.train import load_system, system_dirs
+
+        exp = Path(cfg.exp_dir)
+        device = data.pdf_ids.device
+        teacher = load_system(exp, cfg.distill.teacher, device)
+        members = list(teacher.members) if isinstance(teacher, EnsembleDNN) else [teacher]
+        store = data.frames.store
+        groups = teacher_groups(cfg, store.utt_ids, store.offsets, system_dirs(exp, cfg.distill.teacher))
+        group_of = torch.zeros(store.num_frames, dtype=torch.long)
+        weights = torch.zeros(len(groups), len(members))
+        for g, (indices, chosen) in enumerate(groups):
+            group_of[torch.from_numpy(indices)] = g
+            weights[g, chosen] = 1.0 / len(chosen)
+        return cls(members, data.frames, group_of.to(device), weights.to(device))
+
+    @torch.no_grad()
+    def member_logits(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(members, B, pdfs) logits of the batch and (members, B) averaging weights."""
+        logits = self.net(self.frames.context(indices)).float()
+        return (logits if logits.dim() == 3 else logits[None]), self.weights[self.group_of[indices]].t()
+
+    def soft_targets(self, indices: torch.Tensor, temperature: float) -> torch.Tensor:
+        logits, weights = self.member_logits(indices)
+        return (torch.softmax(logits / temperature, dim=-1) * weights[..., None]).sum(0)
+
+    def zero_mean_logits(self, indices: torch.Tensor) -> torch.Tensor:
+        logits, weights = self.member_logits(indices)
+        return ((logits - logits.mean(-1, keepdim=True)) * weights[..., None]).sum(0)
+
+
+def target_source(cfg, student: Student, training: TrainingSet) -> tuple[Callable, dict[str, Path]]:
+    """What gives a student its soft targets per batch, and the inputs its fingerprint records:
+    the stores of its form (loaded onto the device once), or the teacher itself on the fly."""
+    dcfg, exp = cfg.distill, Path(cfg.exp_dir)
+    form, temperature = student.form, student.temperature
+    if dcfg.on_the_fly:
+        if form not in ("dense", LOGITS):
+            raise ValueError(f"distill.on_the_fly computes dense targets (or logits), not the {form} form; "
+                             f"train the {form} student from its store (distill.on_the_fly=false)")
+        from asrkd.train import system_dirs
+
+        def make(data):
+            teacher = TeacherOnTheFly.of_system(cfg, data)
+            return teacher.zero_mean_logits if form == LOGITS else lambda batch: teacher.soft_targets(batch, temperature)
+
+        return make, {f"teacher {d.name}": d for d in system_dirs(exp, dcfg.teacher)}
+    targets = {store: logits_dir(cfg, store) if form == LOGITS else store_dir(cfg, temperature, store) for store in training.stores}
+
+    def make(data):
+        def load(store: str) -> TargetRows:
+            checksum = current_checksum(exp, store)
+            if form == LOGITS:
+                return TeacherLogits.load(targets[store], checksum, data.num_pdfs).rows(data.pdf_ids.device)
+            stored = SoftTargetStore.load(targets[store], checksum, temperature, data.num_pdfs)
+            return stored.rows(form, data.pdf_ids.device, OmegaConf.to_container(dcfg.compact),
+                               pdf_priors(cfg) if form == "compact_prior" else None)
+
+        return StoreParts([(training.parts[store], load(store)) for store in training.stores]).batch
+
+    return make, {("soft targets" if i == 0 else f"soft targets {store}"): path for i, (store, path) in enumerate(targets.items())}
 
 
 def run(cfg) -> None:
@@ -103,25 +189,16 @@ def run(cfg) -> None:
     exp = Path(cfg.exp_dir)
     for student in students(cfg):
         name = name_of(cfg, student)
-        form, temperature = student.form, student.temperature
-        targets = {store: logits_dir(cfg, store) if form == LOGITS else store_dir(cfg, temperature, store) for store in training.stores}
+        make_targets, inputs = target_source(cfg, student, training)
 
-        def loss(data, hard, form=form, temperature=temperature, targets=targets):
-            def load(store: str):
-                checksum = current_checksum(exp, store)
-                if form == LOGITS:
-                    return TeacherLogits.load(targets[store], checksum, data.num_pdfs)
-                return SoftTargetStore.load(targets[store], checksum, temperature, data.num_pdfs)
-
-            parts = StoreParts([(training.parts[store], load(store)) for store in training.stores])
+        def loss(data, hard, form=student.form, temperature=student.temperature, make_targets=make_targets):
+            targets = make_targets(data)
             if form == LOGITS:
-                return lambda logits, batch: logit_distillation_loss(
-                    logits, parts.batch(batch.cpu().numpy()).to(logits.device), hard[batch], dcfg.soft_weight, dcfg.hard_weight)
-            return lambda logits, batch: distillation_loss(
-                logits, parts.batch(batch.cpu().numpy(), form).to(logits.device), hard[batch], temperature, dcfg.soft_weight, dcfg.hard_weight)
+                return lambda logits, batch: logit_distillation_loss(logits, targets(batch), hard[batch], dcfg.soft_weight, dcfg.hard_weight)
+            return lambda logits, batch: distillation_loss(logits, targets(batch), hard[batch], temperature, dcfg.soft_weight, dcfg.hard_weight)
 
-        inputs = {("soft targets" if i == 0 else f"soft targets {store}"): path for i, (store, path) in enumerate(targets.items())}
-        train_stage(scfg, f"train-student {name}", exp / "dnn" / name, training, loss=loss,
-                    keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs,
-                    values={"teacher": dcfg.teacher, "form": form, "temperature": temperature, "transfer": list(dcfg.transfer)},
-                    replicate=student.replicate)
+        values = {"teacher": dcfg.teacher, "form": student.form, "temperature": student.temperature, "transfer": list(dcfg.transfer)}
+        values |= {"on_the_fly": True} if dcfg.on_the_fly else {}
+        values |= {"compact": OmegaConf.to_container(dcfg.compact)} if student.form in COMPACT_FORMS else {}
+        train_stage(scfg, [Model(f"train-student {name}", exp / "dnn" / name, student.replicate, values=values)], training, loss=loss,
+                    keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)

@@ -22,10 +22,11 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from asrkd.data import DataDir, split_by_speaker
 from asrkd.features import FeatureStore, load_array
-from asrkd.nnet import EnsembleDNN, HybridDNN, SplicedFrames, pick_device
+from asrkd.nnet import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, pick_device
 from asrkd.stage import StageError, atomic_write, is_complete, plan, progress, write_json
 
 log = logging.getLogger(__name__)
@@ -160,91 +161,174 @@ def read_checkpoint(path: Path, device: torch.device, fingerprint: str) -> dict 
     return state
 
 
+def learning_rate(tcfg) -> float:
+    """``train.lr`` at ``train.batch_size`` under ``train.lr_scaling``: the rate given is for
+    ``train.lr_reference_batch`` frames; ``linear`` scales it with the batch (Goyal et al. 2017,
+    for SGD; with warm-up), ``sqrt`` with its square root (the usual rule for Adam), ``none``
+    keeps it."""
+    ratio = int(tcfg.batch_size) / int(tcfg.lr_reference_batch)
+    rule = str(tcfg.lr_scaling)
+    if rule not in ("none", "linear", "sqrt"):
+        raise ValueError(f"train.lr_scaling must be none, linear or sqrt, got {rule!r}")
+    return float(tcfg.lr) * {"none": 1.0, "linear": ratio, "sqrt": ratio**0.5}[rule]
+
+
+class TrainStep:
+    """One optimizer step on a batch of frame indices, everything on the model's device: the
+    windows are gathered there, the loss stays there (no host sync per step), bf16 autocast
+    and ``torch.compile`` are options. The trainer's loop and the throughput benchmark run
+    this same step. ``net`` is a HybridDNN, or a StackedDNN whose members' losses are summed
+    (each member's gradient is then its own loss's). Under torchrun every rank takes its
+    slice of the global batch and the loss is scaled so DDP's average of the gradients is the
+    gradient of the global batch's mean."""
+
+    def __init__(self, cfg, net: torch.nn.Module, data: FrameData, loss_fn: LossFn | None, hard: torch.Tensor):
+        from asrkd.parallel import rank, world_size, wrap
+
+        self.tcfg, self.data, self.loss_fn, self.hard = cfg.train, data, loss_fn, hard
+        self.net, self.stacked = net, isinstance(net, StackedDNN)
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(cfg.train), weight_decay=cfg.train.weight_decay)
+        self.forward = wrap(net)
+        if cfg.train.compile:
+            self.forward = torch.compile(self.forward, backend=str(cfg.train.compile))
+        self.rank, self.world = rank(), world_size()
+        self.autocast = dict(device_type=hard.device.type, dtype=torch.bfloat16, enabled=bool(cfg.train.bf16_autocast))
+        self.warmup = int(cfg.train.warmup_steps)
+
+    def __call__(self, batch: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Train on ``batch`` (global frame indices); returns each model's loss summed over this
+        rank's frames (float64, detached, on the device). ``step`` (counted from the start of
+        training) drives the learning-rate warm-up."""
+        if self.world > 1:
+            local = torch.tensor_split(batch, self.world)[self.rank]
+            scale = len(local) * self.world / len(batch)
+            batch = local
+        with torch.autocast(**self.autocast):
+            logits = self.forward(self.data.frames.context(batch))
+        member_logits = logits if self.stacked else logits[None]
+        losses = [self.loss_fn(z, batch) if self.loss_fn else F.cross_entropy(z.float(), self.hard[batch]) for z in member_logits]
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        scheduled = [group["lr"] for group in self.optimizer.param_groups]
+        if step < self.warmup:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= (step + 1) / self.warmup
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * scale if self.world > 1 else loss).backward()
+        self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, scheduled):
+            group["lr"] = lr
+        return torch.stack(losses).detach().double() * len(batch)
+
+
+def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int]) -> torch.nn.Module:
+    """Freshly initialized models, one per weight seed, with the input normalization of the
+    training frames: a HybridDNN for one seed, a StackedDNN of them for several."""
+    device = data.pdf_ids.device
+    sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
+    sample_frames = data.frames.frames[torch.from_numpy(np.sort(sample)).to(device)].float().cpu().numpy()
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model).to(device)
+        model.set_normalization(sample_frames.mean(0), sample_frames.std(0))
+        models.append(model)
+    return models[0] if len(models) == 1 else StackedDNN(models)
+
+
 def train_model(
-    cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dir: Path, loss_fn: LossFn | None = None,
-    init_seed: int | None = None, replicate: int = 0, fingerprint: str = "", hard: torch.Tensor | None = None,
-) -> list[dict]:
-    """Train, keeping ``last.pt`` (resume point) and ``best.pt``; returns the per-epoch history.
+    cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dirs: list[Path], loss_fn: LossFn | None = None,
+    init_seeds: list[int | None] | None = None, replicate: int = 0, fingerprint: str = "", hard: torch.Tensor | None = None,
+) -> list[list[dict]]:
+    """Train one model per ``out_dirs`` entry, keeping ``last.pt`` (resume point) and each
+    model's ``best.pt``; returns each model's per-epoch history.
 
     The loss is cross-entropy on ``hard`` (pdf-ids; the alignment unless given) unless
-    ``loss_fn`` is given (a student's). ``init_seed`` seeds only the initial weights (ensemble
-    members differ in it alone); otherwise replicate r uses seed + 100 r for the weights, the
-    frame order and dropout. A ``last.pt`` of the same ``fingerprint`` is resumed from.
+    ``loss_fn`` is given (a student's). ``init_seeds`` seed only the initial weights (ensemble
+    members differ in them alone); otherwise replicate r uses seed + 100 r for the weights, the
+    frame order and dropout. Several models train fused, as one StackedDNN on the same frame
+    order (their ``last.pt`` is the first one's). A ``last.pt`` of the same ``fingerprint`` is
+    resumed from. Under torchrun, rank 0 alone evaluates and writes.
     """
+    from asrkd.parallel import all_reduce_sum, rank
+
     tcfg = cfg.train
     device = data.pdf_ids.device
     hard = data.pdf_ids if hard is None else hard
     seed = model_seed(cfg, replicate)
-    torch.manual_seed(seed if init_seed is None else init_seed)
-    model = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model).to(device)
-    sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
-    sample_frames = data.frames.frames[torch.from_numpy(np.sort(sample)).to(device)].float().cpu().numpy()
-    model.set_normalization(sample_frames.mean(0), sample_frames.std(0))
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=tcfg.lr_decay)
-    history: list[dict] = []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = read_checkpoint(out_dir / "last.pt", device, fingerprint)
+    init_seeds = init_seeds or [None] * len(out_dirs)
+    net = new_models(cfg, data, train_idx, [seed if s is None else s for s in init_seeds])
+    step_fn = TrainStep(cfg, net, data, loss_fn, hard)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(step_fn.optimizer, gamma=tcfg.lr_decay)
+    histories: list[list[dict]] = [[] for _ in out_dirs]
+    writer = rank() == 0
+    for out_dir in out_dirs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    last_path = out_dirs[0] / "last.pt"
+    state = read_checkpoint(last_path, device, fingerprint)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        net.load_state_dict(state["model"])
+        step_fn.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])  # dropout continues as if never interrupted
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        history = state["history"]
-        log.info("resuming %s after epoch %d", out_dir, history[-1]["epoch"])
+        histories = state["history"] if len(out_dirs) > 1 else [state["history"]]
+        log.info("resuming %s after epoch %d", out_dirs[0], histories[0][-1]["epoch"])
 
-    use_bf16 = bool(tcfg.bf16_autocast)
     # training-set accuracy per epoch (the over-fitting curve) on a fixed sample of the labeled training frames
     labeled = train_idx[hard[torch.from_numpy(train_idx).to(device)].cpu().numpy() >= 0]
     train_sample = np.sort(np.random.default_rng(cfg.seed).permutation(labeled)[: int(tcfg.accuracy_sample_frames)])
-    for epoch in range(len(history), tcfg.epochs):
+    label = out_dirs[0].name if len(out_dirs) == 1 else f"{out_dirs[0].parent.name} ({len(out_dirs)} fused)"
+    steps_per_epoch = -(-min(len(train_idx), int(tcfg.max_frames_per_epoch or len(train_idx))) // tcfg.batch_size)
+    for epoch in range(len(histories[0]), tcfg.epochs):
         tic = time.time()
-        model.train()
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(train_idx)
+        net.train()
+        order = np.random.default_rng([seed, epoch]).permutation(train_idx)
         if tcfg.max_frames_per_epoch:
             order = order[: int(tcfg.max_frames_per_epoch)]
-        total_loss, seen = 0.0, 0
-        starts = range(0, len(order), tcfg.batch_size)
-        for step, start in enumerate(progress(starts, f"{out_dir.name} epoch {epoch}")):
-            batch = torch.from_numpy(order[start : start + tcfg.batch_size]).to(device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(data.frames.context(batch))
-            loss = loss_fn(logits, batch) if loss_fn else F.cross_entropy(logits.float(), hard[batch])
-            value = float(loss.detach())
-            if not np.isfinite(value):
-                raise TrainingDiverged(f"{out_dir}: the loss is {value} at epoch {epoch}, batch {step}; lower train.lr, "
-                                       "or check the features and targets (the last complete epoch is kept in last.pt)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += value * len(batch)
-            seen += len(batch)
+        order = torch.from_numpy(order).to(device)  # one copy per epoch; batches are slices of it on the device
+        total_loss = torch.zeros(len(out_dirs), dtype=torch.float64, device=device)
+        first_bad = torch.tensor(-1, device=device)  # the first batch whose loss was not finite (found without a sync per step)
+        batches = range(0, len(order), tcfg.batch_size)
+        for step, start in enumerate(progress(batches, f"{label} epoch {epoch}", unit="frames", scale=tcfg.batch_size)):
+            loss = step_fn(order[start : start + tcfg.batch_size], epoch * steps_per_epoch + step)
+            total_loss += loss
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss).all(), step, first_bad)
+        seen = len(order)
+        losses = (all_reduce_sum(total_loss) / max(seen, 1)).tolist()  # the one host sync of the epoch
+        if int(first_bad) >= 0 or not np.isfinite(losses).all():
+            raise TrainingDiverged(f"{out_dirs[0]}: the loss is nan at epoch {epoch}, batch {int(first_bad)}; lower train.lr, "
+                                   "or check the features and targets (the last complete epoch is kept in last.pt)")
         scheduler.step()
         seconds = time.time() - tic
-        valid = evaluate_frames(model, data, valid_idx, cfg.eval.batch_size)
-        train_acc = evaluate_frames(model, data, train_sample, cfg.eval.batch_size)["frame_accuracy"] if len(train_sample) else None
-        record = {"epoch": epoch, "train_cross_entropy": total_loss / max(seen, 1), "train_frame_accuracy": train_acc,
-                  "valid_frame_accuracy": valid["frame_accuracy"],
-                  "valid_cross_entropy": valid["cross_entropy"], "frames_per_second": seen / seconds, "seconds": seconds}
-        history.append(record)
-        log.info("%s epoch %d: train loss %.3f, valid acc %.4f CE %.3f, %.0f frames/s", out_dir.name,
-                 epoch, record["train_cross_entropy"], valid["frame_accuracy"], valid["cross_entropy"], record["frames_per_second"])
-        if record["valid_frame_accuracy"] > max((h["valid_frame_accuracy"] for h in history[:-1]), default=-1.0):
-            save_model(out_dir / "best.pt", model, epoch)  # early stopping's model: system "<name>@best"
-        if cfg.train.keep_epoch_checkpoints:
-            save_model(out_dir / f"epoch-{epoch}.pt", model, epoch)
+        if not writer:
+            continue
+        for i, (out_dir, history, value) in enumerate(zip(out_dirs, histories, losses)):
+            model = net.member(i) if len(out_dirs) > 1 else net
+            valid = evaluate_frames(model, data, valid_idx, cfg.eval.batch_size)
+            train_acc = evaluate_frames(model, data, train_sample, cfg.eval.batch_size)["frame_accuracy"] if len(train_sample) else None
+            record = {"epoch": epoch, "train_cross_entropy": value, "train_frame_accuracy": train_acc,
+                      "valid_frame_accuracy": valid["frame_accuracy"], "valid_cross_entropy": valid["cross_entropy"],
+                      "frames_per_second": seen * len(out_dirs) / seconds, "seconds": seconds / len(out_dirs)}
+            history.append(record)
+            log.info("%s epoch %d: train loss %.3f, valid acc %.4f CE %.3f, %.0f frames/s", out_dir.name,
+                     epoch, value, valid["frame_accuracy"], valid["cross_entropy"], record["frames_per_second"])
+            if record["valid_frame_accuracy"] > max((h["valid_frame_accuracy"] for h in history[:-1]), default=-1.0):
+                save_model(out_dir / "best.pt", model, epoch)  # early stopping's model: system "<name>@best"
+            if cfg.train.keep_epoch_checkpoints:
+                save_model(out_dir / f"epoch-{epoch}.pt", model, epoch)
         rng_state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        with atomic_write(out_dir / "last.pt") as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "history": history, "rng": rng_state, "fingerprint": fingerprint}, tmp)
-    save_model(out_dir / "final.pt", model, len(history) - 1)
-    write_json(out_dir / "history.json", history)
-    if not cfg.train.keep_last_checkpoint:
-        (out_dir / "last.pt").unlink()  # optimizer state: 2x the model, needed only to resume
-    return history
+        with atomic_write(last_path) as tmp:
+            torch.save({"model": net.state_dict(), "optimizer": step_fn.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "history": histories if len(out_dirs) > 1 else histories[0], "rng": rng_state, "fingerprint": fingerprint}, tmp)
+    if writer:
+        for i, (out_dir, history) in enumerate(zip(out_dirs, histories)):
+            model = net.member(i) if len(out_dirs) > 1 else net
+            save_model(out_dir / "final.pt", model, len(history) - 1)
+            write_json(out_dir / "history.json", history)
+        if not cfg.train.keep_last_checkpoint:
+            last_path.unlink(missing_ok=True)  # optimizer state: 2x the model, needed only to resume
+    return histories
 
 
 def read_history(model_dir: Path) -> list[dict]:
@@ -408,27 +492,61 @@ class TrainingSet:
         return self._loaded
 
 
+# keys that decide a model only when set away from their default: recorded then, so models
+# trained before the keys existed keep their fingerprints
+TRAIN_OPTIONAL_KEYS = {"train.lr_scaling": "none", "train.warmup_steps": 0}
+
+
+@dataclass
+class Model:
+    """One model a training stage makes: its stage name, directory, seeds and recorded values."""
+
+    stage_name: str
+    out_dir: Path
+    replicate: int = 0
+    init_seed: int | None = None
+    values: dict | None = None
+
+
 def train_stage(
-    cfg, stage_name: str, out_dir: Path, training: TrainingSet, *, loss: Callable[[FrameData, torch.Tensor], LossFn] | None = None,
-    keys: tuple[str, ...] = (), inputs: dict[str, Path] | None = None, values: dict | None = None,
-    init_seed: int | None = None, replicate: int = 0,
+    cfg, models: list[Model], training: TrainingSet, *, loss: Callable[[FrameData, torch.Tensor], LossFn] | None = None,
+    keys: tuple[str, ...] = (), inputs: dict[str, Path] | None = None, fused: bool = False,
 ) -> None:
-    """Plan, train and record one model: the fingerprint holds TRAIN_KEYS + ``keys``, the training
-    set's inputs + ``inputs``, the seeds and ``values``. ``loss(frames, hard targets)`` makes the
-    loss function (default: cross-entropy on the hard targets)."""
-    stage = plan(stage_name, out_dir, cfg, TRAIN_KEYS + keys, {**training.inputs, **(inputs or {})},
-                 {"replicate": replicate, "init_seed": init_seed, **(values or {})})
-    if stage.up_to_date:
+    """Plan, train and record ``models``: each fingerprint holds TRAIN_KEYS + ``keys``, the training
+    set's inputs + ``inputs``, the seeds and the model's values. ``loss(frames, hard targets)``
+    makes the loss function (default: cross-entropy on the hard targets). With ``fused``, the
+    models still to train train together as one stack (same replicate: same frame order)."""
+    from asrkd.parallel import barrier, rank
+    from asrkd.stage import digest
+
+    optional = {key: OmegaConf.select(cfg, key) for key, default in TRAIN_OPTIONAL_KEYS.items() if OmegaConf.select(cfg, key) != default}
+    if optional.get("train.lr_scaling"):
+        optional["train.lr_reference_batch"] = int(cfg.train.lr_reference_batch)
+    stages = [plan(m.stage_name, m.out_dir, cfg, TRAIN_KEYS + keys, {**training.inputs, **(inputs or {})},
+                   {"replicate": m.replicate, "init_seed": m.init_seed, **optional, **(m.values or {})}, writer=rank() == 0)
+              for m in models]
+    todo = [(m, stage) for m, stage in zip(models, stages) if not stage.up_to_date]
+    if not todo:
         return
     data, train_idx, valid_idx, hard = training.load()
-    history = train_model(cfg, data, train_idx, valid_idx, out_dir, loss(data, hard) if loss else None, init_seed, replicate,
-                          stage.fingerprint, hard)
-    best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
-    stage.commit(epochs=len(history), best_epoch=best, seconds=sum(h["seconds"] for h in history))
+    groups = [todo] if fused and len(todo) > 1 else [[job] for job in todo]
+    for group in groups:
+        replicates_ = {m.replicate for m, _ in group}
+        if len(replicates_) > 1:
+            raise ValueError(f"fused models must share their replicate (frame order), got {sorted(replicates_)}")
+        fingerprint = group[0][1].fingerprint if len(group) == 1 else digest([stage.fingerprint for _, stage in group])
+        histories = train_model(cfg, data, train_idx, valid_idx, [m.out_dir for m, _ in group], loss(data, hard) if loss else None,
+                                [m.init_seed for m, _ in group], group[0][0].replicate, fingerprint, hard)
+        if rank() == 0:
+            for (_, stage), history in zip(group, histories):
+                best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
+                stage.commit(epochs=len(history), best_epoch=best, seconds=sum(h["seconds"] for h in history),
+                             **({"fused": len(group)} if len(group) > 1 else {}))
+        barrier()
 
 
 def run(cfg) -> None:
     """Stage 4: ``train.seeds`` replicates of the DNN ``train.name`` (replicate r > 0: ``<name>_seed<r>``)."""
     training = TrainingSet(cfg)
     for replicate, name in enumerate(replicates(cfg)):
-        train_stage(cfg, f"train-dnn {name}", Path(cfg.exp_dir) / "dnn" / name, training, replicate=replicate)
+        train_stage(cfg, [Model(f"train-dnn {name}", Path(cfg.exp_dir) / "dnn" / name, replicate)], training)

@@ -123,7 +123,7 @@ def test_gmm_stage_is_reproducible(run_dir: Path, tmp_path: Path) -> None:
 
 
 DISTILL = ["train.epochs=1", "ensemble.size=2", "distill.temperatures=[1,2]", "distill.students.dense=[1,2]", "distill.students.topk=[2]",
-           "distill.seeds.dense=2", "levers.cross_fitted={name:ensemble_xfit,folds:2}", "levers.student_epochs=[2]"]
+           "distill.students.compact=[2]", "distill.seeds.dense=2", "distill.seeds.compact=2", "distill.seeds.compact_prior=1", "levers.cross_fitted={name:ensemble_xfit,folds:2}", "levers.student_epochs=[2]"]
 
 
 def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) -> None:
@@ -165,8 +165,12 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
         lo, hi = systems[name]["frame_accuracy_ci"]["test"]
         assert lo <= systems[name]["frame_accuracy"]["test"] <= hi and len(systems[name]["wer_ci"]["test"]) == 2
     assert 0 <= result["differences"]["ensemble − baseline"]["frame_accuracy"]["p_above_zero"] <= 1
-    (topk,) = result["topk"]
-    assert topk["temperature"] == 2 and 0 < topk["size_ratio"] < 1 and 0 <= topk["mean_residual"] < 1
+    forms = {row["form"]: row for row in result["compact_forms"]}
+    assert set(forms) == {"topk", "compact", "compact_prior"} and forms["compact"]["seeds"] == 2 and forms["compact_prior"]["seeds"] == 1
+    assert forms["compact"]["bytes_per_frame"] <= 0.05 * forms["compact"]["dense_fp32_bytes_per_frame"]  # distill.compact.budget
+    assert all(0 <= row["mean_residual"] < 1 and row["temperature"] == 2 for row in forms.values())
+    assert systems["ensemble"]["cost"]["parameters"] == 2 * result["table1"]["baseline"]["cost"]["parameters"]  # an ensemble costs its members
+    assert "scoring ms / 1000 frames" in (run_dir / "exp" / "report" / "distillation.md").read_text()
     assert set(result["levers"]) == {"train"}  # the reference only: no other lever trained yet
     for name in ("distillation_curves.png", "distillation_temperature.png"):
         assert (run_dir / "exp" / "report" / name).stat().st_size > 10_000

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from asrkd.soft_targets import SoftTargetMismatch, SoftTargetStore, TeacherLogits, source_checksum, top_k
+from asrkd.soft_targets import SoftTargetMismatch, SoftTargetStore, TeacherLogits, compact_k, source_checksum, top_k
 
 
 def test_top_k_renormalizes_and_accounts_for_the_rest() -> None:
@@ -21,10 +22,11 @@ def test_store_round_trip_and_mismatch(tmp_path: Path) -> None:
     SoftTargetStore.from_probs(probs, 2.0, 3, checksum).save(tmp_path)
     store = SoftTargetStore.load(tmp_path, checksum)
     assert store.header == {"temperature": 2.0, "k": 3, "num_pdfs": 12, "num_frames": 30, "source_checksum": checksum}
-    indices = np.array([4, 0, 29])
-    np.testing.assert_allclose(store.batch(indices, "dense").numpy(), probs[indices], atol=1e-3)
-    compact = store.batch(indices, "topk").numpy()
-    assert ((compact > 0).sum(1) == 3).all() and np.allclose(compact.sum(1), 1.0, atol=1e-3)
+    indices = torch.tensor([4, 0, 29])
+    np.testing.assert_allclose(store.rows("dense").batch(indices).numpy(), probs[indices], atol=1e-3)
+    renormalized = store.rows("topk").batch(indices).numpy()
+    assert ((renormalized > 0).sum(1) == 3).all() and np.allclose(renormalized.sum(1), 1.0, atol=1e-3)
+    assert store.topk_ids.dtype == np.int16  # 12 pdfs: ids in half of int32's bytes
     other = source_checksum("abc", np.arange(1, 31))  # the same features, another alignment
     with pytest.raises(SoftTargetMismatch, match="rerun the soft-targets stage"):
         SoftTargetStore.load(tmp_path, other)
@@ -36,6 +38,26 @@ def test_teacher_logits_round_trip_and_mismatch(tmp_path: Path) -> None:
     TeacherLogits.from_logits(logits, checksum).save(tmp_path)
     loaded = TeacherLogits.load(tmp_path, checksum)
     assert loaded.header["num_frames"] == 20 and loaded.header["num_pdfs"] == 7
-    np.testing.assert_allclose(loaded.batch(np.array([3, 19])).numpy(), logits[[3, 19]], atol=1e-2)
+    np.testing.assert_allclose(loaded.rows().batch(torch.tensor([3, 19])).numpy(), logits[[3, 19]], atol=1e-2)
     with pytest.raises(SoftTargetMismatch, match="rerun the soft-targets stage"):
         TeacherLogits.load(tmp_path, source_checksum("abd", np.arange(20)))
+
+
+def test_compact_form_keeps_the_true_mass_and_spreads_the_rest() -> None:
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.full(40, 0.3), size=50).astype(np.float32)
+    store = SoftTargetStore.from_probs(probs, 2.0, 10, "x")
+    # budget 5% of a 40-pdf fp32 row = 8 bytes: one pdf (4 bytes) + the residual (2); a loose residual target takes fewer
+    assert store.rows("compact", compact={"budget": 0.05, "max_residual": 0.0}).k == 1
+    assert store.rows("compact", compact={"budget": 1.0, "max_residual": 0.0}).k == 10  # never more than the store keeps
+    rows = store.rows("compact", compact={"budget": 0.5, "max_residual": 0.0})
+    assert rows.k == 10 and rows.bytes_per_frame() == 42
+    batch = rows.batch(torch.arange(50)).numpy()
+    np.testing.assert_allclose(batch.sum(1), 1.0, atol=2e-3)
+    top = np.sort(probs, 1)[:, ::-1]
+    np.testing.assert_allclose(np.sort(batch, 1)[:, ::-1][:, :10], top[:, :10], atol=2e-3)  # not renormalized
+    outside = (1 - top[:, :10].sum(1)) / 30
+    np.testing.assert_allclose(np.sort(batch, 1)[:, :30], np.repeat(outside[:, None], 30, 1), atol=1e-3)  # spread evenly
+    # k per T from the residual: the smallest k whose mean residual is within the target
+    sorted_probs = np.array([[0.6, 0.3, 0.1], [0.8, 0.15, 0.05]])
+    assert compact_k(sorted_probs, np.zeros(2), 100, 1.0, 0.15) == 2 and compact_k(sorted_probs, np.zeros(2), 100, 1.0, 0.31) == 1

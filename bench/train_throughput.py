@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Training throughput: the trainer's step against the bare model loop, fused against sequential.
+
+    python bench/train_throughput.py [--exp-dir recipes/an4/exp] [--batch-sizes 1024 4096] [--members 10]
+                                     [--out results/bench/train_throughput_<device>.json] [hydra overrides, e.g. model=paper]
+
+In one process on one device, at the configured model and each batch size:
+  trainer_fps              asrkd.train.TrainStep (the trainer's own step: batches gathered from the
+                           resident features by index, loss kept on the device)
+  bound_fps                the bare loop on pre-made tensors: forward, cross-entropy, backward, Adam
+  ratio                    trainer_fps / bound_fps (1.0: the data path costs nothing)
+  ensemble_fused_fps       --members models in one StackedDNN step, per member-frame
+  ensemble_sequential_fps  the same members stepped one after another, per member-frame
+  student_on_the_fly_fps   a student whose soft targets the --members teacher computes in its step
+Each is the fastest of three timed runs of --steps steps.
+Uses the recipe's features and alignment when --exp-dir has them, else synthetic frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from asrkd.cli import load_config  # noqa: E402
+from asrkd.cost import cpu_name  # noqa: E402
+from asrkd.distill import distillation_loss  # noqa: E402
+from asrkd.features import FeatureStore  # noqa: E402
+from asrkd.nnet import HybridDNN, SplicedFrames, StackedDNN, pick_device  # noqa: E402
+from asrkd.stage import write_json  # noqa: E402
+from asrkd.student import TeacherOnTheFly  # noqa: E402
+from asrkd.train import FrameData, TrainStep  # noqa: E402
+
+
+def timed(step, steps: int, device: torch.device, repeats: int = 3) -> float:
+    """Seconds for ``steps`` calls of ``step``, the fastest of ``repeats`` runs after 3 warm-up
+    calls (GPU work waited for): the least disturbed by other load on the machine."""
+    for _ in range(3):
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - tic)
+    return best
+
+
+def frame_data(exp_dir: Path, cfg, device: torch.device) -> tuple[FrameData, str]:
+    store_dir, ali = exp_dir / "feats" / "fbank" / "train", exp_dir / "tri" / "ali_train" / "pdf_ids.npy"
+    if (store_dir / FeatureStore.INDEX).is_file() and ali.is_file():
+        store, labels, source = FeatureStore.load(store_dir, mmap=False), np.load(ali).astype(np.int64), str(store_dir)
+    else:
+        rng = np.random.default_rng(0)
+        store = FeatureStore.from_arrays({f"u{i:04d}": rng.normal(size=(300, 40)) for i in range(800)}, "float16")
+        labels, source = rng.integers(0, 2000, store.num_frames), "synthetic (800 x 300 frames, 2000 pdfs)"
+    frames = SplicedFrames(store, cfg.model.left_context, cfg.model.right_context, device)
+    return FrameData(frames, torch.from_numpy(np.maximum(labels, 0)).to(device), int(labels.max()) + 1), source
+
+
+def new_model(cfg, data: FrameData, seed: int) -> HybridDNN:
+    torch.manual_seed(seed)
+    return HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model).to(data.pdf_ids.device)
+
+
+def measure(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> dict:
+    device = data.pdf_ids.device
+    cfg.train.batch_size = batch_size
+    rng = torch.Generator(device=device).manual_seed(1)
+    random_batch = lambda: torch.randint(0, data.frames.store.num_frames, (batch_size,), device=device, generator=rng)  # noqa: E731
+    per = lambda seconds, models=1: round(steps * batch_size * models / seconds, 1)  # noqa: E731
+
+    trainer = TrainStep(cfg, new_model(cfg, data, 0), data, None, data.pdf_ids)
+    trainer_s = timed(lambda: trainer(random_batch()), steps, device)
+
+    bare = new_model(cfg, data, 0)
+    optimizer = torch.optim.Adam(bare.parameters(), lr=1e-3)
+    x = torch.randn(batch_size, cfg.model.left_context + 1 + cfg.model.right_context, data.frames.store.dim, device=device)
+    y = torch.randint(0, data.num_pdfs, (batch_size,), device=device)
+
+    def bare_step() -> None:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bool(cfg.train.bf16_autocast)):
+            logits = bare(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    bound_s = timed(bare_step, steps, device)
+    stack = [new_model(cfg, data, 1 + i) for i in range(members)]
+    fused = TrainStep(cfg, StackedDNN(stack), data, None, data.pdf_ids)
+    fused_s = timed(lambda: fused(random_batch()), steps, device)
+    one_by_one = [TrainStep(cfg, model, data, None, data.pdf_ids) for model in stack]
+
+    def sequential_step() -> None:
+        batch = random_batch()
+        for step in one_by_one:
+            step(batch)
+
+    sequential_s = timed(sequential_step, steps, device)
+    teacher = TeacherOnTheFly(stack, data.frames)
+    loss = lambda logits, batch: distillation_loss(logits, teacher.soft_targets(batch, 2.0), data.pdf_ids[batch], 2.0)  # noqa: E731
+    distilling = TrainStep(cfg, new_model(cfg, data, 0), data, loss, data.pdf_ids)
+    on_the_fly_s = timed(lambda: distilling(random_batch()), steps, device)
+    return {"batch": batch_size, "trainer_fps": per(trainer_s), "bound_fps": per(bound_s), "ratio": round(bound_s / trainer_s, 3),
+            "ensemble_fused_fps": per(fused_s, members), "ensemble_sequential_fps": per(sequential_s, members),
+            "fused_over_sequential": round(sequential_s / fused_s, 3), "student_on_the_fly_fps": per(on_the_fly_s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--exp-dir", type=Path, default=Path("recipes/an4/exp"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256])
+    parser.add_argument("--members", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=None, help="default results/bench/train_throughput_<device>.json")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.overrides)
+    torch.set_num_threads(int(cfg.train.num_threads))
+    device = pick_device(cfg.train.device)
+    data, source = frame_data(args.exp_dir, cfg, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    runs = [measure(cfg, data, batch, args.members, args.steps) for batch in args.batch_sizes]
+    result = {"benchmark": "train_throughput", "command": " ".join(["python", *sys.argv]), "source": source,
+              "device": str(device.type), "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "model": f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}", "num_pdfs": data.num_pdfs,
+              "bf16_autocast": bool(cfg.train.bf16_autocast), "compile": cfg.train.compile, "members": args.members,
+              "steps": args.steps, "runs": runs}
+    tag = name.replace(" ", "_").lower() if device.type == "cuda" else "cpu"
+    out = args.out or Path("results") / "bench" / f"train_throughput_{tag}.json"
+    write_json(out, result)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
