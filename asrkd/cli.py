@@ -120,6 +120,8 @@ def run_command(function: Callable[[DictConfig], None], overrides: list[str], na
         if cfg.log_level == "DEBUG":
             raise
         sys.exit(f"asrkd {name}: error: {err}")
+    finally:
+        parallel.finish()
 
 
 def main(argv: list[str] | None = None) -> None:

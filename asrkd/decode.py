@@ -187,22 +187,69 @@ DECODE_KEYS = ("decode.acoustic_scale", "decode.beam", "decode.lattice_beam", "d
                "decode.word_ins_penalty", "decode.write_loglikes_ark", "seed", "train.valid_fraction", "features.frame_shift_ms")
 
 
-def run(cfg) -> None:
-    """Stage 6: decode every system of ``decode.systems`` (the GMM, DNNs, ensembles) on validation and test."""
-    from asrkd.train import data_split, load_system, system_dirs
+def decode_part(job: tuple[dict, str, str, list[str]]) -> dict:
+    """One decoding job: (config, system, feature store, utterances) -> the sweep's hypotheses of
+    those utterances, what was dropped, their log-likelihood matrices (when written), and the
+    seconds spent and of audio. Each job loads the graph and the model itself."""
+    from omegaconf import OmegaConf
 
-    exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
-    dcfg = cfg.decode
+    from asrkd.train import load_system
+
+    cfg, system, store_name, utts = job
+    cfg = OmegaConf.create(cfg)
+    exp, dcfg = Path(cfg.exp_dir), cfg.decode
     hclg = kaldifst.StdVectorFst.read(str(exp / "graph" / "HCLG.fst"))
     id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
     gmm = GmmModel.load(exp / "tri")
     tid_to_pdf = gmm.tid_to_pdf()
+    if system == "gmm":
+        feats = FeatureStore.load(exp / "feats" / "mfcc" / store_name, mmap=False)
+        score = lambda utt: gmm_loglikes(gmm, feats[utt])  # noqa: E731
+    else:
+        device = pick_device(cfg.train.device)
+        priors = log_priors(np.load(exp / "tri" / "ali_train" / "pdf_counts.npy"), dcfg.prior_floor)
+        model = load_system(exp, system, device)
+        model.eval()
+        frames = SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / store_name, mmap=False),
+                               model.config["left_context"], model.config["right_context"], device)
+        score = lambda utt: dnn_loglikes(model, frames, utt, priors)  # noqa: E731
+    lattices, dropped, matrices = {}, {}, {}
+    decode_seconds, audio_seconds = 0.0, 0.0
+    for utt in progress(utts, f"decode {system} {store_name}", unit="utterances"):
+        tic = time.time()
+        try:
+            loglikes = score(utt)
+        except KeyError:
+            dropped[utt] = f"utterance {utt}: no features"
+            continue
+        check_scores(utt, loglikes, len(loglikes), gmm.num_pdfs)
+        if dcfg.write_loglikes_ark:
+            matrices[utt] = loglikes
+        lattices[utt] = decode_lattice(hclg, transition_id_matrix(loglikes, tid_to_pdf, dcfg.acoustic_scale), dcfg.beam, dcfg.lattice_beam)
+        decode_seconds += time.time() - tic
+        audio_seconds += len(loglikes) * cfg.features.frame_shift_ms / 1000
+        if lattices[utt] is None:
+            dropped[utt] = f"utterance {utt}: no path survived the beam (scored as all deletions)"
+    return {"hyps": sweep(lattices, id2word, dcfg), "dropped": dropped, "matrices": matrices,
+            "decode_seconds": decode_seconds, "audio_seconds": audio_seconds}
+
+
+def run(cfg) -> None:
+    """Stage 6: decode every system of ``decode.systems`` (the GMM, DNNs, ensembles) on validation
+    and test, each set's utterances split over ``jobs.nj`` jobs."""
+    from omegaconf import OmegaConf
+
+    from asrkd.jobs import map_jobs, num_jobs, split
+    from asrkd.train import data_split, system_dirs
+
+    exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
+    dcfg = cfg.decode
+    id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
     _, valid_utts = data_split(cfg)
     train_text = read_table(data_dir / "train" / "text")
     test = DataDir.read(data_dir / "test")
     sets = {"valid": ("train", {u: train_text[u] for u in valid_utts}), "test": ("test", test.text)}
-    device = pick_device(cfg.train.device)
-    priors = log_priors(np.load(exp / "tri" / "ali_train" / "pdf_counts.npy"), dcfg.prior_floor)
+    settings = OmegaConf.to_container(cfg, resolve=True)
 
     for system in dcfg.systems:
         out_dir = exp / "decode" / system
@@ -213,36 +260,19 @@ def run(cfg) -> None:
         stage = plan(f"decode {system}", out_dir, cfg, DECODE_KEYS, inputs, {"system": system})
         if stage.up_to_date:
             continue
-        if system == "gmm":
-            feats = {name: FeatureStore.load(exp / "feats" / "mfcc" / name, mmap=False) for name in ("train", "test")}
-            score = lambda name, utt: gmm_loglikes(gmm, feats[name][utt])  # noqa: E731
-        else:
-            model = load_system(exp, system, device)
-            model.eval()
-            frames = {name: SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / name, mmap=False),
-                                          model.config["left_context"], model.config["right_context"], device)
-                      for name in ("train", "test")}
-            score = lambda name, utt: dnn_loglikes(model, frames[name], utt, priors)  # noqa: E731
         hyps, decode_seconds, audio_seconds = {}, 0.0, 0.0
         for set_name, (store_name, refs) in sets.items():
-            lattices, dropped, matrices = {}, {}, {}
-            for utt in progress(sorted(refs), f"decode {system} {set_name}", unit="utterances"):
-                tic = time.time()
-                try:
-                    loglikes = score(store_name, utt)
-                except KeyError:
-                    dropped[utt] = f"utterance {utt}: no features"
-                    continue
-                check_scores(utt, loglikes, len(loglikes), gmm.num_pdfs)
-                if dcfg.write_loglikes_ark:
-                    matrices[utt] = loglikes
-                lattices[utt] = decode_lattice(hclg, transition_id_matrix(loglikes, tid_to_pdf, dcfg.acoustic_scale), dcfg.beam, dcfg.lattice_beam)
-                decode_seconds += time.time() - tic
-                audio_seconds += len(loglikes) * cfg.features.frame_shift_ms / 1000
-                if lattices[utt] is None:
-                    dropped[utt] = f"utterance {utt}: no path survived the beam (scored as all deletions)"
+            jobs = [(settings, system, store_name, part) for part in split(sorted(refs), num_jobs(cfg))]
+            parts = map_jobs(cfg, decode_part, jobs, f"decode {system} {set_name}", threads=int(cfg.train.num_threads))
+            dropped, matrices, hyps[set_name] = {}, {}, {}
+            for part in parts:  # in utterance order: what one job would have made
+                dropped |= part["dropped"]
+                matrices |= part["matrices"]
+                decode_seconds += part["decode_seconds"]
+                audio_seconds += part["audio_seconds"]
+                for pair, part_hyps in part["hyps"].items():
+                    hyps[set_name].setdefault(pair, {}).update(part_hyps)
             account_dropped(f"decode {system} {set_name}", len(refs), dropped, cfg.prep.max_drop_fraction, out_dir / f"dropped_{set_name}.json")
-            hyps[set_name] = sweep(lattices, id2word, dcfg)
             if matrices:
                 write_kaldi_matrices(out_dir / f"loglikes_{set_name}.ark", out_dir / f"loglikes_{set_name}.scp", matrices.items())
         best, valid_wer = choose_weights(sets["valid"][1], hyps["valid"])

@@ -257,31 +257,53 @@ def apply_speaker_cmvn(items: dict[str, np.ndarray], utt2spk: dict[str, str], no
             items[u] = ((items[u] - mean) / std).astype(np.float32)
 
 
-def make_features(data: DataDir, cfg, kind: str) -> tuple[FeatureStore, dict[str, str]]:
-    """Compute ``kind`` ('fbank' or 'mfcc') for every utterance with readable audio.
+def compute_part(job: tuple[dict, dict, str, list[str]]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """One job of make_features: (wav.scp entries, features config, kind, utterances) -> the
+    utterances' raw features (before CMVN, which needs whole speakers) and those dropped."""
+    from omegaconf import OmegaConf
 
-    Returns the store and the utterances that were dropped with the reason for each; the
-    caller decides whether the loss is acceptable.
-    """
+    wav_scp, cfg, kind, utts = job
+    cfg = OmegaConf.create(cfg)
     compute = {"fbank": compute_fbank, "mfcc": compute_mfcc_deltas}[kind]
     items: dict[str, np.ndarray] = {}
     dropped: dict[str, str] = {}
-    min_frames = 1
-    for utt in progress(data.utt_ids, f"{kind} features", unit="utterances"):
+    for utt in progress(utts, f"{kind} features", unit="utterances"):
         try:
-            samples = read_waveform(data.wav_scp[utt], utt, cfg.sample_rate, cfg.channel, cfg.resample)
+            samples = read_waveform(wav_scp[utt], utt, cfg.sample_rate, cfg.channel, cfg.resample)
             feats = compute(samples, cfg)
         except AudioError as err:
             dropped[utt] = str(err)
             log.warning("%s", err)
             continue
-        if len(feats) < min_frames:
+        if len(feats) < 1:
             dropped[utt] = f"utterance {utt}: audio shorter than one frame"
             continue
         if not np.isfinite(feats).all():
-            dropped[utt] = f"utterance {utt}: NaN or infinite {kind} features (audio {data.wav_scp[utt]})"
+            dropped[utt] = f"utterance {utt}: NaN or infinite {kind} features (audio {wav_scp[utt]})"
             continue
         items[utt] = feats
+    return items, dropped
+
+
+def make_features(data: DataDir, cfg, kind: str, run_jobs=None, nj: int = 1) -> tuple[FeatureStore, dict[str, str]]:
+    """Compute ``kind`` ('fbank' or 'mfcc') for every utterance with readable audio, in ``nj``
+    jobs (``run_jobs``: :func:`asrkd.jobs.map_jobs` bound to a stage) merged in utterance order.
+
+    Returns the store and the utterances that were dropped with the reason for each; the
+    caller decides whether the loss is acceptable.
+    """
+    from omegaconf import OmegaConf
+
+    from asrkd.jobs import split
+
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    jobs = [({u: data.wav_scp[u] for u in part}, settings, kind, part) for part in split(data.utt_ids, nj)]
+    results = run_jobs(compute_part, jobs) if run_jobs and len(jobs) > 1 else [compute_part(job) for job in jobs]
+    items: dict[str, np.ndarray] = {}
+    dropped: dict[str, str] = {}
+    for part_items, part_dropped in results:
+        items |= part_items
+        dropped |= part_dropped
     if not items:
         raise AudioError(f"no utterance produced {kind} features ({len(dropped)} dropped, e.g. {next(iter(dropped.values()), '')})")
     apply_speaker_cmvn(items, data.utt2spk, norm_vars=bool(cfg.cmvn_norm_vars[kind]))
@@ -296,7 +318,10 @@ FEATURE_KEYS = ("features.write_kaldi_ark", "features.sample_rate", "features.fr
 
 
 def run(cfg) -> None:
-    """Stage 2: fbank (DNN) and MFCC+deltas (GMM) for every set in ``features.sets``."""
+    """Stage 2: fbank (DNN) and MFCC+deltas (GMM) for every set in ``features.sets``, in ``jobs.nj`` jobs."""
+    from functools import partial
+
+    from asrkd.jobs import map_jobs, num_jobs
     from asrkd.stage import account_dropped, plan
 
     for name in cfg.features.sets:
@@ -307,7 +332,8 @@ def run(cfg) -> None:
             stage = plan(f"make-feats {kind} {name}", out_dir, cfg, FEATURE_KEYS, {"data": data_path}, {"kind": kind})
             if stage.up_to_date:
                 continue
-            store, dropped = make_features(data, cfg.features, kind)
+            nj = num_jobs(cfg)
+            store, dropped = make_features(data, cfg.features, kind, partial(map_jobs, cfg, stage=f"make-feats {kind} {name}"), nj)
             account_dropped(f"make-feats {kind} {name}", len(data.utt2spk), dropped, cfg.prep.max_drop_fraction, out_dir / "dropped.json")
             store.save(out_dir)
             if cfg.features.write_kaldi_ark:

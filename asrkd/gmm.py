@@ -87,7 +87,7 @@ def make_model(tree: khg.ContextDependency, topo: khg.HmmTopology, gaussians: li
     return GmmModel(tree, khg.TransitionModel(ctx_dep=tree, hmm_topo=topo), am)
 
 
-def compile_graphs(lang: Lang, model: GmmModel, data: DataDir, utts: list[str]) -> tuple[dict, dict[str, str]]:
+def compile_graphs(lang: Lang, model: GmmModel, text: dict[str, str], utts: list[str]) -> tuple[dict, dict[str, str]]:
     """Training graphs (HCLG of each transcript, with self-loops, no transition probs)."""
     compiler = khg.TrainingGraphCompiler(
         trans_model=model.trans_model, ctx_dep=model.tree, lex_fst=lang.lexicon_fst(),
@@ -96,7 +96,7 @@ def compile_graphs(lang: Lang, model: GmmModel, data: DataDir, utts: list[str]) 
     graphs, dropped = {}, {}
     for utt in utts:
         try:
-            graphs[utt] = compiler.compile_graph_from_text(lang.word_ids(data.text[utt], utt))
+            graphs[utt] = compiler.compile_graph_from_text(lang.word_ids(text[utt], utt))
         except KeyError as err:
             dropped[utt] = f"{err.args[0]} (no pronunciation)"
     return graphs, dropped
@@ -139,6 +139,50 @@ def align(model: GmmModel, graphs: dict, feats: FeatureStore, cfg) -> tuple[dict
     if dropped:  # training goes on without them this pass; the final alignment accounts for them
         log.warning("align: %d of %d utterances failed (e.g. %s)", len(dropped), len(graphs), next(iter(dropped)))
     return alignments, dropped
+
+
+def align_part(job: tuple) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """One alignment job: (model, lang dir, transcripts, features, align config, utterances) ->
+    alignments and the utterances dropped (no graph, or no alignment within retry_beam)."""
+    from omegaconf import OmegaConf
+
+    model, lang_dir, text, feats, align_cfg, utts = job
+    graphs, dropped = compile_graphs(Lang.load(Path(lang_dir)), model, text, utts)  # FSTs do not pickle: each job compiles its own
+    alignments, failed = align(model, graphs, feats, OmegaConf.create(align_cfg))
+    return alignments, dropped | failed
+
+
+class Aligner:
+    """gmm-align-compiled over ``jobs.nj`` jobs (Kaldi's split data): the utterances split into
+    parts, each job compiling its part's training graphs and aligning them, the results merged
+    in utterance order: the same alignments as one job (tested). Used by the align stage on
+    the saved model; the realignments inside GMM training stay in one process (a model in
+    training does not survive pickling into a job unchanged: measured, alignments differed)."""
+
+    def __init__(self, cfg, text: dict[str, str], feats: FeatureStore, stage: str):
+        from omegaconf import OmegaConf
+
+        from asrkd.jobs import num_jobs
+
+        self.cfg, self.text, self.feats, self.stage = cfg, text, feats, stage
+        self.nj, self.align_cfg = num_jobs(cfg), OmegaConf.to_container(cfg.gmm.align, resolve=True)
+        self.lang_dir = str(Path(cfg.data_dir) / "lang")
+
+    def __call__(self, model: GmmModel, utts: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Alignments of ``utts`` and the utterances dropped, with the reason."""
+        from asrkd.jobs import map_jobs, split
+
+        if self.nj == 1 or len(utts) < 2:
+            graphs, dropped = compile_graphs(Lang.load(Path(self.lang_dir)), model, self.text, utts)
+            alignments, failed = align(model, graphs, self.feats, self.cfg.gmm.align)
+            return alignments, dropped | failed
+        jobs = [(model, self.lang_dir, {u: self.text[u] for u in part}, {u: np.asarray(self.feats[u]) for u in part}, self.align_cfg, part)
+                for part in split(utts, self.nj)]
+        alignments, dropped = {}, {}
+        for part_alignments, part_dropped in map_jobs(self.cfg, align_part, jobs, self.stage):
+            alignments |= part_alignments
+            dropped |= part_dropped
+        return alignments, dropped
 
 
 def accumulate(model: GmmModel, alignments: dict[str, np.ndarray], feats: FeatureStore) -> tuple[khg.AccumAmDiagGmm, np.ndarray, float]:
@@ -216,7 +260,8 @@ def update(model: GmmModel, accs: khg.AccumAmDiagGmm, trans_stats: np.ndarray, t
 
 
 def train_em(
-    model: GmmModel, graphs: dict, feats: FeatureStore, alignments: dict, stage_cfg, cfg, name: str, rng: np.random.Generator
+    model: GmmModel, graphs: dict, feats: FeatureStore, alignments: dict, stage_cfg, cfg, name: str, rng: np.random.Generator,
+
 ) -> tuple[dict, list]:
     """EM passes as train_mono.sh/train_deltas.sh: realign on realign_iters, grow Gaussians linearly."""
     history = []
@@ -328,7 +373,7 @@ def train(cfg) -> dict:
     )
     global_gauss = single_gaussian(len(frames), frames.sum(0), (frames**2).sum(0), cfg.gmm.tree.var_floor)
     mono = make_model(mono_tree, topo, [global_gauss] * mono_tree.num_pdfs)
-    graphs, dropped = compile_graphs(lang, mono, data, utts)
+    graphs, dropped = compile_graphs(lang, mono, data.text, utts)
     alignments, short = equal_align(graphs, feats)
     dropped.update(short)
     account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, exp / "mono" / "dropped.json")
@@ -340,7 +385,7 @@ def train(cfg) -> dict:
 
     tic = time.time()
     tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree)
-    tri_graphs, _ = compile_graphs(lang, tri, data, list(graphs))
+    tri_graphs, _ = compile_graphs(lang, tri, data.text, list(graphs))
     tri_alignments, _ = align(tri, tri_graphs, feats, cfg.gmm.align)
     _, tri_history = train_em(tri, tri_graphs, feats, tri_alignments, cfg.gmm.tri, cfg, "tri", rng)
     tri.save(tri_dir)
@@ -366,13 +411,11 @@ def run_align(cfg) -> None:
         if stage.up_to_date:
             continue
         if tri is None:
-            tri, lang = GmmModel.load(tri_dir), Lang.load(data_dir / "lang")
+            tri = GmmModel.load(tri_dir)
         set_data = DataDir.read(data_dir / name)
         set_feats = FeatureStore.load(mfcc, mmap=False)
         set_utts = [u for u in set_data.utt_ids if u in set_feats]
-        set_graphs, dropped = compile_graphs(lang, tri, set_data, set_utts)
-        set_alignments, failed = align(tri, set_graphs, set_feats, cfg.gmm.align)
-        dropped.update(failed)
+        set_alignments, dropped = Aligner(cfg, set_data.text, set_feats, f"align {name}")(tri, set_utts)
         account_dropped(f"align {name}", len(set_utts), dropped, cfg.prep.max_drop_fraction, out_dir / "dropped.json")
         pdf_ids = store_alignment(tri, set_alignments, set_feats, out_dir)
         counts = np.bincount(pdf_ids[pdf_ids >= 0], minlength=tri.num_pdfs)

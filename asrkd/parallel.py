@@ -76,6 +76,12 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def finish() -> None:
+    """Leave the process group (a rank exiting with it alive can abort in gloo's threads)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if world_size() > 1:
         torch.distributed.barrier()

@@ -115,8 +115,8 @@ def test_gmm_stage_is_reproducible(run_dir: Path, tmp_path: Path) -> None:
 
     shutil.copytree(run_dir / "data", tmp_path / "data")  # stage records name their inputs relative to themselves
     shutil.copytree(run_dir / "exp" / "feats", tmp_path / "exp" / "feats")
-    cfg = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY])
-    gmm.run(cfg)
+    cfg = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY, "jobs.nj=3"])  # run_dir: one job
+    gmm.run(cfg)  # the alignment stage in 3 jobs: the same alignments
     for name in ("train", "test"):
         again = np.load(tmp_path / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy")
         np.testing.assert_array_equal(again, np.load(run_dir / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy"))

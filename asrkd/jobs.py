@@ -1,0 +1,85 @@
+"""Parallel jobs, Kaldi's ``nj``: a stage splits its utterances into ``jobs.nj`` parts (as
+``split_data.sh`` does: contiguous, near-equal) and runs one job per part.
+
+The job runner is pluggable, as Kaldi's run.pl / queue.pl / slurm.pl are (``jobs.backend``):
+
+* ``local``: worker processes on this machine (``concurrent.futures``, started by ``spawn``,
+  so no thread state of the parent leaks into them, once per process and number of jobs: a
+  GMM's twenty realignments reuse them);
+* ``submitit``: jobs submitted through the submitit library: Slurm with
+  ``jobs.submitit.cluster=slurm`` (its parameters in ``jobs.submitit.parameters``, e.g.
+  ``{slurm_partition: cpu, timeout_min: 60}``), or its own local mode (``cluster: local``),
+  which the tests use. Logs go to ``<exp>/jobs/<stage>/``.
+
+Results come back in the order of the parts and the stage merges them as one job's would be:
+``nj=1`` and ``nj=N`` give identical outputs (tested), so ``jobs.*`` is in no fingerprint.
+Jobs run with one torch thread, as Kaldi's do, unless the stage says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def num_jobs(cfg) -> int:
+    """``jobs.nj``, or the number of cores when it is null."""
+    nj = cfg.jobs.nj
+    return int(nj) if nj else max(1, os.cpu_count() or 1)
+
+
+def split(items: Sequence, nj: int) -> list[list]:
+    """``items`` in at most ``nj`` contiguous parts whose sizes differ by at most one (none empty)."""
+    nj = max(1, min(nj, len(items)))
+    size, extra = divmod(len(items), nj)
+    parts, start = [], 0
+    for i in range(nj):
+        end = start + size + (i < extra)
+        parts.append(list(items[start:end]))
+        start = end
+    return parts
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def local_pool(workers: int) -> ProcessPoolExecutor:
+    """The worker processes of this process for ``workers`` jobs, started on first use."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    return _POOLS[workers]
+
+
+def _with_threads(threads: int, function: Callable, part: Any) -> Any:
+    import torch
+
+    torch.set_num_threads(threads)
+    return function(part)
+
+
+def map_jobs(cfg, function: Callable[[Any], Any], parts: list, stage: str, threads: int = 1) -> list:
+    """``[function(part) for part in parts]``, one job per part on ``jobs.backend``, each with
+    ``threads`` torch threads (a stage that scores with a network passes its own count, so its
+    jobs compute bit for bit what it would); ``function`` must be a module-level function."""
+    if len(parts) <= 1:
+        return [function(part) for part in parts]
+    backend = str(cfg.jobs.backend)
+    log.info("%s: %d jobs on %s", stage, len(parts), backend)
+    if backend == "local":
+        return list(local_pool(len(parts)).map(_with_threads, [threads] * len(parts), [function] * len(parts), parts))
+    if backend == "submitit":
+        import submitit
+        from omegaconf import OmegaConf
+
+        folder = Path(cfg.exp_dir) / "jobs" / stage.replace(" ", "_")
+        executor = submitit.AutoExecutor(folder=folder, cluster=str(cfg.jobs.submitit.cluster))
+        executor.update_parameters(**OmegaConf.to_container(cfg.jobs.submitit.parameters))
+        submitted = executor.map_array(_with_threads, [threads] * len(parts), [function] * len(parts), parts)
+        return [job.result() for job in submitted]
+    raise ValueError(f"jobs.backend must be local or submitit, got {backend!r}")

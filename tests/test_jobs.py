@@ -1,0 +1,54 @@
+"""Parallel jobs (Kaldi's nj): any number of jobs, on any backend, makes what one job makes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asrkd import features
+from asrkd.jobs import split
+
+from .conftest import tiny_config
+from .test_reliability import clone
+
+
+def test_split_is_contiguous_near_equal_and_never_empty() -> None:
+    assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split([1, 2], 5) == [[1], [2]]
+
+
+@pytest.mark.parametrize("backend", ["local", "submitit"])
+def test_features_in_parallel_jobs_equal_one_job(run_dir: Path, tmp_path: Path, backend: str) -> None:
+    root = clone(run_dir, tmp_path, exp=False)
+    made = {}
+    for nj in (1, 3):
+        exp = root / f"exp_nj{nj}"
+        features.run(tiny_config(root, f"exp_dir={exp}", "features.sets=[test]", f"jobs.nj={nj}", f"jobs.backend={backend}",
+                                 "jobs.submitit.cluster=local"))
+        made[nj] = {kind: exp / "feats" / kind / "test" for kind in ("fbank", "mfcc")}
+    for kind in ("fbank", "mfcc"):
+        one, three = (features.FeatureStore.load(made[nj][kind]) for nj in (1, 3))
+        assert one.utt_ids == three.utt_ids and np.array_equal(np.asarray(one.frames), np.asarray(three.frames))
+        assert (made[1][kind] / "dropped.json").read_text() == (made[3][kind] / "dropped.json").read_text()
+    if backend == "submitit":
+        assert list((root / "exp_nj3" / "jobs").rglob("*_log.out"))  # submitit's per-job logs
+
+
+def test_decoding_in_parallel_jobs_equals_one_job(run_dir: Path, tmp_path: Path) -> None:
+    from asrkd import decode
+
+    root = clone(run_dir, tmp_path)
+    out = {}
+    for nj in (1, 2):
+        cfg = tiny_config(root, f"jobs.nj={nj}", "decode.systems=[gmm,baseline]", "decode.write_loglikes_ark=true", "redo=true")
+        decode.run(cfg)
+        out[nj] = {system: {name: (root / "exp" / "decode" / system / name).read_bytes()
+                            for name in ("hyp_valid.txt", "hyp_test.txt", "loglikes_test.ark", "dropped_test.json")}
+                   for system in ("gmm", "baseline")}
+        out[nj]["wer"] = {system: json.loads((root / "exp" / "decode" / system / "wer.json").read_text()) for system in ("gmm", "baseline")}
+        for result in out[nj]["wer"].values():
+            result.pop("real_time_factor")
+    assert out[1] == out[2]
