@@ -145,15 +145,21 @@ class EnsembleDNN(nn.Module):
         return torch.logsumexp(log_probs, dim=0) - float(np.log(len(self.members)))
 
 
-def average_softmax(member_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def members_average(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(members, B, pdfs) -> (B, pdfs): the plain mean over members, or with ``weights``
+    (members, B) each frame's weighted sum (a cross-fitted teacher's members per frame)."""
+    return values.mean(0) if weights is None else (values * weights[..., None]).sum(0)
+
+
+def average_softmax(member_logits: torch.Tensor, temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The members' average softmax(z/T): the ensemble's soft targets at temperature T."""
-    return torch.softmax(member_logits / temperature, dim=-1).mean(0)
+    return members_average(torch.softmax(member_logits / temperature, dim=-1), weights)
 
 
-def average_zero_mean_logits(member_logits: torch.Tensor) -> torch.Tensor:
+def average_zero_mean_logits(member_logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The members' average zero-mean logits: what average_softmax tends to as T grows
     (softmax(z/T) ~ (1 + z/T) / N for zero-mean z), the teacher of logit matching."""
-    return (member_logits - member_logits.mean(-1, keepdim=True)).mean(0)
+    return members_average(member_logits - member_logits.mean(-1, keepdim=True), weights)
 
 
 def pick_device(name: str) -> torch.device:

@@ -26,10 +26,10 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd.distill import distillation_loss, logit_distillation_loss
-from asrkd.nnet import StackedDNN
+from asrkd.nnet import EnsembleDNN, StackedDNN, average_softmax, average_zero_mean_logits
 from asrkd.soft_targets import (COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, current_checksum, logits_dir, pdf_priors,
-                                store_dir)
-from asrkd.train import Model, TrainingSet, replicate_name, train_stage
+                                store_dir, teacher_groups)
+from asrkd.train import Model, TrainingSet, load_system, replicate_name, system_dirs, train_stage
 
 LOGITS = "logits"  # the form name of the logit-matching student
 
@@ -117,10 +117,6 @@ class TeacherOnTheFly:
     def of_system(cls, cfg, data) -> "TeacherOnTheFly":
         """``distill.teacher`` (an ensemble's members or one DNN) over ``data``'s frames, with a
         cross-fitted teacher's members restricted as its soft-target store would be."""
-        from asrkd.nnet import EnsembleDNN
-        from asrkd.soft_targets import teacher_groups
-        from asrkd.train import load_system, system_dirs
-
         exp = Path(cfg.exp_dir)
         device = data.pdf_ids.device
         teacher = load_system(exp, cfg.distill.teacher, device)
@@ -142,11 +138,11 @@ class TeacherOnTheFly:
 
     def soft_targets(self, indices: torch.Tensor, temperature: float) -> torch.Tensor:
         logits, weights = self.member_logits(indices)
-        return (torch.softmax(logits / temperature, dim=-1) * weights[..., None]).sum(0)
+        return average_softmax(logits, temperature, weights)
 
     def zero_mean_logits(self, indices: torch.Tensor) -> torch.Tensor:
         logits, weights = self.member_logits(indices)
-        return ((logits - logits.mean(-1, keepdim=True)) * weights[..., None]).sum(0)
+        return average_zero_mean_logits(logits, weights)
 
 
 def target_source(cfg, student: Student, training: TrainingSet) -> tuple[Callable, dict[str, Path]]:
@@ -158,8 +154,6 @@ def target_source(cfg, student: Student, training: TrainingSet) -> tuple[Callabl
         if form not in ("dense", LOGITS):
             raise ValueError(f"distill.on_the_fly computes dense targets (or logits), not the {form} form; "
                              f"train the {form} student from its store (distill.on_the_fly=false)")
-        from asrkd.train import system_dirs
-
         def make(data):
             teacher = TeacherOnTheFly.of_system(cfg, data)
             return teacher.zero_mean_logits if form == LOGITS else lambda batch: teacher.soft_targets(batch, temperature)

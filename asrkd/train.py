@@ -185,8 +185,8 @@ class TrainStep:
     def __init__(self, cfg, net: torch.nn.Module, data: FrameData, loss_fn: LossFn | None, hard: torch.Tensor):
         from asrkd.parallel import rank, world_size, wrap
 
-        self.tcfg, self.data, self.loss_fn, self.hard = cfg.train, data, loss_fn, hard
-        self.net, self.stacked = net, isinstance(net, StackedDNN)
+        self.data, self.loss_fn, self.hard = data, loss_fn, hard
+        self.stacked = isinstance(net, StackedDNN)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(cfg.train), weight_decay=cfg.train.weight_decay)
         self.forward = wrap(net)
         if cfg.train.compile:
@@ -257,6 +257,7 @@ def train_model(
     seed = model_seed(cfg, replicate)
     init_seeds = init_seeds or [None] * len(out_dirs)
     net = new_models(cfg, data, train_idx, [seed if s is None else s for s in init_seeds])
+    model_of = (lambda i: net.member(i)) if isinstance(net, StackedDNN) else (lambda i: net)  # model i, as a HybridDNN
     step_fn = TrainStep(cfg, net, data, loss_fn, hard)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(step_fn.optimizer, gamma=tcfg.lr_decay)
     histories: list[list[dict]] = [[] for _ in out_dirs]
@@ -304,7 +305,7 @@ def train_model(
         if not writer:
             continue
         for i, (out_dir, history, value) in enumerate(zip(out_dirs, histories, losses)):
-            model = net.member(i) if len(out_dirs) > 1 else net
+            model = model_of(i)
             valid = evaluate_frames(model, data, valid_idx, cfg.eval.batch_size)
             train_acc = evaluate_frames(model, data, train_sample, cfg.eval.batch_size)["frame_accuracy"] if len(train_sample) else None
             record = {"epoch": epoch, "train_cross_entropy": value, "train_frame_accuracy": train_acc,
@@ -323,8 +324,7 @@ def train_model(
                         "history": histories if len(out_dirs) > 1 else histories[0], "rng": rng_state, "fingerprint": fingerprint}, tmp)
     if writer:
         for i, (out_dir, history) in enumerate(zip(out_dirs, histories)):
-            model = net.member(i) if len(out_dirs) > 1 else net
-            save_model(out_dir / "final.pt", model, len(history) - 1)
+            save_model(out_dir / "final.pt", model_of(i), len(history) - 1)
             write_json(out_dir / "history.json", history)
         if not cfg.train.keep_last_checkpoint:
             last_path.unlink(missing_ok=True)  # optimizer state: 2x the model, needed only to resume
