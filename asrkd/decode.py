@@ -18,6 +18,7 @@ log-likelihoods that a user's own ``latgen-faster-mapped`` decodes with its HCLG
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -187,51 +188,66 @@ DECODE_KEYS = ("decode.acoustic_scale", "decode.beam", "decode.lattice_beam", "d
                "decode.word_ins_penalty", "decode.write_loglikes_ark", "seed", "train.valid_fraction", "features.frame_shift_ms")
 
 
-def decode_part(job: tuple[dict, str, str, list[str]]) -> dict:
-    """One decoding job: (config, system, feature store, utterances) -> the sweep's hypotheses of
-    those utterances, what was dropped, their log-likelihood matrices (when written), and the
-    seconds spent and of audio. Each job loads the graph and the model itself."""
+@functools.lru_cache(maxsize=2)
+def read_graph(path: str, mtime_ns: int) -> kaldifst.StdVectorFst:
+    """HCLG.fst, read once per process for all the systems it decodes (``mtime_ns``: a remade
+    graph is read again)."""
+    return kaldifst.StdVectorFst.read(path)
+
+
+def decode_part(job: tuple[dict, str, dict[str, str], list[tuple[str, str]]]) -> dict[str, dict]:
+    """One decoding job: (config, system, {set: feature store}, its (set, utterance) pairs) ->
+    per set it holds, the sweep's hypotheses of those utterances, what was dropped, their
+    log-likelihood matrices (when written), and the seconds spent and of audio. A job loads the
+    graph and the model once."""
     from omegaconf import OmegaConf
 
     from asrkd.train import load_system
 
-    cfg, system, store_name, utts = job
+    cfg, system, stores, pairs = job
+    sets = {set_name: [u for s, u in pairs if s == set_name] for set_name in dict.fromkeys(s for s, _ in pairs)}
     cfg = OmegaConf.create(cfg)
     exp, dcfg = Path(cfg.exp_dir), cfg.decode
-    hclg = kaldifst.StdVectorFst.read(str(exp / "graph" / "HCLG.fst"))
+    graph = exp / "graph" / "HCLG.fst"
+    hclg = read_graph(str(graph), graph.stat().st_mtime_ns)
     id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
     gmm = GmmModel.load(exp / "tri")
     tid_to_pdf = gmm.tid_to_pdf()
     if system == "gmm":
-        feats = FeatureStore.load(exp / "feats" / "mfcc" / store_name, mmap=False)
-        score = lambda utt: gmm_loglikes(gmm, feats[utt])  # noqa: E731
+        feats = {name: FeatureStore.load(exp / "feats" / "mfcc" / name, mmap=False) for name in {stores[s] for s in sets}}
+        score = lambda name, utt: gmm_loglikes(gmm, feats[name][utt])  # noqa: E731
     else:
         device = pick_device(cfg.train.device)
         priors = log_priors(np.load(exp / "tri" / "ali_train" / "pdf_counts.npy"), dcfg.prior_floor)
         model = load_system(exp, system, device)
         model.eval()
-        frames = SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / store_name, mmap=False),
-                               model.config["left_context"], model.config["right_context"], device)
-        score = lambda utt: dnn_loglikes(model, frames, utt, priors)  # noqa: E731
-    lattices, dropped, matrices = {}, {}, {}
-    decode_seconds, audio_seconds = 0.0, 0.0
-    for utt in progress(utts, f"decode {system} {store_name}", unit="utterances"):
-        tic = time.time()
-        try:
-            loglikes = score(utt)
-        except KeyError:
-            dropped[utt] = f"utterance {utt}: no features"
-            continue
-        check_scores(utt, loglikes, len(loglikes), gmm.num_pdfs)
-        if dcfg.write_loglikes_ark:
-            matrices[utt] = loglikes
-        lattices[utt] = decode_lattice(hclg, transition_id_matrix(loglikes, tid_to_pdf, dcfg.acoustic_scale), dcfg.beam, dcfg.lattice_beam)
-        decode_seconds += time.time() - tic
-        audio_seconds += len(loglikes) * cfg.features.frame_shift_ms / 1000
-        if lattices[utt] is None:
-            dropped[utt] = f"utterance {utt}: no path survived the beam (scored as all deletions)"
-    return {"hyps": sweep(lattices, id2word, dcfg), "dropped": dropped, "matrices": matrices,
-            "decode_seconds": decode_seconds, "audio_seconds": audio_seconds}
+        frames = {name: SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / name, mmap=False),
+                                      model.config["left_context"], model.config["right_context"], device)
+                  for name in {stores[s] for s in sets}}
+        score = lambda name, utt: dnn_loglikes(model, frames[name], utt, priors)  # noqa: E731
+    out = {}
+    for set_name, utts in sets.items():
+        store_name = stores[set_name]
+        lattices, dropped, matrices = {}, {}, {}
+        decode_seconds, audio_seconds = 0.0, 0.0
+        for utt in progress(utts, f"decode {system} {set_name}", unit="utterances"):
+            tic = time.time()
+            try:
+                loglikes = score(store_name, utt)
+            except KeyError:
+                dropped[utt] = f"utterance {utt}: no features"
+                continue
+            check_scores(utt, loglikes, len(loglikes), gmm.num_pdfs)
+            if dcfg.write_loglikes_ark:
+                matrices[utt] = loglikes
+            lattices[utt] = decode_lattice(hclg, transition_id_matrix(loglikes, tid_to_pdf, dcfg.acoustic_scale), dcfg.beam, dcfg.lattice_beam)
+            decode_seconds += time.time() - tic
+            audio_seconds += len(loglikes) * cfg.features.frame_shift_ms / 1000
+            if lattices[utt] is None:
+                dropped[utt] = f"utterance {utt}: no path survived the beam (scored as all deletions)"
+        out[set_name] = {"hyps": sweep(lattices, id2word, dcfg), "dropped": dropped, "matrices": matrices,
+                         "decode_seconds": decode_seconds, "audio_seconds": audio_seconds}
+    return out
 
 
 def run(cfg) -> None:
@@ -250,6 +266,8 @@ def run(cfg) -> None:
     test = DataDir.read(data_dir / "test")
     sets = {"valid": ("train", {u: train_text[u] for u in valid_utts}), "test": ("test", test.text)}
     settings = OmegaConf.to_container(cfg, resolve=True)
+    stores = {set_name: store for set_name, (store, _) in sets.items()}
+    pairs = [(set_name, utt) for set_name, (_, refs) in sets.items() for utt in sorted(refs)]
 
     for system in dcfg.systems:
         out_dir = exp / "decode" / system
@@ -260,12 +278,12 @@ def run(cfg) -> None:
         stage = plan(f"decode {system}", out_dir, cfg, DECODE_KEYS, inputs, {"system": system})
         if stage.up_to_date:
             continue
+        jobs = [(settings, system, stores, part) for part in split(pairs, num_jobs(cfg))]
+        results = map_jobs(cfg, decode_part, jobs, f"decode {system}", threads=int(cfg.train.num_threads))
         hyps, decode_seconds, audio_seconds = {}, 0.0, 0.0
-        for set_name, (store_name, refs) in sets.items():
-            jobs = [(settings, system, store_name, part) for part in split(sorted(refs), num_jobs(cfg))]
-            parts = map_jobs(cfg, decode_part, jobs, f"decode {system} {set_name}", threads=int(cfg.train.num_threads))
+        for set_name, (_, refs) in sets.items():
             dropped, matrices, hyps[set_name] = {}, {}, {}
-            for part in parts:  # in utterance order: what one job would have made
+            for part in (result[set_name] for result in results if set_name in result):  # in utterance order, as one job's
                 dropped |= part["dropped"]
                 matrices |= part["matrices"]
                 decode_seconds += part["decode_seconds"]

@@ -298,7 +298,7 @@ def make_features(data: DataDir, cfg, kind: str, run_jobs=None, nj: int = 1) -> 
 
     settings = OmegaConf.to_container(cfg, resolve=True)
     jobs = [({u: data.wav_scp[u] for u in part}, settings, kind, part) for part in split(data.utt_ids, nj)]
-    results = run_jobs(compute_part, jobs) if run_jobs and len(jobs) > 1 else [compute_part(job) for job in jobs]
+    results = run_jobs(compute_part, jobs) if run_jobs else [compute_part(job) for job in jobs]
     items: dict[str, np.ndarray] = {}
     dropped: dict[str, str] = {}
     for part_items, part_dropped in results:

@@ -172,12 +172,8 @@ class Aligner:
         """Alignments of ``utts`` and the utterances dropped, with the reason."""
         from asrkd.jobs import map_jobs, split
 
-        if self.nj == 1 or len(utts) < 2:
-            graphs, dropped = compile_graphs(Lang.load(Path(self.lang_dir)), model, self.text, utts)
-            alignments, failed = align(model, graphs, self.feats, self.cfg.gmm.align)
-            return alignments, dropped | failed
         jobs = [(model, self.lang_dir, {u: self.text[u] for u in part}, {u: np.asarray(self.feats[u]) for u in part}, self.align_cfg, part)
-                for part in split(utts, self.nj)]
+                for part in split(utts, self.nj)]  # one job runs here, in this process
         alignments, dropped = {}, {}
         for part_alignments, part_dropped in map_jobs(self.cfg, align_part, jobs, self.stage):
             alignments |= part_alignments
