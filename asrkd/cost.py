@@ -57,18 +57,20 @@ def scoring_ms_per_1000_frames(model: torch.nn.Module, frames: SplicedFrames, ba
 
 def system_cost(cfg, system: str) -> dict:
     """The cost record of ``system`` (measured now when it has none, or its model changed)."""
+    from asrkd.data import eval_sets
     from asrkd.train import load_system, system_dirs
 
     exp = Path(cfg.exp_dir)
     out_dir = exp / "cost" / system.replace("/", "_")
-    inputs = {f"model {d.name}": d for d in system_dirs(exp, system)} | {"test features": exp / "feats" / "fbank" / "test"}
+    test = eval_sets(cfg)[0]
+    inputs = {f"model {d.name}": d for d in system_dirs(exp, system)} | {f"{test} features": exp / "feats" / "fbank" / test}
     stage = plan(f"cost {system}", out_dir, cfg, ("eval.batch_size", "train.num_threads", "train.device"), inputs, {"system": system})
     if stage.up_to_date:
         return read_record(out_dir)["summary"]
     torch.set_num_threads(int(cfg.train.num_threads))
     device = pick_device(cfg.train.device)
     model = load_system(exp, system, device)
-    frames = SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / "test", mmap=False), model.config["left_context"],
+    frames = SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / test, mmap=False), model.config["left_context"],
                            model.config["right_context"], device)
     cost = {"system": system, "parameters": parameters(model), "models": len(model.members) if isinstance(model, EnsembleDNN) else 1,
             "ms_per_1000_frames": round(scoring_ms_per_1000_frames(model, frames, int(cfg.eval.batch_size)), 3),

@@ -133,6 +133,9 @@ class DataDir:
         for name in ("wav.scp", "utt2spk", "spk2utt"):
             if not (directory / name).is_file():
                 raise DataDirError(f"{directory}: missing {name}")
+        if (directory / "segments").is_file():
+            raise DataDirError(f"{directory}/segments: utterances as segments of recordings are not read yet; cut them into "
+                               "files first (Kaldi: utils/data/extract_wav_segments_data_dir.sh) and point wav.scp at those")
         data = cls(
             wav_scp=read_table(directory / "wav.scp"),
             text=read_table(directory / "text") if (directory / "text").is_file() else {},
@@ -214,3 +217,32 @@ def speaker_folds(speakers: list[str], folds: int, seed: int) -> list[list[str]]
     order = sorted(set(speakers))
     random.Random(seed).shuffle(order)
     return [sorted(order[f::folds]) for f in range(folds)]
+
+
+def eval_sets(cfg) -> list[str]:
+    """The data dirs decode and evaluate score (``eval_sets``; the first is the experiments' test set)."""
+    names = [str(s) for s in cfg.eval_sets]
+    if not names:
+        raise ValueError("eval_sets is empty: name at least one data dir to score, e.g. eval_sets=[test]")
+    if "valid" in names or "train" in names:
+        raise ValueError(f"eval_sets={names}: 'train' and 'valid' are scored anyway (valid: train's held-out speakers); "
+                         "name evaluation data dirs only")
+    return names
+
+
+def tuning_set(cfg) -> str:
+    """Where the LM weight is chosen: ``valid`` (train's held-out speakers) or a data dir."""
+    return str(cfg.decode.tuning_set)
+
+
+def corpus_sets(cfg) -> list[str]:
+    """The data dirs a system is built and scored on: train, the tuning set (when it is a data
+    dir) and the eval sets. The lang dir's vocabulary is theirs: a data dir added later is
+    aligned or decoded with the lang dir as it is (its unknown words named), not a new one."""
+    tuning = [tuning_set(cfg)] if tuning_set(cfg) != "valid" else []
+    return list(dict.fromkeys(["train", *tuning, *eval_sets(cfg)]))
+
+
+def feature_sets(cfg) -> list[str]:
+    """The data dirs make-feats and align process: ``features.sets``, or :func:`corpus_sets`."""
+    return [str(s) for s in cfg.features.sets] if cfg.features.sets is not None else corpus_sets(cfg)

@@ -8,10 +8,12 @@ scaled by the acoustic weight, which makes kaldi_decoder's DecodableCtc (it read
 ``index - 1``) behave as Kaldi's DecodableMatrixScaledMapped. LatticeSimpleDecoder produces a
 raw lattice per utterance; each (LM weight, word insertion penalty) pair of the sweep takes
 the best path of the rescaled lattice, as Kaldi's score_kaldi_wer.sh does. The pair is chosen
-on the validation speakers, never on the test set it reports.
+on ``decode.tuning_set`` (``valid``: the validation speakers of train; or a data dir such as
+``dev``) and applied to every set of ``eval_sets``.
 
-``exp/decode/<system>/``: ``wer.json`` (the sweep, the chosen pair, test and unseen-sentence
-WER with substitutions/deletions/insertions), ``hyp_<set>.txt`` and, with
+``exp/decode/<system>/``: ``wer.json`` (the sweep, the chosen pair, the WER of the tuning set,
+of every eval set and, for ``decode.unseen_sentences``, of its sentences the LM never saw, with
+substitutions/deletions/insertions), ``hyp_<set>.txt`` and, with
 ``decode.write_loglikes_ark``, ``loglikes_<set>.ark/.scp``: the unscaled (frames x pdfs)
 log-likelihoods that a user's own ``latgen-faster-mapped`` decodes with its HCLG.
 """
@@ -250,21 +252,52 @@ def decode_part(job: tuple[dict, str, dict[str, str], list[tuple[str, str]]]) ->
     return out
 
 
+# decode settings that decide a decode only when set away from these (AN4's) defaults
+DECODE_OPTIONAL_KEYS = {"eval_sets": ["test"], "decode.tuning_set": "valid", "decode.unseen_sentences": ["test"]}
+
+
+def scored_sets(cfg) -> dict[str, tuple[str, dict[str, str]]]:
+    """{set: (its feature store, its references)}: the tuning set (``valid``: train's held-out
+    speakers, or a data dir), then every eval set."""
+    from asrkd.data import eval_sets, tuning_set
+    from asrkd.train import data_split
+
+    data_dir = Path(cfg.data_dir)
+    tuning = tuning_set(cfg)
+    if tuning == "valid":
+        _, valid_utts = data_split(cfg)
+        train_text = read_table(data_dir / "train" / "text")
+        sets = {"valid": ("train", {u: train_text[u] for u in valid_utts})}
+    else:
+        sets = {tuning: (tuning, DataDir.read(data_dir / tuning).text)}
+    for name in eval_sets(cfg):
+        sets[name] = (name, DataDir.read(data_dir / name).text)
+    for name, (_, refs) in sets.items():
+        if not refs:
+            raise ValueError(f"{data_dir / name}: no transcripts (text) to score against; decode needs them")
+    unknown = sorted(set(cfg.decode.unseen_sentences) - set(eval_sets(cfg)))
+    if unknown:
+        raise ValueError(f"decode.unseen_sentences names {unknown}, which are not in eval_sets {list(eval_sets(cfg))}")
+    return sets
+
+
 def run(cfg) -> None:
-    """Stage 6: decode every system of ``decode.systems`` (the GMM, DNNs, ensembles) on validation
-    and test, each set's utterances split over ``jobs.nj`` jobs."""
+    """Stage 6: decode every system of ``decode.systems`` (the GMM, DNNs, ensembles) on the tuning
+    set and every eval set, each set's utterances split over ``jobs.nj`` jobs; the LM weight and
+    insertion penalty are chosen on the tuning set and applied to the eval sets."""
     from omegaconf import OmegaConf
 
+    from asrkd.data import eval_sets, tuning_set
     from asrkd.jobs import map_jobs, num_jobs, split
-    from asrkd.train import data_split, system_dirs
+    from asrkd.stage import optional_values
+    from asrkd.train import system_dirs
 
     exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
     dcfg = cfg.decode
     id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
-    _, valid_utts = data_split(cfg)
-    train_text = read_table(data_dir / "train" / "text")
-    test = DataDir.read(data_dir / "test")
-    sets = {"valid": ("train", {u: train_text[u] for u in valid_utts}), "test": ("test", test.text)}
+    lm_text = read_table(data_dir / cfg.graph.lm_data / "text")
+    sets = scored_sets(cfg)
+    tuning, evaluated = tuning_set(cfg), eval_sets(cfg)
     settings = OmegaConf.to_container(cfg, resolve=True)
     stores = {set_name: store for set_name, (store, _) in sets.items()}
     pairs = [(set_name, utt) for set_name, (_, refs) in sets.items() for utt in sorted(refs)]
@@ -273,9 +306,10 @@ def run(cfg) -> None:
         out_dir = exp / "decode" / system
         kind = "mfcc" if system == "gmm" else "fbank"
         models = {"model": exp / "tri"} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(exp, system)}
-        inputs = {**models, "graph": exp / "graph", "priors": exp / "tri" / "ali_train", "test": data_dir / "test", "train": data_dir / "train",
-                  "test features": exp / "feats" / kind / "test", "train features": exp / "feats" / kind / "train"}
-        stage = plan(f"decode {system}", out_dir, cfg, DECODE_KEYS, inputs, {"system": system})
+        inputs = {**models, "graph": exp / "graph", "priors": exp / "tri" / "ali_train", "train": data_dir / "train",
+                  **{store: data_dir / store for store in stores.values()},
+                  **{f"{store} features": exp / "feats" / kind / store for store in stores.values()}}
+        stage = plan(f"decode {system}", out_dir, cfg, DECODE_KEYS, inputs, {"system": system, **optional_values(cfg, DECODE_OPTIONAL_KEYS)})
         if stage.up_to_date:
             continue
         jobs = [(settings, system, stores, part) for part in split(pairs, num_jobs(cfg))]
@@ -293,27 +327,29 @@ def run(cfg) -> None:
             account_dropped(f"decode {system} {set_name}", len(refs), dropped, cfg.prep.max_drop_fraction, out_dir / f"dropped_{set_name}.json")
             if matrices:
                 write_kaldi_matrices(out_dir / f"loglikes_{set_name}.ark", out_dir / f"loglikes_{set_name}.scp", matrices.items())
-        best, valid_wer = choose_weights(sets["valid"][1], hyps["valid"])
-        unseen = unseen_sentences(test.text, train_text)
-        oov = sorted({w for t in test.text.values() for w in t.split() if w not in set(id2word.values())})
+        best, tuning_wer = choose_weights(sets[tuning][1], hyps[tuning])
+        vocabulary = set(id2word.values())
+        oov = sorted({w for name in evaluated for t in sets[name][1].values() for w in t.split() if w not in vocabulary})
         if oov:  # they count as errors: no path of the graph can output them
-            log.warning("decode %s: test references hold %d word types outside the graph's vocabulary: %s", system, len(oov), oov[:10])
-        test_hyps = hyps["test"][best]
-        result = {
-            "system": system, "lmwt": best[0], "word_ins_penalty": best[1],
-            "valid": word_error_rate(sets["valid"][1], hyps["valid"][best]),
-            "test": word_error_rate(test.text, test_hyps),
-            "test_unseen": word_error_rate({u: test.text[u] for u in unseen}, test_hyps),
-            "sweep_valid_wer": [{"lmwt": p[0], "word_ins_penalty": p[1], "wer": w} for p, w in sorted(valid_wer.items())],
+            log.warning("decode %s: references hold %d word types outside the graph's vocabulary: %s", system, len(oov), oov[:10])
+        result = {"system": system, "lmwt": best[0], "word_ins_penalty": best[1], "tuning_set": tuning,
+                  tuning: word_error_rate(sets[tuning][1], hyps[tuning][best])}
+        for name in evaluated:
+            result[name] = word_error_rate(sets[name][1], hyps[name][best])
+        for name in dcfg.unseen_sentences:
+            refs = sets[name][1]
+            result[f"{name}_unseen"] = word_error_rate({u: refs[u] for u in unseen_sentences(refs, lm_text)}, hyps[name][best])
+        result |= {
+            f"sweep_{tuning}_wer": [{"lmwt": p[0], "word_ins_penalty": p[1], "wer": w} for p, w in sorted(tuning_wer.items())],
             "real_time_factor": decode_seconds / max(audio_seconds, 1e-9),
             "reference_oov_words": oov,
             "beam": dcfg.beam, "lattice_beam": dcfg.lattice_beam, "acoustic_scale": dcfg.acoustic_scale,
-            "utterance_errors": {"test": utterance_errors(test.text, test_hyps)},
+            "utterance_errors": {name: utterance_errors(sets[name][1], hyps[name][best]) for name in evaluated},
         }
         write_json(out_dir / "wer.json", result)
         for set_name in sets:
             write_text(out_dir / f"hyp_{set_name}.txt", "".join(f"{u} {h}\n" for u, h in sorted(hyps[set_name][best].items())))
-        log.info("decode %s: LMWT %g, penalty %g (valid WER %.2f%%) -> test WER %.2f%%, unseen %.2f%%, RTF %.3f",
-                 system, best[0], best[1], 100 * result["valid"]["wer"], 100 * result["test"]["wer"],
-                 100 * result["test_unseen"]["wer"], result["real_time_factor"])
-        stage.commit(test_wer=result["test"]["wer"], lmwt=best[0], word_ins_penalty=best[1])
+        log.info("decode %s: LMWT %g, penalty %g (%s WER %.2f%%) -> %s, RTF %.3f", system, best[0], best[1], tuning,
+                 100 * result[tuning]["wer"], ", ".join(f"{name} WER {100 * result[name]['wer']:.2f}%" for name in evaluated),
+                 result["real_time_factor"])
+        stage.commit(**{f"{name}_wer": result[name]["wer"] for name in evaluated}, lmwt=best[0], word_ins_penalty=best[1])

@@ -82,7 +82,7 @@ def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Pa
                     linestyle="--" if label.startswith("topk") or label == "logits" else "-", label=label)
 
 
-def plot_temperature(rows: list[dict], baseline: dict, ensemble: dict, out: Path) -> None:
+def plot_temperature(rows: list[dict], baseline: dict, ensemble: dict, out: Path, test: str) -> None:
     """Student frame accuracy (validation, and test with its interval) against T, with the baseline and the ensemble."""
     from asrkd.evaluate import saved_figure
 
@@ -90,11 +90,11 @@ def plot_temperature(rows: list[dict], baseline: dict, ensemble: dict, out: Path
     with saved_figure(out, (7, 4.5), "temperature T", "frame accuracy (%)", title, fontsize=8) as ax:
         temperatures = [r["temperature"] for r in rows]
         ax.plot(temperatures, [100 * r["frame_accuracy"]["valid"] for r in rows], "o-", color="tab:blue", label="student, valid")
-        test = [100 * r["frame_accuracy"]["test"] for r in rows]
-        errors = [[t - 100 * r["frame_accuracy_ci"]["test"][0] for t, r in zip(test, rows)],
-                  [100 * r["frame_accuracy_ci"]["test"][1] - t for t, r in zip(test, rows)]]
-        ax.errorbar(temperatures, test, yerr=errors, fmt="o-", color="tab:red", capsize=3, label="student, test (95% CI)")
-        for split, color in (("valid", "tab:blue"), ("test", "tab:red")):
+        accuracy = [100 * r["frame_accuracy"][test] for r in rows]
+        errors = [[t - 100 * r["frame_accuracy_ci"][test][0] for t, r in zip(accuracy, rows)],
+                  [100 * r["frame_accuracy_ci"][test][1] - t for t, r in zip(accuracy, rows)]]
+        ax.errorbar(temperatures, accuracy, yerr=errors, fmt="o-", color="tab:red", capsize=3, label=f"student, {test} (95% CI)")
+        for split, color in (("valid", "tab:blue"), (test, "tab:red")):
             ax.axhline(100 * baseline[split], color=color, linestyle=":", label=f"baseline, {split}")
             ax.axhline(100 * ensemble[split], color=color, linestyle="--", label=f"ensemble, {split}")
         ax.set_xscale("log")
@@ -151,8 +151,8 @@ def p_above_zero(difference: dict | None) -> str:
     return "–" if not difference else f"{difference['p_above_zero']:.2f}"
 
 
-def word_errors(entry: dict) -> str:
-    details = (entry.get("wer_details") or {}).get("test")
+def word_errors(entry: dict, test: str) -> str:
+    details = (entry.get("wer_details") or {}).get(test)
     if not details:
         return "–"
     return f"{details['substitutions'] + details['deletions'] + details['insertions']} / {details['words']}"
@@ -165,7 +165,12 @@ def cost_cells(entry: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    from asrkd.evaluate import percent, with_ci
+    from asrkd.evaluate import percent, with_ci as with_ci_on
+
+    test = result["eval_set"]
+
+    def with_ci(entry: dict, metric: str) -> str:
+        return with_ci_on(entry, metric, test)
 
     table = result["table1"]
     seeds = result["seeds"]
@@ -181,7 +186,7 @@ def markdown(result: dict) -> str:
         if row == "single_models":
             spread = entry["spread"]
             accuracy += f" (± {100 * spread['std']:.2f})"
-        lines.append(f"| {label} | {entry['seeds']} | {accuracy} | {with_ci(entry, 'wer')} | {word_errors(entry) if entry['seeds'] == 1 else '–'} "
+        lines.append(f"| {label} | {entry['seeds']} | {accuracy} | {with_ci(entry, 'wer')} | {word_errors(entry, test) if entry['seeds'] == 1 else '–'} "
                      f"| {cost_cells(entry)} | {percent(paper.get('frame_accuracy'))} | {percent(paper.get('wer'))} |")
     gain = result["gain_kept"]
     cost = table["baseline"]["cost"]
@@ -378,7 +383,9 @@ def run_report(cfg) -> None:
     baseline = entry([cfg.train.name])
     ensemble = entry([cfg.distill.teacher], members=len(members), train_seconds=sum(h["seconds"] for d in members for h in read_history(d)))
     single_models = entry([*replicates, *(f"{cfg.distill.teacher}/{d.name}" for d in members)], {}, key="single models")
-    single_models["spread"] = mean_std(single_models["per_seed"]["test_frame_accuracy"])
+    test = evaluation.primary
+    per_seed = single_models["per_seed"][f"{test}_frame_accuracy"]
+    single_models["spread"] = mean_std(per_seed)
     rows = {label: entry(row.systems, temperature=row.temperature,
                          train_seconds=float(np.mean([sum(h["seconds"] for h in read_history(exp / "dnn" / s)) for s in row.systems])))
             for label, row in rows_cfg.items()}
@@ -406,8 +413,8 @@ def run_report(cfg) -> None:
         "temperature": temperature, "temperature_choice": choice, "bootstrap_unit": cfg.stats.unit,
         "table1": {"baseline": baseline, "single_models": single_models, "ensemble": ensemble, "distilled": rows[distilled_label]},
         "gain_kept": gain_kept, "gain_kept_ci": gain_kept["vs_baseline"]["ci"], "wer_gain_kept": wer_gain_kept, "differences": diffs,
-        "baseline_seeds": {"systems": replicates, "test_frame_accuracy": single_models["per_seed"]["test_frame_accuracy"][: len(replicates)]},
-        "members": {"test_frame_accuracy": single_models["per_seed"]["test_frame_accuracy"][len(replicates):]},
+        "baseline_seeds": {"systems": replicates, f"{test}_frame_accuracy": per_seed[: len(replicates)]},
+        "members": {f"{test}_frame_accuracy": per_seed[len(replicates):]}, "eval_set": test,
         "students": {row_cfg.systems[0]: rows[label] for label, row_cfg in rows_cfg.items()},
         "compact_forms": compact_forms(cfg, evaluation, entry, rows_cfg, rows), "levers": levers, "teacher_diagnostics": diagnostics,
     }
@@ -416,13 +423,13 @@ def run_report(cfg) -> None:
     write_text(out_dir / "distillation.md", markdown(result))
     plot_curves(exp, members, {label: row.systems[0] for label, row in rows_cfg.items()}, out_dir / "distillation_curves.png")
     by_temperature = [rows[f"dense_T{t:g}"] for t in sorted(dense)]
-    plot_temperature(by_temperature, baseline["frame_accuracy"], ensemble["frame_accuracy"], out_dir / "distillation_temperature.png")
+    plot_temperature(by_temperature, baseline["frame_accuracy"], ensemble["frame_accuracy"], out_dir / "distillation_temperature.png", test)
     if levers:
         plot_levers(list(levers.values()), out_dir / "distillation_levers.png")
         files.append("distillation_levers.png")
     systems = {"ensemble": ensemble, "distilled": {**rows[distilled_label], "gain_kept": gain_kept["vs_baseline"]["estimate"]},
                **{("distilled_logits" if label == LOGITS else f"distilled_{label}"): row for label, row in rows.items()}, **lever_systems}
     merge_into_report(cfg, {"systems": systems, "distillation": result}, tuple(files))
-    log.info("distillation: test frame acc baseline %.4f, ensemble %.4f, distilled (T=%g) %.4f; gain kept %s",
-             baseline["frame_accuracy"]["test"], ensemble["frame_accuracy"]["test"], temperature, rows[distilled_label]["frame_accuracy"]["test"],
+    log.info("distillation: %s frame acc baseline %.4f, ensemble %.4f, distilled (T=%g) %.4f; gain kept %s", test,
+             baseline["frame_accuracy"][test], ensemble["frame_accuracy"][test], temperature, rows[distilled_label]["frame_accuracy"][test],
              format_interval(gain_kept["vs_baseline"]))

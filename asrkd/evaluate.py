@@ -2,7 +2,7 @@
 
 Frame accuracy is the share of frames whose argmax pdf-id equals the forced alignment's.
 ``report.json`` has one entry per system under "systems", each with "frame_accuracy":
-{"train", "valid", "test"} as fractions, "frame_accuracy_ci" and "wer_ci" ({"test": [lo, hi]},
+{"train", "valid", <every eval set>} as fractions, "frame_accuracy_ci" and "wer_ci" ({<set>: [lo, hi]},
 the bootstrap of :mod:`asrkd.stats`), and the fingerprint and config of the model it reports;
 ``report.md`` shows the same as a table. Later reports (the 3%-data experiment, distillation)
 add their sections to the same files, and every report merges into what is there: rerunning one
@@ -37,29 +37,37 @@ def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
 
-def with_ci(entry: dict, metric: str) -> str:
-    """'55.97% [55.10, 56.84]': a system's test value with its 95% interval, or '–'."""
-    value = (entry.get(metric) or {}).get("test")
-    ci = (entry.get(f"{metric}_ci") or {}).get("test")
+def with_ci(entry: dict, metric: str, set_name: str = "test") -> str:
+    """'55.97% [55.10, 56.84]': a system's value on ``set_name`` with its 95% interval, or '–'."""
+    value = (entry.get(metric) or {}).get(set_name)
+    ci = (entry.get(f"{metric}_ci") or {}).get(set_name)
     if value is None:
         return "–"
     return format_interval({"estimate": value, "ci": ci}) if ci else percent(value)
 
 
+def tuning_description(tuning: str) -> str:
+    return "the validation speakers" if tuning == "valid" else f"{tuning}"
+
+
 def markdown_table(report: dict) -> str:
+    sets = report.get("eval_sets", ["test"])
+    unseen = report.get("unseen_sentences", ["test"])
+    columns = ([f"frame acc. {s} [95% CI]" for s in sets] + [f"WER {s} [95% CI]" for s in sets]
+               + [f"WER {s} (unseen sentences)" for s in unseen])
     lines = [
         f"# {report['corpus']}: frame accuracy and WER",
         "",
-        "| system | model | seeds | frame acc. train | frame acc. valid | frame acc. test [95% CI] | WER test [95% CI] | WER test (unseen sentences) | LMWT |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | model | seeds | frame acc. train | frame acc. valid | " + " | ".join(columns) + " | LMWT |",
+        "|---|---|---|---|---|" + "---|" * len(columns) + "---|",
     ]
     for name, system in report["systems"].items():
         acc = system.get("frame_accuracy") or {}
         wer = system.get("wer") or {}
-        lines.append(
-            f"| {name} | {system['model']} | {system.get('seeds', 1)} | {percent(acc.get('train'))} | {percent(acc.get('valid'))} "
-            f"| {with_ci(system, 'frame_accuracy')} | {with_ci(system, 'wer')} | {percent(wer.get('test_unseen'))} | {system.get('lmwt', '–')} |"
-        )
+        cells = ([with_ci(system, "frame_accuracy", s) for s in sets] + [with_ci(system, "wer", s) for s in sets]
+                 + [percent(wer.get(f"{s}_unseen")) for s in unseen])
+        lines.append(f"| {name} | {system['model']} | {system.get('seeds', 1)} | {percent(acc.get('train'))} | {percent(acc.get('valid'))} | "
+                     + " | ".join(cells) + f" | {system.get('lmwt', '–')} |")
     others = {}  # rows added by later reports (distillation), by the command that made them
     for name, system in report["systems"].items():
         if system.get("command", report["command"]) != report["command"]:
@@ -67,8 +75,8 @@ def markdown_table(report: dict) -> str:
     lines += ["", f"Command: `{report['command']}`" + "".join(f"; {', '.join(names)}: `{command}`" for command, names in others.items()), "",
               "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment; valid = speakers held out of training.",
               "WER: Kaldi WFST decoding (HCLG with a 3-gram LM on the training transcripts), LM weight and insertion penalty",
-              "chosen on the validation speakers; unseen = test sentences that never occur in train.",
-              f"[95% CI]: bootstrap over whole test {report.get('bootstrap_unit', 'utterance')}s (asrkd/stats.py); rows with several seeds",
+              f"chosen on {tuning_description(report.get('tuning_set', 'valid'))}; unseen = sentences that never occur in the LM's training text.",
+              f"[95% CI]: bootstrap over whole {report.get('bootstrap_unit', 'utterance')}s of each set (asrkd/stats.py); rows with several seeds",
               "give the mean over seeds, and their interval resamples the seeds too; one seed: test-set variation only.", ""]
     gmm = report["gmm"]
     lines.append(f"GMM: {gmm['mono_pdfs']} monophone pdfs -> {gmm['tri_pdfs']} tied triphone states (pdf-ids), "
@@ -105,13 +113,16 @@ def saved_figure(out: Path, size: tuple[float, float], xlabel: str, ylabel: str,
 
 
 def decoding_result(exp: Path, system: str) -> dict:
-    """WER fields of a decoded system (empty when the decode stage has not run for it)."""
+    """WER fields of a decoded system (empty when the decode stage has not run for it): every set
+    wer.json scores (the eval sets, their unseen sentences, the tuning set), in that order."""
     path = exp / "decode" / system / "wer.json"
     if not path.is_file():
         return {}
     result = json.loads(path.read_text())
-    return {"wer": {"test": result["test"]["wer"], "test_unseen": result["test_unseen"]["wer"], "valid": result["valid"]["wer"]},
-            "wer_details": {k: result[k] for k in ("test", "test_unseen", "valid")},
+    scored = {k: v for k, v in result.items() if isinstance(v, dict) and "wer" in v}
+    tuning = result.get("tuning_set", "valid")
+    order = sorted(scored, key=lambda k: (k == tuning, k.endswith("_unseen")))
+    return {"wer": {k: scored[k]["wer"] for k in order}, "wer_details": {k: scored[k] for k in order},
             "lmwt": result["lmwt"], "word_ins_penalty": result["word_ins_penalty"],
             "decode_real_time_factor": result["real_time_factor"]}
 
@@ -119,31 +130,38 @@ def decoding_result(exp: Path, system: str) -> dict:
 class FrameScorer:
     """Frame accuracy and cross-entropy of DNN systems (ensembles too) against the alignment.
 
-    The train and test frames are loaded once; each call scores one system on the test set
-    and on any named lists of training utterances (train, valid, a subset's train), keeps the
-    per-utterance counts of every set ("utterances", for the bootstrap) and caches the result.
+    The train frames and those of every eval set with an alignment are loaded once; each call
+    scores one system on those eval sets and on any named lists of training utterances (train,
+    valid, a subset's train), keeps the per-utterance counts of every set ("utterances", for the
+    bootstrap) and caches the result. An eval set without an alignment gets WER only (logged).
     """
 
     def __init__(self, cfg):
+        from asrkd.data import eval_sets
+
         self.exp, self.batch_size = Path(cfg.exp_dir), cfg.eval.batch_size
         self.device = pick_device(cfg.train.device)
         torch.set_num_threads(int(cfg.train.num_threads))
         self.train = FrameData.load(self.exp, "train", cfg.model, self.device)
-        test = FrameData.load(self.exp, "test", cfg.model, self.device)
-        self.test = (test, test.labeled(DataDir.read(Path(cfg.data_dir) / "test").utt_ids))
+        self.eval: dict[str, tuple[FrameData, np.ndarray]] = {}
+        for name in eval_sets(cfg):
+            if not (self.exp / "tri" / f"ali_{name}" / "pdf_ids.npy").is_file():
+                log.warning("%s has no alignment (exp/tri/ali_%s): no frame accuracy on it; `asrkd align` makes one", name, name)
+                continue
+            data = FrameData.load(self.exp, name, cfg.model, self.device)
+            self.eval[name] = (data, data.labeled(DataDir.read(Path(cfg.data_dir) / name).utt_ids))
         self.cache: dict[tuple[str, str], dict] = {}
 
-    @property
-    def test_utterances(self) -> list[str]:
-        """The test utterances with aligned frames (the frame bootstrap's units)."""
-        data, indices = self.test
+    def utterances(self, name: str) -> list[str]:
+        """The utterances of eval set ``name`` with aligned frames (the frame bootstrap's units)."""
+        data, indices = self.eval[name]
         store = data.frames.store
         return sorted(frame_table(store.utt_ids, store.offsets, indices, np.zeros(len(indices))))
 
     def score(self, system: str, train_sets: dict[str, list[str]]) -> dict[str, dict]:
         """{set: {"frame_accuracy", "cross_entropy", "frames", "utterances": {utt: [correct, frames]}}}
-        for each of ``train_sets`` and "test"."""
-        sets = {name: (self.train, self.train.labeled(utts)) for name, utts in train_sets.items()} | {"test": self.test}
+        for each of ``train_sets`` and every aligned eval set."""
+        sets = {name: (self.train, self.train.labeled(utts)) for name, utts in train_sets.items()} | self.eval
         todo = [name for name in sets if (system, name) not in self.cache]
         if todo:
             model = load_system(self.exp, system, self.device)
@@ -162,24 +180,37 @@ def bootstrap_key(systems: list[str]) -> str:
 
 
 class Evaluation:
-    """Systems scored on test (frames and words) with their bootstrap replicates.
+    """Systems scored on the eval sets (frames and words) with their bootstrap replicates.
 
     ``entry(systems)`` reports one system, or the mean over its seeds when ``systems`` lists
-    replicates; their replicates stay in ``frames`` / ``words`` (the Bootstraps of frame
-    accuracy and of WER) under ``bootstrap_key(systems)`` (or ``key``), for paired
-    differences and ratios.
+    replicates, with an interval on every eval set. The replicates of the first eval set (the
+    experiments' test set, ``primary``) stay in ``frames`` / ``words`` (the Bootstraps of frame
+    accuracy and of WER) under ``bootstrap_key(systems)`` (or ``key``), for paired differences
+    and ratios; those of the other sets in ``frames_by_set`` / ``words_by_set``.
     """
 
     def __init__(self, cfg, scorer: FrameScorer | None = None):
+        from asrkd.data import eval_sets
+
         self.cfg, self.exp = cfg, Path(cfg.exp_dir)
         self.scorer = scorer or FrameScorer(cfg)
-        test = DataDir.read(Path(cfg.data_dir) / "test")
         scfg = cfg.stats
         if scfg.unit not in ("utterance", "speaker"):
             raise ValueError(f"stats.unit must be 'utterance' or 'speaker', got {scfg.unit!r}")
-        self.unit_of = test.utt2spk if scfg.unit == "speaker" else None
-        self.frames = Bootstrap(self.scorer.test_utterances, scfg.replicates, scfg.confidence, scfg.seed, self.unit_of)
-        self.words = Bootstrap(test.utt_ids, scfg.replicates, scfg.confidence, scfg.seed, self.unit_of)
+        self.sets = eval_sets(cfg)
+        self.primary = self.sets[0]
+        self.frames_by_set: dict[str, Bootstrap] = {}
+        self.words_by_set: dict[str, Bootstrap] = {}
+        for name in self.sets:
+            data = DataDir.read(Path(cfg.data_dir) / name)
+            unit_of = data.utt2spk if scfg.unit == "speaker" else None
+            if name in self.scorer.eval:
+                self.frames_by_set[name] = Bootstrap(self.scorer.utterances(name), scfg.replicates, scfg.confidence, scfg.seed, unit_of)
+            self.words_by_set[name] = Bootstrap(data.utt_ids, scfg.replicates, scfg.confidence, scfg.seed, unit_of)
+        if self.primary not in self.frames_by_set:
+            raise FileNotFoundError(f"{self.exp}/tri/ali_{self.primary}: the first eval set needs an alignment "
+                                    f"(`asrkd align features.sets=[{self.primary}]`)")
+        self.frames, self.words = self.frames_by_set[self.primary], self.words_by_set[self.primary]
 
     def entry(self, systems: list[str], train_sets: dict[str, list[str]], key: str | None = None, **extra) -> dict:
         """The report entry of ``systems`` (one, or replicates: their mean), labeled with the model
@@ -190,27 +221,29 @@ class Evaluation:
         out: dict = {"model": model_label(self.exp, systems[0]), "system": systems[0] if len(systems) == 1 else systems, "seeds": len(systems),
                      "frame_accuracy": {k: mean(s[k]["frame_accuracy"] for s in scores) for k in sets},
                      "cross_entropy": {k: mean(s[k]["cross_entropy"] for s in scores) for k in sets}}
-        test = UtteranceCounts.from_tables([s["test"]["utterances"] for s in scores])
-        out["frame_accuracy_ci"] = {"test": self.frames.add(key, test)["ci"]}
+        counts = {name: UtteranceCounts.from_tables([s[name]["utterances"] for s in scores]) for name in self.frames_by_set}
+        out["frame_accuracy_ci"] = {name: bootstrap.add(key, counts[name])["ci"] for name, bootstrap in self.frames_by_set.items()}
         decoded = [decoding_result(self.exp, system) for system in systems]
         if all(decoded):
             out |= self.wer_fields(key, systems, decoded)
         elif any(decoded):
             log.info("%s: only some of its models are decoded; its WER is left out", key)
         if len(systems) > 1:
-            out["per_seed"] = {"test_frame_accuracy": test.per_seed()}
+            out["per_seed"] = {f"{self.primary}_frame_accuracy": counts[self.primary].per_seed()}
         out["stage"] = model_records(self.exp, systems)
         return out | extra
 
     def wer_fields(self, key: str, systems: list[str], decoded: list[dict]) -> dict:
-        errors = [json.loads((self.exp / "decode" / s / "wer.json").read_text())["utterance_errors"]["test"] for s in systems]
-        counts = UtteranceCounts.from_tables(errors)
-        out = {"wer": {k: mean(d["wer"][k] for d in decoded) for k in decoded[0]["wer"]}, "wer_ci": {"test": self.words.add(key, counts)["ci"]},
+        errors = {name: [json.loads((self.exp / "decode" / s / "wer.json").read_text())["utterance_errors"][name] for s in systems]
+                  for name in self.sets}
+        counts = {name: UtteranceCounts.from_tables(tables) for name, tables in errors.items()}
+        out = {"wer": {k: mean(d["wer"][k] for d in decoded) for k in decoded[0]["wer"]},
+               "wer_ci": {name: self.words_by_set[name].add(key, counts[name])["ci"] for name in self.sets},
                "lmwt": decoded[0]["lmwt"] if len(decoded) == 1 else [d["lmwt"] for d in decoded]}
         if len(decoded) == 1:
             out |= {k: decoded[0][k] for k in ("wer_details", "word_ins_penalty", "decode_real_time_factor")}
         else:
-            out["per_seed_wer"] = counts.per_seed()
+            out["per_seed_wer"] = counts[self.primary].per_seed()
         return out
 
     def decoded_only(self, system: str, model: str) -> dict:
@@ -298,6 +331,7 @@ def run(cfg) -> None:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "machine": machine(cfg),
         "bootstrap_unit": cfg.stats.unit,
+        "eval_sets": evaluation.sets, "tuning_set": str(cfg.decode.tuning_set), "unseen_sentences": list(cfg.decode.unseen_sentences),
         "gmm": {"mono_pdfs": gmm_log["mono"]["num_pdfs"], "tri_pdfs": gmm_log["tri"]["num_pdfs"],
                 "tree": gmm_log["tri"]["tree"], "seconds": gmm_log["mono"]["seconds"] + gmm_log["tri"]["seconds"],
                 "fingerprint": input_record(exp / "tri")["fingerprint"]},

@@ -23,7 +23,7 @@ import kaldi_native_fbank as knf
 import numpy as np
 import soundfile as sf
 
-from asrkd.data import DataDir
+from asrkd.data import DataDir, feature_sets
 from asrkd.stage import progress
 
 log = logging.getLogger(__name__)
@@ -174,15 +174,34 @@ def write_kaldi_matrices(ark: Path, scp: Path, items) -> None:
         tmp_scp.write_text(tmp_scp.read_text().replace(str(tmp_ark), str(ark)))
 
 
+def piped_audio(command: str, utt: str):
+    """The audio a Kaldi extended filename ``<command> |`` writes to stdout (``flac -c -d -s f.flac |``,
+    ``sox f.sph -t wav - |``), as a file object; a failing command is an error naming it."""
+    import io
+    import subprocess
+
+    result = subprocess.run(command.rstrip()[:-1], shell=True, capture_output=True)
+    if result.returncode != 0 or not result.stdout:
+        message = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"no output, exit status {result.returncode}"]
+        raise AudioError(f"utterance {utt}: the wav.scp command failed ({command.strip()}: {message[0]})")
+    return io.BytesIO(result.stdout)
+
+
 def read_waveform(path: str, utt: str, sample_rate: int, channel: int | None = None, resample: bool = False) -> np.ndarray:
     """Read one channel of audio on Kaldi's int16 scale; errors name the utterance, the file and the fix.
+
+    ``path`` is a file soundfile reads (wav, flac, ...) or, as in Kaldi's wav.scp, a command
+    ending in ``|`` whose output is such a file.
 
     Multi-channel audio needs ``channel`` (Kaldi too refuses it unless wav.scp picks one);
     another sample rate needs ``resample`` (polyphase, scipy), as features assume one rate.
     """
     try:
-        check_wav_length(path, utt)
-        samples, rate = sf.read(path, dtype="float32", always_2d=True)
+        if path.rstrip().endswith("|"):
+            samples, rate = sf.read(piped_audio(path, utt), dtype="float32", always_2d=True)
+        else:
+            check_wav_length(path, utt)
+            samples, rate = sf.read(path, dtype="float32", always_2d=True)
     except AudioError:
         raise
     except Exception as err:  # a missing file, or one soundfile cannot decode
@@ -318,13 +337,14 @@ FEATURE_KEYS = ("features.write_kaldi_ark", "features.sample_rate", "features.fr
 
 
 def run(cfg) -> None:
-    """Stage 2: fbank (DNN) and MFCC+deltas (GMM) for every set in ``features.sets``, in ``jobs.nj`` jobs."""
+    """Stage 2: fbank (DNN) and MFCC+deltas (GMM) for every set of ``features.sets`` (default: train and
+    the evaluation sets), in ``jobs.nj`` jobs."""
     from functools import partial
 
     from asrkd.jobs import map_jobs, num_jobs
     from asrkd.stage import account_dropped, plan
 
-    for name in cfg.features.sets:
+    for name in feature_sets(cfg):
         data_path = Path(cfg.data_dir) / name
         data = DataDir.read(data_path)
         for kind in ("fbank", "mfcc"):

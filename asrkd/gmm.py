@@ -22,13 +22,14 @@ import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import kaldi_hmm_gmm as khg
 import kaldifst
 import numpy as np
 
 from asrkd import tree as tree_lib
-from asrkd.data import DataDir
+from asrkd.data import DataDir, feature_sets
 from asrkd.features import FeatureStore
 from asrkd.lang import POSITIONS, Lang
 from asrkd.stage import account_dropped, atomic_write, plan, progress, save_npy, write_json
@@ -142,29 +143,37 @@ def align(model: GmmModel, graphs: dict, feats: FeatureStore, cfg) -> tuple[dict
 
 
 def align_part(job: tuple) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """One alignment job: (model, lang dir, transcripts, features, align config, utterances) ->
-    alignments and the utterances dropped (no graph, or no alignment within retry_beam)."""
+    """One alignment job: (model, the model its graphs are compiled with, lang dir, transcripts,
+    features: a store or its directory, align config, utterances) -> alignments and the
+    utterances dropped (no graph, or no alignment within retry_beam). A job reads its
+    utterances' features from disk itself, as Kaldi's jobs read their split: nothing the size
+    of the corpus goes through a pipe."""
     from omegaconf import OmegaConf
 
-    model, lang_dir, text, feats, align_cfg, utts = job
-    graphs, dropped = compile_graphs(Lang.load(Path(lang_dir)), model, text, utts)  # FSTs do not pickle: each job compiles its own
-    alignments, failed = align(model, graphs, feats, OmegaConf.create(align_cfg))
+    model, graph_model, lang_dir, text, feats, align_cfg, utts = job
+    store = feats if isinstance(feats, FeatureStore) else FeatureStore.load(Path(feats))
+    graphs, dropped = compile_graphs(Lang.load(Path(lang_dir)), graph_model, text, utts)  # FSTs do not pickle: each job compiles its own
+    alignments, failed = align(model, graphs, store, OmegaConf.create(align_cfg))
     return alignments, dropped | failed
 
 
 class Aligner:
     """gmm-align-compiled over ``jobs.nj`` jobs (Kaldi's split data): the utterances split into
     parts, each job compiling its part's training graphs and aligning them, the results merged
-    in utterance order: the same alignments as one job (tested). Used by the align stage on
-    the saved model; the realignments inside GMM training stay in one process (a model in
-    training does not survive pickling into a job unchanged: measured, alignments differed)."""
+    in utterance order: the same alignments as one job (tested). The align stage uses it on the
+    saved model, GMM training for its realignments when ``jobs.nj`` > 1.
 
-    def __init__(self, cfg, text: dict[str, str], feats: FeatureStore, stage: str):
+    The graphs hold the transition probabilities of the model they are compiled with; as
+    Kaldi's train_mono.sh compiles them once, before training, ``graph_model`` (default: the
+    model aligning) is the model of that moment, so every realignment sees the graphs one job
+    would have."""
+
+    def __init__(self, cfg, text: dict[str, str], feats_dir: Path, stage: str, graph_model: GmmModel | None = None):
         from omegaconf import OmegaConf
 
         from asrkd.jobs import num_jobs
 
-        self.cfg, self.text, self.feats, self.stage = cfg, text, feats, stage
+        self.cfg, self.text, self.feats_dir, self.stage, self.graph_model = cfg, text, feats_dir, stage, graph_model
         self.nj, self.align_cfg = num_jobs(cfg), OmegaConf.to_container(cfg.gmm.align, resolve=True)
         self.lang_dir = str(Path(cfg.data_dir) / "lang")
 
@@ -172,7 +181,8 @@ class Aligner:
         """Alignments of ``utts`` and the utterances dropped, with the reason."""
         from asrkd.jobs import map_jobs, split
 
-        jobs = [(model, self.lang_dir, {u: self.text[u] for u in part}, {u: np.asarray(self.feats[u]) for u in part}, self.align_cfg, part)
+        graph_model = self.graph_model or model
+        jobs = [(model, graph_model, self.lang_dir, {u: self.text[u] for u in part}, str(self.feats_dir), self.align_cfg, part)
                 for part in split(utts, self.nj)]  # one job runs here, in this process
         alignments, dropped = {}, {}
         for part_alignments, part_dropped in map_jobs(self.cfg, align_part, jobs, self.stage):
@@ -181,8 +191,28 @@ class Aligner:
         return alignments, dropped
 
 
+def realigner(cfg, lang: Lang, model: GmmModel, text: dict[str, str], utts: list[str], feats: FeatureStore, feats_dir: Path,
+              stage: str) -> Callable[[GmmModel], dict]:
+    """The realignment step of GMM training for ``model`` (as it is now, before training: its
+    graphs are compiled with it): with one job, in this process on graphs compiled once; with
+    ``jobs.nj`` > 1, an :class:`Aligner` over the same utterances and the same graphs."""
+    import copy
+
+    from asrkd.jobs import num_jobs
+
+    if num_jobs(cfg) <= 1:
+        graphs, _ = compile_graphs(lang, model, text, utts)
+        return lambda current: align(current, graphs, feats, cfg.gmm.align)[0]
+    aligner = Aligner(cfg, text, feats_dir, stage, graph_model=copy.deepcopy(model))
+    return lambda current: aligner(current, utts)[0]
+
+
 def accumulate(model: GmmModel, alignments: dict[str, np.ndarray], feats: FeatureStore) -> tuple[khg.AccumAmDiagGmm, np.ndarray, float]:
-    """gmm-acc-stats-ali: GMM stats per aligned frame, transition counts, average log-likelihood."""
+    """gmm-acc-stats-ali: GMM stats per aligned frame, transition counts, average log-likelihood.
+
+    It runs in the training process whatever ``jobs.nj``: the wheel's accumulators neither
+    pickle nor take stats from outside (``get_acc`` returns a copy), so a job's could not be
+    summed into them as gmm-sum-accs does."""
     accs = khg.AccumAmDiagGmm()
     accs.init(model=model.am, flags=khg.GmmUpdateFlags.kGmmAll)
     tid_to_pdf = model.tid_to_pdf()
@@ -256,8 +286,8 @@ def update(model: GmmModel, accs: khg.AccumAmDiagGmm, trans_stats: np.ndarray, t
 
 
 def train_em(
-    model: GmmModel, graphs: dict, feats: FeatureStore, alignments: dict, stage_cfg, cfg, name: str, rng: np.random.Generator,
-
+    model: GmmModel, realign: Callable[[GmmModel], dict], feats: FeatureStore, alignments: dict, stage_cfg, cfg, name: str,
+    rng: np.random.Generator,
 ) -> tuple[dict, list]:
     """EM passes as train_mono.sh/train_deltas.sh: realign on realign_iters, grow Gaussians linearly."""
     history = []
@@ -265,7 +295,7 @@ def train_em(
     for it in range(stage_cfg.num_iters):
         tic = time.time()
         if it in set(stage_cfg.realign_iters):
-            alignments, _ = align(model, graphs, feats, cfg.gmm.align)
+            alignments = realign(model)
         accs, trans_stats, like = accumulate(model, alignments, feats)
         grow = min(it + 1, max(1, stage_cfg.num_iters - 5)) / max(1, stage_cfg.num_iters - 5)
         target = int(start_gauss + (stage_cfg.total_gauss - start_gauss) * grow)
@@ -373,17 +403,18 @@ def train(cfg) -> dict:
     alignments, short = equal_align(graphs, feats)
     dropped.update(short)
     account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, exp / "mono" / "dropped.json")
-    graphs = {u: g for u, g in graphs.items() if u in alignments}
-    _, mono_history = train_em(mono, graphs, feats, alignments, cfg.gmm.mono, cfg, "mono", rng)
-    alignments, _ = align(mono, graphs, feats, cfg.gmm.align)  # the final model's alignment feeds the tree
+    utts = [u for u in graphs if u in alignments]
+    mfcc_dir = exp / "feats" / "mfcc" / "train"
+    realign = realigner(cfg, lang, mono, data.text, utts, feats, mfcc_dir, "train-gmm mono realign")
+    _, mono_history = train_em(mono, realign, feats, alignments, cfg.gmm.mono, cfg, "mono", rng)
+    alignments = realign(mono)  # the final model's alignment feeds the tree
     mono.save(exp / "mono")
     mono_time = time.time() - tic
 
     tic = time.time()
     tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree)
-    tri_graphs, _ = compile_graphs(lang, tri, data.text, list(graphs))
-    tri_alignments, _ = align(tri, tri_graphs, feats, cfg.gmm.align)
-    _, tri_history = train_em(tri, tri_graphs, feats, tri_alignments, cfg.gmm.tri, cfg, "tri", rng)
+    realign = realigner(cfg, lang, tri, data.text, utts, feats, mfcc_dir, "train-gmm tri realign")
+    _, tri_history = train_em(tri, realign, feats, realign(tri), cfg.gmm.tri, cfg, "tri", rng)
     tri.save(tri_dir)
     tri_time = time.time() - tic
 
@@ -399,7 +430,7 @@ def run_align(cfg) -> None:
     exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
     tri_dir = exp / "tri"
     tri = None
-    for name in cfg.features.sets:
+    for name in feature_sets(cfg):
         out_dir = tri_dir / f"ali_{name}"
         mfcc = exp / "feats" / "mfcc" / name
         stage = plan(f"align {name}", out_dir, cfg, ("gmm.align",), {"model": tri_dir, "lang": data_dir / "lang", "data": data_dir / name,
@@ -411,7 +442,7 @@ def run_align(cfg) -> None:
         set_data = DataDir.read(data_dir / name)
         set_feats = FeatureStore.load(mfcc, mmap=False)
         set_utts = [u for u in set_data.utt_ids if u in set_feats]
-        set_alignments, dropped = Aligner(cfg, set_data.text, set_feats, f"align {name}")(tri, set_utts)
+        set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}")(tri, set_utts)
         account_dropped(f"align {name}", len(set_utts), dropped, cfg.prep.max_drop_fraction, out_dir / "dropped.json")
         pdf_ids = store_alignment(tri, set_alignments, set_feats, out_dir)
         counts = np.bincount(pdf_ids[pdf_ids >= 0], minlength=tri.num_pdfs)

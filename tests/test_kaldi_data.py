@@ -1,0 +1,136 @@
+"""The generic recipe (recipes/kaldi_data/run.sh) end to end on Kaldi data dirs a user would bring:
+a few AN4 speakers under other names, two evaluation sets, a Kaldi dict with extra silence phones,
+wav.scp with relative paths and with commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from asrkd.data import DataDir, DataDirError
+from asrkd.lang import Dictionary
+
+from .conftest import REPO, TINY
+
+
+def kaldi_corpus(run_dir: Path, root: Path) -> Path:
+    """root/s5/data/{train,dev,test,local/dict}: AN4 utterances renamed (spk -> user_<spk>), the
+    two test speakers split into dev and test; dev's wav.scp relative to s5, test's commands."""
+    s5 = root / "s5"
+    train, test = (DataDir.read(run_dir / "data" / name) for name in ("train", "test"))
+    sets = {"train": (train, sorted(train.spk2utt))}
+    speakers = sorted(test.spk2utt)
+    sets |= {"dev": (test, speakers[:1]), "test": (test, speakers[1:])}
+    for name, (source, keep) in sets.items():
+        renamed = DataDir()
+        for utt in source.utt_ids:
+            spk = source.utt2spk[utt]
+            if spk not in keep:
+                continue
+            new = f"user_{utt}"
+            wav = source.wav_scp[utt]
+            if name == "dev":
+                link = s5 / "audio" / f"{new}.wav"
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(wav)
+                wav = f"audio/{new}.wav"
+            elif name == "test":
+                wav = f"cat {wav} |"
+            renamed.wav_scp[new], renamed.text[new], renamed.utt2spk[new] = wav, source.text[utt], f"user_{spk}"
+        renamed.write(s5 / "data" / name)
+    dict_dir = s5 / "data" / "local" / "dict"
+    dict_dir.mkdir(parents=True)
+    an4_dict = run_dir / "data" / "local" / "dict"
+    from asrkd.lang import read_sphinx_dict
+
+    lexicon = read_sphinx_dict(an4_dict / "lexicon.dic")
+    lines = [f"{w} {' '.join(p)}\n" for w in sorted(lexicon) for p in lexicon[w]] + ["!SIL SIL\n", "<UNK> SPN\n"]
+    (dict_dir / "lexicon.txt").write_text("".join(lines))
+    (dict_dir / "nonsilence_phones.txt").write_text((an4_dict / "nonsilence_phones.txt").read_text())
+    (dict_dir / "silence_phones.txt").write_text("SIL\nSPN\n")
+    (dict_dir / "optional_silence.txt").write_text("SIL\n")
+    return s5 / "data"
+
+
+def test_generic_recipe_scores_two_eval_sets_end_to_end(run_dir: Path, tmp_path: Path) -> None:
+    corpus = kaldi_corpus(run_dir, tmp_path)
+    work = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = ["bash", str(REPO / "recipes" / "kaldi_data" / "run.sh"), "--corpus-dir", str(corpus), "--",
+               f"data_dir={work}/data", f"exp_dir={work}/exp", "corpus=mine", "eval_sets=[dev,test]", "decode.tuning_set=dev",
+               "jobs.nj=2", *TINY]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert "SPN" in (work / "data" / "lang" / "phones" / "silence.txt").read_text().split()
+    assert DataDir.read(work / "data" / "test").wav_scp[f"user_{DataDir.read(run_dir / 'data' / 'test').utt_ids[-1]}"].endswith("|")
+    assert all(Path(p).is_absolute() for p in DataDir.read(work / "data" / "dev").wav_scp.values())
+    report = json.loads((work / "exp" / "report" / "report.json").read_text())
+    assert (report["corpus"], report["eval_sets"], report["tuning_set"]) == ("mine", ["dev", "test"], "dev")
+    baseline = report["systems"]["baseline"]
+    assert set(baseline["frame_accuracy"]) == {"train", "valid", "dev", "test"}
+    assert set(baseline["frame_accuracy_ci"]) == set(baseline["wer_ci"]) == {"dev", "test"}
+    for name in ("dev", "test"):
+        lo, hi = baseline["frame_accuracy_ci"][name]
+        assert lo <= baseline["frame_accuracy"][name] <= hi and 0.0 <= baseline["wer"][name] < 1.0
+    assert set(report["systems"]["gmm"]["wer"]) == {"dev", "test"}
+    wer = json.loads((work / "exp" / "decode" / "baseline" / "wer.json").read_text())
+    assert wer["tuning_set"] == "dev" and "sweep_dev_wer" in wer and set(wer["utterance_errors"]) == {"dev", "test"}
+    table = (work / "exp" / "report" / "report.md").read_text()
+    assert "| frame acc. dev [95% CI] | frame acc. test [95% CI] | WER dev [95% CI] | WER test [95% CI] | LMWT |" in table
+
+    # a set that comes later: features, the trained GMM's alignment, then decoded and scored; nothing retrained
+    dev = DataDir.read(work / "data" / "dev")
+    extra = DataDir(wav_scp={f"x{u}": w for u, w in dev.wav_scp.items()}, text={f"x{u}": t for u, t in dev.text.items()},
+                    utt2spk={f"x{u}": f"x{s}" for u, s in dev.utt2spk.items()})
+    extra.write(work / "data" / "extra")
+    records = {name: json.loads((work / path / "stage.json").read_text())["fingerprint"] for name, path in
+               (("lang", "data/lang"), ("gmm", "exp/tri"), ("dnn", "exp/dnn/baseline"))}
+    base = [f"data_dir={work}/data", f"exp_dir={work}/exp", *TINY]
+    for command in (["make-feats", "features.sets=[extra]"], ["align", "features.sets=[extra]"],
+                    ["decode", "eval_sets=[dev,test,extra]", "decode.tuning_set=dev", "redo=true"],
+                    ["evaluate", "eval_sets=[dev,test,extra]", "decode.tuning_set=dev"]):
+        result = subprocess.run(["python", "-m", "asrkd.cli", *command, *base, "decode.unseen_sentences=[]"], env=env,
+                                capture_output=True, text=True, cwd=work)
+        assert result.returncode == 0, (command, result.stderr[-3000:])
+    assert {name: json.loads((work / path / "stage.json").read_text())["fingerprint"] for name, path in
+            (("lang", "data/lang"), ("gmm", "exp/tri"), ("dnn", "exp/dnn/baseline"))} == records
+    report = json.loads((work / "exp" / "report" / "report.json").read_text())
+    baseline = report["systems"]["baseline"]
+    assert baseline["frame_accuracy"]["extra"] == pytest.approx(baseline["frame_accuracy"]["dev"])  # the same audio
+    assert baseline["wer"]["extra"] == pytest.approx(baseline["wer"]["dev"])
+
+
+def test_a_dictionary_phone_outside_the_phone_set_is_named(tmp_path: Path) -> None:
+    (tmp_path / "lexicon.txt").write_text("hello HH AH L OW\nworld W ER L D\n")
+    (tmp_path / "nonsilence_phones.txt").write_text("HH\nAH\nL\nOW\nW\nD\n")
+    (tmp_path / "silence_phones.txt").write_text("SIL\n")
+    with pytest.raises(ValueError, match="'world' uses ER"):
+        Dictionary.read(tmp_path, "SIL")
+    (tmp_path / "nonsilence_phones.txt").write_text("HH\nAH\nL\nOW\nW\nD\nER\n")
+    dictionary = Dictionary.read(tmp_path, "SIL")
+    assert dictionary.optional_silence == "SIL" and dictionary.lexicon["world"] == [["W", "ER", "L", "D"]]
+
+
+def test_a_data_dir_with_segments_is_refused_with_the_fix(tmp_path: Path) -> None:
+    DataDir(wav_scp={"a-1": "/x.wav"}, text={"a-1": "HI"}, utt2spk={"a-1": "a"}).write(tmp_path)
+    (tmp_path / "segments").write_text("a-1 rec 0.0 1.0\n")
+    with pytest.raises(DataDirError, match="extract_wav_segments_data_dir"):
+        DataDir.read(tmp_path)
+
+
+def test_a_wav_scp_command_is_read_and_a_failing_one_named(tmp_path: Path) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    from asrkd.features import AudioError, read_waveform
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, (np.sin(np.arange(1600) / 5) * 3000).astype(np.int16), 16000, subtype="PCM_16")
+    assert np.array_equal(read_waveform(f"cat {wav} |", "u1", 16000), read_waveform(str(wav), "u1", 16000))
+    with pytest.raises(AudioError, match="utterance u2: the wav.scp command failed"):
+        read_waveform(f"cat {tmp_path}/missing.wav |", "u2", 16000)
