@@ -25,10 +25,10 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd.data import DataDir
-from asrkd.nnet import pick_device
+from asrkd.nnet.model import pick_device
 from asrkd.stage import atomic_write, copy_file, input_record, write_json, write_text
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval, frame_table
-from asrkd.train import FrameData, data_split, evaluate_frames, load_system, read_history, replicates, system_dirs
+from asrkd.nnet.train import FrameData, data_split, evaluate_frames, load_system, read_history, replicates, system_dirs
 
 log = logging.getLogger(__name__)
 

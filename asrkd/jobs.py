@@ -1,5 +1,6 @@
-"""Parallel jobs, Kaldi's ``nj``: a stage splits its utterances into ``jobs.nj`` parts (as
-``split_data.sh`` does: contiguous, near-equal) and runs one job per part.
+"""Parallel jobs, Kaldi's ``nj``: a stage splits its utterances (the soft-target stage: its
+batches) into ``jobs.nj`` parts (as ``split_data.sh`` does: contiguous, near-equal) and runs one
+job per part: features, GMM training's realignments, the align stage, soft targets, decoding.
 
 The job runner is pluggable, as Kaldi's run.pl / queue.pl / slurm.pl are (``jobs.backend``):
 

@@ -5,7 +5,7 @@ re-launches itself under ``torch.distributed.run`` with N processes on this mach
 several machines, launch ``torchrun ... -m asrkd.cli <command>`` on each yourself: the
 commands read torchrun's RANK / WORLD_SIZE / LOCAL_RANK). Every rank loads the same frames,
 walks the same seeded frame order and takes its slice of each global batch; DDP averages the
-gradients, and :class:`asrkd.train.TrainStep` scales each rank's loss so the average is the
+gradients, and :class:`asrkd.nnet.train.TrainStep` scales each rank's loss so the average is the
 gradient of the global batch's mean: N processes train the model one process would at the
 same ``train.batch_size`` (up to float summation order). Rank 0 alone evaluates and writes.
 Backends: NCCL on GPUs (one per local rank), gloo on CPU.

@@ -23,14 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asrkd import decode  # noqa: E402
+from asrkd.kaldi import decode  # noqa: E402
 from asrkd.cli import load_config  # noqa: E402
 from asrkd.data import DataDir  # noqa: E402
-from asrkd.features import FeatureStore  # noqa: E402
-from asrkd.gmm import GmmModel  # noqa: E402
-from asrkd.lang import read_symbol_table  # noqa: E402
-from asrkd.nnet import SplicedFrames  # noqa: E402
-from asrkd.train import load_model  # noqa: E402
+from asrkd.kaldi.features import FeatureStore  # noqa: E402
+from asrkd.kaldi.gmm import GmmModel  # noqa: E402
+from asrkd.kaldi.lang import read_symbol_table  # noqa: E402
+from asrkd.nnet.model import SplicedFrames  # noqa: E402
+from asrkd.nnet.train import load_model  # noqa: E402
 
 
 def main() -> None:

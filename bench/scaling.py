@@ -16,8 +16,9 @@ Decoding is the GMM's: a one-epoch DNN's flat posteriors keep far more hypothese
 beam than a trained model's, so decoding with it would measure an undertrained model's search.
 Peak memory is that of the stage's whole process tree (its job workers included), sampled
 every 0.1 s from /proc. The slope of log(wall) on log(hours) is each stage's growth; the JSON
-also extrapolates every stage to 100 h and 1000 h of training audio along it, and the PNG
-draws wall time against hours on log-log axes.
+also extrapolates every stage to 100 h and 1000 h of training audio along it, the PNG draws
+wall time against hours on log-log axes and the ``.md`` is the table README quotes
+(``--report-only`` redraws both from the JSON).
 """
 
 from __future__ import annotations
@@ -152,6 +153,21 @@ def plot(result: dict, out: Path) -> None:
                     ax.plot(*zip(*points), marker="o", linestyle="-" if nj == 1 else "--", label=label)
 
 
+def markdown(result: dict) -> str:
+    """The table README quotes: wall time per stage and scale, peak memory, growth and what it implies."""
+    scales = result["scales"]
+    hours = " / ".join(f"{r['train_hours']:.2f}" for r in scales)
+    lines = [f"| stage | nj | wall s at {hours} h of train | peak MB (largest) | growth exponent | wall h at 100 h | wall h at 1000 h |",
+             "|---|---|---|---|---|---|---|"]
+    for stage, by_nj in result["growth"].items():
+        for nj, growth in by_nj.items():
+            walls = " / ".join(f"{r['stages'][stage][nj]['wall_s']:.1f}" for r in scales)
+            peak = scales[-1]["stages"][stage][nj]["peak_rss_mb"]
+            lines.append(f"| {stage} | {nj} | {walls} | {peak:.0f} | {growth['exponent']:.2f} | {growth['wall_h_at_100h']:.2f} "
+                         f"| {growth['wall_h_at_1000h']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source-data", type=Path, default=REPO / "recipes" / "an4" / "data")
@@ -159,9 +175,16 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 3, 9], choices=sorted(SPEEDS))
     parser.add_argument("--nj", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "scaling.json")
+    parser.add_argument("--report-only", action="store_true", help="redraw the PNG and table from --out, measuring nothing")
     args = parser.parse_args()
-    from asrkd.cost import cpu_name
-    from asrkd.stage import write_json
+    from asrkd.nnet.cost import cpu_name
+    from asrkd.stage import write_json, write_text
+
+    if args.report_only:
+        result = json.loads(args.out.read_text())
+        plot(result, args.out.with_suffix(".png"))
+        write_text(args.out.with_suffix(".md"), markdown(result))
+        return
 
     env_path = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     os.environ["PYTHONPATH"] = env_path
@@ -196,6 +219,7 @@ def main() -> None:
     }
     write_json(args.out, result)
     plot(result, args.out.with_suffix(".png"))
+    write_text(args.out.with_suffix(".md"), markdown(result))
     print(json.dumps(result["growth"], indent=1))
 
 

@@ -5,7 +5,7 @@
                                      [--out results/bench/train_throughput_<device>.json] [hydra overrides, e.g. model=paper]
 
 In one process on one device, at the configured model and each batch size:
-  trainer_fps              asrkd.train.TrainStep (the trainer's own step: batches gathered from the
+  trainer_fps              asrkd.nnet.train.TrainStep (the trainer's own step: batches gathered from the
                            resident features by index, loss kept on the device)
   bound_fps                the bare loop on pre-made tensors: forward, cross-entropy, backward, Adam
   ratio                    trainer_fps / bound_fps (1.0: the data path costs nothing)
@@ -31,13 +31,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asrkd.cli import load_config  # noqa: E402
-from asrkd.cost import cpu_name  # noqa: E402
-from asrkd.distill import distillation_loss  # noqa: E402
-from asrkd.features import FeatureStore  # noqa: E402
-from asrkd.nnet import HybridDNN, SplicedFrames, StackedDNN, pick_device  # noqa: E402
+from asrkd.nnet.cost import cpu_name  # noqa: E402
+from asrkd.distill.losses import distillation_loss  # noqa: E402
+from asrkd.kaldi.features import FeatureStore  # noqa: E402
+from asrkd.nnet.model import HybridDNN, SplicedFrames, StackedDNN, pick_device  # noqa: E402
 from asrkd.stage import write_json  # noqa: E402
-from asrkd.student import TeacherOnTheFly  # noqa: E402
-from asrkd.train import FrameData, TrainStep  # noqa: E402
+from asrkd.distill.student import TeacherOnTheFly  # noqa: E402
+from asrkd.nnet.train import FrameData, TrainStep  # noqa: E402
 
 
 def timed(step, steps: int, device: torch.device, repeats: int = 3) -> float:

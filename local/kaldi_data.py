@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from asrkd.data import DataDir, DataDirError, corpus_sets
-from asrkd.lang import cmudict_path, read_sphinx_dict
+from asrkd.kaldi.lang import cmudict_path, read_sphinx_dict
 from asrkd.stage import copy_file, digest, plan, write_text
 
 log = logging.getLogger("local.kaldi_data")

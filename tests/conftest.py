@@ -36,7 +36,9 @@ def tiny_config(root: Path, *overrides: str):
 def run_dir(an4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A mini AN4 (8 training, 2 test speakers) through prep -> ... -> evaluate, with two defects
     the stages must survive and report: a missing wav, a word no lexicon knows."""
-    from asrkd import decode, evaluate, features, gmm, graph, lang, train
+    from asrkd.kaldi import decode, features, gmm, graph, lang
+    from asrkd import evaluate
+    from asrkd.nnet import train
     from local import an4 as an4_prep
 
     root = tmp_path_factory.mktemp("e2e")
@@ -47,7 +49,7 @@ def run_dir(an4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines = transcription.read_text().splitlines()
     lines[-1] = lines[-1].replace("</s>", "QWERTYZZ </s>")
     transcription.write_text("\n".join(lines) + "\n")
-    cfg = tiny_config(root)
+    cfg = tiny_config(root, "jobs.nj=1")  # one job: test_gmm_stage_is_reproducible compares 3 with it
     an4_prep.prepare(cfg)
     for stage in (lang, features, gmm, train, graph, decode, evaluate):
         stage.run(cfg)

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from asrkd.distill import distillation_loss, logit_distillation_loss, logit_matching_loss
+from asrkd.distill.losses import distillation_loss, logit_distillation_loss, logit_matching_loss
 
 
 def soft_gradient(student: torch.Tensor, teacher: torch.Tensor, temperature: float, hard_weight: float = 0.0) -> torch.Tensor:

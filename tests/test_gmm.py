@@ -2,7 +2,7 @@ import kaldi_hmm_gmm as khg
 import numpy as np
 from omegaconf import OmegaConf
 
-from asrkd.gmm import mix_up, single_gaussian, split_targets
+from asrkd.kaldi.gmm import mix_up, single_gaussian, split_targets
 
 
 def test_split_targets_follow_occupancy_within_min_count() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asrkd import features
+from asrkd.kaldi import features
 from asrkd.jobs import split
 
 from .conftest import tiny_config
@@ -38,7 +38,7 @@ def test_features_in_parallel_jobs_equal_one_job(run_dir: Path, tmp_path: Path, 
 
 
 def test_decoding_in_parallel_jobs_equals_one_job(run_dir: Path, tmp_path: Path) -> None:
-    from asrkd import decode
+    from asrkd.kaldi import decode
 
     root = clone(run_dir, tmp_path)
     out = {}
@@ -52,3 +52,20 @@ def test_decoding_in_parallel_jobs_equals_one_job(run_dir: Path, tmp_path: Path)
         for result in out[nj]["wer"].values():
             result.pop("real_time_factor")
     assert out[1] == out[2]
+
+
+def test_soft_targets_in_parallel_jobs_equal_one_job(run_dir: Path, tmp_path: Path) -> None:
+    from asrkd.distill import soft_targets
+
+    root = clone(run_dir, tmp_path)
+    arrays = {}
+    for nj in (1, 2):
+        cfg = tiny_config(root, f"jobs.nj={nj}", "distill.teacher=baseline", "distill.temperatures=[2]", "eval.batch_size=512",
+                          f"exp_dir={root}/exp", "redo=true")
+        soft_targets.run(cfg)
+        directory = root / "exp" / "soft_targets" / "baseline" / "train"
+        arrays[nj] = {path.relative_to(directory): np.load(path) for path in sorted(directory.rglob("*.npy"))}
+        for path in directory.rglob("stage.json"):
+            path.unlink()  # the next nj remakes them (the fingerprint holds no jobs.*)
+    assert len(arrays[1]) == 5 and arrays[1].keys() == arrays[2].keys()  # dense, top-k ids/probs, residual; logits
+    assert all(np.array_equal(arrays[1][name], arrays[2][name]) for name in arrays[1])

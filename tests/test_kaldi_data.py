@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from asrkd.data import DataDir, DataDirError
-from asrkd.lang import Dictionary
+from asrkd.kaldi.lang import Dictionary
 
 from .conftest import REPO, TINY
 
@@ -45,7 +45,7 @@ def kaldi_corpus(run_dir: Path, root: Path) -> Path:
     dict_dir = s5 / "data" / "local" / "dict"
     dict_dir.mkdir(parents=True)
     an4_dict = run_dir / "data" / "local" / "dict"
-    from asrkd.lang import read_sphinx_dict
+    from asrkd.kaldi.lang import read_sphinx_dict
 
     lexicon = read_sphinx_dict(an4_dict / "lexicon.dic")
     lines = [f"{w} {' '.join(p)}\n" for w in sorted(lexicon) for p in lexicon[w]] + ["!SIL SIL\n", "<UNK> SPN\n"]
@@ -127,7 +127,7 @@ def test_a_wav_scp_command_is_read_and_a_failing_one_named(tmp_path: Path) -> No
     import numpy as np
     import soundfile as sf
 
-    from asrkd.features import AudioError, read_waveform
+    from asrkd.kaldi.features import AudioError, read_waveform
 
     wav = tmp_path / "a.wav"
     sf.write(wav, (np.sin(np.arange(1600) / 5) * 3000).astype(np.int16), 16000, subtype="PCM_16")

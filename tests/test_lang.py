@@ -2,7 +2,7 @@ from pathlib import Path
 
 import kaldifst
 
-from asrkd.lang import Lang, add_disambig, build_lexicon, position_phones, prepare_lang, read_sphinx_dict
+from asrkd.kaldi.lang import Lang, add_disambig, build_lexicon, position_phones, prepare_lang, read_sphinx_dict
 
 
 def test_sphinx_dict_alternates_and_stress(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from asrkd.features import FeatureStore
-from asrkd.nnet import EnsembleDNN, HybridDNN, SplicedFrames, average_softmax, average_zero_mean_logits
+from asrkd.kaldi.features import FeatureStore
+from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, average_softmax, average_zero_mean_logits
 
 
 def test_splicing_repeats_edge_frames_and_never_crosses_utterances() -> None:

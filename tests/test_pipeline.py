@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asrkd import decode, gmm, train
+from asrkd.kaldi import decode, gmm
+
+from asrkd.nnet import train
 from asrkd.cli import load_config
-from asrkd.features import FeatureStore
+from asrkd.kaldi.features import FeatureStore
 from asrkd.stage import TooManyDropped, account_dropped
 from local import an4 as an4_prep
 
@@ -39,8 +41,8 @@ def test_a_known_state_sequence_decodes_to_its_words(run_dir: Path) -> None:
     import kaldifst
 
     from asrkd.data import DataDir
-    from asrkd.gmm import GmmModel
-    from asrkd.lang import read_symbol_table
+    from asrkd.kaldi.gmm import GmmModel
+    from asrkd.kaldi.lang import read_symbol_table
 
     exp = run_dir / "exp"
     hclg = kaldifst.StdVectorFst.read(str(exp / "graph" / "HCLG.fst"))
@@ -116,7 +118,7 @@ def test_gmm_stage_is_reproducible(run_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(run_dir / "data", tmp_path / "data")  # stage records name their inputs relative to themselves
     shutil.copytree(run_dir / "exp" / "feats", tmp_path / "exp" / "feats")
     cfg = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY, "jobs.nj=3"])  # run_dir: one job
-    gmm.run(cfg)  # the alignment stage in 3 jobs: the same alignments
+    gmm.run(cfg)  # GMM training's realignments and the alignment stage in 3 jobs: the same alignments
     for name in ("train", "test"):
         again = np.load(tmp_path / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy")
         np.testing.assert_array_equal(again, np.load(run_dir / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy"))
@@ -127,8 +129,11 @@ DISTILL = ["train.epochs=1", "ensemble.size=2", "distill.temperatures=[1,2]", "d
 
 
 def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) -> None:
-    from asrkd import distillation, ensemble, features, levers, perturb, soft_targets, student
-    from asrkd.soft_targets import SoftTargetStore, current_checksum, store_dir
+    from asrkd.experiments import distillation, levers
+    from asrkd.nnet import ensemble
+    from asrkd.kaldi import features, perturb
+    from asrkd.distill import soft_targets, student
+    from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
 
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, *DISTILL])
     train.run(load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.seeds=${distill.seeds.dense}"]))
@@ -199,7 +204,7 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
 
 
 def test_soft_targets_of_one_teacher_train_a_subset_student(run_dir: Path) -> None:
-    from asrkd import soft_targets, student
+    from asrkd.distill import soft_targets, student
 
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.epochs=2", "train.data=train_10pct",
                        "distill.teacher=baseline", "distill.temperatures=[2]", "distill.students.dense=[]",
@@ -215,7 +220,7 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
     import torch
 
     from asrkd.data import DataDir
-    from asrkd.train import data_split
+    from asrkd.nnet.train import data_split
 
     full = DataDir.read(run_dir / "data" / "train")
     for fraction in (0.03, 0.1, 0.3):
@@ -241,7 +246,7 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
 
 
 def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
-    from asrkd import three_percent
+    from asrkd.experiments import three_percent
 
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "three_percent.fractions=[0.1,0.3]",
                        "three_percent.epochs=2"])

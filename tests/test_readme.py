@@ -55,3 +55,17 @@ def test_every_reliability_row_names_a_test_that_exists() -> None:
     for row in rows:
         for file, test in re.findall(r"`(test_\w+\.py)::(test_\w+)`", row):
             assert re.search(rf"^def {test}\(", (REPO / "tests" / file).read_text(), re.M), (file, test)
+
+
+def test_readme_scaling_rows_are_the_committed_json() -> None:
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("scaling", REPO / "bench" / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    table = scaling.markdown(json.loads((REPO / "results" / "bench" / "scaling.json").read_text()))
+    assert table == (REPO / "results" / "bench" / "scaling.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) >= 9 and all(row in readme for row in rows)

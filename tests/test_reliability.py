@@ -20,11 +20,17 @@ import pytest
 import soundfile as sf
 import torch
 
-from asrkd import decode, evaluate, features, gmm, lang, soft_targets, train
+from asrkd.kaldi import decode, features, gmm, lang
+
+from asrkd import evaluate
+
+from asrkd.distill import soft_targets
+
+from asrkd.nnet import train
 from asrkd.cli import ConfigError, load_config
 from asrkd.data import DataDir, DataDirError
-from asrkd.features import FeatureStore
-from asrkd.soft_targets import SoftTargetMismatch, SoftTargetStore
+from asrkd.kaldi.features import FeatureStore
+from asrkd.distill.soft_targets import SoftTargetMismatch, SoftTargetStore
 from asrkd.stage import StageError, StageMismatch, StaleInput, atomic_write, input_fingerprint, plan, write_json
 from local import an4 as an4_prep
 
@@ -225,8 +231,8 @@ def interrupt_once(monkeypatch: pytest.MonkeyPatch, module, name: str, when) -> 
 
 def test_interrupted_feature_alignment_and_soft_target_stages_finish_identically(
         run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import asrkd.gmm
-    import asrkd.soft_targets
+    import asrkd.kaldi.gmm
+    import asrkd.distill.soft_targets
     import asrkd.stage
 
     root = clone(run_dir, tmp_path)
@@ -242,7 +248,7 @@ def test_interrupted_feature_alignment_and_soft_target_stages_finish_identically
     for kind in ("fbank", "mfcc"):
         a, b = (FeatureStore.load(r / "exp" / "feats" / kind / "test") for r in (run_dir, root))
         assert a.utt_ids == b.utt_ids and np.array_equal(a.frames, b.frames)
-    interrupt_once(monkeypatch, asrkd.gmm, "save_npy", lambda path, array: path.name == "pdf_ids.npy")
+    interrupt_once(monkeypatch, asrkd.kaldi.gmm, "save_npy", lambda path, array: path.name == "pdf_ids.npy")
     with pytest.raises(KeyboardInterrupt):
         gmm.run_align(cfg)
     gmm.run_align(cfg)
@@ -250,7 +256,7 @@ def test_interrupted_feature_alignment_and_soft_target_stages_finish_identically
     soft_targets.run(cfg)
     whole = np.load(root / "exp" / "soft_targets" / "baseline" / "train" / "T2" / "dense.npy")
     shutil.rmtree(root / "exp" / "soft_targets")
-    interrupt_once(monkeypatch, asrkd.soft_targets.ArrayWriter, "close", lambda self: True)
+    interrupt_once(monkeypatch, asrkd.distill.soft_targets.ArrayWriter, "close", lambda self: True)
     with pytest.raises(KeyboardInterrupt):
         soft_targets.run(cfg)
     assert not (root / "exp" / "soft_targets" / "baseline" / "train" / "T2" / "dense.npy").exists()  # no half store under the final name

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from asrkd.soft_targets import SoftTargetMismatch, SoftTargetStore, TeacherLogits, compact_k, source_checksum, top_k
+from asrkd.distill.soft_targets import SoftTargetMismatch, SoftTargetStore, TeacherLogits, compact_k, source_checksum, top_k
 
 
 def test_top_k_renormalizes_and_accounts_for_the_rest() -> None:

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from asrkd import ensemble, soft_targets, student, train
-from asrkd.soft_targets import SoftTargetStore, current_checksum, store_dir
+from asrkd.nnet import ensemble, train
+
+from asrkd.distill import soft_targets, student
+from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
 from asrkd.stage import read_record
 
 from .conftest import REPO, TINY, tiny_config
@@ -123,9 +125,10 @@ def test_large_batch_learning_rate_rules_and_their_fingerprint(run_dir: Path, tm
 
 
 def test_export_reproduces_the_decoders_log_likelihoods_and_cost_is_recorded(run_dir: Path, tmp_path: Path) -> None:
-    from asrkd import cost, decode, export
-    from asrkd.features import FeatureStore
-    from asrkd.nnet import SplicedFrames
+    from asrkd.nnet import cost, export
+    from asrkd.kaldi import decode
+    from asrkd.kaldi.features import FeatureStore
+    from asrkd.nnet.model import SplicedFrames
 
     root = clone(run_dir, tmp_path)
     cfg = tiny_config(root)

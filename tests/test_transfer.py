@@ -10,10 +10,14 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from asrkd import ensemble, features, gmm, perturb, soft_targets, student, train
+from asrkd.nnet import ensemble, train
+
+from asrkd.kaldi import features, gmm, perturb
+
+from asrkd.distill import soft_targets, student
 from asrkd.data import DataDir
-from asrkd.distill import hard_term
-from asrkd.soft_targets import SoftTargetStore, current_checksum, store_dir
+from asrkd.distill.losses import hard_term
+from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
 from asrkd.stage import read_record
 
 from .conftest import tiny_config

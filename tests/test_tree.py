@@ -2,7 +2,7 @@ import kaldi_hmm_gmm as khg
 import numpy as np
 import pytest
 
-from asrkd import tree as T
+from asrkd.kaldi import tree as T
 
 
 def test_objf_matches_kaldi_gauss_clusterable() -> None:

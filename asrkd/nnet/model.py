@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from asrkd.features import FeatureStore
+from asrkd.kaldi.features import FeatureStore
 
 
 class SplicedFrames:

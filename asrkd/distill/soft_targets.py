@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asrkd.features import load_array
-from asrkd.nnet import EnsembleDNN, SplicedFrames, average_softmax, average_zero_mean_logits
+from asrkd.kaldi.features import load_array
+from asrkd.nnet.model import EnsembleDNN, SplicedFrames, average_softmax, average_zero_mean_logits
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,19 @@ class ArrayWriter:
         self.tmp = {name: directory / f".{name}.npy.partial" for name in shapes}
         self.arrays = {name: np.lib.format.open_memmap(self.tmp[name], mode="w+", dtype=dtype, shape=shape)
                        for name, (shape, dtype) in shapes.items()}
+
+    @classmethod
+    def reopen(cls, directory: Path, names: list[str]) -> "ArrayWriter":
+        """The temporary arrays another process created, opened to fill rows of them (a job's share)."""
+        writer = cls.__new__(cls)
+        writer.final = {name: directory / f"{name}.npy" for name in names}
+        writer.tmp = {name: directory / f".{name}.npy.partial" for name in names}
+        writer.arrays = {name: np.lib.format.open_memmap(writer.tmp[name], mode="r+") for name in names}
+        return writer
+
+    def flush(self) -> None:
+        for array in self.arrays.values():
+            array.flush()
 
     def close(self) -> None:
         import os
@@ -309,26 +322,73 @@ FrameGroups = list[tuple[np.ndarray, list[int]]]  # (frame indices, the members 
 
 
 @torch.no_grad()
-def write_teacher_outputs(teacher: EnsembleDNN, frames: SplicedFrames, groups: FrameGroups, temperatures: dict[float, Path],
-                          logits_dir: Path | None, top_k_size: int, checksum: str, batch_size: int) -> None:
-    """For every frame of the store: the average softmax(z/T) of its group's members for each T,
-    and with ``logits_dir`` their average zero-mean logits, written batch by batch."""
-    from asrkd.stage import progress, write_json
+def fill_batches(teacher: EnsembleDNN, frames: SplicedFrames, batches: FrameGroups, writers: dict[float, ArrayWriter],
+                 logits_writer: ArrayWriter | None, top_k_size: int) -> None:
+    """The teacher's outputs for ``batches`` (frame indices, the members that score them), written
+    into their rows: the average softmax(z/T) per T, and the average zero-mean logits."""
+    from asrkd.stage import progress
 
-    num_frames, num_pdfs = frames.store.num_frames, teacher.config["num_pdfs"]
-    headers = {t: SoftTargetStore.make_header(t, top_k_size, num_frames, num_pdfs, checksum) for t in temperatures}
-    writers = {t: SoftTargetStore.writer(directory, headers[t]) for t, directory in temperatures.items()}
-    logits_header = TeacherLogits.make_header(num_frames, num_pdfs, checksum)
-    logits_writer = TeacherLogits.writer(logits_dir, logits_header) if logits_dir else None
     teacher.eval()
     device = frames.frames.device
-    batches = [(indices[s : s + batch_size], members) for indices, members in groups for s in range(0, len(indices), batch_size)]
     for indices, members in progress(batches, "soft targets", unit="batches"):
         member_logits = teacher.member_logits(frames.context(torch.from_numpy(indices).to(device)), members)
         for t, writer in writers.items():
             SoftTargetStore.fill(writer, indices, average_softmax(member_logits, t).cpu().numpy(), top_k_size)
         if logits_writer is not None:
             logits_writer.arrays["logits"][indices] = average_zero_mean_logits(member_logits).cpu().numpy()
+
+
+def fill_part(job: tuple) -> None:
+    """One soft-target job: (config, store, {T: store dir}, logits dir, its batches) -> their rows
+    written into the stage's temporary arrays (the rows of other jobs are not touched)."""
+    from omegaconf import OmegaConf
+
+    from asrkd.kaldi.features import FeatureStore
+    from asrkd.nnet.model import pick_device
+    from asrkd.nnet.train import load_system
+
+    settings, store, temperatures, logits_dir, batches = job
+    cfg = OmegaConf.create(settings)
+    exp = Path(cfg.exp_dir)
+    device = pick_device(cfg.train.device)
+    teacher = load_system(exp, cfg.distill.teacher, device)
+    teacher = teacher if isinstance(teacher, EnsembleDNN) else EnsembleDNN([teacher])
+    frames = SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / store), teacher.config["left_context"],
+                           teacher.config["right_context"], device)
+    writers = {t: ArrayWriter.reopen(Path(d), list(DENSE_ARRAYS)) for t, d in temperatures.items()}
+    logits_writer = ArrayWriter.reopen(Path(logits_dir), ["logits"]) if logits_dir else None
+    fill_batches(teacher, frames, batches, writers, logits_writer, int(cfg.distill.top_k))
+    for writer in [*writers.values(), *([logits_writer] if logits_writer else [])]:
+        writer.flush()
+
+
+def write_teacher_outputs(cfg, teacher: EnsembleDNN, frames: SplicedFrames, groups: FrameGroups, temperatures: dict[float, Path],
+                          logits_dir: Path | None, store: str, checksum: str) -> None:
+    """For every frame of the store: the average softmax(z/T) of its group's members for each T,
+    and with ``logits_dir`` their average zero-mean logits, batch by batch (``eval.batch_size``
+    frames of one group). With ``jobs.nj`` > 1 on CPU the batches are dealt out to jobs whole, so
+    each frame is scored in the very batch one job would score it in: the stores are identical."""
+    from omegaconf import OmegaConf
+
+    from asrkd.jobs import map_jobs, num_jobs, split
+    from asrkd.stage import write_json
+
+    num_frames, num_pdfs, top_k_size = frames.store.num_frames, teacher.config["num_pdfs"], int(cfg.distill.top_k)
+    batch_size = int(cfg.eval.batch_size)
+    headers = {t: SoftTargetStore.make_header(t, top_k_size, num_frames, num_pdfs, checksum) for t in temperatures}
+    writers = {t: SoftTargetStore.writer(directory, headers[t]) for t, directory in temperatures.items()}
+    logits_header = TeacherLogits.make_header(num_frames, num_pdfs, checksum)
+    logits_writer = TeacherLogits.writer(logits_dir, logits_header) if logits_dir else None
+    batches = [(indices[s : s + batch_size], members) for indices, members in groups for s in range(0, len(indices), batch_size)]
+    if num_jobs(cfg) <= 1 or frames.frames.device.type != "cpu":  # one device scores fastest in one process
+        fill_batches(teacher, frames, batches, writers, logits_writer, top_k_size)
+    else:
+        for writer in [*writers.values(), *([logits_writer] if logits_writer else [])]:
+            writer.flush()
+        settings = OmegaConf.to_container(cfg, resolve=True)
+        jobs = [(settings, store, {t: str(d) for t, d in temperatures.items()}, str(logits_dir) if logits_dir else None, part)
+                for part in split(batches, num_jobs(cfg))]
+        map_jobs(cfg, fill_part, jobs, f"soft-targets {store}", threads=int(cfg.train.num_threads))
     for t, writer in writers.items():
         writer.close()
         write_json(temperatures[t] / "header.json", headers[t])
@@ -340,7 +400,7 @@ def write_teacher_outputs(teacher: EnsembleDNN, frames: SplicedFrames, groups: F
 def pdf_priors(cfg) -> np.ndarray:
     """The pdf priors the decoder divides by (the training alignment's floored pdf frequencies):
     what the compact_prior form spreads its residual by."""
-    from asrkd.decode import log_priors
+    from asrkd.kaldi.decode import log_priors
 
     return np.exp(log_priors(np.load(Path(cfg.exp_dir) / "tri" / "ali_train" / "pdf_counts.npy"), cfg.decode.prior_floor))
 
@@ -359,7 +419,7 @@ def logits_dir(cfg, store: str = "train") -> Path:
 
 def current_checksum(exp_dir: Path, store: str) -> str:
     """The checksum a store must carry to be used with today's features (and alignment) of ``store``."""
-    from asrkd.features import FeatureStore
+    from asrkd.kaldi.features import FeatureStore
 
     exp = Path(exp_dir)
     features = FeatureStore.load(exp / "feats" / "fbank" / store)
@@ -396,8 +456,8 @@ def run(cfg) -> None:
     """Stage: the teacher's average softmax(z/T) per T (and its logits) for every frame of each
     feature store the configured students train on: ``train``'s, a subset's or perturbed copy's
     store (``train.data``), and the stores of ``distill.transfer``'s data dirs."""
-    from asrkd.student import student_cfg
-    from asrkd.train import TrainingSet
+    from asrkd.distill.student import student_cfg
+    from asrkd.nnet.train import TrainingSet
 
     for store in TrainingSet(student_cfg(cfg), list(cfg.distill.transfer)).stores:
         run_store(cfg, store)
@@ -405,10 +465,10 @@ def run(cfg) -> None:
 
 def run_store(cfg, store: str) -> None:
     """The soft targets of one feature store (``exp/soft_targets/<teacher>/<store>/...``)."""
-    from asrkd.features import FeatureStore
-    from asrkd.nnet import pick_device
+    from asrkd.kaldi.features import FeatureStore
+    from asrkd.nnet.model import pick_device
     from asrkd.stage import plan
-    from asrkd.train import load_system, system_dirs
+    from asrkd.nnet.train import load_system, system_dirs
 
     exp = Path(cfg.exp_dir)
     members = system_dirs(exp, cfg.distill.teacher)
@@ -434,9 +494,8 @@ def run_store(cfg, store: str) -> None:
     features = FeatureStore.load(exp / "feats" / "fbank" / store, mmap=False)
     frames = SplicedFrames(features, teacher.config["left_context"], teacher.config["right_context"], device)
     groups = teacher_groups(cfg, features.utt_ids, features.offsets, members)
-    write_teacher_outputs(teacher, frames, groups, {t: stage.out_dir for t, stage in todo.items()},
-                          logits_stage.out_dir if logits_stage else None, int(cfg.distill.top_k),
-                          current_checksum(exp, store), int(cfg.eval.batch_size))
+    write_teacher_outputs(cfg, teacher, frames, groups, {t: stage.out_dir for t, stage in todo.items()},
+                          logits_stage.out_dir if logits_stage else None, store, current_checksum(exp, store))
     for t, stage in todo.items():
         log.info("soft-targets T=%g: %d frames of %s from %d model(s) in %d group(s)", t, features.num_frames, store,
                  len(teacher.members), len(groups))

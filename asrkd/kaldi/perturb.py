@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 
 from asrkd.data import DataDir, subset_name
-from asrkd.features import read_waveform
+from asrkd.kaldi.features import read_waveform
 from asrkd.stage import account_dropped, atomic_write, plan, progress
 
 log = logging.getLogger(__name__)

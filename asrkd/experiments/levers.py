@@ -17,7 +17,7 @@ data, so that no lever wins by a weaker comparison:
   come from the members that never saw its speaker; against the baseline.
 
 Every lever's gain kept is measured against the same ensemble (``distill.teacher``, trained
-on ``train``) and its own same-data baseline; the report is :mod:`asrkd.distillation`'s.
+on ``train``) and its own same-data baseline; the report is :mod:`asrkd.experiments.distillation`'s.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 from omegaconf import OmegaConf
 
-from asrkd.train import read_history, replicates
+from asrkd.nnet.train import read_history, replicates
 
 
 class Lever(NamedTuple):
@@ -53,14 +53,14 @@ def baseline_replicates(cfg) -> list[str]:
 
 def student_systems(cfg) -> list[str]:
     """The students train-student makes with ``cfg``, by name, in training order."""
-    from asrkd.student import name_of, students
+    from asrkd.distill.student import name_of, students
 
     return [name_of(cfg, student) for student in students(cfg)]
 
 
 def dense_students(cfg) -> dict[float, list[str]]:
     """T -> the dense students' replicates of the main sweep (stage 3)."""
-    from asrkd.student import name_of, students
+    from asrkd.distill.student import name_of, students
 
     out: dict[float, list[str]] = {}
     for student in students(cfg):
@@ -89,8 +89,8 @@ def lever_seeds(cfg) -> int:
 
 def levers(cfg, temperature: float | None = None) -> list[Lever]:
     """Every lever the config asks for, with its systems (trained or not), named by the same
-    functions that train them (:func:`student_systems`, :func:`asrkd.train.replicates`)."""
-    from asrkd.student import dense_only
+    functions that train them (:func:`student_systems`, :func:`asrkd.nnet.train.replicates`)."""
+    from asrkd.distill.student import dense_only
 
     t = chosen_temperature(cfg) if temperature is None else temperature
     seeds, baselines = lever_seeds(cfg), baseline_replicates(cfg)
@@ -116,7 +116,8 @@ def levers(cfg, temperature: float | None = None) -> list[Lever]:
 
 def run_train(cfg) -> None:
     """Stage 8: every lever's baseline, teacher, soft targets and students that are not complete."""
-    from asrkd import ensemble, soft_targets, student, train
+    from asrkd.nnet import ensemble, train
+    from asrkd.distill import soft_targets, student
 
     for lever in levers(cfg)[1:]:
         if lever.baseline_cfg is not None:
@@ -129,7 +130,7 @@ def run_train(cfg) -> None:
 
 def run_decode(cfg) -> None:
     """Stage 9: WER of every lever's students, baselines and teacher."""
-    from asrkd import decode
+    from asrkd.kaldi import decode
 
     names = [s for lever in levers(cfg)[1:] for s in [*lever.students, *lever.baselines, lever.teacher]]
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": list(dict.fromkeys(names))}}))

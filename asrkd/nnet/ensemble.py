@@ -1,14 +1,14 @@
 """Stage: the ensemble, ``ensemble.size`` DNNs identical but for the seed of their initial weights.
 
 Members (``exp/dnn/<ensemble.name>/member-<i>``) train one after another, or with
-``ensemble.fused`` all in one step as stacked weights (:class:`asrkd.nnet.StackedDNN`), on the
+``ensemble.fused`` all in one step as stacked weights (:class:`asrkd.nnet.model.StackedDNN`), on the
 same frame order either way; member i is initialized with seed ``seed + 1 + i`` so none
 repeats the baseline. Fused, they differ from sequential members only in dropout's masks
 (one random stream for the stack) and float summation order.
 
 Cross-fitted teachers (``ensemble.folds`` = K >= 2): the training speakers are dealt into K
 folds and member i never sees fold i mod K. The soft targets of a training utterance then
-come only from members that never saw its speaker (:mod:`asrkd.soft_targets`), so they carry
+come only from members that never saw its speaker (:mod:`asrkd.distill.soft_targets`), so they carry
 what the ensemble does on unseen voices rather than what it memorized; on test, as a system,
 the ensemble still averages all members.
 """
@@ -19,8 +19,8 @@ import logging
 from pathlib import Path
 
 from asrkd.data import DataDir, speaker_folds
-from asrkd.nnet import pick_device
-from asrkd.train import Model, TrainingSet, train_stage
+from asrkd.nnet.model import pick_device
+from asrkd.nnet.train import Model, TrainingSet, train_stage
 
 log = logging.getLogger(__name__)
 

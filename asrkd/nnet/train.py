@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from asrkd.data import DataDir, split_by_speaker
-from asrkd.features import FeatureStore, load_array
-from asrkd.nnet import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, pick_device
+from asrkd.kaldi.features import FeatureStore, load_array
+from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, pick_device
 from asrkd.stage import StageError, atomic_write, is_complete, plan, progress, write_json
 
 log = logging.getLogger(__name__)

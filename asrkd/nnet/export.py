@@ -38,9 +38,9 @@ class ScaledLogLikelihoods(nn.Module):
 
 def run(cfg) -> None:
     """Stage: export ``export.system`` (a DNN or an ensemble under exp/dnn)."""
-    from asrkd.decode import log_priors
-    from asrkd.gmm import GmmModel
-    from asrkd.train import load_system, system_dirs
+    from asrkd.kaldi.decode import log_priors
+    from asrkd.kaldi.gmm import GmmModel
+    from asrkd.nnet.train import load_system, system_dirs
 
     exp = Path(cfg.exp_dir)
     system = str(cfg.export.system)

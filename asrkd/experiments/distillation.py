@@ -1,5 +1,5 @@
 """Distillation results (the paper's §4, Table 1) with intervals: baseline / ensemble / distilled,
-the students over T, the top-k cost, and the levers of :mod:`asrkd.levers`.
+the students over T, the top-k cost, and the levers of :mod:`asrkd.experiments.levers`.
 
 After ``train-ensemble``, ``soft-targets`` and ``train-student``: ``decode-distill`` decodes
 the ensemble (its members' averaged posteriors), every student and the baseline's replicates;
@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from omegaconf import OmegaConf
 
-from asrkd.levers import baseline_replicates
+from asrkd.experiments.levers import baseline_replicates
 from asrkd.stats import format_interval, mean_std
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class StudentRow(NamedTuple):
 
 def student_rows(cfg) -> dict[str, StudentRow]:
     """Row name (``<form>_T<T>``, ``logits``) -> every student the config asks for, with its replicates."""
-    from asrkd.student import LOGITS, name_of, students
+    from asrkd.distill.student import LOGITS, name_of, students
 
     rows: dict[str, StudentRow] = {}
     for student in students(cfg):
@@ -58,7 +58,7 @@ def student_rows(cfg) -> dict[str, StudentRow]:
 
 def run_decode(cfg) -> None:
     """Stage 4: WER of the ensemble, every student and the baseline's replicates (the baseline itself is the main recipe's)."""
-    from asrkd import decode
+    from asrkd.kaldi import decode
 
     names = [*baseline_replicates(cfg), cfg.distill.teacher, *(s for row in student_rows(cfg).values() for s in row.systems)]
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
@@ -67,7 +67,7 @@ def run_decode(cfg) -> None:
 def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Path) -> None:
     """Validation frame accuracy per epoch: the baseline, every member, every student (first seed)."""
     from asrkd.evaluate import saved_figure
-    from asrkd.train import read_history
+    from asrkd.nnet.train import read_history
 
     title = "Training curves: baseline, ensemble members, distilled students"
     with saved_figure(out, (8, 5), "epoch", "validation frame accuracy (%)", title, fontsize=8, ncol=2) as ax:
@@ -127,7 +127,7 @@ def soft_target_diagnostics(cfg, teacher: str, store: str, temperature: float, g
     never heard: its soft targets there are nearly the hard labels again."""
     import numpy as np
 
-    from asrkd.features import FeatureStore
+    from asrkd.kaldi.features import FeatureStore
 
     exp = Path(cfg.exp_dir)
     dense = np.load(exp / "soft_targets" / teacher / store / f"T{temperature:g}" / "dense.npy", mmap_mode="r")
@@ -191,7 +191,7 @@ def markdown(result: dict) -> str:
     gain = result["gain_kept"]
     cost = table["baseline"]["cost"]
     lines += ["", f"Command: `{result['command']}`. Cost: parameters (an ensemble's: all its members') and the time to score 1000 test frames "
-              f"(`asrkd/cost.py`, measured once per system on {cost['device']}, {cost['threads']} threads, batch {cost['batch_size']}).", "",
+              f"(`asrkd/nnet/cost.py`, measured once per system on {cost['device']}, {cost['threads']} threads, batch {cost['batch_size']}).", "",
               "Share of the ensemble's test frame-accuracy gain the distilled model keeps ((student − baseline) / (ensemble − baseline)):",
               f"{format_interval(gain['vs_baseline'])} against the baseline, {format_interval(gain['vs_single_models'])} against the mean of "
               f"single models; of the WER gain: {format_interval(result['wer_gain_kept']['vs_baseline']) if result['wer_gain_kept']['vs_baseline'] else '–'} against the baseline.",
@@ -231,7 +231,7 @@ def markdown(result: dict) -> str:
                          f"| {percent(row['of_dense_fp32'])} | {percent(row['mean_residual'])} |")
     if result.get("levers"):
         lines += ["", f"Levers (T = {result['temperature']:g}; gain kept against the {result['ensemble_size']}x ensemble "
-                  f"({percent(table['ensemble']['frame_accuracy']['test'])}) and the baseline trained on the same data; "
+                  f"({percent(table['ensemble']['frame_accuracy'][test])}) and the baseline trained on the same data; "
                   "a row over one seed is a single-seed claim):", "",
                   "| lever | student seeds | student test acc. [95% CI] | same-data baseline | baseline test acc. [95% CI] | student − baseline [95% CI] "
                   "| P(> 0) | gain kept [95% CI] | student WER [95% CI] | baseline WER [95% CI] |",
@@ -267,7 +267,7 @@ def markdown(result: dict) -> str:
 def choose_temperature(cfg, evaluation, sets: dict[str, list[str]], dense: dict[float, list[str]]) -> dict:
     """The T whose dense students have the best validation frame accuracy (mean over seeds), and
     whether it beats the runner-up: a paired bootstrap over validation utterances and seeds."""
-    from asrkd.levers import chosen_temperature
+    from asrkd.experiments.levers import chosen_temperature
     from asrkd.stats import Bootstrap, UtteranceCounts
 
     temperature = chosen_temperature(cfg)
@@ -289,7 +289,7 @@ def compact_forms(cfg, evaluation, entry, rows_cfg: dict[str, StudentRow], rows:
     import numpy as np
 
     from asrkd.evaluate import bootstrap_key
-    from asrkd.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir
+    from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir
 
     frames, out = evaluation.frames, []
     for label, row in rows_cfg.items():
@@ -318,10 +318,10 @@ def lever_results(cfg, evaluation, entry, temperature: float, replicates: list[s
     ensemble (difference, gain kept, both with intervals), the report rows, and what its
     teacher's soft targets say beyond the labels."""
     from asrkd.evaluate import bootstrap_key
-    from asrkd.levers import levers
+    from asrkd.experiments.levers import levers
     from asrkd.stage import is_complete
-    from asrkd.student import student_cfg
-    from asrkd.train import TrainingSet, data_split
+    from asrkd.distill.student import student_cfg
+    from asrkd.nnet.train import TrainingSet, data_split
 
     exp, frames = Path(cfg.exp_dir), evaluation.frames
     results, systems, diagnostics = {}, {}, []
@@ -357,12 +357,12 @@ def run_report(cfg) -> None:
     the levers whose systems exist, plots; the "distillation" section and systems of report.json."""
     import numpy as np
 
-    from asrkd.cost import system_cost
-    from asrkd.ensemble import member_dirs
+    from asrkd.nnet.cost import system_cost
+    from asrkd.nnet.ensemble import member_dirs
     from asrkd.evaluate import Evaluation, bootstrap_key, merge_into_report, recipe_command
     from asrkd.stage import write_text
-    from asrkd.student import LOGITS
-    from asrkd.train import data_split, read_history
+    from asrkd.distill.student import LOGITS
+    from asrkd.nnet.train import data_split, read_history
 
     exp = Path(cfg.exp_dir)
     train_utts, valid_utts = data_split(cfg)

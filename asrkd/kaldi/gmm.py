@@ -1,7 +1,7 @@
 """The GMM-HMM system and the forced alignment: Kaldi's train_mono.sh -> train_deltas.sh -> align_si.sh.
 
 All estimation, graph compilation and Viterbi alignment is Kaldi's own code (k2-fsa's
-``kaldi-hmm-gmm``); only the triphone tree is grown here (see :mod:`asrkd.tree`).
+``kaldi-hmm-gmm``); only the triphone tree is grown here (see :mod:`asrkd.kaldi.tree`).
 
 Outputs of the stage, under ``exp/``:
   mono/, tri/    ``model.pkl`` (tree, transition model, GMMs), ``tree`` (Kaldi binary), ``log.json``
@@ -28,10 +28,10 @@ import kaldi_hmm_gmm as khg
 import kaldifst
 import numpy as np
 
-from asrkd import tree as tree_lib
+from asrkd.kaldi import tree as tree_lib
 from asrkd.data import DataDir, feature_sets
-from asrkd.features import FeatureStore
-from asrkd.lang import POSITIONS, Lang
+from asrkd.kaldi.features import FeatureStore
+from asrkd.kaldi.lang import POSITIONS, Lang
 from asrkd.stage import account_dropped, atomic_write, plan, progress, save_npy, write_json
 
 log = logging.getLogger(__name__)

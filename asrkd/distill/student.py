@@ -4,7 +4,7 @@
 it: ``dense`` (the stored fp16 averages), ``topk`` (the k largest renormalized, to measure what
 dropping the rest costs), ``compact`` or ``compact_prior`` (the k' largest with the rest spread
 evenly or by the pdf priors: the forms for a scale where dense does not fit;
-:class:`asrkd.soft_targets.TargetRows`); ``distill.seeds`` gives how many replicates of each form train (seed + 100 r). Their
+:class:`asrkd.distill.soft_targets.TargetRows`); ``distill.seeds`` gives how many replicates of each form train (seed + 100 r). Their
 loss is the paper's T^2 * CE(soft targets at T, softmax(z/T)) + hard_weight * CE(pdf-ids,
 softmax(z)). With ``distill.logit_matching``, one more student matches the teacher's
 zero-mean logits instead (§2.1, the objective's high-T limit).
@@ -25,11 +25,11 @@ from typing import Callable, NamedTuple
 import torch
 from omegaconf import OmegaConf
 
-from asrkd.distill import distillation_loss, logit_distillation_loss
-from asrkd.nnet import EnsembleDNN, StackedDNN, average_softmax, average_zero_mean_logits
-from asrkd.soft_targets import (COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, current_checksum, logits_dir, pdf_priors,
+from asrkd.distill.losses import distillation_loss, logit_distillation_loss
+from asrkd.nnet.model import EnsembleDNN, StackedDNN, average_softmax, average_zero_mean_logits
+from asrkd.distill.soft_targets import (COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, current_checksum, logits_dir, pdf_priors,
                                 store_dir, teacher_groups)
-from asrkd.train import Model, TrainingSet, load_system, replicate_name, system_dirs, train_stage
+from asrkd.nnet.train import Model, TrainingSet, load_system, replicate_name, system_dirs, train_stage
 
 LOGITS = "logits"  # the form name of the logit-matching student
 

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from asrkd.data import DataDir, read_table
-from asrkd.features import FeatureStore, write_kaldi_matrices
-from asrkd.gmm import GmmModel
-from asrkd.lang import read_symbol_table
-from asrkd.nnet import SplicedFrames, pick_device
+from asrkd.kaldi.features import FeatureStore, write_kaldi_matrices
+from asrkd.kaldi.gmm import GmmModel
+from asrkd.kaldi.lang import read_symbol_table
+from asrkd.nnet.model import SplicedFrames, pick_device
 from asrkd.stage import account_dropped, plan, progress, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def decode_part(job: tuple[dict, str, dict[str, str], list[tuple[str, str]]]) ->
     graph and the model once."""
     from omegaconf import OmegaConf
 
-    from asrkd.train import load_system
+    from asrkd.nnet.train import load_system
 
     cfg, system, stores, pairs = job
     sets = {set_name: [u for s, u in pairs if s == set_name] for set_name in dict.fromkeys(s for s, _ in pairs)}
@@ -260,7 +260,7 @@ def scored_sets(cfg) -> dict[str, tuple[str, dict[str, str]]]:
     """{set: (its feature store, its references)}: the tuning set (``valid``: train's held-out
     speakers, or a data dir), then every eval set."""
     from asrkd.data import eval_sets, tuning_set
-    from asrkd.train import data_split
+    from asrkd.nnet.train import data_split
 
     data_dir = Path(cfg.data_dir)
     tuning = tuning_set(cfg)
@@ -290,7 +290,7 @@ def run(cfg) -> None:
     from asrkd.data import eval_sets, tuning_set
     from asrkd.jobs import map_jobs, num_jobs, split
     from asrkd.stage import optional_values
-    from asrkd.train import system_dirs
+    from asrkd.nnet.train import system_dirs
 
     exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
     dcfg = cfg.decode

@@ -38,7 +38,7 @@ PAPER = {"full_hard": {"train": 0.634, "test": 0.589}, "sub_hard": {"train": 0.6
 def subset_cfg(cfg, fraction: float, teacher: str | None = None, perturbed: bool = False):
     """The config of one subset run: same model and training knobs, the subset's data (or its _sp copies)."""
     suffix = "_sp" if perturbed else ""
-    from asrkd.student import dense_only
+    from asrkd.distill.student import dense_only
 
     students = dense_only(cfg, cfg.three_percent.temperature, 1, teacher=teacher or "baseline", transfer=[], epochs=None)
     return OmegaConf.merge(students, {"train": {"data": subset_name(fraction) + suffix, "name": f"hard_{fraction_tag(fraction)}{suffix}",
@@ -47,7 +47,7 @@ def subset_cfg(cfg, fraction: float, teacher: str | None = None, perturbed: bool
 
 def teachers(cfg) -> list[str]:
     """The 100% model, plus the ensemble when its soft targets exist."""
-    from asrkd.soft_targets import store_dir
+    from asrkd.distill.soft_targets import store_dir
     from asrkd.stage import is_complete
 
     ensemble = OmegaConf.merge(cfg, {"distill": {"teacher": cfg.ensemble.name}})
@@ -57,7 +57,7 @@ def teachers(cfg) -> list[str]:
 
 def systems(cfg) -> dict[float, dict[str, str]]:
     """Row name -> DNN system (exp/dnn/<name>[@best]) for each fraction."""
-    from asrkd.student import student_name
+    from asrkd.distill.student import student_name
 
     out = {}
     for fraction in cfg.three_percent.fractions:
@@ -75,7 +75,8 @@ def systems(cfg) -> dict[float, dict[str, str]]:
 
 def run_train(cfg) -> None:
     """Stage: soft targets of the 100% model, then the hard and soft runs of every fraction."""
-    from asrkd import soft_targets, student, train
+    from asrkd.distill import soft_targets, student
+    from asrkd.nnet import train
 
     variants = [False, True] if cfg.three_percent.speed_perturbed else [False]
     for fraction in cfg.three_percent.fractions:
@@ -89,7 +90,7 @@ def run_train(cfg) -> None:
 
 def run_decode(cfg) -> None:
     """Stage: WER of every row (the 100% model is the main recipe's baseline)."""
-    from asrkd import decode
+    from asrkd.kaldi import decode
 
     names = ["baseline"] + [s for rows in systems(cfg).values() for s in rows.values()]
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
@@ -98,7 +99,7 @@ def run_decode(cfg) -> None:
 def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> None:
     """Train and validation frame accuracy per epoch, hard vs soft targets (the over-fitting curve)."""
     from asrkd.evaluate import saved_figure
-    from asrkd.train import read_history
+    from asrkd.nnet.train import read_history
 
     with saved_figure(out, (7, 4.5), "epoch", "frame accuracy (%)", f"{100 * fraction:g}% of the training data: hard vs soft targets") as ax:
         for row, style in (("sub_hard", "tab:red"), ("sub_soft", "tab:blue")):
@@ -146,7 +147,7 @@ def run_report(cfg) -> None:
     """Stage: the §6 table with intervals, the gap closed, a curve over fractions and the over-fitting plot."""
     from asrkd.evaluate import Evaluation, bootstrap_key, merge_into_report, recipe_command
     from asrkd.stage import write_text
-    from asrkd.train import data_split
+    from asrkd.nnet.train import data_split
 
     exp = Path(cfg.exp_dir)
     full_train, _ = data_split(cfg)

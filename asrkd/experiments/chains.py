@@ -1,0 +1,305 @@
+"""Multi-step distillation into a much smaller student: TAKD, DGKD, model-ensemble KD, teacher switching.
+
+When the student is far smaller than its teacher, a direct student learns badly; the methods
+below put models of middle sizes (``chains.sizes``, down to the student) between them. Model k
+of a chain (the teacher, ``chains.teacher``, is model 0; the student the last) learns from:
+
+* ``hard`` (row ``small_hard``): the labels alone (the student's size, no teacher);
+* ``direct`` (``small_direct_kd``): the teacher alone;
+* ``takd`` (Mirzadeh et al. 2020): model k-1, each assistant distilled from the one above, so
+  errors pass down the chain;
+* ``dgkd`` (Son et al. 2021): every model above it, one loss per teacher, each teacher dropped
+  at random per batch with probability ``chains.teacher_drop`` (at least one stays). With the
+  teachers' losses weighted equally, their cross-entropies sum to one cross-entropy against the
+  mean of the kept teachers' distributions (it is linear in the targets): that is how it is
+  computed, so a dropped teacher costs no forward pass;
+* ``ensemble_kd`` (model-ensemble KD): the pseudo-teacher averaging the outputs (softmax at T) of
+  every model above it, in one loss: DGKD without dropping;
+* ``switching`` (Fukuda et al., Interspeech 2017): one model above it per batch, drawn uniformly.
+
+Every model trains with the students' loss (T^2 CE(soft) + ``distill.hard_weight`` CE(hard),
+:mod:`asrkd.distill.losses`) through the one training loop, at each T of
+``chains.temperatures``; a method's T is chosen on the validation frame accuracy of its final
+student. The teacher's soft targets are its store (``soft-targets``; an ensemble's members
+averaged), the assistants' computed in the step. The first assistant has the teacher alone
+above it in every multi-step chain, so it is one model (``chain_T<T>_<size>``), as is the direct
+student; the others are ``chain_T<T>_<method>_<size>``, the hard one ``chain_hard_<size>``.
+
+Cost per row: training seconds of every model its chain needed, and teacher forward passes per
+frame of the final student's training (the top teacher counted as its members, as computing
+it in the step would cost; its store pays that once for all students).
+
+Commands: ``train-chains``, ``decode-chains``, ``report-chains`` (``recipes/an4/run_chains.sh``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+METHODS = ("hard", "direct", "takd", "dgkd", "ensemble_kd", "switching")
+ROWS = {"hard": "small_hard", "direct": "small_direct_kd", "takd": "takd", "dgkd": "dgkd", "ensemble_kd": "ensemble_kd",
+        "switching": "teacher_switching"}
+MULTI_STEP = ("takd", "dgkd", "ensemble_kd", "switching")
+
+
+class Link(NamedTuple):
+    """One model of a chain: its name, size, and the names of the models it learns from (the
+    teacher is ``chains.teacher``), with how it mixes them per batch."""
+
+    name: str
+    layers: int
+    width: int
+    teachers: tuple[str, ...]
+    rule: str  # none (labels only) | all (their mean) | drop (DGKD) | one (switching)
+
+
+def size_tag(layers: int, width: int) -> str:
+    return f"{layers}x{width}"
+
+
+def chain(cfg, method: str, temperature: float) -> list[Link]:
+    """The models ``method`` trains at ``temperature``, top down; the last is its student."""
+    ccfg = cfg.chains
+    if method not in METHODS:
+        raise ValueError(f"chains.methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    sizes = [(int(layers), int(width)) for layers, width in ccfg.sizes]
+    if len(sizes) < 2 and method in MULTI_STEP:
+        raise ValueError(f"chains.sizes={sizes}: {method} needs at least one assistant above the student")
+    student = sizes[-1]
+    if method == "hard":
+        return [Link(f"chain_hard_{size_tag(*student)}", *student, (), "none")]
+    top = str(ccfg.teacher)
+    if method == "direct":
+        return [Link(f"chain_T{temperature:g}_{size_tag(*student)}", *student, (top,), "all")]
+    rule = {"takd": "all", "dgkd": "drop", "ensemble_kd": "all", "switching": "one"}[method]
+    links = [Link(f"chain_T{temperature:g}_{size_tag(*sizes[0])}", *sizes[0], (top,), "all")]
+    for size in sizes[1:]:
+        above = (links[-1].name,) if method == "takd" else (top, *(link.name for link in links))
+        links.append(Link(f"chain_T{temperature:g}_{method}_{size_tag(*size)}", *size, above, rule))
+    return links
+
+
+def model_cfg(cfg, link: Link):
+    """The training config of one chain model: its size, the chains' epochs."""
+    merged = OmegaConf.merge(cfg, {"model": {"num_hidden_layers": link.layers, "hidden_dim": link.width}})
+    return OmegaConf.merge(merged, {"train": {"epochs": cfg.chains.epochs}}) if cfg.chains.epochs else merged
+
+
+class TeacherMix:
+    """Per batch, the mean soft targets of some of the teachers, chosen by ``rule``: all of them,
+    each dropped with probability ``drop`` (at least one kept), or one drawn uniformly. The
+    draw is seeded by ``seed`` and the batch's first frame, so a resumed run draws the same."""
+
+    def __init__(self, teachers: list[Callable[[torch.Tensor], torch.Tensor]], rule: str, drop: float, seed: int):
+        self.teachers, self.rule, self.drop, self.seed = teachers, rule, float(drop), int(seed)
+
+    def chosen(self, batch: torch.Tensor) -> list[int]:
+        n = len(self.teachers)
+        if self.rule == "all" or n == 1:
+            return list(range(n))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch[0]))
+        if self.rule == "one":
+            return [int(torch.randint(n, (1,), generator=generator))]
+        kept = [i for i, u in enumerate(torch.rand(n, generator=generator).tolist()) if u >= self.drop]
+        return kept or [int(torch.randint(n, (1,), generator=generator))]
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        chosen = self.chosen(batch)
+        targets = self.teachers[chosen[0]](batch)
+        for i in chosen[1:]:
+            targets = targets + self.teachers[i](batch)
+        return targets / len(chosen)
+
+
+def teacher_passes(link: Link, top: str, top_members: int, drop: float) -> float:
+    """Expected teacher forward passes per frame of ``link``'s training (the top teacher: its members)."""
+    weights = [top_members if t == top else 1 for t in link.teachers]
+    if not weights:
+        return 0.0
+    if link.rule == "one":
+        return sum(weights) / len(weights)
+    if link.rule == "drop" and len(weights) > 1:
+        return (1 - drop) * sum(weights) + drop ** len(weights) * sum(weights) / len(weights)
+    return float(sum(weights))
+
+
+def train_link(cfg, link: Link, temperature: float) -> None:
+    """Train one chain model (skipped when complete): labels alone, or the students' loss against its mixed teachers."""
+    from asrkd.distill.losses import distillation_loss
+    from asrkd.distill.student import Student, TeacherOnTheFly, target_source
+    from asrkd.nnet.train import Model, TrainingSet, load_system, system_dirs, train_stage
+
+    exp, dcfg, ccfg = Path(cfg.exp_dir), cfg.distill, cfg.chains
+    mcfg = model_cfg(cfg, link)
+    training = TrainingSet(mcfg)
+    values = {"layers": link.layers, "width": link.width, "teachers": list(link.teachers), "rule": link.rule}
+    if link.rule == "none":
+        train_stage(mcfg, [Model(f"train-chains {link.name}", exp / "dnn" / link.name, values=values)], training)
+        return
+    top = str(ccfg.teacher)
+    top_cfg = OmegaConf.merge(cfg, {"distill": {"teacher": top, "on_the_fly": False}})
+    make_top, inputs = target_source(top_cfg, Student("dense", temperature, 0), training)
+    for name in link.teachers:
+        if name != top:
+            inputs[f"teacher {name}"] = system_dirs(exp, name)[0]
+    values |= {"temperature": temperature} | ({"teacher_drop": float(ccfg.teacher_drop)} if link.rule == "drop" else {})
+
+    def loss(data, hard):
+        def assistant(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            on_the_fly = TeacherOnTheFly([load_system(exp, name, data.pdf_ids.device)], data.frames)
+            return lambda batch: on_the_fly.soft_targets(batch, temperature)
+
+        mix = TeacherMix([make_top(data) if name == top else assistant(name) for name in link.teachers], link.rule,
+                         ccfg.teacher_drop, int(cfg.seed))
+        return lambda logits, batch: distillation_loss(logits, mix(batch), hard[batch], temperature, dcfg.soft_weight, dcfg.hard_weight)
+
+    train_stage(mcfg, [Model(f"train-chains {link.name}", exp / "dnn" / link.name, values=values)], training, loss=loss,
+                keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
+
+
+def runs(cfg) -> list[tuple[str, float | None, list[Link]]]:
+    """(method, T, its chain) of every run the config asks for (hard: once, without T)."""
+    out = []
+    for method in cfg.chains.methods:
+        temperatures = [None] if method == "hard" else [float(t) for t in cfg.chains.temperatures]
+        out += [(str(method), t, chain(cfg, str(method), t or 1.0)) for t in temperatures]
+    return out
+
+
+def run_train(cfg) -> None:
+    """Stage 0: every model of every chain at every T, top down (a shared model trains once)."""
+    done: set[str] = set()
+    for _, temperature, links in runs(cfg):
+        for link in links:
+            if link.name not in done:
+                train_link(cfg, link, temperature or 1.0)
+                done.add(link.name)
+
+
+def final_valid_accuracy(exp: Path, name: str) -> float:
+    from asrkd.nnet.train import read_history
+
+    return read_history(exp / "dnn" / name)[-1]["valid_frame_accuracy"]
+
+
+def chosen(cfg) -> dict[str, tuple[float | None, list[Link]]]:
+    """Each method's T, chosen on its final student's validation frame accuracy (ties: the lower T)."""
+    exp = Path(cfg.exp_dir)
+    out: dict[str, tuple[float | None, list[Link]]] = {}
+    for method, temperature, links in runs(cfg):
+        score = final_valid_accuracy(exp, links[-1].name)
+        if method not in out or score > final_valid_accuracy(exp, out[method][1][-1].name):
+            out[method] = (temperature, links)
+    return out
+
+
+def run_decode(cfg) -> None:
+    """Stage 1: WER of each method's student at its chosen T."""
+    from asrkd.kaldi import decode
+
+    names = [links[-1].name for _, links in chosen(cfg).values()]
+    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
+
+
+def temperature_label(temperature: float | None) -> str:
+    return "–" if temperature is None else f"{temperature:g}"
+
+
+def plot(result: dict, out: Path) -> None:
+    """Student test frame accuracy per method with its interval, and every model of each chain."""
+    from asrkd.evaluate import saved_figure
+
+    test = result["eval_set"]
+    with saved_figure(out, (8, 4.8), "chain model (teacher → student)", f"{test} frame accuracy (%)",
+                      "Distilling into a small student: each method's chain (95% CI on the student)", fontsize=7) as ax:
+        for row, entry in result["rows"].items():
+            models = entry["chain"]
+            xs = list(range(len(result["sizes"]) - len(models) + 1, len(result["sizes"]) + 1))
+            ys = [100 * m["frame_accuracy"][test] for m in models]
+            lo, hi = entry["frame_accuracy_ci"][test]
+            line = ax.plot(xs, ys, marker="o", label=f"{row} (T = {temperature_label(entry['temperature'])})")[0]
+            ax.errorbar([xs[-1]], [ys[-1]], yerr=[[ys[-1] - 100 * lo], [100 * hi - ys[-1]]], color=line.get_color(), capsize=3)
+        ax.axhline(100 * result["teacher"]["frame_accuracy"][test], color="black", linestyle="--", label=f"teacher {result['teacher']['system']}")
+        ax.set_xticks(range(len(result["sizes"]) + 1), ["teacher"] + result["sizes"])
+
+
+def markdown(result: dict) -> str:
+    from asrkd.evaluate import percent, with_ci
+    from asrkd.stats import format_interval
+
+    test = result["eval_set"]
+    lines = [f"# {result['corpus']}: distilling into a {result['sizes'][-1]} student ({' → '.join(['teacher', *result['sizes']])})", "",
+             f"Teacher: {result['teacher']['system']} ({result['teacher']['model']}), {test} frame accuracy "
+             f"{with_ci(result['teacher'], 'frame_accuracy', test)}.", "",
+             f"| row | T | student | frame acc. train | frame acc. valid | frame acc. {test} [95% CI] | WER {test} [95% CI] "
+             "| − small_direct_kd [95% CI] | P(> 0) | − small_hard [95% CI] | P(> 0) | chain seconds | teacher passes / frame |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, entry in result["rows"].items():
+        acc = entry["frame_accuracy"]
+        cells = []
+        for other in ("vs_direct", "vs_hard"):
+            diff = entry.get(other)
+            cells += [format_interval(diff, signed=True), f"{diff['p_above_zero']:.2f}"] if diff else ["–", "–"]
+        lines.append(f"| {row} | {temperature_label(entry['temperature'])} | {entry['system']} | {percent(acc['train'])} "
+                     f"| {percent(acc['valid'])} | {with_ci(entry, 'frame_accuracy', test)} | {with_ci(entry, 'wer', test)} | "
+                     + " | ".join(cells) + f" | {entry['train_seconds']:.0f} | {entry['teacher_passes']:g} |")
+    lines += ["", "Every model of each chain (the avalanche: how accuracy falls model by model):", "",
+              "| row | " + " | ".join(result["sizes"]) + " |", "|---" * (len(result["sizes"]) + 1) + "|"]
+    for row, entry in result["rows"].items():
+        cells = ["–"] * (len(result["sizes"]) - len(entry["chain"])) + [
+            f"{percent(m['frame_accuracy']['valid'])} / {percent(m['frame_accuracy'][test])}" for m in entry["chain"]]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", f"Cells: valid / {test} frame accuracy. Command: `{result['command']}`.",
+              f"T chosen per method on the final student's validation frame accuracy among {result['temperatures']}; "
+              f"DGKD drops each teacher with probability {result['teacher_drop']:g} per batch. Chain seconds: training time of every model "
+              "the row's chain needed (shared ones counted in each row); teacher passes: expected teacher forward passes per frame of the "
+              "student's training, the top teacher counted as its members.",
+              f"[95% CI]: bootstrap over whole {test} utterances (asrkd/stats.py); differences are paired; one seed per row: "
+              "single-seed claims, test-set variation only.", ""]
+    return "\n".join(lines)
+
+
+def run_report(cfg) -> None:
+    """Stage 2: ``chains.md``, ``chains.png`` and the "chains" section of report.json."""
+    from asrkd.evaluate import Evaluation, bootstrap_key, merge_into_report, recipe_command
+    from asrkd.nnet.train import data_split, read_history, system_dirs
+    from asrkd.stage import write_text
+
+    exp = Path(cfg.exp_dir)
+    train_utts, valid_utts = data_split(cfg)
+    sets = {"train": train_utts, "valid": valid_utts}
+    evaluation = Evaluation(cfg)
+    test = evaluation.primary
+    command = recipe_command("asrkd report-chains")
+    top = str(cfg.chains.teacher)
+    top_members = len(system_dirs(exp, top))
+    rows = {}
+    for method, (temperature, links) in chosen(cfg).items():
+        models = [evaluation.entry([link.name], sets) for link in links[:-1]]
+        student = evaluation.entry([links[-1].name], sets, command=command, temperature=temperature)
+        seconds = sum(h["seconds"] for link in links for h in read_history(exp / "dnn" / link.name))
+        slim = [{"system": link.name, "frame_accuracy": m["frame_accuracy"]} for link, m in zip(links, [*models, student])]
+        rows[ROWS[method]] = student | {"chain": slim, "train_seconds": seconds,
+                                        "teacher_passes": teacher_passes(links[-1], top, top_members, float(cfg.chains.teacher_drop))}
+    for other, method in (("vs_direct", "direct"), ("vs_hard", "hard")):
+        if ROWS[method] in rows:
+            reference = bootstrap_key([rows[ROWS[method]]["system"]])
+            for row, entry in rows.items():
+                if row != ROWS[method]:
+                    entry[other] = evaluation.frames.difference(bootstrap_key([entry["system"]]), reference)
+    teacher = evaluation.entry([top], sets)
+    result = {"corpus": cfg.corpus, "command": command, "eval_set": test, "teacher": {**teacher, "system": top},
+              "sizes": [size_tag(int(a), int(b)) for a, b in cfg.chains.sizes], "temperatures": [float(t) for t in cfg.chains.temperatures],
+              "teacher_drop": float(cfg.chains.teacher_drop), "rows": rows, "bootstrap_unit": cfg.stats.unit}
+    out_dir = exp / "report"
+    write_text(out_dir / "chains.md", markdown(result))
+    plot(result, out_dir / "chains.png")
+    merge_into_report(cfg, {"chains": result}, ("chains.md", "chains.png"))
+    log.info("chains: %s", {row: round(entry["frame_accuracy"][test], 4) for row, entry in rows.items()})

@@ -1,0 +1,74 @@
+"""Multi-step distillation (asrkd/experiments/chains.py): the chains each method builds, how its
+teachers mix per batch, and the three stages end to end on the tiny run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from asrkd.experiments import chains
+
+from .conftest import tiny_config
+
+
+def test_each_method_builds_its_chain_and_shares_the_first_assistant(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "chains.sizes=[[2,48],[1,32],[1,16]]")
+    takd, dgkd, direct, hard = (chains.chain(cfg, m, 2.0) for m in ("takd", "dgkd", "direct", "hard"))
+    assert [link.name for link in takd] == ["chain_T2_2x48", "chain_T2_takd_1x32", "chain_T2_takd_1x16"]
+    assert takd[0] == dgkd[0] and takd[0].teachers == ("ensemble",)  # one model: the teacher alone above it
+    assert takd[2].teachers == ("chain_T2_takd_1x32",) and takd[2].rule == "all"
+    assert dgkd[2].teachers == ("ensemble", "chain_T2_2x48", "chain_T2_dgkd_1x32") and dgkd[2].rule == "drop"
+    assert [(link.name, link.teachers) for link in direct] == [("chain_T2_1x16", ("ensemble",))]
+    assert hard[0].name == "chain_hard_1x16" and hard[0].rule == "none"
+    assert chains.teacher_passes(dgkd[2], "ensemble", 10, 0.5) == pytest.approx(0.5 * 12 + 0.125 * 4)
+    assert chains.teacher_passes(chains.chain(cfg, "switching", 2.0)[2], "ensemble", 10, 0.5) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="unknown method"):
+        chains.chain(cfg, "avalanche", 2.0)
+
+
+def test_the_teacher_mix_averages_drops_and_switches_reproducibly() -> None:
+    teachers = [lambda b, v=v: torch.full((len(b), 3), float(v)) for v in (1, 2, 3)]
+    batch = torch.arange(5, 9)
+    assert torch.equal(chains.TeacherMix(teachers, "all", 0.5, 0)(batch), torch.full((4, 3), 2.0))
+    drop = chains.TeacherMix(teachers, "drop", 0.5, 0)
+    kept = [drop.chosen(torch.tensor([start])) for start in range(200)]
+    assert all(k for k in kept) and kept == [drop.chosen(torch.tensor([start])) for start in range(200)]  # seeded by the batch
+    assert 1.2 < sum(len(k) for k in kept) / 200 < 1.8  # each of 3 kept with probability 0.5, at least one: 1.625 expected
+    switch = chains.TeacherMix(teachers, "one", 0.5, 0)
+    picks = [switch.chosen(torch.tensor([start]))[0] for start in range(300)]
+    assert {picks.count(i) for i in range(3)} <= set(range(70, 131))
+    assert chains.TeacherMix(teachers, "one", 0.5, 0)(batch).unique().numel() == 1
+
+
+def test_chains_train_decode_and_report_on_the_tiny_run(run_dir: Path, tmp_path: Path) -> None:
+    from asrkd.distill import soft_targets
+
+    root = tmp_path
+    shutil.copytree(run_dir / "data", root / "data", symlinks=True)
+    shutil.copytree(run_dir / "exp", root / "exp", symlinks=True)
+    overrides = ["chains.teacher=baseline", "chains.sizes=[[1,32],[1,16]]", "chains.temperatures=[2]", "chains.epochs=1",
+                 "distill.teacher=baseline", "distill.temperatures=[2]", "distill.logit_matching=false"]
+    cfg = tiny_config(root, *overrides)
+    soft_targets.run(cfg)
+    chains.run_train(cfg)
+    chains.run_decode(cfg)
+    chains.run_report(cfg)
+    report = json.loads((root / "exp" / "report" / "report.json").read_text())["chains"]
+    assert set(report["rows"]) == {"small_hard", "small_direct_kd", "takd", "dgkd", "ensemble_kd", "teacher_switching"}
+    for row, entry in report["rows"].items():
+        assert set(entry["frame_accuracy"]) >= {"train", "valid", "test"} and "test" in entry["wer"]
+        assert entry["train_seconds"] > 0
+        lo, hi = entry["frame_accuracy_ci"]["test"]
+        assert lo <= entry["frame_accuracy"]["test"] <= hi
+    assert len(report["rows"]["takd"]["chain"]) == 2 and len(report["rows"]["small_direct_kd"]["chain"]) == 1
+    assert "ci" in report["rows"]["takd"]["vs_direct"] and "vs_direct" not in report["rows"]["small_direct_kd"]
+    passes = {row: entry["teacher_passes"] for row, entry in report["rows"].items()}
+    assert (passes["small_hard"], passes["small_direct_kd"], passes["takd"], passes["ensemble_kd"], passes["teacher_switching"]) == (0, 1, 1, 2, 1)
+    md = (root / "exp" / "report" / "chains.md").read_text()
+    assert "| takd | 2 | chain_T2_takd_1x16 |" in md and (root / "exp" / "report" / "chains.png").is_file()
+    # the assistant is shared: trained once, then every chain reads it
+    assert json.loads((root / "exp" / "dnn" / "chain_T2_1x32" / "stage.json").read_text())["config"]["teachers"] == ["baseline"]
