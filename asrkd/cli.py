@@ -97,6 +97,9 @@ COMMANDS = {
     "train-chains": "asrkd.experiments.chains:run_train",
     "decode-chains": "asrkd.experiments.chains:run_decode",
     "report-chains": "asrkd.experiments.chains:run_report",
+    "train-self-distill": "asrkd.experiments.self_distillation:run_train",
+    "decode-self-distill": "asrkd.experiments.self_distillation:run_decode",
+    "report-self-distill": "asrkd.experiments.self_distillation:run_report",
     "export": "asrkd.nnet.export",
 }
 

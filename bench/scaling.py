@@ -144,27 +144,29 @@ def plot(result: dict, out: Path) -> None:
                       fontsize=7, loc="upper left") as ax:
         ax.set_xscale("log")
         ax.set_yscale("log")
-        for stage, *_ in STAGES:
+        for index, (stage, *_) in enumerate(STAGES):  # a colour per stage, a line style per nj
             for nj in result["nj"]:
                 points = [(r["train_hours"], r["stages"][stage][str(nj)]["wall_s"]) for r in result["scales"] if str(nj) in r["stages"][stage]]
                 if points:
                     g = result["growth"][stage].get(str(nj))
                     label = f"{stage} nj={nj}" + (f" (slope {g['exponent']})" if g else "")
-                    ax.plot(*zip(*points), marker="o", linestyle="-" if nj == 1 else "--", label=label)
+                    ax.plot(*zip(*points), marker="o", color=f"C{index}", linestyle="-" if nj == 1 else "--", label=label)
 
 
 def markdown(result: dict) -> str:
     """The table README quotes: wall time per stage and scale, peak memory, growth and what it implies."""
     scales = result["scales"]
     hours = " / ".join(f"{r['train_hours']:.2f}" for r in scales)
-    lines = [f"| stage | nj | wall s at {hours} h of train | peak MB (largest) | growth exponent | wall h at 100 h | wall h at 1000 h |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| stage | nj | wall s at {hours} h of train | peak MB at {scales[-1]['train_hours']:.2f} h | peak GB at 100 h (linear) | growth exponent "
+             "| wall h at 100 h (fitted / linear) | wall h at 1000 h (fitted / linear) |", "|---|---|---|---|---|---|---|---|"]
     for stage, by_nj in result["growth"].items():
         for nj, growth in by_nj.items():
             walls = " / ".join(f"{r['stages'][stage][nj]['wall_s']:.1f}" for r in scales)
             peak = scales[-1]["stages"][stage][nj]["peak_rss_mb"]
-            lines.append(f"| {stage} | {nj} | {walls} | {peak:.0f} | {growth['exponent']:.2f} | {growth['wall_h_at_100h']:.2f} "
-                         f"| {growth['wall_h_at_1000h']:.2f} |")
+            per_hour = scales[-1]["stages"][stage][nj]["wall_s"] / scales[-1]["train_hours"] / 3600  # linear from the largest scale
+            lines.append(f"| {stage} | {nj} | {walls} | {peak:.0f} | {peak / 1024 * 100 / scales[-1]['train_hours']:.1f} "
+                         f"| {growth['exponent']:.2f} | {growth['wall_h_at_100h']:.2f} / "
+                         f"{100 * per_hour:.2f} | {growth['wall_h_at_1000h']:.2f} / {1000 * per_hour:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -353,7 +353,7 @@ def fill_part(job: tuple) -> None:
     device = pick_device(cfg.train.device)
     teacher = load_system(exp, cfg.distill.teacher, device)
     teacher = teacher if isinstance(teacher, EnsembleDNN) else EnsembleDNN([teacher])
-    frames = SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / store), teacher.config["left_context"],
+    frames = SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / store, mmap=False), teacher.config["left_context"],
                            teacher.config["right_context"], device)
     writers = {t: ArrayWriter.reopen(Path(d), list(DENSE_ARRAYS)) for t, d in temperatures.items()}
     logits_writer = ArrayWriter.reopen(Path(logits_dir), ["logits"]) if logits_dir else None

@@ -6,6 +6,8 @@ through 8 hidden layers of 2560 ReLUs; every size here comes from ``conf/model/*
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from torch import nn
@@ -72,6 +74,75 @@ class HybridDNN(nn.Module):
     def from_config(cls, feat_dim: int, num_pdfs: int, model_cfg) -> "HybridDNN":
         return cls(feat_dim, num_pdfs, model_cfg.left_context, model_cfg.right_context, model_cfg.num_hidden_layers,
                    model_cfg.hidden_dim, model_cfg.dropout)
+
+
+class ExitOutputs(NamedTuple):
+    """What a MultiExitDNN gives in training: every exit's logits and features, shallow to deep."""
+
+    logits: list[torch.Tensor]
+    features: list[torch.Tensor]
+
+
+class MultiExitDNN(HybridDNN):
+    """A HybridDNN with shallow exits (self-distillation, "Be Your Own Teacher"): after each hidden
+    layer k of ``exits``, a head of a bottleneck (a Linear to the hidden width + ReLU) and an
+    output layer. In training ``forward`` returns ExitOutputs (the deepest exit is the network's
+    own output, its features the last hidden layer's); in eval the deepest logits, so it
+    validates, checkpoints and resumes as any model. ``exit_model(k)`` is exit k alone as a
+    plain HybridDNN (k hidden layers, the bottleneck as one more), which decodes like any other."""
+
+    def __init__(self, feat_dim: int, num_pdfs: int, left_context: int, right_context: int, num_hidden_layers: int, hidden_dim: int,
+                 dropout: float = 0.0, exits: tuple[int, ...] | list[int] = ()):
+        super().__init__(feat_dim, num_pdfs, left_context, right_context, num_hidden_layers, hidden_dim, dropout)
+        exits = sorted({int(k) for k in exits})
+        if not exits or exits[0] < 1 or exits[-1] >= num_hidden_layers:
+            raise ValueError(f"exits {exits}: each must be a hidden layer below the last, in 1..{num_hidden_layers - 1}")
+        self.config["exits"] = exits
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_pdfs)) for _ in exits)
+        ends = [i for i, layer in enumerate(self.layers) if isinstance(layer, nn.ReLU)]  # a hidden layer's block ends here,
+        self.block_ends = [end + 1 if dropout > 0 else end for end in ends]  # or at its dropout
+
+    def forward(self, spliced: torch.Tensor) -> torch.Tensor | ExitOutputs:
+        if not self.training:
+            return super().forward(spliced)
+        h = ((spliced - self.feat_mean) * self.feat_inv_std).flatten(1)
+        logits, features = [], []
+        heads = dict(zip(self.config["exits"], self.heads))
+        for i, layer in enumerate(self.layers[:-1]):
+            h = layer(h)
+            hidden = self.block_ends.index(i) + 1 if i in self.block_ends else None
+            if hidden in heads:
+                feature = heads[hidden][1](heads[hidden][0](h))
+                features.append(feature)
+                logits.append(heads[hidden][2](feature))
+        features.append(h)
+        logits.append(self.layers[-1](h))
+        return ExitOutputs(logits, features)
+
+    def exit_model(self, k: int) -> HybridDNN:
+        """Exit ``k`` as a HybridDNN: a shallow one (a hidden layer of ``exits``) with k + 1 hidden
+        layers, its bottleneck the last; the deepest (k = num_hidden_layers) the network without its heads."""
+        linears = [layer for layer in self.layers if isinstance(layer, nn.Linear)]
+        deepest = k == self.config["num_hidden_layers"]
+        if not deepest and k not in self.config["exits"]:
+            raise ValueError(f"no exit after hidden layer {k}: the exits are {self.config['exits']} and {self.config['num_hidden_layers']}")
+        head = None if deepest else self.heads[self.config["exits"].index(k)]
+        config = {key: value for key, value in self.config.items() if key != "exits"} | {"num_hidden_layers": k if deepest else k + 1}
+        with torch.random.fork_rng(devices=[]):
+            model = HybridDNN(**config).to(self.feat_mean.device)
+        sources = linears if deepest else [*linears[:k], head[0], head[2]]
+        with torch.no_grad():
+            model.feat_mean.copy_(self.feat_mean)
+            model.feat_inv_std.copy_(self.feat_inv_std)
+            for target, source in zip([layer for layer in model.layers if isinstance(layer, nn.Linear)], sources):
+                target.weight.copy_(source.weight)
+                target.bias.copy_(source.bias)
+        return model.eval()
+
+
+def model_from_config(config: dict) -> HybridDNN:
+    """The model a checkpoint's config describes: a MultiExitDNN when it has exits."""
+    return MultiExitDNN(**config) if config.get("exits") else HybridDNN(**config)
 
 
 class StackedDNN(nn.Module):

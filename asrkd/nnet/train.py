@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from asrkd.data import DataDir, split_by_speaker
 from asrkd.kaldi.features import FeatureStore, load_array
-from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, pick_device
+from asrkd.nnet.model import EnsembleDNN, HybridDNN, MultiExitDNN, SplicedFrames, StackedDNN, model_from_config, pick_device
 from asrkd.stage import StageError, atomic_write, is_complete, plan, progress, write_json
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class TrainStep:
             batch = local
         with torch.autocast(**self.autocast):
             logits = self.forward(self.data.frames.context(batch))
-        member_logits = logits if self.stacked else logits[None]
+        member_logits = logits if self.stacked else [logits]  # a MultiExitDNN's output is its exits' (ExitOutputs)
         losses = [self.loss_fn(z, batch) if self.loss_fn else F.cross_entropy(z.float(), self.hard[batch]) for z in member_logits]
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         scheduled = [group["lr"] for group in self.optimizer.param_groups]
@@ -219,16 +219,20 @@ class TrainStep:
         return torch.stack(losses).detach().double() * len(batch)
 
 
-def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int]) -> torch.nn.Module:
+def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], exits: list[int] | None = None) -> torch.nn.Module:
     """Freshly initialized models, one per weight seed, with the input normalization of the
-    training frames: a HybridDNN for one seed, a StackedDNN of them for several."""
+    training frames: a HybridDNN for one seed (a MultiExitDNN with ``exits``), a StackedDNN of
+    them for several."""
     device = data.pdf_ids.device
     sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
     sample_frames = data.frames.frames[torch.from_numpy(np.sort(sample)).to(device)].float().cpu().numpy()
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model).to(device)
+        model = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model) if not exits else MultiExitDNN(
+            data.frames.store.dim, data.num_pdfs, cfg.model.left_context, cfg.model.right_context, cfg.model.num_hidden_layers,
+            cfg.model.hidden_dim, cfg.model.dropout, exits)
+        model = model.to(device)
         model.set_normalization(sample_frames.mean(0), sample_frames.std(0))
         models.append(model)
     return models[0] if len(models) == 1 else StackedDNN(models)
@@ -237,6 +241,7 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int]) ->
 def train_model(
     cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dirs: list[Path], loss_fn: LossFn | None = None,
     init_seeds: list[int | None] | None = None, replicate: int = 0, fingerprint: str = "", hard: torch.Tensor | None = None,
+    exits: list[int] | None = None,
 ) -> list[list[dict]]:
     """Train one model per ``out_dirs`` entry, keeping ``last.pt`` (resume point) and each
     model's ``best.pt``; returns each model's per-epoch history.
@@ -255,7 +260,7 @@ def train_model(
     hard = data.pdf_ids if hard is None else hard
     seed = model_seed(cfg, replicate)
     init_seeds = init_seeds or [None] * len(out_dirs)
-    net = new_models(cfg, data, train_idx, [seed if s is None else s for s in init_seeds])
+    net = new_models(cfg, data, train_idx, [seed if s is None else s for s in init_seeds], exits)
     model_of = (lambda i: net.member(i)) if isinstance(net, StackedDNN) else (lambda i: net)  # model i, as a HybridDNN
     step_fn = TrainStep(cfg, net, data, loss_fn, hard)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(step_fn.optimizer, gamma=tcfg.lr_decay)
@@ -348,7 +353,7 @@ def load_model(path: Path, device: torch.device) -> HybridDNN:
         raise FileNotFoundError(f"{path}: no such model; train it first") from None
     except Exception as err:
         raise ValueError(f"{path} is truncated or corrupt ({str(err).splitlines()[0]}); retrain it with redo=true") from err
-    model = HybridDNN(**state["config"]).to(device)
+    model = model_from_config(state["config"]).to(device)
     model.load_state_dict(state["model"])
     return model
 
@@ -505,6 +510,7 @@ class Model:
     replicate: int = 0
     init_seed: int | None = None
     values: dict | None = None
+    exits: list[int] | None = None  # hidden layers with a shallow exit (a MultiExitDNN: self-distillation)
 
 
 def train_stage(
@@ -534,8 +540,10 @@ def train_stage(
         if len(replicates_) > 1:
             raise ValueError(f"fused models must share their replicate (frame order), got {sorted(replicates_)}")
         fingerprint = group[0][1].fingerprint if len(group) == 1 else digest([stage.fingerprint for _, stage in group])
+        if len(group) > 1 and any(m.exits for m, _ in group):
+            raise ValueError("models with exits train one at a time (no fused stack of them)")
         histories = train_model(cfg, data, train_idx, valid_idx, [m.out_dir for m, _ in group], loss(data, hard) if loss else None,
-                                [m.init_seed for m, _ in group], group[0][0].replicate, fingerprint, hard)
+                                [m.init_seed for m, _ in group], group[0][0].replicate, fingerprint, hard, group[0][0].exits)
         if rank() == 0:
             for (_, stage), history in zip(group, histories):
                 best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])

@@ -1,0 +1,176 @@
+"""Self-distillation with shallow exits ("Be Your Own Teacher", Zhang et al. 2019).
+
+``self_distillation.name`` (``exp/dnn/byot``) is the baseline's network (``model.*``) with a
+shallow exit after each hidden layer of ``self_distillation.exits`` (a bottleneck of the hidden
+width and an output layer), trained jointly by
+:func:`asrkd.distill.losses.self_distillation_loss` through the one training loop: every exit
+learns the labels, the shallow ones also the deepest exit's softmax at T and its features. Each
+exit is then written as a plain model of its own (``exp/dnn/byot_exit<k>``: k hidden layers and
+the bottleneck, k + 1 in all; the deepest, ``byot_exit<L>``, is the network without its heads),
+so it decodes, scores and costs as any DNN: the heads are dropped at inference, or an exit is
+used as an early exit.
+
+Against: the plain model of the full depth trained alone (the baseline, ``train.name``), and
+plain models as deep as each shallow exit, trained alone (``exp/dnn/plain_<k+1>x<width>``, the
+exit's exact shape; the baseline when that is its shape).
+
+Commands: ``train-self-distill``, ``decode-self-distill``, ``report-self-distill``
+(``recipes/an4/run_self_distill.sh``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def exit_layers(cfg) -> list[int]:
+    """Every exit, shallow to deep: the hidden layers of ``self_distillation.exits``, then the last."""
+    depth = int(cfg.model.num_hidden_layers)
+    exits = sorted({int(k) for k in cfg.self_distillation.exits})
+    if not exits or exits[0] < 1 or exits[-1] >= depth:
+        raise ValueError(f"self_distillation.exits={exits}: each must be a hidden layer in 1..{depth - 1} (model.num_hidden_layers={depth})")
+    return [*exits, depth]
+
+
+def exit_name(cfg, k: int) -> str:
+    return f"{cfg.self_distillation.name}_exit{k}"
+
+
+def hidden_layers(cfg, k: int) -> int:
+    """The hidden layers of exit k's model: k and its bottleneck, or all of them for the deepest."""
+    return k if k == int(cfg.model.num_hidden_layers) else k + 1
+
+
+def plain_name(cfg, k: int) -> str:
+    """The plain model as deep as exit k, trained alone (the baseline when it has the baseline's shape)."""
+    layers = hidden_layers(cfg, k)
+    return str(cfg.train.name) if layers == int(cfg.model.num_hidden_layers) else f"plain_{layers}x{int(cfg.model.hidden_dim)}"
+
+
+def run_train(cfg) -> None:
+    """Stage 0: the network with exits, each exit written as a model of its own, and the plain
+    models as deep as the exits (the baseline is the main recipe's)."""
+    from asrkd.distill.losses import self_distillation_loss
+    from asrkd.nnet.model import pick_device
+    from asrkd.nnet.train import Model, TrainingSet, load_model, model_path, save_model, train_stage
+    from asrkd.stage import plan
+
+    exp, scfg = Path(cfg.exp_dir), cfg.self_distillation
+    exits = exit_layers(cfg)
+    training = TrainingSet(cfg)
+    values = {"exits": exits[:-1], "temperature": float(scfg.temperature), "kd_weight": float(scfg.kd_weight),
+              "hint_weight": float(scfg.hint_weight)}
+
+    def loss(data, hard):
+        return lambda outputs, batch: self_distillation_loss(outputs.logits, outputs.features, hard[batch], float(scfg.temperature),
+                                                             float(scfg.kd_weight), float(scfg.hint_weight))
+
+    name = str(scfg.name)
+    train_stage(cfg, [Model(f"train-self-distill {name}", exp / "dnn" / name, values=values, exits=exits[:-1])], training, loss=loss)
+    network = None
+    for k in exits:
+        layers = hidden_layers(cfg, k)
+        stage = plan(f"self-distill exit {k}", exp / "dnn" / exit_name(cfg, k), cfg, ("model.hidden_dim", "model.left_context",
+                     "model.right_context"), {"model": exp / "dnn" / name}, {"exit": k, "model.num_hidden_layers": layers})
+        if stage.up_to_date:
+            continue
+        if network is None:
+            network = load_model(model_path(exp, name), pick_device(cfg.train.device))
+        save_model(stage.out_dir / "final.pt", network.exit_model(k), epoch=-1)
+        stage.commit(hidden_layers=layers)
+    for k in exits:
+        plain = plain_name(cfg, k)
+        if plain != str(cfg.train.name):
+            plain_cfg = OmegaConf.merge(cfg, {"model": {"num_hidden_layers": hidden_layers(cfg, k)}})
+            train_stage(plain_cfg, [Model(f"train-dnn {plain}", exp / "dnn" / plain)], TrainingSet(plain_cfg))
+
+
+def systems(cfg) -> list[str]:
+    """Every system the report scores: the exits and the plain models."""
+    exits = exit_layers(cfg)
+    return list(dict.fromkeys([*(exit_name(cfg, k) for k in exits), *(plain_name(cfg, k) for k in exits)]))
+
+
+def run_decode(cfg) -> None:
+    """Stage 1: WER of every exit and every plain model."""
+    from asrkd.kaldi import decode
+
+    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": systems(cfg)}}))
+
+
+def plot(result: dict, out: Path) -> None:
+    """Frame accuracy against scoring cost: the exits and the plain models of the same depths."""
+    from asrkd.evaluate import saved_figure
+
+    test = result["eval_set"]
+    with saved_figure(out, (7, 4.5), "ms to score 1000 frames", f"{test} frame accuracy (%)",
+                      "Self-distillation (BYOT): each exit against a plain model as deep", fontsize=8) as ax:
+        for key, label, marker in (("exit", "exit of the self-distilled network", "o"), ("plain", "plain model trained alone", "s")):
+            points = [(row[key]["cost"]["ms_per_1000_frames"], 100 * row[key]["frame_accuracy"][test]) for row in result["rows"]]
+            errors = [[100 * (row[key]["frame_accuracy"][test] - row[key]["frame_accuracy_ci"][test][0]) for row in result["rows"]],
+                      [100 * (row[key]["frame_accuracy_ci"][test][1] - row[key]["frame_accuracy"][test]) for row in result["rows"]]]
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, fmt=marker + "-", capsize=3, label=label)
+
+
+def markdown(result: dict) -> str:
+    from asrkd.evaluate import percent, with_ci
+    from asrkd.stats import format_interval
+
+    test = result["eval_set"]
+    lines = [f"# {result['corpus']}: self-distillation with shallow exits (BYOT)", "",
+             f"| exit | hidden layers | exit frame acc. {test} [95% CI] | exit WER {test} [95% CI] | parameters | scoring ms / 1000 frames "
+             f"| plain model as deep | plain frame acc. {test} [95% CI] | plain WER {test} [95% CI] | exit − plain [95% CI] | P(> 0) "
+             f"| exit − full-depth plain [95% CI] |", "|---" * 12 + "|"]
+    for row in result["rows"]:
+        exit_, plain = row["exit"], row["plain"]
+        lines.append(f"| {row['exit_layer']} | {row['hidden_layers']} | {with_ci(exit_, 'frame_accuracy', test)} | {with_ci(exit_, 'wer', test)} "
+                     f"| {exit_['cost']['parameters']:,} | {exit_['cost']['ms_per_1000_frames']:.1f} | {plain['system']} "
+                     f"| {with_ci(plain, 'frame_accuracy', test)} | {with_ci(plain, 'wer', test)} "
+                     f"| {format_interval(row['minus_plain'], signed=True)} | {row['minus_plain']['p_above_zero']:.2f} "
+                     f"| {format_interval(row['minus_full_plain'], signed=True)} |")
+    lines += ["", f"Command: `{result['command']}`. Training: {result['train_seconds']:.0f} s for the network with its exits "
+              f"(T = {result['temperature']:g}, KD weight {result['kd_weight']:g}, hint weight {result['hint_weight']:g}).",
+              f"The full-depth plain model is {result['full_plain']} ({percent(result['full_plain_accuracy'])} {test} frame accuracy).",
+              f"[95% CI]: bootstrap over whole {test} utterances (asrkd/stats.py), differences paired; one seed per model: "
+              "single-seed claims, test-set variation only.", ""]
+    return "\n".join(lines)
+
+
+def run_report(cfg) -> None:
+    """Stage 2: ``self_distillation.md``, ``self_distillation.png``, "self_distillation" in report.json."""
+    from asrkd.evaluate import Evaluation, merge_into_report, recipe_command
+    from asrkd.nnet.cost import system_cost
+    from asrkd.nnet.train import data_split, read_history
+    from asrkd.stage import write_text
+
+    exp = Path(cfg.exp_dir)
+    train_utts, valid_utts = data_split(cfg)
+    sets = {"train": train_utts, "valid": valid_utts}
+    evaluation = Evaluation(cfg)
+    command = recipe_command("asrkd report-self-distill")
+    full_plain = str(cfg.train.name)
+    full_plain_entry = evaluation.entry([full_plain], sets)  # before the rows: their differences to it are paired draws
+    rows = []
+    for k in exit_layers(cfg):
+        exit_system, plain_system = exit_name(cfg, k), plain_name(cfg, k)
+        exit_entry = evaluation.entry([exit_system], sets, command=command) | {"cost": system_cost(cfg, exit_system)}
+        plain_entry = evaluation.entry([plain_system], sets) | {"cost": system_cost(cfg, plain_system)}
+        rows.append({"exit_layer": k, "hidden_layers": hidden_layers(cfg, k), "exit": exit_entry, "plain": plain_entry,
+                     "minus_plain": evaluation.frames.difference(exit_system, plain_system),
+                     "minus_full_plain": evaluation.frames.difference(exit_system, full_plain)})
+    test = evaluation.primary
+    scfg = cfg.self_distillation
+    result = {"corpus": cfg.corpus, "command": command, "eval_set": test, "rows": rows, "full_plain": full_plain,
+              "full_plain_accuracy": full_plain_entry["frame_accuracy"][test],
+              "temperature": float(scfg.temperature), "kd_weight": float(scfg.kd_weight), "hint_weight": float(scfg.hint_weight),
+              "train_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / str(scfg.name))), "bootstrap_unit": cfg.stats.unit}
+    out_dir = exp / "report"
+    write_text(out_dir / "self_distillation.md", markdown(result))
+    plot(result, out_dir / "self_distillation.png")
+    merge_into_report(cfg, {"self_distillation": result}, ("self_distillation.md", "self_distillation.png"))
+    log.info("self-distillation: %s", {row["exit_layer"]: round(row["exit"]["frame_accuracy"][test], 4) for row in rows})

@@ -1,0 +1,62 @@
+"""Self-distillation with shallow exits (BYOT): the multi-exit network, its loss, and the stages on the tiny run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from asrkd.distill.losses import self_distillation_loss
+from asrkd.nnet.model import ExitOutputs, MultiExitDNN
+
+from .conftest import tiny_config
+
+
+def test_every_exit_is_a_plain_model_that_scores_as_the_exit_did() -> None:
+    torch.manual_seed(0)
+    net = MultiExitDNN(feat_dim=4, num_pdfs=5, left_context=1, right_context=1, num_hidden_layers=3, hidden_dim=8, exits=[1, 2])
+    x = torch.randn(6, 3, 4)
+    outputs = net.train()(x)
+    assert isinstance(outputs, ExitOutputs) and len(outputs.logits) == len(outputs.features) == 3
+    for logits, k in zip(outputs.logits, (1, 2, 3)):
+        exit_model = net.exit_model(k)
+        assert exit_model.config["num_hidden_layers"] == (k + 1 if k < 3 else 3) and "exits" not in exit_model.config
+        torch.testing.assert_close(exit_model(x), logits)
+    torch.testing.assert_close(net.eval()(x), outputs.logits[-1])  # in eval, the deepest exit alone
+
+
+def test_the_deepest_exit_teaches_without_being_taught() -> None:
+    torch.manual_seed(0)
+    logits = [torch.randn(4, 5, requires_grad=True) for _ in range(3)]
+    features = [torch.randn(4, 8, requires_grad=True) for _ in range(3)]
+    hard = torch.tensor([0, 1, 2, -1])
+    plain = self_distillation_loss(logits, features, hard, 3.0, 0.0, 0.0)
+    expected = sum(torch.nn.functional.cross_entropy(z, hard, ignore_index=-1) for z in logits)
+    torch.testing.assert_close(plain, expected)
+    self_distillation_loss(logits, features, hard, 3.0, 0.3, 0.1).backward()
+    deepest = logits[-1].detach().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(deepest, hard, ignore_index=-1).backward()
+    torch.testing.assert_close(logits[-1].grad, deepest.grad)  # the kd and hint terms leave the teacher alone
+    assert features[-1].grad is None and features[0].grad is not None and logits[0].grad is not None
+
+
+def test_self_distillation_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path) -> None:
+    from asrkd.experiments import self_distillation
+    from asrkd.nnet import train
+
+    shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
+    shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)
+    cfg = tiny_config(tmp_path, "model.num_hidden_layers=3", "train.name=deep3", "self_distillation.exits=[1]", "train.epochs=1")
+    train.run(cfg)  # the full-depth plain model (the main recipe's baseline in a real run)
+    self_distillation.run_train(cfg)
+    self_distillation.run_decode(cfg)
+    self_distillation.run_report(cfg)
+    report = json.loads((tmp_path / "exp" / "report" / "report.json").read_text())["self_distillation"]
+    assert [(row["exit_layer"], row["hidden_layers"], row["plain"]["system"]) for row in report["rows"]] == [(1, 2, "plain_2x64"), (3, 3, "deep3")]
+    exit_row = report["rows"][0]
+    assert exit_row["exit"]["cost"]["parameters"] == exit_row["plain"]["cost"]["parameters"]  # the same shape
+    assert "test" in exit_row["exit"]["wer"] and "ci" in exit_row["minus_plain"]
+    assert (tmp_path / "exp" / "report" / "self_distillation.png").is_file()
+    assert "| 1 | 2 |" in (tmp_path / "exp" / "report" / "self_distillation.md").read_text()
