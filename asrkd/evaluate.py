@@ -18,7 +18,7 @@ import platform
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -301,6 +301,29 @@ def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
             copy_file(out_dir / name, results_dir / name)
         log.info("report merged into %s", results_dir)
     return report
+
+
+def experiment_scoring(cfg, command: str) -> tuple["Evaluation", dict[str, list[str]], str]:
+    """What an experiment's report scores with: the Evaluation, the train and valid utterances
+    (the training sets every entry reports), and the recipe line that ran it (else ``command``)."""
+    from asrkd.nnet.train import data_split
+
+    train_utts, valid_utts = data_split(cfg)
+    return Evaluation(cfg), {"train": train_utts, "valid": valid_utts}, recipe_command(command)
+
+
+def publish_experiment(cfg, name: str, result: dict, markdown: str, draw: Callable[[dict, Path], None]) -> None:
+    """An experiment's ``<name>.md`` and ``<name>.png`` under exp/report, and ``result`` as the
+    ``name`` section of report.json, all merged into ``results_dir``."""
+    out_dir = Path(cfg.exp_dir) / "report"
+    write_text(out_dir / f"{name}.md", markdown)
+    draw(result, out_dir / f"{name}.png")
+    merge_into_report(cfg, {name: result}, (f"{name}.md", f"{name}.png"))
+
+
+def single_seed_note(test: str) -> str:
+    return (f"[95% CI]: bootstrap over whole {test} utterances (asrkd/stats.py), differences paired; one seed per model: "
+            "single-seed claims, test-set variation only.")
 
 
 def recipe_command(default: str) -> str:

@@ -231,7 +231,7 @@ def plot(result: dict, out: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    from asrkd.evaluate import percent, with_ci
+    from asrkd.evaluate import percent, single_seed_note, with_ci
     from asrkd.stats import format_interval
 
     test = result["eval_set"]
@@ -261,23 +261,18 @@ def markdown(result: dict) -> str:
               f"DGKD drops each teacher with probability {result['teacher_drop']:g} per batch. Chain seconds: training time of every model "
               "the row's chain needed (shared ones counted in each row); teacher passes: expected teacher forward passes per frame of the "
               "student's training, the top teacher counted as its members.",
-              f"[95% CI]: bootstrap over whole {test} utterances (asrkd/stats.py); differences are paired; one seed per row: "
-              "single-seed claims, test-set variation only.", ""]
+              single_seed_note(test), ""]
     return "\n".join(lines)
 
 
 def run_report(cfg) -> None:
     """Stage 2: ``chains.md``, ``chains.png`` and the "chains" section of report.json."""
-    from asrkd.evaluate import Evaluation, bootstrap_key, merge_into_report, recipe_command
-    from asrkd.nnet.train import data_split, read_history, system_dirs
-    from asrkd.stage import write_text
+    from asrkd.evaluate import bootstrap_key, experiment_scoring, publish_experiment
+    from asrkd.nnet.train import read_history, system_dirs
 
     exp = Path(cfg.exp_dir)
-    train_utts, valid_utts = data_split(cfg)
-    sets = {"train": train_utts, "valid": valid_utts}
-    evaluation = Evaluation(cfg)
+    evaluation, sets, command = experiment_scoring(cfg, "asrkd report-chains")
     test = evaluation.primary
-    command = recipe_command("asrkd report-chains")
     top = str(cfg.chains.teacher)
     top_members = len(system_dirs(exp, top))
     rows = {}
@@ -298,8 +293,5 @@ def run_report(cfg) -> None:
     result = {"corpus": cfg.corpus, "command": command, "eval_set": test, "teacher": {**teacher, "system": top},
               "sizes": [size_tag(int(a), int(b)) for a, b in cfg.chains.sizes], "temperatures": [float(t) for t in cfg.chains.temperatures],
               "teacher_drop": float(cfg.chains.teacher_drop), "rows": rows, "bootstrap_unit": cfg.stats.unit}
-    out_dir = exp / "report"
-    write_text(out_dir / "chains.md", markdown(result))
-    plot(result, out_dir / "chains.png")
-    merge_into_report(cfg, {"chains": result}, ("chains.md", "chains.png"))
+    publish_experiment(cfg, "chains", result, markdown(result), plot)
     log.info("chains: %s", {row: round(entry["frame_accuracy"][test], 4) for row, entry in rows.items()})

@@ -118,7 +118,7 @@ def plot(result: dict, out: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    from asrkd.evaluate import percent, with_ci
+    from asrkd.evaluate import percent, single_seed_note, with_ci
     from asrkd.stats import format_interval
 
     test = result["eval_set"]
@@ -136,23 +136,18 @@ def markdown(result: dict) -> str:
     lines += ["", f"Command: `{result['command']}`. Training: {result['train_seconds']:.0f} s for the network with its exits "
               f"(T = {result['temperature']:g}, KD weight {result['kd_weight']:g}, hint weight {result['hint_weight']:g}).",
               f"The full-depth plain model is {result['full_plain']} ({percent(result['full_plain_accuracy'])} {test} frame accuracy).",
-              f"[95% CI]: bootstrap over whole {test} utterances (asrkd/stats.py), differences paired; one seed per model: "
-              "single-seed claims, test-set variation only.", ""]
+              single_seed_note(test), ""]
     return "\n".join(lines)
 
 
 def run_report(cfg) -> None:
     """Stage 2: ``self_distillation.md``, ``self_distillation.png``, "self_distillation" in report.json."""
-    from asrkd.evaluate import Evaluation, merge_into_report, recipe_command
+    from asrkd.evaluate import experiment_scoring, publish_experiment
     from asrkd.nnet.cost import system_cost
-    from asrkd.nnet.train import data_split, read_history
-    from asrkd.stage import write_text
+    from asrkd.nnet.train import read_history
 
     exp = Path(cfg.exp_dir)
-    train_utts, valid_utts = data_split(cfg)
-    sets = {"train": train_utts, "valid": valid_utts}
-    evaluation = Evaluation(cfg)
-    command = recipe_command("asrkd report-self-distill")
+    evaluation, sets, command = experiment_scoring(cfg, "asrkd report-self-distill")
     full_plain = str(cfg.train.name)
     full_plain_entry = evaluation.entry([full_plain], sets)  # before the rows: their differences to it are paired draws
     rows = []
@@ -169,8 +164,5 @@ def run_report(cfg) -> None:
               "full_plain_accuracy": full_plain_entry["frame_accuracy"][test],
               "temperature": float(scfg.temperature), "kd_weight": float(scfg.kd_weight), "hint_weight": float(scfg.hint_weight),
               "train_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / str(scfg.name))), "bootstrap_unit": cfg.stats.unit}
-    out_dir = exp / "report"
-    write_text(out_dir / "self_distillation.md", markdown(result))
-    plot(result, out_dir / "self_distillation.png")
-    merge_into_report(cfg, {"self_distillation": result}, ("self_distillation.md", "self_distillation.png"))
+    publish_experiment(cfg, "self_distillation", result, markdown(result), plot)
     log.info("self-distillation: %s", {row["exit_layer"]: round(row["exit"]["frame_accuracy"][test], 4) for row in rows})
