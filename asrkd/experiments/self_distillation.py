@@ -104,17 +104,19 @@ def run_decode(cfg) -> None:
 
 
 def plot(result: dict, out: Path) -> None:
-    """Frame accuracy against scoring cost: the exits and the plain models of the same depths."""
+    """Frame accuracy against size (parameters: the cost that does not move run to run, as the
+    scoring times in the table do): the exits and the plain models of the same depths, drawn
+    side by side at each size."""
     from asrkd.evaluate import saved_figure
 
     test = result["eval_set"]
-    with saved_figure(out, (7, 4.5), "ms to score 1000 frames", f"{test} frame accuracy (%)",
+    with saved_figure(out, (7, 4.5), "parameters (millions)", f"{test} frame accuracy (%)",
                       "Self-distillation (BYOT): each exit against a plain model as deep", fontsize=8) as ax:
-        for key, label, marker in (("exit", "exit of the self-distilled network", "o"), ("plain", "plain model trained alone", "s")):
-            points = [(row[key]["cost"]["ms_per_1000_frames"], 100 * row[key]["frame_accuracy"][test]) for row in result["rows"]]
+        for key, label, marker, shift in (("exit", "exit of the self-distilled network", "o", -0.01), ("plain", "plain model trained alone", "s", 0.01)):
+            points = [(row[key]["cost"]["parameters"] / 1e6 + shift, 100 * row[key]["frame_accuracy"][test]) for row in result["rows"]]
             errors = [[100 * (row[key]["frame_accuracy"][test] - row[key]["frame_accuracy_ci"][test][0]) for row in result["rows"]],
                       [100 * (row[key]["frame_accuracy_ci"][test][1] - row[key]["frame_accuracy"][test]) for row in result["rows"]]]
-            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, fmt=marker + "-", capsize=3, label=label)
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, fmt=marker, capsize=3, label=label)
 
 
 def markdown(result: dict) -> str:
