@@ -338,23 +338,34 @@ def fill_batches(teacher: EnsembleDNN, frames: SplicedFrames, batches: FrameGrou
             logits_writer.arrays["logits"][indices] = average_zero_mean_logits(member_logits).cpu().numpy()
 
 
+def load_teacher(cfg, device: torch.device) -> EnsembleDNN:
+    """``distill.teacher``: an ensemble's members, or one DNN as an ensemble of one."""
+    from asrkd.nnet.train import load_system
+
+    teacher = load_system(Path(cfg.exp_dir), cfg.distill.teacher, device)
+    return teacher if isinstance(teacher, EnsembleDNN) else EnsembleDNN([teacher])
+
+
+def spliced_store(cfg, teacher: EnsembleDNN, store: str, device: torch.device) -> SplicedFrames:
+    """The fbank frames of ``store`` in memory on ``device``, with the teacher's context windows."""
+    from asrkd.kaldi.features import FeatureStore
+
+    features = FeatureStore.load(Path(cfg.exp_dir) / "feats" / "fbank" / store, mmap=False)
+    return SplicedFrames(features, teacher.config["left_context"], teacher.config["right_context"], device)
+
+
 def fill_part(job: tuple) -> None:
     """One soft-target job: (config, store, {T: store dir}, logits dir, its batches) -> their rows
     written into the stage's temporary arrays (the rows of other jobs are not touched)."""
     from omegaconf import OmegaConf
 
-    from asrkd.kaldi.features import FeatureStore
     from asrkd.nnet.model import pick_device
-    from asrkd.nnet.train import load_system
 
     settings, store, temperatures, logits_dir, batches = job
     cfg = OmegaConf.create(settings)
-    exp = Path(cfg.exp_dir)
     device = pick_device(cfg.train.device)
-    teacher = load_system(exp, cfg.distill.teacher, device)
-    teacher = teacher if isinstance(teacher, EnsembleDNN) else EnsembleDNN([teacher])
-    frames = SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / store, mmap=False), teacher.config["left_context"],
-                           teacher.config["right_context"], device)
+    teacher = load_teacher(cfg, device)
+    frames = spliced_store(cfg, teacher, store, device)
     writers = {t: ArrayWriter.reopen(Path(d), list(DENSE_ARRAYS)) for t, d in temperatures.items()}
     logits_writer = ArrayWriter.reopen(Path(logits_dir), ["logits"]) if logits_dir else None
     fill_batches(teacher, frames, batches, writers, logits_writer, int(cfg.distill.top_k))
@@ -362,26 +373,27 @@ def fill_part(job: tuple) -> None:
         writer.flush()
 
 
-def write_teacher_outputs(cfg, teacher: EnsembleDNN, frames: SplicedFrames, groups: FrameGroups, temperatures: dict[float, Path],
-                          logits_dir: Path | None, store: str, checksum: str) -> None:
+def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_frames: int, groups: FrameGroups,
+                          temperatures: dict[float, Path], logits_dir: Path | None, store: str, checksum: str) -> None:
     """For every frame of the store: the average softmax(z/T) of its group's members for each T,
     and with ``logits_dir`` their average zero-mean logits, batch by batch (``eval.batch_size``
     frames of one group). With ``jobs.nj`` > 1 on CPU the batches are dealt out to jobs whole, so
-    each frame is scored in the very batch one job would score it in: the stores are identical."""
+    each frame is scored in the very batch one job would score it in: the stores are identical.
+    The frames are read where they are scored (here, or in each job), not both."""
     from omegaconf import OmegaConf
 
     from asrkd.jobs import map_jobs, num_jobs, split
     from asrkd.stage import write_json
 
-    num_frames, num_pdfs, top_k_size = frames.store.num_frames, teacher.config["num_pdfs"], int(cfg.distill.top_k)
+    num_pdfs, top_k_size = teacher.config["num_pdfs"], int(cfg.distill.top_k)
     batch_size = int(cfg.eval.batch_size)
     headers = {t: SoftTargetStore.make_header(t, top_k_size, num_frames, num_pdfs, checksum) for t in temperatures}
     writers = {t: SoftTargetStore.writer(directory, headers[t]) for t, directory in temperatures.items()}
     logits_header = TeacherLogits.make_header(num_frames, num_pdfs, checksum)
     logits_writer = TeacherLogits.writer(logits_dir, logits_header) if logits_dir else None
     batches = [(indices[s : s + batch_size], members) for indices, members in groups for s in range(0, len(indices), batch_size)]
-    if num_jobs(cfg) <= 1 or frames.frames.device.type != "cpu":  # one device scores fastest in one process
-        fill_batches(teacher, frames, batches, writers, logits_writer, top_k_size)
+    if num_jobs(cfg) <= 1 or device.type != "cpu":  # one device scores fastest in one process
+        fill_batches(teacher, spliced_store(cfg, teacher, store, device), batches, writers, logits_writer, top_k_size)
     else:
         for writer in [*writers.values(), *([logits_writer] if logits_writer else [])]:
             writer.flush()
@@ -467,8 +479,8 @@ def run_store(cfg, store: str) -> None:
     """The soft targets of one feature store (``exp/soft_targets/<teacher>/<store>/...``)."""
     from asrkd.kaldi.features import FeatureStore
     from asrkd.nnet.model import pick_device
+    from asrkd.nnet.train import system_dirs
     from asrkd.stage import plan
-    from asrkd.nnet.train import load_system, system_dirs
 
     exp = Path(cfg.exp_dir)
     members = system_dirs(exp, cfg.distill.teacher)
@@ -488,13 +500,10 @@ def run_store(cfg, store: str) -> None:
         return
     torch.set_num_threads(int(cfg.train.num_threads))
     device = pick_device(cfg.train.device)
-    teacher = load_system(exp, cfg.distill.teacher, device)
-    if not isinstance(teacher, EnsembleDNN):
-        teacher = EnsembleDNN([teacher])
-    features = FeatureStore.load(exp / "feats" / "fbank" / store, mmap=False)
-    frames = SplicedFrames(features, teacher.config["left_context"], teacher.config["right_context"], device)
+    teacher = load_teacher(cfg, device)
+    features = FeatureStore.load(exp / "feats" / "fbank" / store)  # its index: the groups; the frames are read where they are scored
     groups = teacher_groups(cfg, features.utt_ids, features.offsets, members)
-    write_teacher_outputs(cfg, teacher, frames, groups, {t: stage.out_dir for t, stage in todo.items()},
+    write_teacher_outputs(cfg, teacher, device, features.num_frames, groups, {t: stage.out_dir for t, stage in todo.items()},
                           logits_stage.out_dir if logits_stage else None, store, current_checksum(exp, store))
     for t, stage in todo.items():
         log.info("soft-targets T=%g: %d frames of %s from %d model(s) in %d group(s)", t, features.num_frames, store,

@@ -26,10 +26,10 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd.distill.losses import distillation_loss, logit_distillation_loss
-from asrkd.nnet.model import EnsembleDNN, StackedDNN, average_softmax, average_zero_mean_logits
-from asrkd.distill.soft_targets import (COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, current_checksum, logits_dir, pdf_priors,
-                                store_dir, teacher_groups)
-from asrkd.nnet.train import Model, TrainingSet, load_system, replicate_name, system_dirs, train_stage
+from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
+from asrkd.distill.soft_targets import (COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, current_checksum, load_teacher, logits_dir,
+                                        pdf_priors, store_dir, teacher_groups)
+from asrkd.nnet.train import Model, TrainingSet, replicate_name, system_dirs, train_stage
 
 LOGITS = "logits"  # the form name of the logit-matching student
 
@@ -119,8 +119,7 @@ class TeacherOnTheFly:
         cross-fitted teacher's members restricted as its soft-target store would be."""
         exp = Path(cfg.exp_dir)
         device = data.pdf_ids.device
-        teacher = load_system(exp, cfg.distill.teacher, device)
-        members = list(teacher.members) if isinstance(teacher, EnsembleDNN) else [teacher]
+        members = list(load_teacher(cfg, device).members)
         store = data.frames.store
         groups = teacher_groups(cfg, store.utt_ids, store.offsets, system_dirs(exp, cfg.distill.teacher))
         group_of = torch.zeros(store.num_frames, dtype=torch.long)

@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from omegaconf import OmegaConf
+
+if TYPE_CHECKING:
+    from asrkd.nnet.train import TrainingSet
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +133,16 @@ def teacher_passes(link: Link, top: str, top_members: int, drop: float) -> float
     return float(sum(weights))
 
 
-def train_link(cfg, link: Link, temperature: float) -> None:
-    """Train one chain model (skipped when complete): labels alone, or the students' loss against its mixed teachers."""
+def train_link(cfg, link: Link, temperature: float, training: TrainingSet) -> None:
+    """Train one chain model (skipped when complete) on ``training`` (a TrainingSet: every model of
+    every chain reads the same frames, loaded once): labels alone, or the students' loss against
+    its mixed teachers."""
     from asrkd.distill.losses import distillation_loss
     from asrkd.distill.student import Student, TeacherOnTheFly, target_source
-    from asrkd.nnet.train import Model, TrainingSet, load_system, system_dirs, train_stage
+    from asrkd.nnet.train import Model, load_system, system_dirs, train_stage
 
     exp, dcfg, ccfg = Path(cfg.exp_dir), cfg.distill, cfg.chains
     mcfg = model_cfg(cfg, link)
-    training = TrainingSet(mcfg)
     values = {"layers": link.layers, "width": link.width, "teachers": list(link.teachers), "rule": link.rule}
     if link.rule == "none":
         train_stage(mcfg, [Model(f"train-chains {link.name}", exp / "dnn" / link.name, values=values)], training)
@@ -175,11 +179,14 @@ def runs(cfg) -> list[tuple[str, float | None, list[Link]]]:
 
 def run_train(cfg) -> None:
     """Stage 0: every model of every chain at every T, top down (a shared model trains once)."""
+    from asrkd.nnet.train import TrainingSet
+
+    training = TrainingSet(cfg)  # the model's size is no part of it: one set serves every chain model
     done: set[str] = set()
     for _, temperature, links in runs(cfg):
         for link in links:
             if link.name not in done:
-                train_link(cfg, link, temperature or 1.0)
+                train_link(cfg, link, temperature or 1.0, training)
                 done.add(link.name)
 
 

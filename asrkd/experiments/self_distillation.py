@@ -87,7 +87,7 @@ def run_train(cfg) -> None:
         plain = plain_name(cfg, k)
         if plain != str(cfg.train.name):
             plain_cfg = OmegaConf.merge(cfg, {"model": {"num_hidden_layers": hidden_layers(cfg, k)}})
-            train_stage(plain_cfg, [Model(f"train-dnn {plain}", exp / "dnn" / plain)], TrainingSet(plain_cfg))
+            train_stage(plain_cfg, [Model(f"train-dnn {plain}", exp / "dnn" / plain)], training)  # the same frames, loaded once
 
 
 def systems(cfg) -> list[str]:

@@ -192,16 +192,17 @@ class Aligner:
 
 
 def realigner(cfg, lang: Lang, model: GmmModel, text: dict[str, str], utts: list[str], feats: FeatureStore, feats_dir: Path,
-              stage: str) -> Callable[[GmmModel], dict]:
+              stage: str, graphs: dict | None = None) -> Callable[[GmmModel], dict]:
     """The realignment step of GMM training for ``model`` (as it is now, before training: its
-    graphs are compiled with it): with one job, in this process on graphs compiled once; with
-    ``jobs.nj`` > 1, an :class:`Aligner` over the same utterances and the same graphs."""
+    graphs are compiled with it): with one job, in this process on graphs compiled once (or on
+    ``graphs``, when the caller has compiled them with it already); with ``jobs.nj`` > 1, an
+    :class:`Aligner` over the same utterances and the same graphs."""
     import copy
 
     from asrkd.jobs import num_jobs
 
     if num_jobs(cfg) <= 1:
-        graphs, _ = compile_graphs(lang, model, text, utts)
+        graphs = {u: graphs[u] for u in utts} if graphs is not None else compile_graphs(lang, model, text, utts)[0]
         return lambda current: align(current, graphs, feats, cfg.gmm.align)[0]
     aligner = Aligner(cfg, text, feats_dir, stage, graph_model=copy.deepcopy(model))
     return lambda current: aligner(current, utts)[0]
@@ -405,7 +406,7 @@ def train(cfg) -> dict:
     account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, exp / "mono" / "dropped.json")
     utts = [u for u in graphs if u in alignments]
     mfcc_dir = exp / "feats" / "mfcc" / "train"
-    realign = realigner(cfg, lang, mono, data.text, utts, feats, mfcc_dir, "train-gmm mono realign")
+    realign = realigner(cfg, lang, mono, data.text, utts, feats, mfcc_dir, "train-gmm mono realign", graphs)
     _, mono_history = train_em(mono, realign, feats, alignments, cfg.gmm.mono, cfg, "mono", rng)
     alignments = realign(mono)  # the final model's alignment feeds the tree
     mono.save(exp / "mono")
