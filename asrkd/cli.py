@@ -100,6 +100,13 @@ COMMANDS = {
     "train-self-distill": "asrkd.experiments.self_distillation:run_train",
     "decode-self-distill": "asrkd.experiments.self_distillation:run_decode",
     "report-self-distill": "asrkd.experiments.self_distillation:run_report",
+    "train-specialists": "asrkd.experiments.specialists:run_train",
+    "decode-specialists": "asrkd.experiments.specialists:run_decode",
+    "report-specialists": "asrkd.experiments.specialists:run_report",
+    "prepare-images": "asrkd.experiments.images:run_prepare",
+    "train-image-nets": "asrkd.experiments.images:run_train_nets",
+    "train-image-students": "asrkd.experiments.images:run_train_students",
+    "report-images": "asrkd.experiments.images:run_report",
     "export": "asrkd.nnet.export",
 }
 

@@ -8,27 +8,31 @@
 #
 # It sets $stage, $stop_stage, $corpus_dir (default: what the recipe set before sourcing),
 # $overrides, $root (the repository); moves into the recipe's dir (its data/ and exp/); puts
-# the repository on PYTHONPATH (for local/); exports ASRKD_RECIPE_COMMAND (reports record it);
-# and defines run_stage.
+# the repository on PYTHONPATH (for local/); exports ASRKD_RECIPE_COMMAND (reports record it:
+# the recipe with its --corpus-dir and overrides, not --stage/--stop-stage/--redo, since a stage
+# that is not rerun is skipped only when current, so a partial run reports what a whole one
+# would); and defines run_stage.
 
 stage=0
 stop_stage=100
 redo=
 corpus_dir=${corpus_dir:-}
 overrides=()
+recipe_args=()
 recipe_dir=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$recipe_dir/../.." && pwd)
-export ASRKD_RECIPE_COMMAND="${recipe_dir#"$root"/}/$(basename "$0")${*:+ $*}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2; shift 2 ;;
     --stop-stage) stop_stage=$2; shift 2 ;;
-    --corpus-dir) corpus_dir=$2; shift 2 ;;
+    --corpus-dir) corpus_dir=$2; recipe_args+=(--corpus-dir "$2"); shift 2 ;;
     --redo) redo=true; shift ;;
     --) shift; overrides=("$@"); break ;;
     *) echo "usage: $0 [--stage N] [--stop-stage M] [--corpus-dir DIR] [--redo] [-- hydra overrides]" >&2; exit 1 ;;
   esac
 done
+[ ${#overrides[@]} -eq 0 ] || recipe_args+=(-- "${overrides[@]}")
+export ASRKD_RECIPE_COMMAND="${recipe_dir#"$root"/}/$(basename "$0")${recipe_args[*]:+ ${recipe_args[*]}}"
 [ -z "${redo:-}" ] || overrides=(redo=true ${overrides[@]+"${overrides[@]}"})
 cd "$recipe_dir"
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}

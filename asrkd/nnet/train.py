@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +58,8 @@ class FrameData:
     frames: SplicedFrames
     pdf_ids: torch.Tensor
     num_pdfs: int
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to training batches' inputs (images: jitter)
+    normalize_inputs: bool = True  # models learn the training frames' mean and std (False: inputs used as they are)
 
     @classmethod
     def load(cls, exp_dir: Path, name: str, model_cfg, device: torch.device, require_alignment: bool = True) -> "FrameData":
@@ -116,17 +118,29 @@ class FrameData:
 
 
 @torch.no_grad()
-def evaluate_frames(model: HybridDNN, data: FrameData, indices: np.ndarray, batch_size: int) -> dict:
-    """Frame accuracy (argmax vs forced alignment) and cross-entropy over ``indices``; ``hits``
-    is 1 for every frame whose argmax is the alignment's (for per-utterance statistics)."""
+def predict_logits(model: torch.nn.Module, data: FrameData, indices: np.ndarray, batch_size: int) -> torch.Tensor:
+    """(frames, outputs) logits of ``model`` on the frames ``indices``, in batches."""
     model.eval()
     device = data.pdf_ids.device
+    return torch.cat([model(data.frames.context(torch.from_numpy(indices[s : s + batch_size]).to(device))).float()
+                      for s in range(0, len(indices), batch_size)])
+
+
+@torch.no_grad()
+def evaluate_frames(model: HybridDNN, data: FrameData, indices: np.ndarray, batch_size: int, targets: torch.Tensor | None = None) -> dict:
+    """Frame accuracy (argmax vs forced alignment) and cross-entropy over ``indices``; ``hits``
+    is 1 for every frame whose argmax is the alignment's (for per-utterance statistics).
+    ``targets`` (one class per frame) replaces the alignment for a model over other classes
+    (a specialist's group and dustbin)."""
+    model.eval()
+    device = data.pdf_ids.device
+    targets = data.pdf_ids if targets is None else targets
     hits = np.zeros(len(indices), dtype=np.int8)
     loss = 0.0
     for start in range(0, len(indices), batch_size):
         batch = torch.from_numpy(indices[start : start + batch_size]).to(device)
         logits = model(data.frames.context(batch)).float()
-        target = data.pdf_ids[batch]
+        target = targets[batch]
         hits[start : start + len(batch)] = (logits.argmax(-1) == target).cpu().numpy()
         loss += float(F.cross_entropy(logits, target, reduction="sum"))
     total = len(indices)
@@ -193,6 +207,8 @@ class TrainStep:
         self.rank, self.world = rank(), world_size()
         self.autocast = dict(device_type=hard.device.type, dtype=torch.bfloat16, enabled=bool(cfg.train.bf16_autocast))
         self.warmup = int(cfg.train.warmup_steps)
+        self.max_norm = cfg.train.get("max_norm")
+        self.constrained = hidden_weights(net) if self.max_norm else []
 
     def __call__(self, batch: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Train on ``batch`` (global frame indices); returns each model's loss summed over this
@@ -203,7 +219,8 @@ class TrainStep:
             scale = len(local) * self.world / len(batch)
             batch = local
         with torch.autocast(**self.autocast):
-            logits = self.forward(self.data.frames.context(batch))
+            inputs = self.data.frames.context(batch)
+            logits = self.forward(self.data.augment(inputs) if self.data.augment else inputs)
         member_logits = logits if self.stacked else [logits]  # a MultiExitDNN's output is its exits' (ExitOutputs)
         losses = [self.loss_fn(z, batch) if self.loss_fn else F.cross_entropy(z.float(), self.hard[batch]) for z in member_logits]
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
@@ -214,9 +231,22 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         (loss * scale if self.world > 1 else loss).backward()
         self.optimizer.step()
+        if self.constrained:
+            with torch.no_grad():
+                for weight, dim in self.constrained:  # every hidden unit's incoming weights at most max_norm long
+                    weight.mul_(torch.clamp(float(self.max_norm) / weight.norm(dim=dim, keepdim=True).clamp_min(1e-12), max=1.0))
         for group, lr in zip(self.optimizer.param_groups, scheduled):
             group["lr"] = lr
         return torch.stack(losses).detach().double() * len(batch)
+
+
+def hidden_weights(net: torch.nn.Module) -> list[tuple[torch.Tensor, int]]:
+    """The weight of every hidden layer with the dimension of a unit's incoming weights: what
+    ``train.max_norm`` constrains (Srivastava et al. 2014; the paper's big MNIST net)."""
+    if isinstance(net, StackedDNN):
+        return [(weight, 1) for weight in list(net.weights)[:-1]]  # (members, in, out)
+    linears = [layer for layer in net.layers if isinstance(layer, torch.nn.Linear)]
+    return [(layer.weight, 1) for layer in linears[:-1]]  # (out, in)
 
 
 def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], exits: list[int] | None = None) -> torch.nn.Module:
@@ -224,8 +254,9 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], ex
     training frames: a HybridDNN for one seed (a MultiExitDNN with ``exits``), a StackedDNN of
     them for several."""
     device = data.pdf_ids.device
-    sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
-    sample_frames = data.frames.frames[torch.from_numpy(np.sort(sample)).to(device)].float().cpu().numpy()
+    if data.normalize_inputs:
+        sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
+        sample_frames = data.frames.frames[torch.from_numpy(np.sort(sample)).to(device)].float().cpu().numpy()
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -233,7 +264,8 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], ex
             data.frames.store.dim, data.num_pdfs, cfg.model.left_context, cfg.model.right_context, cfg.model.num_hidden_layers,
             cfg.model.hidden_dim, cfg.model.dropout, exits)
         model = model.to(device)
-        model.set_normalization(sample_frames.mean(0), sample_frames.std(0))
+        if data.normalize_inputs:
+            model.set_normalization(sample_frames.mean(0), sample_frames.std(0))
         models.append(model)
     return models[0] if len(models) == 1 else StackedDNN(models)
 
@@ -241,7 +273,7 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], ex
 def train_model(
     cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dirs: list[Path], loss_fn: LossFn | None = None,
     init_seeds: list[int | None] | None = None, replicate: int = 0, fingerprint: str = "", hard: torch.Tensor | None = None,
-    exits: list[int] | None = None,
+    exits: list[int] | None = None, initial: HybridDNN | None = None, targets: torch.Tensor | None = None,
 ) -> list[list[dict]]:
     """Train one model per ``out_dirs`` entry, keeping ``last.pt`` (resume point) and each
     model's ``best.pt``; returns each model's per-epoch history.
@@ -251,7 +283,9 @@ def train_model(
     members differ in them alone); otherwise replicate r uses seed + 100 r for the weights, the
     frame order and dropout. Several models train fused, as one StackedDNN on the same frame
     order (their ``last.pt`` is the first one's). A ``last.pt`` of the same ``fingerprint`` is
-    resumed from. Under torchrun, rank 0 alone evaluates and writes.
+    resumed from. Under torchrun, rank 0 alone evaluates and writes. ``initial`` is a model to
+    start from instead of fresh weights (a specialist starts from the generalist); ``targets``
+    are the classes validation accuracy is measured against (default: the pdf-ids).
     """
     from asrkd.parallel import all_reduce_sum, rank
 
@@ -260,7 +294,11 @@ def train_model(
     hard = data.pdf_ids if hard is None else hard
     seed = model_seed(cfg, replicate)
     init_seeds = init_seeds or [None] * len(out_dirs)
-    net = new_models(cfg, data, train_idx, [seed if s is None else s for s in init_seeds], exits)
+    if initial is not None:
+        torch.manual_seed(seed)  # dropout's stream, as for fresh weights
+        net = initial.to(device)
+    else:
+        net = new_models(cfg, data, train_idx, [seed if s is None else s for s in init_seeds], exits)
     model_of = (lambda i: net.member(i)) if isinstance(net, StackedDNN) else (lambda i: net)  # model i, as a HybridDNN
     step_fn = TrainStep(cfg, net, data, loss_fn, hard)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(step_fn.optimizer, gamma=tcfg.lr_decay)
@@ -310,8 +348,8 @@ def train_model(
             continue
         for i, (out_dir, history, value) in enumerate(zip(out_dirs, histories, losses)):
             model = model_of(i)
-            valid = evaluate_frames(model, data, valid_idx, cfg.eval.batch_size)
-            train_acc = evaluate_frames(model, data, train_sample, cfg.eval.batch_size)["frame_accuracy"] if len(train_sample) else None
+            valid = evaluate_frames(model, data, valid_idx, cfg.eval.batch_size, targets)
+            train_acc = evaluate_frames(model, data, train_sample, cfg.eval.batch_size, targets)["frame_accuracy"] if len(train_sample) else None
             record = {"epoch": epoch, "train_cross_entropy": value, "train_frame_accuracy": train_acc,
                       "valid_frame_accuracy": valid["frame_accuracy"], "valid_cross_entropy": valid["cross_entropy"],
                       "frames_per_second": seen * len(out_dirs) / seconds, "seconds": seconds / len(out_dirs)}
@@ -498,7 +536,7 @@ class TrainingSet:
 
 # keys that decide a model only when set away from their default: recorded then, so models
 # trained before the keys existed keep their fingerprints
-TRAIN_OPTIONAL_KEYS = {"train.lr_scaling": "none", "train.warmup_steps": 0}
+TRAIN_OPTIONAL_KEYS = {"train.lr_scaling": "none", "train.warmup_steps": 0, "train.max_norm": None}
 
 
 @dataclass
@@ -511,6 +549,18 @@ class Model:
     init_seed: int | None = None
     values: dict | None = None
     exits: list[int] | None = None  # hidden layers with a shallow exit (a MultiExitDNN: self-distillation)
+    initial: Callable[[], HybridDNN] | None = None  # the weights it starts from (default: fresh, seeded)
+    frames: Callable[[FrameData, np.ndarray, np.ndarray, torch.Tensor], "ModelFrames"] | None = None  # its own frames and classes
+
+
+class ModelFrames(NamedTuple):
+    """What a model trains and validates on when not the training set's frames and pdf-ids (a
+    specialist: its group's frames and random ones, its group's classes and a dustbin)."""
+
+    train_idx: np.ndarray
+    valid_idx: np.ndarray
+    hard: torch.Tensor  # the training class of every frame (-1: none)
+    targets: torch.Tensor | None  # the class of every frame validation accuracy is measured against (None: the pdf-ids)
 
 
 def train_stage(
@@ -540,10 +590,13 @@ def train_stage(
         if len(replicates_) > 1:
             raise ValueError(f"fused models must share their replicate (frame order), got {sorted(replicates_)}")
         fingerprint = group[0][1].fingerprint if len(group) == 1 else digest([stage.fingerprint for _, stage in group])
-        if len(group) > 1 and any(m.exits for m, _ in group):
-            raise ValueError("models with exits train one at a time (no fused stack of them)")
-        histories = train_model(cfg, data, train_idx, valid_idx, [m.out_dir for m, _ in group], loss(data, hard) if loss else None,
-                                [m.init_seed for m, _ in group], group[0][0].replicate, fingerprint, hard, group[0][0].exits)
+        first = group[0][0]
+        if len(group) > 1 and any(m.exits or m.initial or m.frames for m, _ in group):
+            raise ValueError("models with exits, initial weights or frames of their own train one at a time (no fused stack of them)")
+        own = first.frames(data, train_idx, valid_idx, hard) if first.frames else ModelFrames(train_idx, valid_idx, hard, None)
+        histories = train_model(cfg, data, own.train_idx, own.valid_idx, [m.out_dir for m, _ in group],
+                                loss(data, own.hard) if loss else None, [m.init_seed for m, _ in group], first.replicate, fingerprint,
+                                own.hard, first.exits, first.initial() if first.initial else None, own.targets)
         if rank() == 0:
             for (_, stage), history in zip(group, histories):
                 best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])

@@ -1,0 +1,111 @@
+"""The paper's image experiment (§3) on a synthetic IDX set: reading, the big net's regularization, the stages."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asrkd.experiments.images import IDX_FILES, jitter, read_idx
+
+from .conftest import tiny_config
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def synthetic_set(corpus: Path, train: int = 400, test: int = 200) -> None:
+    """Ten classes of 28x28 images: class c lights a bar at row 2c + 4, with noise."""
+    rng = np.random.default_rng(0)
+    corpus.mkdir(parents=True)
+    for split, count in (("train", train), ("test", test)):
+        labels = np.arange(count) % 10
+        images = rng.integers(0, 60, size=(count, 28, 28))
+        for i, label in enumerate(labels):
+            images[i, 2 * label + 4, 6:22] = 255
+        prefix = "t10k" if split == "test" else "train"
+        write_idx(corpus / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(corpus / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+
+def test_idx_files_read_back_and_a_cut_file_is_refused(tmp_path: Path) -> None:
+    array = np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
+    write_idx(tmp_path / "a.gz", array)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), array)
+    with gzip.open(tmp_path / "a.gz", "rb") as f:
+        data = f.read()
+    (tmp_path / "cut").write_bytes(data[:-10])
+    with pytest.raises(ValueError, match="cut short"):
+        read_idx(tmp_path / "cut")
+
+
+def test_jitter_moves_images_whole_by_at_most_the_shift() -> None:
+    torch.manual_seed(0)
+    images = torch.zeros(64, 1, 28 * 28)
+    images.view(64, 28, 28)[:, 10:18, 10:18] = torch.rand(64, 8, 8)  # content well inside the border
+    moved = jitter(2, 0.0)(images)
+    torch.testing.assert_close(moved.sum(-1), images.sum(-1))  # nothing cut off, nothing added
+    rows = moved.view(64, 28, 28).sum(2).nonzero()[:, 1]
+    assert rows.min() >= 8 and rows.max() <= 19 and not torch.equal(moved, images)
+
+
+def test_max_norm_caps_every_hidden_unit(tmp_path: Path) -> None:
+    from asrkd.nnet.model import HybridDNN
+    from asrkd.nnet.train import TrainStep, hidden_weights
+
+    cfg = tiny_config(tmp_path, "train.max_norm=0.5", "train.lr=0.5")
+    net = HybridDNN(feat_dim=4, num_pdfs=3, left_context=0, right_context=0, num_hidden_layers=2, hidden_dim=6)
+
+    class Frames:
+        def context(self, batch):
+            return torch.randn(len(batch), 1, 4)
+
+    class Data:
+        frames = Frames()
+        augment = None
+
+    step = TrainStep(cfg, net, Data(), None, torch.randint(0, 3, (32,)))
+    step(torch.arange(32))
+    for weight, dim in hidden_weights(net):
+        assert weight.norm(dim=dim).max() <= 0.5 + 1e-5
+    assert net.layers[-1].weight.norm(dim=1).max() > 0.5  # the output layer is free
+
+
+def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
+    from asrkd.experiments import images
+
+    synthetic_set(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path, f"images.corpus_dir={tmp_path}/corpus", f"results_dir={tmp_path}/results", "images.valid_images=100",
+                      "images.big.width=32", "images.big.epochs=2", "images.small.width=16", "images.small.epochs=2",
+                      "images.widths=[8,16]", "images.temperatures=[2,20]", "images.replicates=200",
+                      "images.bias_shifts.stop=2.0", "images.bias_shifts.step=0.5")
+    images.run_prepare(cfg)
+    images.run_train_nets(cfg)
+    images.run_train_students(cfg)
+    images.run_report(cfg)
+    report = json.loads((tmp_path / "results" / "report.json").read_text())
+    rows = report["rows"]
+    assert {"big", "small_alone", "small_distilled", "left_out", "left_out_corrected", "kept_only", "kept_only_corrected"} <= set(rows)
+    assert all(row["test_images"] == 200 and row["errors_ci"][0] <= row["errors"] <= row["errors_ci"][1] for row in rows.values())
+    assert rows["left_out"]["errors_on_class"] >= rows["left_out_corrected"]["errors_on_class"] or rows["left_out_corrected"]["bias_shift"] == 0
+    assert rows["kept_only"]["errors"] >= 100  # 8 of 10 classes never seen: most of those images are wrong
+    assert [row["width"] for row in report["temperature_width"]] == [8, 16]
+    md = (tmp_path / "results" / "report.md").read_text()
+    assert "| big net, regularized |" in md and (tmp_path / "results" / "temperature_width.png").is_file()
+    left_out = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_no3" / "stage.json").read_text())
+    assert left_out["config"]["transfer"] == "no3"
+    made = (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns
+    images.run_prepare(cfg)  # current: nothing remade
+    assert (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns == made
+    cut = bytes([0, 0, 0x08, 1]) + (200).to_bytes(4, "big") + bytes(150)  # 200 labels announced, 150 there
+    (tmp_path / "corpus" / f"{IDX_FILES['test_labels']}.gz").write_bytes(gzip.compress(cut))
+    with pytest.raises(ValueError, match="cut short"):
+        images.run_prepare(tiny_config(tmp_path, f"images.corpus_dir={tmp_path}/corpus", "redo=true"))
+    assert (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns == made  # the last good images are kept
