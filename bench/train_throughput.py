@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asrkd.cli import load_config  # noqa: E402
-from asrkd.nnet.cost import cpu_name  # noqa: E402
+from asrkd.nnet.cost import device_name  # noqa: E402
 from asrkd.distill.losses import distillation_loss  # noqa: E402
 from asrkd.kaldi.features import FeatureStore  # noqa: E402
 from asrkd.nnet.model import HybridDNN, SplicedFrames, StackedDNN, pick_device  # noqa: E402
@@ -132,7 +132,7 @@ def main() -> None:
     torch.set_num_threads(int(cfg.train.num_threads))
     device = pick_device(cfg.train.device)
     data, source = frame_data(args.exp_dir, cfg, device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    name = device_name(device)
     runs = [measure(cfg, data, batch, args.members, args.steps) for batch in args.batch_sizes]
     result = {"benchmark": "train_throughput", "command": " ".join(["python", *sys.argv]), "source": source,
               "device": str(device.type), "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,

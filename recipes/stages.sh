@@ -11,7 +11,7 @@
 # the repository on PYTHONPATH (for local/); exports ASRKD_RECIPE_COMMAND (reports record it:
 # the recipe with its --corpus-dir and overrides, not --stage/--stop-stage/--redo, since a stage
 # that is not rerun is skipped only when current, so a partial run reports what a whole one
-# would); and defines run_stage.
+# would; a recipe that runs other recipes' stages is the one recorded); and defines run_stage.
 
 stage=0
 stop_stage=100
@@ -32,7 +32,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ ${#overrides[@]} -eq 0 ] || recipe_args+=(-- "${overrides[@]}")
-export ASRKD_RECIPE_COMMAND="${recipe_dir#"$root"/}/$(basename "$0")${recipe_args[*]:+ ${recipe_args[*]}}"
+if [ -z "${ASRKD_OUTER_RECIPE:-}" ]; then  # a recipe run by another (run_paper.sh) records the outer one
+  export ASRKD_RECIPE_COMMAND="${recipe_dir#"$root"/}/$(basename "$0")${recipe_args[*]:+ ${recipe_args[*]}}"
+  export ASRKD_OUTER_RECIPE=$0
+fi
 [ -z "${redo:-}" ] || overrides=(redo=true ${overrides[@]+"${overrides[@]}"})
 cd "$recipe_dir"
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}

@@ -33,6 +33,11 @@ def cpu_name() -> str:
     return f"{model} ({', '.join(native) if native else 'no native bf16'})"
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's (with its bf16 support): what timings are quoted against."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -74,7 +79,7 @@ def system_cost(cfg, system: str) -> dict:
                            model.config["right_context"], device)
     cost = {"system": system, "parameters": parameters(model), "models": len(model.members) if isinstance(model, EnsembleDNN) else 1,
             "ms_per_1000_frames": round(scoring_ms_per_1000_frames(model, frames, int(cfg.eval.batch_size)), 3),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "device": device_name(device),
             "threads": torch.get_num_threads(), "batch_size": int(cfg.eval.batch_size), "torch": torch.__version__}
     write_json(out_dir / "cost.json", cost)
     stage.commit(**cost)

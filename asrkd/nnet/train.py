@@ -262,7 +262,7 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], ex
         torch.manual_seed(seed)
         model = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model) if not exits else MultiExitDNN(
             data.frames.store.dim, data.num_pdfs, cfg.model.left_context, cfg.model.right_context, cfg.model.num_hidden_layers,
-            cfg.model.hidden_dim, cfg.model.dropout, exits)
+            cfg.model.hidden_dim, cfg.model.dropout, exits, cfg.model.get("init", "default"))
         model = model.to(device)
         if data.normalize_inputs:
             model.set_normalization(sample_frames.mean(0), sample_frames.std(0))

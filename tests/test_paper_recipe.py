@@ -1,0 +1,74 @@
+"""The paper-size recipe's plumbing (recipes/an4/run_paper.sh) and what carries a prepared recipe
+to a machine without the corpus (tools/pack_prepared.py): the GPU run itself needs a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from asrkd.stage import input_fingerprint
+
+from .conftest import REPO, TINY
+
+PREPARED = ["data/lang", "data/train", "data/test", "exp/feats/fbank/train", "exp/feats/fbank/test",
+            "exp/tri", "exp/tri/ali_train", "exp/tri/ali_test", "exp/graph", "exp/decode/gmm"]
+
+
+def pack(run_dir: Path, dest: Path) -> str:
+    result = subprocess.run(["python", str(REPO / "tools" / "pack_prepared.py"), str(run_dir), str(dest), *PREPARED],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_a_packed_recipe_keeps_its_fingerprints_without_frames_it_does_not_need(run_dir: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "an4"
+    assert "without their frames (exp/feats/mfcc/test, exp/feats/mfcc/train)" in pack(run_dir, dest)
+    assert not (dest / "exp" / "feats" / "mfcc" / "train" / "frames.npy").exists()
+    assert (dest / "exp" / "feats" / "mfcc" / "train" / "index.json").is_file()  # training checks it against the fbank
+    assert (dest / "exp" / "feats" / "fbank" / "train" / "frames.npy").is_file()
+    assert not (dest / "exp" / "dnn").exists() and not (dest / "exp" / "mono").exists()
+    for path in ("exp/tri/ali_train", "exp/graph", "exp/decode/gmm"):
+        assert input_fingerprint(dest / path) == input_fingerprint(run_dir / path)
+
+    result = subprocess.run(["python", str(REPO / "tools" / "pack_prepared.py"), str(run_dir), str(tmp_path / "x"), "exp/tri/ali_nothing"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "exp/tri/ali_nothing" in result.stderr and "run its stage first" in result.stderr
+
+
+@pytest.fixture
+def recipe_copy(tmp_path: Path) -> Path:
+    """recipes/{stages.sh,an4/run*.sh} under tmp_path: the recipe's data/ exp/ results/ land there."""
+    (tmp_path / "recipes" / "an4").mkdir(parents=True)
+    shutil.copy2(REPO / "recipes" / "stages.sh", tmp_path / "recipes")
+    for script in (REPO / "recipes" / "an4").glob("run*.sh"):
+        shutil.copy2(script, tmp_path / "recipes" / "an4")
+    return tmp_path / "recipes" / "an4"
+
+
+def test_the_paper_recipe_needs_the_prepared_stages(recipe_copy: Path) -> None:
+    result = subprocess.run(["bash", str(recipe_copy / "run_paper.sh")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "exp/feats/fbank/train/stage.json is missing: run recipes/an4/run.sh --stop-stage 6 first" in result.stderr
+
+
+def test_the_paper_recipe_runs_from_a_packed_recipe_with_its_models_apart(run_dir: Path, recipe_copy: Path) -> None:
+    pack(run_dir, recipe_copy)
+    env = {k: v for k, v in os.environ.items() if k not in ("ASRKD_OUTER_RECIPE", "ASRKD_RECIPE_COMMAND")}
+    command = ["bash", str(recipe_copy / "run_paper.sh"), "--stop-stage", "1", "--", *TINY]
+    result = subprocess.run(command, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exp_paper/graph is complete and current, skipping" in result.stderr
+    assert "exp_paper/decode/gmm is complete and current, skipping" in result.stderr
+    for link in ("feats", "tri", "graph", "decode/gmm"):
+        assert (recipe_copy / "exp_paper" / link).is_symlink()
+    assert (recipe_copy / "exp_paper" / "dnn" / "baseline" / "stage.json").is_file()
+    assert not (recipe_copy / "exp" / "dnn").exists()  # the small model's place stays untouched
+    report = json.loads((recipe_copy.parent.parent / "results" / "an4_paper" / "report.json").read_text())
+    assert report["command"] == "recipes/an4/run_paper.sh -- " + " ".join(TINY)  # the recipe the user ran, not the inner one
+    assert report["config"]["exp_dir"] == "exp_paper" and set(report["systems"]) >= {"gmm", "baseline"}
