@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import importlib
 import logging
 import subprocess
@@ -18,13 +19,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from asrkd import parallel
+from asrkd.schema import ConfigError, validate
+from asrkd.stage import StageError, abandon_open_stages, invoked_as
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-class ConfigError(ValueError):
-    """An override names a key or option the config does not have."""
 
 
 def config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -42,7 +43,8 @@ def load_config(overrides: list[str] | None = None, config_dir: Path | None = No
     """Compose the Hydra config (``conf/`` of this checkout unless ``config_dir`` is given).
 
     A mistyped key or option is a ConfigError naming it and the nearest valid one, not a
-    Hydra traceback.
+    Hydra traceback; a value of the wrong type one naming the key, the value and the type
+    (:mod:`asrkd.schema`). Both before any stage has looked at its outputs.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -50,10 +52,21 @@ def load_config(overrides: list[str] | None = None, config_dir: Path | None = No
     overrides = list(overrides or [])
     with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
         try:
-            return compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides)
         except HydraException as err:
             base = compose(config_name="config")
             raise ConfigError(explain_override_error(str(err), overrides, base, Path(config_dir or CONF_DIR))) from None
+    validate(cfg, defaults(str(config_dir or CONF_DIR), tuple(o for o in overrides if o.startswith("model="))))
+    return cfg
+
+
+@functools.lru_cache(maxsize=8)
+def defaults(config_dir: str, model: tuple[str, ...]) -> dict:
+    """The config of ``config_dir`` with no overrides but the model's, as a plain tree: the types' reference."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return OmegaConf.to_container(compose(config_name="config", overrides=list(model)), resolve=False)
 
 
 def explain_override_error(message: str, overrides: list[str], base: DictConfig, config_dir: Path) -> str:
@@ -112,10 +125,9 @@ COMMANDS = {
 
 
 def run_command(function: Callable[[DictConfig], None], overrides: list[str], name: str, config_dir: Path | None = None) -> None:
-    """Compose the config, set up logging and run ``function``; fixable errors exit with one line."""
-    from asrkd import parallel
-    from asrkd.stage import StageError
-
+    """Compose the config, set up logging and run ``function``; fixable errors exit with one line.
+    Stages the command planned and did not finish are abandoned on any error (a redo's old
+    output goes back in place, locks are released)."""
     try:
         cfg = load_config(overrides, config_dir)
     except ConfigError as err:
@@ -128,11 +140,16 @@ def run_command(function: Callable[[DictConfig], None], overrides: list[str], na
     parallel.init_from_environment()
     logging.getLogger("asrkd").info("%s with overrides %s", name, overrides)
     try:
-        function(cfg)
+        with invoked_as(name, overrides):
+            function(cfg)
     except (StageError, ValueError, FileNotFoundError) as err:
+        abandon_open_stages()
         if cfg.log_level == "DEBUG":
             raise
         sys.exit(f"asrkd {name}: error: {err}")
+    except BaseException:
+        abandon_open_stages()
+        raise
     finally:
         parallel.finish()
 

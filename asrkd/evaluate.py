@@ -32,6 +32,8 @@ from asrkd.nnet.train import FrameData, data_split, evaluate_frames, load_system
 
 log = logging.getLogger(__name__)
 
+REPO = Path(__file__).resolve().parent.parent  # reports commit paths relative to it
+
 
 def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
@@ -72,7 +74,12 @@ def markdown_table(report: dict) -> str:
     for name, system in report["systems"].items():
         if system.get("command", report["command"]) != report["command"]:
             others.setdefault(system["command"], []).append(name)
-    lines += ["", f"Command: `{report['command']}`" + "".join(f"; {', '.join(names)}: `{command}`" for command, names in others.items()), "",
+    lines += ["", f"Command: `{report['command']}`" + "".join(f"; {', '.join(names)}: `{command}`" for command, names in others.items()), ""]
+    for name, mixed in (report.get("mixed_configs") or {}).items():
+        lines += [f"**This report mixes configs**: {name} was made with {', '.join(mixed['differs'])}, by "
+                  f"`{mixed['made_by'] or 'an unrecorded command'}` (which remakes it); `{report['command']} --redo` from its stage remakes it "
+                  "under this report's config.", ""]
+    lines += [
               "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment; valid = speakers held out of training.",
               "WER: Kaldi WFST decoding (HCLG with a 3-gram LM on the training transcripts), LM weight and insertion penalty",
               f"chosen on {tuning_description(report.get('tuning_set', 'valid'))}; unseen = sentences that never occur in the LM's training text.",
@@ -266,15 +273,64 @@ def mean(values) -> float:
 
 
 def model_records(exp: Path, systems: list[str]) -> dict:
-    """The fingerprint and config each system's model(s) were made with, and its decode's fingerprint."""
+    """The fingerprint and config each system's model(s) were made with, the command that made
+    them (``made_by``: the recipe line with its overrides, or the asrkd command; None for
+    models made before records kept it), and its decode's fingerprint and command."""
     out = {}
     for system in systems:
         records = [input_record(d) for d in system_dirs(exp, system)]
         decode = exp / "decode" / system
+        decoded = input_record(decode) if (decode / "stage.json").is_file() else None
         out[system] = {"fingerprint": [r["fingerprint"] for r in records] if len(records) > 1 else records[0]["fingerprint"],
                        "config": records[0]["config"], "inputs": {k: v["fingerprint"] for k, v in records[0]["inputs"].items()},
-                       "decode_fingerprint": input_record(decode)["fingerprint"] if (decode / "stage.json").is_file() else None}
+                       "made_by": records[0].get("made_by"),
+                       "decode_fingerprint": decoded["fingerprint"] if decoded else None,
+                       "decode_made_by": decoded.get("made_by") if decoded else None}
     return out
+
+
+_ABSENT = object()
+
+
+def config_differences(cfg, records: list[dict]) -> list[str]:
+    """'model.hidden_dim=64 (here 512)' for each key a stage record holds whose value in ``cfg``
+    differs: the row was made under another config than the report's."""
+    differences = {}
+    for record in records:
+        for key, value in record["config"].items():
+            now = OmegaConf.select(cfg, key, default=_ABSENT)
+            now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now
+            if now is not _ABSENT and now != value:
+                differences[key] = f"{key}={value!r} (here {now!r})"
+    return list(differences.values())
+
+
+def mixed_configs(cfg, exp: Path, systems: dict[str, list[Path]]) -> dict:
+    """{row: {"differs": [...], "made_by": command}} for the rows whose stages (model, decode) were
+    made under another config than ``cfg``: a report that mixes configs says so, with the command
+    that remakes each such row."""
+    out = {}
+    for row, dirs in systems.items():
+        records = [input_record(d) for d in dirs if (d / "stage.json").is_file()]
+        differs = config_differences(cfg, records)
+        if differs:
+            made_by = next((r["made_by"]["command"] for r in records if r.get("made_by")), None)
+            out[row] = {"differs": differs, "made_by": made_by}
+    return out
+
+
+def portable(value):
+    """What a report commits, with absolute paths (``/x/y``, and overrides ``key=/x/y``) made
+    relative to the repository: the same run in another clone writes the same bytes."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and " " not in value:
+        key, equals, path = value.rpartition("=")
+        if os.path.isabs(path):
+            return f"{key}{equals}{os.path.relpath(path, REPO)}"
+    return value
 
 
 def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
@@ -291,8 +347,8 @@ def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
         base = out_dir / "report.json"
     report = json.loads(base.read_text()) if base.is_file() else {}
     systems = {**report.get("systems", {}), **section.get("systems", {})}
-    report.update(section)
-    report["systems"] = systems
+    report.update(portable(section))
+    report["systems"] = portable(systems)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", markdown_table(report))
     if cfg.results_dir:
@@ -346,12 +402,15 @@ def run(cfg) -> None:
     baseline = evaluation.entry([cfg.train.name], sets, epochs=len(history),
                                 train_seconds=sum(h["seconds"] for h in history), history=history)
     systems = {"gmm": evaluation.decoded_only("gmm", f"tri ({gmm_log['tri']['num_pdfs']} pdfs)"), cfg.train.name: baseline}
+    rows = {"gmm": [exp / "tri", exp / "decode" / "gmm"], cfg.train.name: [exp / "dnn" / cfg.train.name, exp / "decode" / cfg.train.name]}
     if int(cfg.train.seeds) > 1:
         systems[f"{cfg.train.name}_seeds"] = evaluation.entry(replicates(cfg), sets)
+        rows[f"{cfg.train.name}_seeds"] = [d for r in replicates(cfg) for d in (exp / "dnn" / r, exp / "decode" / r)]
     report = {
         "corpus": cfg.corpus,
         "command": recipe_command(" ".join(["asrkd", *sys.argv[1:]])),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "mixed_configs": mixed_configs(cfg, exp, rows),
         "machine": machine(cfg),
         "bootstrap_unit": cfg.stats.unit,
         "eval_sets": evaluation.sets, "tuning_set": str(cfg.decode.tuning_set), "unseen_sentences": list(cfg.decode.unseen_sentences),

@@ -17,27 +17,54 @@ Consumers check an input is current before using it (``input_fingerprint``): a m
 features were remade since is stale, and saying so beats decoding with mismatched parts.
 
 Every file is written under a temporary name and renamed into place (``atomic_write``), so a
-kill leaves the old file or the new one, never half of one.
+kill leaves the old file or the new one, never half of one; a full disk, an unwritable or a
+failing one is one line naming the file (``disk_error``).
+
+A mistake never costs a finished output:
+
+* ``redo`` sets the old output aside (``.<dir>.previous`` beside it) and builds the new one in
+  its place; the old one is deleted only when the new one's record is written. A redo that
+  fails puts the old output back (``abandon_open_stages``, which the CLI calls on any error);
+  one that is killed leaves it aside, and the next run restores it when it asks for the old
+  settings, or goes on with the redo when it asks for the new ones.
+* The record lists every output file with its size and SHA-256: a file cut short or changed
+  since is found when the output is read as an input, or when its stage is planned again, and
+  named with the fix (``redo=true`` remakes it even though its settings did not change).
+* The record holds the asrkd version and a hash of the source of every asrkd module that was
+  loaded when the stage ran: a rerun under other code warns, naming the modules, and
+  ``redo=true`` remakes it.
+* One run at a time per output directory: ``.<dir>.lock`` beside it names the holder's pid,
+  host and command; a second run is refused naming them, a lock whose process is gone is taken
+  over (and said so).
+* The record says which command made the output (``made_by``: the recipe line, or the asrkd
+  command with its overrides), so a report can name the command that remakes each row.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import shutil
+import socket
+import sys
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from asrkd import __version__
+
 log = logging.getLogger(__name__)
 
 RECORD = "stage.json"
 PARTIAL = "stage.partial.json"
+PACKED = "stage.packed.json"  # tools/pack_prepared.py: the output files left behind on purpose
 DATA_DIR_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "utt2uniq", "segments")
 
 
@@ -57,7 +84,37 @@ class MissingInput(StageError):
     """An input a stage needs has not been made (or did not finish)."""
 
 
+class CorruptOutput(StageError):
+    """A stage's output file no longer is what its stage wrote (cut short, changed, missing)."""
+
+
+class StageLocked(StageError):
+    """Another run is writing the same output directory."""
+
+
 # ----------------------------------------------------------------------------- atomic writes
+
+
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this file system (or the process's file size limit)",
+    errno.EIO: "input/output error (a failing disk or a network file system gone away)",
+    errno.EACCES: "permission denied", errno.EROFS: "read-only file system", errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+}
+UNWRITABLE = (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR)
+
+
+def disk_error(path: Path | str, err: OSError) -> StageError | None:
+    """The one-line StageError for an OSError a full, unwritable or failing disk raises writing
+    ``path`` (None for other errors): it names the file and the fix, and says earlier outputs
+    are intact (every write goes to a temporary name first)."""
+    what = DISK_ERRORS.get(err.errno)
+    if what is None:
+        return None
+    if err.errno in UNWRITABLE:
+        return StageError(f"cannot write {path}: {what}; choose a writable exp_dir/data_dir (earlier outputs are intact)")
+    return StageError(f"{what} writing {path}; free space or fix the disk and rerun (earlier outputs are intact)")
 
 
 @contextmanager
@@ -65,8 +122,8 @@ def atomic_write(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place when the block succeeds.
 
     A kill or an error inside the block leaves ``path`` as it was (the temporary file is
-    removed on errors). A full disk or an unwritable directory becomes a StageError that
-    names the file and says the previous outputs are intact.
+    removed on errors). A full disk, an unwritable directory or an I/O error becomes a
+    StageError that names the file and says the previous outputs are intact.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -76,14 +133,45 @@ def atomic_write(path: Path | str) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise StageError(f"no space left on the device writing {path}; free space and rerun (earlier outputs are intact)") from err
-        if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR):
-            raise StageError(f"cannot write {path}: {err.strerror}; choose a writable exp_dir/data_dir") from err
+        clear = disk_error(path, err)
+        if clear is not None:
+            raise clear from err
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes(path: Path | str, data: bytes | memoryview) -> None:
+    """Write ``data`` atomically. Writers that bury the OS error in their own (torch.save's
+    zip writer: "unexpected pos") serialize into memory and write through here."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as out:
+            out.write(data)
+
+
+def new_array(path: Path | str, dtype, shape: tuple[int, ...]):
+    """A memory-mapped .npy array of ``shape`` to fill, its blocks allocated now: a full disk is the
+    one-line error here, not a SIGBUS when a page of the map is first written."""
+    import numpy as np
+
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        if hasattr(os, "posix_fallocate"):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: nothing reserved
+                    raise
+            finally:
+                os.close(fd)
+    except OSError as err:
+        clear = disk_error(path, err)
+        if clear is not None:
+            raise clear from err
+        raise
+    return array
 
 
 def write_text(path: Path | str, text: str) -> None:
@@ -117,6 +205,9 @@ def check_writable(directory: Path | str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
+        clear = disk_error(directory, err)
+        if clear is not None and err.errno not in UNWRITABLE:
+            raise clear from err
         raise StageError(f"cannot write to {directory}: {err.strerror}; choose a writable directory (exp_dir=..., data_dir=...)") from err
 
 
@@ -207,6 +298,9 @@ def input_fingerprint(path: Path | str, _checked: dict[Path, str] | None = None)
     if record is None:
         what = "is incomplete (its stage was interrupted)" if (path / PARTIAL).is_file() else "does not exist"
         raise MissingInput(f"{path} {what}: run the stage that makes it first")
+    problems = output_problems(path, record)
+    if problems:
+        raise corrupt_output(path, record, problems)
     for name, entry in record["inputs"].items():
         if "path" not in entry:
             continue
@@ -243,12 +337,195 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
+# ----------------------------------------------------------------------------- outputs, code, commands
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def output_files(directory: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256", "mtime_ns"}} of every file a stage wrote in ``directory``:
+    not its records, temporary files, or subdirectories that are stage outputs of their own."""
+    files: dict[str, dict[str, Any]] = {}
+
+    def walk(folder: Path) -> None:
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if not ((entry / RECORD).is_file() or (entry / PARTIAL).is_file()):
+                    walk(entry)
+            elif entry.is_file() and entry.name not in (RECORD, PARTIAL, PACKED):
+                stat = entry.stat()
+                files[entry.relative_to(directory).as_posix()] = {"bytes": stat.st_size, "sha256": file_digest(entry), "mtime_ns": stat.st_mtime_ns}
+
+    walk(directory)
+    return files
+
+
+def output_problems(directory: Path, record: dict) -> list[str]:
+    """What differs between ``directory``'s files and those its record lists: a file missing, of
+    another size, or (when its modification time moved) of another SHA-256. Records from before
+    checksums list no files and find nothing; files a packed recipe left behind (``PACKED``)
+    may be missing."""
+    left_behind = set((read_record(directory, PACKED) or {}).get("left_behind", []))
+    problems = []
+    for name, entry in record.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            if name not in left_behind:
+                problems.append(f"{name} is missing")
+            continue
+        stat = path.stat()
+        if stat.st_size != entry["bytes"]:
+            problems.append(f"{name} has {stat.st_size} bytes, its stage wrote {entry['bytes']} (cut short or overwritten)")
+        elif stat.st_mtime_ns != entry["mtime_ns"] and file_digest(path) != entry["sha256"]:
+            problems.append(f"{name} changed since its stage wrote it (SHA-256 differs)")
+    return problems
+
+
+def corrupt_output(directory: Path, record: dict, problems: list[str]) -> CorruptOutput:
+    return CorruptOutput(f"{directory} is corrupt: {'; '.join(problems)}. Remake it: rerun its stage ({record['stage']}) "
+                         "with redo=true (recipes: --redo)")
+
+
+_SOURCE_HASHES: dict[str, str | None] = {}
+
+
+def module_source_hash(name: str) -> str | None:
+    """The hash of module ``name``'s source file as it is on disk now (None: no such module)."""
+    if name not in _SOURCE_HASHES:
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None)
+        if origin is None:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            origin = spec.origin if spec is not None else None
+        _SOURCE_HASHES[name] = hashlib.sha256(Path(origin).read_bytes()).hexdigest()[:16] if origin and Path(origin).is_file() else None
+    return _SOURCE_HASHES[name]
+
+
+def code_record() -> dict[str, Any]:
+    """The asrkd version and the source hash of every asrkd (and recipe ``local``) module loaded
+    now: each command imports the modules of its own step, so these are the modules it ran."""
+    names = sorted(n for n in sys.modules if n.split(".")[0] in ("asrkd", "local") and getattr(sys.modules[n], "__file__", None))
+    return {"version": __version__, "modules": {n: module_source_hash(n) for n in names}}
+
+
+def changed_code(record: dict) -> list[str]:
+    """The modules whose source differs from what made ``record`` (empty for older records)."""
+    modules = (record.get("code") or {}).get("modules", {})
+    return [name for name, recorded in modules.items() if module_source_hash(name) != recorded]
+
+
+_INVOCATION: dict[str, Any] = {}
+
+
+@contextmanager
+def invoked_as(command: str, overrides: list[str]) -> Iterator[None]:
+    """Say which command runs inside the block (the CLI does), for the records' ``made_by``: the
+    recipe line when a recipe runs it (``ASRKD_RECIPE_COMMAND``), else the asrkd command."""
+    shown = [o for o in overrides if not o.startswith("redo=")]
+    recipe = os.environ.get("ASRKD_RECIPE_COMMAND")
+    _INVOCATION.update({"command": recipe or " ".join(["asrkd", command, *shown]), "overrides": shown})
+    try:
+        yield
+    finally:
+        _INVOCATION.clear()
+
+
+def invocation() -> dict[str, Any]:
+    return dict(_INVOCATION) or {"command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv)), "overrides": None}
+
+
+# ----------------------------------------------------------------------------- one run per directory
+
+
+def lock_path(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+def previous_path(out_dir: Path) -> Path:
+    """Where a redo keeps the old output until the new one is complete."""
+    return out_dir.parent / f".{out_dir.name}.previous"
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(name: str, out_dir: Path) -> None:
+    """Take ``out_dir``'s lock, or refuse naming who holds it. A lock of a process that is gone
+    (same host) is taken over, and said so; this process may take its own again."""
+    path = lock_path(out_dir)
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": invocation()["command"],
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):  # being written by its taker this instant, or cut by a kill
+                holder = None
+            if holder is None:
+                time.sleep(0.2)
+                holder = json.loads(path.read_text()) if path.is_file() and path.stat().st_size else {"pid": -1, "host": mine["host"]}
+            same_host = holder.get("host") == mine["host"]
+            if same_host and holder.get("pid") == mine["pid"]:
+                path.unlink(missing_ok=True)
+                continue
+            if same_host and not process_alive(int(holder.get("pid", -1))):
+                log.warning("%s: taking over the lock %s of pid %s (%s), which is no longer running", name, path, holder.get("pid"),
+                            holder.get("command"))
+                path.unlink(missing_ok=True)
+                continue
+            raise StageLocked(f"{name}: {out_dir} is being made by another run: pid {holder.get('pid')} on {holder.get('host')} "
+                              f"since {holder.get('since')}, `{holder.get('command')}`. Wait for it to finish"
+                              + ("" if same_host else f", or delete {path} if that run is gone"))
+        except OSError as err:
+            raise (disk_error(path, err) or StageError(f"cannot write {path}: {err.strerror}")) from err
+        with os.fdopen(fd, "w") as out:
+            json.dump(mine, out)
+        return
+    raise StageLocked(f"{name}: could not take the lock {path}; delete it if no run is making {out_dir}")
+
+
+def release_lock(out_dir: Path) -> None:
+    path = lock_path(out_dir)
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- planning a stage
+
+
 @dataclass
 class Stage:
     """One planned run of a stage on one output directory.
 
-    ``plan`` decides: ``up_to_date`` (skip), or run (the partial record is then written).
-    ``commit`` writes the record after the outputs; a stage is complete only then.
+    ``plan`` decides: ``up_to_date`` (skip), or run (the partial record is then written and the
+    directory locked). ``commit`` writes the record after the outputs (a stage is complete only
+    then), deletes the old output a redo set aside and releases the lock; ``abandon`` undoes a
+    run that failed: the old output of a redo goes back in place.
     """
 
     name: str
@@ -259,14 +536,72 @@ class Stage:
     up_to_date: bool = False
     resumable: bool = False  # a partial run of this same fingerprint is on disk
     summary: dict[str, Any] = field(default_factory=dict)
+    set_aside: bool = False  # a redo moved the old output to previous_path(out_dir)
 
     @property
     def record(self) -> dict:
         return {"stage": self.name, "fingerprint": self.fingerprint, "config": self.config, "inputs": self.inputs}
 
     def commit(self, **summary: Any) -> None:
-        write_json(self.out_dir / RECORD, {**self.record, **({"summary": summary} if summary else {})})
+        record = {**self.record, **({"summary": summary} if summary else {}), "files": output_files(self.out_dir),
+                  "made_by": invocation(), "code": code_record()}
+        write_json(self.out_dir / RECORD, record)
         (self.out_dir / PARTIAL).unlink(missing_ok=True)
+        shutil.rmtree(previous_path(self.out_dir), ignore_errors=True)
+        _OPEN.pop(self.out_dir.resolve(), None)
+        release_lock(self.out_dir)
+
+    def abandon(self) -> None:
+        """A run that raised: a redo's old output (and its record) back in place; the lock released."""
+        _OPEN.pop(self.out_dir.resolve(), None)
+        previous = previous_path(self.out_dir)
+        if self.set_aside and previous.is_dir():
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+            os.replace(previous, self.out_dir)
+            log.warning("%s: the redo failed; %s is back as it was", self.name, self.out_dir)
+        release_lock(self.out_dir)
+
+
+_OPEN: dict[Path, Stage] = {}  # planned in this process, not yet committed
+
+
+def abandon_open_stages() -> None:
+    """Undo every stage this process planned and did not commit (the CLI calls it on errors)."""
+    for stage in list(_OPEN.values()):
+        stage.abandon()
+
+
+def holds_only_its_record(out_dir: Path) -> bool:
+    return all(p.name == PARTIAL or p.name.startswith(".") for p in out_dir.iterdir())
+
+
+def set_aside(out_dir: Path) -> bool:
+    """Move a finished (or unrecorded) output out of the way of its redo; True when moved. A
+    partial output is junk to a redo and is deleted; so is one beside an older set-aside copy."""
+    previous = previous_path(out_dir)
+    if not out_dir.is_dir():
+        return previous.is_dir()
+    if previous.is_dir() or read_record(out_dir) is None and (out_dir / PARTIAL).is_file():
+        shutil.rmtree(out_dir)
+        return previous.is_dir()
+    os.replace(out_dir, previous)
+    return True
+
+
+def recover_interrupted_redo(name: str, out_dir: Path, fingerprint: str) -> None:
+    """A redo killed before it finished left the old output aside: put it back when this run asks
+    for the old settings (or when the new output is complete after all, drop the old one)."""
+    previous = previous_path(out_dir)
+    if not previous.is_dir():
+        return
+    if read_record(out_dir) is not None:  # killed after the commit, before the old copy was deleted
+        shutil.rmtree(previous)
+        return
+    old = read_record(previous)
+    if old is not None and old["fingerprint"] == fingerprint:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(previous, out_dir)
+        log.warning("%s: an interrupted redo had set %s aside; it is back (its settings are the ones asked for)", name, out_dir)
 
 
 def plan(
@@ -275,9 +610,10 @@ def plan(
 ) -> Stage:
     """Fingerprint a stage from the config ``keys`` it reads, its ``inputs`` (paths of upstream
     outputs or data dirs) and ``values`` (anything else that decides its outputs), and decide
-    whether it must run. ``clear``: on a redo, delete the old outputs first (they could
-    otherwise be resumed from); False for directories that hold more than this stage's outputs.
-    ``writer``: False on torchrun's ranks other than 0, which decide the same but touch nothing.
+    whether it must run. ``clear``: on a redo, set the old outputs aside (deleted once the new
+    ones are complete; they could otherwise be resumed from); False for directories that hold
+    more than this stage's outputs. ``writer``: False on torchrun's ranks other than 0, which
+    decide the same but touch nothing.
     """
     out_dir = Path(out_dir)
     config = {**config_values(cfg, keys), **(values or {})}
@@ -287,13 +623,62 @@ def plan(
     stage = Stage(name, out_dir, config, recorded, "")
     stage.fingerprint = digest({"stage": name, "config": config, "inputs": {k: v["fingerprint"] for k, v in recorded.items()}})
     redo = bool(cfg.get("redo", False))
-    done, partial = read_record(out_dir), read_record(out_dir, PARTIAL)
-    existing = done or partial
-    if done is not None and done["fingerprint"] == stage.fingerprint:
-        log.info("%s: %s is complete and current, skipping", name, out_dir)
-        stage.up_to_date = True
+    if not writer:
+        decide(stage, redo, clear, writer=False)
         return stage
-    if existing is not None and existing["fingerprint"] != stage.fingerprint:
+    try:
+        acquire_lock(name, out_dir)
+    except StageLocked:
+        raise
+    except StageError:  # an unwritable place: fine for outputs that are complete and current, else the error
+        decide(stage, redo, clear, writer=False)
+        if stage.up_to_date:
+            return stage
+        check_writable(out_dir)  # names the directory
+        raise
+    try:
+        decide(stage, redo, clear)
+    except BaseException:
+        release_lock(out_dir)
+        raise
+    if stage.up_to_date:
+        release_lock(out_dir)
+    else:
+        _OPEN[out_dir.resolve()] = stage
+    return stage
+
+
+def decide(stage: Stage, redo: bool, clear: bool, writer: bool = True) -> None:
+    """``plan``'s decision, under the lock: skip, resume, refuse, or clear the way for a run.
+    Not a ``writer``: the same decision, touching nothing."""
+    name, out_dir = stage.name, stage.out_dir
+    if writer:
+        recover_interrupted_redo(name, out_dir, stage.fingerprint)
+    done, partial = read_record(out_dir), read_record(out_dir, PARTIAL)
+    if done is None and partial is not None and partial["fingerprint"] != stage.fingerprint and holds_only_its_record(out_dir) and writer:
+        log.info("%s: %s holds only the plan of a run that made nothing (%s); planning anew", name, out_dir,
+                 "; ".join(describe_changes(partial, stage.record)))
+        (out_dir / PARTIAL).unlink()
+        partial = None
+    existing = done or partial
+    remake = False
+    if done is not None and done["fingerprint"] == stage.fingerprint:
+        problems, code = output_problems(out_dir, done), changed_code(done)
+        if problems and not redo:
+            raise corrupt_output(out_dir, done, problems)
+        if code and not redo:
+            log.warning("%s: %s was made by other code (changed since: %s); kept as it is; redo=true (recipes: --redo) remakes it",
+                        name, out_dir, ", ".join(code))
+        if not problems and not code:
+            log.info("%s: %s is complete and current, skipping", name, out_dir)
+            stage.up_to_date = True
+            return
+        if not redo:
+            stage.up_to_date = True
+            return
+        log.warning("%s: redoing %s (%s)", name, out_dir, "; ".join(problems + [f"code changed: {', '.join(code)}"] * bool(code)))
+        remake = True
+    elif existing is not None and existing["fingerprint"] != stage.fingerprint:
         changes = describe_changes(existing, stage.record)
         state = "made" if done is not None else "partly made (interrupted)"
         if not redo:
@@ -303,25 +688,27 @@ def plan(
                 "(another name or exp_dir)"
             )
         log.warning("%s: redoing %s (%s)", name, out_dir, "; ".join(changes))
-        if clear and writer:
-            shutil.rmtree(out_dir, ignore_errors=True)
-    elif existing is None and out_dir.is_dir() and clear and any(out_dir.iterdir()):
+        remake = True
+    elif existing is None and out_dir.is_dir() and clear and any(p.name != PARTIAL for p in out_dir.iterdir()):
         legacy = [p.name for p in out_dir.iterdir()][:5]
         if not redo:
             raise StageMismatch(
                 f"{name}: {out_dir} holds outputs without a stage record ({', '.join(legacy)}; made by an older asrkd or by hand). "
                 "Pass redo=true (recipes: --redo) to remake them, or delete the directory"
             )
-        if writer:
-            shutil.rmtree(out_dir, ignore_errors=True)
-    stage.resumable = partial is not None and partial["fingerprint"] == stage.fingerprint
+        remake = True
     if not writer:
-        return stage
+        return
+    if remake and clear:
+        stage.set_aside = set_aside(out_dir)
+    elif previous_path(out_dir).is_dir():  # resuming a redo that was killed: its old output stays aside until it completes
+        stage.set_aside = True
+    partial = read_record(out_dir, PARTIAL)
+    stage.resumable = partial is not None and partial["fingerprint"] == stage.fingerprint
     check_writable(out_dir)
     for leftover in out_dir.glob(".*.tmp-*"):  # what a kill during a write leaves: never a complete file
         leftover.unlink()
     write_json(out_dir / PARTIAL, stage.record)
-    return stage
 
 
 # ----------------------------------------------------------------------------- progress

@@ -2,9 +2,11 @@
 (one per ``prep.subset_fractions``)
 and the corpus dictionary ``data/local/dict``.
 
-Usage (from a recipe dir): ``python -m local.an4 corpus_dir=/path/to/an4 [hydra overrides]``.
-The corpus is looked for at ``corpus_dir``; when absent it is downloaded from
-``prep.download_url`` (CMU's tarball) into ``data/local/downloads``.
+Usage (from a recipe dir): ``python -m local.an4 [corpus_dir=/path/to/an4] [hydra overrides]``.
+A ``corpus_dir`` given must hold AN4 (else one line names it: a typo never passes for "no
+corpus"). Without one, AN4 is read from ``../shared/corpora/an4`` beside the repository, else
+downloaded from ``prep.download_url`` (CMU's tarball) into ``data/local/downloads``, unless
+``data/`` was prepared already (a recipe packed for a machine without the corpus).
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ import logging
 import shutil
 import sys
 import tarfile
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from asrkd.data import DataDir, speaker_balanced_subset, subset_name
-from asrkd.stage import account_dropped, copy_file, digest, plan, read_record, write_text
+from asrkd.stage import StageError, account_dropped, copy_file, digest, plan, read_record, write_text
 
 log = logging.getLogger("local.an4")
 
 MARKER = Path("etc") / "an4_train.transcription"
+DEFAULT_CORPUS = Path("..") / ".." / ".." / "shared" / "corpora" / "an4"  # from recipes/an4: ../shared beside the repository
 NON_WORDS = {"<s>", "</s>", "<sil>"}
 
 
@@ -41,8 +45,14 @@ def download_an4(url: str, dest_dir: Path) -> Path:
     if not archive.is_file():
         log.info("downloading %s -> %s", url, archive)
         partial = archive.with_suffix(archive.suffix + ".part")
-        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out)
+        try:
+            with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except (urllib.error.URLError, OSError) as err:
+            partial.unlink(missing_ok=True)
+            reason = getattr(err, "reason", None) or err.strerror or err
+            raise StageError(f"could not download AN4 from {url} ({reason}); download and unpack it yourself and pass "
+                             "--corpus-dir DIR (or set $AN4_DIR)") from None
         partial.rename(archive)
     with tarfile.open(archive) as tar:
         tar.extractall(dest_dir, filter="data")
@@ -119,13 +129,18 @@ def corpus_fingerprint(root: Path) -> str:
 def prepare(cfg) -> None:
     """Stage 0: data/train, data/test, the subsets of train and data/local/dict."""
     data_dir = Path(cfg.data_dir)
-    root = find_corpus_root(Path(cfg.corpus_dir))
+    corpus = Path(cfg.corpus_dir) if cfg.corpus_dir is not None else DEFAULT_CORPUS
+    root = find_corpus_root(corpus) if corpus.is_dir() else None
+    if root is None and cfg.corpus_dir is not None:
+        held = "holds no AN4 (no etc/an4_train.transcription in it or one level below)" if corpus.is_dir() else "does not exist"
+        raise StageError(f"corpus_dir {corpus} {held}: pass --corpus-dir (or $AN4_DIR) the folder holding AN4's etc/ and wav/, "
+                         f"or leave it out to read {DEFAULT_CORPUS} or download {cfg.prep.download_url}")
     if root is None and read_record(data_dir / "local") is not None:
-        log.info("an4 prep: no corpus at %s to check against; keeping the data dirs in %s", cfg.corpus_dir, data_dir)
+        log.info("an4 prep: no corpus at %s to check against; keeping the data dirs in %s", corpus, data_dir)
         write_subsets(DataDir.read(data_dir / "train"), cfg)  # fractions added to the config since
         return
     if root is None:
-        log.info("no AN4 at %s", cfg.corpus_dir)
+        log.info("no AN4 at %s: downloading it", corpus)
         root = download_an4(cfg.prep.download_url, data_dir / "local" / "downloads")
     stage = plan("an4 prep", data_dir / "local", cfg, ("prep.subset_seed", "lang.silence_phone"),
                  values={"corpus": corpus_fingerprint(root)}, clear=False)

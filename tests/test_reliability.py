@@ -93,6 +93,10 @@ def test_a_partial_run_of_other_settings_and_unrecorded_outputs_are_refused(run_
     cfg = tiny_config(root, "train.name=other")
     stage = plan("train-dnn other", root / "exp" / "dnn" / "other", cfg, train.TRAIN_KEYS)
     assert not stage.up_to_date and (root / "exp" / "dnn" / "other" / "stage.partial.json").is_file()
+    # a run that failed before making anything (its plan alone on disk) does not stand in the way of the right command
+    replanned = plan("train-dnn other", root / "exp" / "dnn" / "other", tiny_config(root, "train.name=other", "train.epochs=3"), train.TRAIN_KEYS)
+    assert json.loads((root / "exp" / "dnn" / "other" / "stage.partial.json").read_text())["fingerprint"] == replanned.fingerprint
+    (root / "exp" / "dnn" / "other" / "last.pt").write_bytes(b"progress")  # one that got somewhere is refused
     with pytest.raises(StageMismatch, match="partly made \\(interrupted\\)"):
         plan("train-dnn other", root / "exp" / "dnn" / "other", tiny_config(root, "train.name=other", "train.epochs=5"), train.TRAIN_KEYS)
     legacy = root / "exp" / "dnn" / "legacy"
@@ -185,16 +189,17 @@ def test_a_kill_during_a_checkpoint_write_or_a_cut_checkpoint_resumes_to_the_sam
     root = clone(run_dir, tmp_path)
     overrides = ("model.dropout=0.2", "train.epochs=3", "train.batch_size=64")
     train.run(tiny_config(root, "train.name=whole", *overrides))
-    real_save, calls = torch.save, []
+    real_write, calls = train.write_bytes, []
 
-    def dying_save(obj, path, *args, **kwargs):
+    def dying_write(path, data):
         calls.append(path)
         if "last.pt" in str(path) and len([c for c in calls if "last.pt" in str(c)]) == 2:
-            Path(path).write_bytes(b"PK\x03\x04 half a zip")  # the second epoch's checkpoint, cut by the kill
-            raise KeyboardInterrupt
-        return real_save(obj, path, *args, **kwargs)
+            with atomic_write(path) as tmp:
+                tmp.write_bytes(bytes(data)[: len(data) // 2])  # the second epoch's checkpoint, cut by the kill
+                raise KeyboardInterrupt
+        return real_write(path, data)
 
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(train, "write_bytes", dying_write)
     with pytest.raises(KeyboardInterrupt):
         train.run(tiny_config(root, "train.name=killed", *overrides))
     monkeypatch.undo()

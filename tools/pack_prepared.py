@@ -10,7 +10,8 @@ the GMM's decode). A stage output's subdirectories that are stage outputs of the
 is not named (the MFCC features the GMM was trained on, ...) travels without its files over
 1 MiB (its frames): its ``stage.json`` and indexes let the stages there check the same
 fingerprints as here and skip or refuse as here, and a stage that would read its frames fails
-naming the file it lacks.
+naming the file it lacks (its ``stage.packed.json`` lists what was left behind, so the check of
+its recorded files does not take them for lost).
 
 AN4 with the defaults: about 28 MiB (its wavs: 89 MB; their fbank and MFCC: 66 MB). On the
 other machine, copy DEST over the recipe dir (``cp -a DEST/. recipes/an4/``) and run the
@@ -28,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asrkd.stage import RECORD, input_fingerprint, is_data_dir  # noqa: E402
+from asrkd.stage import PACKED, RECORD, input_fingerprint, is_data_dir, write_json  # noqa: E402
 
 LARGE = 2**20  # bytes: what an output packed for its record alone leaves behind
 
@@ -39,16 +40,20 @@ RUN_PAPER_INPUTS = (
 )
 
 
-def copy_output(source: Path, dest: Path, max_bytes: int | None = None) -> None:
+def copy_output(source: Path, dest: Path, max_bytes: int | None = None, under: str = "") -> list[str]:
     """``source`` but for subdirectories that are stage outputs of their own (and files over
-    ``max_bytes``, if given)."""
+    ``max_bytes``, if given); returns the paths of the files left behind."""
     dest.mkdir(parents=True, exist_ok=True)
+    left_behind = []
     for entry in source.iterdir():
         if entry.is_dir():
             if not (entry / RECORD).is_file():
-                copy_output(entry, dest / entry.name, max_bytes)
+                left_behind += copy_output(entry, dest / entry.name, max_bytes, f"{under}{entry.name}/")
         elif max_bytes is None or entry.stat().st_size <= max_bytes:
             shutil.copy2(entry, dest / entry.name)
+        else:
+            left_behind.append(f"{under}{entry.name}")
+    return left_behind
 
 
 def input_chain(recipe_dir: Path, path: str, seen: set[str]) -> None:
@@ -79,7 +84,9 @@ def pack(recipe_dir: Path, dest: Path, paths: list[str]) -> dict[str, list[str]]
     for path in paths:
         copy_output(recipe_dir / path, dest / path)
     for path in without_frames:
-        copy_output(recipe_dir / path, dest / path, None if is_data_dir(recipe_dir / path) else LARGE)
+        left_behind = copy_output(recipe_dir / path, dest / path, None if is_data_dir(recipe_dir / path) else LARGE)
+        if left_behind:
+            write_json(dest / path / PACKED, {"left_behind": sorted(left_behind)})
     return {"whole": sorted(paths), "without frames": without_frames}
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from asrkd.kaldi.features import load_array
+from asrkd.stage import new_array, plan, progress, read_record, write_json
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames, average_softmax, average_zero_mean_logits
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,7 @@ class ArrayWriter:
         directory.mkdir(parents=True, exist_ok=True)
         self.final = {name: directory / f"{name}.npy" for name in shapes}
         self.tmp = {name: directory / f".{name}.npy.partial" for name in shapes}
-        self.arrays = {name: np.lib.format.open_memmap(self.tmp[name], mode="w+", dtype=dtype, shape=shape)
-                       for name, (shape, dtype) in shapes.items()}
+        self.arrays = {name: new_array(self.tmp[name], dtype, shape) for name, (shape, dtype) in shapes.items()}
 
     @classmethod
     def reopen(cls, directory: Path, names: list[str]) -> "ArrayWriter":
@@ -89,8 +90,6 @@ class ArrayWriter:
             array.flush()
 
     def close(self) -> None:
-        import os
-
         for name, array in self.arrays.items():
             array.flush()
             os.replace(self.tmp[name], self.final[name])
@@ -131,7 +130,6 @@ class SoftTargetStore:
         writer.arrays["residual"][rows] = residual
 
     def save(self, directory: Path) -> None:
-        from asrkd.stage import write_json
 
         writer = self.writer(directory, self.header)
         for name in DENSE_ARRAYS:
@@ -276,7 +274,6 @@ class TeacherLogits:
         return ArrayWriter(directory, {"logits": ((header["num_frames"], header["num_pdfs"]), "float16")})
 
     def save(self, directory: Path) -> None:
-        from asrkd.stage import write_json
 
         writer = self.writer(directory, self.header)
         writer.arrays["logits"][:] = self.logits
@@ -326,7 +323,6 @@ def fill_batches(teacher: EnsembleDNN, frames: SplicedFrames, batches: FrameGrou
                  logits_writer: ArrayWriter | None, top_k_size: int) -> None:
     """The teacher's outputs for ``batches`` (frame indices, the members that score them), written
     into their rows: the average softmax(z/T) per T, and the average zero-mean logits."""
-    from asrkd.stage import progress
 
     teacher.eval()
     device = frames.frames.device
@@ -383,7 +379,6 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
     from omegaconf import OmegaConf
 
     from asrkd.jobs import map_jobs, num_jobs, split
-    from asrkd.stage import write_json
 
     num_pdfs, top_k_size = teacher.config["num_pdfs"], int(cfg.distill.top_k)
     batch_size = int(cfg.eval.batch_size)
@@ -444,7 +439,6 @@ def teacher_groups(cfg, store_utts: list[str], offsets: np.ndarray, member_dirs:
     members recorded the speakers they never saw; an utterance (or a copy of it) of such a
     speaker is scored by exactly those members."""
     from asrkd.data import DataDir
-    from asrkd.stage import read_record
 
     everyone = list(range(len(member_dirs)))
     records = [read_record(d) or {"config": {}} for d in member_dirs]
@@ -480,7 +474,6 @@ def run_store(cfg, store: str) -> None:
     from asrkd.kaldi.features import FeatureStore
     from asrkd.nnet.model import pick_device
     from asrkd.nnet.train import system_dirs
-    from asrkd.stage import plan
 
     exp = Path(cfg.exp_dir)
     members = system_dirs(exp, cfg.distill.teacher)

@@ -12,6 +12,7 @@ does: ``left_context`` frames before, ``right_context`` after, edges repeated.
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from asrkd.stage import atomic_write, plan, write_json, write_text
+from asrkd.stage import atomic_write, plan, write_bytes, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,9 @@ def run(cfg) -> None:
     example = torch.zeros(4, window, config["feat_dim"])
     with torch.no_grad():
         scripted = torch.jit.trace(scorer, example)
-    with atomic_write(out_dir / "model.pt") as tmp:
-        scripted.save(str(tmp))
+    buffer = io.BytesIO()  # through memory: a full disk is then write_bytes' one-line error, not torch's
+    torch.jit.save(scripted, buffer)
+    write_bytes(out_dir / "model.pt", buffer.getbuffer())
     onnx = None
     try:
         with atomic_write(out_dir / "model.onnx") as tmp:

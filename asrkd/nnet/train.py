@@ -12,6 +12,7 @@ from ``last.pt`` and ends bit for bit where an uninterrupted one does (on CPU).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from asrkd.data import DataDir, split_by_speaker
 from asrkd.kaldi.features import FeatureStore, load_array
 from asrkd.nnet.model import EnsembleDNN, HybridDNN, MultiExitDNN, SplicedFrames, StackedDNN, model_from_config, pick_device
-from asrkd.stage import StageError, atomic_write, is_complete, plan, progress, write_json
+from asrkd.stage import StageError, input_fingerprint, is_complete, plan, progress, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +155,16 @@ def model_seed(cfg, replicate: int) -> int:
     return int(cfg.seed) + REPLICATE_SEED_STRIDE * replicate
 
 
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save through memory: torch's zip writer turns a full disk into "unexpected pos";
+    written by write_bytes it is the one-line error naming the file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getbuffer())
+
+
 def save_model(path: Path, model: HybridDNN, epoch: int) -> None:
-    with atomic_write(path) as tmp:
-        torch.save({"model": model.state_dict(), "config": model.config, "epoch": epoch}, tmp)
+    save_checkpoint(path, {"model": model.state_dict(), "config": model.config, "epoch": epoch})
 
 
 def read_checkpoint(path: Path, device: torch.device, fingerprint: str) -> dict | None:
@@ -361,9 +369,8 @@ def train_model(
             if cfg.train.keep_epoch_checkpoints:
                 save_model(out_dir / f"epoch-{epoch}.pt", model, epoch)
         rng_state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        with atomic_write(last_path) as tmp:
-            torch.save({"model": net.state_dict(), "optimizer": step_fn.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "history": histories if len(out_dirs) > 1 else histories[0], "rng": rng_state, "fingerprint": fingerprint}, tmp)
+        save_checkpoint(last_path, {"model": net.state_dict(), "optimizer": step_fn.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "history": histories if len(out_dirs) > 1 else histories[0], "rng": rng_state, "fingerprint": fingerprint})
     if writer:
         for i, (out_dir, history) in enumerate(zip(out_dirs, histories)):
             save_model(out_dir / "final.pt", model_of(i), len(history) - 1)
@@ -390,7 +397,8 @@ def load_model(path: Path, device: torch.device) -> HybridDNN:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such model; train it first") from None
     except Exception as err:
-        raise ValueError(f"{path} is truncated or corrupt ({str(err).splitlines()[0]}); retrain it with redo=true") from err
+        raise ValueError(f"{path} is truncated or corrupt ({str(err).splitlines()[0]}); remake it: rerun the stage that trained it "
+                         "with redo=true (recipes: --redo)") from err
     model = model_from_config(state["config"]).to(device)
     model.load_state_dict(state["model"])
     return model
@@ -406,8 +414,6 @@ def system_dirs(exp_dir: Path, system: str) -> list[Path]:
 def load_system(exp_dir: Path, system: str, device: torch.device) -> HybridDNN | EnsembleDNN:
     """The model of a DNN system: ``<name>[@best]`` under exp/dnn, or an ensemble's directory
     (``exp/dnn/<name>/member-<i>``), whose members' average softmax is its prediction."""
-    from asrkd.stage import input_fingerprint
-
     name, at, which = system.partition("@")
     dirs = system_dirs(exp_dir, system)
     for directory in dirs:

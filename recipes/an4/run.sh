@@ -6,14 +6,14 @@
 # A stage skips work whose outputs were made with the same config and inputs (stage.json in its
 # output dir), refuses changed ones unless --redo; DNN training resumes from last.pt. Working dirs are
 # recipes/an4/data and recipes/an4/exp; the report is merged into results/an4/.
-# The corpus is read from --corpus-dir, else $AN4_DIR, else ../shared/corpora/an4 beside the
-# repository, else downloaded from CMU (prep.download_url).
+# The corpus is read from --corpus-dir, else $AN4_DIR (either must hold AN4), else ../shared/corpora/an4
+# beside the repository, else downloaded from CMU (prep.download_url).
 set -euo pipefail
 
 corpus_dir=${AN4_DIR:-}
 . "$(dirname "$0")/../stages.sh"
-[ -n "$corpus_dir" ] || corpus_dir=$root/../shared/corpora/an4
-args=(corpus=an4 "corpus_dir=$corpus_dir" data_dir=data exp_dir=exp "results_dir=$root/results/an4" ${overrides[@]+"${overrides[@]}"})
+# a --corpus-dir (or $AN4_DIR) given must hold AN4; without one, stage 0 looks beside the repository, then downloads
+args=(corpus=an4 ${corpus_dir:+"corpus_dir=$corpus_dir"} data_dir=data exp_dir=exp "results_dir=$root/results/an4" ${overrides[@]+"${overrides[@]}"})
 
 run_stage 0 "data prep (data/train, data/test, subsets of train)" python -m local.an4 "${args[@]}"
 run_stage 1 "lang dir (lexicon, phones, topology, L.fst)" asrkd prepare-lang "${args[@]}"
