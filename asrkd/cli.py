@@ -116,6 +116,8 @@ COMMANDS = {
     "train-specialists": "asrkd.experiments.specialists:run_train",
     "decode-specialists": "asrkd.experiments.specialists:run_decode",
     "report-specialists": "asrkd.experiments.specialists:run_report",
+    "train-function-matching": "asrkd.experiments.function_matching:run_train",
+    "report-function-matching": "asrkd.experiments.function_matching:run_report",
     "prepare-images": "asrkd.experiments.images:run_prepare",
     "train-image-nets": "asrkd.experiments.images:run_train_nets",
     "train-image-students": "asrkd.experiments.images:run_train_students",

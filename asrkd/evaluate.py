@@ -333,6 +333,14 @@ def portable(value):
     return value
 
 
+def current_report(cfg) -> dict:
+    """The report reports merge into: ``results_dir/report.json`` when there is one, else exp/report's (or nothing)."""
+    base = Path(cfg.results_dir) / "report.json" if cfg.results_dir else None
+    if base is None or not base.is_file():
+        base = Path(cfg.exp_dir) / "report" / "report.json"
+    return json.loads(base.read_text()) if base.is_file() else {}
+
+
 def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
     """Add ``section``'s keys to the report (its "systems" to the systems there), rewrite
     report.md, and copy both and ``files`` (from exp/report) to ``results_dir``.
@@ -342,10 +350,7 @@ def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
     rerunning one recipe, even in a fresh clone, keeps what the others wrote.
     """
     out_dir = Path(cfg.exp_dir) / "report"
-    base = Path(cfg.results_dir) / "report.json" if cfg.results_dir else None
-    if base is None or not base.is_file():
-        base = out_dir / "report.json"
-    report = json.loads(base.read_text()) if base.is_file() else {}
+    report = current_report(cfg)
     systems = {**report.get("systems", {}), **section.get("systems", {})}
     report.update(portable(section))
     report["systems"] = portable(systems)

@@ -537,6 +537,7 @@ class Stage:
     resumable: bool = False  # a partial run of this same fingerprint is on disk
     summary: dict[str, Any] = field(default_factory=dict)
     set_aside: bool = False  # a redo moved the old output to previous_path(out_dir)
+    code: dict[str, Any] = field(default_factory=code_record)  # the code loaded when it was planned: what runs
 
     @property
     def record(self) -> dict:
@@ -544,7 +545,7 @@ class Stage:
 
     def commit(self, **summary: Any) -> None:
         record = {**self.record, **({"summary": summary} if summary else {}), "files": output_files(self.out_dir),
-                  "made_by": invocation(), "code": code_record()}
+                  "made_by": invocation(), "code": self.code}
         write_json(self.out_dir / RECORD, record)
         (self.out_dir / PARTIAL).unlink(missing_ok=True)
         shutil.rmtree(previous_path(self.out_dir), ignore_errors=True)

@@ -196,7 +196,7 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
     assert by_name["train_sp"]["baselines"] == ["baseline_sp"]  # the same-data baseline, levers.seeds replicates
     assert len(by_name["train_sp"]["students"]) == 1 and len(by_name["train"]["students"]) == 2  # the reference keeps stage 3's seeds
     assert not list((run_dir / "exp" / "dnn").glob("student_*_train_sp_seed1"))  # levers.seeds = 1: no replicate trained
-    assert by_name["cross-fitted"]["teacher"] == "ensemble_xfit" and by_name["epochs 2"]["baselines"] == ["baseline", "baseline_seed1"]
+    assert by_name["cross-fitted"]["teacher"] == "ensemble_xfit" and by_name["epochs 2"]["baselines"] == ["baseline_e2"]  # its own 2-epoch baseline
     for lever in by_name.values():
         assert len(lever["gain_kept_ci"]) == 2 and 0 <= lever["minus_baseline"]["p_above_zero"] <= 1
     assert len(train.read_history(run_dir / "exp" / "dnn" / "student_ensemble_T{:g}_dense_e2".format(result["temperature"]))) == 2

@@ -130,13 +130,14 @@ class TeacherOnTheFly:
         return cls(members, data.frames, group_of.to(device), weights.to(device))
 
     @torch.no_grad()
-    def member_logits(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(members, B, pdfs) logits of the batch and (members, B) averaging weights."""
-        logits = self.net(self.frames.context(indices)).float()
+    def member_logits(self, indices: torch.Tensor, inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(members, B, pdfs) logits of the batch (its frames' windows, or ``inputs``: the view the
+        student sees) and (members, B) averaging weights."""
+        logits = self.net(self.frames.context(indices) if inputs is None else inputs).float()
         return (logits if logits.dim() == 3 else logits[None]), self.weights[self.group_of[indices]].t()
 
-    def soft_targets(self, indices: torch.Tensor, temperature: float) -> torch.Tensor:
-        logits, weights = self.member_logits(indices)
+    def soft_targets(self, indices: torch.Tensor, temperature: float, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        logits, weights = self.member_logits(indices, inputs)
         return average_softmax(logits, temperature, weights)
 
     def zero_mean_logits(self, indices: torch.Tensor) -> torch.Tensor:

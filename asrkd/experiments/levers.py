@@ -10,8 +10,9 @@ data, so that no lever wins by a weaker comparison:
 * ``train_sp`` (``levers.speed_perturbed``): students on the speed-perturbed copies
   ``train_sp`` (the ensemble's soft targets there), against a baseline trained on
   ``train_sp`` with hard labels;
-* ``epochs <E>`` (``levers.student_epochs``): students trained for E epochs, against the
-  baseline (the soft targets may over-fit less than the labels);
+* ``epochs <E>`` (``levers.student_epochs``): students trained for E epochs, against a
+  baseline trained for E epochs too (``<name>_e<E>``: longer training alone is not credited to
+  the soft targets);
 * ``cross-fitted`` (``levers.cross_fitted``, the dearest, so trained last): a second ensemble
   whose members never see one fold of the training speakers; each utterance's soft targets
   come from the members that never saw its speaker; against the baseline.
@@ -104,8 +105,9 @@ def levers(cfg, temperature: float | None = None) -> list[Lever]:
                          student_systems(student_cfg), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
     for epochs in cfg.levers.student_epochs:
         student_cfg = dense_only(cfg, t, seeds, epochs=int(epochs))
-        out.append(Lever(f"epochs {epochs}", f"students trained {epochs} epochs (baseline {cfg.train.epochs})",
-                         student_systems(student_cfg), baselines, cfg.distill.teacher, student_cfg, None))
+        baseline_cfg = OmegaConf.merge(cfg, {"train": {"epochs": int(epochs), "name": f"{cfg.train.name}_e{epochs}", "seeds": seeds}})
+        out.append(Lever(f"epochs {epochs}", f"students and baseline trained {epochs} epochs (the main baseline: {cfg.train.epochs})",
+                         student_systems(student_cfg), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
     if cfg.levers.cross_fitted:
         xfit = cfg.levers.cross_fitted
         student_cfg = OmegaConf.merge(dense_only(cfg, t, seeds, teacher=xfit.name), {"ensemble": {"name": xfit.name, "folds": xfit.folds}})

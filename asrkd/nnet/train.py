@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from asrkd.data import DataDir, split_by_speaker
 from asrkd.kaldi.features import FeatureStore, load_array
 from asrkd.nnet.model import EnsembleDNN, HybridDNN, MultiExitDNN, SplicedFrames, StackedDNN, model_from_config, pick_device
+from asrkd.nnet.views import View, ViewSpec, draw
 from asrkd.stage import StageError, input_fingerprint, is_complete, plan, progress, write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def evaluate_frames(model: HybridDNN, data: FrameData, indices: np.ndarray, batc
     return {"frame_accuracy": float(hits.sum()) / max(total, 1), "cross_entropy": loss / max(total, 1), "frames": total, "hits": hits}
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, frame indices) -> loss
+LossFn = Callable[..., torch.Tensor]  # (logits, frame indices) -> loss; trained on views: (logits, frame indices, View) -> loss
 
 
 def model_seed(cfg, replicate: int) -> int:
@@ -201,12 +202,16 @@ class TrainStep:
     this same step. ``net`` is a HybridDNN, or a StackedDNN whose members' losses are summed
     (each member's gradient is then its own loss's). Under torchrun every rank takes its
     slice of the global batch and the loss is scaled so DDP's average of the gradients is the
-    gradient of the global batch's mean."""
+    gradient of the global batch's mean. With ``views`` (asrkd.nnet.views), each batch is seen
+    through a view drawn for its step, and the loss is given it: ``loss_fn(logits, batch, view)``
+    (the default loss is then the view's cross-entropy, mixed labels under mixup)."""
 
-    def __init__(self, cfg, net: torch.nn.Module, data: FrameData, loss_fn: LossFn | None, hard: torch.Tensor):
+    def __init__(self, cfg, net: torch.nn.Module, data: FrameData, loss_fn: LossFn | None, hard: torch.Tensor,
+                 views: ViewSpec | None = None):
         from asrkd.parallel import rank, world_size, wrap
 
         self.data, self.loss_fn, self.hard = data, loss_fn, hard
+        self.views = views if views is not None and views.active else None
         self.stacked = isinstance(net, StackedDNN)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(cfg.train), weight_decay=cfg.train.weight_decay)
         self.forward = wrap(net)
@@ -228,9 +233,11 @@ class TrainStep:
             batch = local
         with torch.autocast(**self.autocast):
             inputs = self.data.frames.context(batch)
+            view = draw(self.views, inputs, step) if self.views else None
+            inputs = view.inputs if view else inputs
             logits = self.forward(self.data.augment(inputs) if self.data.augment else inputs)
         member_logits = logits if self.stacked else [logits]  # a MultiExitDNN's output is its exits' (ExitOutputs)
-        losses = [self.loss_fn(z, batch) if self.loss_fn else F.cross_entropy(z.float(), self.hard[batch]) for z in member_logits]
+        losses = [self.loss(z, batch, view) for z in member_logits]
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         scheduled = [group["lr"] for group in self.optimizer.param_groups]
         if step < self.warmup:
@@ -246,6 +253,11 @@ class TrainStep:
         for group, lr in zip(self.optimizer.param_groups, scheduled):
             group["lr"] = lr
         return torch.stack(losses).detach().double() * len(batch)
+
+    def loss(self, logits: torch.Tensor, batch: torch.Tensor, view: View | None) -> torch.Tensor:
+        if view is not None:
+            return self.loss_fn(logits, batch, view) if self.loss_fn else view.hard_cross_entropy(logits, self.hard[batch])
+        return self.loss_fn(logits, batch) if self.loss_fn else F.cross_entropy(logits.float(), self.hard[batch])
 
 
 def hidden_weights(net: torch.nn.Module) -> list[tuple[torch.Tensor, int]]:
@@ -282,6 +294,7 @@ def train_model(
     cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dirs: list[Path], loss_fn: LossFn | None = None,
     init_seeds: list[int | None] | None = None, replicate: int = 0, fingerprint: str = "", hard: torch.Tensor | None = None,
     exits: list[int] | None = None, initial: HybridDNN | None = None, targets: torch.Tensor | None = None,
+    views: ViewSpec | None = None,
 ) -> list[list[dict]]:
     """Train one model per ``out_dirs`` entry, keeping ``last.pt`` (resume point) and each
     model's ``best.pt``; returns each model's per-epoch history.
@@ -293,7 +306,8 @@ def train_model(
     order (their ``last.pt`` is the first one's). A ``last.pt`` of the same ``fingerprint`` is
     resumed from. Under torchrun, rank 0 alone evaluates and writes. ``initial`` is a model to
     start from instead of fresh weights (a specialist starts from the generalist); ``targets``
-    are the classes validation accuracy is measured against (default: the pdf-ids).
+    are the classes validation accuracy is measured against (default: the pdf-ids). ``views``:
+    what each training batch is seen through (TrainStep).
     """
     from asrkd.parallel import all_reduce_sum, rank
 
@@ -308,7 +322,7 @@ def train_model(
     else:
         net = new_models(cfg, data, train_idx, [seed if s is None else s for s in init_seeds], exits)
     model_of = (lambda i: net.member(i)) if isinstance(net, StackedDNN) else (lambda i: net)  # model i, as a HybridDNN
-    step_fn = TrainStep(cfg, net, data, loss_fn, hard)
+    step_fn = TrainStep(cfg, net, data, loss_fn, hard, views)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(step_fn.optimizer, gamma=tcfg.lr_decay)
     histories: list[list[dict]] = [[] for _ in out_dirs]
     writer = rank() == 0
@@ -557,6 +571,7 @@ class Model:
     exits: list[int] | None = None  # hidden layers with a shallow exit (a MultiExitDNN: self-distillation)
     initial: Callable[[], HybridDNN] | None = None  # the weights it starts from (default: fresh, seeded)
     frames: Callable[[FrameData, np.ndarray, np.ndarray, torch.Tensor], "ModelFrames"] | None = None  # its own frames and classes
+    views: ViewSpec | None = None  # what its training batches are seen through (asrkd.nnet.views); recorded when active
 
 
 class ModelFrames(NamedTuple):
@@ -584,7 +599,8 @@ def train_stage(
     if optional.get("train.lr_scaling"):
         optional["train.lr_reference_batch"] = int(cfg.train.lr_reference_batch)
     stages = [plan(m.stage_name, m.out_dir, cfg, TRAIN_KEYS + keys, {**training.inputs, **(inputs or {})},
-                   {"replicate": m.replicate, "init_seed": m.init_seed, **optional, **(m.values or {})}, writer=rank() == 0)
+                   {"replicate": m.replicate, "init_seed": m.init_seed, **optional, **(m.values or {}),
+                    **({"views": asdict(m.views)} if m.views is not None and m.views.active else {})}, writer=rank() == 0)
               for m in models]
     todo = [(m, stage) for m, stage in zip(models, stages) if not stage.up_to_date]
     if not todo:
@@ -597,12 +613,12 @@ def train_stage(
             raise ValueError(f"fused models must share their replicate (frame order), got {sorted(replicates_)}")
         fingerprint = group[0][1].fingerprint if len(group) == 1 else digest([stage.fingerprint for _, stage in group])
         first = group[0][0]
-        if len(group) > 1 and any(m.exits or m.initial or m.frames for m, _ in group):
-            raise ValueError("models with exits, initial weights or frames of their own train one at a time (no fused stack of them)")
+        if len(group) > 1 and any(m.exits or m.initial or m.frames or m.views for m, _ in group):
+            raise ValueError("models with exits, initial weights, frames or views of their own train one at a time (no fused stack of them)")
         own = first.frames(data, train_idx, valid_idx, hard) if first.frames else ModelFrames(train_idx, valid_idx, hard, None)
         histories = train_model(cfg, data, own.train_idx, own.valid_idx, [m.out_dir for m, _ in group],
                                 loss(data, own.hard) if loss else None, [m.init_seed for m, _ in group], first.replicate, fingerprint,
-                                own.hard, first.exits, first.initial() if first.initial else None, own.targets)
+                                own.hard, first.exits, first.initial() if first.initial else None, own.targets, first.views)
         if rank() == 0:
             for (_, stage), history in zip(group, histories):
                 best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])

@@ -1,0 +1,308 @@
+"""Distillation as function matching (run_function_matching.sh): the student sees what the teacher
+sees, for long enough, against baselines that see the same.
+
+Beyer et al. (CVPR 2022): a student matched to its teacher on the very views it trains on
+(teacher run on the fly, mixup widening the inputs' support) and trained far longer than
+usual matches the teacher; Stanton et al. (NeurIPS 2021): the data a student is matched on
+decides how far it agrees with its teacher. Each row here trains one model of the baseline's
+architecture (``model.*``) on ``train``:
+
+* ``hard``: the control, cross-entropy on the pdf-ids of the same views (labels mixed under
+  mixup), the same epochs, the same learning-rate schedule and the same checkpoint rule
+  (``final.pt``) as the students it is compared with;
+* ``consistent``: T^2 CE(teacher's softmax(v/T) on the student's own view, softmax(z/T)) +
+  hard_weight * the view's CE, the teacher (``distill.teacher``) run on the fly;
+* ``precomputed``: the same with the stored soft targets of the clean frames (the paper's
+  setting; mixed like the inputs under mixup): what consistency adds.
+
+A row is a view (``function_matching.views``: asrkd.nnet.views), a schedule (a multiple m of
+``train.epochs``; the learning rate decays by ``train.lr_decay^(1/m)`` per epoch, so every
+schedule ends at the same rate) and a kind. The runs: every view of ``ablation`` at 1x (one
+seed); with ``subset``, the headline view on that share of train (``seeds`` seeds; the 100%
+teacher, the gap to the 100% model closed); the ``headline`` view at every schedule (one seed,
+the patience curve); the precomputed student at the headline view and schedule; the headline
+view and schedule with ``seeds`` seeds (the headline rows). Rows share models where they
+coincide.
+
+The report scores every complete row (runs take hours on CPU; the stages resume): frame
+accuracy with speaker-level intervals (``stats.unit=speaker``: the test set has 10 speakers,
+whose utterances are not independent), each student minus its control, the share of the
+teacher's gain over the control it keeps, and its fidelity to the teacher on test frames:
+top-1 agreement and mean KL(teacher || student).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from asrkd.data import subset_name
+from asrkd.distill.losses import soft_cross_entropy
+from asrkd.distill.student import Student, TeacherOnTheFly, target_source
+from asrkd.evaluate import current_report, experiment_scoring, merge_into_report, percent, publish_experiment, saved_figure
+from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, replicate_name, system_dirs, train_stage
+from asrkd.nnet.views import View, ViewSpec
+from asrkd.stats import format_interval
+
+log = logging.getLogger(__name__)
+
+KINDS = ("hard", "consistent", "precomputed")
+
+
+class Run(NamedTuple):
+    view: str
+    schedule: int  # epochs = schedule x train.epochs
+    kind: str  # hard | consistent | precomputed
+    replicate: int
+    data: str = "train"  # the data dir trained on (the subset rows: train_3pct)
+
+
+def run_name(cfg, run: Run) -> str:
+    """exp/dnn/fm_<view>_x<m>_hard, fm_<view>_x<m>_<kind>_T<T> for students; _<data> off train; _seed<r> for replicates."""
+    kind = run.kind if run.kind == "hard" else f"{run.kind}_T{float(cfg.function_matching.temperature):g}"
+    data = "" if run.data == "train" else f"_{run.data}"
+    return replicate_name(f"fm_{run.view}_x{run.schedule}_{kind}{data}", run.replicate)
+
+
+def runs(cfg) -> list[Run]:
+    """Every run, in training order: the ablation over views, the curve over schedules, the
+    precomputed student, the headline's other seeds."""
+    fm = cfg.function_matching
+    headline, best = str(fm.headline), int(fm.headline_schedule)
+    for key, names in (("headline", [headline]), ("ablation", list(fm.ablation))):
+        unknown = [n for n in names if n not in fm.views]
+        if unknown:
+            raise ValueError(f"function_matching.{key} names {', '.join(unknown)}, not in function_matching.views ({', '.join(fm.views)})")
+    ablation = sorted(map(str, fm.ablation), key=lambda view: view != headline)
+    out = [Run(view, 1, kind, 0) for view in ablation[:1] for kind in ("hard", "consistent")]  # the rows that say most, first
+    if fm.subset:  # cheap: a share of the frames
+        subset = subset_name(float(fm.subset.fraction))
+        out += [Run(headline, int(fm.subset.schedule), kind, r, subset) for r in range(int(fm.seeds)) for kind in ("hard", "consistent")]
+    out += [Run(view, 1, kind, 0) for view in ablation[1:] for kind in ("hard", "consistent")]
+    out += [Run(headline, int(m), kind, 0) for m in fm.schedules for kind in ("hard", "consistent")]
+    out += [Run(headline, best, "precomputed", 0)] if fm.precomputed else []
+    out += [Run(headline, best, kind, r) for r in range(int(fm.seeds)) for kind in ("hard", "consistent")]
+    return list(dict.fromkeys(out))
+
+
+def run_cfg(cfg, run: Run):
+    """The training config of a run: its data, m x the epochs, the per-epoch decay stretched to end at the same rate."""
+    return OmegaConf.merge(cfg, {"train": {"data": run.data, "epochs": int(cfg.train.epochs) * run.schedule,
+                                           "lr_decay": float(cfg.train.lr_decay) ** (1.0 / run.schedule)}})
+
+
+def view_spec(cfg, run: Run) -> ViewSpec:
+    """The run's view, drawn from a seed of its own replicate (replicates see other views)."""
+    return ViewSpec.of({**OmegaConf.to_container(cfg.function_matching.views[run.view]), "seed": int(cfg.seed) + 100 * run.replicate})
+
+
+def consistent_loss(cfg, temperature: float):
+    """The student's loss with the teacher run on the student's own view of each batch."""
+    dcfg = cfg.distill
+
+    def make(data, hard):
+        teacher = TeacherOnTheFly.of_system(cfg, data)
+
+        def loss(logits: torch.Tensor, batch: torch.Tensor, view: View | None = None) -> torch.Tensor:
+            view = view or View(None)
+            targets = teacher.soft_targets(batch, temperature, view.inputs)
+            return (dcfg.soft_weight * temperature**2 * soft_cross_entropy(logits, targets, temperature)
+                    + view.hard_cross_entropy(logits, hard[batch], dcfg.hard_weight))
+
+        return loss
+
+    return make
+
+
+def precomputed_loss(cfg, temperature: float, training: TrainingSet):
+    """The student's loss with the stored soft targets of the clean frames, mixed as the view mixed its inputs."""
+    dcfg = cfg.distill
+    make_targets, inputs = target_source(OmegaConf.merge(cfg, {"distill": {"on_the_fly": False}}), Student("dense", temperature, 0), training)
+
+    def make(data, hard):
+        targets_of = make_targets(data)
+
+        def loss(logits: torch.Tensor, batch: torch.Tensor, view: View | None = None) -> torch.Tensor:
+            view = view or View(None)
+            return (dcfg.soft_weight * temperature**2 * soft_cross_entropy(logits, view.mix(targets_of(batch)), temperature)
+                    + view.hard_cross_entropy(logits, hard[batch], dcfg.hard_weight))
+
+        return loss
+
+    return make, inputs
+
+
+def run_train(cfg) -> None:
+    """Stage: every run of :func:`runs` that is not complete (each resumes from its last epoch)."""
+    exp, fm = Path(cfg.exp_dir), cfg.function_matching
+    temperature = float(fm.temperature)
+    trainings: dict[str, TrainingSet] = {}
+    teacher_inputs = {f"teacher {d.name}": d for d in system_dirs(exp, cfg.distill.teacher)}
+    for run in runs(cfg):
+        name = run_name(cfg, run)
+        values = {"view": run.view, "schedule": run.schedule, "kind": run.kind}
+        model = Model(f"train-function-matching {name}", exp / "dnn" / name, run.replicate, values=values, views=view_spec(cfg, run))
+        rcfg = run_cfg(cfg, run)
+        if run.data not in trainings:
+            trainings[run.data] = TrainingSet(rcfg)  # frames loaded once per data dir
+        training = trainings[run.data]
+        if run.kind == "hard":
+            train_stage(rcfg, [model], training)
+            continue
+        values |= {"teacher": cfg.distill.teacher, "temperature": temperature}
+        if run.kind == "consistent":
+            loss, inputs = consistent_loss(cfg, temperature), teacher_inputs
+        else:
+            loss, inputs = precomputed_loss(cfg, temperature, training)
+        train_stage(rcfg, [model], training, loss=loss, keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def complete(exp: Path, cfg, run_list: list[Run]) -> list[str]:
+    names = [run_name(cfg, r) for r in run_list]
+    return [n for n in names if (exp / "dnn" / n / "stage.json").is_file()]
+
+
+@torch.no_grad()
+def fidelity(exp: Path, teacher: str, students: list[str], frames, indices: np.ndarray, batch_size: int) -> dict:
+    """Top-1 agreement with the teacher and mean KL(teacher || student) (nats) on ``indices``'
+    frames, averaged over the students' seeds."""
+    device = frames.frames.device
+    teacher_model = load_system(exp, teacher, device).eval()
+    agreement, divergence = [], []
+    for name in students:
+        model = load_system(exp, name, device).eval()
+        same, kl = 0.0, 0.0
+        for start in range(0, len(indices), batch_size):
+            batch = torch.from_numpy(indices[start : start + batch_size]).to(device)
+            window = frames.context(batch)
+            log_p = torch.log_softmax(teacher_model(window).float(), -1)
+            log_q = torch.log_softmax(model(window).float(), -1)
+            same += float((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+            kl += float(F.kl_div(log_q, log_p, log_target=True, reduction="sum"))
+        agreement.append(same / len(indices))
+        divergence.append(kl / len(indices))
+    return {"top1_agreement": float(np.mean(agreement)), "kl_teacher_student": float(np.mean(divergence)), "seeds": len(students)}
+
+
+def run_report(cfg) -> None:
+    """Stage: every complete row scored on the first eval set; gain kept, differences, fidelity, the curve."""
+    exp, fm = Path(cfg.exp_dir), cfg.function_matching
+    scfg = OmegaConf.merge(cfg, {"stats": {"unit": "speaker"}})
+    evaluation, sets, command = experiment_scoring(scfg, "asrkd report-function-matching")
+    test = evaluation.primary
+    data, indices = evaluation.scorer.eval[test]
+    teacher = str(cfg.distill.teacher)
+    entries = {"teacher": evaluation.entry([teacher], sets, key="teacher")}
+    groups: dict[tuple[str, int, str, str], list[Run]] = {}
+    for run in runs(cfg):
+        groups.setdefault((run.view, run.schedule, run.kind, run.data), []).append(run)
+    rows, missing = [], []
+    for (view, schedule, kind, data_dir), members in groups.items():
+        names = complete(exp, cfg, members)
+        missing += [run_name(cfg, r) for r in members if run_name(cfg, r) not in names]
+        if not names:
+            continue
+        label = row_label(view, schedule, kind, data_dir)
+        entry = evaluation.entry(names, sets, key=label)
+        row = {"label": label, "view": view, "schedule": schedule, "epochs": int(cfg.train.epochs) * schedule, "kind": kind, "data": data_dir,
+               "systems": names, "seeds": len(names), "frame_accuracy": entry["frame_accuracy"],
+               "frame_accuracy_ci": entry["frame_accuracy_ci"],
+               "train_seconds": float(np.mean([sum(h["seconds"] for h in read_history(exp / "dnn" / n)) for n in names]))}
+        if kind != "hard":
+            row["fidelity"] = fidelity(exp, teacher, names, data.frames, indices, int(cfg.eval.batch_size))
+        entries[label] = entry
+        rows.append(row)
+    by_label = {row["label"]: row for row in rows}
+    for row in rows:
+        control = row_label(row["view"], row["schedule"], "hard", row["data"])
+        if row["kind"] == "hard" or control not in by_label:
+            continue
+        row["control"] = control
+        row["minus_control"] = evaluation.frames.difference(row["label"], control)
+        row["gain_kept"] = {**evaluation.frames.share(row["label"], control, "teacher"), "unit": "speaker"}
+        row["teacher_minus_control"] = evaluation.frames.difference("teacher", control)
+    headline = by_label.get(row_label(str(fm.headline), int(fm.headline_schedule), "consistent", "train"))
+    headline = headline if headline and "gain_kept" in headline else None
+    curve = [{"schedule": row["schedule"], "epochs": row["epochs"], "kind": row["kind"], "test": row["frame_accuracy"][test],
+              "valid": row["frame_accuracy"]["valid"], **({"gain_kept": row["gain_kept"]["estimate"], **row["fidelity"]} if "gain_kept" in row else {})}
+             for row in rows if row["view"] == str(fm.headline) and row["kind"] in ("hard", "consistent") and row["data"] == "train"]
+    subset = None
+    if fm.subset:
+        label = row_label(str(fm.headline), int(fm.subset.schedule), "consistent", subset_name(float(fm.subset.fraction)))
+        if "gain_kept" in by_label.get(label, {}):
+            evaluation.entry([str(cfg.train.name)], sets, key="full baseline")
+            row = by_label[label]
+            row["gap_closed"] = evaluation.frames.share(label, row["control"], "full baseline")
+            subset = {"row": label, "gap_closed": row["gap_closed"]["estimate"], "gap_closed_ci": row["gap_closed"]["ci"], "unit": "speaker",
+                      "seeds": row["seeds"], "full_baseline": str(cfg.train.name)}
+    result = {
+        "command": command, "test_set": test, "bootstrap_unit": "speaker", "teacher": {"system": teacher, **entries["teacher"]},
+        "temperature": float(fm.temperature), "rows": {row["label"]: row for row in rows}, "missing": missing,
+        "gain_kept": ({"row": headline["label"], "estimate": headline["gain_kept"]["estimate"], "ci": headline["gain_kept"]["ci"],
+                       "unit": "speaker", "seeds": headline["seeds"]} if headline else None),
+        "fidelity": {row["label"]: row["fidelity"] for row in rows if "fidelity" in row},
+        "curve": sorted(curve, key=lambda c: (c["schedule"], c["kind"])), "subset": subset,
+    }
+    publish_experiment(cfg, "function_matching", result, markdown(result, cfg), plot)
+    if subset:  # the 3%-data table's function-matching row, beside what run_3pct.sh reported
+        merge_into_report(cfg, {"three_percent": {**current_report(cfg).get("three_percent", {}), "function_matching": subset}})
+
+
+def row_label(view: str, schedule: int, kind: str, data: str) -> str:
+    return f"{view} x{schedule} {kind}" + ("" if data == "train" else f" {data}")
+
+
+def markdown(result: dict, cfg) -> str:
+    test = result["test_set"]
+    teacher = result["teacher"]
+    lines = [f"# Function matching on {cfg.corpus}: students that see what the teacher sees", "",
+             f"Teacher: {teacher['system']} ({teacher['model']}), {test} frame accuracy {percent(teacher['frame_accuracy'][test])}; "
+             f"T = {result['temperature']:g}. Every student is compared with its control: the same view, epochs, learning-rate "
+             "schedule and checkpoint (final.pt), trained on the pdf-ids.", "",
+             f"| row | seeds | epochs | {test} frame acc. [95% CI] | − control [95% CI] | gain kept [95% CI] | top-1 agreement | KL(teacher‖student) | CPU min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, row in result["rows"].items():
+        acc = format_interval({"estimate": row["frame_accuracy"][test], "ci": row["frame_accuracy_ci"][test]})
+        minus = format_interval(row["minus_control"], signed=True) if "minus_control" in row else "–"
+        kept = format_interval(row["gain_kept"]) if "gain_kept" in row else "–"
+        fid = row.get("fidelity")
+        agreement = percent(fid["top1_agreement"]) if fid else "–"
+        divergence = f"{fid['kl_teacher_student']:.3f}" if fid else "–"
+        lines.append(f"| {label} | {row['seeds']} | {row['epochs']} | {acc} | {minus} | {kept} | {agreement} | {divergence} | "
+                     f"{row['train_seconds'] / 60:.0f} |")
+    lines += ["", f"Command: `{result['command']}`", "",
+              f"[95% CI]: bootstrap over the {test} set's speakers (stats.unit=speaker; their utterances are not independent); rows "
+              "with several seeds give the mean over seeds, and their interval resamples the seeds too; one seed: single-seed claims.",
+              "gain kept = (student − control) / (teacher − control). Fidelity on the test frames, mean over seeds."]
+    if result["gain_kept"]:
+        kept = result["gain_kept"]
+        lines += ["", f"Headline ({kept['row']}, {kept['seeds']} seed(s)): gain kept {format_interval(kept)}."]
+    if result["subset"]:
+        subset = result["subset"]
+        lines += ["", f"{subset['row']} ({subset['seeds']} seed(s)): the gap between its control and the 100% model "
+                  f"({subset['full_baseline']}) closed by {format_interval({'estimate': subset['gap_closed'], 'ci': subset['gap_closed_ci']})}."]
+    if result["missing"]:
+        lines += ["", f"Not trained yet (the stage resumes): {', '.join(result['missing'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, out: Path) -> None:
+    curve = [c for c in result["curve"] if c["kind"] == "consistent" and "gain_kept" in c]
+    with saved_figure(out, (6.4, 4.0), "student epochs", "share / agreement", "Function matching: patience", loc="best") as ax:
+        if curve:
+            epochs = [c["epochs"] for c in curve]
+            ax.plot(epochs, [c["gain_kept"] for c in curve], "o-", label="gain kept over the same-schedule control")
+            ax.plot(epochs, [c["top1_agreement"] for c in curve], "s--", label="top-1 agreement with the teacher")
+            ax.set_xscale("log", base=2)
+        for label, row in result["rows"].items():
+            if row["schedule"] == 1 and "gain_kept" in row:
+                ax.plot([row["epochs"]], [row["gain_kept"]["estimate"]], "x", label=f"{row['view']} ({row['kind']})")

@@ -1,0 +1,108 @@
+"""Function matching: views drawn per step, the teacher scoring the student's own view, controls
+on the same views and schedules, the report's gain kept (speaker intervals) and fidelity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asrkd.distill import soft_targets
+from asrkd.experiments import function_matching
+from asrkd.nnet import ensemble, train
+from asrkd.nnet.views import View, ViewSpec, draw
+
+from .conftest import tiny_config
+from .test_reliability import clone, state_dicts_equal
+
+ALL = ViewSpec(freq_masks=2, freq_width=8, time_masks=2, time_width=4, noise_std=0.3, mixup_alpha=0.4, seed=5)
+
+
+def test_a_view_is_a_function_of_its_seed_and_step_and_the_plain_view_is_the_identity() -> None:
+    x = torch.randn(64, 26, 40)
+    first, again, later = draw(ALL, x, 7), draw(ALL, x, 7), draw(ALL, x, 8)
+    assert torch.equal(first.inputs, again.inputs) and torch.equal(first.partner, again.partner) and torch.equal(first.lam, again.lam)
+    assert not torch.equal(first.inputs, later.inputs)
+    assert draw(ViewSpec(seed=3), x, 7).inputs is x  # nothing switched on: no draw at all
+    masked = draw(ViewSpec(freq_masks=1, freq_width=8, time_masks=1, time_width=4), torch.ones(500, 26, 40), 0).inputs
+    zero_bins = (masked == 0).all(1).sum(1)  # mel bins zero across the window
+    zero_frames = (masked == 0).all(2).sum(1)
+    assert zero_bins.max() <= 8 and zero_frames.max() <= 4 and zero_bins.float().mean() > 2 and zero_frames.float().mean() > 1
+    assert sorted(first.partner.tolist()) == list(range(64)) and ((first.lam >= 0) & (first.lam <= 1)).all()
+
+
+def test_mixup_mixes_the_labels_and_the_soft_targets_as_it_mixed_the_inputs() -> None:
+    x, hard = torch.randn(32, 26, 40), torch.randint(0, 10, (32,))
+    view = draw(ViewSpec(mixup_alpha=0.4, seed=1), x, 0)
+    lam = view.lam.view(-1, 1, 1)
+    assert torch.allclose(view.inputs, lam * x + (1 - lam) * x[view.partner])
+    logits = torch.randn(32, 10)
+    expected = (view.lam * F.cross_entropy(logits, hard, reduction="none")
+                + (1 - view.lam) * F.cross_entropy(logits, hard[view.partner], reduction="none")).mean()
+    assert torch.allclose(view.hard_cross_entropy(logits, hard), expected)
+    rows = torch.softmax(torch.randn(32, 10), -1)
+    assert torch.allclose(view.mix(rows).sum(-1), torch.ones(32)) and torch.allclose(View(x).mix(rows), rows)
+    assert torch.allclose(View(x).hard_cross_entropy(logits, hard), F.cross_entropy(logits, hard))
+
+
+def test_training_on_views_is_reproducible_and_records_the_view(run_dir: Path, tmp_path: Path) -> None:
+    root = clone(run_dir, tmp_path)
+    cfg = tiny_config(root, "train.max_frames_per_epoch=3000", "train.epochs=1")
+    training = train.TrainingSet(cfg)
+    for name in ("a", "b"):
+        train.train_stage(cfg, [train.Model(f"train-dnn {name}", root / "exp" / "dnn" / name, views=ALL)], training)
+    assert state_dicts_equal(root / "exp" / "dnn" / "a" / "final.pt", root / "exp" / "dnn" / "b" / "final.pt")
+    record = json.loads((root / "exp" / "dnn" / "a" / "stage.json").read_text())
+    assert record["config"]["views"]["mixup_alpha"] == 0.4
+    assert "views" not in json.loads((root / "exp" / "dnn" / "baseline" / "stage.json").read_text())["config"]  # plain runs keep their fingerprints
+
+
+def test_function_matching_trains_controls_and_students_and_reports_gain_kept_and_fidelity(run_dir: Path, tmp_path: Path) -> None:
+    root = clone(run_dir, tmp_path)
+    cfg = tiny_config(root, "ensemble.size=2", "ensemble.name=pair", "distill.teacher=pair", "distill.temperatures=[2]",
+                      "train.epochs=1", "train.max_frames_per_epoch=1000", f"results_dir={root}/results",
+                      "function_matching.ablation=[all]",
+                      "function_matching.schedules=[1,2]", "function_matching.headline_schedule=2", "function_matching.seeds=2",
+                      "function_matching.subset={fraction:0.1,schedule:2}")
+    ensemble.run(cfg)
+    soft_targets.run(cfg)
+    # the consistent student's targets are the teacher's on the student's own view
+    data, train_idx, _, hard = train.TrainingSet(cfg).load()
+    batch = torch.from_numpy(train_idx[:16])
+    view = draw(function_matching.view_spec(cfg, function_matching.Run("all", 1, "consistent", 0)), data.frames.context(batch), 3)
+    teacher = function_matching.TeacherOnTheFly.of_system(cfg, data)
+    logits = torch.randn(16, data.num_pdfs)
+    loss = function_matching.consistent_loss(cfg, 2.0)(data, hard)(logits, batch, view)
+    expected = 4.0 * function_matching.soft_cross_entropy(logits, teacher.soft_targets(batch, 2.0, view.inputs), 2.0) \
+        + view.hard_cross_entropy(logits, hard[batch], 0.5)
+    assert torch.allclose(loss, expected)
+    assert not torch.allclose(teacher.soft_targets(batch, 2.0, view.inputs), teacher.soft_targets(batch, 2.0))
+
+    function_matching.run_train(cfg)
+    exp = root / "exp" / "dnn"
+    assert len(train.read_history(exp / "fm_all_x2_consistent_T2_seed1")) == 2
+    x2 = json.loads((exp / "fm_all_x2_hard" / "stage.json").read_text())["config"]
+    assert x2["train.epochs"] == 2 and x2["train.lr_decay"] == pytest.approx(0.85 ** 0.5) and x2["views"]["seed"] == 0
+    assert json.loads((exp / "fm_all_x2_hard_seed1" / "stage.json").read_text())["config"]["views"]["seed"] == 100
+    function_matching.run_report(cfg)
+    result = json.loads((root / "results" / "report.json").read_text())["function_matching"]
+    assert result["bootstrap_unit"] == "speaker" and result["missing"] == []
+    headline = result["rows"]["all x2 consistent"]
+    assert headline["seeds"] == 2 and headline["control"] == "all x2 hard"
+    assert result["gain_kept"]["row"] == "all x2 consistent" and result["gain_kept"]["unit"] == "speaker"
+    student, control, teacher_acc = (result["rows"]["all x2 consistent"]["frame_accuracy"]["test"], result["rows"]["all x2 hard"]["frame_accuracy"]["test"],
+                                     result["teacher"]["frame_accuracy"]["test"])
+    assert result["gain_kept"]["estimate"] == pytest.approx((student - control) / (teacher_acc - control))
+    fid = result["fidelity"]["all x2 precomputed"]
+    assert 0 <= fid["top1_agreement"] <= 1 and fid["kl_teacher_student"] >= 0 and fid["seeds"] == 1
+    assert {c["schedule"] for c in result["curve"]} == {1, 2}
+    assert "| all x2 consistent | 2 | 2 |" in (root / "results" / "function_matching.md").read_text()
+    assert (root / "results" / "function_matching.png").stat().st_size > 0
+    assert np.isfinite(headline["minus_control"]["estimate"])
+    subset = json.loads((root / "results" / "report.json").read_text())["three_percent"]["function_matching"]
+    assert subset["row"] == "all x2 consistent train_10pct" and subset["seeds"] == 2 and len(subset["gap_closed_ci"]) == 2
+    assert json.loads((exp / "fm_all_x2_hard_train_10pct" / "stage.json").read_text())["config"]["train.data"] == "train_10pct"
