@@ -71,20 +71,20 @@ def run_name(cfg, run: Run) -> str:
 
 
 def runs(cfg) -> list[Run]:
-    """Every run, in training order: the ablation over views, the curve over schedules, the
-    precomputed student, the headline's other seeds."""
+    """Every run, in training order: the subset rows, the ablation over views, the curve over
+    schedules, the precomputed student, the headline's other seeds."""
     fm = cfg.function_matching
     headline, best = str(fm.headline), int(fm.headline_schedule)
     for key, names in (("headline", [headline]), ("ablation", list(fm.ablation))):
         unknown = [n for n in names if n not in fm.views]
         if unknown:
             raise ValueError(f"function_matching.{key} names {', '.join(unknown)}, not in function_matching.views ({', '.join(fm.views)})")
-    ablation = sorted(map(str, fm.ablation), key=lambda view: view != headline)
-    out = [Run(view, 1, kind, 0) for view in ablation[:1] for kind in ("hard", "consistent")]  # the rows that say most, first
-    if fm.subset:  # cheap: a share of the frames
+    out = []
+    if fm.subset:  # first: a share of the frames, many epochs of it cost little
         subset = subset_name(float(fm.subset.fraction))
         out += [Run(headline, int(fm.subset.schedule), kind, r, subset) for r in range(int(fm.seeds)) for kind in ("hard", "consistent")]
-    out += [Run(view, 1, kind, 0) for view in ablation[1:] for kind in ("hard", "consistent")]
+    ablation = sorted(map(str, fm.ablation), key=lambda view: view != headline)  # the headline view's pair first
+    out += [Run(view, 1, kind, 0) for view in ablation for kind in ("hard", "consistent")]
     out += [Run(headline, int(m), kind, 0) for m in fm.schedules for kind in ("hard", "consistent")]
     out += [Run(headline, best, "precomputed", 0)] if fm.precomputed else []
     out += [Run(headline, best, kind, r) for r in range(int(fm.seeds)) for kind in ("hard", "consistent")]
