@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asrkd import parallel
 from asrkd.schema import ConfigError, validate
-from asrkd.stage import StageError, abandon_open_stages, invoked_as
+from asrkd.stage import StageError, abandon_open_stages, code_record, invoked_as
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     module, _, function = COMMANDS[args.command].partition(":")
-    run_command(getattr(importlib.import_module(module), function or "run"), args.overrides, args.command, args.config_dir)
+    step = getattr(importlib.import_module(module), function or "run")
+    code_record()  # the source hashes of the modules just imported: what runs, even if a file is edited while it does
+    run_command(step, args.overrides, args.command, args.config_dir)
 
 
 if __name__ == "__main__":
