@@ -478,13 +478,10 @@ def acquire_lock(name: str, out_dir: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):  # being written by its taker this instant, or cut by a kill
-                holder = None
-            if holder is None:
+            holder = read_lock(path)
+            if holder is None:  # being written by its taker this instant, or cut by a kill: look again, then take it
                 time.sleep(0.2)
-                holder = json.loads(path.read_text()) if path.is_file() and path.stat().st_size else {"pid": -1, "host": mine["host"]}
+                holder = read_lock(path) or {"pid": -1, "host": mine["host"]}
             same_host = holder.get("host") == mine["host"]
             if same_host and holder.get("pid") == mine["pid"]:
                 path.unlink(missing_ok=True)
@@ -505,14 +502,17 @@ def acquire_lock(name: str, out_dir: Path) -> None:
     raise StageLocked(f"{name}: could not take the lock {path}; delete it if no run is making {out_dir}")
 
 
-def release_lock(out_dir: Path) -> None:
-    path = lock_path(out_dir)
+def read_lock(path: Path) -> dict | None:
     try:
-        holder = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return
-    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        path.unlink(missing_ok=True)
+        return None
+
+
+def release_lock(out_dir: Path) -> None:
+    holder = read_lock(lock_path(out_dir))
+    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        lock_path(out_dir).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- planning a stage

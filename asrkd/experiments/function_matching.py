@@ -102,18 +102,21 @@ def view_spec(cfg, run: Run) -> ViewSpec:
     return ViewSpec.of({**OmegaConf.to_container(cfg.function_matching.views[run.view]), "seed": int(cfg.seed) + 100 * run.replicate})
 
 
+def view_loss(dcfg, logits: torch.Tensor, soft_targets: torch.Tensor, hard: torch.Tensor, view: View, temperature: float) -> torch.Tensor:
+    """The paper's objective on a view: soft_weight T^2 CE(soft targets, softmax(z/T)) + hard_weight x the view's CE."""
+    return (dcfg.soft_weight * temperature**2 * soft_cross_entropy(logits, soft_targets, temperature)
+            + view.hard_cross_entropy(logits, hard, dcfg.hard_weight))
+
+
 def consistent_loss(cfg, temperature: float):
     """The student's loss with the teacher run on the student's own view of each batch."""
-    dcfg = cfg.distill
 
     def make(data, hard):
         teacher = TeacherOnTheFly.of_system(cfg, data)
 
         def loss(logits: torch.Tensor, batch: torch.Tensor, view: View | None = None) -> torch.Tensor:
             view = view or View(None)
-            targets = teacher.soft_targets(batch, temperature, view.inputs)
-            return (dcfg.soft_weight * temperature**2 * soft_cross_entropy(logits, targets, temperature)
-                    + view.hard_cross_entropy(logits, hard[batch], dcfg.hard_weight))
+            return view_loss(cfg.distill, logits, teacher.soft_targets(batch, temperature, view.inputs), hard[batch], view, temperature)
 
         return loss
 
@@ -122,7 +125,6 @@ def consistent_loss(cfg, temperature: float):
 
 def precomputed_loss(cfg, temperature: float, training: TrainingSet):
     """The student's loss with the stored soft targets of the clean frames, mixed as the view mixed its inputs."""
-    dcfg = cfg.distill
     make_targets, inputs = target_source(OmegaConf.merge(cfg, {"distill": {"on_the_fly": False}}), Student("dense", temperature, 0), training)
 
     def make(data, hard):
@@ -130,8 +132,7 @@ def precomputed_loss(cfg, temperature: float, training: TrainingSet):
 
         def loss(logits: torch.Tensor, batch: torch.Tensor, view: View | None = None) -> torch.Tensor:
             view = view or View(None)
-            return (dcfg.soft_weight * temperature**2 * soft_cross_entropy(logits, view.mix(targets_of(batch)), temperature)
-                    + view.hard_cross_entropy(logits, hard[batch], dcfg.hard_weight))
+            return view_loss(cfg.distill, logits, view.mix(targets_of(batch)), hard[batch], view, temperature)
 
         return loss
 
@@ -172,20 +173,22 @@ def complete(exp: Path, cfg, run_list: list[Run]) -> list[str]:
 
 
 @torch.no_grad()
-def fidelity(exp: Path, teacher: str, students: list[str], frames, indices: np.ndarray, batch_size: int) -> dict:
-    """Top-1 agreement with the teacher and mean KL(teacher || student) (nats) on ``indices``'
-    frames, averaged over the students' seeds."""
+def log_posteriors(exp: Path, system: str, frames, indices: np.ndarray, batch_size: int) -> list[torch.Tensor]:
+    """A system's log-softmax on ``indices``' frames, batch by batch."""
     device = frames.frames.device
-    teacher_model = load_system(exp, teacher, device).eval()
+    model = load_system(exp, system, device).eval()
+    return [torch.log_softmax(model(frames.context(torch.from_numpy(indices[start : start + batch_size]).to(device))).float(), -1)
+            for start in range(0, len(indices), batch_size)]
+
+
+@torch.no_grad()
+def fidelity(exp: Path, teacher: list[torch.Tensor], students: list[str], frames, indices: np.ndarray, batch_size: int) -> dict:
+    """Top-1 agreement with the teacher (its ``log_posteriors``, computed once per report) and mean
+    KL(teacher || student) (nats) on ``indices``' frames, averaged over the students' seeds."""
     agreement, divergence = [], []
     for name in students:
-        model = load_system(exp, name, device).eval()
         same, kl = 0.0, 0.0
-        for start in range(0, len(indices), batch_size):
-            batch = torch.from_numpy(indices[start : start + batch_size]).to(device)
-            window = frames.context(batch)
-            log_p = torch.log_softmax(teacher_model(window).float(), -1)
-            log_q = torch.log_softmax(model(window).float(), -1)
+        for log_p, log_q in zip(teacher, log_posteriors(exp, name, frames, indices, batch_size)):
             same += float((log_p.argmax(-1) == log_q.argmax(-1)).sum())
             kl += float(F.kl_div(log_q, log_p, log_target=True, reduction="sum"))
         agreement.append(same / len(indices))
@@ -202,6 +205,7 @@ def run_report(cfg) -> None:
     data, indices = evaluation.scorer.eval[test]
     teacher = str(cfg.distill.teacher)
     entries = {"teacher": evaluation.entry([teacher], sets, key="teacher")}
+    teacher_posteriors = log_posteriors(exp, teacher, data.frames, indices, int(cfg.eval.batch_size))
     groups: dict[tuple[str, int, str, str], list[Run]] = {}
     for run in runs(cfg):
         groups.setdefault((run.view, run.schedule, run.kind, run.data), []).append(run)
@@ -218,7 +222,7 @@ def run_report(cfg) -> None:
                "frame_accuracy_ci": entry["frame_accuracy_ci"],
                "train_seconds": float(np.mean([sum(h["seconds"] for h in read_history(exp / "dnn" / n)) for n in names]))}
         if kind != "hard":
-            row["fidelity"] = fidelity(exp, teacher, names, data.frames, indices, int(cfg.eval.batch_size))
+            row["fidelity"] = fidelity(exp, teacher_posteriors, names, data.frames, indices, int(cfg.eval.batch_size))
         entries[label] = entry
         rows.append(row)
     by_label = {row["label"]: row for row in rows}
