@@ -84,6 +84,7 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     synthetic_set(tmp_path / "corpus")
     cfg = tiny_config(tmp_path, f"images.corpus_dir={tmp_path}/corpus", f"results_dir={tmp_path}/results", "images.valid_images=100",
                       "images.big.width=32", "images.big.epochs=2", "images.small.width=16", "images.small.epochs=2",
+                      "images.function_matching.epochs=2", "images.seeds=2",
                       "images.widths=[8,16]", "images.temperatures=[2,20]", "images.replicates=200",
                       "images.bias_shifts.stop=2.0", "images.bias_shifts.step=0.5")
     images.run_prepare(cfg)
@@ -92,13 +93,26 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     images.run_report(cfg)
     report = json.loads((tmp_path / "results" / "report.json").read_text())
     rows = report["rows"]
-    assert {"big", "small_alone", "small_distilled", "left_out", "left_out_corrected", "kept_only", "kept_only_corrected"} <= set(rows)
+    assert {"big", "small_alone", "small_distilled", "left_out", "left_out_corrected", "kept_only", "kept_only_corrected",
+            "small_jittered", "function_matching"} <= set(rows)
     assert all(row["test_images"] == 200 and row["errors_ci"][0] <= row["errors"] <= row["errors_ci"][1] for row in rows.values())
+    assert report["seeds"]["small_distilled"] == ["student_w16_T20", "student_w16_T20_seed1"]
+    assert rows["big"]["seeds"] == 2 and rows["big"]["errors"] == sum(rows["big"]["errors_per_seed"]) / 2
+    assert "ci" in rows["small_distilled"]["gap_closed"] and "ci" in rows["function_matching"]["fewer_than_control"]
+    seed1 = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_seed1" / "stage.json").read_text())
+    assert seed1["config"]["teacher"] == "big_seed1"  # seed r is taught by big net r
+    matching = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_fm_jitter2" / "stage.json").read_text())
+    assert matching["config"]["jitter"] == 2 and matching["config"]["train.patience"] == 20
+    assert report["jitter"]["nets"] == ["big", "big_jitter1"] and len(report["jitter"]["held_out_errors"]) == 2
+    histories = report["histories"]
+    assert {"big", "big_seed1", "small_alone_seed1", "student_w16_T20_fm_jitter2", "small_jitter2", "big_jitter1"} <= set(histories)
+    assert all(len(h["held_out_error_percent"]) == len(h["train_error_percent"]) == h["epochs"] == 2 for h in histories.values())
+    assert (tmp_path / "results" / "curves.png").is_file()
     assert rows["left_out"]["errors_on_class"] >= rows["left_out_corrected"]["errors_on_class"] or rows["left_out_corrected"]["bias_shift"] == 0
     assert rows["kept_only"]["errors"] >= 100  # 8 of 10 classes never seen: most of those images are wrong
     assert [row["width"] for row in report["temperature_width"]] == [8, 16]
     md = (tmp_path / "results" / "report.md").read_text()
-    assert "| big net, regularized |" in md and (tmp_path / "results" / "temperature_width.png").is_file()
+    assert "| big net, regularized (2 seeds; best epoch" in md and (tmp_path / "results" / "temperature_width.png").is_file()
     left_out = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_no3" / "stage.json").read_text())
     assert left_out["config"]["transfer"] == "no3"
     made = (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns

@@ -178,3 +178,14 @@ def test_progress_shows_the_rate_and_time_left_on_a_terminal_only(monkeypatch: p
         assert list(progress(range(4), "baseline epoch 0", unit="frames", scale=256)) == [0, 1, 2, 3]
         text = stream.getvalue()
         assert (("1024/1024 frames" in text and "frames/s" in text and "s left" in text and "done" in text) if shown else text == "")
+
+
+def test_early_stopping_ends_training_patience_epochs_after_the_best(run_dir: Path, tmp_path: Path) -> None:
+    assert train.epochs_since_best([{"valid_frame_accuracy": a} for a in (0.2, 0.5, 0.4, 0.5)]) == 2  # ties do not count as better
+    root = clone(run_dir, tmp_path)
+    # lr 0: validation accuracy never moves, so the first epoch stays the best
+    train.run(tiny_config(root, *QUICK, "train.name=patient", "train.epochs=10", "train.lr=0.0", "train.patience=2"))
+    record = read_record(root / "exp" / "dnn" / "patient")
+    assert record["summary"]["epochs"] == 3 and record["summary"]["best_epoch"] == 0 and record["config"]["train.patience"] == 2
+    assert len(train.read_history(root / "exp" / "dnn" / "patient")) == 3
+    assert "train.patience" not in read_record(root / "exp" / "dnn" / "baseline")["config"]  # null: old fingerprints kept

@@ -71,8 +71,9 @@ def run_name(cfg, run: Run) -> str:
 
 
 def runs(cfg) -> list[Run]:
-    """Every run, in training order: the subset rows, the ablation over views, the curve over
-    schedules, the precomputed student, the headline's other seeds."""
+    """Every run, in training order: the subset rows, the headline rows (every seed), the ablation
+    over views, the curve over schedules, the precomputed student. Cheap rows and the headline come
+    first, so an interrupted stage has reported what the README quotes."""
     fm = cfg.function_matching
     headline, best = str(fm.headline), int(fm.headline_schedule)
     for key, names in (("headline", [headline]), ("ablation", list(fm.ablation))):
@@ -83,11 +84,11 @@ def runs(cfg) -> list[Run]:
     if fm.subset:  # first: a share of the frames, many epochs of it cost little
         subset = subset_name(float(fm.subset.fraction))
         out += [Run(headline, int(fm.subset.schedule), kind, r, subset) for r in range(int(fm.seeds)) for kind in ("hard", "consistent")]
+    out += [Run(headline, best, kind, r) for r in range(int(fm.seeds)) for kind in ("hard", "consistent")]
     ablation = sorted(map(str, fm.ablation), key=lambda view: view != headline)  # the headline view's pair first
     out += [Run(view, 1, kind, 0) for view in ablation for kind in ("hard", "consistent")]
     out += [Run(headline, int(m), kind, 0) for m in fm.schedules for kind in ("hard", "consistent")]
     out += [Run(headline, best, "precomputed", 0)] if fm.precomputed else []
-    out += [Run(headline, best, kind, r) for r in range(int(fm.seeds)) for kind in ("hard", "consistent")]
     return list(dict.fromkeys(out))
 
 
@@ -234,6 +235,18 @@ def run_report(cfg) -> None:
         row["minus_control"] = evaluation.frames.difference(row["label"], control)
         row["gain_kept"] = {**evaluation.frames.share(row["label"], control, "teacher"), "unit": "speaker"}
         row["teacher_minus_control"] = evaluation.frames.difference("teacher", control)
+    views_effect = None
+    baseline = str(cfg.train.name)
+    if (exp / "dnn" / baseline / "stage.json").is_file():  # do the views alone move the plain baseline by half the teacher's gain?
+        entries["baseline"] = evaluation.entry([baseline], sets, key="baseline")
+        teacher_gain = evaluation.frames.difference("teacher", "baseline")
+        controls = {}
+        for row in rows:
+            if row["kind"] == "hard" and row["data"] == "train":
+                row["minus_baseline"] = evaluation.frames.difference(row["label"], "baseline")
+                controls[row["label"]] = row["minus_baseline"]["estimate"] > 0.5 * teacher_gain["estimate"]
+        views_effect = {"baseline": baseline, "teacher_minus_baseline": teacher_gain, "controls_above_half_the_gain": controls,
+                        "teacher_on_views_needed": any(controls.values())}
     headline = by_label.get(row_label(str(fm.headline), int(fm.headline_schedule), "consistent", "train"))
     headline = headline if headline and "gain_kept" in headline else None
     curve = [{"schedule": row["schedule"], "epochs": row["epochs"], "kind": row["kind"], "test": row["frame_accuracy"][test],
@@ -254,7 +267,7 @@ def run_report(cfg) -> None:
         "gain_kept": ({"row": headline["label"], "estimate": headline["gain_kept"]["estimate"], "ci": headline["gain_kept"]["ci"],
                        "unit": "speaker", "seeds": headline["seeds"]} if headline else None),
         "fidelity": {row["label"]: row["fidelity"] for row in rows if "fidelity" in row},
-        "curve": sorted(curve, key=lambda c: (c["schedule"], c["kind"])), "subset": subset,
+        "curve": sorted(curve, key=lambda c: (c["schedule"], c["kind"])), "subset": subset, "views_effect": views_effect,
     }
     publish_experiment(cfg, "function_matching", result, markdown(result, cfg), plot)
     if subset:  # the 3%-data table's function-matching row, beside what run_3pct.sh reported
@@ -287,6 +300,15 @@ def markdown(result: dict, cfg) -> str:
               f"[95% CI]: bootstrap over the {test} set's speakers (stats.unit=speaker; their utterances are not independent); rows "
               "with several seeds give the mean over seeds, and their interval resamples the seeds too; one seed: single-seed claims.",
               "gain kept = (student − control) / (teacher − control). Fidelity on the test frames, mean over seeds."]
+    effect = result.get("views_effect")
+    if effect and effect["controls_above_half_the_gain"]:
+        gain = effect["teacher_minus_baseline"]
+        moved = [f"{label} {format_interval(result['rows'][label]['minus_baseline'], signed=True)}" for label in effect["controls_above_half_the_gain"]]
+        lines += ["", f"Controls − the plain baseline ({effect['baseline']}, {test} frame accuracy, points): {'; '.join(moved)}; the teacher's "
+                  f"gain over that baseline: {format_interval(gain, signed=True)}. "
+                  + ("Some control moves by more than half of it: the views alone do much of what the teacher does, so a teacher whose "
+                     "members trained on those views too is the fair one (not trained here yet)."
+                     if effect["teacher_on_views_needed"] else "No control moves by half of it: the teacher trained on clean frames stays the reference.")]
     if result["gain_kept"]:
         kept = result["gain_kept"]
         lines += ["", f"Headline ({kept['row']}, {kept['seeds']} seed(s)): gain kept {format_interval(kept)}."]

@@ -11,27 +11,36 @@ Stages (``recipes/mnist/run.sh``):
    they are missing), checked, into ``exp/images`` (train images then test images, and labels).
    The last ``images.valid_images`` training images are held out: early stopping and every
    bias shift are chosen on them, never on the test set.
-1. ``train-image-nets``: the big net (``images.big``: dropout on the hidden units and the
-   inputs, inputs jittered by up to ``images.big.jitter`` pixels, every hidden unit's incoming
-   weights max-norm constrained) and the small net trained alone on the labels, unregularized.
-2. ``train-image-students``: small nets trained on the big net's soft targets at T
-   (``T^2 CE(soft) + distill.hard_weight CE(labels)``): at every T of ``images.temperatures``
-   for every width of ``images.widths`` (the paper's T against width; the row "small net
-   distilled at ``images.temperature``" is the one at ``images.small.width``), with the class
-   ``images.left_out_class`` left out of the transfer set, and with only the classes of
+1. ``train-image-nets``: ``images.seeds`` big nets (``images.big``: dropout on the hidden units
+   and the inputs, inputs jittered by up to ``images.big.jitter`` pixels, every hidden unit's
+   incoming weights max-norm constrained), as many small nets trained alone on the labels,
+   unregularized, and one big net at ``images.jitter_alternative`` pixels.
+2. ``train-image-students``: small nets trained on a big net's soft targets at T
+   (``T^2 CE(soft) + distill.hard_weight CE(labels)``): the distilled small net's seeds (seed r
+   taught by big net r), the function-matching row (``images.function_matching``: the big net
+   run on the fly on the student's own jittered view, a long schedule) with its control (the
+   small net on the labels of the same views), and, taught by big net 0, every T of
+   ``images.temperatures`` at every width of ``images.widths`` (the paper's T against width),
+   the class ``images.left_out_class`` left out of the transfer set, and only the classes of
    ``images.kept_classes`` in it.
 3. ``report-images``: errors on the 10,000 test images (counts, with bootstrap intervals over
-   test images), the bias corrections (the left-out class's bias raised, the kept classes'
-   lowered, by the shift of ``images.bias_shifts`` that makes the fewest held-out errors), the
-   T-against-width table, and the paper's MNIST numbers beside them:
-   ``results/<dataset>/report.{json,md}`` and PNGs.
+   test images and seeds), the gap closed, the bias corrections (the left-out class's bias
+   raised, the kept classes' lowered, by the shift of ``images.bias_shifts`` that makes the
+   fewest held-out errors), the T-against-width table, the jitters compared, every net's
+   training curves, and the paper's MNIST numbers beside them: ``results/<dataset>/report.{json,md}``
+   and PNGs.
 
-The big net's soft targets are its logits on every image, computed once per student (70,000 x
-10 values) and turned into softmax(z/T) per batch.
+Every net trains until its held-out errors have not improved for ``images.patience`` epochs
+(``train.patience``; the configured epochs are a ceiling) and is scored, and teaches, at that
+best held-out epoch (its ``best.pt``). The big net's soft targets for the stored-target
+students are its logits on every image, computed once per student (70,000 x 10 values) and
+turned into softmax(z/T) per batch.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gzip
 import hashlib
 import logging
@@ -41,6 +50,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+
+from asrkd.distill.losses import distillation_loss
+from asrkd.distill.student import TeacherOnTheFly
+from asrkd.evaluate import machine, recipe_command, saved_figure
+from asrkd.kaldi.features import FeatureStore, load_array
+from asrkd.nnet.model import HybridDNN, SplicedFrames, pick_device
+from asrkd.nnet.train import (FrameData, Model, ModelFrames, load_model, model_path, predict_logits, read_history, replicate_name,
+                              train_stage)
+from asrkd.nnet.views import View
+from asrkd.stage import atomic_write, copy_file, plan, read_record, save_npy, write_json, write_text
+from asrkd.stats import Bootstrap, UtteranceCounts, format_interval
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +103,6 @@ def idx_path(corpus: Path, key: str) -> Path | None:
 
 def download(url: str, corpus: Path) -> None:
     """The four gzipped IDX files from ``url`` into ``corpus`` (each written whole or not at all)."""
-    from asrkd.stage import atomic_write
-
     corpus.mkdir(parents=True, exist_ok=True)
     for key, name in IDX_FILES.items():
         if idx_path(corpus, key) is not None:
@@ -117,9 +135,6 @@ def images_dir(cfg) -> Path:
 
 def run_prepare(cfg) -> None:
     """Stage 0: the IDX files, checked, as one FeatureStore of train then test images and their labels."""
-    from asrkd.kaldi.features import FeatureStore
-    from asrkd.stage import plan, save_npy
-
     corpus = corpus_dir(cfg)
     paths = {key: idx_path(corpus, key) for key in IDX_FILES}
     arrays = {key: read_idx(path) for key, path in paths.items()}  # checked before the stage may clear a good run's images
@@ -177,16 +192,12 @@ class ImageSet:
 
     def with_augment(self, augment) -> "ImageSet":
         """The same images (loaded once) whose training batches pass through ``augment``."""
-        import copy
-
         view = copy.copy(self)
         view.augment = augment
         return view
 
     def split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(training, held-out, test) image indices."""
-        from asrkd.stage import read_record
-
         summary = read_record(images_dir(self.cfg))["summary"]
         train, test = int(summary["train"]), int(summary["test"])
         held_out = int(self.cfg.images.valid_images)
@@ -195,12 +206,6 @@ class ImageSet:
         return np.arange(train - held_out), np.arange(train - held_out, train), np.arange(train, train + test)
 
     def load(self):
-        import dataclasses
-
-        from asrkd.kaldi.features import FeatureStore, load_array
-        from asrkd.nnet.model import SplicedFrames, pick_device
-        from asrkd.nnet.train import FrameData
-
         if self._loaded is None:
             torch.set_num_threads(int(self.cfg.train.num_threads))
             device = pick_device(self.cfg.train.device)
@@ -218,33 +223,51 @@ class ImageSet:
 # ----------------------------------------------------------------------------- the nets
 
 
-def net_config(cfg, width: int, layers: int, dropout: float, epochs: int, max_norm: float | None = None, lr_decay: float | None = None):
-    """The run config of one net: a context-free HybridDNN of ``layers`` x ``width``, the images' optimizer."""
+def net_config(cfg, width: int, layers: int, dropout: float, schedule, max_norm: float | None = None):
+    """The run config of one net: a context-free HybridDNN of ``layers`` x ``width``, the images'
+    optimizer, and ``schedule``'s ceiling of epochs, per-epoch decay and patience (each
+    defaulting to ``images.*``): every net stops once its held-out errors stop improving."""
     icfg = cfg.images
     return OmegaConf.merge(cfg, {"model": {"left_context": 0, "right_context": 0, "num_hidden_layers": layers, "hidden_dim": width,
                                            "dropout": dropout},
-                                 "train": {"epochs": epochs, "batch_size": icfg.batch_size, "lr": icfg.lr,
-                                           "lr_decay": icfg.lr_decay if lr_decay is None else lr_decay, "max_norm": max_norm,
+                                 "train": {"epochs": int(schedule.epochs), "batch_size": icfg.batch_size, "lr": icfg.lr,
+                                           "lr_decay": float(schedule.get("lr_decay") or icfg.lr_decay),
+                                           "patience": int(schedule.get("patience") or icfg.patience), "max_norm": max_norm,
                                            "accuracy_sample_frames": 5000}})
 
 
 def big_config(cfg):
     big = cfg.images.big
-    return net_config(cfg, int(big.width), int(big.layers), float(big.dropout), int(big.epochs), float(big.max_norm), big.get("lr_decay"))
+    return net_config(cfg, int(big.width), int(big.layers), float(big.dropout), big, float(big.max_norm))
 
 
-def small_config(cfg, width: int | None = None):
+def small_config(cfg, width: int | None = None, schedule=None):
     small = cfg.images.small
-    return net_config(cfg, int(width or small.width), int(small.layers), 0.0, int(small.epochs))
+    return net_config(cfg, int(width or small.width), int(small.layers), 0.0, schedule or small)
 
 
 BIG = "big"
 SMALL = "small_alone"
 
 
+def jitter_name(shift: int) -> str:
+    """exp/dnn/big_jitter<k>: the big net (seed 0) at the alternative jitter."""
+    return f"big_jitter{shift}"
+
+
 def student_name(width: int, temperature: float, transfer: str = "all") -> str:
     """exp/dnn/student_w<width>_T<T> (all training images), _no<c> (class c left out), _only<c+c'>."""
     return f"student_w{width}_T{temperature:g}" + ("" if transfer == "all" else f"_{transfer}")
+
+
+def control_name(shift: int) -> str:
+    """exp/dnn/small_jitter<k>: the function-matching row's control, the small net on the labels of jittered views."""
+    return f"small_jitter{shift}"
+
+
+def matching_name(width: int, temperature: float, shift: int) -> str:
+    """exp/dnn/student_w<width>_T<T>_fm_jitter<k>: the small net taught on the fly on its own jittered views."""
+    return f"student_w{width}_T{temperature:g}_fm_jitter{shift}"
 
 
 def left_out_tag(cfg) -> str:
@@ -255,37 +278,74 @@ def kept_tag(cfg) -> str:
     return "only" + "+".join(str(int(c)) for c in cfg.images.kept_classes)
 
 
+def headline_names(cfg) -> dict[str, list[str]]:
+    """The seeds of the three headline rows: big net r, small net alone r, and small net r distilled from big net r."""
+    icfg = cfg.images
+    seeds = range(int(icfg.seeds))
+    distilled = student_name(int(icfg.small.width), float(icfg.temperature))
+    return {"big": [replicate_name(BIG, r) for r in seeds], "small_alone": [replicate_name(SMALL, r) for r in seeds],
+            "small_distilled": [replicate_name(distilled, r) for r in seeds]}
+
+
 def run_train_nets(cfg) -> None:
-    """Stage 1: the big regularized net and the small net alone."""
-    from asrkd.nnet.train import Model, train_stage
-
-    exp, big = Path(cfg.exp_dir), cfg.images.big
+    """Stage 1: the big regularized nets and the small nets alone (``images.seeds`` each), and
+    one big net at ``images.jitter_alternative``."""
+    exp, icfg = Path(cfg.exp_dir), cfg.images
+    big = icfg.big
     images = ImageSet(cfg)
-    train_stage(big_config(cfg), [Model(f"train-images {BIG}", exp / "dnn" / BIG, values={"jitter": int(big.jitter),
-                                                                                          "input_dropout": float(big.input_dropout)})],
-                images.with_augment(jitter(int(big.jitter), float(big.input_dropout))))
-    train_stage(small_config(cfg), [Model(f"train-images {SMALL}", exp / "dnn" / SMALL)], images)
+    names = headline_names(cfg)
+
+    def train_big(name: str, replicate: int, shift: int) -> None:
+        train_stage(big_config(cfg), [Model(f"train-images {name}", exp / "dnn" / name, replicate,
+                                            values={"jitter": shift, "input_dropout": float(big.input_dropout)})],
+                    images.with_augment(jitter(shift, float(big.input_dropout))))
+
+    train_big(names["big"][0], 0, int(big.jitter))
+    for replicate, name in enumerate(names["small_alone"]):
+        train_stage(small_config(cfg), [Model(f"train-images {name}", exp / "dnn" / name, replicate)], images)
+    alternative = icfg.jitter_alternative
+    if alternative is not None and int(alternative) != int(big.jitter):
+        train_big(jitter_name(int(alternative)), 0, int(alternative))
+    for replicate, name in enumerate(names["big"][1:], start=1):
+        train_big(name, replicate, int(big.jitter))
 
 
-def teacher_loss(cfg, temperature: float):
-    """The students' loss against the big net's softmax at T (its logits computed once)."""
-    from asrkd.distill.losses import distillation_loss
-    from asrkd.nnet.train import load_model, predict_logits
+def teacher_model(cfg, teacher: str, device: torch.device) -> HybridDNN:
+    """The big net ``teacher`` at its best held-out epoch (the checkpoint every image net is scored at)."""
+    return load_model(model_path(Path(cfg.exp_dir), f"{teacher}@best"), device)
 
+
+def stored_teacher_loss(cfg, temperature: float, teacher: str):
+    """The students' loss against the big net's softmax at T on the clean images (its logits computed once)."""
     dcfg = cfg.distill
 
     def make(data, hard):
-        teacher = load_model(Path(cfg.exp_dir) / "dnn" / BIG / "final.pt", data.pdf_ids.device)
-        logits = predict_logits(teacher, data, np.arange(len(data.pdf_ids)), int(cfg.eval.batch_size))
+        model = teacher_model(cfg, teacher, data.pdf_ids.device)
+        logits = predict_logits(model, data, np.arange(len(data.pdf_ids)), int(cfg.eval.batch_size))
         return lambda z, batch: distillation_loss(z, torch.softmax(logits[batch] / temperature, -1), hard[batch], temperature,
                                                   dcfg.soft_weight, dcfg.hard_weight)
 
     return make
 
 
+def consistent_teacher_loss(cfg, temperature: float, teacher: str):
+    """Function matching: the big net scores, on the fly, the very jittered view the student trains on."""
+    dcfg = cfg.distill
+
+    def make(data, hard):
+        on_the_fly = TeacherOnTheFly([teacher_model(cfg, teacher, data.pdf_ids.device)], data.frames)
+
+        def loss(z: torch.Tensor, batch: torch.Tensor, view: View) -> torch.Tensor:
+            return distillation_loss(z, on_the_fly.soft_targets(batch, temperature, view.inputs), hard[batch], temperature,
+                                     dcfg.soft_weight, dcfg.hard_weight)
+
+        return loss
+
+    return make
+
+
 def transfer_frames(classes: list[int] | None, excluded: list[int] | None):
     """A Model's ``frames``: the training images of ``classes`` only, or all but ``excluded``."""
-    from asrkd.nnet.train import ModelFrames
 
     def frames(data, train_idx: np.ndarray, valid_idx: np.ndarray, hard: torch.Tensor) -> ModelFrames:
         labels = data.pdf_ids.cpu().numpy()[train_idx]
@@ -296,22 +356,37 @@ def transfer_frames(classes: list[int] | None, excluded: list[int] | None):
 
 
 def run_train_students(cfg) -> None:
-    """Stage 2: the students of the big net: T x width, the left-out class, the kept classes only."""
-    from asrkd.nnet.train import Model, train_stage
-
+    """Stage 2: the students of the big nets. First the distilled small net's seeds (seed r taught
+    by big net r), then the function-matching row and its control, then on big net 0: T x width,
+    the left-out class, the kept classes only."""
     exp, icfg = Path(cfg.exp_dir), cfg.images
     images = ImageSet(cfg)
-    inputs = {"teacher": exp / "dnn" / BIG}
     keys = ("distill.soft_weight", "distill.hard_weight")
-    runs = [(int(w), float(t), "all", None) for w in icfg.widths for t in icfg.temperatures]
     width, temperature = int(icfg.small.width), float(icfg.temperature)
-    runs += [(width, temperature, left_out_tag(cfg), transfer_frames(None, [int(icfg.left_out_class)])),
-             (width, temperature, kept_tag(cfg), transfer_frames([int(c) for c in icfg.kept_classes], None))]
-    for w, t, transfer, frames in runs:
-        name = student_name(w, t, transfer)
-        train_stage(small_config(cfg, w), [Model(f"train-images {name}", exp / "dnn" / name, frames=frames,
-                                                 values={"teacher": BIG, "temperature": t, "transfer": transfer})],
-                    images, loss=teacher_loss(cfg, t), keys=keys, inputs=inputs)
+
+    def train_student(name: str, w: int, t: float, teacher: str, replicate: int = 0, transfer: str = "all", frames=None) -> None:
+        train_stage(small_config(cfg, w), [Model(f"train-images {name}", exp / "dnn" / name, replicate, frames=frames,
+                                                 values={"teacher": teacher, "temperature": t, "transfer": transfer})],
+                    images, loss=stored_teacher_loss(cfg, t, teacher), keys=keys, inputs={"teacher": exp / "dnn" / teacher})
+
+    for replicate, (name, teacher) in enumerate(zip(headline_names(cfg)["small_distilled"], headline_names(cfg)["big"])):
+        train_student(name, width, temperature, teacher, replicate)
+    matching = icfg.function_matching
+    if matching:
+        shift, schedule = int(matching.jitter), small_config(cfg, width, matching)
+        view = images.with_augment(jitter(shift, 0.0))
+        train_stage(schedule, [Model(f"train-images {control_name(shift)}", exp / "dnn" / control_name(shift), values={"jitter": shift})], view)
+        name = matching_name(width, temperature, shift)
+        train_stage(schedule, [Model(f"train-images {name}", exp / "dnn" / name,
+                                     values={"teacher": BIG, "temperature": temperature, "jitter": shift, "teacher_sees": "the student's view"})],
+                    view, loss=consistent_teacher_loss(cfg, temperature, BIG), keys=keys, inputs={"teacher": exp / "dnn" / BIG})
+    for w in icfg.widths:
+        for t in icfg.temperatures:
+            train_student(student_name(int(w), float(t)), int(w), float(t), BIG)
+    train_student(student_name(width, temperature, left_out_tag(cfg)), width, temperature, BIG, transfer=left_out_tag(cfg),
+                  frames=transfer_frames(None, [int(icfg.left_out_class)]))
+    train_student(student_name(width, temperature, kept_tag(cfg)), width, temperature, BIG, transfer=kept_tag(cfg),
+                  frames=transfer_frames([int(c) for c in icfg.kept_classes], None))
 
 
 # ----------------------------------------------------------------------------- the report
@@ -332,41 +407,50 @@ def shifted(logits: torch.Tensor, classes: list[int], shift: float) -> torch.Ten
 
 class TestErrors:
     """Test errors of systems as counts of the test images, with bootstrap intervals over images
-    (paired: every system on the same draws; :mod:`asrkd.stats`)."""
+    (paired: every system on the same draws; a row of several seeds has them resampled too:
+    :mod:`asrkd.stats`)."""
 
     def __init__(self, cfg, labels: torch.Tensor, test_ids: list[str]):
-        from asrkd.stats import Bootstrap
-
         self.labels, self.ids = labels, test_ids
         scfg = cfg.stats
         self.bootstrap = Bootstrap(test_ids, int(cfg.images.replicates), scfg.confidence, scfg.seed)
 
-    def add(self, key: str, logits: torch.Tensor, of_class: int | None = None) -> dict:
-        """{"errors", "errors_ci", and with ``of_class`` "errors_on_class"} of logits over the test images."""
-        from asrkd.stats import UtteranceCounts
-
-        hits = (logits.argmax(-1) == self.labels).cpu().numpy().astype(int)
-        interval = self.bootstrap.add(key, UtteranceCounts.from_tables([{u: [int(h), 1] for u, h in zip(self.ids, hits)}]))
+    def add(self, key: str, logits: list[torch.Tensor], of_class: int | None = None) -> dict:
+        """{"errors" (the mean over the seeds' logits), "errors_ci", "seeds", and with ``of_class``
+        "errors_on_class"} over the test images."""
+        hits = [(z.argmax(-1) == self.labels).cpu().numpy().astype(int) for z in logits]
+        interval = self.bootstrap.add(key, UtteranceCounts.from_tables([{u: [int(h), 1] for u, h in zip(self.ids, seed)} for seed in hits]))
         count = len(self.ids)
-        out = {"system": key, "errors": int(count - hits.sum()), "errors_ci": [round(count * (1 - hi)) for hi in interval["ci"][::-1]],
-               "test_images": count}
+        per_seed = [int(count - seed.sum()) for seed in hits]
+        out = {"system": key, "errors": round(float(np.mean(per_seed)), 1), "errors_ci": [round(count * (1 - hi)) for hi in interval["ci"][::-1]],
+               "test_images": count, "seeds": len(hits), "errors_per_seed": per_seed}
         if of_class is not None:
-            out["errors_on_class"] = int(((1 - hits) * (self.labels == of_class).cpu().numpy()).sum())
+            out["errors_on_class"] = round(float(np.mean([((1 - h) * (self.labels == of_class).cpu().numpy()).sum() for h in hits])), 1)
         return out
 
     def fewer(self, a: str, b: str) -> dict:
         """Errors of b minus errors of a (a's improvement over b) with its interval, as counts."""
         diff = self.bootstrap.difference(a, b)
         count = len(self.ids)
-        return {"estimate": round(count * diff["estimate"]), "ci": [round(count * x) for x in diff["ci"]], "p_above_zero": diff["p_above_zero"]}
+        return {"estimate": round(count * diff["estimate"], 1), "ci": [round(count * x) for x in diff["ci"]], "p_above_zero": diff["p_above_zero"]}
+
+    def gap_closed(self, part: str, small: str, big: str) -> dict:
+        """The share of big's fewer errors than small that part has too: (small - part) / (small - big) in errors."""
+        return self.bootstrap.share(part, small, big)
+
+
+def history_of(exp: Path, name: str, held_out: int) -> dict:
+    """A net's curves: training-sample and held-out errors (%) per epoch, its best (scored) epoch."""
+    history = read_history(exp / "dnn" / name)
+    held = [100 * (1 - h["valid_frame_accuracy"]) for h in history]
+    return {"epochs": len(history), "best_epoch": int(np.argmin(held)), "held_out_images": held_out,
+            "held_out_error_percent": [round(x, 3) for x in held],
+            "train_error_percent": [round(100 * (1 - h["train_frame_accuracy"]), 3) for h in history],
+            "train_loss": [round(h["train_cross_entropy"], 4) for h in history]}
 
 
 def run_report(cfg) -> None:
-    """Stage 3: ``results/<dataset>/report.{json,md}``, ``errors.png``, ``temperature_width.png``."""
-    from asrkd.evaluate import machine, recipe_command
-    from asrkd.nnet.train import load_model, predict_logits
-    from asrkd.stage import copy_file, write_json, write_text
-
+    """Stage 3: ``results/<dataset>/report.{json,md}``, ``errors.png``, ``temperature_width.png``, ``curves.png``."""
     exp, icfg = Path(cfg.exp_dir), cfg.images
     images = ImageSet(cfg)
     data, _, valid_idx, _ = images.load()
@@ -377,38 +461,64 @@ def run_report(cfg) -> None:
     batch = int(cfg.eval.batch_size)
 
     def logits_of(name: str, indices: np.ndarray) -> torch.Tensor:
-        return predict_logits(load_model(exp / "dnn" / name / "final.pt", data.pdf_ids.device), data, indices, batch)
+        return predict_logits(load_model(model_path(exp, f"{name}@best"), data.pdf_ids.device), data, indices, batch)
+
+    def held_out_errors(name: str) -> int:
+        return int((logits_of(name, valid_idx).argmax(-1) != valid_labels).sum())
 
     width, temperature = int(icfg.small.width), float(icfg.temperature)
-    distilled = student_name(width, temperature)
-    rows = {key: errors.add(name, logits_of(name, test_idx))
-            for key, name in (("big", BIG), ("small_alone", SMALL), ("small_distilled", distilled))}
-    rows["big"]["fewer_than_small_alone"] = errors.fewer(BIG, SMALL)
-    rows["small_distilled"]["fewer_than_small_alone"] = errors.fewer(distilled, SMALL)
+    seeds = headline_names(cfg)
+    rows = {key: errors.add(key, [logits_of(name, test_idx) for name in names]) for key, names in seeds.items()}
+    rows["big"]["fewer_than_small_alone"] = errors.fewer("big", "small_alone")
+    rows["small_distilled"]["fewer_than_small_alone"] = errors.fewer("small_distilled", "small_alone")
+    rows["small_distilled"]["gap_closed"] = errors.gap_closed("small_distilled", "small_alone", "big")
+    matching = icfg.function_matching
+    if matching:
+        shift = int(matching.jitter)
+        control, student = control_name(shift), matching_name(width, temperature, shift)
+        rows["small_jittered"] = errors.add(control, [logits_of(control, test_idx)]) | {"jitter": shift}
+        rows["small_jittered"]["fewer_than_small_alone"] = errors.fewer(control, "small_alone")
+        rows["function_matching"] = errors.add(student, [logits_of(student, test_idx)]) | {"jitter": shift}
+        rows["function_matching"] |= {"fewer_than_control": errors.fewer(student, control), "fewer_than_small_alone": errors.fewer(student, "small_alone"),
+                                      "gap_closed": errors.gap_closed(student, "small_alone", "big")}
     shifts = [float(s) for s in np.arange(float(icfg.bias_shifts.start), float(icfg.bias_shifts.stop) + 1e-9, float(icfg.bias_shifts.step))]
     left_out, kept = int(icfg.left_out_class), [int(c) for c in icfg.kept_classes]
     name = student_name(width, temperature, left_out_tag(cfg))
     test_logits, held_logits = logits_of(name, test_idx), logits_of(name, valid_idx)
     shift = best_shift(held_logits, valid_labels, [left_out], 1.0, shifts)
-    rows["left_out"] = errors.add(name, test_logits, left_out) | {"class": left_out}
-    rows["left_out_corrected"] = errors.add(f"{name} +{shift:g}", shifted(test_logits, [left_out], shift), left_out) | {"bias_shift": shift}
+    rows["left_out"] = errors.add(name, [test_logits], left_out) | {"class": left_out}
+    rows["left_out_corrected"] = errors.add(f"{name} +{shift:g}", [shifted(test_logits, [left_out], shift)], left_out) | {"bias_shift": shift}
     rows["left_out_corrected"]["fewer_than_uncorrected"] = errors.fewer(f"{name} +{shift:g}", name)
     name = student_name(width, temperature, kept_tag(cfg))
     test_logits, held_logits = logits_of(name, test_idx), logits_of(name, valid_idx)
     shift = best_shift(held_logits, valid_labels, kept, -1.0, shifts)
-    rows["kept_only"] = errors.add(name, test_logits) | {"classes": kept}
-    rows["kept_only_corrected"] = errors.add(f"{name} -{shift:g}", shifted(test_logits, kept, -shift)) | {"bias_shift": -shift}
+    rows["kept_only"] = errors.add(name, [test_logits]) | {"classes": kept}
+    rows["kept_only_corrected"] = errors.add(f"{name} -{shift:g}", [shifted(test_logits, kept, -shift)]) | {"bias_shift": -shift}
     rows["kept_only_corrected"]["fewer_than_uncorrected"] = errors.fewer(f"{name} -{shift:g}", name)
     grid = []
     for w in icfg.widths:
-        cells = [errors.add(student_name(int(w), float(t)), logits_of(student_name(int(w), float(t)), test_idx)) | {"temperature": float(t)}
-                 for t in icfg.temperatures]
-        held = [int((logits_of(student_name(int(w), float(t)), valid_idx).argmax(-1) != valid_labels).sum()) for t in icfg.temperatures]
-        grid.append({"width": int(w), "cells": cells, "held_out_errors": held,
-                     "best_temperature": float(icfg.temperatures[int(np.argmin(held))])})
+        names = [student_name(int(w), float(t)) for t in icfg.temperatures]
+        cells = [errors.add(name, [logits_of(name, test_idx)]) | {"temperature": float(t)} for name, t in zip(names, icfg.temperatures)]
+        held = [held_out_errors(name) for name in names]
+        grid.append({"width": int(w), "cells": cells, "held_out_errors": held, "best_temperature": float(icfg.temperatures[int(np.argmin(held))])})
+    jitters = None
+    alternative = icfg.jitter_alternative
+    if alternative is not None and int(alternative) != int(icfg.big.jitter):
+        default_net, other = seeds["big"][0], jitter_name(int(alternative))
+        errors.add(f"{default_net} alone", [logits_of(default_net, test_idx)])  # seed 0 alone, as the alternative has one seed
+        jitters = {"default": int(icfg.big.jitter), "alternative": int(alternative), "nets": [default_net, other],
+                   "held_out_errors": [held_out_errors(default_net), held_out_errors(other)],
+                   "test": errors.add(other, [logits_of(other, test_idx)]), "fewer_than_default": errors.fewer(other, f"{default_net} alone")}
+        jitters["alternative_better_on_held_out"] = jitters["held_out_errors"][1] < jitters["held_out_errors"][0]
+    trained = [*(n for names in seeds.values() for n in names), *([control_name(int(matching.jitter)), matching_name(width, temperature, int(matching.jitter))] if matching else []),
+               *([jitter_name(int(alternative))] if jitters else [])]
+    histories = {name: history_of(exp, name, len(valid_idx)) for name in trained}
     result = {"dataset": str(icfg.dataset), "command": recipe_command("asrkd report-images"), "machine": machine(cfg),
-              "test_images": len(test_idx), "held_out_images": len(valid_idx), "rows": rows, "temperature_width": grid,
+              "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
+              "patience": int(icfg.patience), "rows": rows, "seeds": seeds, "temperature_width": grid, "jitter": jitters,
               "temperature": temperature, "small_width": width, "big": OmegaConf.to_container(icfg.big),
+              "small": OmegaConf.to_container(icfg.small), "function_matching": OmegaConf.to_container(matching) if matching else None,
+              "histories": histories,
               "bias_shifts": {"start": shifts[0], "stop": shifts[-1], "step": float(icfg.bias_shifts.step)},
               "paper_mnist": PAPER_MNIST, "bootstrap_replicates": int(icfg.replicates)}
     out_dir = exp / "report"
@@ -416,44 +526,68 @@ def run_report(cfg) -> None:
     write_text(out_dir / "report.md", markdown(result))
     plot_errors(result, out_dir / "errors.png")
     plot_temperature_width(result, out_dir / "temperature_width.png")
+    plot_curves(result, out_dir / "curves.png")
     if cfg.results_dir:
-        for file in ("report.json", "report.md", "errors.png", "temperature_width.png"):
+        for file in ("report.json", "report.md", "errors.png", "temperature_width.png", "curves.png"):
             copy_file(out_dir / file, Path(cfg.results_dir) / file)
     log.info("images: %s", {key: row["errors"] for key, row in rows.items()})
 
 
 def errors_cell(row: dict) -> str:
     lo, hi = row["errors_ci"]
-    return f"{row['errors']} [{lo}, {hi}]"
+    return f"{row['errors']:g} [{lo}, {hi}]"
 
 
 def fewer_cell(diff: dict) -> str:
     lo, hi = diff["ci"]
-    return f"{diff['estimate']:+d} [{lo:+d}, {hi:+d}]"
+    return f"{diff['estimate']:+g} [{lo:+d}, {hi:+d}]"
+
+
+def share_cell(share: dict) -> str:
+    return format_interval(share) if share["whole_gain_significant"] else "undefined (the big net's gain is not above zero)"
+
+
+def seeds_note(row: dict) -> str:
+    return f"{row['seeds']} seeds" if row["seeds"] > 1 else "1 seed"
 
 
 def markdown(result: dict) -> str:
     rows, paper, test = result["rows"], result["paper_mnist"], result["test_images"]
     w, t = result["small_width"], result["temperature"]
-    big = result["big"]
+    big, histories = result["big"], result["histories"]
+
+    def epochs(key: str) -> str:
+        stopped = [histories[name]["best_epoch"] + 1 for name in result["seeds"][key]]
+        return "best epoch " + ", ".join(map(str, stopped))
+
     lines = [f"# {result['dataset']}: the paper's preliminary experiment (§3)", "",
-             f"Test errors of {test:,} images [95% CI: bootstrap over test images, {result['bootstrap_replicates']:,} replicates]; "
-             "the paper's MNIST errors beside them as reference (MNIST is the easier set: compare the pattern, not the counts).", "",
+             f"Test errors of {test:,} images [95% CI: bootstrap over test images, {result['bootstrap_replicates']:,} replicates; rows of several "
+             "seeds: their mean, the seeds resampled too]; the paper's MNIST errors beside them as reference (MNIST is the easier set: "
+             "compare the pattern, not the counts). Every net is scored at its best.pt, the epoch with the fewest errors on the "
+             f"{result['held_out_images']:,} held-out training images; it trains until those have not improved for "
+             f"{result['patience']} epochs (big net: {big.get('patience') or result['patience']}), at most the stated epochs.", "",
              "| row | net | test errors [95% CI] | paper (MNIST) | fewer errors than the row it improves on [95% CI] |",
              "|---|---|---|---|---|",
-             f"| big net, regularized | {big['layers']}x{big['width']}, dropout {big['dropout']:g} (inputs {big['input_dropout']:g}), "
-             f"jitter ±{big['jitter']} px, max-norm {big['max_norm']:g} | {errors_cell(rows['big'])} | {paper['big']} "
-             f"| {fewer_cell(rows['big']['fewer_than_small_alone'])} (vs the small net alone) |",
-             f"| small net alone | 2x{w}, no regularization | {errors_cell(rows['small_alone'])} | {paper['small_alone']} | – |",
-             f"| small net distilled, T = {t:g} | 2x{w} | {errors_cell(rows['small_distilled'])} | {paper['small_distilled']} "
-             f"| {fewer_cell(rows['small_distilled']['fewer_than_small_alone'])} (vs alone) |"]
+             f"| big net, regularized ({seeds_note(rows['big'])}; {epochs('big')} of ≤ {big['epochs']}) | {big['layers']}x{big['width']}, "
+             f"dropout {big['dropout']:g} (inputs {big['input_dropout']:g}), jitter ±{big['jitter']} px, max-norm {big['max_norm']:g} "
+             f"| {errors_cell(rows['big'])} | {paper['big']} | {fewer_cell(rows['big']['fewer_than_small_alone'])} (vs the small net alone) |",
+             f"| small net alone ({seeds_note(rows['small_alone'])}; {epochs('small_alone')}) | 2x{w}, no regularization "
+             f"| {errors_cell(rows['small_alone'])} | {paper['small_alone']} | – |",
+             f"| small net distilled, T = {t:g} ({seeds_note(rows['small_distilled'])}, seed r from big net r; {epochs('small_distilled')}) | 2x{w} "
+             f"| {errors_cell(rows['small_distilled'])} | {paper['small_distilled']} | {fewer_cell(rows['small_distilled']['fewer_than_small_alone'])} (vs alone) |"]
+    if "function_matching" in rows:
+        control, matched = rows["small_jittered"], rows["function_matching"]
+        lines += [f"| small net alone on jittered views (control; 1 seed) | 2x{w}, jitter ±{control['jitter']} px "
+                  f"| {errors_cell(control)} | – | {fewer_cell(control['fewer_than_small_alone'])} (vs alone) |",
+                  f"| small net, function matching: big net on the fly on its jittered view, T = {t:g} (1 seed) | 2x{w} "
+                  f"| {errors_cell(matched)} | – | {fewer_cell(matched['fewer_than_control'])} (vs its control) |"]
     lo = rows["left_out"]
     c = lo["class"]
     corrected = rows["left_out_corrected"]
-    lines += [f"| class {c} left out of the transfer set | 2x{w}, T = {t:g} | {errors_cell(lo)} ({lo['errors_on_class']} on class {c}) "
+    lines += [f"| class {c} left out of the transfer set | 2x{w}, T = {t:g} | {errors_cell(lo)} ({lo['errors_on_class']:g} on class {c}) "
               f"| {paper['left_out']} ({paper['left_out_on_class']} on 3s) | – |",
               f"| the same, bias of class {c} raised by {corrected['bias_shift']:g} | 2x{w} | {errors_cell(corrected)} "
-              f"({corrected['errors_on_class']} on class {c}) | {paper['left_out_corrected']} ({paper['left_out_corrected_on_class']} on 3s) "
+              f"({corrected['errors_on_class']:g} on class {c}) | {paper['left_out_corrected']} ({paper['left_out_corrected_on_class']} on 3s) "
               f"| {fewer_cell(corrected['fewer_than_uncorrected'])} (vs uncorrected) |"]
     kept, kept_corrected = rows["kept_only"], rows["kept_only_corrected"]
     classes = " and ".join(str(k) for k in kept["classes"])
@@ -462,23 +596,31 @@ def markdown(result: dict) -> str:
               f"| the same, biases of {classes} lowered by {-kept_corrected['bias_shift']:g} | 2x{w} | {errors_cell(kept_corrected)} "
               f"({100 * kept_corrected['errors'] / test:.1f}%) | {paper['kept_only_corrected_percent']}% "
               f"| {fewer_cell(kept_corrected['fewer_than_uncorrected'])} (vs uncorrected) |"]
+    lines += ["", f"Gap closed, (small alone − distilled) / (small alone − big) in errors: {share_cell(rows['small_distilled']['gap_closed'])} "
+              f"(paper, MNIST: {(paper['small_alone'] - paper['small_distilled']) / (paper['small_alone'] - paper['big']):.0%})"
+              + (f"; by function matching: {share_cell(rows['function_matching']['gap_closed'])}." if "function_matching" in rows else ".")]
+    jitters = result["jitter"]
+    if jitters:
+        held = jitters["held_out_errors"]
+        lines += ["", f"Jitter: the big net (seed 0) at ±{jitters['default']} px makes {held[0]} held-out errors, at ±{jitters['alternative']} px "
+                  f"{held[1]} (test: {errors_cell(jitters['test'])}, {fewer_cell(jitters['fewer_than_default'])} fewer than ±{jitters['default']}); "
+                  f"on the held-out images ±{jitters['alternative'] if jitters['alternative_better_on_held_out'] else jitters['default']} px is better."]
     temperatures = [cell["temperature"] for cell in result["temperature_width"][0]["cells"]]
-    lines += ["", "Test errors of small nets (2 hidden layers of each width) distilled at each T; **bold**: the T with the fewest "
-              "held-out errors (the paper: 2.5–4 best for 30 units, anything above 8 for 300 or more).", "",
-              "| width | " + " | ".join(f"T = {t:g}" for t in temperatures) + " |", "|---" * (len(temperatures) + 1) + "|"]
+    lines += ["", "Test errors of small nets (2 hidden layers of each width) distilled from big net 0 at each T; **bold**: the T with the "
+              "fewest held-out errors (the paper: 2.5–4 best for 30 units, anything above 8 for 300 or more).", "",
+              "| width | " + " | ".join(f"T = {t:g}" for t in temperatures) + " | held-out errors |", "|---" * (len(temperatures) + 2) + "|"]
     for row in result["temperature_width"]:
         cells = [f"**{errors_cell(cell)}**" if cell["temperature"] == row["best_temperature"] else errors_cell(cell) for cell in row["cells"]]
-        lines.append(f"| {row['width']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['width']} | " + " | ".join(cells) + " | " + ", ".join(map(str, row["held_out_errors"])) + " |")
     shifts = result["bias_shifts"]
     lines += ["", f"Bias shifts: the value of {shifts['start']:g}–{shifts['stop']:g} (step {shifts['step']:g}) with the fewest errors on "
-              f"the {result['held_out_images']:,} held-out training images (never the test set). Command: `{result['command']}`. "
-              f"Machine: {result['machine']}. One seed per net: single-seed claims, test-set variation only.", ""]
+              f"the {result['held_out_images']:,} held-out training images (never the test set). Training curves: curves.png "
+              f"(report.json \"histories\"). Command: `{result['command']}`. Machine: {result['machine']}. Rows of one seed: "
+              "single-seed claims, test-set variation only.", ""]
     return "\n".join(lines)
 
 
 def plot_errors(result: dict, out: Path) -> None:
-    from asrkd.evaluate import saved_figure
-
     keys = ["big", "small_alone", "small_distilled", "left_out", "left_out_corrected", "kept_only_corrected"]
     labels = ["big", "small\nalone", "small\ndistilled", "class\nleft out", "left out,\nbias raised", "two classes,\nbiases lowered"]
     with saved_figure(out, (8, 4.5), "", "test errors (of 10,000)", f"{result['dataset']}: the paper's §3 rows (MNIST: its numbers)",
@@ -497,8 +639,6 @@ def plot_errors(result: dict, out: Path) -> None:
 
 
 def plot_temperature_width(result: dict, out: Path) -> None:
-    from asrkd.evaluate import saved_figure
-
     with saved_figure(out, (7, 4.5), "T", "test errors (of 10,000)", "Distilled small nets: T against width", fontsize=8) as ax:
         for row in result["temperature_width"]:
             t = [cell["temperature"] for cell in row["cells"]]
@@ -506,3 +646,17 @@ def plot_temperature_width(result: dict, out: Path) -> None:
             errors = [[c["errors"] - c["errors_ci"][0] for c in row["cells"]], [c["errors_ci"][1] - c["errors"] for c in row["cells"]]]
             ax.errorbar(t, values, yerr=errors, marker="o", capsize=3, label=f"2 x {row['width']} units")
         ax.set_xscale("log")
+
+
+def plot_curves(result: dict, out: Path) -> None:
+    """Held-out (solid) and training-sample (dotted) errors per epoch of every headline net; a dot at each scored epoch."""
+    with saved_figure(out, (8, 5), "epoch", "errors (%)", f"{result['dataset']}: training curves (scored: best held-out epoch)",
+                      fontsize=8) as ax:
+        for i, (name, history) in enumerate(result["histories"].items()):
+            color = f"C{i % 10}"
+            epochs = np.arange(1, history["epochs"] + 1)
+            ax.plot(epochs, history["held_out_error_percent"], color=color, label=name)
+            ax.plot(epochs, history["train_error_percent"], color=color, linestyle=":")
+            best = history["best_epoch"]
+            ax.plot([best + 1], [history["held_out_error_percent"][best]], "o", color=color)
+        ax.set_yscale("log")

@@ -7,7 +7,9 @@ loss, their frames and their seeds only.
 Held-out validation speakers (copies of their audio, ``sp0.9-...``, are held out with them),
 seeded shuffles (seed + epoch), and two checkpoints: ``last.pt`` (the last complete epoch,
 with optimizer and RNG state) and ``best.pt`` (the best validation epoch). A killed run resumes
-from ``last.pt`` and ends bit for bit where an uninterrupted one does (on CPU).
+from ``last.pt`` and ends bit for bit where an uninterrupted one does (on CPU). With
+``train.patience``, ``train.epochs`` is a ceiling: training stops once the validation accuracy
+has not beaten its best for that many epochs (early stopping; ``best.pt`` is its model).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from asrkd.data import DataDir, split_by_speaker
 from asrkd.kaldi.features import FeatureStore, load_array
 from asrkd.nnet.model import EnsembleDNN, HybridDNN, MultiExitDNN, SplicedFrames, StackedDNN, model_from_config, pick_device
 from asrkd.nnet.views import View, ViewSpec, draw
-from asrkd.stage import StageError, input_fingerprint, is_complete, plan, progress, write_bytes, write_json
+from asrkd.parallel import all_reduce_sum, barrier, rank, world_size, wrap
+from asrkd.stage import StageError, digest, input_fingerprint, is_complete, optional_values, plan, progress, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +207,12 @@ class TrainStep:
     slice of the global batch and the loss is scaled so DDP's average of the gradients is the
     gradient of the global batch's mean. With ``views`` (asrkd.nnet.views), each batch is seen
     through a view drawn for its step, and the loss is given it: ``loss_fn(logits, batch, view)``
-    (the default loss is then the view's cross-entropy, mixed labels under mixup)."""
+    (the default loss is then the view's cross-entropy, mixed labels under mixup). The data's
+    own ``augment`` (images: jitter) comes first and is such a view too, so a teacher on the
+    fly can score what the model saw."""
 
     def __init__(self, cfg, net: torch.nn.Module, data: FrameData, loss_fn: LossFn | None, hard: torch.Tensor,
                  views: ViewSpec | None = None):
-        from asrkd.parallel import rank, world_size, wrap
-
         self.data, self.loss_fn, self.hard = data, loss_fn, hard
         self.views = views if views is not None and views.active else None
         self.stacked = isinstance(net, StackedDNN)
@@ -233,9 +236,10 @@ class TrainStep:
             batch = local
         with torch.autocast(**self.autocast):
             inputs = self.data.frames.context(batch)
-            view = draw(self.views, inputs, step) if self.views else None
-            inputs = view.inputs if view else inputs
-            logits = self.forward(self.data.augment(inputs) if self.data.augment else inputs)
+            if self.data.augment:  # the data's own augmentation (images: jitter), seen by the loss as a view
+                inputs = self.data.augment(inputs)
+            view = draw(self.views, inputs, step) if self.views else (View(inputs) if self.data.augment else None)
+            logits = self.forward(view.inputs if view else inputs)
         member_logits = logits if self.stacked else [logits]  # a MultiExitDNN's output is its exits' (ExitOutputs)
         losses = [self.loss(z, batch, view) for z in member_logits]
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
@@ -309,8 +313,6 @@ def train_model(
     are the classes validation accuracy is measured against (default: the pdf-ids). ``views``:
     what each training batch is seen through (TrainStep).
     """
-    from asrkd.parallel import all_reduce_sum, rank
-
     tcfg = cfg.train
     device = data.pdf_ids.device
     hard = data.pdf_ids if hard is None else hard
@@ -346,6 +348,10 @@ def train_model(
     label = out_dirs[0].name if len(out_dirs) == 1 else f"{out_dirs[0].parent.name} ({len(out_dirs)} fused)"
     steps_per_epoch = -(-min(len(train_idx), int(tcfg.max_frames_per_epoch or len(train_idx))) // tcfg.batch_size)
     for epoch in range(len(histories[0]), tcfg.epochs):
+        if patient_enough(histories, tcfg.get("patience"), writer, device):  # checked first: a resumed run may have stopped
+            log.info("%s: no better validation accuracy for %d epochs, stopped after epoch %d (train.patience)", label,
+                     int(tcfg.patience), epoch - 1)
+            break
         tic = time.time()
         net.train()
         order = np.random.default_rng([seed, epoch]).permutation(train_idx)
@@ -392,6 +398,22 @@ def train_model(
         if not cfg.train.keep_last_checkpoint:
             last_path.unlink(missing_ok=True)  # optimizer state: 2x the model, needed only to resume
     return histories
+
+
+def epochs_since_best(history: list[dict]) -> int:
+    """Epochs since the best validation accuracy of ``history`` (0: the last epoch is the best)."""
+    accuracies = [h["valid_frame_accuracy"] for h in history]
+    return len(accuracies) - 1 - int(np.argmax(accuracies)) if accuracies else 0
+
+
+def patient_enough(histories: list[list[dict]], patience: int | None, writer: bool, device: torch.device) -> bool:
+    """Whether early stopping ends training now: every model has gone ``patience`` epochs
+    without beating its best validation accuracy (decided where the validation ran, rank 0,
+    and shared with every rank)."""
+    if not patience:
+        return False
+    stop = writer and all(epochs_since_best(history) >= int(patience) for history in histories)
+    return bool(all_reduce_sum(torch.tensor([float(stop)], dtype=torch.float64, device=device)).item() > 0)
 
 
 def read_history(model_dir: Path) -> list[dict]:
@@ -556,7 +578,7 @@ class TrainingSet:
 
 # keys that decide a model only when set away from their default: recorded then, so models
 # trained before the keys existed keep their fingerprints
-TRAIN_OPTIONAL_KEYS = {"train.lr_scaling": "none", "train.warmup_steps": 0, "train.max_norm": None}
+TRAIN_OPTIONAL_KEYS = {"train.lr_scaling": "none", "train.warmup_steps": 0, "train.max_norm": None, "train.patience": None}
 
 
 @dataclass
@@ -592,9 +614,6 @@ def train_stage(
     set's inputs + ``inputs``, the seeds and the model's values. ``loss(frames, hard targets)``
     makes the loss function (default: cross-entropy on the hard targets). With ``fused``, the
     models still to train train together as one stack (same replicate: same frame order)."""
-    from asrkd.parallel import barrier, rank
-    from asrkd.stage import digest, optional_values
-
     optional = optional_values(cfg, TRAIN_OPTIONAL_KEYS)
     if optional.get("train.lr_scaling"):
         optional["train.lr_reference_batch"] = int(cfg.train.lr_reference_batch)
