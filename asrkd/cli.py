@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from asrkd import parallel
@@ -46,9 +48,6 @@ def load_config(overrides: list[str] | None = None, config_dir: Path | None = No
     Hydra traceback; a value of the wrong type one naming the key, the value and the type
     (:mod:`asrkd.schema`). Both before any stage has looked at its outputs.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
     overrides = list(overrides or [])
     with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
         try:
@@ -63,8 +62,6 @@ def load_config(overrides: list[str] | None = None, config_dir: Path | None = No
 @functools.lru_cache(maxsize=8)
 def defaults(config_dir: str, model: tuple[str, ...]) -> dict:
     """The config of ``config_dir`` with no overrides but the model's, as a plain tree: the types' reference."""
-    from hydra import compose, initialize_config_dir
-
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         return OmegaConf.to_container(compose(config_name="config", overrides=list(model)), resolve=False)
 
@@ -98,7 +95,7 @@ COMMANDS = {
     "soft-targets": "asrkd.distill.soft_targets",
     "train-student": "asrkd.distill.student",
     "make-graph": "asrkd.kaldi.graph",
-    "decode": "asrkd.kaldi.decode",
+    "decode": "asrkd.nnet.decode",
     "evaluate": "asrkd.evaluate",
     "train-3pct": "asrkd.experiments.three_percent:run_train",
     "decode-3pct": "asrkd.experiments.three_percent:run_decode",

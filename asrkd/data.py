@@ -9,8 +9,11 @@ identical utterance sets across files, speaker-prefixed utterance ids, non-empty
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from asrkd.stage import write_text
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,6 @@ def read_table(path: Path) -> dict[str, str]:
 
 def write_table(path: Path, table: dict[str, str]) -> None:
     """Write a table sorted by key in C locale order, as Kaldi's tools require (atomically)."""
-    from asrkd.stage import write_text
-
     lines = [f"{key} {table[key]}".rstrip() for key in sorted(table)]
     write_text(path, "".join(line + "\n" for line in lines))
 
@@ -173,8 +174,6 @@ def speaker_balanced_subset(data: DataDir, fraction: float, seed: int) -> list[s
     seeded shuffle per round, so no speaker gives two before every speaker has given one: a 3%
     subset of AN4 (28 utterances, 74 speakers) has 28 different voices. Reproducible for a seed.
     """
-    import random
-
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     rng = random.Random(seed)
@@ -195,8 +194,6 @@ def speaker_balanced_subset(data: DataDir, fraction: float, seed: int) -> list[s
 
 def split_by_speaker(data: DataDir, valid_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Hold out whole speakers for validation, so validation accuracy measures unseen voices."""
-    import random
-
     speakers = sorted(data.spk2utt)
     rng = random.Random(seed)
     rng.shuffle(speakers)
@@ -210,8 +207,6 @@ def split_by_speaker(data: DataDir, valid_fraction: float, seed: int) -> tuple[l
 def speaker_folds(speakers: list[str], folds: int, seed: int) -> list[list[str]]:
     """Speakers dealt into ``folds`` groups in a seeded order (cross-fitted teachers: member i
     never sees fold i mod folds, so those speakers' soft targets come from members that did not)."""
-    import random
-
     if folds < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
     order = sorted(set(speakers))
@@ -246,3 +241,25 @@ def corpus_sets(cfg) -> list[str]:
 def feature_sets(cfg) -> list[str]:
     """The data dirs make-feats and align process: ``features.sets``, or :func:`corpus_sets`."""
     return [str(s) for s in cfg.features.sets] if cfg.features.sets is not None else corpus_sets(cfg)
+
+
+def data_split(cfg) -> tuple[list[str], list[str]]:
+    """Training and validation utterances: whole speakers of ``train`` held out for validation.
+
+    The split is made on the full training set, so a run on a subset or a perturbed copy
+    (``train.data``) is validated on the same speakers as the full run; the utterances of
+    ``train.data`` that are (copies of) those speakers' are left out of its training.
+    """
+    full = DataDir.read(Path(cfg.data_dir) / "train")
+    train, valid = split_by_speaker(full, cfg.train.valid_fraction, cfg.seed)
+    if cfg.train.data != "train":
+        train = without_valid(DataDir.read(Path(cfg.data_dir) / cfg.train.data), set(valid), cfg.train.data)
+    return train, valid
+
+
+def without_valid(data: DataDir, valid: set[str], name: str) -> list[str]:
+    """The utterances of ``data`` that are not validation utterances nor copies of one."""
+    kept = [u for u in data.utt_ids if data.source(u) not in valid]
+    if len(kept) < len(data.utt_ids):
+        log.info("%s: %d utterances are (copies) of validation speakers and are not trained on", name, len(data.utt_ids) - len(kept))
+    return kept

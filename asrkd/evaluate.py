@@ -1,4 +1,5 @@
-"""Stage 7: frame accuracy and WER of the trained systems, with intervals, as JSON + Markdown.
+"""Stage 7: frame accuracy and WER of the trained systems, with intervals, as JSON + Markdown
+(written through asrkd.report; the scoring here serves every experiment's report).
 
 Frame accuracy is the share of frames whose argmax pdf-id equals the forced alignment's.
 ``report.json`` has one entry per system under "systems", each with "frame_accuracy":
@@ -13,125 +14,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from asrkd.data import DataDir
-from asrkd.nnet.model import pick_device
-from asrkd.stage import atomic_write, copy_file, input_record, write_json, write_text
-from asrkd.stats import Bootstrap, UtteranceCounts, format_interval, frame_table
-from asrkd.nnet.train import FrameData, data_split, evaluate_frames, load_system, read_history, replicates, system_dirs
+from asrkd.data import DataDir, data_split, eval_sets
+from asrkd.nnet.train import FrameData, evaluate_frames, load_system, read_history, replicates, system_dirs
+from asrkd.parallel import pick_device
+from asrkd.report import decoding_result, machine, merge_into_report, mixed_configs, recipe_command
+from asrkd.stage import input_record
+from asrkd.stats import Bootstrap, UtteranceCounts, frame_table
 
 log = logging.getLogger(__name__)
-
-REPO = Path(__file__).resolve().parent.parent  # reports commit paths relative to it
-
-
-def percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f}%"
-
-
-def with_ci(entry: dict, metric: str, set_name: str = "test") -> str:
-    """'55.97% [55.10, 56.84]': a system's value on ``set_name`` with its 95% interval, or '–'."""
-    value = (entry.get(metric) or {}).get(set_name)
-    ci = (entry.get(f"{metric}_ci") or {}).get(set_name)
-    if value is None:
-        return "–"
-    return format_interval({"estimate": value, "ci": ci}) if ci else percent(value)
-
-
-def tuning_description(tuning: str) -> str:
-    return "the validation speakers" if tuning == "valid" else f"{tuning}"
-
-
-def markdown_table(report: dict) -> str:
-    sets = report.get("eval_sets", ["test"])
-    unseen = report.get("unseen_sentences", ["test"])
-    columns = ([f"frame acc. {s} [95% CI]" for s in sets] + [f"WER {s} [95% CI]" for s in sets]
-               + [f"WER {s} (unseen sentences)" for s in unseen])
-    lines = [
-        f"# {report['corpus']}: frame accuracy and WER",
-        "",
-        "| system | model | seeds | frame acc. train | frame acc. valid | " + " | ".join(columns) + " | LMWT |",
-        "|---|---|---|---|---|" + "---|" * len(columns) + "---|",
-    ]
-    for name, system in report["systems"].items():
-        acc = system.get("frame_accuracy") or {}
-        wer = system.get("wer") or {}
-        cells = ([with_ci(system, "frame_accuracy", s) for s in sets] + [with_ci(system, "wer", s) for s in sets]
-                 + [percent(wer.get(f"{s}_unseen")) for s in unseen])
-        lines.append(f"| {name} | {system['model']} | {system.get('seeds', 1)} | {percent(acc.get('train'))} | {percent(acc.get('valid'))} | "
-                     + " | ".join(cells) + f" | {system.get('lmwt', '–')} |")
-    others = {}  # rows added by later reports (distillation), by the command that made them
-    for name, system in report["systems"].items():
-        if system.get("command", report["command"]) != report["command"]:
-            others.setdefault(system["command"], []).append(name)
-    lines += ["", f"Command: `{report['command']}`" + "".join(f"; {', '.join(names)}: `{command}`" for command, names in others.items()), ""]
-    for name, mixed in (report.get("mixed_configs") or {}).items():
-        lines += [f"**This report mixes configs**: {name} was made with {', '.join(mixed['differs'])}, by "
-                  f"`{mixed['made_by'] or 'an unrecorded command'}` (which remakes it); `{report['command']} --redo` from its stage remakes it "
-                  "under this report's config.", ""]
-    lines += [
-              "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment; valid = speakers held out of training.",
-              "WER: Kaldi WFST decoding (HCLG with a 3-gram LM on the training transcripts), LM weight and insertion penalty",
-              f"chosen on {tuning_description(report.get('tuning_set', 'valid'))}; unseen = sentences that never occur in the LM's training text.",
-              f"[95% CI]: bootstrap over whole {report.get('bootstrap_unit', 'utterance')}s of each set (asrkd/stats.py); rows with several seeds",
-              "give the mean over seeds, and their interval resamples the seeds too; one seed: test-set variation only.", ""]
-    gmm = report["gmm"]
-    lines.append(f"GMM: {gmm['mono_pdfs']} monophone pdfs -> {gmm['tri_pdfs']} tied triphone states (pdf-ids), "
-                 f"trained and aligned in {gmm['seconds']:.0f} s.")
-    for name, system in report["systems"].items():
-        if "train_seconds" in system:
-            what = f"{system['epochs']} epochs" if "epochs" in system else "trained"
-            lines.append(f"{name}: {what} in {system['train_seconds']:.0f} s.")
-    lines.append(f"Machine: {report['machine']}.")
-    return "\n".join(lines) + "\n"
-
-
-@contextmanager
-def saved_figure(out: Path, size: tuple[float, float], xlabel: str, ylabel: str, title: str, **legend) -> Iterator:
-    """Axes to draw on; on exit the labels, grid and legend go on and the PNG is written to ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=size)
-    try:
-        yield ax
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(**legend)
-        fig.tight_layout()
-        with atomic_write(out) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-
-
-def decoding_result(exp: Path, system: str) -> dict:
-    """WER fields of a decoded system (empty when the decode stage has not run for it): every set
-    wer.json scores (the eval sets, their unseen sentences, the tuning set), in that order."""
-    path = exp / "decode" / system / "wer.json"
-    if not path.is_file():
-        return {}
-    result = json.loads(path.read_text())
-    scored = {k: v for k, v in result.items() if isinstance(v, dict) and "wer" in v}
-    tuning = result.get("tuning_set", "valid")
-    order = sorted(scored, key=lambda k: (k == tuning, k.endswith("_unseen")))
-    return {"wer": {k: scored[k]["wer"] for k in order}, "wer_details": {k: scored[k] for k in order},
-            "lmwt": result["lmwt"], "word_ins_penalty": result["word_ins_penalty"],
-            "decode_real_time_factor": result["real_time_factor"]}
 
 
 class FrameScorer:
@@ -144,8 +41,6 @@ class FrameScorer:
     """
 
     def __init__(self, cfg):
-        from asrkd.data import eval_sets
-
         self.exp, self.batch_size = Path(cfg.exp_dir), cfg.eval.batch_size
         self.device = pick_device(cfg.train.device)
         torch.set_num_threads(int(cfg.train.num_threads))
@@ -197,8 +92,6 @@ class Evaluation:
     """
 
     def __init__(self, cfg, scorer: FrameScorer | None = None):
-        from asrkd.data import eval_sets
-
         self.cfg, self.exp = cfg, Path(cfg.exp_dir)
         self.scorer = scorer or FrameScorer(cfg)
         scfg = cfg.stats
@@ -289,111 +182,11 @@ def model_records(exp: Path, systems: list[str]) -> dict:
     return out
 
 
-_ABSENT = object()
-
-
-def config_differences(cfg, records: list[dict]) -> list[str]:
-    """'model.hidden_dim=64 (here 512)' for each key a stage record holds whose value in ``cfg``
-    differs: the row was made under another config than the report's."""
-    differences = {}
-    for record in records:
-        for key, value in record["config"].items():
-            now = OmegaConf.select(cfg, key, default=_ABSENT)
-            now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now
-            if now is not _ABSENT and now != value:
-                differences[key] = f"{key}={value!r} (here {now!r})"
-    return list(differences.values())
-
-
-def mixed_configs(cfg, exp: Path, systems: dict[str, list[Path]]) -> dict:
-    """{row: {"differs": [...], "made_by": command}} for the rows whose stages (model, decode) were
-    made under another config than ``cfg``: a report that mixes configs says so, with the command
-    that remakes each such row."""
-    out = {}
-    for row, dirs in systems.items():
-        records = [input_record(d) for d in dirs if (d / "stage.json").is_file()]
-        differs = config_differences(cfg, records)
-        if differs:
-            made_by = next((r["made_by"]["command"] for r in records if r.get("made_by")), None)
-            out[row] = {"differs": differs, "made_by": made_by}
-    return out
-
-
-def portable(value):
-    """What a report commits, with absolute paths (``/x/y``, and overrides ``key=/x/y``) made
-    relative to the repository: the same run in another clone writes the same bytes."""
-    if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [portable(v) for v in value]
-    if isinstance(value, str) and " " not in value:
-        key, equals, path = value.rpartition("=")
-        if os.path.isabs(path):
-            return f"{key}{equals}{os.path.relpath(path, REPO)}"
-    return value
-
-
-def current_report(cfg) -> dict:
-    """The report reports merge into: ``results_dir/report.json`` when there is one, else exp/report's (or nothing)."""
-    base = Path(cfg.results_dir) / "report.json" if cfg.results_dir else None
-    if base is None or not base.is_file():
-        base = Path(cfg.exp_dir) / "report" / "report.json"
-    return json.loads(base.read_text()) if base.is_file() else {}
-
-
-def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
-    """Add ``section``'s keys to the report (its "systems" to the systems there), rewrite
-    report.md, and copy both and ``files`` (from exp/report) to ``results_dir``.
-
-    The report merged into is ``results_dir/report.json`` when there is one (what the other
-    recipes committed), else exp/report/report.json: each reporting stage owns its keys, so
-    rerunning one recipe, even in a fresh clone, keeps what the others wrote.
-    """
-    out_dir = Path(cfg.exp_dir) / "report"
-    report = current_report(cfg)
-    systems = {**report.get("systems", {}), **section.get("systems", {})}
-    report.update(portable(section))
-    report["systems"] = portable(systems)
-    write_json(out_dir / "report.json", report)
-    write_text(out_dir / "report.md", markdown_table(report))
-    if cfg.results_dir:
-        results_dir = Path(cfg.results_dir)
-        for name in ("report.json", "report.md", *files):
-            copy_file(out_dir / name, results_dir / name)
-        log.info("report merged into %s", results_dir)
-    return report
-
-
 def experiment_scoring(cfg, command: str) -> tuple["Evaluation", dict[str, list[str]], str]:
     """What an experiment's report scores with: the Evaluation, the train and valid utterances
     (the training sets every entry reports), and the recipe line that ran it (else ``command``)."""
-    from asrkd.nnet.train import data_split
-
     train_utts, valid_utts = data_split(cfg)
     return Evaluation(cfg), {"train": train_utts, "valid": valid_utts}, recipe_command(command)
-
-
-def publish_experiment(cfg, name: str, result: dict, markdown: str, draw: Callable[[dict, Path], None]) -> None:
-    """An experiment's ``<name>.md`` and ``<name>.png`` under exp/report, and ``result`` as the
-    ``name`` section of report.json, all merged into ``results_dir``."""
-    out_dir = Path(cfg.exp_dir) / "report"
-    write_text(out_dir / f"{name}.md", markdown)
-    draw(result, out_dir / f"{name}.png")
-    merge_into_report(cfg, {name: result}, (f"{name}.md", f"{name}.png"))
-
-
-def single_seed_note(test: str) -> str:
-    return (f"[95% CI]: bootstrap over whole {test} utterances (asrkd/stats.py), differences paired; one seed per model: "
-            "single-seed claims, test-set variation only.")
-
-
-def recipe_command(default: str) -> str:
-    """The recipe line that produced the run (recipes export it), else ``default``."""
-    return os.environ.get("ASRKD_RECIPE_COMMAND") or default
-
-
-def machine(cfg) -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.train.device)}"
 
 
 def run(cfg) -> None:

@@ -26,6 +26,9 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+from omegaconf import OmegaConf
+
 log = logging.getLogger(__name__)
 
 
@@ -58,8 +61,6 @@ def local_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _with_threads(threads: int, function: Callable, part: Any) -> Any:
-    import torch
-
     torch.set_num_threads(threads)
     return function(part)
 
@@ -76,7 +77,6 @@ def map_jobs(cfg, function: Callable[[Any], Any], parts: list, stage: str, threa
         return list(local_pool(len(parts)).map(_with_threads, [threads] * len(parts), [function] * len(parts), parts))
     if backend == "submitit":
         import submitit
-        from omegaconf import OmegaConf
 
         folder = Path(cfg.exp_dir) / "jobs" / stage.replace(" ", "_")
         executor = submitit.AutoExecutor(folder=folder, cluster=str(cfg.jobs.submitit.cluster))

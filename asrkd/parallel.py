@@ -85,3 +85,13 @@ def finish() -> None:
 def barrier() -> None:
     if world_size() > 1:
         torch.distributed.barrier()
+
+
+def pick_device(name: str) -> torch.device:
+    """``train.device``: auto (a GPU when there is one; under torchrun this rank's), cpu, cuda."""
+    local = local_device(name)
+    if local is not None:
+        return local
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

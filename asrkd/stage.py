@@ -58,6 +58,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
 from asrkd import __version__
 
 log = logging.getLogger(__name__)
@@ -153,8 +156,6 @@ def write_bytes(path: Path | str, data: bytes | memoryview) -> None:
 def new_array(path: Path | str, dtype, shape: tuple[int, ...]):
     """A memory-mapped .npy array of ``shape`` to fill, its blocks allocated now: a full disk is the
     one-line error here, not a SIGBUS when a page of the map is first written."""
-    import numpy as np
-
     try:
         array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         if hasattr(os, "posix_fallocate"):
@@ -184,8 +185,6 @@ def write_json(path: Path | str, value: Any) -> None:
 
 
 def save_npy(path: Path | str, array) -> None:
-    import numpy as np
-
     with atomic_write(path) as tmp:
         with open(tmp, "wb") as out:
             np.save(out, array)
@@ -221,8 +220,6 @@ def digest(value: Any) -> str:
 
 def config_values(cfg, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """The values of ``keys`` (dotted; a group name stands for all keys under it), flattened."""
-    from omegaconf import DictConfig, OmegaConf
-
     out: dict[str, Any] = {}
 
     def flatten(prefix: str, value: Any) -> None:
@@ -240,8 +237,6 @@ def config_values(cfg, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
 def optional_values(cfg, defaults: dict[str, Any]) -> dict[str, Any]:
     """The keys of ``defaults`` whose config value differs from the default given there: a stage
     records them only then, so outputs made before the keys existed keep their fingerprints."""
-    from omegaconf import OmegaConf
-
     out = {}
     for key, default in defaults.items():
         value = OmegaConf.select(cfg, key)
@@ -719,9 +714,6 @@ def progress(items, what: str, total: int | None = None, unit: str = "", scale: 
     """Yield ``items``, drawing a one-line counter on stderr when it is a terminal (never in logs):
     done/total, the rate and the time left. Each item counts ``scale`` ``unit`` (a batch of
     frames: ``unit="frames", scale=batch_size``), so the rate reads in frames or utterances."""
-    import sys
-    import time
-
     if not sys.stderr.isatty():
         yield from items
         return

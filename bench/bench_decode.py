@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from asrkd.kaldi import decode  # noqa: E402
 from asrkd.cli import load_config  # noqa: E402
 from asrkd.data import DataDir  # noqa: E402
-from asrkd.kaldi.features import FeatureStore  # noqa: E402
+from asrkd.stores import FeatureStore  # noqa: E402
 from asrkd.kaldi.gmm import GmmModel  # noqa: E402
 from asrkd.kaldi.lang import read_symbol_table  # noqa: E402
 from asrkd.nnet.model import SplicedFrames  # noqa: E402
+from asrkd.nnet.decode import dnn_loglikes  # noqa: E402
 from asrkd.nnet.train import load_model  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main() -> None:
         model = load_model(exp / "dnn" / args.system / "final.pt", torch.device("cpu")).eval()
         frames = SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / "test", mmap=False), model.config["left_context"], model.config["right_context"])
         priors = decode.log_priors(np.load(exp / "tri" / "ali_train" / "pdf_counts.npy"), cfg.decode.prior_floor)
-        scores = {u: decode.dnn_loglikes(model, frames, u, priors) for u in frames.store.utt_ids}
+        scores = {u: dnn_loglikes(model, frames, u, priors) for u in frames.store.utt_ids}
     scoring_seconds = time.perf_counter() - tic
     audio_seconds = sum(len(s) for s in scores.values()) * cfg.features.frame_shift_ms / 1000
     tid_to_pdf = gmm.tid_to_pdf()

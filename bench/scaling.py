@@ -138,7 +138,7 @@ def growth(rows: list[dict], stage: str, nj: int) -> dict | None:
 
 
 def plot(result: dict, out: Path) -> None:
-    from asrkd.evaluate import saved_figure
+    from asrkd.report import saved_figure
 
     with saved_figure(out, (7.5, 5), "training audio (hours)", "wall time (s)", "asrkd stage cost against data size (AN4 x1, x3, x9)",
                       fontsize=7, loc="upper left") as ax:

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from asrkd.cli import load_config  # noqa: E402
 from asrkd.nnet.cost import device_name  # noqa: E402
 from asrkd.distill.losses import distillation_loss  # noqa: E402
-from asrkd.kaldi.features import FeatureStore  # noqa: E402
-from asrkd.nnet.model import HybridDNN, SplicedFrames, StackedDNN, pick_device  # noqa: E402
+from asrkd.stores import FeatureStore  # noqa: E402
+from asrkd.nnet.model import HybridDNN, SplicedFrames, StackedDNN  # noqa: E402
+from asrkd.parallel import pick_device  # noqa: E402
 from asrkd.stage import write_json  # noqa: E402
 from asrkd.distill.student import TeacherOnTheFly  # noqa: E402
 from asrkd.nnet.train import FrameData, TrainStep  # noqa: E402

@@ -36,7 +36,8 @@ def tiny_config(root: Path, *overrides: str):
 def run_dir(an4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A mini AN4 (8 training, 2 test speakers) through prep -> ... -> evaluate, with two defects
     the stages must survive and report: a missing wav, a word no lexicon knows."""
-    from asrkd.kaldi import decode, features, gmm, graph, lang
+    from asrkd.kaldi import features, gmm, graph, lang
+    from asrkd.nnet import decode
     from asrkd import evaluate
     from asrkd.nnet import train
     from local import an4 as an4_prep

@@ -5,7 +5,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from asrkd.data import DataDir
-from asrkd.kaldi.features import FeatureStore, apply_speaker_cmvn, compute_fbank, make_features, read_waveform
+from asrkd.stores import FeatureStore
+from asrkd.kaldi.features import apply_speaker_cmvn, compute_fbank, make_features, read_waveform
 
 CFG = OmegaConf.create({"sample_rate": 16000, "frame_length_ms": 25, "frame_shift_ms": 10, "dither": 0.0, "num_mel_bins": 40,
                         "num_ceps": 13, "cmvn_norm_vars": {"fbank": False, "mfcc": False},

@@ -10,6 +10,7 @@ import pytest
 
 from asrkd.kaldi import features
 from asrkd.jobs import split
+from asrkd.stores import FeatureStore
 
 from .conftest import tiny_config
 from .test_reliability import clone
@@ -30,7 +31,7 @@ def test_features_in_parallel_jobs_equal_one_job(run_dir: Path, tmp_path: Path, 
                                  "jobs.submitit.cluster=local"))
         made[nj] = {kind: exp / "feats" / kind / "test" for kind in ("fbank", "mfcc")}
     for kind in ("fbank", "mfcc"):
-        one, three = (features.FeatureStore.load(made[nj][kind]) for nj in (1, 3))
+        one, three = (FeatureStore.load(made[nj][kind]) for nj in (1, 3))
         assert one.utt_ids == three.utt_ids and np.array_equal(np.asarray(one.frames), np.asarray(three.frames))
         assert (made[1][kind] / "dropped.json").read_text() == (made[3][kind] / "dropped.json").read_text()
     if backend == "submitit":
@@ -38,7 +39,7 @@ def test_features_in_parallel_jobs_equal_one_job(run_dir: Path, tmp_path: Path, 
 
 
 def test_decoding_in_parallel_jobs_equals_one_job(run_dir: Path, tmp_path: Path) -> None:
-    from asrkd.kaldi import decode
+    from asrkd.nnet import decode
 
     root = clone(run_dir, tmp_path)
     out = {}

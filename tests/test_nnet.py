@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from asrkd.kaldi.features import FeatureStore
+from asrkd.stores import FeatureStore
 from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, average_softmax, average_zero_mean_logits
 
 

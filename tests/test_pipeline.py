@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asrkd.kaldi import decode, gmm
+from asrkd.kaldi import gmm
+from asrkd.kaldi.decode import best_words, decode_lattice, transition_id_matrix
+from asrkd.nnet import decode
 
 from asrkd.nnet import train
 from asrkd.cli import load_config
-from asrkd.kaldi.features import FeatureStore
+from asrkd.stores import FeatureStore
 from asrkd.stage import TooManyDropped, account_dropped
 from local import an4 as an4_prep
 
@@ -55,8 +57,8 @@ def test_a_known_state_sequence_decodes_to_its_words(run_dir: Path) -> None:
         start, end = store.span(utt)
         scores = np.full((end - start, model.num_pdfs), -20.0, dtype=np.float32)
         scores[np.arange(end - start), pdf_ids[start:end]] = 0.0  # the forced alignment's states win every frame
-        lattice = decode.decode_lattice(hclg, decode.transition_id_matrix(scores, model.tid_to_pdf(), 0.1), 13.0, 6.0)
-        assert " ".join(id2word[w] for w in decode.best_words(lattice, 10.0, 0.1)) == text[utt]
+        lattice = decode_lattice(hclg, transition_id_matrix(scores, model.tid_to_pdf(), 0.1), 13.0, 6.0)
+        assert " ".join(id2word[w] for w in best_words(lattice, 10.0, 0.1)) == text[utt]
 
 
 def test_alignment_covers_every_frame_of_every_aligned_utterance(run_dir: Path) -> None:
@@ -220,7 +222,7 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
     import torch
 
     from asrkd.data import DataDir
-    from asrkd.nnet.train import data_split
+    from asrkd.data import data_split
 
     full = DataDir.read(run_dir / "data" / "train")
     for fraction in (0.03, 0.1, 0.3):

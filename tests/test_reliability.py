@@ -20,7 +20,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from asrkd.kaldi import decode, features, gmm, lang
+from asrkd.kaldi import features, gmm, lang
+from asrkd.nnet import decode
 
 from asrkd import evaluate
 
@@ -29,7 +30,7 @@ from asrkd.distill import soft_targets
 from asrkd.nnet import train
 from asrkd.cli import ConfigError, load_config
 from asrkd.data import DataDir, DataDirError
-from asrkd.kaldi.features import FeatureStore
+from asrkd.stores import FeatureStore
 from asrkd.distill.soft_targets import SoftTargetMismatch, SoftTargetStore
 from asrkd.stage import StageError, StageMismatch, StaleInput, atomic_write, input_fingerprint, plan, write_json
 from local import an4 as an4_prep
@@ -238,7 +239,7 @@ def test_interrupted_feature_alignment_and_soft_target_stages_finish_identically
         run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import asrkd.kaldi.gmm
     import asrkd.distill.soft_targets
-    import asrkd.stage
+    import asrkd.stores
 
     root = clone(run_dir, tmp_path)
     for kind in ("fbank", "mfcc"):
@@ -246,7 +247,7 @@ def test_interrupted_feature_alignment_and_soft_target_stages_finish_identically
     shutil.rmtree(root / "exp" / "tri" / "ali_train")
     cfg = tiny_config(root, "distill.teacher=baseline", "distill.temperatures=[2]", "distill.logit_matching=false")
     # killed after the frames were written, before the index
-    interrupt_once(monkeypatch, asrkd.stage, "write_json", lambda path, value: str(path).endswith("test/index.json"))
+    interrupt_once(monkeypatch, asrkd.stores, "write_json", lambda path, value: str(path).endswith("test/index.json"))
     with pytest.raises(KeyboardInterrupt):
         features.run(cfg)
     features.run(cfg)

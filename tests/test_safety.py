@@ -22,8 +22,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from asrkd import cli, evaluate, stage
-from asrkd.kaldi import decode
-from asrkd.nnet import train
+from asrkd.nnet import decode, train
+from asrkd.report import portable
 from asrkd.schema import DECLARED, ConfigError, leaves
 from asrkd.stage import CorruptOutput, StageError, StageLocked, input_fingerprint, plan, previous_path
 from local import an4 as an4_prep
@@ -241,7 +241,7 @@ def test_reports_commit_relative_paths_and_a_rerun_changes_no_byte(run_dir: Path
             reports.append((root / "results" / "report.json").read_bytes())
     config = json.loads(reports[0])["config"]
     assert len(set(reports)) == 1 and not [v for v in leaves(config).values() if isinstance(v, str) and v.startswith("/")]
-    assert evaluate.portable({"results_dir": str(REPO / "results" / "an4"), "n": 3, "overrides": [f"results_dir={REPO}/results"]}) == \
+    assert portable({"results_dir": str(REPO / "results" / "an4"), "n": 3, "overrides": [f"results_dir={REPO}/results"]}) == \
         {"results_dir": "results/an4", "n": 3, "overrides": ["results_dir=results"]}
 
 

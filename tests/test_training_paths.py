@@ -125,9 +125,10 @@ def test_large_batch_learning_rate_rules_and_their_fingerprint(run_dir: Path, tm
 
 
 def test_export_reproduces_the_decoders_log_likelihoods_and_cost_is_recorded(run_dir: Path, tmp_path: Path) -> None:
-    from asrkd.nnet import cost, export
     from asrkd.kaldi import decode
-    from asrkd.kaldi.features import FeatureStore
+    from asrkd.nnet import cost, export
+    from asrkd.nnet.decode import dnn_loglikes
+    from asrkd.stores import FeatureStore
     from asrkd.nnet.model import SplicedFrames
 
     root = clone(run_dir, tmp_path)
@@ -141,7 +142,7 @@ def test_export_reproduces_the_decoders_log_likelihoods_and_cost_is_recorded(run
     utt = store.utt_ids[0]
     start, end = store.span(utt)
     log_priors = np.log(np.array((out / "priors.vec").read_text().strip(" []\n").split(), dtype=np.float64))
-    expected = decode.dnn_loglikes(model, frames, utt, decode.log_priors(
+    expected = dnn_loglikes(model, frames, utt, decode.log_priors(
         np.load(root / "exp" / "tri" / "ali_train" / "pdf_counts.npy"), cfg.decode.prior_floor))
     with torch.no_grad():
         exported = scripted(frames.context(torch.arange(start, end))).numpy()

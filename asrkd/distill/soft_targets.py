@@ -31,10 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from asrkd.kaldi.features import load_array
-from asrkd.stage import new_array, plan, progress, read_record, write_json
+from asrkd.data import DataDir
+from asrkd.jobs import map_jobs, num_jobs, split
+from asrkd.kaldi.decode import log_priors
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames, average_softmax, average_zero_mean_logits
+from asrkd.nnet.train import TrainingSet, load_system, system_dirs
+from asrkd.parallel import pick_device
+from asrkd.stage import new_array, plan, progress, read_record, write_json
+from asrkd.stores import FeatureStore, load_array
 
 log = logging.getLogger(__name__)
 
@@ -336,16 +342,12 @@ def fill_batches(teacher: EnsembleDNN, frames: SplicedFrames, batches: FrameGrou
 
 def load_teacher(cfg, device: torch.device) -> EnsembleDNN:
     """``distill.teacher``: an ensemble's members, or one DNN as an ensemble of one."""
-    from asrkd.nnet.train import load_system
-
     teacher = load_system(Path(cfg.exp_dir), cfg.distill.teacher, device)
     return teacher if isinstance(teacher, EnsembleDNN) else EnsembleDNN([teacher])
 
 
 def spliced_store(cfg, teacher: EnsembleDNN, store: str, device: torch.device) -> SplicedFrames:
     """The fbank frames of ``store`` in memory on ``device``, with the teacher's context windows."""
-    from asrkd.kaldi.features import FeatureStore
-
     features = FeatureStore.load(Path(cfg.exp_dir) / "feats" / "fbank" / store, mmap=False)
     return SplicedFrames(features, teacher.config["left_context"], teacher.config["right_context"], device)
 
@@ -353,10 +355,6 @@ def spliced_store(cfg, teacher: EnsembleDNN, store: str, device: torch.device) -
 def fill_part(job: tuple) -> None:
     """One soft-target job: (config, store, {T: store dir}, logits dir, its batches) -> their rows
     written into the stage's temporary arrays (the rows of other jobs are not touched)."""
-    from omegaconf import OmegaConf
-
-    from asrkd.nnet.model import pick_device
-
     settings, store, temperatures, logits_dir, batches = job
     cfg = OmegaConf.create(settings)
     device = pick_device(cfg.train.device)
@@ -376,10 +374,6 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
     frames of one group). With ``jobs.nj`` > 1 on CPU the batches are dealt out to jobs whole, so
     each frame is scored in the very batch one job would score it in: the stores are identical.
     The frames are read where they are scored (here, or in each job), not both."""
-    from omegaconf import OmegaConf
-
-    from asrkd.jobs import map_jobs, num_jobs, split
-
     num_pdfs, top_k_size = teacher.config["num_pdfs"], int(cfg.distill.top_k)
     batch_size = int(cfg.eval.batch_size)
     headers = {t: SoftTargetStore.make_header(t, top_k_size, num_frames, num_pdfs, checksum) for t in temperatures}
@@ -407,8 +401,6 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
 def pdf_priors(cfg) -> np.ndarray:
     """The pdf priors the decoder divides by (the training alignment's floored pdf frequencies):
     what the compact_prior form spreads its residual by."""
-    from asrkd.kaldi.decode import log_priors
-
     return np.exp(log_priors(np.load(Path(cfg.exp_dir) / "tri" / "ali_train" / "pdf_counts.npy"), cfg.decode.prior_floor))
 
 
@@ -426,8 +418,6 @@ def logits_dir(cfg, store: str = "train") -> Path:
 
 def current_checksum(exp_dir: Path, store: str) -> str:
     """The checksum a store must carry to be used with today's features (and alignment) of ``store``."""
-    from asrkd.kaldi.features import FeatureStore
-
     exp = Path(exp_dir)
     features = FeatureStore.load(exp / "feats" / "fbank" / store)
     ali = exp / "tri" / f"ali_{store}" / "pdf_ids.npy"
@@ -438,8 +428,6 @@ def teacher_groups(cfg, store_utts: list[str], offsets: np.ndarray, member_dirs:
     """Which members score which frames: all of them, except for a cross-fitted ensemble, whose
     members recorded the speakers they never saw; an utterance (or a copy of it) of such a
     speaker is scored by exactly those members."""
-    from asrkd.data import DataDir
-
     everyone = list(range(len(member_dirs)))
     records = [read_record(d) or {"config": {}} for d in member_dirs]
     held_out = [set(record["config"].get("held_out_speakers") or []) for record in records]
@@ -458,23 +446,22 @@ def teacher_groups(cfg, store_utts: list[str], offsets: np.ndarray, member_dirs:
     return [(np.concatenate(spans), list(members)) for members, spans in sorted(by_members.items())]
 
 
+def student_cfg(cfg):
+    """The training config of a student (train.epochs replaced by distill.epochs when set): the
+    soft targets cover the stores it trains on."""
+    return OmegaConf.merge(cfg, {"train": {"epochs": cfg.distill.epochs}}) if cfg.distill.epochs else cfg
+
+
 def run(cfg) -> None:
     """Stage: the teacher's average softmax(z/T) per T (and its logits) for every frame of each
     feature store the configured students train on: ``train``'s, a subset's or perturbed copy's
     store (``train.data``), and the stores of ``distill.transfer``'s data dirs."""
-    from asrkd.distill.student import student_cfg
-    from asrkd.nnet.train import TrainingSet
-
     for store in TrainingSet(student_cfg(cfg), list(cfg.distill.transfer)).stores:
         run_store(cfg, store)
 
 
 def run_store(cfg, store: str) -> None:
     """The soft targets of one feature store (``exp/soft_targets/<teacher>/<store>/...``)."""
-    from asrkd.kaldi.features import FeatureStore
-    from asrkd.nnet.model import pick_device
-    from asrkd.nnet.train import system_dirs
-
     exp = Path(cfg.exp_dir)
     members = system_dirs(exp, cfg.distill.teacher)
     inputs = {f"teacher {d.name}": d for d in members} | {"features": exp / "feats" / "fbank" / store}

@@ -27,8 +27,7 @@ from omegaconf import OmegaConf
 
 from asrkd.distill.losses import distillation_loss, logit_distillation_loss
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
-from asrkd.distill.soft_targets import (COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, current_checksum, load_teacher, logits_dir,
-                                        pdf_priors, store_dir, teacher_groups)
+from asrkd.distill.soft_targets import COMPACT_FORMS, student_cfg, SoftTargetStore, TargetRows, TeacherLogits, current_checksum, load_teacher, logits_dir, pdf_priors, store_dir, teacher_groups
 from asrkd.nnet.train import Model, TrainingSet, replicate_name, system_dirs, train_stage
 
 LOGITS = "logits"  # the form name of the logit-matching student
@@ -59,11 +58,6 @@ def students(cfg) -> list[Student]:
     out += [Student(LOGITS, None, 0)] if cfg.distill.logit_matching else []
     out += [Student(s.form, s.temperature, r) for s in list(out) for r in range(1, int(seeds.get(s.form, 1)))]
     return out
-
-
-def student_cfg(cfg):
-    """The training config of a student: train.epochs replaced by distill.epochs when set."""
-    return OmegaConf.merge(cfg, {"train": {"epochs": cfg.distill.epochs}}) if cfg.distill.epochs else cfg
 
 
 def dense_only(cfg, temperature: float, seeds: int, **distill):

@@ -36,13 +36,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from omegaconf import OmegaConf
 
-if TYPE_CHECKING:
-    from asrkd.nnet.train import TrainingSet
+from asrkd.distill.losses import distillation_loss
+from asrkd.distill.student import Student, TeacherOnTheFly, target_source
+from asrkd.evaluate import bootstrap_key, experiment_scoring
+from asrkd.nnet import decode
+from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, system_dirs, train_stage
+from asrkd.report import percent, publish_experiment, saved_figure, single_seed_note, with_ci
+from asrkd.stats import format_interval
+
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +143,6 @@ def train_link(cfg, link: Link, temperature: float, training: TrainingSet) -> No
     """Train one chain model (skipped when complete) on ``training`` (a TrainingSet: every model of
     every chain reads the same frames, loaded once): labels alone, or the students' loss against
     its mixed teachers."""
-    from asrkd.distill.losses import distillation_loss
-    from asrkd.distill.student import Student, TeacherOnTheFly, target_source
-    from asrkd.nnet.train import Model, load_system, system_dirs, train_stage
-
     exp, dcfg, ccfg = Path(cfg.exp_dir), cfg.distill, cfg.chains
     mcfg = model_cfg(cfg, link)
     values = {"layers": link.layers, "width": link.width, "teachers": list(link.teachers), "rule": link.rule}
@@ -179,8 +181,6 @@ def runs(cfg) -> list[tuple[str, float | None, list[Link]]]:
 
 def run_train(cfg) -> None:
     """Stage 0: every model of every chain at every T, top down (a shared model trains once)."""
-    from asrkd.nnet.train import TrainingSet
-
     training = TrainingSet(cfg)  # the model's size is no part of it: one set serves every chain model
     done: set[str] = set()
     for _, temperature, links in runs(cfg):
@@ -191,8 +191,6 @@ def run_train(cfg) -> None:
 
 
 def final_valid_accuracy(exp: Path, name: str) -> float:
-    from asrkd.nnet.train import read_history
-
     return read_history(exp / "dnn" / name)[-1]["valid_frame_accuracy"]
 
 
@@ -209,8 +207,6 @@ def chosen(cfg) -> dict[str, tuple[float | None, list[Link]]]:
 
 def run_decode(cfg) -> None:
     """Stage 1: WER of each method's student at its chosen T."""
-    from asrkd.kaldi import decode
-
     names = [links[-1].name for _, links in chosen(cfg).values()]
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
 
@@ -221,8 +217,6 @@ def temperature_label(temperature: float | None) -> str:
 
 def plot(result: dict, out: Path) -> None:
     """Student test frame accuracy per method with its interval, and every model of each chain."""
-    from asrkd.evaluate import saved_figure
-
     test = result["eval_set"]
     with saved_figure(out, (8, 4.8), "chain model (teacher → student)", f"{test} frame accuracy (%)",
                       "Distilling into a small student: each method's chain (95% CI on the student)", fontsize=7) as ax:
@@ -238,9 +232,6 @@ def plot(result: dict, out: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    from asrkd.evaluate import percent, single_seed_note, with_ci
-    from asrkd.stats import format_interval
-
     test = result["eval_set"]
     lines = [f"# {result['corpus']}: distilling into a {result['sizes'][-1]} student ({' → '.join(['teacher', *result['sizes']])})", "",
              f"Teacher: {result['teacher']['system']} ({result['teacher']['model']}), {test} frame accuracy "
@@ -274,9 +265,6 @@ def markdown(result: dict) -> str:
 
 def run_report(cfg) -> None:
     """Stage 2: ``chains.md``, ``chains.png`` and the "chains" section of report.json."""
-    from asrkd.evaluate import bootstrap_key, experiment_scoring, publish_experiment
-    from asrkd.nnet.train import read_history, system_dirs
-
     exp = Path(cfg.exp_dir)
     evaluation, sets, command = experiment_scoring(cfg, "asrkd report-chains")
     test = evaluation.primary

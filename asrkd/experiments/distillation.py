@@ -26,10 +26,23 @@ import logging
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from omegaconf import OmegaConf
 
-from asrkd.experiments.levers import baseline_replicates
-from asrkd.stats import format_interval, mean_std
+from asrkd.data import data_split
+from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir, student_cfg
+from asrkd.distill.student import LOGITS, name_of, students
+from asrkd.evaluate import Evaluation, bootstrap_key
+from asrkd.experiments.levers import baseline_replicates, chosen_temperature, levers
+from asrkd.nnet import decode
+from asrkd.nnet.cost import system_cost
+from asrkd.nnet.ensemble import member_dirs
+from asrkd.nnet.train import TrainingSet, read_history
+from asrkd.report import merge_into_report, percent, recipe_command, saved_figure
+from asrkd.report import with_ci as with_ci_on
+from asrkd.stage import is_complete, write_text
+from asrkd.stats import Bootstrap, UtteranceCounts, format_interval, mean_std
+from asrkd.stores import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +59,6 @@ class StudentRow(NamedTuple):
 
 def student_rows(cfg) -> dict[str, StudentRow]:
     """Row name (``<form>_T<T>``, ``logits``) -> every student the config asks for, with its replicates."""
-    from asrkd.distill.student import LOGITS, name_of, students
-
     rows: dict[str, StudentRow] = {}
     for student in students(cfg):
         label = LOGITS if student.form == LOGITS else f"{student.form}_T{student.temperature:g}"
@@ -58,17 +69,12 @@ def student_rows(cfg) -> dict[str, StudentRow]:
 
 def run_decode(cfg) -> None:
     """Stage 4: WER of the ensemble, every student and the baseline's replicates (the baseline itself is the main recipe's)."""
-    from asrkd.kaldi import decode
-
     names = [*baseline_replicates(cfg), cfg.distill.teacher, *(s for row in student_rows(cfg).values() for s in row.systems)]
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
 
 
 def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Path) -> None:
     """Validation frame accuracy per epoch: the baseline, every member, every student (first seed)."""
-    from asrkd.evaluate import saved_figure
-    from asrkd.nnet.train import read_history
-
     title = "Training curves: baseline, ensemble members, distilled students"
     with saved_figure(out, (8, 5), "epoch", "validation frame accuracy (%)", title, fontsize=8, ncol=2) as ax:
         for i, member in enumerate(members):
@@ -84,8 +90,6 @@ def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Pa
 
 def plot_temperature(rows: list[dict], baseline: dict, ensemble: dict, out: Path, test: str) -> None:
     """Student frame accuracy (validation, and test with its interval) against T, with the baseline and the ensemble."""
-    from asrkd.evaluate import saved_figure
-
     title = "Distilled students vs temperature (dense soft targets, mean over seeds)"
     with saved_figure(out, (7, 4.5), "temperature T", "frame accuracy (%)", title, fontsize=8) as ax:
         temperatures = [r["temperature"] for r in rows]
@@ -103,8 +107,6 @@ def plot_temperature(rows: list[dict], baseline: dict, ensemble: dict, out: Path
 
 def plot_levers(levers: list[dict], out: Path) -> None:
     """Gain kept per lever (test frame accuracy) with its 95% interval, against the 80% target."""
-    from asrkd.evaluate import saved_figure
-
     title = "Share of the ensemble's gain the student keeps, per lever (test frame accuracy)"
     with saved_figure(out, (7, 4.5), "lever", "gain kept (%)", title, fontsize=8) as ax:
         names = [lever["name"] for lever in levers]
@@ -125,10 +127,6 @@ def soft_target_diagnostics(cfg, teacher: str, store: str, temperature: float, g
     how often their argmax is the aligned pdf, and the mean probability they give it. A teacher
     that memorized its training frames agrees with the labels there far more than on voices it
     never heard: its soft targets there are nearly the hard labels again."""
-    import numpy as np
-
-    from asrkd.kaldi.features import FeatureStore
-
     exp = Path(cfg.exp_dir)
     dense = np.load(exp / "soft_targets" / teacher / store / f"T{temperature:g}" / "dense.npy", mmap_mode="r")
     pdf_ids = np.load(exp / "tri" / f"ali_{store}" / "pdf_ids.npy")
@@ -165,8 +163,6 @@ def cost_cells(entry: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    from asrkd.evaluate import percent, with_ci as with_ci_on
-
     test = result["eval_set"]
 
     def with_ci(entry: dict, metric: str) -> str:
@@ -267,9 +263,6 @@ def markdown(result: dict) -> str:
 def choose_temperature(cfg, evaluation, sets: dict[str, list[str]], dense: dict[float, list[str]]) -> dict:
     """The T whose dense students have the best validation frame accuracy (mean over seeds), and
     whether it beats the runner-up: a paired bootstrap over validation utterances and seeds."""
-    from asrkd.experiments.levers import chosen_temperature
-    from asrkd.stats import Bootstrap, UtteranceCounts
-
     temperature = chosen_temperature(cfg)
     tables = {t: [evaluation.scorer.score(s, sets)["valid"]["utterances"] for s in systems] for t, systems in dense.items()}
     boot = Bootstrap(sorted(tables[temperature][0]), cfg.stats.replicates, cfg.stats.confidence, cfg.stats.seed)
@@ -286,11 +279,6 @@ def choose_temperature(cfg, evaluation, sets: dict[str, list[str]], dense: dict[
 def compact_forms(cfg, evaluation, entry, rows_cfg: dict[str, StudentRow], rows: dict[str, dict]) -> list[dict]:
     """Each top-k and compact student against the dense students of its T (as many seeds as it
     has, paired by seed), with the form's bytes per frame and the mass it leaves outside its k."""
-    import numpy as np
-
-    from asrkd.evaluate import bootstrap_key
-    from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir
-
     frames, out = evaluation.frames, []
     for label, row in rows_cfg.items():
         dense_label = f"dense_T{row.temperature:g}" if row.form in ("topk", *COMPACT_FORMS) else None
@@ -317,12 +305,6 @@ def lever_results(cfg, evaluation, entry, temperature: float, replicates: list[s
     """Every lever whose models are trained: its students against its same-data baseline and the
     ensemble (difference, gain kept, both with intervals), the report rows, and what its
     teacher's soft targets say beyond the labels."""
-    from asrkd.evaluate import bootstrap_key
-    from asrkd.experiments.levers import levers
-    from asrkd.stage import is_complete
-    from asrkd.distill.student import student_cfg
-    from asrkd.nnet.train import TrainingSet, data_split
-
     exp, frames = Path(cfg.exp_dir), evaluation.frames
     results, systems, diagnostics = {}, {}, []
     _, valid_utts = data_split(cfg)
@@ -355,15 +337,6 @@ def lever_results(cfg, evaluation, entry, temperature: float, replicates: list[s
 def run_report(cfg) -> None:
     """Stage 5 (and 10): Table 1 with intervals, the differences, the table over T, top-k vs dense,
     the levers whose systems exist, plots; the "distillation" section and systems of report.json."""
-    import numpy as np
-
-    from asrkd.nnet.cost import system_cost
-    from asrkd.nnet.ensemble import member_dirs
-    from asrkd.evaluate import Evaluation, bootstrap_key, merge_into_report, recipe_command
-    from asrkd.stage import write_text
-    from asrkd.distill.student import LOGITS
-    from asrkd.nnet.train import data_split, read_history
-
     exp = Path(cfg.exp_dir)
     train_utts, valid_utts = data_split(cfg)
     sets = {"train": train_utts, "valid": valid_utts}

@@ -45,7 +45,8 @@ from omegaconf import OmegaConf
 from asrkd.data import subset_name
 from asrkd.distill.losses import soft_cross_entropy
 from asrkd.distill.student import Student, TeacherOnTheFly, target_source
-from asrkd.evaluate import current_report, experiment_scoring, merge_into_report, percent, publish_experiment, saved_figure
+from asrkd.evaluate import experiment_scoring
+from asrkd.report import current_report, merge_into_report, percent, publish_experiment, saved_figure
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, replicate_name, system_dirs, train_stage
 from asrkd.nnet.views import View, ViewSpec
 from asrkd.stats import format_interval

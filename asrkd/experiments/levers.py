@@ -29,6 +29,9 @@ from typing import NamedTuple
 import numpy as np
 from omegaconf import OmegaConf
 
+from asrkd.distill import soft_targets, student
+from asrkd.distill.student import dense_only, name_of, students
+from asrkd.nnet import decode, ensemble, train
 from asrkd.nnet.train import read_history, replicates
 
 
@@ -54,19 +57,15 @@ def baseline_replicates(cfg) -> list[str]:
 
 def student_systems(cfg) -> list[str]:
     """The students train-student makes with ``cfg``, by name, in training order."""
-    from asrkd.distill.student import name_of, students
-
-    return [name_of(cfg, student) for student in students(cfg)]
+    return [name_of(cfg, spec) for spec in students(cfg)]
 
 
 def dense_students(cfg) -> dict[float, list[str]]:
     """T -> the dense students' replicates of the main sweep (stage 3)."""
-    from asrkd.distill.student import name_of, students
-
     out: dict[float, list[str]] = {}
-    for student in students(cfg):
-        if student.form == "dense":
-            out.setdefault(student.temperature, []).append(name_of(cfg, student))
+    for spec in students(cfg):
+        if spec.form == "dense":
+            out.setdefault(spec.temperature, []).append(name_of(cfg, spec))
     return out
 
 
@@ -91,8 +90,6 @@ def lever_seeds(cfg) -> int:
 def levers(cfg, temperature: float | None = None) -> list[Lever]:
     """Every lever the config asks for, with its systems (trained or not), named by the same
     functions that train them (:func:`student_systems`, :func:`asrkd.nnet.train.replicates`)."""
-    from asrkd.distill.student import dense_only
-
     t = chosen_temperature(cfg) if temperature is None else temperature
     seeds, baselines = lever_seeds(cfg), baseline_replicates(cfg)
     reference = dense_only(cfg, t, dense_seeds(cfg))  # stage 3's students at T
@@ -118,9 +115,6 @@ def levers(cfg, temperature: float | None = None) -> list[Lever]:
 
 def run_train(cfg) -> None:
     """Stage 8: every lever's baseline, teacher, soft targets and students that are not complete."""
-    from asrkd.nnet import ensemble, train
-    from asrkd.distill import soft_targets, student
-
     for lever in levers(cfg)[1:]:
         if lever.baseline_cfg is not None:
             train.run(lever.baseline_cfg)
@@ -132,7 +126,5 @@ def run_train(cfg) -> None:
 
 def run_decode(cfg) -> None:
     """Stage 9: WER of every lever's students, baselines and teacher."""
-    from asrkd.kaldi import decode
-
     names = [s for lever in levers(cfg)[1:] for s in [*lever.students, *lever.baselines, lever.teacher]]
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": list(dict.fromkeys(names))}}))

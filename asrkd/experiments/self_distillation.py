@@ -25,6 +25,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from asrkd.distill.losses import self_distillation_loss
+from asrkd.evaluate import experiment_scoring
+from asrkd.nnet import decode
+from asrkd.nnet.cost import system_cost
+from asrkd.nnet.train import Model, TrainingSet, load_model, model_path, read_history, save_model, train_stage
+from asrkd.parallel import pick_device
+from asrkd.report import percent, publish_experiment, saved_figure, single_seed_note, with_ci
+from asrkd.stage import plan
+from asrkd.stats import format_interval
+
 log = logging.getLogger(__name__)
 
 
@@ -55,11 +65,6 @@ def plain_name(cfg, k: int) -> str:
 def run_train(cfg) -> None:
     """Stage 0: the network with exits, each exit written as a model of its own, and the plain
     models as deep as the exits (the baseline is the main recipe's)."""
-    from asrkd.distill.losses import self_distillation_loss
-    from asrkd.nnet.model import pick_device
-    from asrkd.nnet.train import Model, TrainingSet, load_model, model_path, save_model, train_stage
-    from asrkd.stage import plan
-
     exp, scfg = Path(cfg.exp_dir), cfg.self_distillation
     exits = exit_layers(cfg)
     training = TrainingSet(cfg)
@@ -98,8 +103,6 @@ def systems(cfg) -> list[str]:
 
 def run_decode(cfg) -> None:
     """Stage 1: WER of every exit and every plain model."""
-    from asrkd.kaldi import decode
-
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": systems(cfg)}}))
 
 
@@ -107,8 +110,6 @@ def plot(result: dict, out: Path) -> None:
     """Frame accuracy against size (parameters: the cost that does not move run to run, as the
     scoring times in the table do): the exits and the plain models of the same depths, drawn
     side by side at each size."""
-    from asrkd.evaluate import saved_figure
-
     test = result["eval_set"]
     with saved_figure(out, (7, 4.5), "parameters (millions)", f"{test} frame accuracy (%)",
                       "Self-distillation (BYOT): each exit against a plain model as deep", fontsize=8) as ax:
@@ -120,9 +121,6 @@ def plot(result: dict, out: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    from asrkd.evaluate import percent, single_seed_note, with_ci
-    from asrkd.stats import format_interval
-
     test = result["eval_set"]
     lines = [f"# {result['corpus']}: self-distillation with shallow exits (BYOT)", "",
              f"| exit | hidden layers | exit frame acc. {test} [95% CI] | exit WER {test} [95% CI] | parameters | scoring ms / 1000 frames "
@@ -144,10 +142,6 @@ def markdown(result: dict) -> str:
 
 def run_report(cfg) -> None:
     """Stage 2: ``self_distillation.md``, ``self_distillation.png``, "self_distillation" in report.json."""
-    from asrkd.evaluate import experiment_scoring, publish_experiment
-    from asrkd.nnet.cost import system_cost
-    from asrkd.nnet.train import read_history
-
     exp = Path(cfg.exp_dir)
     evaluation, sets, command = experiment_scoring(cfg, "asrkd report-self-distill")
     full_plain = str(cfg.train.name)

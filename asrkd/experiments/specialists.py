@@ -46,6 +46,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+
+from asrkd.distill import soft_targets, student
+from asrkd.distill.losses import distillation_loss
+from asrkd.distill.student import Student, TeacherOnTheFly, dense_only, name_of
+from asrkd.evaluate import experiment_scoring
+from asrkd.nnet import decode
+from asrkd.nnet.cost import system_cost
+from asrkd.nnet.model import HybridDNN, SpecialistCombination
+from asrkd.nnet.train import (Model, ModelFrames, TrainingSet, evaluate_frames, load_model, load_system, model_path, predict_logits,
+                              read_history, save_model, train_stage)
+from asrkd.parallel import pick_device
+from asrkd.report import publish_experiment, saved_figure, single_seed_note, with_ci
+from asrkd.stage import plan, write_json
+from asrkd.stats import UtteranceCounts, format_interval, frame_table
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +140,6 @@ def mixed_frames(in_group: np.ndarray, pool: np.ndarray, rng: np.random.Generato
 
 def specialist_frames(cfg, m: int, group: list[int]):
     """The frames and classes specialist m trains and validates on (a Model's ``frames``)."""
-    from asrkd.nnet.train import ModelFrames
-
     def frames(data, train_idx: np.ndarray, valid_idx: np.ndarray, hard: torch.Tensor) -> ModelFrames:
         classes = class_of_pdf(group, data.num_pdfs, hard.device)
         members = np.zeros(data.num_pdfs + 1, dtype=bool)
@@ -142,8 +155,6 @@ def specialist_frames(cfg, m: int, group: list[int]):
 
 def specialist_start(generalist, group: list[int]):
     """The generalist's weights with an output layer over ``group`` + the dustbin."""
-    from asrkd.nnet.model import HybridDNN
-
     config = generalist.config | {"num_pdfs": len(group) + 1}
     with torch.random.fork_rng(devices=[]):
         model = HybridDNN(**config).to(generalist.feat_mean.device)
@@ -161,10 +172,6 @@ def specialist_start(generalist, group: list[int]):
 def generalist_loss(cfg, group: list[int], generalist_dir: Path):
     """The specialist's loss factory: T^2 CE(softmax(the generalist's group logits and the
     log-sum-exp of the others, / T)) + hard_weight CE(class)."""
-    from asrkd.distill.losses import distillation_loss
-    from asrkd.distill.student import TeacherOnTheFly
-    from asrkd.nnet.train import load_model
-
     scfg, dcfg = cfg.specialists, cfg.distill
     temperature = float(scfg.temperature)
 
@@ -201,21 +208,15 @@ def dustbin_shift(logits: torch.Tensor, outside_share: float, low: float = -30.0
 
 def predicted_distributions(model, data, indices: np.ndarray, batch_size: int) -> np.ndarray:
     """(frames, pdfs) softmax of ``model`` on ``indices``."""
-    from asrkd.nnet.train import predict_logits
-
     return torch.softmax(predict_logits(model, data, indices, batch_size), -1).cpu().numpy()
 
 
 def student_config(cfg):
     """The config of the re-distilled student: one dense student of the combination at its T."""
-    from asrkd.distill.student import dense_only
-
     return dense_only(cfg, float(cfg.specialists.student_temperature), 1, teacher=str(cfg.specialists.name))
 
 
 def student_system(cfg) -> str:
-    from asrkd.distill.student import Student, name_of
-
     scfg = student_config(cfg)
     return name_of(scfg, Student("dense", float(cfg.specialists.student_temperature), 0))
 
@@ -223,13 +224,6 @@ def student_system(cfg) -> str:
 def run_train(cfg) -> None:
     """Stage 0: the groups, the specialists, their combination with the generalist, and the
     combination's soft targets and re-distilled student."""
-    from omegaconf import OmegaConf
-
-    from asrkd.distill import soft_targets, student
-    from asrkd.nnet.model import SpecialistCombination, pick_device
-    from asrkd.nnet.train import Model, TrainingSet, load_model, model_path, predict_logits, save_model, train_stage
-    from asrkd.stage import plan, write_json
-
     exp, scfg = Path(cfg.exp_dir), cfg.specialists
     generalist_dir = exp / "dnn" / str(scfg.generalist)
     training = TrainingSet(cfg)
@@ -290,10 +284,6 @@ def systems(cfg) -> list[str]:
 
 def run_decode(cfg) -> None:
     """Stage 1: WER of the generalist, the combination and the re-distilled student."""
-    from omegaconf import OmegaConf
-
-    from asrkd.kaldi import decode
-
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": systems(cfg)}}))
 
 
@@ -314,9 +304,6 @@ def coverage_counts(combination, data, indices: np.ndarray, batch_size: int) -> 
 def coverage_rows(cfg, evaluation, generalist: str, combined: str) -> list[dict]:
     """The paper's Table 4 on the first eval set's frames: per number of active specialists covering
     the true pdf-id, the frames, both systems' accuracy and the combination's gain, with intervals."""
-    from asrkd.nnet.train import evaluate_frames, load_system
-    from asrkd.stats import UtteranceCounts, frame_table
-
     scorer = evaluation.scorer
     data, indices = scorer.eval[evaluation.primary]
     store = data.frames.store
@@ -345,8 +332,6 @@ def coverage_rows(cfg, evaluation, generalist: str, combined: str) -> list[dict]
 
 def plot(result: dict, out: Path) -> None:
     """The combination's gain over the generalist by coverage of the true pdf-id, with intervals."""
-    from asrkd.evaluate import saved_figure
-
     rows = result["coverage"]
     with saved_figure(out, (7, 4.5), "active specialists covering the true pdf-id",
                       f"combined − generalist, {result['eval_set']} frame accuracy (points)",
@@ -361,9 +346,6 @@ def plot(result: dict, out: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    from asrkd.evaluate import single_seed_note, with_ci
-    from asrkd.stats import format_interval
-
     test = result["eval_set"]
     lines = [f"# {result['corpus']}: specialists with a generalist (Hinton et al. 2015, §5)", "",
              f"| system | model | frame acc. {test} [95% CI] | WER {test} [95% CI] | − generalist, frame acc. [95% CI] | P(> 0) "
@@ -398,10 +380,6 @@ def markdown(result: dict) -> str:
 
 def run_report(cfg) -> None:
     """Stage 2: ``specialists.md``, ``specialists.png``, "specialists" in report.json."""
-    from asrkd.evaluate import experiment_scoring, publish_experiment
-    from asrkd.nnet.cost import system_cost
-    from asrkd.nnet.train import read_history
-
     exp, scfg = Path(cfg.exp_dir), cfg.specialists
     evaluation, sets, command = experiment_scoring(cfg, "asrkd report-specialists")
     generalist, combined, redistilled = systems(cfg)

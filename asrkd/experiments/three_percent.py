@@ -26,7 +26,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from asrkd.data import fraction_tag, subset_name
+from asrkd.data import data_split, fraction_tag, subset_name
+from asrkd.distill import soft_targets, student
+from asrkd.distill.soft_targets import store_dir
+from asrkd.distill.student import dense_only, student_name
+from asrkd.evaluate import Evaluation, bootstrap_key
+from asrkd.nnet import decode, train
+from asrkd.nnet.train import read_history
+from asrkd.report import merge_into_report, percent, recipe_command, saved_figure, with_ci
+from asrkd.stage import is_complete, write_text
 from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
@@ -38,7 +46,6 @@ PAPER = {"full_hard": {"train": 0.634, "test": 0.589}, "sub_hard": {"train": 0.6
 def subset_cfg(cfg, fraction: float, teacher: str | None = None, perturbed: bool = False):
     """The config of one subset run: same model and training knobs, the subset's data (or its _sp copies)."""
     suffix = "_sp" if perturbed else ""
-    from asrkd.distill.student import dense_only
 
     students = dense_only(cfg, cfg.three_percent.temperature, 1, teacher=teacher or "baseline", transfer=[], epochs=None)
     return OmegaConf.merge(students, {"train": {"data": subset_name(fraction) + suffix, "name": f"hard_{fraction_tag(fraction)}{suffix}",
@@ -47,9 +54,6 @@ def subset_cfg(cfg, fraction: float, teacher: str | None = None, perturbed: bool
 
 def teachers(cfg) -> list[str]:
     """The 100% model, plus the ensemble when its soft targets exist."""
-    from asrkd.distill.soft_targets import store_dir
-    from asrkd.stage import is_complete
-
     ensemble = OmegaConf.merge(cfg, {"distill": {"teacher": cfg.ensemble.name}})
     has_ensemble = is_complete(store_dir(ensemble, float(cfg.three_percent.temperature)))
     return ["baseline"] + ([cfg.ensemble.name] if has_ensemble else [])
@@ -57,8 +61,6 @@ def teachers(cfg) -> list[str]:
 
 def systems(cfg) -> dict[float, dict[str, str]]:
     """Row name -> DNN system (exp/dnn/<name>[@best]) for each fraction."""
-    from asrkd.distill.student import student_name
-
     out = {}
     for fraction in cfg.three_percent.fractions:
         data, temperature = subset_name(fraction), float(cfg.three_percent.temperature)
@@ -75,9 +77,6 @@ def systems(cfg) -> dict[float, dict[str, str]]:
 
 def run_train(cfg) -> None:
     """Stage: soft targets of the 100% model, then the hard and soft runs of every fraction."""
-    from asrkd.distill import soft_targets, student
-    from asrkd.nnet import train
-
     variants = [False, True] if cfg.three_percent.speed_perturbed else [False]
     for fraction in cfg.three_percent.fractions:
         for perturbed in variants:
@@ -90,17 +89,12 @@ def run_train(cfg) -> None:
 
 def run_decode(cfg) -> None:
     """Stage: WER of every row (the 100% model is the main recipe's baseline)."""
-    from asrkd.kaldi import decode
-
     names = ["baseline"] + [s for rows in systems(cfg).values() for s in rows.values()]
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
 
 
 def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> None:
     """Train and validation frame accuracy per epoch, hard vs soft targets (the over-fitting curve)."""
-    from asrkd.evaluate import saved_figure
-    from asrkd.nnet.train import read_history
-
     with saved_figure(out, (7, 4.5), "epoch", "frame accuracy (%)", f"{100 * fraction:g}% of the training data: hard vs soft targets") as ax:
         for row, style in (("sub_hard", "tab:red"), ("sub_soft", "tab:blue")):
             history = read_history(exp / "dnn" / rows[row].split("@")[0])
@@ -110,8 +104,6 @@ def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> 
 
 
 def markdown(result: dict) -> str:
-    from asrkd.evaluate import percent, with_ci
-
     main = result["rows"]
     lines = [f"# {result['corpus']}: {100 * result['fraction']:g}% of the training data, hard vs soft targets", "",
              "| row | system | train frame acc. | test frame acc. [95% CI] | test WER [95% CI] | paper train | paper test |",
@@ -145,10 +137,6 @@ def markdown(result: dict) -> str:
 
 def run_report(cfg) -> None:
     """Stage: the §6 table with intervals, the gap closed, a curve over fractions and the over-fitting plot."""
-    from asrkd.evaluate import Evaluation, bootstrap_key, merge_into_report, recipe_command
-    from asrkd.stage import write_text
-    from asrkd.nnet.train import data_split
-
     exp = Path(cfg.exp_dir)
     full_train, _ = data_split(cfg)
     evaluation = Evaluation(cfg)

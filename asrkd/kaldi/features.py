@@ -13,120 +13,26 @@ needs torchcodec + FFmpeg).
 
 from __future__ import annotations
 
-import hashlib
-import json
+import io
 import logging
-from dataclasses import dataclass
+import struct
+import subprocess
+from functools import partial
+from math import gcd
 from pathlib import Path
 
 import kaldi_native_fbank as knf
 import numpy as np
 import soundfile as sf
+from omegaconf import OmegaConf
+from scipy.signal import resample_poly
 
 from asrkd.data import DataDir, feature_sets
-from asrkd.stage import progress
+from asrkd.jobs import map_jobs, num_jobs, split
+from asrkd.stage import account_dropped, plan, progress
+from asrkd.stores import FeatureStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FeatureStore:
-    """Frames of many utterances in one array; ``offsets[i]:offsets[i+1]`` is utterance i."""
-
-    utt_ids: list[str]
-    offsets: np.ndarray  # int64, len(utt_ids) + 1
-    frames: np.ndarray  # (num_frames, dim), possibly a read-only memmap
-
-    FRAMES = "frames.npy"
-    INDEX = "index.json"
-
-    def __post_init__(self) -> None:
-        self._row = {utt: i for i, utt in enumerate(self.utt_ids)}
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def dim(self) -> int:
-        return int(self.frames.shape[1])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def __contains__(self, utt: str) -> bool:
-        return utt in self._row
-
-    def span(self, utt: str) -> tuple[int, int]:
-        i = self._row[utt]
-        return int(self.offsets[i]), int(self.offsets[i + 1])
-
-    def __getitem__(self, utt: str) -> np.ndarray:
-        start, end = self.span(utt)
-        return self.frames[start:end]
-
-    @classmethod
-    def from_arrays(cls, items: dict[str, np.ndarray], dtype: str = "float32") -> "FeatureStore":
-        utt_ids = sorted(items)
-        lengths = [len(items[u]) for u in utt_ids]
-        offsets = np.zeros(len(utt_ids) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        frames = np.concatenate([items[u] for u in utt_ids]).astype(dtype)
-        return cls(utt_ids, offsets, frames)
-
-    @classmethod
-    def concat(cls, stores: list["FeatureStore"]) -> "FeatureStore":
-        """Several stores end to end, in order (utterance ids must differ)."""
-        utt_ids = [u for store in stores for u in store.utt_ids]
-        if len(set(utt_ids)) < len(utt_ids):
-            raise ValueError("feature stores to combine share utterance ids; use one store that holds them all")
-        starts = np.cumsum([0] + [store.num_frames for store in stores[:-1]])
-        offsets = np.concatenate([[0]] + [store.offsets[1:] + start for store, start in zip(stores, starts)]).astype(np.int64)
-        return cls(utt_ids, offsets, np.concatenate([np.asarray(store.frames) for store in stores]))
-
-    def save(self, directory: Path) -> None:
-        from asrkd.stage import save_npy, write_json
-
-        directory = Path(directory)
-        save_npy(directory / self.FRAMES, self.frames)
-        write_json(directory / self.INDEX, {"utt_ids": self.utt_ids, "offsets": self.offsets.tolist(), "checksum": self.checksum()})
-
-    @classmethod
-    def load(cls, directory: Path, mmap: bool = True) -> "FeatureStore":
-        directory = Path(directory)
-        if not (directory / cls.INDEX).is_file():
-            raise FileNotFoundError(f"{directory}: no feature store ({cls.INDEX} missing); run make-feats")
-        index = json.loads((directory / cls.INDEX).read_text())
-        frames = load_array(directory / cls.FRAMES, mmap, "make-feats")
-        offsets = np.asarray(index["offsets"], dtype=np.int64)
-        if offsets[-1] != len(frames):
-            raise ValueError(f"{directory}: index covers {offsets[-1]} frames, array has {len(frames)}")
-        return cls(index["utt_ids"], offsets, frames)
-
-    @staticmethod
-    def utterances(directory: Path) -> list[str]:
-        """The utterance ids of the store in ``directory`` (its index only)."""
-        return json.loads((Path(directory) / FeatureStore.INDEX).read_text())["utt_ids"]
-
-    def checksum(self) -> str:
-        """A content hash: later stores (alignments, soft targets) record which features they match."""
-        digest = hashlib.sha256()
-        digest.update("\n".join(self.utt_ids).encode())
-        digest.update(self.offsets.tobytes())
-        digest.update(np.ascontiguousarray(self.frames).tobytes())
-        return digest.hexdigest()[:16]
-
-    def write_kaldi(self, ark: Path, scp: Path) -> None:
-        """Export as a Kaldi float matrix ark + scp, readable by copy-feats and friends."""
-        write_kaldi_matrices(ark, scp, ((utt, np.asarray(self[utt], dtype=np.float32)) for utt in self.utt_ids))
-
-    @classmethod
-    def read_kaldi(cls, scp: Path, dtype: str = "float32") -> "FeatureStore":
-        """Import a Kaldi feature scp (e.g. from a user's own make_fbank.sh)."""
-        import kaldiio
-
-        return cls.from_arrays({utt: np.asarray(m) for utt, m in kaldiio.load_scp(str(scp)).items()}, dtype)
 
 
 class AudioError(ValueError):
@@ -139,8 +45,6 @@ def check_wav_length(path: str, utt: str) -> None:
     libsndfile reads such a file without a word (it returns the samples that are there), so
     a truncated download or copy would otherwise train on half an utterance.
     """
-    import struct
-
     with open(path, "rb") as f:
         header = f.read(12)
         if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
@@ -160,26 +64,9 @@ def check_wav_length(path: str, utt: str) -> None:
             f.seek(length + (length & 1), 1)
 
 
-def write_kaldi_matrices(ark: Path, scp: Path, items) -> None:
-    """(utt, matrix) pairs as a Kaldi ark + scp (kaldiio), both written atomically; the scp
-    points at the ark's final name."""
-    import kaldiio
-
-    from asrkd.stage import atomic_write
-
-    with atomic_write(ark) as tmp_ark, atomic_write(scp) as tmp_scp:
-        with kaldiio.WriteHelper(f"ark,scp:{tmp_ark},{tmp_scp}") as writer:
-            for utt, matrix in items:
-                writer(utt, matrix)
-        tmp_scp.write_text(tmp_scp.read_text().replace(str(tmp_ark), str(ark)))
-
-
 def piped_audio(command: str, utt: str):
     """The audio a Kaldi extended filename ``<command> |`` writes to stdout (``flac -c -d -s f.flac |``,
     ``sox f.sph -t wav - |``), as a file object; a failing command is an error naming it."""
-    import io
-    import subprocess
-
     result = subprocess.run(command.rstrip()[:-1], shell=True, capture_output=True)
     if result.returncode != 0 or not result.stdout:
         message = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"no output, exit status {result.returncode}"]
@@ -217,9 +104,7 @@ def read_waveform(path: str, utt: str, sample_rate: int, channel: int | None = N
         if not resample:
             raise AudioError(f"utterance {utt}: sample rate {rate} ({path}; features.sample_rate is {sample_rate}); "
                              "set features.resample=true to resample it")
-        from math import gcd
 
-        from scipy.signal import resample_poly
 
         g = gcd(int(rate), int(sample_rate))
         samples = resample_poly(samples, int(sample_rate) // g, int(rate) // g).astype(np.float32)
@@ -279,8 +164,6 @@ def apply_speaker_cmvn(items: dict[str, np.ndarray], utt2spk: dict[str, str], no
 def compute_part(job: tuple[dict, dict, str, list[str]]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """One job of make_features: (wav.scp entries, features config, kind, utterances) -> the
     utterances' raw features (before CMVN, which needs whole speakers) and those dropped."""
-    from omegaconf import OmegaConf
-
     wav_scp, cfg, kind, utts = job
     cfg = OmegaConf.create(cfg)
     compute = {"fbank": compute_fbank, "mfcc": compute_mfcc_deltas}[kind]
@@ -311,10 +194,6 @@ def make_features(data: DataDir, cfg, kind: str, run_jobs=None, nj: int = 1) -> 
     Returns the store and the utterances that were dropped with the reason for each; the
     caller decides whether the loss is acceptable.
     """
-    from omegaconf import OmegaConf
-
-    from asrkd.jobs import split
-
     settings = OmegaConf.to_container(cfg, resolve=True)
     jobs = [({u: data.wav_scp[u] for u in part}, settings, kind, part) for part in split(data.utt_ids, nj)]
     results = run_jobs(compute_part, jobs) if run_jobs else [compute_part(job) for job in jobs]
@@ -339,11 +218,6 @@ FEATURE_KEYS = ("features.write_kaldi_ark", "features.sample_rate", "features.fr
 def run(cfg) -> None:
     """Stage 2: fbank (DNN) and MFCC+deltas (GMM) for every set of ``features.sets`` (default: train and
     the evaluation sets), in ``jobs.nj`` jobs."""
-    from functools import partial
-
-    from asrkd.jobs import map_jobs, num_jobs
-    from asrkd.stage import account_dropped, plan
-
     for name in feature_sets(cfg):
         data_path = Path(cfg.data_dir) / name
         data = DataDir.read(data_path)
@@ -360,13 +234,3 @@ def run(cfg) -> None:
                 store.write_kaldi(out_dir / "feats.ark", out_dir / "feats.scp")
             log.info("make-feats %s %s: %d utterances, %d frames x %d", kind, name, len(store.utt_ids), store.num_frames, store.dim)
             stage.commit(utterances=len(store.utt_ids), frames=store.num_frames, dropped=len(dropped))
-
-
-def load_array(path: Path, mmap: bool, stage: str) -> np.ndarray:
-    """np.load with an error that names the file and the stage to rerun when it is cut short or corrupt."""
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None)
-    except FileNotFoundError:
-        raise
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{path} is truncated or corrupt ({err}); rerun {stage} with redo=true") from err

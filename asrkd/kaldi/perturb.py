@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from scipy.signal import resample_poly
 
 from asrkd.data import DataDir, subset_name
 from asrkd.kaldi.features import read_waveform
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 
 def change_speed(samples: np.ndarray, factor: float) -> np.ndarray:
     """The signal played ``factor`` times as fast: len / factor samples (sox ``speed factor``)."""
-    from scipy.signal import resample_poly
-
     ratio = Fraction(factor).limit_denominator(1000)
     return resample_poly(samples, ratio.denominator, ratio.numerator)
 

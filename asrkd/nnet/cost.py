@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 
-from asrkd.kaldi.features import FeatureStore
-from asrkd.nnet.model import EnsembleDNN, SplicedFrames, pick_device
+from asrkd.data import eval_sets
+from asrkd.nnet.model import EnsembleDNN, SplicedFrames
+from asrkd.nnet.train import load_system, system_dirs
+from asrkd.parallel import pick_device
 from asrkd.stage import plan, read_record, write_json
+from asrkd.stores import FeatureStore
 
 COST_FRAMES = 20_000  # test frames scored per pass
 
@@ -62,9 +65,6 @@ def scoring_ms_per_1000_frames(model: torch.nn.Module, frames: SplicedFrames, ba
 
 def system_cost(cfg, system: str) -> dict:
     """The cost record of ``system`` (measured now when it has none, or its model changed)."""
-    from asrkd.data import eval_sets
-    from asrkd.nnet.train import load_system, system_dirs
-
     exp = Path(cfg.exp_dir)
     out_dir = exp / "cost" / system.replace("/", "_")
     test = eval_sets(cfg)[0]

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from asrkd.data import DataDir, speaker_folds
-from asrkd.nnet.model import pick_device
+from asrkd.parallel import pick_device
 from asrkd.nnet.train import Model, TrainingSet, train_stage
 
 log = logging.getLogger(__name__)

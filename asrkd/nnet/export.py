@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from asrkd.kaldi.decode import log_priors
+from asrkd.kaldi.gmm import GmmModel
+from asrkd.nnet.train import load_system, system_dirs
 from asrkd.stage import atomic_write, plan, write_bytes, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -39,10 +42,6 @@ class ScaledLogLikelihoods(nn.Module):
 
 def run(cfg) -> None:
     """Stage: export ``export.system`` (a DNN or an ensemble under exp/dnn)."""
-    from asrkd.kaldi.decode import log_priors
-    from asrkd.kaldi.gmm import GmmModel
-    from asrkd.nnet.train import load_system, system_dirs
-
     exp = Path(cfg.exp_dir)
     system = str(cfg.export.system)
     out_dir = exp / "export" / system.replace("/", "_")

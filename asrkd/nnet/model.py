@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from asrkd.kaldi.features import FeatureStore
+from asrkd.stores import FeatureStore
 
 
 class SplicedFrames:
@@ -339,15 +339,3 @@ def average_zero_mean_logits(member_logits: torch.Tensor, weights: torch.Tensor 
     """The members' average zero-mean logits: what average_softmax tends to as T grows
     (softmax(z/T) ~ (1 + z/T) / N for zero-mean z), the teacher of logit matching."""
     return members_average(member_logits - member_logits.mean(-1, keepdim=True), weights)
-
-
-def pick_device(name: str) -> torch.device:
-    """``train.device``: auto (a GPU when there is one; under torchrun this rank's), cpu, cuda."""
-    from asrkd.parallel import local_device
-
-    local = local_device(name)
-    if local is not None:
-        return local
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

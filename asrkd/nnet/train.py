@@ -14,6 +14,7 @@ has not beaten its best for that many epochs (early stopping; ``best.pt`` is its
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -26,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from asrkd.data import DataDir, split_by_speaker
-from asrkd.kaldi.features import FeatureStore, load_array
-from asrkd.nnet.model import EnsembleDNN, HybridDNN, MultiExitDNN, SplicedFrames, StackedDNN, model_from_config, pick_device
+from asrkd.data import DataDir, data_split, without_valid
+from asrkd.nnet.model import EnsembleDNN, HybridDNN, MultiExitDNN, SplicedFrames, StackedDNN, model_from_config
 from asrkd.nnet.views import View, ViewSpec, draw
-from asrkd.parallel import all_reduce_sum, barrier, rank, world_size, wrap
+from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
 from asrkd.stage import StageError, digest, input_fingerprint, is_complete, optional_values, plan, progress, write_bytes, write_json
+from asrkd.stores import FeatureStore, load_array
 
 log = logging.getLogger(__name__)
 
@@ -459,28 +460,6 @@ def load_system(exp_dir: Path, system: str, device: torch.device) -> HybridDNN |
     return load_model(model_path(exp_dir, system), device)
 
 
-def data_split(cfg) -> tuple[list[str], list[str]]:
-    """Training and validation utterances: whole speakers of ``train`` held out for validation.
-
-    The split is made on the full training set, so a run on a subset or a perturbed copy
-    (``train.data``) is validated on the same speakers as the full run; the utterances of
-    ``train.data`` that are (copies of) those speakers' are left out of its training.
-    """
-    full = DataDir.read(Path(cfg.data_dir) / "train")
-    train, valid = split_by_speaker(full, cfg.train.valid_fraction, cfg.seed)
-    if cfg.train.data != "train":
-        train = without_valid(DataDir.read(Path(cfg.data_dir) / cfg.train.data), set(valid), cfg.train.data)
-    return train, valid
-
-
-def without_valid(data: DataDir, valid: set[str], name: str) -> list[str]:
-    """The utterances of ``data`` that are not validation utterances nor copies of one."""
-    kept = [u for u in data.utt_ids if data.source(u) not in valid]
-    if len(kept) < len(data.utt_ids):
-        log.info("%s: %d utterances are (copies) of validation speakers and are not trained on", name, len(data.utt_ids) - len(kept))
-    return kept
-
-
 def store_for(exp_dir: Path, utts: set[str]) -> str | None:
     """The smallest complete fbank store that holds all ``utts`` (a subset of train uses train's), or None."""
     candidates = []
@@ -542,8 +521,6 @@ class TrainingSet:
     def without(self, excluded: Callable[[str], bool]) -> "TrainingSet":
         """The same set without the training utterances ``excluded`` picks (a cross-fitted member's);
         the frames are shared, not loaded again."""
-        import copy
-
         view = copy.copy(self)
         view.train_utts = [u for u in self.train_utts if not excluded(u)]
         view.transfer_utts = [u for u in self.transfer_utts if not excluded(u)]

@@ -1,0 +1,195 @@
+"""Stage 6: decode every system of ``decode.systems`` (the GMM, DNNs, ensembles) with Kaldi's
+decoder (asrkd.kaldi.decode) and choose the LM weight on the tuning set.
+
+A DNN's scores are log-posteriors minus log-priors (pdf counts of the training alignment,
+floored); an ensemble's, the log of its members' averaged posteriors minus the same priors;
+the GMM's, Kaldi's own log-likelihoods. The pair (LM weight, word insertion penalty) is chosen
+on ``decode.tuning_set`` (``valid``: the validation speakers of train; or a data dir such as
+``dev``) and applied to every set of ``eval_sets``.
+
+``exp/decode/<system>/``: ``wer.json`` (the sweep, the chosen pair, the WER of the tuning set,
+of every eval set and, for ``decode.unseen_sentences``, of its sentences the LM never saw, with
+substitutions/deletions/insertions), ``hyp_<set>.txt`` and, with
+``decode.write_loglikes_ark``, ``loglikes_<set>.ark/.scp``: the unscaled (frames x pdfs)
+log-likelihoods that a user's own ``latgen-faster-mapped`` decodes with its HCLG.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from asrkd.data import DataDir, data_split, eval_sets, read_table, tuning_set
+from asrkd.jobs import map_jobs, num_jobs, split
+from asrkd.kaldi.decode import check_scores, choose_weights, decode_lattice, gmm_loglikes, log_priors, read_graph, sweep, transition_id_matrix, unseen_sentences, utterance_errors, word_error_rate
+from asrkd.kaldi.gmm import GmmModel
+from asrkd.kaldi.lang import read_symbol_table
+from asrkd.nnet.model import SplicedFrames
+from asrkd.parallel import pick_device
+from asrkd.nnet.train import load_system, system_dirs
+from asrkd.stage import account_dropped, optional_values, plan, progress, write_json, write_text
+from asrkd.stores import FeatureStore, write_kaldi_matrices
+
+log = logging.getLogger(__name__)
+
+
+DECODE_KEYS = ("decode.acoustic_scale", "decode.beam", "decode.lattice_beam", "decode.prior_floor", "decode.lmwt",
+               "decode.word_ins_penalty", "decode.write_loglikes_ark", "seed", "train.valid_fraction", "features.frame_shift_ms")
+
+
+@torch.no_grad()
+def dnn_loglikes(model, frames: SplicedFrames, utt: str, priors: np.ndarray) -> np.ndarray:
+    """Scaled likelihoods of the hybrid model: log p(pdf | x) - log p(pdf)."""
+    start, end = frames.store.span(utt)
+    device = frames.frames.device
+    logits = model(frames.context(torch.arange(start, end, device=device))).float()
+    return (torch.log_softmax(logits, dim=-1).cpu().numpy() - priors).astype(np.float32)
+
+
+def decode_part(job: tuple[dict, str, dict[str, str], list[tuple[str, str]]]) -> dict[str, dict]:
+    """One decoding job: (config, system, {set: feature store}, its (set, utterance) pairs) ->
+    per set it holds, the sweep's hypotheses of those utterances, what was dropped, their
+    log-likelihood matrices (when written), and the seconds spent and of audio. A job loads the
+    graph and the model once."""
+    cfg, system, stores, pairs = job
+    sets = {set_name: [u for s, u in pairs if s == set_name] for set_name in dict.fromkeys(s for s, _ in pairs)}
+    cfg = OmegaConf.create(cfg)
+    exp, dcfg = Path(cfg.exp_dir), cfg.decode
+    graph = exp / "graph" / "HCLG.fst"
+    hclg = read_graph(str(graph), graph.stat().st_mtime_ns)
+    id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
+    gmm = GmmModel.load(exp / "tri")
+    tid_to_pdf = gmm.tid_to_pdf()
+    if system == "gmm":
+        feats = {name: FeatureStore.load(exp / "feats" / "mfcc" / name, mmap=False) for name in {stores[s] for s in sets}}
+        score = lambda name, utt: gmm_loglikes(gmm, feats[name][utt])  # noqa: E731
+    else:
+        device = pick_device(cfg.train.device)
+        priors = log_priors(np.load(exp / "tri" / "ali_train" / "pdf_counts.npy"), dcfg.prior_floor)
+        model = load_system(exp, system, device)
+        model.eval()
+        frames = {name: SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / name, mmap=False),
+                                      model.config["left_context"], model.config["right_context"], device)
+                  for name in {stores[s] for s in sets}}
+        score = lambda name, utt: dnn_loglikes(model, frames[name], utt, priors)  # noqa: E731
+    out = {}
+    for set_name, utts in sets.items():
+        store_name = stores[set_name]
+        lattices, dropped, matrices = {}, {}, {}
+        decode_seconds, audio_seconds = 0.0, 0.0
+        for utt in progress(utts, f"decode {system} {set_name}", unit="utterances"):
+            tic = time.time()
+            try:
+                loglikes = score(store_name, utt)
+            except KeyError:
+                dropped[utt] = f"utterance {utt}: no features"
+                continue
+            check_scores(utt, loglikes, len(loglikes), gmm.num_pdfs)
+            if dcfg.write_loglikes_ark:
+                matrices[utt] = loglikes
+            lattices[utt] = decode_lattice(hclg, transition_id_matrix(loglikes, tid_to_pdf, dcfg.acoustic_scale), dcfg.beam, dcfg.lattice_beam)
+            decode_seconds += time.time() - tic
+            audio_seconds += len(loglikes) * cfg.features.frame_shift_ms / 1000
+            if lattices[utt] is None:
+                dropped[utt] = f"utterance {utt}: no path survived the beam (scored as all deletions)"
+        out[set_name] = {"hyps": sweep(lattices, id2word, dcfg), "dropped": dropped, "matrices": matrices,
+                         "decode_seconds": decode_seconds, "audio_seconds": audio_seconds}
+    return out
+
+
+# decode settings that decide a decode only when set away from these (AN4's) defaults
+DECODE_OPTIONAL_KEYS = {"eval_sets": ["test"], "decode.tuning_set": "valid", "decode.unseen_sentences": ["test"]}
+
+
+def scored_sets(cfg) -> dict[str, tuple[str, dict[str, str]]]:
+    """{set: (its feature store, its references)}: the tuning set (``valid``: train's held-out
+    speakers, or a data dir), then every eval set."""
+    data_dir = Path(cfg.data_dir)
+    tuning = tuning_set(cfg)
+    if tuning == "valid":
+        _, valid_utts = data_split(cfg)
+        train_text = read_table(data_dir / "train" / "text")
+        sets = {"valid": ("train", {u: train_text[u] for u in valid_utts})}
+    else:
+        sets = {tuning: (tuning, DataDir.read(data_dir / tuning).text)}
+    for name in eval_sets(cfg):
+        sets[name] = (name, DataDir.read(data_dir / name).text)
+    for name, (_, refs) in sets.items():
+        if not refs:
+            raise ValueError(f"{data_dir / name}: no transcripts (text) to score against; decode needs them")
+    unknown = sorted(set(cfg.decode.unseen_sentences) - set(eval_sets(cfg)))
+    if unknown:
+        raise ValueError(f"decode.unseen_sentences names {unknown}, which are not in eval_sets {list(eval_sets(cfg))}")
+    return sets
+
+
+def run(cfg) -> None:
+    """Stage 6: decode every system of ``decode.systems`` (the GMM, DNNs, ensembles) on the tuning
+    set and every eval set, each set's utterances split over ``jobs.nj`` jobs; the LM weight and
+    insertion penalty are chosen on the tuning set and applied to the eval sets."""
+    exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
+    dcfg = cfg.decode
+    id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
+    lm_text = read_table(data_dir / cfg.graph.lm_data / "text")
+    sets = scored_sets(cfg)
+    tuning, evaluated = tuning_set(cfg), eval_sets(cfg)
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    stores = {set_name: store for set_name, (store, _) in sets.items()}
+    pairs = [(set_name, utt) for set_name, (_, refs) in sets.items() for utt in sorted(refs)]
+
+    for system in dcfg.systems:
+        out_dir = exp / "decode" / system
+        kind = "mfcc" if system == "gmm" else "fbank"
+        models = {"model": exp / "tri"} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(exp, system)}
+        inputs = {**models, "graph": exp / "graph", "priors": exp / "tri" / "ali_train", "train": data_dir / "train",
+                  **{store: data_dir / store for store in stores.values()},
+                  **{f"{store} features": exp / "feats" / kind / store for store in stores.values()}}
+        stage = plan(f"decode {system}", out_dir, cfg, DECODE_KEYS, inputs, {"system": system, **optional_values(cfg, DECODE_OPTIONAL_KEYS)})
+        if stage.up_to_date:
+            continue
+        jobs = [(settings, system, stores, part) for part in split(pairs, num_jobs(cfg))]
+        results = map_jobs(cfg, decode_part, jobs, f"decode {system}", threads=int(cfg.train.num_threads))
+        hyps, decode_seconds, audio_seconds = {}, 0.0, 0.0
+        for set_name, (_, refs) in sets.items():
+            dropped, matrices, hyps[set_name] = {}, {}, {}
+            for part in (result[set_name] for result in results if set_name in result):  # in utterance order, as one job's
+                dropped |= part["dropped"]
+                matrices |= part["matrices"]
+                decode_seconds += part["decode_seconds"]
+                audio_seconds += part["audio_seconds"]
+                for pair, part_hyps in part["hyps"].items():
+                    hyps[set_name].setdefault(pair, {}).update(part_hyps)
+            account_dropped(f"decode {system} {set_name}", len(refs), dropped, cfg.prep.max_drop_fraction, out_dir / f"dropped_{set_name}.json")
+            if matrices:
+                write_kaldi_matrices(out_dir / f"loglikes_{set_name}.ark", out_dir / f"loglikes_{set_name}.scp", matrices.items())
+        best, tuning_wer = choose_weights(sets[tuning][1], hyps[tuning])
+        vocabulary = set(id2word.values())
+        oov = sorted({w for name in evaluated for t in sets[name][1].values() for w in t.split() if w not in vocabulary})
+        if oov:  # they count as errors: no path of the graph can output them
+            log.warning("decode %s: references hold %d word types outside the graph's vocabulary: %s", system, len(oov), oov[:10])
+        result = {"system": system, "lmwt": best[0], "word_ins_penalty": best[1], "tuning_set": tuning,
+                  tuning: word_error_rate(sets[tuning][1], hyps[tuning][best])}
+        for name in evaluated:
+            result[name] = word_error_rate(sets[name][1], hyps[name][best])
+        for name in dcfg.unseen_sentences:
+            refs = sets[name][1]
+            result[f"{name}_unseen"] = word_error_rate({u: refs[u] for u in unseen_sentences(refs, lm_text)}, hyps[name][best])
+        result |= {
+            f"sweep_{tuning}_wer": [{"lmwt": p[0], "word_ins_penalty": p[1], "wer": w} for p, w in sorted(tuning_wer.items())],
+            "real_time_factor": decode_seconds / max(audio_seconds, 1e-9),
+            "reference_oov_words": oov,
+            "beam": dcfg.beam, "lattice_beam": dcfg.lattice_beam, "acoustic_scale": dcfg.acoustic_scale,
+            "utterance_errors": {name: utterance_errors(sets[name][1], hyps[name][best]) for name in evaluated},
+        }
+        write_json(out_dir / "wer.json", result)
+        for set_name in sets:
+            write_text(out_dir / f"hyp_{set_name}.txt", "".join(f"{u} {h}\n" for u, h in sorted(hyps[set_name][best].items())))
+        log.info("decode %s: LMWT %g, penalty %g (%s WER %.2f%%) -> %s, RTF %.3f", system, best[0], best[1], tuning,
+                 100 * result[tuning]["wer"], ", ".join(f"{name} WER {100 * result[name]['wer']:.2f}%" for name in evaluated),
+                 result["real_time_factor"])
+        stage.commit(**{f"{name}_wer": result[name]["wer"] for name in evaluated}, lmwt=best[0], word_ins_penalty=best[1])

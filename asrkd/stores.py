@@ -1,0 +1,135 @@
+"""Containers on disk that every layer shares: a FeatureStore (the frames of many utterances in
+one array, with their offsets: fbank and MFCC features, images), arrays read with errors that
+name the stage to rerun, Kaldi matrix arks.
+
+Ground layer: numpy and the stage's atomic writes only, nothing of Kaldi's or torch's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import kaldiio
+import numpy as np
+
+from asrkd.stage import atomic_write, save_npy, write_json
+
+
+@dataclass
+class FeatureStore:
+    """Frames of many utterances in one array; ``offsets[i]:offsets[i+1]`` is utterance i."""
+
+    utt_ids: list[str]
+    offsets: np.ndarray  # int64, len(utt_ids) + 1
+    frames: np.ndarray  # (num_frames, dim), possibly a read-only memmap
+
+    FRAMES = "frames.npy"
+    INDEX = "index.json"
+
+    def __post_init__(self) -> None:
+        self._row = {utt: i for i, utt in enumerate(self.utt_ids)}
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __contains__(self, utt: str) -> bool:
+        return utt in self._row
+
+    def span(self, utt: str) -> tuple[int, int]:
+        i = self._row[utt]
+        return int(self.offsets[i]), int(self.offsets[i + 1])
+
+    def __getitem__(self, utt: str) -> np.ndarray:
+        start, end = self.span(utt)
+        return self.frames[start:end]
+
+    @classmethod
+    def from_arrays(cls, items: dict[str, np.ndarray], dtype: str = "float32") -> "FeatureStore":
+        utt_ids = sorted(items)
+        lengths = [len(items[u]) for u in utt_ids]
+        offsets = np.zeros(len(utt_ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        frames = np.concatenate([items[u] for u in utt_ids]).astype(dtype)
+        return cls(utt_ids, offsets, frames)
+
+    @classmethod
+    def concat(cls, stores: list["FeatureStore"]) -> "FeatureStore":
+        """Several stores end to end, in order (utterance ids must differ)."""
+        utt_ids = [u for store in stores for u in store.utt_ids]
+        if len(set(utt_ids)) < len(utt_ids):
+            raise ValueError("feature stores to combine share utterance ids; use one store that holds them all")
+        starts = np.cumsum([0] + [store.num_frames for store in stores[:-1]])
+        offsets = np.concatenate([[0]] + [store.offsets[1:] + start for store, start in zip(stores, starts)]).astype(np.int64)
+        return cls(utt_ids, offsets, np.concatenate([np.asarray(store.frames) for store in stores]))
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        save_npy(directory / self.FRAMES, self.frames)
+        write_json(directory / self.INDEX, {"utt_ids": self.utt_ids, "offsets": self.offsets.tolist(), "checksum": self.checksum()})
+
+    @classmethod
+    def load(cls, directory: Path, mmap: bool = True, stage: str = "make-feats") -> "FeatureStore":
+        """The store in ``directory``; ``stage`` is the command an error tells to rerun."""
+        directory = Path(directory)
+        if not (directory / cls.INDEX).is_file():
+            raise FileNotFoundError(f"{directory}: no feature store ({cls.INDEX} missing); run {stage}")
+        index = json.loads((directory / cls.INDEX).read_text())
+        frames = load_array(directory / cls.FRAMES, mmap, stage)
+        offsets = np.asarray(index["offsets"], dtype=np.int64)
+        if offsets[-1] != len(frames):
+            raise ValueError(f"{directory}: index covers {offsets[-1]} frames, array has {len(frames)}")
+        return cls(index["utt_ids"], offsets, frames)
+
+    @staticmethod
+    def utterances(directory: Path) -> list[str]:
+        """The utterance ids of the store in ``directory`` (its index only)."""
+        return json.loads((Path(directory) / FeatureStore.INDEX).read_text())["utt_ids"]
+
+    def checksum(self) -> str:
+        """A content hash: later stores (alignments, soft targets) record which features they match."""
+        digest = hashlib.sha256()
+        digest.update("\n".join(self.utt_ids).encode())
+        digest.update(self.offsets.tobytes())
+        digest.update(np.ascontiguousarray(self.frames).tobytes())
+        return digest.hexdigest()[:16]
+
+    def write_kaldi(self, ark: Path, scp: Path) -> None:
+        """Export as a Kaldi float matrix ark + scp, readable by copy-feats and friends."""
+        write_kaldi_matrices(ark, scp, ((utt, np.asarray(self[utt], dtype=np.float32)) for utt in self.utt_ids))
+
+    @classmethod
+    def read_kaldi(cls, scp: Path, dtype: str = "float32") -> "FeatureStore":
+        """Import a Kaldi feature scp (e.g. from a user's own make_fbank.sh)."""
+        return cls.from_arrays({utt: np.asarray(m) for utt, m in kaldiio.load_scp(str(scp)).items()}, dtype)
+
+
+def write_kaldi_matrices(ark: Path, scp: Path, items) -> None:
+    """(utt, matrix) pairs as a Kaldi ark + scp (kaldiio), both written atomically; the scp
+    points at the ark's final name."""
+    with atomic_write(ark) as tmp_ark, atomic_write(scp) as tmp_scp:
+        with kaldiio.WriteHelper(f"ark,scp:{tmp_ark},{tmp_scp}") as writer:
+            for utt, matrix in items:
+                writer(utt, matrix)
+        tmp_scp.write_text(tmp_scp.read_text().replace(str(tmp_ark), str(ark)))
+
+
+def load_array(path: Path, mmap: bool, stage: str) -> np.ndarray:
+    """np.load with an error that names the file and the stage to rerun when it is cut short or corrupt."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is truncated or corrupt ({err}); rerun {stage} with redo=true") from err

@@ -1,0 +1,58 @@
+"""The layers hold: ground < kaldi < nnet < distill < evaluate < experiments < cli, as pyproject's
+import-linter contract says, with every module in a layer and every import at its module's top."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+from .conftest import REPO
+
+# third-party imports that stay inside the function that needs them, and why
+LAZY = {
+    "matplotlib": "reports only; slow to import for every command",
+    "matplotlib.pyplot": "reports only",
+    "submitit": "jobs.backend=submitit only",
+    "kaldi_decoder": "kaldilm hangs when imported before it: graph.py imports it right before kaldilm",
+    "kaldilm": "after kaldi_decoder (above)",
+    "_kaldifst": "graph.py's one low-level call",
+    "kaldingram": "the LM stage only",
+}
+
+
+def layered_modules() -> set[str]:
+    """Every module or package named in a layer of pyproject's first import-linter contract."""
+    text = (REPO / "pyproject.toml").read_text()
+    layers = re.search(r"type = \"layers\"\nlayers = \[(.*?)\]", text, re.S).group(1)
+    return {name.strip() for line in re.findall(r'"([^"]+)"', layers) for name in line.split("|")}
+
+
+def test_every_module_imports_only_from_layers_below_its_own() -> None:
+    # in a process of its own: import-linter reconfigures logging, which would blind later tests' caplog
+    check = "from importlinter.cli import lint_imports; raise SystemExit(lint_imports(no_cache=True, no_logo=True))"
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout + result.stderr  # the broken contract and its import chain
+
+
+def test_every_module_has_a_layer() -> None:
+    package = REPO / "asrkd"
+    top = {f"asrkd.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"} | {f"asrkd.{p.name}" for p in package.iterdir()
+                                                                                      if (p / "__init__.py").is_file()}
+    assert top - layered_modules() == set(), "add the new module to a layer of [tool.importlinter] in pyproject.toml"
+
+
+def test_imports_sit_at_the_top_of_their_module() -> None:
+    inside = []
+    for path in sorted((REPO / "asrkd").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if module not in LAZY:
+                    inside.append(f"{path.relative_to(REPO)}:{node.lineno} {module}")
+    assert inside == []
