@@ -1,4 +1,4 @@
-"""Shared fixtures: the AN4 corpus beside the repository, and a small corpus made from it."""
+"""Shared fixtures: the AN4 corpus (where the recipe would read or fetch it), and a small corpus made from it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # local/ (corpus-specific prep) lives beside the package
 
-AN4 = Path(os.environ.get("AN4_DIR", REPO.parent / "shared" / "corpora" / "an4"))
+from local.an4 import find_corpus_root  # noqa: E402
+
+
+def find_an4(environ: dict[str, str], repo: Path) -> Path | None:
+    """AN4 where the recipe finds it: ``$AN4_DIR``, else ``../shared/corpora/an4`` beside the
+    repository, else what README's main command downloaded (``recipes/an4/data/local/downloads``),
+    so that on a fresh machine the two commands of README run the whole suite."""
+    candidates = ([Path(environ["AN4_DIR"])] if environ.get("AN4_DIR")
+                  else [repo.parent / "shared" / "corpora" / "an4", repo / "recipes" / "an4" / "data" / "local" / "downloads"])
+    return next((root for root in (find_corpus_root(c) for c in candidates if c.is_dir()) if root is not None), None)
+
+
+AN4 = find_an4(dict(os.environ), REPO)
 
 
 TINY = [
@@ -59,8 +71,8 @@ def run_dir(an4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def an4() -> Path:
-    if not (AN4 / "etc" / "an4_train.transcription").is_file():
-        pytest.skip(f"AN4 not found at {AN4} (set AN4_DIR)")
+    if AN4 is None:
+        pytest.skip("AN4 not found: set AN4_DIR, put it in ../shared/corpora/an4, or run recipes/an4/run.sh once (it downloads it)")
     return AN4
 
 
@@ -83,3 +95,12 @@ def make_mini_an4(an4: Path, dest: Path, train_speakers: int, test_speakers: int
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(an4 / "wav" / f"{f}.wav")
     return dest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that run the pipeline on AN4 speakers (the ``an4`` or ``run_dir`` fixture) are
+    ``slow``: ``pytest -m "not slow"`` runs the rest in seconds."""
+    for item in items:
+        if {"an4", "run_dir"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+

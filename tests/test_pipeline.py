@@ -271,3 +271,20 @@ def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
                                                      "sub_soft_sp − sub_soft"}
     assert (run_dir / "exp" / "report" / "three_percent_curves.png").stat().st_size > 10_000
     assert "| sub_soft |" in (run_dir / "exp" / "report" / "three_percent.md").read_text()
+
+
+def test_the_tests_find_an4_where_the_recipe_reads_or_fetched_it(tmp_path: Path) -> None:
+    from .conftest import find_an4
+
+    def corpus(path: Path) -> Path:
+        (path / "etc").mkdir(parents=True)
+        (path / "etc" / "an4_train.transcription").write_text("")
+        return path
+
+    repo = tmp_path / "repo"
+    assert find_an4({}, repo) is None
+    fetched = corpus(repo / "recipes" / "an4" / "data" / "local" / "downloads" / "an4")  # README's main command put it there
+    assert find_an4({}, repo) == fetched
+    shared = corpus(tmp_path / "shared" / "corpora" / "an4")
+    assert find_an4({}, repo) == shared  # ../shared beside the repository comes first
+    assert find_an4({"AN4_DIR": str(tmp_path / "nowhere")}, repo) is None  # an explicit place is the only one looked at
