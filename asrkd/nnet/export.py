@@ -1,9 +1,11 @@
 """Stage: a trained system for a user's own decoder (``asrkd export``; ``exp/export/<system>``).
 
-``model.pt`` is TorchScript: (frames, window, fbank dims) spliced fbank windows in,
-(frames, pdfs) scaled log-likelihoods out, log p(pdf | x) - log p(pdf): what our decoder
-feeds Kaldi's, priors included (an ensemble exports its average). ``model.onnx`` is the same
-graph where torch's ONNX exporter runs (it needs the ``onnx`` package). Beside them:
+``model.pt2`` is a ``torch.export`` program (``torch.export.load(path).module()``; AOTInductor
+compiles it for C++): (frames, window, fbank dims) spliced fbank windows in, any number of
+frames, (frames, pdfs) scaled log-likelihoods out, log p(pdf | x) - log p(pdf): what our
+decoder feeds Kaldi's, priors included (an ensemble exports its average). ``model.onnx`` is
+the same program through torch's ONNX exporter (it needs ``onnx`` and ``onnxscript``:
+``pip install asrkd[export]``), for onnxruntime. Beside them:
 ``priors.vec`` (the floored pdf priors, Kaldi text vector), ``tid2pdf.txt`` (transition-id ->
 pdf-id of the GMM's transition model, which the decoding graph's input labels are), and
 ``export.json`` (context, feature settings, files). Windows are built as ``SplicedFrames``
@@ -55,19 +57,21 @@ def run(cfg) -> None:
     config = model.config
     window = config["left_context"] + 1 + config["right_context"]
     example = torch.zeros(4, window, config["feat_dim"])
+    dynamic = {"spliced": {0: torch.export.Dim("frames")}}
     with torch.no_grad():
-        scripted = torch.jit.trace(scorer, example)
+        program = torch.export.export(scorer, (example,), dynamic_shapes=dynamic)
     buffer = io.BytesIO()  # through memory: a full disk is then write_bytes' one-line error, not torch's
-    torch.jit.save(scripted, buffer)
-    write_bytes(out_dir / "model.pt", buffer.getbuffer())
+    torch.export.save(program, buffer)
+    write_bytes(out_dir / "model.pt2", buffer.getbuffer())
     onnx = None
     try:
+        exported = torch.onnx.export(scorer, (example,), input_names=["spliced_fbank"], output_names=["loglikes"],
+                                     dynamic_shapes=dynamic, dynamo=True, verbose=False)
         with atomic_write(out_dir / "model.onnx") as tmp:
-            torch.onnx.export(scorer, (example,), str(tmp), input_names=["spliced_fbank"], output_names=["loglikes"],
-                              dynamic_axes={"spliced_fbank": {0: "frames"}, "loglikes": {0: "frames"}}, dynamo=False)
+            exported.save(str(tmp))
         onnx = "model.onnx"
-    except (ImportError, ModuleNotFoundError, RuntimeError) as err:  # the exporter needs the onnx package
-        log.warning("export %s: no ONNX file (%s); TorchScript only", system, str(err).splitlines()[0])
+    except ImportError as err:  # the exporter needs the onnx and onnxscript packages
+        log.warning("export %s: no ONNX file (%s); model.pt2 only (pip install asrkd[export] adds it)", system, str(err).splitlines()[0])
     write_text(out_dir / "priors.vec", " [ " + " ".join(f"{p:.8g}" for p in np.exp(priors)) + " ]\n")
     tid_to_pdf = GmmModel.load(exp / "tri").tid_to_pdf()
     write_text(out_dir / "tid2pdf.txt", "".join(f"{tid} {int(tid_to_pdf[tid])}\n" for tid in range(1, len(tid_to_pdf))))
@@ -76,6 +80,6 @@ def run(cfg) -> None:
         "output": "log p(pdf | x) - log p(pdf), (frames, num_pdfs)", "left_context": config["left_context"],
         "right_context": config["right_context"], "feat_dim": config["feat_dim"], "num_pdfs": config["num_pdfs"],
         "fbank": {k: cfg.features[k] for k in ("sample_rate", "frame_length_ms", "frame_shift_ms", "dither", "num_mel_bins")},
-        "files": {"torchscript": "model.pt", "onnx": onnx, "priors": "priors.vec", "pdf_map": "tid2pdf.txt"}})
+        "files": {"torch_export": "model.pt2", "onnx": onnx, "priors": "priors.vec", "pdf_map": "tid2pdf.txt"}})
     stage.commit(onnx=onnx is not None)
     log.info("export %s -> %s", system, out_dir)
