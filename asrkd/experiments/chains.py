@@ -208,7 +208,7 @@ def chosen(cfg) -> dict[str, tuple[float | None, list[Link]]]:
 def run_decode(cfg) -> None:
     """Stage 1: WER of each method's student at its chosen T."""
     names = [links[-1].name for _, links in chosen(cfg).values()]
-    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
+    decode.decode_systems(cfg, names)
 
 
 def temperature_label(temperature: float | None) -> str:

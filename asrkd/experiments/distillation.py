@@ -70,7 +70,7 @@ def student_rows(cfg) -> dict[str, StudentRow]:
 def run_decode(cfg) -> None:
     """Stage 4: WER of the ensemble, every student and the baseline's replicates (the baseline itself is the main recipe's)."""
     names = [*baseline_replicates(cfg), cfg.distill.teacher, *(s for row in student_rows(cfg).values() for s in row.systems)]
-    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
+    decode.decode_systems(cfg, names)
 
 
 def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Path) -> None:

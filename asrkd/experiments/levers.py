@@ -127,4 +127,4 @@ def run_train(cfg) -> None:
 def run_decode(cfg) -> None:
     """Stage 9: WER of every lever's students, baselines and teacher."""
     names = [s for lever in levers(cfg)[1:] for s in [*lever.students, *lever.baselines, lever.teacher]]
-    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": list(dict.fromkeys(names))}}))
+    decode.decode_systems(cfg, names)

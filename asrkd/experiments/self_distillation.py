@@ -103,7 +103,7 @@ def systems(cfg) -> list[str]:
 
 def run_decode(cfg) -> None:
     """Stage 1: WER of every exit and every plain model."""
-    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": systems(cfg)}}))
+    decode.decode_systems(cfg, systems(cfg))
 
 
 def plot(result: dict, out: Path) -> None:

@@ -284,7 +284,7 @@ def systems(cfg) -> list[str]:
 
 def run_decode(cfg) -> None:
     """Stage 1: WER of the generalist, the combination and the re-distilled student."""
-    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": systems(cfg)}}))
+    decode.decode_systems(cfg, systems(cfg))
 
 
 @torch.no_grad()

@@ -90,7 +90,7 @@ def run_train(cfg) -> None:
 def run_decode(cfg) -> None:
     """Stage: WER of every row (the 100% model is the main recipe's baseline)."""
     names = ["baseline"] + [s for rows in systems(cfg).values() for s in rows.values()]
-    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": names}}))
+    decode.decode_systems(cfg, names)
 
 
 def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> None:

@@ -193,3 +193,8 @@ def run(cfg) -> None:
                  100 * result[tuning]["wer"], ", ".join(f"{name} WER {100 * result[name]['wer']:.2f}%" for name in evaluated),
                  result["real_time_factor"])
         stage.commit(**{f"{name}_wer": result[name]["wer"] for name in evaluated}, lmwt=best[0], word_ins_penalty=best[1])
+
+
+def decode_systems(cfg, systems: list[str]) -> None:
+    """Stage 6 for exactly ``systems`` (each once, in order): what every experiment's decode stage runs."""
+    run(OmegaConf.merge(cfg, {"decode": {"systems": list(dict.fromkeys(systems))}}))
