@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from asrkd.kaldi.decode import check_scores, choose_weights, log_priors, transition_id_matrix, unseen_sentences, utterance_errors, word_error_rate
+from asrkd.kaldi.decode import (check_scores, choose_weights, log_priors, transition_id_matrix, unseen_sentences,
+                                utterance_errors, word_error_rate)
 
 
 def test_wer_counts_errors_by_kind() -> None:

@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 
 from asrkd.distill.losses import distillation_loss, logit_distillation_loss
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
-from asrkd.distill.soft_targets import COMPACT_FORMS, student_cfg, SoftTargetStore, TargetRows, TeacherLogits, current_checksum, load_teacher, logits_dir, pdf_priors, store_dir, teacher_groups
+from asrkd.distill.soft_targets import (COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, current_checksum,
+                                        load_teacher, logits_dir, pdf_priors, store_dir, student_cfg, teacher_groups)
 from asrkd.nnet.train import Model, TrainingSet, replicate_name, system_dirs, train_stage
 
 LOGITS = "logits"  # the form name of the logit-matching student

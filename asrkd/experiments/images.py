@@ -57,7 +57,8 @@ from asrkd.report import machine, recipe_command, saved_figure
 from asrkd.stores import FeatureStore, load_array
 from asrkd.nnet.model import HybridDNN, SplicedFrames
 from asrkd.parallel import pick_device
-from asrkd.nnet.train import FrameData, Model, ModelFrames, load_model, model_path, predict_logits, read_history, replicate_name, train_stage
+from asrkd.nnet.train import (FrameData, Model, ModelFrames, load_model, model_path, predict_logits, read_history,
+                              replicate_name, train_stage)
 from asrkd.nnet.views import View
 from asrkd.stage import atomic_write, copy_file, plan, read_record, save_npy, write_json, write_text
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval

@@ -26,7 +26,8 @@ from omegaconf import OmegaConf
 
 from asrkd.data import DataDir, data_split, eval_sets, read_table, tuning_set
 from asrkd.jobs import map_jobs, num_jobs, split
-from asrkd.kaldi.decode import check_scores, choose_weights, decode_lattice, gmm_loglikes, log_priors, read_graph, sweep, transition_id_matrix, unseen_sentences, utterance_errors, word_error_rate
+from asrkd.kaldi.decode import (check_scores, choose_weights, decode_lattice, gmm_loglikes, log_priors, read_graph, sweep,
+                                transition_id_matrix, unseen_sentences, utterance_errors, word_error_rate)
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.lang import read_symbol_table
 from asrkd.nnet.model import SplicedFrames
