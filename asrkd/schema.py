@@ -66,6 +66,7 @@ DECLARED: dict[str, Kind] = {
     "ensemble.fused": Kind((str, bool), choices=("auto",)),
     "distill.epochs": Kind((int,), nullable=True),
     "distill.transfer": Kind((list,), item=STRING),
+    "distill.methods": Kind((list,), item=STRING),
     "decode.unseen_sentences": Kind((list,), item=STRING),
     "levers.cross_fitted": Kind((dict,), nullable=True),
     "levers.seeds": Kind((int,), nullable=True),

@@ -41,3 +41,53 @@ def test_hard_weight_is_relative_to_the_soft_term() -> None:
     teacher = torch.randn(6, 10)
     torch.testing.assert_close(logit_distillation_loss(logits, teacher, labels, 1.0, 0.5) - logit_matching_loss(logits, teacher),
                                0.5 * F.cross_entropy(logits, labels))
+
+
+TOY_METHOD = '''"""A toy distillation method: the student learns the teacher's top-1 pdf as a one-hot target."""
+import torch
+
+from asrkd.distill.forms import FORMS, TargetForm, register
+
+DENSE = FORMS["dense"]
+
+
+class OneHot:
+    def __init__(self, rows):
+        self.rows, self.num_frames, self.num_pdfs = rows, rows.num_frames, rows.num_pdfs
+
+    def batch(self, indices):
+        dense = self.rows.batch(indices)
+        return torch.nn.functional.one_hot(dense.argmax(-1), self.num_pdfs).to(dense.dtype)
+
+
+register(TargetForm("top1", DENSE.store, lambda *args: OneHot(DENSE.rows(*args)), DENSE.loss))
+'''
+
+
+def test_a_new_distillation_method_is_one_module_and_a_config_entry(run_dir, tmp_path, monkeypatch) -> None:
+    """The module registers its target form; distill.methods names the module, distill.students its T."""
+    import json
+
+    from asrkd.distill import soft_targets, student
+    from asrkd.nnet import train
+
+    from .test_reliability import clone
+    from .conftest import tiny_config
+
+    root = clone(run_dir, tmp_path / "run")
+    (tmp_path / "toy_method.py").write_text(TOY_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["distill.teacher=baseline", "distill.temperatures=[2]", "distill.logit_matching=false", "train.epochs=1",
+              "train.max_frames_per_epoch=640", "distill.methods=[toy_method]", "+distill.students.top1=[2]",
+              *(f"distill.students.{form}=[]" for form in ("dense", "topk", "compact", "compact_prior"))]  # its student alone
+    cfg = tiny_config(root, *common)
+    soft_targets.run(cfg)
+    student.run(cfg)
+    record = json.loads((root / "exp" / "dnn" / "student_baseline_T2_top1" / "stage.json").read_text())
+    assert record["config"]["form"] == "top1" and "soft targets" in record["inputs"]
+    training = train.TrainingSet(cfg)
+    data, train_idx, _, _ = training.load()
+    batch = torch.from_numpy(train_idx[:64])
+    top1 = student.target_source(cfg, student.Student("top1", 2.0, 0), training)[0](data)(batch)
+    dense = student.target_source(cfg, student.Student("dense", 2.0, 0), training)[0](data)(batch)
+    assert torch.equal(top1.argmax(-1), dense.argmax(-1)) and torch.equal(top1.sum(-1), torch.ones(64))

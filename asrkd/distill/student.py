@@ -25,17 +25,14 @@ from typing import Callable, NamedTuple
 import torch
 from omegaconf import OmegaConf
 
-from asrkd.distill.losses import distillation_loss, logit_distillation_loss
+from asrkd.distill.forms import LOGITS, form_of
+from asrkd.distill.soft_targets import TargetRows, current_checksum, load_teacher, student_cfg, teacher_groups
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
-from asrkd.distill.soft_targets import (COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, current_checksum,
-                                        load_teacher, logits_dir, pdf_priors, store_dir, student_cfg, teacher_groups)
 from asrkd.nnet.train import Model, TrainingSet, replicate_name, system_dirs, train_stage
-
-LOGITS = "logits"  # the form name of the logit-matching student
 
 
 class Student(NamedTuple):
-    form: str  # dense | topk | compact | compact_prior | logits
+    form: str  # a registered target form (asrkd.distill.forms): dense | topk | compact | compact_prior | logits | ...
     temperature: float | None  # None: logit matching
     replicate: int
 
@@ -141,29 +138,24 @@ class TeacherOnTheFly:
 
 
 def target_source(cfg, student: Student, training: TrainingSet) -> tuple[Callable, dict[str, Path]]:
-    """What gives a student its soft targets per batch, and the inputs its fingerprint records:
-    the stores of its form (loaded onto the device once), or the teacher itself on the fly."""
+    """What gives a student its targets per batch, and the inputs its fingerprint records: the
+    stores of its form (loaded onto the device once), or the teacher itself on the fly."""
     dcfg, exp = cfg.distill, Path(cfg.exp_dir)
-    form, temperature = student.form, student.temperature
+    form, temperature = form_of(cfg, student.form), student.temperature
     if dcfg.on_the_fly:
-        if form not in ("dense", LOGITS):
-            raise ValueError(f"distill.on_the_fly computes dense targets (or logits), not the {form} form; "
-                             f"train the {form} student from its store (distill.on_the_fly=false)")
+        if form.on_the_fly is None:
+            raise ValueError(f"distill.on_the_fly computes dense targets (or logits), not the {form.name} form; "
+                             f"train the {form.name} student from its store (distill.on_the_fly=false)")
+
         def make(data):
-            teacher = TeacherOnTheFly.of_system(cfg, data)
-            return teacher.zero_mean_logits if form == LOGITS else lambda batch: teacher.soft_targets(batch, temperature)
+            return form.on_the_fly(TeacherOnTheFly.of_system(cfg, data), temperature)
 
         return make, {f"teacher {d.name}": d for d in system_dirs(exp, dcfg.teacher)}
-    targets = {store: logits_dir(cfg, store) if form == LOGITS else store_dir(cfg, temperature, store) for store in training.stores}
+    targets = {store: form.store(cfg, temperature, store) for store in training.stores}
 
     def make(data):
         def load(store: str) -> TargetRows:
-            checksum = current_checksum(exp, store)
-            if form == LOGITS:
-                return TeacherLogits.load(targets[store], checksum, data.num_pdfs).rows(data.pdf_ids.device)
-            stored = SoftTargetStore.load(targets[store], checksum, temperature, data.num_pdfs)
-            return stored.rows(form, data.pdf_ids.device, OmegaConf.to_container(dcfg.compact),
-                               pdf_priors(cfg) if form == "compact_prior" else None)
+            return form.rows(cfg, targets[store], current_checksum(exp, store), temperature, data.num_pdfs, data.pdf_ids.device)
 
         return StoreParts([(training.parts[store], load(store)) for store in training.stores]).batch
 
@@ -178,16 +170,15 @@ def run(cfg) -> None:
     exp = Path(cfg.exp_dir)
     for student in students(cfg):
         name = name_of(cfg, student)
+        form = form_of(cfg, student.form)
         make_targets, inputs = target_source(cfg, student, training)
 
-        def loss(data, hard, form=student.form, temperature=student.temperature, make_targets=make_targets):
+        def loss(data, hard, form=form, temperature=student.temperature, make_targets=make_targets):
             targets = make_targets(data)
-            if form == LOGITS:
-                return lambda logits, batch: logit_distillation_loss(logits, targets(batch), hard[batch], dcfg.soft_weight, dcfg.hard_weight)
-            return lambda logits, batch: distillation_loss(logits, targets(batch), hard[batch], temperature, dcfg.soft_weight, dcfg.hard_weight)
+            return lambda logits, batch: form.loss(dcfg, logits, targets(batch), hard[batch], temperature)
 
         values = {"teacher": dcfg.teacher, "form": student.form, "temperature": student.temperature, "transfer": list(dcfg.transfer)}
         values |= {"on_the_fly": True} if dcfg.on_the_fly else {}
-        values |= {"compact": OmegaConf.to_container(dcfg.compact)} if student.form in COMPACT_FORMS else {}
+        values |= form.values(cfg)
         train_stage(scfg, [Model(f"train-student {name}", exp / "dnn" / name, student.replicate, values=values)], training, loss=loss,
                     keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)

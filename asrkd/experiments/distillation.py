@@ -31,7 +31,8 @@ from omegaconf import OmegaConf
 
 from asrkd.data import data_split
 from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir, student_cfg
-from asrkd.distill.student import LOGITS, name_of, students
+from asrkd.distill.forms import LOGITS
+from asrkd.distill.student import name_of, students
 from asrkd.evaluate import Evaluation, bootstrap_key
 from asrkd.experiments.levers import baseline_replicates, chosen_temperature, levers
 from asrkd.nnet import decode

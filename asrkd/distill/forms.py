@@ -1,0 +1,89 @@
+"""The target forms a student can learn from, by name: a registry, as torchdistill keeps losses.
+
+A form says where a student's targets lie for each feature store it trains on (the
+soft-target stage's stores), how they are read onto the training device, how the teacher gives
+them on the fly instead (``distill.on_the_fly``; None: only from a store), the loss the student
+trains with, and the values its fingerprint records besides. Built in: ``dense``, ``topk``,
+``compact``, ``compact_prior`` (the stored soft targets at T, :class:`TargetRows`) and
+``logits`` (the teacher's zero-mean logits, §2.1). A new distillation method is one module
+that calls :func:`register` and a config entry: the module in ``distill.methods``, its T's in
+``distill.students`` (tests/test_distill.py adds one).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import OmegaConf
+
+from asrkd.distill.losses import distillation_loss, logit_distillation_loss
+from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, logits_dir, pdf_priors, store_dir
+
+LOGITS = "logits"  # the form name of the logit-matching student
+
+
+@dataclass(frozen=True)
+class TargetForm:
+    name: str
+    store: Callable[..., Path]  # (cfg, T, feature store name) -> the directory of its targets
+    rows: Callable[..., TargetRows]  # (cfg, directory, features checksum, T, num_pdfs, device) -> the targets, resident
+    loss: Callable[..., torch.Tensor]  # (distill config, student logits, batch targets, batch pdf-ids, T) -> the loss
+    on_the_fly: Callable[..., Callable[[torch.Tensor], torch.Tensor]] | None = None  # (teacher, T) -> batch -> targets
+    values: Callable[..., dict] = field(default=lambda cfg: {})  # (cfg) -> what the fingerprint records besides
+
+
+FORMS: dict[str, TargetForm] = {}
+
+
+def register(form: TargetForm) -> TargetForm:
+    """Make ``form`` known by its name (a later registration of the name replaces it)."""
+    FORMS[form.name] = form
+    return form
+
+
+def form_of(cfg, name: str) -> TargetForm:
+    """The registered form ``name``, once the modules of ``distill.methods`` have registered theirs."""
+    for module in cfg.distill.get("methods") or []:
+        importlib.import_module(str(module))
+    if name not in FORMS:
+        raise ValueError(f"distill.students names the form {name!r}, which no module registers (known: {', '.join(FORMS)}); "
+                         "a new form is a module calling asrkd.distill.forms.register, named in distill.methods")
+    return FORMS[name]
+
+
+def soft_loss(dcfg, logits: torch.Tensor, targets: torch.Tensor, hard: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The paper's: soft_weight T^2 CE(targets, softmax(z/T)) + hard_weight CE(pdf-ids, softmax(z))."""
+    return distillation_loss(logits, targets, hard, temperature, dcfg.soft_weight, dcfg.hard_weight)
+
+
+def logit_loss(dcfg, logits: torch.Tensor, targets: torch.Tensor, hard: torch.Tensor, temperature: float | None) -> torch.Tensor:
+    return logit_distillation_loss(logits, targets, hard, dcfg.soft_weight, dcfg.hard_weight)
+
+
+def stored_rows(form: str) -> Callable[..., TargetRows]:
+    """Reading the soft-target store at T in ``form`` (the compact forms with distill.compact)."""
+
+    def rows(cfg, directory: Path, checksum: str, temperature: float, num_pdfs: int, device: torch.device) -> TargetRows:
+        store = SoftTargetStore.load(directory, checksum, temperature, num_pdfs)
+        return store.rows(form, device, OmegaConf.to_container(cfg.distill.compact), pdf_priors(cfg) if form == "compact_prior" else None)
+
+    return rows
+
+
+def stored_soft_targets(cfg, temperature: float, store: str) -> Path:
+    return store_dir(cfg, temperature, store)
+
+
+register(TargetForm("dense", stored_soft_targets, stored_rows("dense"), soft_loss,
+                    on_the_fly=lambda teacher, temperature: lambda batch: teacher.soft_targets(batch, temperature)))
+register(TargetForm("topk", stored_soft_targets, stored_rows("topk"), soft_loss))
+for _name in COMPACT_FORMS:
+    register(TargetForm(_name, stored_soft_targets, stored_rows(_name), soft_loss,
+                        values=lambda cfg: {"compact": OmegaConf.to_container(cfg.distill.compact)}))
+register(TargetForm(LOGITS, lambda cfg, temperature, store: logits_dir(cfg, store),
+                    lambda cfg, directory, checksum, temperature, num_pdfs, device: TeacherLogits.load(directory, checksum, num_pdfs).rows(device),
+                    logit_loss, on_the_fly=lambda teacher, temperature: teacher.zero_mean_logits))
