@@ -107,6 +107,9 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     assert set(effect["controls_above_half_the_gain"]) == {"all x1 hard", "all x2 hard"}
     moved = result["rows"]["all x2 hard"]["minus_baseline"]["estimate"] > 0.5 * effect["teacher_minus_baseline"]["estimate"]
     assert effect["controls_above_half_the_gain"]["all x2 hard"] == moved and effect["teacher_on_views_needed"] == any(effect["controls_above_half_the_gain"].values())
+    over = result["gain_kept_over_baseline"]  # the paper's measure beside it: against the plain baseline
+    baseline_acc = teacher_acc - effect["teacher_minus_baseline"]["estimate"]
+    assert over["row"] == "all x2 consistent" and over["estimate"] == pytest.approx((student - baseline_acc) / (teacher_acc - baseline_acc))
     subset = json.loads((root / "results" / "report.json").read_text())["three_percent"]["function_matching"]
     assert subset["row"] == "all x2 consistent train_10pct" and subset["seeds"] == 2 and len(subset["gap_closed_ci"]) == 2
     assert json.loads((exp / "fm_all_x2_hard_train_10pct" / "stage.json").read_text())["config"]["train.data"] == "train_10pct"

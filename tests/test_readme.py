@@ -10,7 +10,8 @@ DOCS = REPO / "docs"
 WRITE_UPS = {"experiments/an4.md": ["an4/report.md"], "experiments/three_percent.md": ["an4/three_percent.md"],
              "experiments/distillation.md": ["an4/distillation.md"], "experiments/self_distillation.md": ["an4/self_distillation.md"],
              "experiments/chains.md": ["an4/chains.md"], "experiments/specialists.md": ["an4/specialists.md"],
-             "experiments/images.md": ["fashion_mnist/report.md"]}
+             "experiments/images.md": ["fashion_mnist/report.md"],
+             "experiments/function_matching.md": ["an4/function_matching.md"]}
 
 
 def test_readme_is_short_and_every_line_it_quotes_is_a_committed_reports() -> None:
