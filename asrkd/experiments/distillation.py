@@ -278,14 +278,15 @@ def choose_temperature(cfg, evaluation, sets: dict[str, list[str]], dense: dict[
 
 
 def compact_forms(cfg, evaluation, entry, rows_cfg: dict[str, StudentRow], rows: dict[str, dict]) -> list[dict]:
-    """Each top-k and compact student against the dense students of its T (as many seeds as it
-    has, paired by seed), with the form's bytes per frame and the mass it leaves outside its k."""
+    """Each top-k and compact student against the dense students of its T (as many seeds of each,
+    the first ones; the bootstrap resamples each system's seeds on its own), with the form's
+    bytes per frame and the mass it leaves outside its k."""
     frames, out = evaluation.frames, []
     for label, row in rows_cfg.items():
         dense_label = f"dense_T{row.temperature:g}" if row.form in ("topk", *COMPACT_FORMS) else None
         if dense_label not in rows_cfg:
             continue
-        seeds = min(len(row.systems), len(rows_cfg[dense_label].systems))  # paired by seed
+        seeds = min(len(row.systems), len(rows_cfg[dense_label].systems))  # as many seeds of each
         systems, dense = row.systems[:seeds], rows_cfg[dense_label].systems[:seeds]
         entry(systems)
         entry(dense)
