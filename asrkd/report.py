@@ -222,5 +222,29 @@ def recipe_command(default: str) -> str:
     return os.environ.get("ASRKD_RECIPE_COMMAND") or default
 
 
+def cpu_family(flags: set[str]) -> str:
+    """The instruction set that decides a CPU's floating-point results: runs are bitwise within a
+    family (an AMX Xeon and an AVX2 machine give the same code different last bits)."""
+    for flag, family in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("neon", "NEON"), ("asimd", "NEON")):
+        if flag in flags:
+            return family
+    return "other"
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """'Intel(R) Xeon(R) Processor (AMX)': the CPU's model and family, from /proc/cpuinfo (else the platform)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    model = fields.get("model name") or fields.get("Hardware") or platform.machine()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return f"{model} ({cpu_family(flags)})"
+
+
 def machine(cfg) -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.train.device)}"
+    """Where a row was made: CPU model and family, cores, torch threads, torch version, device."""
+    return (f"{cpu_description()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"device {pick_device(cfg.train.device)}")

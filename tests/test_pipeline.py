@@ -288,3 +288,12 @@ def test_the_tests_find_an4_where_the_recipe_reads_or_fetched_it(tmp_path: Path)
     shared = corpus(tmp_path / "shared" / "corpora" / "an4")
     assert find_an4({}, repo) == shared  # ../shared beside the repository comes first
     assert find_an4({"AN4_DIR": str(tmp_path / "nowhere")}, repo) is None  # an explicit place is the only one looked at
+
+
+def test_a_report_says_which_cpu_family_made_its_numbers(tmp_path: Path) -> None:
+    from asrkd.report import cpu_description, cpu_family
+
+    assert cpu_family({"avx2", "avx512f", "amx_tile"}) == "AMX" and cpu_family({"avx2", "fma"}) == "AVX2" and cpu_family(set()) == "other"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n")
+    assert cpu_description(cpuinfo) == "Some CPU @ 2.0GHz (AVX2)"
