@@ -370,7 +370,8 @@ def run_train_students(cfg) -> None:
                                                  values={"teacher": teacher, "temperature": t, "transfer": transfer})],
                     images, loss=stored_teacher_loss(cfg, t, teacher), keys=keys, inputs={"teacher": exp / "dnn" / teacher})
 
-    for replicate, (name, teacher) in enumerate(zip(headline_names(cfg)["small_distilled"], headline_names(cfg)["big"])):
+    names = headline_names(cfg)
+    for replicate, (name, teacher) in enumerate(zip(names["small_distilled"], names["big"])):
         train_student(name, width, temperature, teacher, replicate)
     matching = icfg.function_matching
     if matching:
@@ -544,10 +545,6 @@ def fewer_cell(diff: dict) -> str:
     return f"{diff['estimate']:+g} [{lo:+d}, {hi:+d}]"
 
 
-def share_cell(share: dict) -> str:
-    return format_interval(share) if share["whole_gain_significant"] else "undefined (the big net's gain is not above zero)"
-
-
 def seeds_note(row: dict) -> str:
     return f"{row['seeds']} seeds" if row["seeds"] > 1 else "1 seed"
 
@@ -597,9 +594,9 @@ def markdown(result: dict) -> str:
               f"| the same, biases of {classes} lowered by {-kept_corrected['bias_shift']:g} | 2x{w} | {errors_cell(kept_corrected)} "
               f"({100 * kept_corrected['errors'] / test:.1f}%) | {paper['kept_only_corrected_percent']}% "
               f"| {fewer_cell(kept_corrected['fewer_than_uncorrected'])} (vs uncorrected) |"]
-    lines += ["", f"Gap closed, (small alone − distilled) / (small alone − big) in errors: {share_cell(rows['small_distilled']['gap_closed'])} "
+    lines += ["", f"Gap closed, (small alone − distilled) / (small alone − big) in errors: {format_interval(rows['small_distilled']['gap_closed'])} "
               f"(paper, MNIST: {(paper['small_alone'] - paper['small_distilled']) / (paper['small_alone'] - paper['big']):.0%})"
-              + (f"; by function matching: {share_cell(rows['function_matching']['gap_closed'])}." if "function_matching" in rows else ".")]
+              + (f"; by function matching: {format_interval(rows['function_matching']['gap_closed'])}." if "function_matching" in rows else ".")]
     jitters = result["jitter"]
     if jitters:
         held = jitters["held_out_errors"]
