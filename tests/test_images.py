@@ -100,12 +100,15 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     assert rows["big"]["seeds"] == 2 and rows["big"]["errors"] == sum(rows["big"]["errors_per_seed"]) / 2
     assert "ci" in rows["small_distilled"]["gap_closed"] and "ci" in rows["function_matching"]["fewer_than_control"]
     seed1 = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_seed1" / "stage.json").read_text())
-    assert seed1["config"]["teacher"] == "big_seed1"  # seed r is taught by big net r
+    teacher = report["teacher"]
+    compared = {net["name"]: net["held_out_errors"] for net in report["big_nets"]}
+    assert list(compared) == ["big", "big_jitter1", "big_light"] and compared[teacher] == min(compared.values())
+    assert report["seeds"]["big"] == [teacher, f"{teacher}_seed1"] and report["big"]["jitter"] == {"big": 2, "big_jitter1": 1, "big_light": 0}[teacher]
+    assert seed1["config"]["teacher"] == f"{teacher}_seed1"  # seed r is taught by big net r, of the teacher's settings
     matching = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_fm_jitter2" / "stage.json").read_text())
     assert matching["config"]["jitter"] == 2 and matching["config"]["train.patience"] == 20
-    assert report["jitter"]["nets"] == ["big", "big_jitter1"] and len(report["jitter"]["held_out_errors"]) == 2
     histories = report["histories"]
-    assert {"big", "big_seed1", "small_alone_seed1", "student_w16_T20_fm_jitter2", "small_jitter2", "big_jitter1"} <= set(histories)
+    assert {"big", "big_jitter1", "big_light", f"{teacher}_seed1", "small_alone_seed1", "student_w16_T20_fm_jitter2", "small_jitter2"} <= set(histories)
     assert all(len(h["held_out_error_percent"]) == len(h["train_error_percent"]) == h["epochs"] == 2 for h in histories.values())
     assert (tmp_path / "results" / "curves.png").is_file()
     assert rows["left_out"]["errors_on_class"] >= rows["left_out_corrected"]["errors_on_class"] or rows["left_out_corrected"]["bias_shift"] == 0
@@ -113,6 +116,7 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     assert [row["width"] for row in report["temperature_width"]] == [8, 16]
     md = (tmp_path / "results" / "report.md").read_text()
     assert "| big net, regularized (2 seeds; best epoch" in md and (tmp_path / "results" / "temperature_width.png").is_file()
+    assert "| big net | dropout (inputs) | jitter | held-out errors |" in md and f"| {teacher} (the teacher) |" in md
     left_out = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_no3" / "stage.json").read_text())
     assert left_out["config"]["transfer"] == "no3"
     made = (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns
@@ -123,3 +127,11 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cut short"):
         images.run_prepare(tiny_config(tmp_path, f"images.corpus_dir={tmp_path}/corpus", "redo=true"))
     assert (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns == made  # the last good images are kept
+
+
+def test_a_big_net_variant_may_change_only_the_big_nets_settings(tmp_path: Path) -> None:
+    from asrkd.experiments import images
+
+    cfg = tiny_config(tmp_path, "+images.big_variants.typo={jiter: 1}")
+    with pytest.raises(ValueError, match=r"images.big_variants.typo sets jiter: not keys of images.big"):
+        images.big_nets(cfg)
