@@ -27,6 +27,18 @@ def test_every_exit_is_a_plain_model_that_scores_as_the_exit_did() -> None:
     torch.testing.assert_close(net.eval()(x), outputs.logits[-1])  # in eval, the deepest exit alone
 
 
+def test_the_hints_target_is_the_deepest_features_without_dropout() -> None:
+    torch.manual_seed(0)
+    net = MultiExitDNN(feat_dim=4, num_pdfs=5, left_context=1, right_context=1, num_hidden_layers=3, hidden_dim=64, dropout=0.5, exits=[1])
+    last_relu = [layer for layer in net.layers if isinstance(layer, torch.nn.ReLU)][-1]
+    seen = []
+    last_relu.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    outputs = net.train()(torch.randn(6, 3, 4))
+    torch.testing.assert_close(outputs.features[-1], seen[-1])  # the last hidden layer's ReLU output, before its dropout
+    dropped = net.layers[list(net.layers).index(last_relu) + 1](seen[-1])
+    assert not torch.equal(dropped, seen[-1])  # dropout still acts on the way to the output
+
+
 def test_the_deepest_exit_teaches_without_being_taught() -> None:
     torch.manual_seed(0)
     logits = [torch.randn(4, 5, requires_grad=True) for _ in range(3)]
@@ -58,5 +70,8 @@ def test_self_distillation_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path)
     exit_row = report["rows"][0]
     assert exit_row["exit"]["cost"]["parameters"] == exit_row["plain"]["cost"]["parameters"]  # the same shape
     assert "test" in exit_row["exit"]["wer"] and "ci" in exit_row["minus_plain"]
+    assert exit_row["deep_supervision"]["system"] == "byot_deep_supervision_exit1" and "ci" in exit_row["minus_deep_supervision"]
+    control = json.loads((tmp_path / "exp" / "dnn" / "byot_deep_supervision" / "stage.json").read_text())["config"]
+    assert control["kd_weight"] == control["hint_weight"] == 0.0 and control["exits"] == [1]
     assert (tmp_path / "exp" / "report" / "self_distillation.png").is_file()
     assert "| 1 | 2 |" in (tmp_path / "exp" / "report" / "self_distillation.md").read_text()

@@ -12,7 +12,14 @@ used as an early exit.
 
 Against: the plain model of the full depth trained alone (the baseline, ``train.name``), and
 plain models as deep as each shallow exit, trained alone (``exp/dnn/plain_<k+1>x<width>``, the
-exit's exact shape; the baseline when that is its shape).
+exit's exact shape; the baseline when that is its shape); and, with
+``self_distillation.deep_supervision_control``, the same network with the same exits, seed and
+epochs whose every exit learns the labels alone (KD and hint weights 0:
+``exp/dnn/<name>_deep_supervision``): exits beat plain models through deep supervision alone,
+so only the difference from this control credits the distillation terms.
+
+The shallow heads are full-width (a Linear to the hidden width, then the output layer), so each
+exit is a plain model of uniform width; BYOT's heads are bottleneck blocks of convolutions.
 
 Commands: ``train-self-distill``, ``decode-self-distill``, ``report-self-distill``
 (``recipes/an4/run_self_distill.sh``).
@@ -47,8 +54,23 @@ def exit_layers(cfg) -> list[int]:
     return [*exits, depth]
 
 
-def exit_name(cfg, k: int) -> str:
-    return f"{cfg.self_distillation.name}_exit{k}"
+def networks(cfg) -> dict[str, tuple[float, float]]:
+    """Each network with exits, name -> (KD weight, hint weight): BYOT's, then (with
+    ``self_distillation.deep_supervision_control``) its control, every exit on the labels alone."""
+    scfg = cfg.self_distillation
+    out = {str(scfg.name): (float(scfg.kd_weight), float(scfg.hint_weight))}
+    if scfg.deep_supervision_control:
+        out[control_name(cfg)] = (0.0, 0.0)
+    return out
+
+
+def control_name(cfg) -> str:
+    return f"{cfg.self_distillation.name}_deep_supervision"
+
+
+def exit_name(cfg, k: int, network: str | None = None) -> str:
+    """exp/dnn/<network>_exit<k>: exit k of ``network`` (BYOT's network unless given) as a model of its own."""
+    return f"{network or cfg.self_distillation.name}_exit{k}"
 
 
 def hidden_layers(cfg, k: int) -> int:
@@ -63,31 +85,21 @@ def plain_name(cfg, k: int) -> str:
 
 
 def run_train(cfg) -> None:
-    """Stage 0: the network with exits, each exit written as a model of its own, and the plain
-    models as deep as the exits (the baseline is the main recipe's)."""
+    """Stage 0: each network with exits (BYOT's, its deep-supervision control), each exit
+    written as a model of its own, and the plain models as deep as the exits (the baseline is
+    the main recipe's)."""
     exp, scfg = Path(cfg.exp_dir), cfg.self_distillation
     exits = exit_layers(cfg)
     training = TrainingSet(cfg)
-    values = {"exits": exits[:-1], "temperature": float(scfg.temperature), "kd_weight": float(scfg.kd_weight),
-              "hint_weight": float(scfg.hint_weight)}
+    temperature = float(scfg.temperature)
+    for name, (kd_weight, hint_weight) in networks(cfg).items():
+        values = {"exits": exits[:-1], "temperature": temperature, "kd_weight": kd_weight, "hint_weight": hint_weight}
 
-    def loss(data, hard):
-        return lambda outputs, batch: self_distillation_loss(outputs.logits, outputs.features, hard[batch], float(scfg.temperature),
-                                                             float(scfg.kd_weight), float(scfg.hint_weight))
+        def loss(data, hard, kd_weight=kd_weight, hint_weight=hint_weight):
+            return lambda outputs, batch: self_distillation_loss(outputs.logits, outputs.features, hard[batch], temperature, kd_weight, hint_weight)
 
-    name = str(scfg.name)
-    train_stage(cfg, [Model(f"train-self-distill {name}", exp / "dnn" / name, values=values, exits=exits[:-1])], training, loss=loss)
-    network = None
-    for k in exits:
-        layers = hidden_layers(cfg, k)
-        stage = plan(f"self-distill exit {k}", exp / "dnn" / exit_name(cfg, k), cfg, ("model.hidden_dim", "model.left_context",
-                     "model.right_context"), {"model": exp / "dnn" / name}, {"exit": k, "model.num_hidden_layers": layers})
-        if stage.up_to_date:
-            continue
-        if network is None:
-            network = load_model(model_path(exp, name), pick_device(cfg.train.device))
-        save_model(stage.out_dir / "final.pt", network.exit_model(k), epoch=-1)
-        stage.commit(hidden_layers=layers)
+        train_stage(cfg, [Model(f"train-self-distill {name}", exp / "dnn" / name, values=values, exits=exits[:-1])], training, loss=loss)
+        write_exits(cfg, name, exits)
     for k in exits:
         plain = plain_name(cfg, k)
         if plain != str(cfg.train.name):
@@ -95,14 +107,30 @@ def run_train(cfg) -> None:
             train_stage(plain_cfg, [Model(f"train-dnn {plain}", exp / "dnn" / plain)], training)  # the same frames, loaded once
 
 
+def write_exits(cfg, name: str, exits: list[int]) -> None:
+    """Every exit of network ``name`` as a plain model: exp/dnn/<name>_exit<k>."""
+    exp = Path(cfg.exp_dir)
+    network = None
+    for k in exits:
+        layers = hidden_layers(cfg, k)
+        stage = plan(f"self-distill exit {k}", exp / "dnn" / exit_name(cfg, k, name), cfg, ("model.hidden_dim", "model.left_context",
+                     "model.right_context"), {"model": exp / "dnn" / name}, {"exit": k, "model.num_hidden_layers": layers})
+        if stage.up_to_date:
+            continue
+        if network is None:
+            network = load_model(model_path(exp, name), pick_device(cfg.train.device))
+        save_model(stage.out_dir / "final.pt", network.exit_model(k), epoch=-1)
+        stage.commit(hidden_layers=layers)
+
+
 def systems(cfg) -> list[str]:
-    """Every system the report scores: the exits and the plain models."""
+    """Every system the report scores: the exits of each network and the plain models."""
     exits = exit_layers(cfg)
-    return list(dict.fromkeys([*(exit_name(cfg, k) for k in exits), *(plain_name(cfg, k) for k in exits)]))
+    return list(dict.fromkeys([*(exit_name(cfg, k, name) for name in networks(cfg) for k in exits), *(plain_name(cfg, k) for k in exits)]))
 
 
 def run_decode(cfg) -> None:
-    """Stage 1: WER of every exit and every plain model."""
+    """Stage 1: WER of every exit (of each network) and every plain model."""
     decode.decode_systems(cfg, systems(cfg))
 
 
@@ -133,8 +161,19 @@ def markdown(result: dict) -> str:
                      f"| {with_ci(plain, 'frame_accuracy', test)} | {with_ci(plain, 'wer', test)} "
                      f"| {format_interval(row['minus_plain'], signed=True)} | {row['minus_plain']['p_above_zero']:.2f} "
                      f"| {format_interval(row['minus_full_plain'], signed=True)} |")
+    if result["deep_supervision"]:
+        lines += ["", f"The control: {result['deep_supervision']}, the same network, exits, seed and epochs, every exit on the labels alone "
+                  "(KD and hint weights 0). What the distillation terms add is the exit's difference from it.", "",
+                  f"| exit | deep supervision only: frame acc. {test} [95% CI] | WER {test} [95% CI] | exit − deep supervision [95% CI] "
+                  f"| P(> 0) | deep supervision − plain [95% CI] |", "|---" * 6 + "|"]
+        for row in result["rows"]:
+            control = row["deep_supervision"]
+            lines.append(f"| {row['exit_layer']} | {with_ci(control, 'frame_accuracy', test)} | {with_ci(control, 'wer', test)} "
+                         f"| {format_interval(row['minus_deep_supervision'], signed=True)} | {row['minus_deep_supervision']['p_above_zero']:.2f} "
+                         f"| {format_interval(row['deep_supervision_minus_plain'], signed=True)} |")
     lines += ["", f"Command: `{result['command']}`. Training: {result['train_seconds']:.0f} s for the network with its exits "
-              f"(T = {result['temperature']:g}, KD weight {result['kd_weight']:g}, hint weight {result['hint_weight']:g}).",
+              f"(T = {result['temperature']:g}, KD weight {result['kd_weight']:g}, hint weight {result['hint_weight']:g}; the hints' target: the "
+              "deepest hidden layer's features before its dropout; the shallow heads: full-width, a Linear to the hidden width and the output layer).",
               f"The full-depth plain model is {result['full_plain']} ({percent(result['full_plain_accuracy'])} {test} frame accuracy).",
               single_seed_note(test), ""]
     return "\n".join(lines)
@@ -151,14 +190,21 @@ def run_report(cfg) -> None:
         exit_system, plain_system = exit_name(cfg, k), plain_name(cfg, k)
         exit_entry = evaluation.entry([exit_system], sets, command=command) | {"cost": system_cost(cfg, exit_system)}
         plain_entry = evaluation.entry([plain_system], sets) | {"cost": system_cost(cfg, plain_system)}
-        rows.append({"exit_layer": k, "hidden_layers": hidden_layers(cfg, k), "exit": exit_entry, "plain": plain_entry,
-                     "minus_plain": evaluation.frames.difference(exit_system, plain_system),
-                     "minus_full_plain": evaluation.frames.difference(exit_system, full_plain)})
+        row = {"exit_layer": k, "hidden_layers": hidden_layers(cfg, k), "exit": exit_entry, "plain": plain_entry,
+               "minus_plain": evaluation.frames.difference(exit_system, plain_system),
+               "minus_full_plain": evaluation.frames.difference(exit_system, full_plain)}
+        if cfg.self_distillation.deep_supervision_control:
+            control = exit_name(cfg, k, control_name(cfg))
+            row |= {"deep_supervision": evaluation.entry([control], sets),
+                    "minus_deep_supervision": evaluation.frames.difference(exit_system, control),
+                    "deep_supervision_minus_plain": evaluation.frames.difference(control, plain_system)}
+        rows.append(row)
     test = evaluation.primary
     scfg = cfg.self_distillation
     result = {"corpus": cfg.corpus, "command": command, "eval_set": test, "rows": rows, "full_plain": full_plain,
               "full_plain_accuracy": full_plain_entry["frame_accuracy"][test],
               "temperature": float(scfg.temperature), "kd_weight": float(scfg.kd_weight), "hint_weight": float(scfg.hint_weight),
-              "train_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / str(scfg.name))), "bootstrap_unit": cfg.stats.unit}
+              "train_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / str(scfg.name))), "bootstrap_unit": cfg.stats.unit,
+              "deep_supervision": control_name(cfg) if scfg.deep_supervision_control else None}
     publish_experiment(cfg, "self_distillation", result, markdown(result), plot)
     log.info("self-distillation: %s", {row["exit_layer"]: round(row["exit"]["frame_accuracy"][test], 4) for row in rows})

@@ -104,7 +104,9 @@ class MultiExitDNN(HybridDNN):
     layer k of ``exits``, a head of a bottleneck (a Linear to the hidden width + ReLU) and an
     output layer. In training ``forward`` returns ExitOutputs (the deepest exit is the network's
     own output, its features the last hidden layer's); in eval the deepest logits, so it
-    validates, checkpoints and resumes as any model. ``exit_model(k)`` is exit k alone as a
+    validates, checkpoints and resumes as any model; the deepest features are the last hidden
+    layer's before its dropout (dropout noise in the hints' target would be noise the shallow
+    exits are asked to copy). ``exit_model(k)`` is exit k alone as a
     plain HybridDNN (k hidden layers, the bottleneck as one more), which decodes like any other."""
 
     def __init__(self, feat_dim: int, num_pdfs: int, left_context: int, right_context: int, num_hidden_layers: int, hidden_dim: int,
@@ -126,12 +128,14 @@ class MultiExitDNN(HybridDNN):
         heads = dict(zip(self.config["exits"], self.heads))
         for i, layer in enumerate(self.layers[:-1]):
             h = layer(h)
+            if isinstance(layer, nn.ReLU):
+                undropped = h  # the hidden layer's features before its dropout: the hints' target is what the network computes
             hidden = self.block_ends.index(i) + 1 if i in self.block_ends else None
             if hidden in heads:
                 feature = heads[hidden][1](heads[hidden][0](h))
                 features.append(feature)
                 logits.append(heads[hidden][2](feature))
-        features.append(h)
+        features.append(undropped)
         logits.append(self.layers[-1](h))
         return ExitOutputs(logits, features)
 
