@@ -74,6 +74,7 @@ DECLARED: dict[str, Kind] = {
     "chains.epochs": Kind((int,), nullable=True),
     "specialists.group_size": Kind((int,), nullable=True),
     "specialists.epochs": Kind((int,), nullable=True),
+    "specialists.random_half": Kind((str,), choices=("remainder", "all")),
     "images.dataset": Kind((str,), choices=("fashion-mnist", "mnist")),
     "images.download_url": Kind((str,), nullable=True),
     "images.big_variants": Kind((dict,), nullable=True),

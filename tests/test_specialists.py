@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asrkd.experiments.specialists import confusable_groups, specialist_start
+from asrkd.experiments.specialists import confusable_groups, coverage_counts, labels_alone_shift, mixed_frames, specialist_start
 from asrkd.nnet.model import HybridDNN, SpecialistCombination, model_from_config
 
 from .conftest import tiny_config
@@ -107,10 +107,14 @@ def test_specialist_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path) -> Non
     specialists.run_report(cfg)
     report = json.loads((tmp_path / "exp" / "report" / "report.json").read_text())["specialists"]
     assert report["combined"]["system"] == "specialists" and "test" in report["redistilled"]["wer"]
-    coverage = report["coverage"]
-    frames = sum(row["frames"] for row in coverage)
-    for key in ("generalist", "combined"):  # the breakdown adds up to the systems' accuracies
-        assert abs(sum(row[key]["correct"] for row in coverage) / frames - report[key]["frame_accuracy"]["test"]) < 1e-9
+    for coverage in (report["coverage"], report["coverage_active"]):
+        frames = sum(row["frames"] for row in coverage)
+        for key in ("generalist", "combined"):  # each breakdown adds up to the systems' accuracies
+            assert abs(sum(row[key]["correct"] for row in coverage) / frames - report[key]["frame_accuracy"]["test"]) < 1e-9
+    assert report["generalist_student"]["system"] == f"student_{cfg.specialists.generalist}_T2_dense"  # the control: the generalist's student
+    assert report["redistilled"]["system"] == "student_specialists_T2_dense" and "ci" in report["redistilled_minus_generalist_student"]
+    assert len(report["dustbin"]["fitted_shifts"]) == len(report["dustbin"]["labels_alone_shifts"]) == 3
+    assert "the paper's count" in (tmp_path / "exp" / "report" / "specialists.md").read_text()
     specialists.run_train(cfg)  # every stage is current: nothing is remade
 
 
@@ -132,3 +136,32 @@ def test_the_dustbin_shift_makes_the_mean_dustbin_probability_the_share_outside_
     shifted[:, -1] += shift
     assert abs(float(torch.softmax(shifted, -1)[:, -1].mean()) - 0.7) < 1e-6
     assert dustbin_shift(logits, 0.9) > shift  # more mass outside: a larger shift
+
+
+def test_coverage_counts_every_group_holding_the_true_pdf_and_the_active_ones_apart() -> None:
+    groups = [[0, 1], [1, 2], [1, 3]]
+    model = combination(groups, pdfs=4)
+    x = torch.randn(40, 2, 3)
+    pdf_ids = torch.arange(40) % 4
+
+    class Frames:
+        def context(self, batch: torch.Tensor) -> torch.Tensor:
+            return x[batch]
+
+    class Data:
+        frames = Frames()
+
+    data = Data()
+    data.pdf_ids = pdf_ids
+    every, active = coverage_counts(model, data, np.arange(40), 16)
+    holding = np.array([sum(p in g for g in groups) for p in range(4)])
+    assert (every == holding[pdf_ids.numpy()]).all()  # the paper's count: every group that holds it, active or not
+    assert (active <= every).all() and (active < every).any()
+
+
+def test_the_random_half_is_the_remainder_and_the_labels_alone_shift_undoes_its_odds() -> None:
+    in_group, outside = np.arange(0, 10), np.arange(10, 100)
+    frames = mixed_frames(in_group, outside, np.random.default_rng(0))
+    assert len(frames) == 20 and set(frames) >= set(in_group) and len(set(frames) - set(in_group)) == 10
+    assert np.isclose(labels_alone_shift(0.1, "remainder"), np.log(9.0))  # trained at odds 1:1, the data's are 1:9
+    assert np.isclose(labels_alone_shift(0.1, "all"), np.log((0.55 / 0.45) / (0.1 / 0.9)))

@@ -9,7 +9,8 @@
 2. Specialist m (``exp/dnn/<name>_<m>``) starts from the generalist's weights, with an output
    layer over its group plus one dustbin class (the group's rows copied from the generalist's, the
    dustbin's their complement's mean weight and log-sum-exp bias), and trains through the one
-   loop on frames half from its group and half drawn at random from all training frames, on the
+   loop on frames half from its group and half drawn at random from the rest (the paper's
+   remainder; ``specialists.random_half: all`` draws them from all training frames), on the
    students' loss: T^2 CE(the generalist's soft targets over the group and dustbin) +
    ``distill.hard_weight`` CE(the group's class or the dustbin): the generalist's soft targets
    limit over-fitting. The dustbin's logit in those targets is the log-sum-exp of the
@@ -22,17 +23,21 @@
    soft targets in the loss, the bias is smaller and not known in closed form, so it is
    measured: the shift added to the dustbin logit is the one whose mean dustbin probability on
    the validation frames (drawn as they come, not mixed) equals the share of them outside the
-   group (a prior correction fitted on held-out data).
+   group (a prior correction fitted on held-out data). The report gives each shift beside the
+   labels-alone correction: the log of the odds by which the group was over-sampled.
 3. The combination (``exp/dnn/<name>``, :class:`asrkd.nnet.model.SpecialistCombination`): per
    frame, the specialists whose group holds one of the generalist's ``specialists.top_n`` most
    probable pdf-ids, and the full distribution minimizing the KL divergences to the generalist and
    to them, solved by EM. It is a model like any other: it scores, decodes and teaches.
 4. The combination distilled back into one network of the generalist's shape (left open by the
    paper): its soft targets at ``specialists.student_temperature`` (``exp/soft_targets/<name>``)
-   and a dense student (``exp/dnn/student_<name>_T<T>_dense``) through the students' stage.
+   and a dense student (``exp/dnn/student_<name>_T<T>_dense``) through the students' stage; its
+   control, a student of the generalist alone at the same T, epochs and seed
+   (``exp/dnn/student_<generalist>_T<T>_dense``): what the specialists add is the difference.
 
-The report compares the three on frame accuracy and WER, and breaks the combination's gain
-down by how many active specialists cover the frame's true pdf-id (the paper's Table 4).
+The report compares them on frame accuracy and WER, and breaks the combination's gain down by
+how many specialists cover the frame's true pdf-id: as the paper counts (every specialist whose
+group holds it, its Table 4), and counting only the active ones.
 
 Commands: ``train-specialists``, ``decode-specialists``, ``report-specialists``
 (``recipes/an4/run_specialists.sh``).
@@ -59,7 +64,7 @@ from asrkd.nnet.train import (Model, ModelFrames, TrainingSet, evaluate_frames, 
                               read_history, save_model, train_stage)
 from asrkd.parallel import pick_device
 from asrkd.report import publish_experiment, saved_figure, single_seed_note, with_ci
-from asrkd.stage import plan, write_json
+from asrkd.stage import plan, read_record, write_json
 from asrkd.stats import UtteranceCounts, format_interval, frame_table
 
 log = logging.getLogger(__name__)
@@ -107,8 +112,8 @@ def kmeans(points: np.ndarray, k: int, seed: int, restarts: int = 10, iterations
 def confusable_groups(probs: np.ndarray, count: int, group_size: int | None, seed: int) -> tuple[list[list[int]], list[list[int]]]:
     """(groups, clusters) of pdf-ids from predicted distributions (frames x pdfs): k-means on the
     columns of their covariance matrix, each scaled to unit length (raw, the columns of rarely
-    predicted pdf-ids are all near 0 and fall into one cluster whatever they co-vary with: on
-    AN4, 391 of 400 pdf-ids); each group is its cluster, topped up to ``group_size`` with the
+    predicted pdf-ids are all near 0 and fall into one cluster whatever they co-vary with:
+    :func:`unscaled_largest_cluster` measures it); each group is its cluster, topped up to ``group_size`` with the
     pdf-ids nearest the cluster's centre."""
     covariance = np.cov(probs.astype(np.float64), rowvar=False)
     columns = covariance / np.maximum(np.linalg.norm(covariance, axis=0), 1e-30)[:, None]
@@ -124,6 +129,13 @@ def confusable_groups(probs: np.ndarray, count: int, group_size: int | None, see
     return groups, clusters
 
 
+def unscaled_largest_cluster(probs: np.ndarray, count: int, seed: int) -> int:
+    """The pdf-ids in the largest k-means cluster of the unscaled covariance columns: what the
+    scaling in :func:`confusable_groups` avoids, kept in groups.json so the report can say it."""
+    labels, _ = kmeans(np.cov(probs.astype(np.float64), rowvar=False), count, seed)
+    return int(np.bincount(labels).max())
+
+
 def class_of_pdf(group: list[int], num_pdfs: int, device: torch.device) -> torch.Tensor:
     """(num_pdfs + 1,) the specialist's class of each pdf-id (its place in the group, else the
     dustbin, ``len(group)``), and -1 for -1 (indexed by pdf-id + 1)."""
@@ -134,7 +146,8 @@ def class_of_pdf(group: list[int], num_pdfs: int, device: torch.device) -> torch
 
 
 def mixed_frames(in_group: np.ndarray, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The group's frames and as many drawn at random (without replacement) from ``pool``."""
+    """The group's frames and as many drawn at random (without replacement) from ``pool`` (the
+    frames outside the group, or all frames: ``specialists.random_half``)."""
     return np.sort(np.concatenate([in_group, rng.choice(pool, size=min(len(in_group), len(pool)), replace=False)]))
 
 
@@ -146,8 +159,10 @@ def specialist_frames(cfg, m: int, group: list[int]):
         members[np.asarray(group) + 1] = True
         pdf_ids, labels = data.pdf_ids.cpu().numpy(), hard.cpu().numpy()
         rng = np.random.default_rng([int(cfg.seed), m])
-        train = mixed_frames(train_idx[members[labels[train_idx] + 1]], train_idx, rng)
-        valid = mixed_frames(valid_idx[members[pdf_ids[valid_idx] + 1]], valid_idx, rng)
+        train_in, valid_in = members[labels[train_idx] + 1], members[pdf_ids[valid_idx] + 1]
+        remainder = cfg.specialists.random_half == "remainder"
+        train = mixed_frames(train_idx[train_in], train_idx[~train_in] if remainder else train_idx, rng)
+        valid = mixed_frames(valid_idx[valid_in], valid_idx[~valid_in] if remainder else valid_idx, rng)
         return ModelFrames(train, valid, classes[hard + 1], classes[data.pdf_ids + 1])
 
     return frames
@@ -206,6 +221,15 @@ def dustbin_shift(logits: torch.Tensor, outside_share: float, low: float = -30.0
     return (low + high) / 2
 
 
+def labels_alone_shift(group_share: float, random_half: str) -> float:
+    """The dustbin shift that undoes the over-sampling exactly for a specialist trained on labels
+    alone: the log of the odds by which its group was over-sampled (half its frames from the
+    group, whose share of the data is ``group_share``; the other half from the rest, or from all
+    frames, where the group has its share again)."""
+    trained_share = 0.5 if random_half == "remainder" else 0.5 + 0.5 * group_share
+    return float(np.log(trained_share / (1 - trained_share)) - np.log(group_share / (1 - group_share)))
+
+
 def predicted_distributions(model, data, indices: np.ndarray, batch_size: int) -> np.ndarray:
     """(frames, pdfs) softmax of ``model`` on ``indices``."""
     return torch.softmax(predict_logits(model, data, indices, batch_size), -1).cpu().numpy()
@@ -216,14 +240,19 @@ def student_config(cfg):
     return dense_only(cfg, float(cfg.specialists.student_temperature), 1, teacher=str(cfg.specialists.name))
 
 
-def student_system(cfg) -> str:
-    scfg = student_config(cfg)
-    return name_of(scfg, Student("dense", float(cfg.specialists.student_temperature), 0))
+def control_config(cfg):
+    """The re-distilled student's control: the same student of the generalist alone."""
+    return dense_only(cfg, float(cfg.specialists.student_temperature), 1, teacher=str(cfg.specialists.generalist))
+
+
+def student_system(cfg, config=student_config) -> str:
+    """exp/dnn/<the student of ``config``>: the re-distilled student, or with control_config its control."""
+    return name_of(config(cfg), Student("dense", float(cfg.specialists.student_temperature), 0))
 
 
 def run_train(cfg) -> None:
-    """Stage 0: the groups, the specialists, their combination with the generalist, and the
-    combination's soft targets and re-distilled student."""
+    """Stage 0: the groups, the specialists, their combination with the generalist, the
+    combination's soft targets and re-distilled student, and its control (the generalist's)."""
     exp, scfg = Path(cfg.exp_dir), cfg.specialists
     generalist_dir = exp / "dnn" / str(scfg.generalist)
     training = TrainingSet(cfg)
@@ -240,7 +269,8 @@ def run_train(cfg) -> None:
         coverage = np.bincount(np.concatenate(groups), minlength=data.num_pdfs)
         write_json(stage.out_dir / "groups.json", {"groups": groups, "clusters": clusters, "frame_shares": shares,
                                                    "held_out_frames": len(valid_idx), "pdfs_per_group": [len(g) for g in groups],
-                                                   "mean_groups_per_pdf": float(coverage.mean())})
+                                                   "mean_groups_per_pdf": float(coverage.mean()),
+                                                   "unscaled_largest_cluster": unscaled_largest_cluster(probs, int(scfg.count), int(cfg.seed))})
         stage.commit(groups=len(groups), sizes=[len(g) for g in groups])
         log.info("%d groups of %s pdf-ids from %d held-out frames; frame shares %s", len(groups), [len(g) for g in groups],
                  len(valid_idx), [round(s, 3) for s in shares])
@@ -251,7 +281,8 @@ def run_train(cfg) -> None:
     for m, group in enumerate(groups):
         name = specialist_name(cfg, m)
         train_stage(specialist_cfg, [Model(
-            f"train-specialist {name}", exp / "dnn" / name, values={"group": m, "generalist": str(scfg.generalist)},
+            f"train-specialist {name}", exp / "dnn" / name, values={"group": m, "generalist": str(scfg.generalist),
+                                                                   "random_half": str(scfg.random_half)},
             initial=lambda group=group: specialist_start(load_model(generalist_dir / "final.pt", pick_device(cfg.train.device)), group),
             frames=specialist_frames(cfg, m, group))],
             training, loss=generalist_loss(cfg, group, generalist_dir), keys=("specialists.temperature", "distill.soft_weight",
@@ -272,68 +303,77 @@ def run_train(cfg) -> None:
                                                int(scfg.top_n), int(scfg.iterations))
         save_model(stage.out_dir / "final.pt", combination, epoch=-1)
         stage.commit(specialists=len(groups), dustbin_shifts=shifts)
-    redistill = student_config(cfg)
-    soft_targets.run(redistill)
-    student.run(redistill)
+    for config in (student_config, control_config):
+        soft_targets.run(config(cfg))
+        student.run(config(cfg))
 
 
 def systems(cfg) -> list[str]:
-    """Generalist, combination, re-distilled student."""
-    return [str(cfg.specialists.generalist), str(cfg.specialists.name), student_system(cfg)]
+    """Generalist, combination, re-distilled student, the generalist's student."""
+    return [str(cfg.specialists.generalist), str(cfg.specialists.name), student_system(cfg), student_system(cfg, control_config)]
 
 
 def run_decode(cfg) -> None:
-    """Stage 1: WER of the generalist, the combination and the re-distilled student."""
+    """Stage 1: WER of the generalist, the combination and the two students."""
     decode.decode_systems(cfg, systems(cfg))
 
 
 @torch.no_grad()
-def coverage_counts(combination, data, indices: np.ndarray, batch_size: int) -> np.ndarray:
-    """Per frame of ``indices``: how many of its active specialists cover its aligned pdf-id."""
+def coverage_counts(combination, data, indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame of ``indices``: how many specialists' groups hold its aligned pdf-id (the paper's
+    count), and how many of those are active for it."""
     combination.eval()
     device = data.pdf_ids.device
-    counts = []
+    every, active = [], []
     for start in range(0, len(indices), batch_size):
         batch = torch.from_numpy(indices[start : start + batch_size]).to(device)
         general = torch.log_softmax(combination.generalist(data.frames.context(batch)).float(), -1)
         covering = combination.membership[:, data.pdf_ids[batch]].t()  # (B, specialists)
-        counts.append((combination.active(general) & covering).sum(1).cpu().numpy())
-    return np.concatenate(counts)
+        every.append(covering.sum(1).cpu().numpy())
+        active.append((combination.active(general) & covering).sum(1).cpu().numpy())
+    return np.concatenate(every), np.concatenate(active)
 
 
-def coverage_rows(cfg, evaluation, generalist: str, combined: str) -> list[dict]:
-    """The paper's Table 4 on the first eval set's frames: per number of active specialists covering
-    the true pdf-id, the frames, both systems' accuracy and the combination's gain, with intervals."""
+def coverage_rows(cfg, evaluation, generalist: str, combined: str) -> dict[str, list[dict]]:
+    """The paper's Table 4 on the first eval set's frames: per number of specialists covering the
+    true pdf-id, the frames, both systems' accuracy and the combination's gain, with intervals.
+    "coverage" counts every specialist whose group holds it (the paper's count), "coverage_active"
+    only the active ones: with one active group from the generalist's top 1, a frame it gets
+    right is covered at least once and one it gets wrong rarely, so that count sorts frames by
+    the generalist's own errors and its rows' shape follows from the definition."""
     scorer = evaluation.scorer
     data, indices = scorer.eval[evaluation.primary]
     store = data.frames.store
     combination = load_system(Path(cfg.exp_dir), combined, scorer.device)
-    covering = coverage_counts(combination, data, indices, scorer.batch_size)
+    counts = dict(zip(("coverage", "coverage_active"), coverage_counts(combination, data, indices, scorer.batch_size)))
     hits = {system: evaluate_frames(load_system(Path(cfg.exp_dir), system, scorer.device), data, indices, scorer.batch_size)["hits"]
             for system in (generalist, combined)}
     bootstrap = evaluation.frames
     empty = {u: [0, 0] for u in bootstrap.utt_ids}
-    rows = []
-    for count in range(int(covering.max(initial=0)) + 1):
-        chosen = covering == count
-        if not chosen.any():
-            continue
-        row = {"covering": count, "frames": int(chosen.sum())}
-        for system in (generalist, combined):
-            table = empty | frame_table(store.utt_ids, store.offsets, indices[chosen], hits[system][chosen])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                interval = bootstrap.add(f"{system} covering {count}", UtteranceCounts.from_tables([table]))
-            row["combined" if system == combined else "generalist"] = {"correct": int(hits[system][chosen].sum()), **interval}
-        row["gain"] = bootstrap.difference(f"{combined} covering {count}", f"{generalist} covering {count}")
-        row["frames_corrected"] = row["combined"]["correct"] - row["generalist"]["correct"]
-        rows.append(row)
-    return rows
+    out = {}
+    for key, covering in counts.items():
+        rows = []
+        for count in range(int(covering.max(initial=0)) + 1):
+            chosen = covering == count
+            if not chosen.any():
+                continue
+            row = {"covering": count, "frames": int(chosen.sum())}
+            for system in (generalist, combined):
+                table = empty | frame_table(store.utt_ids, store.offsets, indices[chosen], hits[system][chosen])
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    interval = bootstrap.add(f"{system} {key} {count}", UtteranceCounts.from_tables([table]))
+                row["combined" if system == combined else "generalist"] = {"correct": int(hits[system][chosen].sum()), **interval}
+            row["gain"] = bootstrap.difference(f"{combined} {key} {count}", f"{generalist} {key} {count}")
+            row["frames_corrected"] = row["combined"]["correct"] - row["generalist"]["correct"]
+            rows.append(row)
+        out[key] = rows
+    return out
 
 
 def plot(result: dict, out: Path) -> None:
     """The combination's gain over the generalist by coverage of the true pdf-id, with intervals."""
     rows = result["coverage"]
-    with saved_figure(out, (7, 4.5), "active specialists covering the true pdf-id",
+    with saved_figure(out, (7, 4.5), "specialists whose group holds the true pdf-id",
                       f"combined − generalist, {result['eval_set']} frame accuracy (points)",
                       "Specialists: the combination's gain by coverage (the paper's Table 4)", fontsize=8) as ax:
         x = [row["covering"] for row in rows]
@@ -350,29 +390,43 @@ def markdown(result: dict) -> str:
     lines = [f"# {result['corpus']}: specialists with a generalist (Hinton et al. 2015, §5)", "",
              f"| system | model | frame acc. {test} [95% CI] | WER {test} [95% CI] | − generalist, frame acc. [95% CI] | P(> 0) "
              f"| − generalist, WER [95% CI] | parameters | scoring ms / 1000 frames |", "|---" * 9 + "|"]
-    for key, label in (("generalist", "generalist"), ("combined", "generalist + specialists"), ("redistilled", "re-distilled student")):
+    for key, label in (("generalist", "generalist"), ("combined", "generalist + specialists"), ("redistilled", "re-distilled student"),
+                       ("generalist_student", "student of the generalist alone (control)")):
         entry = result[key]
         gain, wer_gain = result["minus_generalist"].get(key), result["wer_minus_generalist"].get(key)
         gain_cells = f"{format_interval(gain, signed=True)} | {gain['p_above_zero']:.2f}" if gain else "– | –"
         wer_cell = format_interval(wer_gain, signed=True) if wer_gain else "–"
         lines.append(f"| {label} | {entry['system']} | {with_ci(entry, 'frame_accuracy', test)} | {with_ci(entry, 'wer', test)} "
                      f"| {gain_cells} | {wer_cell} | {entry['cost']['parameters']:,} | {entry['cost']['ms_per_1000_frames']:.1f} |")
+    control = result["redistilled_minus_generalist_student"]
     lines += ["", f"Re-distilled student − combination, {test} frame accuracy: "
-              f"{format_interval(result['redistilled_minus_combined'], signed=True)} points."]
-    lines += ["", f"The combination's gain by how many active specialists cover the frame's true pdf-id ({test} frames; "
-              "the paper's Table 4):", "",
-              "| specialists covering | frames | generalist frame acc. [95% CI] | combined frame acc. [95% CI] "
-              "| combined − generalist [95% CI] | P(> 0) | frames corrected (net) |", "|---" * 7 + "|"]
-    for row in result["coverage"]:
-        lines.append(f"| {row['covering']} | {row['frames']:,} | {format_interval(row['generalist'])} | {format_interval(row['combined'])} "
-                     f"| {format_interval(row['gain'], signed=True)} | {row['gain']['p_above_zero']:.2f} | {row['frames_corrected']:+,} |")
+              f"{format_interval(result['redistilled_minus_combined'], signed=True)} points; − its control (the same student taught by the "
+              f"generalist alone: same T, epochs and seed), what the specialists add: {format_interval(control, signed=True)} points "
+              f"(P(> 0) = {control['p_above_zero']:.2f})."]
+    for key, counted in (("coverage", "specialists whose group holds the frame's true pdf-id (the paper's count, its Table 4)"),
+                         ("coverage_active", "active specialists whose group holds it (those the generalist's top "
+                                             f"{result['top_n']} chose: a count that sorts frames by the generalist's own errors)")):
+        lines += ["", f"The combination's gain by the number of {counted}; {test} frames:", "",
+                  "| specialists covering | frames | generalist frame acc. [95% CI] | combined frame acc. [95% CI] "
+                  "| combined − generalist [95% CI] | P(> 0) | frames corrected (net) |", "|---" * 7 + "|"]
+        for row in result[key]:
+            lines.append(f"| {row['covering']} | {row['frames']:,} | {format_interval(row['generalist'])} | {format_interval(row['combined'])} "
+                         f"| {format_interval(row['gain'], signed=True)} | {row['gain']['p_above_zero']:.2f} | {row['frames_corrected']:+,} |")
+    dustbin = result["dustbin"]
+    fitted, exact = dustbin["fitted_shifts"], dustbin["labels_alone_shifts"]
+    lines += ["", f"Dustbin shifts (added to each specialist's dustbin logit): fitted on the validation frames, {min(fitted):+.2f} to "
+              f"{max(fitted):+.2f} (mean {sum(fitted) / len(fitted):+.2f}); the paper's correction, the log of the odds by which the group "
+              f"was over-sampled (exact for labels alone; random half: {dustbin['random_half']}), {min(exact):+.2f} to {max(exact):+.2f} "
+              f"(mean {sum(exact) / len(exact):+.2f}); per specialist in report.json."]
     groups = result["groups"]
     lines += ["", f"Command: `{result['command']}`. {len(groups['pdfs_per_group'])} specialists over groups of "
               f"{min(groups['pdfs_per_group'])}–{max(groups['pdfs_per_group'])} pdf-ids (k-means on the covariance columns of the "
               f"generalist's predictions on {groups['held_out_frames']:,} validation frames; each pdf-id in "
-              f"{groups['mean_groups_per_pdf']:.2f} groups on average); active: the groups holding the generalist's top "
+              f"{groups['mean_groups_per_pdf']:.2f} groups on average"
+              + (f"; unscaled, the largest cluster holds {groups['unscaled_largest_cluster']} of them" if groups.get("unscaled_largest_cluster") else "")
+              + f"); active: the groups holding the generalist's top "
               f"{result['top_n']}; combined by {result['iterations']} EM iterations. Training: {result['specialist_seconds']:.0f} s "
-              f"for the specialists, {result['student_seconds']:.0f} s for the re-distilled student "
+              f"for the specialists, {result['student_seconds']:.0f} s for the re-distilled student, {result['control_seconds']:.0f} s for its control "
               f"(T = {result['student_temperature']:g}).",
               single_seed_note(test), ""]
     return "\n".join(lines)
@@ -382,20 +436,28 @@ def run_report(cfg) -> None:
     """Stage 2: ``specialists.md``, ``specialists.png``, "specialists" in report.json."""
     exp, scfg = Path(cfg.exp_dir), cfg.specialists
     evaluation, sets, command = experiment_scoring(cfg, "asrkd report-specialists")
-    generalist, combined, redistilled = systems(cfg)
+    generalist, combined, redistilled, generalist_student = systems(cfg)
     entries = {key: evaluation.entry([system], sets, **({"command": command} if key == "combined" else {})) | {"cost": system_cost(cfg, system)}
-               for key, system in (("generalist", generalist), ("combined", combined), ("redistilled", redistilled))}
+               for key, system in (("generalist", generalist), ("combined", combined), ("redistilled", redistilled),
+                                   ("generalist_student", generalist_student))}
     layout = json.loads((groups_dir(cfg) / "groups.json").read_text())
+    fitted = read_record(exp / "dnn" / str(scfg.name))["summary"]["dustbin_shifts"]
     result = {"corpus": cfg.corpus, "command": command, "eval_set": evaluation.primary, **entries,
-              "minus_generalist": {key: evaluation.frames.difference(entries[key]["system"], generalist) for key in ("combined", "redistilled")},
+              "minus_generalist": {key: evaluation.frames.difference(entries[key]["system"], generalist)
+                                   for key in ("combined", "redistilled", "generalist_student")},
               "wer_minus_generalist": {key: evaluation.words.difference(entries[key]["system"], generalist)
-                                       for key in ("combined", "redistilled") if "wer" in entries[key] and "wer" in entries["generalist"]},
+                                       for key in ("combined", "redistilled", "generalist_student") if "wer" in entries[key] and "wer" in entries["generalist"]},
               "redistilled_minus_combined": evaluation.frames.difference(redistilled, combined),
-              "coverage": coverage_rows(cfg, evaluation, generalist, combined),
-              "groups": {k: layout[k] for k in ("pdfs_per_group", "frame_shares", "held_out_frames", "mean_groups_per_pdf")},
+              "redistilled_minus_generalist_student": evaluation.frames.difference(redistilled, generalist_student),
+              **coverage_rows(cfg, evaluation, generalist, combined),
+              "dustbin": {"fitted_shifts": fitted, "random_half": str(scfg.random_half),
+                          "labels_alone_shifts": [labels_alone_shift(share, str(scfg.random_half)) for share in layout["frame_shares"]]},
+              "groups": {k: layout[k] for k in ("pdfs_per_group", "frame_shares", "held_out_frames", "mean_groups_per_pdf", "unscaled_largest_cluster")
+                         if k in layout},
               "top_n": int(scfg.top_n), "iterations": int(scfg.iterations), "student_temperature": float(scfg.student_temperature),
               "specialist_seconds": sum(h["seconds"] for m in range(len(layout["groups"]))
                                         for h in read_history(exp / "dnn" / specialist_name(cfg, m))),
-              "student_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / redistilled)), "bootstrap_unit": cfg.stats.unit}
+              "student_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / redistilled)),
+              "control_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / generalist_student)), "bootstrap_unit": cfg.stats.unit}
     publish_experiment(cfg, "specialists", result, markdown(result), plot)
     log.info("specialists: %s", {key: round(entries[key]["frame_accuracy"][evaluation.primary], 4) for key in entries})
