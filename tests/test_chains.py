@@ -26,8 +26,19 @@ def test_each_method_builds_its_chain_and_shares_the_first_assistant(tmp_path: P
     assert hard[0].name == "chain_hard_1x16" and hard[0].rule == "none"
     assert chains.teacher_passes(dgkd[2], "ensemble", 10, 0.5) == pytest.approx(0.5 * 12 + 0.125 * 4)
     assert chains.teacher_passes(chains.chain(cfg, "switching", 2.0)[2], "ensemble", 10, 0.5) == pytest.approx(4.0)
+    summed = chains.chain(cfg, "dgkd_summed", 2.0)
+    assert summed[0] == takd[0] and summed[2].teachers == ("ensemble", "chain_T2_2x48", "chain_T2_dgkd_summed_1x32") and summed[2].rule == "drop_sum"
     with pytest.raises(ValueError, match="unknown method"):
         chains.chain(cfg, "avalanche", 2.0)
+    with pytest.raises(ValueError, match="switching_members switches among an ensemble's members"):
+        chains.chain(cfg, "switching_members", 2.0)  # no exp/dnn/ensemble/member-* here
+    for i in range(3):
+        (tmp_path / "exp" / "dnn" / "ensemble" / f"member-{i}").mkdir(parents=True)
+    [members] = chains.chain(cfg, "switching_members", 2.0)
+    assert members.teachers == ("ensemble/member-0", "ensemble/member-1", "ensemble/member-2") and members.rule == "one"
+    assert chains.teacher_passes(members, "ensemble", 10, 0.5) == 1.0  # one member per batch
+    assert [(link.name, link.replicate) for link in chains.seeds_of(cfg, members)] == [
+        ("chain_T2_switching_members_1x16", 0), ("chain_T2_switching_members_1x16_seed1", 1), ("chain_T2_switching_members_1x16_seed2", 2)]
 
 
 def test_the_teacher_mix_averages_drops_and_switches_reproducibly() -> None:
@@ -42,6 +53,11 @@ def test_the_teacher_mix_averages_drops_and_switches_reproducibly() -> None:
     picks = [switch.chosen(torch.tensor([start]))[0] for start in range(300)]
     assert {picks.count(i) for i in range(3)} <= set(range(70, 131))
     assert chains.TeacherMix(teachers, "one", 0.5, 0)(batch).unique().numel() == 1
+    summed, mean = chains.TeacherMix(teachers, "drop_sum", 0.5, 0), chains.TeacherMix(teachers, "drop", 0.5, 0)
+    for start in range(20):  # the same teachers kept; their sum, one cross-entropy each, against their mean
+        one = torch.tensor([start])
+        assert summed.chosen(one) == mean.chosen(one)
+        torch.testing.assert_close(summed(one), mean(one) * len(mean.chosen(one)))
 
 
 def test_chains_train_decode_and_report_on_the_tiny_run(run_dir: Path, tmp_path: Path) -> None:
@@ -50,7 +66,8 @@ def test_chains_train_decode_and_report_on_the_tiny_run(run_dir: Path, tmp_path:
     root = tmp_path
     shutil.copytree(run_dir / "data", root / "data", symlinks=True)
     shutil.copytree(run_dir / "exp", root / "exp", symlinks=True)
-    overrides = ["chains.teacher=baseline", "chains.sizes=[[1,32],[1,16]]", "chains.temperatures=[2]", "chains.epochs=1",
+    overrides = ["chains.teacher=baseline", "chains.sizes=[[1,32],[1,16]]", "chains.temperatures=[2]", "chains.epochs=1", "chains.seeds=2",
+                 "chains.methods=[hard,direct,takd,dgkd_summed,ensemble_kd,switching]",
                  "distill.teacher=baseline", "distill.temperatures=[2]", "distill.logit_matching=false"]
     cfg = tiny_config(root, *overrides)
     soft_targets.run(cfg)
@@ -58,7 +75,8 @@ def test_chains_train_decode_and_report_on_the_tiny_run(run_dir: Path, tmp_path:
     chains.run_decode(cfg)
     chains.run_report(cfg)
     report = json.loads((root / "exp" / "report" / "report.json").read_text())["chains"]
-    assert set(report["rows"]) == {"small_hard", "small_direct_kd", "takd", "dgkd", "ensemble_kd", "teacher_switching"}
+    assert set(report["rows"]) == {"small_hard", "small_direct_kd", "takd", "dgkd_summed", "ensemble_kd", "teacher_switching"}
+    assert all(entry["seeds"] == 2 and len(entry["per_seed"]["test_frame_accuracy"]) == 2 for entry in report["rows"].values())
     for row, entry in report["rows"].items():
         assert set(entry["frame_accuracy"]) >= {"train", "valid", "test"} and "test" in entry["wer"]
         assert entry["train_seconds"] > 0
@@ -69,6 +87,8 @@ def test_chains_train_decode_and_report_on_the_tiny_run(run_dir: Path, tmp_path:
     passes = {row: entry["teacher_passes"] for row, entry in report["rows"].items()}
     assert (passes["small_hard"], passes["small_direct_kd"], passes["takd"], passes["ensemble_kd"], passes["teacher_switching"]) == (0, 1, 1, 2, 1)
     md = (root / "exp" / "report" / "chains.md").read_text()
-    assert "| takd | 2 | chain_T2_takd_1x16 |" in md and (root / "exp" / "report" / "chains.png").is_file()
+    assert "| takd | 2 | chain_T2_takd_1x16 (+1 seeds) |" in md and (root / "exp" / "report" / "chains.png").is_file()
     # the assistant is shared: trained once, then every chain reads it
     assert json.loads((root / "exp" / "dnn" / "chain_T2_1x32" / "stage.json").read_text())["config"]["teachers"] == ["baseline"]
+    seed1 = json.loads((root / "exp" / "dnn" / "chain_T2_takd_1x16_seed1" / "stage.json").read_text())["config"]
+    assert seed1["replicate"] == 1 and seed1["teachers"] == ["chain_T2_1x32"]  # a student's seeds share the assistant above it

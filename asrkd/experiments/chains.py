@@ -8,14 +8,21 @@ of a chain (the teacher, ``chains.teacher``, is model 0; the student the last) l
 * ``direct`` (``small_direct_kd``): the teacher alone;
 * ``takd`` (Mirzadeh et al. 2020): model k-1, each assistant distilled from the one above, so
   errors pass down the chain;
-* ``dgkd`` (Son et al. 2021): every model above it, one loss per teacher, each teacher dropped
-  at random per batch with probability ``chains.teacher_drop`` (at least one stays). With the
-  teachers' losses weighted equally, their cross-entropies sum to one cross-entropy against the
-  mean of the kept teachers' distributions (it is linear in the targets): that is how it is
-  computed, so a dropped teacher costs no forward pass;
+* ``dgkd`` (Son et al. 2021): every model above it, each teacher dropped at random per batch
+  with probability ``chains.teacher_drop`` (at least one stays), against the mean of the kept
+  teachers' distributions: the paper's sum of one loss per kept teacher divided by their number
+  (a cross-entropy is linear in its targets), so the soft term keeps one teacher's weight
+  against the hard term; a dropped teacher costs no forward pass;
+* ``dgkd_summed``: DGKD as its paper writes it, the kept teachers' losses summed, so the soft
+  term's weight against the hard term grows with the number of teachers kept;
 * ``ensemble_kd`` (model-ensemble KD): the pseudo-teacher averaging the outputs (softmax at T) of
   every model above it, in one loss: DGKD without dropping;
-* ``switching`` (Fukuda et al., Interspeech 2017): one model above it per batch, drawn uniformly.
+* ``switching``: one model above it per batch, drawn uniformly;
+* ``switching_members`` (Fukuda et al., Interspeech 2017, who switch among teachers): the student
+  alone, taught per batch by one member of the teacher ensemble, drawn uniformly.
+
+Every method's final student trains ``chains.seeds`` times (seed r: ``<name>_seed<r>``; the
+assistants above it are shared), and its row is the mean over them, the seeds resampled too.
 
 Every model trains with the students' loss (T^2 CE(soft) + ``distill.hard_weight`` CE(hard),
 :mod:`asrkd.distill.losses`) through the one training loop, at each T of
@@ -52,10 +59,10 @@ from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hard", "direct", "takd", "dgkd", "ensemble_kd", "switching")
-ROWS = {"hard": "small_hard", "direct": "small_direct_kd", "takd": "takd", "dgkd": "dgkd", "ensemble_kd": "ensemble_kd",
-        "switching": "teacher_switching"}
-MULTI_STEP = ("takd", "dgkd", "ensemble_kd", "switching")
+METHODS = ("hard", "direct", "takd", "dgkd", "dgkd_summed", "ensemble_kd", "switching", "switching_members")
+ROWS = {"hard": "small_hard", "direct": "small_direct_kd", "takd": "takd", "dgkd": "dgkd", "dgkd_summed": "dgkd_summed",
+        "ensemble_kd": "ensemble_kd", "switching": "teacher_switching", "switching_members": "teacher_switching_members"}
+MULTI_STEP = ("takd", "dgkd", "dgkd_summed", "ensemble_kd", "switching")
 
 
 class Link(NamedTuple):
@@ -66,7 +73,8 @@ class Link(NamedTuple):
     layers: int
     width: int
     teachers: tuple[str, ...]
-    rule: str  # none (labels only) | all (their mean) | drop (DGKD) | one (switching)
+    rule: str  # none (labels only) | all (their mean) | drop (DGKD: the kept ones' mean) | drop_sum (their sum) | one (switching)
+    replicate: int = 0
 
 
 def size_tag(layers: int, width: int) -> str:
@@ -87,12 +95,29 @@ def chain(cfg, method: str, temperature: float) -> list[Link]:
     top = str(ccfg.teacher)
     if method == "direct":
         return [Link(f"chain_T{temperature:g}_{size_tag(*student)}", *student, (top,), "all")]
-    rule = {"takd": "all", "dgkd": "drop", "ensemble_kd": "all", "switching": "one"}[method]
+    if method == "switching_members":
+        return [Link(f"chain_T{temperature:g}_{method}_{size_tag(*student)}", *student, members(cfg), "one")]
+    rule = {"takd": "all", "dgkd": "drop", "dgkd_summed": "drop_sum", "ensemble_kd": "all", "switching": "one"}[method]
     links = [Link(f"chain_T{temperature:g}_{size_tag(*sizes[0])}", *sizes[0], (top,), "all")]
     for size in sizes[1:]:
         above = (links[-1].name,) if method == "takd" else (top, *(link.name for link in links))
         links.append(Link(f"chain_T{temperature:g}_{method}_{size_tag(*size)}", *size, above, rule))
     return links
+
+
+def members(cfg) -> tuple[str, ...]:
+    """The systems of the teacher ensemble's members (``<teacher>/member-<i>``)."""
+    top = str(cfg.chains.teacher)
+    dirs = system_dirs(Path(cfg.exp_dir), top)
+    if dirs == [Path(cfg.exp_dir) / "dnn" / top]:
+        raise ValueError(f"chains.methods: switching_members switches among an ensemble's members, and chains.teacher={top} is one DNN "
+                         "(exp/dnn/<teacher>/member-* not found); make the teacher an ensemble or drop the method")
+    return tuple(f"{top}/{d.name}" for d in dirs)
+
+
+def seeds_of(cfg, link: Link) -> list[Link]:
+    """A final student's ``chains.seeds`` replicates: ``<name>``, ``<name>_seed1``, ..."""
+    return [link._replace(name=link.name if r == 0 else f"{link.name}_seed{r}", replicate=r) for r in range(int(cfg.chains.seeds))]
 
 
 def model_cfg(cfg, link: Link):
@@ -102,9 +127,10 @@ def model_cfg(cfg, link: Link):
 
 
 class TeacherMix:
-    """Per batch, the mean soft targets of some of the teachers, chosen by ``rule``: all of them,
-    each dropped with probability ``drop`` (at least one kept), or one drawn uniformly. The
-    draw is seeded by ``seed`` and the batch's first frame, so a resumed run draws the same."""
+    """Per batch, the soft targets of some of the teachers, chosen by ``rule``: all of them, each
+    dropped with probability ``drop`` (at least one kept), or one drawn uniformly; their mean,
+    or (``drop_sum``) their sum, one cross-entropy per teacher. The draw is seeded by ``seed``
+    and the batch's first frame, so a resumed run draws the same."""
 
     def __init__(self, teachers: list[Callable[[torch.Tensor], torch.Tensor]], rule: str, drop: float, seed: int):
         self.teachers, self.rule, self.drop, self.seed = teachers, rule, float(drop), int(seed)
@@ -124,7 +150,7 @@ class TeacherMix:
         targets = self.teachers[chosen[0]](batch)
         for i in chosen[1:]:
             targets = targets + self.teachers[i](batch)
-        return targets / len(chosen)
+        return targets if self.rule == "drop_sum" else targets / len(chosen)
 
 
 def teacher_passes(link: Link, top: str, top_members: int, drop: float) -> float:
@@ -134,7 +160,7 @@ def teacher_passes(link: Link, top: str, top_members: int, drop: float) -> float
         return 0.0
     if link.rule == "one":
         return sum(weights) / len(weights)
-    if link.rule == "drop" and len(weights) > 1:
+    if link.rule in ("drop", "drop_sum") and len(weights) > 1:
         return (1 - drop) * sum(weights) + drop ** len(weights) * sum(weights) / len(weights)
     return float(sum(weights))
 
@@ -147,15 +173,17 @@ def train_link(cfg, link: Link, temperature: float, training: TrainingSet) -> No
     mcfg = model_cfg(cfg, link)
     values = {"layers": link.layers, "width": link.width, "teachers": list(link.teachers), "rule": link.rule}
     if link.rule == "none":
-        train_stage(mcfg, [Model(f"train-chains {link.name}", exp / "dnn" / link.name, values=values)], training)
+        train_stage(mcfg, [Model(f"train-chains {link.name}", exp / "dnn" / link.name, link.replicate, values=values)], training)
         return
     top = str(ccfg.teacher)
-    top_cfg = OmegaConf.merge(cfg, {"distill": {"teacher": top, "on_the_fly": False}})
-    make_top, inputs = target_source(top_cfg, Student("dense", temperature, 0), training)
+    make_top, inputs = None, {}
+    if top in link.teachers:
+        top_cfg = OmegaConf.merge(cfg, {"distill": {"teacher": top, "on_the_fly": False}})
+        make_top, inputs = target_source(top_cfg, Student("dense", temperature, 0), training)
     for name in link.teachers:
         if name != top:
             inputs[f"teacher {name}"] = system_dirs(exp, name)[0]
-    values |= {"temperature": temperature} | ({"teacher_drop": float(ccfg.teacher_drop)} if link.rule == "drop" else {})
+    values |= {"temperature": temperature} | ({"teacher_drop": float(ccfg.teacher_drop)} if link.rule in ("drop", "drop_sum") else {})
 
     def loss(data, hard):
         def assistant(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -163,10 +191,10 @@ def train_link(cfg, link: Link, temperature: float, training: TrainingSet) -> No
             return lambda batch: on_the_fly.soft_targets(batch, temperature)
 
         mix = TeacherMix([make_top(data) if name == top else assistant(name) for name in link.teachers], link.rule,
-                         ccfg.teacher_drop, int(cfg.seed))
+                         ccfg.teacher_drop, int(cfg.seed) + 100 * link.replicate)
         return lambda logits, batch: distillation_loss(logits, mix(batch), hard[batch], temperature, dcfg.soft_weight, dcfg.hard_weight)
 
-    train_stage(mcfg, [Model(f"train-chains {link.name}", exp / "dnn" / link.name, values=values)], training, loss=loss,
+    train_stage(mcfg, [Model(f"train-chains {link.name}", exp / "dnn" / link.name, link.replicate, values=values)], training, loss=loss,
                 keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
 
 
@@ -180,35 +208,35 @@ def runs(cfg) -> list[tuple[str, float | None, list[Link]]]:
 
 
 def run_train(cfg) -> None:
-    """Stage 0: every model of every chain at every T, top down (a shared model trains once)."""
+    """Stage 0: every model of every chain at every T, top down (a shared model trains once),
+    each final student ``chains.seeds`` times."""
     training = TrainingSet(cfg)  # the model's size is no part of it: one set serves every chain model
     done: set[str] = set()
     for _, temperature, links in runs(cfg):
-        for link in links:
+        for link in [*links[:-1], *seeds_of(cfg, links[-1])]:
             if link.name not in done:
                 train_link(cfg, link, temperature or 1.0, training)
                 done.add(link.name)
 
 
-def final_valid_accuracy(exp: Path, name: str) -> float:
-    return read_history(exp / "dnn" / name)[-1]["valid_frame_accuracy"]
+def valid_accuracy(cfg, student: Link) -> float:
+    """The final student's validation frame accuracy at its last epoch, the mean over its seeds."""
+    scores = [read_history(Path(cfg.exp_dir) / "dnn" / link.name)[-1]["valid_frame_accuracy"] for link in seeds_of(cfg, student)]
+    return sum(scores) / len(scores)
 
 
 def chosen(cfg) -> dict[str, tuple[float | None, list[Link]]]:
     """Each method's T, chosen on its final student's validation frame accuracy (ties: the lower T)."""
-    exp = Path(cfg.exp_dir)
     out: dict[str, tuple[float | None, list[Link]]] = {}
     for method, temperature, links in runs(cfg):
-        score = final_valid_accuracy(exp, links[-1].name)
-        if method not in out or score > final_valid_accuracy(exp, out[method][1][-1].name):
+        if method not in out or valid_accuracy(cfg, links[-1]) > valid_accuracy(cfg, out[method][1][-1]):
             out[method] = (temperature, links)
     return out
 
 
 def run_decode(cfg) -> None:
-    """Stage 1: WER of each method's student at its chosen T."""
-    names = [links[-1].name for _, links in chosen(cfg).values()]
-    decode.decode_systems(cfg, names)
+    """Stage 1: WER of each method's student (every seed) at its chosen T."""
+    decode.decode_systems(cfg, [link.name for _, links in chosen(cfg).values() for link in seeds_of(cfg, links[-1])])
 
 
 def temperature_label(temperature: float | None) -> str:
@@ -245,7 +273,8 @@ def markdown(result: dict) -> str:
         for other in ("vs_direct", "vs_hard"):
             diff = entry.get(other)
             cells += [format_interval(diff, signed=True), f"{diff['p_above_zero']:.2f}"] if diff else ["–", "–"]
-        lines.append(f"| {row} | {temperature_label(entry['temperature'])} | {entry['system']} | {percent(acc['train'])} "
+        student = entry["system"] if isinstance(entry["system"], str) else f"{entry['system'][0]} (+{len(entry['system']) - 1} seeds)"
+        lines.append(f"| {row} | {temperature_label(entry['temperature'])} | {student} | {percent(acc['train'])} "
                      f"| {percent(acc['valid'])} | {with_ci(entry, 'frame_accuracy', test)} | {with_ci(entry, 'wer', test)} | "
                      + " | ".join(cells) + f" | {entry['train_seconds']:.0f} | {entry['teacher_passes']:g} |")
     lines += ["", "Every model of each chain (the avalanche: how accuracy falls model by model):", "",
@@ -256,11 +285,19 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", f"Cells: valid / {test} frame accuracy. Command: `{result['command']}`.",
               f"T chosen per method on the final student's validation frame accuracy among {result['temperatures']}; "
-              f"DGKD drops each teacher with probability {result['teacher_drop']:g} per batch. Chain seconds: training time of every model "
-              "the row's chain needed (shared ones counted in each row); teacher passes: expected teacher forward passes per frame of the "
-              "student's training, the top teacher counted as its members.",
-              single_seed_note(test), ""]
+              f"DGKD drops each teacher with probability {result['teacher_drop']:g} per batch (dgkd: the kept teachers' mean; dgkd_summed: "
+              "one loss per kept teacher, summed, as DGKD's paper writes it). Chain seconds: training time of every model "
+              "the row's chain needed (shared ones counted in each row; every seed of the student); teacher passes: expected teacher "
+              "forward passes per frame of the student's training, the top teacher counted as its members.",
+              *([f"Each row's student: {result['seeds']} seeds (their mean; the bootstrap resamples seeds and test utterances; the "
+                 "assistants above it are one model each). The chain table shows the students' mean."] if result["seeds"] > 1
+                else [single_seed_note(test)]), ""]
     return "\n".join(lines)
+
+
+def systems_of(entry: dict) -> list[str]:
+    """The systems of a report entry: its one model, or its seeds."""
+    return entry["system"] if isinstance(entry["system"], list) else [entry["system"]]
 
 
 def run_report(cfg) -> None:
@@ -273,20 +310,21 @@ def run_report(cfg) -> None:
     rows = {}
     for method, (temperature, links) in chosen(cfg).items():
         models = [evaluation.entry([link.name], sets) for link in links[:-1]]
-        student = evaluation.entry([links[-1].name], sets, command=command, temperature=temperature)
-        seconds = sum(h["seconds"] for link in links for h in read_history(exp / "dnn" / link.name))
+        students = [link.name for link in seeds_of(cfg, links[-1])]
+        student = evaluation.entry(students, sets, command=command, temperature=temperature)
+        seconds = sum(h["seconds"] for link in [*links[:-1], *seeds_of(cfg, links[-1])] for h in read_history(exp / "dnn" / link.name))
         slim = [{"system": link.name, "frame_accuracy": m["frame_accuracy"]} for link, m in zip(links, [*models, student])]
         rows[ROWS[method]] = student | {"chain": slim, "train_seconds": seconds,
                                         "teacher_passes": teacher_passes(links[-1], top, top_members, float(cfg.chains.teacher_drop))}
     for other, method in (("vs_direct", "direct"), ("vs_hard", "hard")):
         if ROWS[method] in rows:
-            reference = bootstrap_key([rows[ROWS[method]]["system"]])
+            reference = bootstrap_key(systems_of(rows[ROWS[method]]))
             for row, entry in rows.items():
                 if row != ROWS[method]:
-                    entry[other] = evaluation.frames.difference(bootstrap_key([entry["system"]]), reference)
+                    entry[other] = evaluation.frames.difference(bootstrap_key(systems_of(entry)), reference)
     teacher = evaluation.entry([top], sets)
     result = {"corpus": cfg.corpus, "command": command, "eval_set": test, "teacher": {**teacher, "system": top},
               "sizes": [size_tag(int(a), int(b)) for a, b in cfg.chains.sizes], "temperatures": [float(t) for t in cfg.chains.temperatures],
-              "teacher_drop": float(cfg.chains.teacher_drop), "rows": rows, "bootstrap_unit": cfg.stats.unit}
+              "teacher_drop": float(cfg.chains.teacher_drop), "seeds": int(cfg.chains.seeds), "rows": rows, "bootstrap_unit": cfg.stats.unit}
     publish_experiment(cfg, "chains", result, markdown(result), plot)
     log.info("chains: %s", {row: round(entry["frame_accuracy"][test], 4) for row, entry in rows.items()})
