@@ -177,6 +177,7 @@ def model_records(exp: Path, systems: list[str]) -> dict:
         out[system] = {"fingerprint": [r["fingerprint"] for r in records] if len(records) > 1 else records[0]["fingerprint"],
                        "config": records[0]["config"], "inputs": {k: v["fingerprint"] for k, v in records[0]["inputs"].items()},
                        "made_by": records[0].get("made_by"),
+                       "made_on": sorted({r["made_on"] for r in records if r.get("made_on")}) or None,
                        "decode_fingerprint": decoded["fingerprint"] if decoded else None,
                        "decode_made_by": decoded.get("made_by") if decoded else None}
     return out

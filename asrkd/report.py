@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd.parallel import pick_device
-from asrkd.stage import atomic_write, copy_file, input_record, write_json, write_text
+from asrkd.stage import atomic_write, copy_file, cpu_description, input_record, write_json, write_text
 from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
@@ -87,6 +86,9 @@ def markdown_table(report: dict) -> str:
             what = f"{system['epochs']} epochs" if "epochs" in system else "trained"
             lines.append(f"{name}: {what} in {system['train_seconds']:.0f} s.")
     lines.append(f"Machine: {report['machine']}.")
+    note = machines_note({"systems": report["systems"]})
+    if note:
+        lines.append(note)
     return "\n".join(lines) + "\n"
 
 
@@ -203,11 +205,53 @@ def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
     return report
 
 
+def made_on(section) -> dict[str, list[str]]:
+    """CPU -> the systems of ``section`` (any part of a report) whose models were made there, from
+    the models' records (``made_on``; "not recorded" for models older than that field)."""
+    out: dict[str, set[str]] = {}
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            records = value.get("stage")
+            if isinstance(records, dict):
+                for system, record in records.items():
+                    if isinstance(record, dict) and "fingerprint" in record:
+                        for cpu in record.get("made_on") or ["not recorded"]:
+                            out.setdefault(cpu, set()).add(system)
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(section)
+    return {cpu: sorted(systems) for cpu, systems in sorted(out.items())}
+
+
+def machines_note(section) -> str | None:
+    """A line saying that ``section``'s rows come from models made on more than one machine (or
+    some on a machine not recorded), naming them; None when they share one. Numbers are
+    bitwise only within a CPU family, so such rows differ by more than their configs."""
+    cpus = made_on(section)
+    if len(cpus) < 2:
+        return None
+    parts = [f"{cpu}: {', '.join(systems[:4])}{f' and {len(systems) - 4} more' if len(systems) > 4 else ''}" for cpu, systems in cpus.items()]
+    return ("**Rows made on different machines** (numbers are bitwise only within one CPU family; across families, within seed "
+            f"spread: docs/hardware.md): {'; '.join(parts)}.")
+
+
+def with_machines_note(markdown: str, result: dict) -> str:
+    """``markdown`` and, when ``result``'s models were made on more than one machine, the line that says so."""
+    note = machines_note(result)
+    return markdown + (f"{note}\n" if note else "")
+
+
 def publish_experiment(cfg, name: str, result: dict, markdown: str, draw: Callable[[dict, Path], None]) -> None:
     """An experiment's ``<name>.md`` and ``<name>.png`` under exp/report, and ``result`` as the
-    ``name`` section of report.json, all merged into ``results_dir``."""
+    ``name`` section of report.json, all merged into ``results_dir``; the markdown ends with a
+    line naming the machines when its rows' models were made on more than one."""
     out_dir = Path(cfg.exp_dir) / "report"
-    write_text(out_dir / f"{name}.md", markdown)
+    write_text(out_dir / f"{name}.md", with_machines_note(markdown, result))
     draw(result, out_dir / f"{name}.png")
     merge_into_report(cfg, {name: result}, (f"{name}.md", f"{name}.png"))
 
@@ -220,28 +264,6 @@ def single_seed_note(test: str) -> str:
 def recipe_command(default: str) -> str:
     """The recipe line that produced the run (recipes export it), else ``default``."""
     return os.environ.get("ASRKD_RECIPE_COMMAND") or default
-
-
-def cpu_family(flags: set[str]) -> str:
-    """The instruction set that decides a CPU's floating-point results: runs are bitwise within a
-    family (an AMX Xeon and an AVX2 machine give the same code different last bits)."""
-    for flag, family in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("neon", "NEON"), ("asimd", "NEON")):
-        if flag in flags:
-            return family
-    return "other"
-
-
-def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """'Intel(R) Xeon(R) Processor (AMX)': the CPU's model and family, from /proc/cpuinfo (else the platform)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    model = fields.get("model name") or fields.get("Hardware") or platform.machine()
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    return f"{model} ({cpu_family(flags)})"
 
 
 def machine(cfg) -> str:

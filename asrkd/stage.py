@@ -37,7 +37,8 @@ A mistake never costs a finished output:
   host and command; a second run is refused naming them, a lock whose process is gone is taken
   over (and said so).
 * The record says which command made the output (``made_by``: the recipe line, or the asrkd
-  command with its overrides), so a report can name the command that remakes each row.
+  command with its overrides), so a report can name the command that remakes each row, and
+  on which CPU (``made_on``: its model and family, which decide the last bits of its numbers).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ import hashlib
 import importlib.util
 import json
 import logging
+import functools
 import os
+import platform
 import shutil
 import socket
 import sys
@@ -436,6 +439,29 @@ def invoked_as(command: str, overrides: list[str]) -> Iterator[None]:
         _INVOCATION.clear()
 
 
+def cpu_family(flags: set[str]) -> str:
+    """The instruction set that decides a CPU's floating-point results: runs are bitwise within a
+    family (an AMX Xeon and an AVX2 machine give the same code different last bits)."""
+    for flag, family in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("neon", "NEON"), ("asimd", "NEON")):
+        if flag in flags:
+            return family
+    return "other"
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """'Intel(R) Xeon(R) Processor (AMX)': the CPU's model and family, from /proc/cpuinfo (else the platform)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    model = fields.get("model name") or fields.get("Hardware") or platform.machine()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return f"{model} ({cpu_family(flags)})"
+
+
 def invocation() -> dict[str, Any]:
     return dict(_INVOCATION) or {"command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv)), "overrides": None}
 
@@ -540,7 +566,7 @@ class Stage:
 
     def commit(self, **summary: Any) -> None:
         record = {**self.record, **({"summary": summary} if summary else {}), "files": output_files(self.out_dir),
-                  "made_by": invocation(), "code": self.code}
+                  "made_by": invocation(), "made_on": cpu_description(), "code": self.code}
         write_json(self.out_dir / RECORD, record)
         (self.out_dir / PARTIAL).unlink(missing_ok=True)
         shutil.rmtree(previous_path(self.out_dir), ignore_errors=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from asrkd.kaldi import gmm
 from asrkd.kaldi.decode import best_words, decode_lattice, transition_id_matrix
@@ -291,9 +292,26 @@ def test_the_tests_find_an4_where_the_recipe_reads_or_fetched_it(tmp_path: Path)
 
 
 def test_a_report_says_which_cpu_family_made_its_numbers(tmp_path: Path) -> None:
-    from asrkd.report import cpu_description, cpu_family
+    from asrkd.stage import cpu_description, cpu_family
 
     assert cpu_family({"avx2", "avx512f", "amx_tile"}) == "AMX" and cpu_family({"avx2", "fma"}) == "AVX2" and cpu_family(set()) == "other"
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n")
     assert cpu_description(cpuinfo) == "Some CPU @ 2.0GHz (AVX2)"
+
+
+def test_a_report_whose_rows_come_from_two_machines_says_so(tmp_path: Path) -> None:
+    from asrkd.report import machines_note, made_on
+    from asrkd.stage import cpu_description, plan, read_record
+
+    cfg = OmegaConf.create({"seed": 0})
+    stage = plan("a stage", tmp_path / "out", cfg, ("seed",))
+    stage.commit()
+    assert read_record(tmp_path / "out")["made_on"] == cpu_description()  # every output says where it was made
+    record = {"fingerprint": "f", "made_on": ["CPU A (AVX2)"]}
+    section = {"rows": [{"stage": {"baseline": record}}, {"stage": {"student": record | {"made_on": ["CPU B (AMX)"]}}}],
+               "ensemble": {"stage": {"ensemble": {"fingerprint": "g"}}}}
+    assert made_on(section) == {"CPU A (AVX2)": ["baseline"], "CPU B (AMX)": ["student"], "not recorded": ["ensemble"]}
+    note = machines_note(section)
+    assert note.startswith("**Rows made on different machines**") and "CPU B (AMX): student" in note
+    assert machines_note({"rows": [{"stage": {"baseline": record}}]}) is None  # one machine: nothing to say

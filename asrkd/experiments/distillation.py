@@ -39,7 +39,7 @@ from asrkd.nnet import decode
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.ensemble import member_dirs
 from asrkd.nnet.train import TrainingSet, read_history
-from asrkd.report import merge_into_report, percent, recipe_command, saved_figure
+from asrkd.report import merge_into_report, percent, recipe_command, saved_figure, with_machines_note
 from asrkd.report import with_ci as with_ci_on
 from asrkd.stage import is_complete, write_text
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval, mean_std
@@ -395,7 +395,7 @@ def run_report(cfg) -> None:
     }
     out_dir = exp / "report"
     files = ["distillation.md", "distillation_curves.png", "distillation_temperature.png"]
-    write_text(out_dir / "distillation.md", markdown(result))
+    write_text(out_dir / "distillation.md", with_machines_note(markdown(result), result))
     plot_curves(exp, members, {label: row.systems[0] for label, row in rows_cfg.items()}, out_dir / "distillation_curves.png")
     by_temperature = [rows[f"dense_T{t:g}"] for t in sorted(dense)]
     plot_temperature(by_temperature, baseline["frame_accuracy"], ensemble["frame_accuracy"], out_dir / "distillation_temperature.png", test)
