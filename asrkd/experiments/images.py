@@ -11,12 +11,12 @@ Stages (``recipes/mnist/run.sh``):
    they are missing), checked, into ``exp/images`` (train images then test images, and labels).
    The last ``images.valid_images`` training images are held out: early stopping and every
    bias shift are chosen on them, never on the test set.
-1. ``train-image-nets``: the big-net candidates, one seed each: ``images.big`` (the paper's:
+1. ``train-image-nets``: ``images.seeds`` small nets trained alone on the labels,
+   unregularized; the big-net candidates, one seed each: ``images.big`` (the paper's:
    dropout on the hidden units and the inputs, inputs jittered by up to ``images.big.jitter``
    pixels, every hidden unit's incoming weights max-norm constrained) and each of
-   ``images.big_variants`` (some of those settings changed); ``images.seeds`` small nets trained
-   alone on the labels, unregularized; then the other seeds of the candidate with the fewest
-   held-out errors, the teacher. The paper's regularizers were tuned for MNIST's digits; which
+   ``images.big_variants`` (some of those settings changed); then the other seeds of the
+   candidate with the fewest held-out errors, the teacher. The paper's regularizers were tuned for MNIST's digits; which
    suits another set is chosen on its held-out images, never on the test set.
 2. ``train-image-students``: small nets trained on a big net's soft targets at T
    (``T^2 CE(soft) + distill.hard_weight CE(labels)``): the distilled small net's seeds (seed r
@@ -319,7 +319,7 @@ def headline_names(cfg, teacher: str) -> dict[str, list[str]]:
 
 
 def run_train_nets(cfg) -> None:
-    """Stage 1: every big-net candidate (seed 0), the small nets alone (``images.seeds``), then
+    """Stage 1: the small nets alone (``images.seeds``), every big-net candidate (seed 0), then
     the other seeds of the candidate with the fewest held-out errors: the teacher."""
     exp, icfg = Path(cfg.exp_dir), cfg.images
     images = ImageSet(cfg)
@@ -331,11 +331,11 @@ def run_train_nets(cfg) -> None:
                                                       values={"jitter": shift, "input_dropout": input_dropout})],
                     images.with_augment(jitter(shift, input_dropout)))
 
-    for name, settings in candidates.items():
-        train_big(name, 0, settings)
-    for replicate in range(int(icfg.seeds)):
+    for replicate in range(int(icfg.seeds)):  # first: cheap, and the row every big net must beat
         name = replicate_name(SMALL, replicate)
         train_stage(small_config(cfg), [Model(f"train-images {name}", exp / "dnn" / name, replicate)], images)
+    for name, settings in candidates.items():
+        train_big(name, 0, settings)
     teacher = chosen_big(cfg)
     log.info("images: the teacher is %s (held-out errors: %s)", teacher,
              {name: held_out_error_count(exp, name, int(icfg.valid_images)) for name in candidates})
