@@ -120,6 +120,7 @@ COMMANDS = {
     "train-image-students": "asrkd.experiments.images:run_train_students",
     "report-images": "asrkd.experiments.images:run_report",
     "export": "asrkd.nnet.export",
+    "results": "asrkd.report:run_results",
 }
 
 

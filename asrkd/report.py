@@ -184,7 +184,7 @@ def current_report(cfg) -> dict:
 
 def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
     """Add ``section``'s keys to the report (its "systems" to the systems there), rewrite
-    report.md, and copy both and ``files`` (from exp/report) to ``results_dir``.
+    report.md and RESULTS.md, and copy them and ``files`` (from exp/report) to ``results_dir``.
 
     The report merged into is ``results_dir/report.json`` when there is one (what the other
     recipes committed), else exp/report/report.json: each reporting stage owns its keys, so
@@ -197,9 +197,10 @@ def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
     report["systems"] = portable(systems)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", markdown_table(report))
+    write_text(out_dir / RESULTS, results_listing(report))
     if cfg.results_dir:
         results_dir = Path(cfg.results_dir)
-        for name in ("report.json", "report.md", *files):
+        for name in ("report.json", "report.md", RESULTS, *files):
             copy_file(out_dir / name, results_dir / name)
         log.info("report merged into %s", results_dir)
     return report
@@ -238,6 +239,60 @@ def machines_note(section) -> str | None:
     parts = [f"{cpu}: {', '.join(systems[:4])}{f' and {len(systems) - 4} more' if len(systems) > 4 else ''}" for cpu, systems in cpus.items()]
     return ("**Rows made on different machines** (numbers are bitwise only within one CPU family; across families, within seed "
             f"spread: docs/hardware.md): {'; '.join(parts)}.")
+
+
+RESULTS = "RESULTS.md"
+
+
+def scored_systems(report: dict) -> dict[str, list[dict]]:
+    """Section of report.json -> every scored system in it (an entry with a system and frame
+    accuracies: one model, or seeds), each system listed once, where it first appears."""
+    seen: set[str] = set()
+    out: dict[str, list[dict]] = {}
+
+    def walk(section: str, value) -> None:
+        if isinstance(value, dict):
+            if "system" in value and isinstance(value.get("frame_accuracy"), dict):
+                name = value["system"] if isinstance(value["system"], str) else f"{value['system'][0]} (+{len(value['system']) - 1} seeds)"
+                if name not in seen:
+                    seen.add(name)
+                    out.setdefault(section, []).append(value | {"listed_as": name})
+            for item in value.values():
+                walk(section, item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(section, item)
+
+    for section in ("systems", *sorted(k for k in report if k != "systems")):
+        walk(section, report.get(section))
+    return out
+
+
+def results_listing(report: dict) -> str:
+    """RESULTS.md, as Kaldi and icefall recipes keep one: every scored system of the corpus with
+    its test WER and frame accuracy [95% CI], by the report section (and its markdown) it comes
+    from, generated from report.json at every report stage (``asrkd results`` regenerates it)."""
+    test = (report.get("eval_sets") or ["test"])[0]
+    lines = [f"# {report.get('corpus', '')}: results", "",
+             f"Every scored system under this corpus, from report.json (generated: `asrkd results`, and by every report stage); "
+             f"{test} set; the tables with their controls and differences: each section's .md beside this file "
+             "(report.md for \"systems\").", ""]
+    for section, entries in scored_systems(report).items():
+        lines += [f"## {section}", "", f"| system | model | seeds | WER {test} [95% CI] | frame acc. {test} [95% CI] |", "|---|---|---|---|---|"]
+        for entry in entries:
+            lines.append(f"| {entry['listed_as']} | {entry.get('model', '–')} | {entry.get('seeds', 1)} | {with_ci(entry, 'wer', test)} "
+                         f"| {with_ci(entry, 'frame_accuracy', test)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_results(cfg) -> None:
+    """``asrkd results``: RESULTS.md beside the report (results_dir, else exp/report) from its report.json."""
+    report = current_report(cfg)
+    if not report:
+        raise FileNotFoundError(f"no report.json in {cfg.results_dir or Path(cfg.exp_dir) / 'report'}: run a recipe's report stage first")
+    out_dir = Path(cfg.results_dir) if cfg.results_dir else Path(cfg.exp_dir) / "report"
+    write_text(out_dir / RESULTS, results_listing(report))
 
 
 def with_machines_note(markdown: str, result: dict) -> str:

@@ -315,3 +315,17 @@ def test_a_report_whose_rows_come_from_two_machines_says_so(tmp_path: Path) -> N
     note = machines_note(section)
     assert note.startswith("**Rows made on different machines**") and "CPU B (AMX): student" in note
     assert machines_note({"rows": [{"stage": {"baseline": record}}]}) is None  # one machine: nothing to say
+
+
+def test_results_lists_every_scored_system_once_as_kaldi_recipes_do(tmp_path: Path) -> None:
+    from asrkd.report import merge_into_report
+
+    entry = {"model": "4x512", "seeds": 1, "frame_accuracy": {"test": 0.55}, "frame_accuracy_ci": {"test": [0.54, 0.56]},
+             "wer": {"test": 0.06}, "wer_ci": {"test": [0.05, 0.07]}}
+    cfg = OmegaConf.create({"exp_dir": str(tmp_path / "exp"), "results_dir": str(tmp_path / "results")})
+    merge_into_report(cfg, {"corpus": "an4", "command": "c", "machine": "m", "gmm": {"mono_pdfs": 1, "tri_pdfs": 2, "seconds": 1.0},
+                            "systems": {"baseline": entry | {"system": "baseline"}}})
+    merge_into_report(cfg, {"chains": {"rows": {"takd": entry | {"system": ["s", "s_seed1"], "seeds": 2}, "again": entry | {"system": "baseline"}}}})
+    listing = (tmp_path / "results" / "RESULTS.md").read_text()
+    assert "| baseline | 4x512 | 1 | 6.00% [5.00, 7.00] | 55.00% [54.00, 56.00] |" in listing
+    assert "## chains" in listing and "| s (+1 seeds) | 4x512 | 2 |" in listing and listing.count("| baseline |") == 1
