@@ -101,6 +101,9 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     assert 0 <= fid["top1_agreement"] <= 1 and fid["kl_teacher_student"] >= 0 and fid["seeds"] == 1
     assert {c["schedule"] for c in result["curve"]} == {1, 2}
     assert "| all x2 consistent | 2 | 2 |" in (root / "results" / "function_matching.md").read_text()
+    choice = result["view_choice"]  # the ablation's views ranked on validation, never on test
+    assert choice["best_on_valid"] == "all" and choice["complete"] and choice["valid_frame_accuracy"]["all"] == result["rows"]["all x1 consistent"]["frame_accuracy"]["valid"]
+    assert "The headline view (all) is the best of them." in (root / "results" / "function_matching.md").read_text()
     assert (root / "results" / "function_matching.png").stat().st_size > 0
     assert np.isfinite(headline["minus_control"]["estimate"])
     effect = result["views_effect"]  # each control against the plain baseline, and whether it moves by half the teacher's gain

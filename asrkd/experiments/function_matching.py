@@ -255,6 +255,10 @@ def run_report(cfg) -> None:
     curve = [{"schedule": row["schedule"], "epochs": row["epochs"], "kind": row["kind"], "test": row["frame_accuracy"][test],
               "valid": row["frame_accuracy"]["valid"], **({"gain_kept": row["gain_kept"]["estimate"], **row["fidelity"]} if "gain_kept" in row else {})}
              for row in rows if row["view"] == str(fm.headline) and row["kind"] in ("hard", "consistent") and row["data"] == "train"]
+    ablation = {row["view"]: row["frame_accuracy"]["valid"] for row in rows
+                if row["schedule"] == 1 and row["kind"] == "consistent" and row["data"] == "train" and row["view"] in fm.ablation}
+    view_choice = ({"valid_frame_accuracy": ablation, "best_on_valid": max(ablation, key=ablation.get), "headline": str(fm.headline),
+                    "complete": set(ablation) == set(map(str, fm.ablation))} if ablation else None)
     subset = None
     if fm.subset:
         label = row_label(str(fm.headline), int(fm.subset.schedule), "consistent", subset_name(float(fm.subset.fraction)))
@@ -273,6 +277,7 @@ def run_report(cfg) -> None:
                                     if headline and "gain_kept_over_baseline" in headline else None),
         "fidelity": {row["label"]: row["fidelity"] for row in rows if "fidelity" in row},
         "curve": sorted(curve, key=lambda c: (c["schedule"], c["kind"])), "subset": subset, "views_effect": views_effect,
+        "view_choice": view_choice,
     }
     publish_experiment(cfg, "function_matching", result, markdown(result, cfg), plot)
     if subset:  # the 3%-data table's function-matching row, beside what run_3pct.sh reported
@@ -290,9 +295,9 @@ def markdown(result: dict, cfg) -> str:
              f"Teacher: {teacher['system']} ({teacher['model']}), {test} frame accuracy {percent(teacher['frame_accuracy'][test])}; "
              f"T = {result['temperature']:g}. Every student is compared with its control: the same view, epochs, learning-rate "
              "schedule and checkpoint (final.pt), trained on the pdf-ids.", "",
-             f"| row | seeds | epochs | {test} frame acc. [95% CI] | − control [95% CI] | gain kept [95% CI] | − plain baseline [95% CI] "
-             "| gain kept over it [95% CI] | top-1 agreement | KL(teacher‖student) | CPU min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| row | seeds | epochs | valid frame acc. | {test} frame acc. [95% CI] | − control [95% CI] | gain kept [95% CI] "
+             "| − plain baseline [95% CI] | gain kept over it [95% CI] | top-1 agreement | KL(teacher‖student) | CPU min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, row in result["rows"].items():
         acc = format_interval({"estimate": row["frame_accuracy"][test], "ci": row["frame_accuracy_ci"][test]})
         minus = format_interval(row["minus_control"], signed=True) if "minus_control" in row else "–"
@@ -302,7 +307,7 @@ def markdown(result: dict, cfg) -> str:
         fid = row.get("fidelity")
         agreement = percent(fid["top1_agreement"]) if fid else "–"
         divergence = f"{fid['kl_teacher_student']:.3f}" if fid else "–"
-        lines.append(f"| {label} | {row['seeds']} | {row['epochs']} | {acc} | {minus} | {kept} | {minus_baseline} | {kept_over_baseline} "
+        lines.append(f"| {label} | {row['seeds']} | {row['epochs']} | {percent(row['frame_accuracy']['valid'])} | {acc} | {minus} | {kept} | {minus_baseline} | {kept_over_baseline} "
                      f"| {agreement} | {divergence} | "
                      f"{row['train_seconds'] / 60:.0f} |")
     lines += ["", f"Command: `{result['command']}`", "",
@@ -319,6 +324,16 @@ def markdown(result: dict, cfg) -> str:
                   + ("Some control moves by more than half of it: the views alone do much of what the teacher does, so a teacher whose "
                      "members trained on those views too is the fair one (not trained here yet)."
                      if effect["teacher_on_views_needed"] else "No control moves by half of it: the teacher trained on clean frames stays the reference.")]
+    choice = result.get("view_choice")
+    if choice:
+        ranked = sorted(choice["valid_frame_accuracy"].items(), key=lambda item: -item[1])
+        lines += ["", "Views at 1x, by their students' validation frame accuracy (the choice of a view never sees the test set): "
+                  + ", ".join(f"{view} {percent(acc)}" for view, acc in ranked)
+                  + f". The headline view ({choice['headline']}) is "
+                  + ("the best of them." if choice["best_on_valid"] == choice["headline"] else f"not the best: {choice['best_on_valid']} is;")
+                  + ("" if choice["complete"] else " (not every view of the ablation is trained yet)")
+                  + ("" if choice["best_on_valid"] == choice["headline"] else
+                     f" function_matching.headline={choice['best_on_valid']} makes it the headline's view (its seeds and curve then train).")]
     if result["gain_kept"]:
         kept, over = result["gain_kept"], result.get("gain_kept_over_baseline")
         lines += ["", f"Headline ({kept['row']}, {kept['seeds']} seed(s)): gain kept {format_interval(kept)} over its control"
