@@ -301,14 +301,17 @@ def with_machines_note(markdown: str, result: dict) -> str:
     return markdown + (f"{note}\n" if note else "")
 
 
-def publish_experiment(cfg, name: str, result: dict, markdown: str, draw: Callable[[dict, Path], None]) -> None:
-    """An experiment's ``<name>.md`` and ``<name>.png`` under exp/report, and ``result`` as the
-    ``name`` section of report.json, all merged into ``results_dir``; the markdown ends with a
-    line naming the machines when its rows' models were made on more than one."""
+def publish_experiment(cfg, name: str, result: dict, markdown: str, figures: dict[str, Callable[[dict, Path], None]],
+                       systems: dict | None = None) -> None:
+    """An experiment's report, the one way every experiment publishes: ``<name>.md`` (ending with
+    a line naming the machines when its rows' models were made on more than one) and each of
+    ``figures`` (file name -> what draws it from ``result``) under exp/report, ``result`` as the
+    ``name`` section of report.json and ``systems`` among its systems, all merged into ``results_dir``."""
     out_dir = Path(cfg.exp_dir) / "report"
     write_text(out_dir / f"{name}.md", with_machines_note(markdown, result))
-    draw(result, out_dir / f"{name}.png")
-    merge_into_report(cfg, {name: result}, (f"{name}.md", f"{name}.png"))
+    for file, draw in figures.items():
+        draw(result, out_dir / file)
+    merge_into_report(cfg, {**({"systems": systems} if systems else {}), name: result}, (f"{name}.md", *figures))
 
 
 def single_seed_note(test: str) -> str:

@@ -326,5 +326,5 @@ def run_report(cfg) -> None:
     result = {"corpus": cfg.corpus, "command": command, "eval_set": test, "teacher": {**teacher, "system": top},
               "sizes": [size_tag(int(a), int(b)) for a, b in cfg.chains.sizes], "temperatures": [float(t) for t in cfg.chains.temperatures],
               "teacher_drop": float(cfg.chains.teacher_drop), "seeds": int(cfg.chains.seeds), "rows": rows, "bootstrap_unit": cfg.stats.unit}
-    publish_experiment(cfg, "chains", result, markdown(result), plot)
+    publish_experiment(cfg, "chains", result, markdown(result), {"chains.png": plot})
     log.info("chains: %s", {row: round(entry["frame_accuracy"][test], 4) for row, entry in rows.items()})

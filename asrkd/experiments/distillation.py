@@ -39,9 +39,9 @@ from asrkd.nnet import decode
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.ensemble import member_dirs
 from asrkd.nnet.train import TrainingSet, read_history
-from asrkd.report import merge_into_report, percent, recipe_command, saved_figure, with_machines_note
+from asrkd.report import percent, publish_experiment, recipe_command, saved_figure
 from asrkd.report import with_ci as with_ci_on
-from asrkd.stage import is_complete, write_text
+from asrkd.stage import is_complete
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval, mean_std
 from asrkd.stores import FeatureStore
 
@@ -393,18 +393,15 @@ def run_report(cfg) -> None:
         "students": {row_cfg.systems[0]: rows[label] for label, row_cfg in rows_cfg.items()},
         "compact_forms": compact_forms(cfg, evaluation, entry, rows_cfg, rows), "levers": levers, "teacher_diagnostics": diagnostics,
     }
-    out_dir = exp / "report"
-    files = ["distillation.md", "distillation_curves.png", "distillation_temperature.png"]
-    write_text(out_dir / "distillation.md", with_machines_note(markdown(result), result))
-    plot_curves(exp, members, {label: row.systems[0] for label, row in rows_cfg.items()}, out_dir / "distillation_curves.png")
     by_temperature = [rows[f"dense_T{t:g}"] for t in sorted(dense)]
-    plot_temperature(by_temperature, baseline["frame_accuracy"], ensemble["frame_accuracy"], out_dir / "distillation_temperature.png", test)
+    figures = {"distillation_curves.png": lambda _, out: plot_curves(exp, members, {label: row.systems[0] for label, row in rows_cfg.items()}, out),
+               "distillation_temperature.png": lambda _, out: plot_temperature(by_temperature, baseline["frame_accuracy"],
+                                                                               ensemble["frame_accuracy"], out, test)}
     if levers:
-        plot_levers(list(levers.values()), out_dir / "distillation_levers.png")
-        files.append("distillation_levers.png")
+        figures["distillation_levers.png"] = lambda _, out: plot_levers(list(levers.values()), out)
     systems = {"ensemble": ensemble, "distilled": {**rows[distilled_label], "gain_kept": gain_kept["vs_baseline"]["estimate"]},
                **{("distilled_logits" if label == LOGITS else f"distilled_{label}"): row for label, row in rows.items()}, **lever_systems}
-    merge_into_report(cfg, {"systems": systems, "distillation": result}, tuple(files))
+    publish_experiment(cfg, "distillation", result, markdown(result), figures, systems)
     log.info("distillation: %s frame acc baseline %.4f, ensemble %.4f, distilled (T=%g) %.4f; gain kept %s", test,
              baseline["frame_accuracy"][test], ensemble["frame_accuracy"][test], temperature, rows[distilled_label]["frame_accuracy"][test],
              format_interval(gain_kept["vs_baseline"]))

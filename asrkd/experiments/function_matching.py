@@ -279,7 +279,7 @@ def run_report(cfg) -> None:
         "curve": sorted(curve, key=lambda c: (c["schedule"], c["kind"])), "subset": subset, "views_effect": views_effect,
         "view_choice": view_choice,
     }
-    publish_experiment(cfg, "function_matching", result, markdown(result, cfg), plot)
+    publish_experiment(cfg, "function_matching", result, markdown(result, cfg), {"function_matching.png": plot})
     if subset:  # the 3%-data table's function-matching row, beside what run_3pct.sh reported
         merge_into_report(cfg, {"three_percent": {**current_report(cfg).get("three_percent", {}), "function_matching": subset}})
 

@@ -206,5 +206,5 @@ def run_report(cfg) -> None:
               "temperature": float(scfg.temperature), "kd_weight": float(scfg.kd_weight), "hint_weight": float(scfg.hint_weight),
               "train_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / str(scfg.name))), "bootstrap_unit": cfg.stats.unit,
               "deep_supervision": control_name(cfg) if scfg.deep_supervision_control else None}
-    publish_experiment(cfg, "self_distillation", result, markdown(result), plot)
+    publish_experiment(cfg, "self_distillation", result, markdown(result), {"self_distillation.png": plot})
     log.info("self-distillation: %s", {row["exit_layer"]: round(row["exit"]["frame_accuracy"][test], 4) for row in rows})

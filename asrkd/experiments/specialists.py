@@ -459,5 +459,5 @@ def run_report(cfg) -> None:
                                         for h in read_history(exp / "dnn" / specialist_name(cfg, m))),
               "student_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / redistilled)),
               "control_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / generalist_student)), "bootstrap_unit": cfg.stats.unit}
-    publish_experiment(cfg, "specialists", result, markdown(result), plot)
+    publish_experiment(cfg, "specialists", result, markdown(result), {"specialists.png": plot})
     log.info("specialists: %s", {key: round(entries[key]["frame_accuracy"][evaluation.primary], 4) for key in entries})

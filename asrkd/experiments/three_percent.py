@@ -33,8 +33,8 @@ from asrkd.distill.student import dense_only, student_name
 from asrkd.evaluate import Evaluation, bootstrap_key
 from asrkd.nnet import decode, train
 from asrkd.nnet.train import read_history
-from asrkd.report import merge_into_report, percent, recipe_command, saved_figure, with_machines_note, with_ci
-from asrkd.stage import is_complete, write_text
+from asrkd.report import percent, publish_experiment, recipe_command, saved_figure, with_ci
+from asrkd.stage import is_complete
 from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
@@ -172,8 +172,6 @@ def run_report(cfg) -> None:
               "curve": curve, "bootstrap_unit": cfg.stats.unit, "eval_set": evaluation.primary}
     if "sub_soft_sp" in rows:
         result["gap_closed_sp"] = frames.share(key["sub_soft_sp"], key["sub_hard_sp"], "baseline")
-    out_dir = exp / "report"
-    write_text(out_dir / "three_percent.md", with_machines_note(markdown(result), result))
-    plot_curves(exp, rows, fraction, out_dir / "three_percent_curves.png")
-    merge_into_report(cfg, {"three_percent": result}, ("three_percent.md", "three_percent_curves.png"))
+    publish_experiment(cfg, "three_percent", result, markdown(result),
+                       {"three_percent_curves.png": lambda _, out: plot_curves(exp, rows, fraction, out)})
     log.info("3%% experiment: test frame acc full %.4f, hard %.4f, soft %.4f; gap closed %s", full, hard, soft, format_interval(gap))
