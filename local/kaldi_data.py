@@ -94,8 +94,14 @@ def prepare(cfg) -> None:
         missing = cmudict_dictionary(words, dict_dir, cfg.lang.silence_phone)
         log.info("dictionary: CMUdict for %d words", len(words) - len(missing))
     if missing:
-        log.warning("%d words are not in CMUdict (their utterances will be dropped; add a data/local/dict with them): %s",
-                    len(missing), " ".join(missing[:20]))
+        write_text(data_dir / "local" / "words_without_pronunciation.txt", "".join(f"{w}\n" for w in missing))
+        log.warning("%d words are not in CMUdict, listed in %s (their utterances will be dropped): %s%s. Give them "
+                    "pronunciations in %s/local/dict/lexicon.txt, Kaldi's layout, with nonsilence_phones.txt, silence_phones.txt "
+                    "and optional_silence.txt beside it (data/local/dict is rebuilt from there at every run); with lang.use_cmudict "
+                    "(the default) and CMUdict's phones in nonsilence_phones.txt, words your lexicon lacks still come from CMUdict, "
+                    "so it may hold only these.",
+                    len(missing), data_dir / "local" / "words_without_pronunciation.txt", " ".join(missing[:20]),
+                    f" and {len(missing) - 20} more" if len(missing) > 20 else "", corpus)
     stage.commit(sets=names, words=len(words), without_pronunciation=missing)
 
 

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import kaldifst
+import pytest
 
 from asrkd.kaldi.lang import Lang, add_disambig, build_lexicon, position_phones, prepare_lang, read_sphinx_dict
 
@@ -48,3 +49,6 @@ def test_prepare_lang_writes_a_kaldi_lang_dir(tmp_path: Path) -> None:
     fst = loaded.lexicon_fst(disambig=True)
     loop = [a for a in kaldifst.ArcIterator(fst, 1) if a.ilabel == lang.phones["#0"]]
     assert len(loop) == 1 and loop[0].olabel == lang.words["#0"] and loop[0].nextstate == 1
+    assert loaded.word_ids("YES A", "u1") == [lang.words["YES"], lang.words["A"]]
+    with pytest.raises(KeyError, match=r"utterance u2: words 'NO' 'MAYBE' not in .*words.txt"):  # every unknown word, not the first
+        loaded.word_ids("NO YES MAYBE NO", "u2")

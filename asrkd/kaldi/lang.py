@@ -245,10 +245,12 @@ class Lang:
         return fst
 
     def word_ids(self, transcript: str, utt: str) -> list[int]:
-        try:
-            return [self.words[w] for w in transcript.split()]
-        except KeyError as err:
-            raise KeyError(f"utterance {utt}: word {err.args[0]!r} is not in {self.directory}/words.txt") from None
+        """The transcript's word ids; a KeyError naming every word of it that words.txt lacks."""
+        unknown = list(dict.fromkeys(w for w in transcript.split() if w not in self.words))
+        if unknown:
+            raise KeyError(f"utterance {utt}: {'words' if len(unknown) > 1 else 'word'} {' '.join(map(repr, unknown))} "
+                           f"not in {self.directory}/words.txt")
+        return [self.words[w] for w in transcript.split()]
 
     @classmethod
     def load(cls, directory: Path) -> "Lang":
