@@ -89,6 +89,12 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
                       "images.bias_shifts.stop=2.0", "images.bias_shifts.step=0.5")
     images.run_prepare(cfg)
     images.run_train_nets(cfg)
+    images.run_report(cfg)  # stage 2 not run yet: the nets trained so far
+    progress = json.loads((tmp_path / "results" / "report.json").read_text())
+    assert progress["complete"] is False and set(progress["rows"]) == {"small_alone", "big", "big_jitter1", "big_light"}
+    assert progress["teacher"] in {"big", "big_jitter1", "big_light"} and "student_w16_T20_seed1" in progress["missing"]
+    assert progress["rows"]["small_alone"]["seeds"] == 2 and "ci" in progress["rows"]["big_light"]["fewer_than_small_alone"]
+    assert f"| {progress['teacher']} (the teacher) |" in (tmp_path / "results" / "report.md").read_text()
     images.run_train_students(cfg)
     images.run_report(cfg)
     report = json.loads((tmp_path / "results" / "report.json").read_text())

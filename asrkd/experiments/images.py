@@ -484,9 +484,36 @@ def history_of(exp: Path, name: str, held_out: int) -> dict:
             "train_loss": [round(h["train_cross_entropy"], 4) for h in history]}
 
 
+def trained(exp: Path, name: str) -> bool:
+    return (exp / "dnn" / name / "stage.json").is_file()
+
+
+def every_net(cfg, teacher: str | None) -> list[str]:
+    """Every net stages 1 and 2 train, in their order (the teacher's seeds and the students only once it is chosen)."""
+    icfg = cfg.images
+    nets = [replicate_name(SMALL, r) for r in range(int(icfg.seeds))] + list(big_nets(cfg))
+    if teacher is None:
+        return nets
+    names = headline_names(cfg, teacher)
+    width, temperature = int(icfg.small.width), float(icfg.temperature)
+    nets += names["big"][1:] + names["small_distilled"]
+    if icfg.function_matching:
+        shift = int(icfg.function_matching.jitter)
+        nets += [control_name(shift), matching_name(width, temperature, shift)]
+    nets += [student_name(int(w), float(t)) for w in icfg.widths for t in icfg.temperatures]
+    return nets + [student_name(width, temperature, left_out_tag(cfg)), student_name(width, temperature, kept_tag(cfg))]
+
+
 def run_report(cfg) -> None:
-    """Stage 3: ``results/<dataset>/report.{json,md}``, ``errors.png``, ``temperature_width.png``, ``curves.png``."""
+    """Stage 3: ``results/<dataset>/report.{json,md}``, ``errors.png``, ``temperature_width.png``,
+    ``curves.png``; while nets are missing (stages 1–2 run for hours and resume), the nets
+    trained so far: report.{json,md} and curves.png (:func:`progress_report`)."""
     exp, icfg = Path(cfg.exp_dir), cfg.images
+    candidates_done = all(trained(exp, name) for name in big_nets(cfg))
+    missing = [name for name in every_net(cfg, chosen_big(cfg) if candidates_done else None) if not trained(exp, name)]
+    if missing or not candidates_done:
+        progress_report(cfg, missing)
+        return
     images = ImageSet(cfg)
     data, _, valid_idx, _ = images.load()
     _, _, test_idx = images.split()
@@ -543,9 +570,9 @@ def run_report(cfg) -> None:
                           "test": errors.add(name, [logits_of(name, test_idx)]),
                           "fewer_than_teacher": None if name == teacher else errors.fewer(name, f"{teacher} alone")}
                          for name, settings in candidates.items()]
-    trained = [*(n for names in seeds.values() for n in names), *(n for n in candidates if n != teacher),
+    curves = [*(n for names in seeds.values() for n in names), *(n for n in candidates if n != teacher),
                *([control_name(int(matching.jitter)), matching_name(width, temperature, int(matching.jitter))] if matching else [])]
-    histories = {name: history_of(exp, name, len(valid_idx)) for name in trained}
+    histories = {name: history_of(exp, name, len(valid_idx)) for name in curves}
     result = {"dataset": str(icfg.dataset), "command": recipe_command("asrkd report-images"), "machine": machine(cfg),
               "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
               "patience": int(icfg.patience), "rows": rows, "seeds": seeds, "temperature_width": grid,
@@ -565,6 +592,79 @@ def run_report(cfg) -> None:
         for file in ("report.json", "report.md", "errors.png", "temperature_width.png", "curves.png"):
             copy_file(out_dir / file, Path(cfg.results_dir) / file)
     log.info("images: %s", {key: row["errors"] for key, row in rows.items()})
+
+
+def progress_report(cfg, missing: list[str]) -> None:
+    """The image experiment so far: the small nets alone and every big-net candidate trained,
+    each with its held-out errors (where the teacher is chosen) and test errors [95% CI], the
+    candidates' difference from the small nets alone, the teacher once every candidate is
+    trained, their curves, and the nets still missing. The full report replaces it once stage 2
+    is complete; figures of an earlier full report are removed, as they no longer match."""
+    exp, icfg = Path(cfg.exp_dir), cfg.images
+    images = ImageSet(cfg)
+    data, _, valid_idx, _ = images.load()
+    _, _, test_idx = images.split()
+    store = data.frames.store
+    errors = TestErrors(cfg, data.pdf_ids[torch.from_numpy(test_idx)], [store.utt_ids[i] for i in test_idx])
+    batch = int(cfg.eval.batch_size)
+
+    def logits_of(name: str) -> torch.Tensor:
+        return predict_logits(load_model(model_path(exp, f"{name}@best"), data.pdf_ids.device), data, test_idx, batch)
+
+    small = [n for n in (replicate_name(SMALL, r) for r in range(int(icfg.seeds))) if trained(exp, n)]
+    rows = {}
+    if small:
+        rows[SMALL] = errors.add(SMALL, [logits_of(n) for n in small]) | {"nets": small, "settings": OmegaConf.to_container(icfg.small),
+                                                                              "held_out_errors": [held_out_error_count(exp, n, len(valid_idx)) for n in small]}
+    candidates = big_nets(cfg)
+    for name, settings in candidates.items():
+        if trained(exp, name):
+            rows[name] = errors.add(name, [logits_of(name)]) | {"nets": [name], "settings": settings,
+                                                                  "held_out_errors": [held_out_error_count(exp, name, len(valid_idx))]}
+            if small:
+                rows[name]["fewer_than_small_alone"] = errors.fewer(name, SMALL)
+    teacher = chosen_big(cfg) if all(trained(exp, n) for n in candidates) else None
+    histories = {n: history_of(exp, n, len(valid_idx)) for row in rows.values() for n in row["nets"]}
+    result = {"dataset": str(icfg.dataset), "complete": False, "command": recipe_command("asrkd report-images"), "machine": machine(cfg),
+              "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
+              "rows": rows, "teacher": teacher, "missing": missing, "histories": histories, "bootstrap_replicates": int(icfg.replicates)}
+    out_dir = exp / "report"
+    write_json(out_dir / "report.json", result)
+    write_text(out_dir / "report.md", progress_markdown(result))
+    plot_curves(result, out_dir / "curves.png")
+    if cfg.results_dir:
+        results = Path(cfg.results_dir)
+        for file in ("report.json", "report.md", "curves.png"):
+            copy_file(out_dir / file, results / file)
+        for file in ("errors.png", "temperature_width.png"):
+            (results / file).unlink(missing_ok=True)
+    log.info("images so far: %s; missing %d nets", {key: row["errors"] for key, row in rows.items()}, len(missing))
+
+
+def progress_markdown(result: dict) -> str:
+    rows, held_out = result["rows"], result["held_out_images"]
+    lines = [f"# {result['dataset']}: the paper's preliminary experiment (§3), the nets trained so far", "",
+             f"Stages 1–2 are under way (they resume where they stopped); this report shows what is trained: test errors of "
+             f"{result['test_images']:,} images [95% CI: bootstrap over test images, {result['bootstrap_replicates']:,} replicates; the small "
+             f"nets' row: the mean of its seeds, resampled too], errors on the {held_out:,} held-out training images at each net's "
+             "best epoch (where it stops, where it is scored, and where the teacher is chosen; never the test set).", "",
+             "| net | settings | seeds | held-out errors | best epoch | test errors [95% CI] | fewer test errors than the small nets alone [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        settings = row["settings"]
+        described = (f"{settings['layers']}x{settings['width']}, no regularization" if name == SMALL else
+                     f"{settings['layers']}x{settings['width']}, dropout {settings['dropout']:g} (inputs {settings['input_dropout']:g}), "
+                     f"jitter ±{settings['jitter']} px, max-norm {settings['max_norm']:g}")
+        best = ", ".join(str(result["histories"][n]["best_epoch"] + 1) for n in row["nets"])
+        fewer = fewer_cell(row["fewer_than_small_alone"]) if "fewer_than_small_alone" in row else "–"
+        teacher = " (the teacher)" if name == result["teacher"] else ""
+        lines.append(f"| {name}{teacher} | {described} | {row['seeds']} | {', '.join(map(str, row['held_out_errors']))} | {best} "
+                     f"| {errors_cell(row)} | {fewer} |")
+    lines += ["", (f"The teacher: {result['teacher']}, the big net with the fewest held-out errors." if result["teacher"] else
+                   "The teacher is chosen once every big-net candidate is trained."),
+              f"Still to train ({len(result['missing'])}): {', '.join(result['missing'])}." if result["missing"] else "",
+              f"Training curves: curves.png (report.json \"histories\"). Command: `{result['command']}`. Machine: {result['machine']}.", ""]
+    return "\n".join(lines)
 
 
 def errors_cell(row: dict) -> str:
