@@ -6,7 +6,8 @@
 # A stage whose outputs were made with the same config and inputs is skipped; one whose config
 # or inputs changed is refused with what changed, unless --redo (Hydra: redo=true) remakes it.
 #
-# It sets $stage, $stop_stage, $corpus_dir (default: what the recipe set before sourcing),
+# It sets $stage, $stop_stage, $corpus_dir (absolute: a relative --corpus-dir is read from where
+# the recipe is run; default: what the recipe set before sourcing),
 # $overrides, $root (the repository); moves into the recipe's dir (its data/ and exp/); puts
 # the repository on PYTHONPATH (for local/); exports ASRKD_RECIPE_COMMAND (reports record it:
 # the recipe with its --corpus-dir and overrides, not --stage/--stop-stage/--redo, since a stage
@@ -25,7 +26,9 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2; shift 2 ;;
     --stop-stage) stop_stage=$2; shift 2 ;;
-    --corpus-dir) corpus_dir=$2; recipe_args+=(--corpus-dir "$2"); shift 2 ;;
+    --corpus-dir)  # relative to where the recipe is run from, not to the recipe's dir it moves into
+      case "$2" in /*) corpus_dir=$2 ;; *) corpus_dir=$PWD/$2 ;; esac
+      recipe_args+=(--corpus-dir "$2"); shift 2 ;;
     --redo) redo=true; shift ;;
     --) shift; overrides=("$@"); break ;;
     *) echo "usage: $0 [--stage N] [--stop-stage M] [--corpus-dir DIR] [--redo] [-- hydra overrides]" >&2; exit 1 ;;

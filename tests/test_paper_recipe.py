@@ -72,3 +72,16 @@ def test_the_paper_recipe_runs_from_a_packed_recipe_with_its_models_apart(run_di
     report = json.loads((recipe_copy.parent.parent / "results" / "an4_paper" / "report.json").read_text())
     assert report["command"] == "recipes/an4/run_paper.sh -- " + " ".join(TINY)  # the recipe the user ran, not the inner one
     assert report["config"]["exp_dir"] == "exp_paper" and set(report["systems"]) >= {"gmm", "baseline"}
+
+
+def test_a_relative_corpus_dir_is_read_from_where_the_recipe_is_run(tmp_path: Path) -> None:
+    recipe = tmp_path / "repo" / "recipes" / "mine"
+    recipe.mkdir(parents=True)
+    shutil.copy2(REPO / "recipes" / "stages.sh", recipe.parent)
+    (recipe / "run.sh").write_text('. "$(dirname "$0")/../stages.sh"\necho "$corpus_dir|$PWD|$ASRKD_RECIPE_COMMAND"\n')
+    (tmp_path / "work").mkdir()
+    result = subprocess.run(["bash", str(recipe / "run.sh"), "--corpus-dir", "data/mine", "--", "corpus=mine"], cwd=tmp_path / "work",
+                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    corpus_dir, cwd, command = result.stdout.strip().split("|")
+    assert corpus_dir == str(tmp_path / "work" / "data" / "mine") and cwd == str(recipe)  # not recipes/mine/data/mine
+    assert command == "recipes/mine/run.sh --corpus-dir data/mine -- corpus=mine"  # the command as the user typed it
