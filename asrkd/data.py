@@ -230,6 +230,12 @@ def tuning_set(cfg) -> str:
     return str(cfg.decode.tuning_set)
 
 
+def scoring_only(cfg, name: str) -> bool:
+    """Whether data dir ``name`` is only scored (an eval set, or the tuning set when it is a data
+    dir): its alignment and decoding drops are counted and named, never fatal to a stage."""
+    return name in eval_sets(cfg) or name == tuning_set(cfg)
+
+
 def corpus_sets(cfg) -> list[str]:
     """The data dirs a system is built and scored on: train, the tuning set (when it is a data
     dir) and the eval sets. The lang dir's vocabulary is theirs: a data dir added later is

@@ -93,6 +93,24 @@ def test_too_many_dropped_fails_the_stage(tmp_path: Path) -> None:
         account_dropped("x", 10, {"a": "utterance a: why", "b": "utterance b: why"}, 0.1, tmp_path / "d.json")
 
 
+def test_a_set_only_scored_never_fails_alignment_and_says_what_it_lost(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from asrkd.kaldi import features
+
+    shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
+    shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)
+    text = (tmp_path / "data" / "test" / "text").read_text().splitlines()
+    spoiled = [line.split()[0] for line in text[:3]]
+    (tmp_path / "data" / "test" / "text").write_text("".join(f"{line.split()[0]} QWERTYZZ\n" if i < 3 else f"{line}\n" for i, line in enumerate(text)))
+    cfg = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY, "redo=true", "features.sets=[test]"])
+    assert 3 > 0.05 * len(text)  # past prep.max_drop_fraction, which would stop a training set's alignment
+    features.run(cfg)  # its text changed: its features' record too
+    gmm.run_align(cfg)  # test is an eval set: counted and named, not fatal
+    dropped = json.loads((tmp_path / "exp" / "tri" / "ali_test" / "dropped.json").read_text())
+    assert sorted(dropped["dropped"]) == sorted(spoiled) and all("QWERTYZZ" in reason for reason in dropped["dropped"].values())
+
+
 def test_finished_stages_are_skipped(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY])
     caplog.set_level(logging.INFO)
