@@ -327,13 +327,13 @@ def markdown(result: dict, cfg) -> str:
     choice = result.get("view_choice")
     if choice:
         ranked = sorted(choice["valid_frame_accuracy"].items(), key=lambda item: -item[1])
-        lines += ["", "Views at 1x, by their students' validation frame accuracy (the choice of a view never sees the test set): "
+        lines += ["", f"Views at 1x{'' if choice['complete'] else ' trained so far (not every view of the ablation yet)'}, by their "
+                  "students' validation frame accuracy (the choice of a view never sees the test set): "
                   + ", ".join(f"{view} {percent(acc)}" for view, acc in ranked)
                   + f". The headline view ({choice['headline']}) is "
-                  + ("the best of them." if choice["best_on_valid"] == choice["headline"] else f"not the best: {choice['best_on_valid']} is;")
-                  + ("" if choice["complete"] else " (not every view of the ablation is trained yet)")
-                  + ("" if choice["best_on_valid"] == choice["headline"] else
-                     f" function_matching.headline={choice['best_on_valid']} makes it the headline's view (its seeds and curve then train).")]
+                  + ("the best of them." if choice["best_on_valid"] == choice["headline"] else
+                     f"not the best: {choice['best_on_valid']} is; function_matching.headline={choice['best_on_valid']} makes it the "
+                     "headline's view (its seeds and curve then train).")]
     if result["gain_kept"]:
         kept, over = result["gain_kept"], result.get("gain_kept_over_baseline")
         lines += ["", f"Headline ({kept['row']}, {kept['seeds']} seed(s)): gain kept {format_interval(kept)} over its control"
