@@ -206,26 +206,28 @@ def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
     return report
 
 
+def dicts_in(value) -> Iterator[dict]:
+    """Every dict inside ``value`` (a report or any part of it), depth first, in order."""
+    if isinstance(value, dict):
+        yield value
+        for item in value.values():
+            yield from dicts_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from dicts_in(item)
+
+
 def made_on(section) -> dict[str, list[str]]:
     """CPU -> the systems of ``section`` (any part of a report) whose models were made there, from
     the models' records (``made_on``; "not recorded" for models older than that field)."""
     out: dict[str, set[str]] = {}
-
-    def walk(value) -> None:
-        if isinstance(value, dict):
-            records = value.get("stage")
-            if isinstance(records, dict):
-                for system, record in records.items():
-                    if isinstance(record, dict) and "fingerprint" in record:
-                        for cpu in record.get("made_on") or ["not recorded"]:
-                            out.setdefault(cpu, set()).add(system)
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(section)
+    for node in dicts_in(section):
+        records = node.get("stage")
+        if isinstance(records, dict):
+            for system, record in records.items():
+                if isinstance(record, dict) and "fingerprint" in record:
+                    for cpu in record.get("made_on") or ["not recorded"]:
+                        out.setdefault(cpu, set()).add(system)
     return {cpu: sorted(systems) for cpu, systems in sorted(out.items())}
 
 
@@ -249,22 +251,13 @@ def scored_systems(report: dict) -> dict[str, list[dict]]:
     accuracies: one model, or seeds), each system listed once, where it first appears."""
     seen: set[str] = set()
     out: dict[str, list[dict]] = {}
-
-    def walk(section: str, value) -> None:
-        if isinstance(value, dict):
-            if "system" in value and isinstance(value.get("frame_accuracy"), dict):
-                name = value["system"] if isinstance(value["system"], str) else f"{value['system'][0]} (+{len(value['system']) - 1} seeds)"
+    for section in ("systems", *sorted(k for k in report if k != "systems")):
+        for node in dicts_in(report.get(section)):
+            if "system" in node and isinstance(node.get("frame_accuracy"), dict):
+                name = node["system"] if isinstance(node["system"], str) else f"{node['system'][0]} (+{len(node['system']) - 1} seeds)"
                 if name not in seen:
                     seen.add(name)
-                    out.setdefault(section, []).append(value | {"listed_as": name})
-            for item in value.values():
-                walk(section, item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(section, item)
-
-    for section in ("systems", *sorted(k for k in report if k != "systems")):
-        walk(section, report.get(section))
+                    out.setdefault(section, []).append(node | {"listed_as": name})
     return out
 
 

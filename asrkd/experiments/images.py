@@ -299,12 +299,12 @@ def held_out_error_count(exp: Path, name: str, held_out: int) -> int:
 def chosen_big(cfg) -> str:
     """The teacher's settings: the big-net candidate (seed 0) with the fewest held-out errors,
     the earlier of :func:`big_nets` on ties (``images.big`` first). Never the test set."""
-    exp, held_out = Path(cfg.exp_dir), int(cfg.images.valid_images)
-    missing = [name for name in big_nets(cfg) if not (exp / "dnn" / name / "stage.json").is_file()]
+    exp, held_out, candidates = Path(cfg.exp_dir), int(cfg.images.valid_images), big_nets(cfg)
+    missing = [name for name in candidates if not trained(exp, name)]
     if missing:
         raise FileNotFoundError(f"images: the teacher is the big net with the fewest held-out errors, and {', '.join(f'{exp}/dnn/{n}' for n in missing)} "
                                 "not trained yet: run recipes/mnist/run.sh --stage 1")
-    held = {name: held_out_error_count(exp, name, held_out) for name in big_nets(cfg)}
+    held = {name: held_out_error_count(exp, name, held_out) for name in candidates}
     return min(held, key=held.get)
 
 

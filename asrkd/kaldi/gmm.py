@@ -435,8 +435,9 @@ def run_align(cfg) -> None:
         set_feats = FeatureStore.load(mfcc, mmap=False)
         set_utts = [u for u in set_data.utt_ids if u in set_feats]
         set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}")(tri, set_utts)
-        account_dropped(f"align {name}" + (" (scored only: drops never stop the stage)" if scoring_only(cfg, name) else ""),
-                        len(set_utts), dropped, 1.0 if scoring_only(cfg, name) else cfg.prep.max_drop_fraction, out_dir / "dropped.json")
+        scored_only = scoring_only(cfg, name)
+        account_dropped(f"align {name}" + (" (scored only: drops never stop the stage)" if scored_only else ""),
+                        len(set_utts), dropped, 1.0 if scored_only else cfg.prep.max_drop_fraction, out_dir / "dropped.json")
         pdf_ids = store_alignment(tri, set_alignments, set_feats, out_dir)
         counts = np.bincount(pdf_ids[pdf_ids >= 0], minlength=tri.num_pdfs)
         save_npy(out_dir / "pdf_counts.npy", counts)  # priors of the hybrid models trained on this set
