@@ -97,24 +97,6 @@ COMMANDS = {
     "make-graph": "asrkd.kaldi.graph",
     "decode": "asrkd.nnet.decode",
     "evaluate": "asrkd.evaluate",
-    "train-3pct": "asrkd.experiments.three_percent:run_train",
-    "decode-3pct": "asrkd.experiments.three_percent:run_decode",
-    "report-3pct": "asrkd.experiments.three_percent:run_report",
-    "decode-distill": "asrkd.experiments.distillation:run_decode",
-    "report-distill": "asrkd.experiments.distillation:run_report",
-    "train-levers": "asrkd.experiments.levers:run_train",
-    "decode-levers": "asrkd.experiments.levers:run_decode",
-    "train-chains": "asrkd.experiments.chains:run_train",
-    "decode-chains": "asrkd.experiments.chains:run_decode",
-    "report-chains": "asrkd.experiments.chains:run_report",
-    "train-self-distill": "asrkd.experiments.self_distillation:run_train",
-    "decode-self-distill": "asrkd.experiments.self_distillation:run_decode",
-    "report-self-distill": "asrkd.experiments.self_distillation:run_report",
-    "train-specialists": "asrkd.experiments.specialists:run_train",
-    "decode-specialists": "asrkd.experiments.specialists:run_decode",
-    "report-specialists": "asrkd.experiments.specialists:run_report",
-    "train-function-matching": "asrkd.experiments.function_matching:run_train",
-    "report-function-matching": "asrkd.experiments.function_matching:run_report",
     "prepare-images": "asrkd.experiments.images:run_prepare",
     "train-image-nets": "asrkd.experiments.images:run_train_nets",
     "train-image-students": "asrkd.experiments.images:run_train_students",
@@ -122,6 +104,19 @@ COMMANDS = {
     "export": "asrkd.nnet.export",
     "results": "asrkd.report:run_results",
 }
+
+# experiment -> (its module, its steps): step s is ``asrkd <s>-<experiment>``, the module's run_<s>;
+# a new experiment is one entry here (the image experiment's steps are named above)
+EXPERIMENTS = {
+    "3pct": ("asrkd.experiments.three_percent", ("train", "decode", "report")),
+    "distill": ("asrkd.experiments.distillation", ("decode", "report")),
+    "levers": ("asrkd.experiments.levers", ("train", "decode")),
+    "chains": ("asrkd.experiments.chains", ("train", "decode", "report")),
+    "self-distill": ("asrkd.experiments.self_distillation", ("train", "decode", "report")),
+    "specialists": ("asrkd.experiments.specialists", ("train", "decode", "report")),
+    "function-matching": ("asrkd.experiments.function_matching", ("train", "report")),
+}
+COMMANDS |= {f"{step}-{name}": f"{module}:run_{step}" for name, (module, steps) in EXPERIMENTS.items() for step in steps}
 
 
 def run_command(function: Callable[[DictConfig], None], overrides: list[str], name: str, config_dir: Path | None = None) -> None:

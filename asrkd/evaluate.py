@@ -22,6 +22,10 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd.data import DataDir, data_split, eval_sets
+from asrkd.kaldi.decode import out_of_vocabulary
+from asrkd.kaldi.graph import lm_vocabulary
+from asrkd.layout import Layout
+from asrkd.nnet.decode import scored_sets
 from asrkd.nnet.train import FrameData, evaluate_frames, load_system, read_history, replicates, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.report import decoding_result, machine, merge_into_report, mixed_configs, recipe_command
@@ -41,13 +45,13 @@ class FrameScorer:
     """
 
     def __init__(self, cfg):
-        self.exp, self.batch_size = Path(cfg.exp_dir), cfg.eval.batch_size
+        self.exp, self.layout, self.batch_size = Path(cfg.exp_dir), Layout.of(cfg), cfg.eval.batch_size
         self.device = pick_device(cfg.train.device)
         torch.set_num_threads(int(cfg.train.num_threads))
         self.train = FrameData.load(self.exp, "train", cfg.model, self.device)
         self.eval: dict[str, tuple[FrameData, np.ndarray]] = {}
         for name in eval_sets(cfg):
-            if not (self.exp / "tri" / f"ali_{name}" / "pdf_ids.npy").is_file():
+            if not (self.layout.alignment(name) / "pdf_ids.npy").is_file():
                 log.warning("%s has no alignment (exp/tri/ali_%s): no frame accuracy on it; `asrkd align` makes one", name, name)
                 continue
             data = FrameData.load(self.exp, name, cfg.model, self.device)
@@ -92,7 +96,7 @@ class Evaluation:
     """
 
     def __init__(self, cfg, scorer: FrameScorer | None = None):
-        self.cfg, self.exp = cfg, Path(cfg.exp_dir)
+        self.cfg, self.exp, self.layout = cfg, Path(cfg.exp_dir), Layout.of(cfg)
         self.scorer = scorer or FrameScorer(cfg)
         scfg = cfg.stats
         if scfg.unit not in ("utterance", "speaker"):
@@ -108,9 +112,11 @@ class Evaluation:
                 self.frames_by_set[name] = Bootstrap(self.scorer.utterances(name), scfg.replicates, scfg.confidence, scfg.seed, unit_of)
             self.words_by_set[name] = Bootstrap(data.utt_ids, scfg.replicates, scfg.confidence, scfg.seed, unit_of)
         if self.primary not in self.frames_by_set:
-            raise FileNotFoundError(f"{self.exp}/tri/ali_{self.primary}: the first eval set needs an alignment "
+            raise FileNotFoundError(f"{Layout(self.exp).alignment(self.primary)}: the first eval set needs an alignment "
                                     f"(`asrkd align features.sets=[{self.primary}]`)")
         self.frames, self.words = self.frames_by_set[self.primary], self.words_by_set[self.primary]
+        self.frame_accuracy_utterances = {name: {"aligned": len(self.scorer.utterances(name)), "of": len(self.words_by_set[name].utt_ids)}
+                                          for name in self.frames_by_set}  # an alignment may drop some: every cell says over how many
 
     def entry(self, systems: list[str], train_sets: dict[str, list[str]], key: str | None = None, **extra) -> dict:
         """The report entry of ``systems`` (one, or replicates: their mean), labeled with the model
@@ -134,7 +140,7 @@ class Evaluation:
         return out | extra
 
     def wer_fields(self, key: str, systems: list[str], decoded: list[dict]) -> dict:
-        errors = {name: [json.loads((self.exp / "decode" / s / "wer.json").read_text())["utterance_errors"][name] for s in systems]
+        errors = {name: [json.loads((self.layout.decode(s) / "wer.json").read_text())["utterance_errors"][name] for s in systems]
                   for name in self.sets}
         counts = {name: UtteranceCounts.from_tables(tables) for name, tables in errors.items()}
         out = {"wer": {k: mean(d["wer"][k] for d in decoded) for k in decoded[0]["wer"]},
@@ -157,7 +163,7 @@ def model_label(exp: Path, system: str) -> str:
     dirs = system_dirs(exp, system)
     config = input_record(dirs[0])["config"]
     label = f"{config['model.num_hidden_layers']}x{config['model.hidden_dim']}"
-    return label if dirs == [exp / "dnn" / system.partition("@")[0]] else f"{len(dirs)} x {label}"
+    return label if dirs == [Layout(exp).model(system)] else f"{len(dirs)} x {label}"
 
 
 def mean(values) -> float:
@@ -172,7 +178,7 @@ def model_records(exp: Path, systems: list[str]) -> dict:
     out = {}
     for system in systems:
         records = [input_record(d) for d in system_dirs(exp, system)]
-        decode = exp / "decode" / system
+        decode = Layout(exp).decode(system)
         decoded = input_record(decode) if (decode / "stage.json").is_file() else None
         out[system] = {"fingerprint": [r["fingerprint"] for r in records] if len(records) > 1 else records[0]["fingerprint"],
                        "config": records[0]["config"], "inputs": {k: v["fingerprint"] for k, v in records[0]["inputs"].items()},
@@ -190,21 +196,34 @@ def experiment_scoring(cfg, command: str) -> tuple["Evaluation", dict[str, list[
     return Evaluation(cfg), {"train": train_utts, "valid": valid_utts}, recipe_command(command)
 
 
+def out_of_vocabulary_by_set(cfg) -> dict[str, dict]:
+    """Per scored set, the share of its reference words the LM cannot output (a vocabulary floor
+    under its WER), with a warning for an eval set above ``decode.oov_warning``."""
+    vocabulary = lm_vocabulary(cfg)
+    out = {name: out_of_vocabulary(refs, vocabulary) for name, (_, refs) in scored_sets(cfg).items()}
+    for name in eval_sets(cfg):
+        if out[name]["oov_rate"] > float(cfg.decode.oov_warning):
+            log.warning("%s: %.1f%% of its reference words (%d types, e.g. %s) are outside the LM's %d words and can never be "
+                        "recognised; train the LM on text that holds them (graph.lm_data: the data dir whose transcripts it learns)", name, 100 * out[name]["oov_rate"],
+                        out[name]["oov_types"], " ".join(list(out[name]["oov_words"])[:8]), len(vocabulary))
+    return out
+
+
 def run(cfg) -> None:
     """Stage 7: the GMM and the baseline (its replicates too: the mean over seeds, train.seeds > 1)."""
-    exp = Path(cfg.exp_dir)
+    exp, layout = Path(cfg.exp_dir), Layout.of(cfg)
     train_utts, valid_utts = data_split(cfg)
     evaluation = Evaluation(cfg)
     sets = {"train": train_utts, "valid": valid_utts}
-    history = read_history(exp / "dnn" / cfg.train.name)
-    gmm_log = json.loads((exp / "tri" / "log.json").read_text())
+    history = read_history(layout.model(cfg.train.name))
+    gmm_log = json.loads((layout.gmm / "log.json").read_text())
     baseline = evaluation.entry([cfg.train.name], sets, epochs=len(history),
                                 train_seconds=sum(h["seconds"] for h in history), history=history)
     systems = {"gmm": evaluation.decoded_only("gmm", f"tri ({gmm_log['tri']['num_pdfs']} pdfs)"), cfg.train.name: baseline}
-    rows = {"gmm": [exp / "tri", exp / "decode" / "gmm"], cfg.train.name: [exp / "dnn" / cfg.train.name, exp / "decode" / cfg.train.name]}
+    rows = {"gmm": [layout.gmm, layout.decode("gmm")], cfg.train.name: [layout.model(cfg.train.name), layout.decode(cfg.train.name)]}
     if int(cfg.train.seeds) > 1:
         systems[f"{cfg.train.name}_seeds"] = evaluation.entry(replicates(cfg), sets)
-        rows[f"{cfg.train.name}_seeds"] = [d for r in replicates(cfg) for d in (exp / "dnn" / r, exp / "decode" / r)]
+        rows[f"{cfg.train.name}_seeds"] = [d for r in replicates(cfg) for d in (layout.model(r), layout.decode(r))]
     report = {
         "corpus": cfg.corpus,
         "command": recipe_command(" ".join(["asrkd", *sys.argv[1:]])),
@@ -215,7 +234,9 @@ def run(cfg) -> None:
         "eval_sets": evaluation.sets, "tuning_set": str(cfg.decode.tuning_set), "unseen_sentences": list(cfg.decode.unseen_sentences),
         "gmm": {"mono_pdfs": gmm_log["mono"]["num_pdfs"], "tri_pdfs": gmm_log["tri"]["num_pdfs"],
                 "tree": gmm_log["tri"]["tree"], "seconds": gmm_log["mono"]["seconds"] + gmm_log["tri"]["seconds"],
-                "fingerprint": input_record(exp / "tri")["fingerprint"]},
+                "fingerprint": input_record(layout.gmm)["fingerprint"]},
+        "out_of_vocabulary": out_of_vocabulary_by_set(cfg),
+        "frame_accuracy_utterances": evaluation.frame_accuracy_utterances,
         "systems": systems,
     }
     merge_into_report(cfg, report)

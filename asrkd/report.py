@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from omegaconf import OmegaConf
 
+from asrkd.layout import Layout
 from asrkd.parallel import pick_device
 from asrkd.stage import atomic_write, copy_file, cpu_description, input_record, write_json, write_text
 from asrkd.stats import format_interval
@@ -43,6 +44,16 @@ def with_ci(entry: dict, metric: str, set_name: str = "test") -> str:
 
 def tuning_description(tuning: str) -> str:
     return "the validation speakers" if tuning == "valid" else f"{tuning}"
+
+
+def out_of_vocabulary_line(by_set: dict[str, dict]) -> str:
+    """Each scored set's share of reference words outside the LM's vocabulary: errors no acoustic model can avoid."""
+    def described(name: str, oov: dict) -> str:
+        words = f": {' '.join(oov['oov_words'])}" if oov["oov_types"] <= 10 else f", most often {' '.join(list(oov['oov_words'])[:10])}"
+        return (f"{name} {percent(oov['oov_rate'])} of {oov['tokens']:,} words"
+                + (f" ({oov['oov_types']} word type{'s' if oov['oov_types'] > 1 else ''}{words})" if oov["oov_types"] else ""))
+    return "Out of the LM's vocabulary (reference words no path of the graph can output): " + "; ".join(
+        described(name, oov) for name, oov in by_set.items()) + "."
 
 
 def markdown_table(report: dict) -> str:
@@ -78,6 +89,11 @@ def markdown_table(report: dict) -> str:
               f"chosen on {tuning_description(report.get('tuning_set', 'valid'))}; unseen = sentences that never occur in the LM's training text.",
               f"[95% CI]: bootstrap over whole {report.get('bootstrap_unit', 'utterance')}s of each set (asrkd/stats.py); rows with several seeds",
               "give the mean over seeds, and their interval resamples the seeds too; one seed: test-set variation only.", ""]
+    if report.get("frame_accuracy_utterances"):
+        lines += ["Frame accuracy is over the utterances the GMM aligned: " + "; ".join(
+            f"{name} {n['aligned']:,} of {n['of']:,}" for name, n in report["frame_accuracy_utterances"].items()) + ".", ""]
+    if report.get("out_of_vocabulary"):
+        lines += [out_of_vocabulary_line(report["out_of_vocabulary"]), ""]
     gmm = report["gmm"]
     lines.append(f"GMM: {gmm['mono_pdfs']} monophone pdfs -> {gmm['tri_pdfs']} tied triphone states (pdf-ids), "
                  f"trained and aligned in {gmm['seconds']:.0f} s.")
@@ -118,7 +134,7 @@ def saved_figure(out: Path, size: tuple[float, float], xlabel: str, ylabel: str,
 def decoding_result(exp: Path, system: str) -> dict:
     """WER fields of a decoded system (empty when the decode stage has not run for it): every set
     wer.json scores (the eval sets, their unseen sentences, the tuning set), in that order."""
-    path = exp / "decode" / system / "wer.json"
+    path = Layout(Path(exp)).decode(system) / "wer.json"
     if not path.is_file():
         return {}
     result = json.loads(path.read_text())
@@ -178,7 +194,7 @@ def current_report(cfg) -> dict:
     """The report reports merge into: ``results_dir/report.json`` when there is one, else exp/report's (or nothing)."""
     base = Path(cfg.results_dir) / "report.json" if cfg.results_dir else None
     if base is None or not base.is_file():
-        base = Path(cfg.exp_dir) / "report" / "report.json"
+        base = Layout.of(cfg).report / "report.json"
     return json.loads(base.read_text()) if base.is_file() else {}
 
 
@@ -190,7 +206,7 @@ def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
     recipes committed), else exp/report/report.json: each reporting stage owns its keys, so
     rerunning one recipe, even in a fresh clone, keeps what the others wrote.
     """
-    out_dir = Path(cfg.exp_dir) / "report"
+    out_dir = Layout.of(cfg).report
     report = current_report(cfg)
     systems = {**report.get("systems", {}), **section.get("systems", {})}
     report.update(portable(section))
@@ -283,8 +299,8 @@ def run_results(cfg) -> None:
     """``asrkd results``: RESULTS.md beside the report (results_dir, else exp/report) from its report.json."""
     report = current_report(cfg)
     if not report:
-        raise FileNotFoundError(f"no report.json in {cfg.results_dir or Path(cfg.exp_dir) / 'report'}: run a recipe's report stage first")
-    out_dir = Path(cfg.results_dir) if cfg.results_dir else Path(cfg.exp_dir) / "report"
+        raise FileNotFoundError(f"no report.json in {cfg.results_dir or Layout.of(cfg).report}: run a recipe's report stage first")
+    out_dir = Path(cfg.results_dir) if cfg.results_dir else Layout.of(cfg).report
     write_text(out_dir / RESULTS, results_listing(report))
 
 
@@ -300,7 +316,7 @@ def publish_experiment(cfg, name: str, result: dict, markdown: str, figures: dic
     a line naming the machines when its rows' models were made on more than one) and each of
     ``figures`` (file name -> what draws it from ``result``) under exp/report, ``result`` as the
     ``name`` section of report.json and ``systems`` among its systems, all merged into ``results_dir``."""
-    out_dir = Path(cfg.exp_dir) / "report"
+    out_dir = Layout.of(cfg).report
     write_text(out_dir / f"{name}.md", with_machines_note(markdown, result))
     for file, draw in figures.items():
         draw(result, out_dir / file)

@@ -76,6 +76,7 @@ DECLARED: dict[str, Kind] = {
     "specialists.epochs": Kind((int,), nullable=True),
     "specialists.random_half": Kind((str,), choices=("remainder", "all")),
     "images.dataset": Kind((str,), choices=("fashion-mnist", "mnist")),
+    "images.teacher": Kind((str,), choices=("net", "ensemble")),
     "images.download_url": Kind((str,), nullable=True),
     "images.big_variants": Kind((dict,), nullable=True),
     "images.function_matching": Kind((dict,), nullable=True),

@@ -1,8 +1,10 @@
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from asrkd.data import DataDir, DataDirError, speaker_balanced_subset, split_by_speaker
+from asrkd.layout import Layout
 
 
 def make_data(num_speakers: int = 5, per_speaker: int = 10) -> DataDir:
@@ -63,3 +65,13 @@ def test_validation_split_holds_out_whole_speakers() -> None:
     train, valid = split_by_speaker(data, 0.2, seed=0)
     assert {data.utt2spk[u] for u in train}.isdisjoint({data.utt2spk[u] for u in valid})
     assert len(valid) == 20 and len(train) + len(valid) == len(data.utt2spk)
+
+
+def test_the_layout_names_each_stage_output_as_kaldi_would() -> None:
+    layout = Layout(Path("exp"), Path("data"))
+    assert layout.alignment("train_sp") == Path("exp/tri/ali_train_sp")
+    assert layout.pdf_counts == Path("exp/tri/ali_train/pdf_counts.npy")
+    assert layout.model("student_T2@best") == Path("exp/dnn/student_T2")  # a system's checkpoint choice is no directory
+    assert layout.export("ensemble/member-0") == Path("exp/export/ensemble_member-0")
+    assert layout.lang == Path("data/lang")
+    assert Layout.of(OmegaConf.create({"exp_dir": "x/exp", "data_dir": "x/data"})).fbank("test") == Path("x/exp/feats/fbank/test")

@@ -1,8 +1,13 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
-from asrkd.kaldi.decode import (check_scores, choose_weights, log_priors, transition_id_matrix, unseen_sentences,
+from asrkd.kaldi.decode import (check_scores, choose_weights, log_priors, out_of_vocabulary, transition_id_matrix, unseen_sentences,
                                 utterance_errors, word_error_rate)
+from asrkd.kaldi.graph import lm_exclusions, lm_vocabulary
+from asrkd.report import out_of_vocabulary_line
 
 
 def test_wer_counts_errors_by_kind() -> None:
@@ -57,3 +62,46 @@ def test_priors_are_floored_and_normalized() -> None:
 
 def test_unseen_sentences() -> None:
     assert unseen_sentences({"t1": "A B", "t2": "C"}, {"x": "C", "y": "A"}) == ["t1"]
+
+
+ARPA = """
+\\data\\
+ngram 1=5
+ngram 2=1
+
+\\1-grams:
+-1.0 </s>
+-99 <s> -0.5
+-0.7 ONE -0.3
+-0.7 TWO
+-1.2 <unk>
+
+\\2-grams:
+-0.2 <s> ONE
+
+\\end\\
+"""
+
+
+def graph_cfg(tmp_path: Path, tuning_set: str = "valid"):
+    return OmegaConf.create({"exp_dir": str(tmp_path / "exp"), "data_dir": str(tmp_path / "data"), "seed": 0,
+                             "graph": {"lm_order": 2, "lm_exclude_valid": True}, "decode": {"tuning_set": tuning_set}})
+
+
+def test_the_oov_rate_counts_reference_words_the_lm_cannot_output(tmp_path: Path) -> None:
+    (tmp_path / "exp" / "graph").mkdir(parents=True)
+    (tmp_path / "exp" / "graph" / "lm_2gram.arpa").write_text(ARPA)
+    vocabulary = lm_vocabulary(graph_cfg(tmp_path))
+    assert vocabulary == {"ONE", "TWO"}  # the unigrams, without the sentence marks and <unk>
+    oov = out_of_vocabulary({"a": "ONE TWO THREE", "b": "THREE FOUR ONE"}, vocabulary)
+    assert (oov["tokens"], oov["oov_tokens"], oov["oov_types"]) == (6, 3, 2)
+    assert oov["oov_rate"] == pytest.approx(0.5) and list(oov["oov_words"]) == ["THREE", "FOUR"]  # most frequent first
+    assert out_of_vocabulary_line({"test": oov}).endswith("test 50.00% of 6 words (2 word types: THREE FOUR).")
+
+
+def test_the_lm_leaves_out_the_tuning_sets_sentences_whichever_set_tunes(tmp_path: Path) -> None:
+    dev = tmp_path / "data" / "dev"
+    dev.mkdir(parents=True)
+    (dev / "text").write_text("dev-1 ONE TWO\ndev-2 TWO\n")
+    assert lm_exclusions(graph_cfg(tmp_path, "dev")) == {"dev-1", "dev-2"}
+    assert lm_exclusions(OmegaConf.merge(graph_cfg(tmp_path, "dev"), {"graph": {"lm_exclude_valid": False}})) == set()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from asrkd.experiments.images import IDX_FILES, jitter, read_idx
 
@@ -125,6 +126,15 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     assert "| big net | dropout (inputs) | jitter | held-out errors |" in md and f"| {teacher} (the teacher) |" in md
     left_out = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_no3" / "stage.json").read_text())
     assert left_out["config"]["transfer"] == "no3"
+    ensemble_cfg = OmegaConf.merge(cfg, {"images": {"teacher": "ensemble"}})  # the big seeds' average teaches every student
+    images.run_train_students(ensemble_cfg)
+    images.run_report(ensemble_cfg)
+    report = json.loads((tmp_path / "results" / "report.json").read_text())
+    assert report["seeds"]["small_distilled"] == ["student_w16_T20_ensemble", "student_w16_T20_ensemble_seed1"]  # beside the others
+    seed1 = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_ensemble_seed1" / "stage.json").read_text())
+    assert seed1["config"]["teacher"] == [teacher, f"{teacher}_seed1"] and len(seed1["inputs"]) > len(left_out["inputs"])
+    assert report["rows"]["big_ensemble"]["nets"] == [teacher, f"{teacher}_seed1"] and "ci" in report["rows"]["big_ensemble"]["fewer_than_small_alone"]
+    assert "| the big nets' ensemble, the teacher (the 2 seeds' average probabilities) |" in (tmp_path / "results" / "report.md").read_text()
     made = (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns
     images.run_prepare(cfg)  # current: nothing remade
     assert (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns == made

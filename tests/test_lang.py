@@ -3,7 +3,7 @@ from pathlib import Path
 import kaldifst
 import pytest
 
-from asrkd.kaldi.lang import Lang, add_disambig, build_lexicon, position_phones, prepare_lang, read_sphinx_dict
+from asrkd.kaldi.lang import Lang, add_disambig, build_lexicon, position_phones, prepare_lang, read_sphinx_dict, refuse_case_clashes
 
 
 def test_sphinx_dict_alternates_and_stress(tmp_path: Path) -> None:
@@ -52,3 +52,10 @@ def test_prepare_lang_writes_a_kaldi_lang_dir(tmp_path: Path) -> None:
     assert loaded.word_ids("YES A", "u1") == [lang.words["YES"], lang.words["A"]]
     with pytest.raises(KeyError, match=r"utterance u2: words 'NO' 'MAYBE' not in .*words.txt"):  # every unknown word, not the first
         loaded.word_ids("NO YES MAYBE NO", "u2")
+
+
+def test_words_spelled_in_two_cases_are_refused_with_every_clash_named() -> None:
+    refuse_case_clashes({"TEN", "ELEVEN", "yes"}, [Path("data/train/text")])  # one case per word: passes
+    with pytest.raises(ValueError, match=r"2 word\(s\) are spelled in two cases across data/train/text, data/heldout/text: "
+                                         r"TEN/ten Yes/yes; write every transcript in one case"):
+        refuse_case_clashes({"TEN", "ten", "yes", "Yes", "GO"}, [Path("data/train/text"), Path("data/heldout/text")])

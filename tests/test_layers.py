@@ -4,10 +4,13 @@ import-linter contract says, with every module in a layer and every import at it
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import re
 import subprocess
 import sys
+
+from asrkd.cli import COMMANDS
 
 from .conftest import REPO
 
@@ -56,3 +59,23 @@ def test_imports_sit_at_the_top_of_their_module() -> None:
                 if module not in LAZY:
                     inside.append(f"{path.relative_to(REPO)}:{node.lineno} {module}")
     assert inside == []
+
+
+def test_every_path_into_an_experiment_directory_is_built_by_the_layout() -> None:
+    # a stage's output directory spelled out elsewhere ('exp / "dnn" / name') drifts from where the others look for it
+    spelled = re.compile(r'/\s*"(dnn|soft_targets|decode|feats|graph|tri|mono|report|lang|specialists|cost|export)"')
+    found = [f"{path.relative_to(REPO)}:{number} {line.strip()}" for path in sorted((REPO / "asrkd").rglob("*.py"))
+             if path.name != "layout.py" for number, line in enumerate(path.read_text().splitlines(), 1) if spelled.search(line)]
+    assert found == [], "build these paths with asrkd.layout.Layout"
+
+
+def test_every_command_names_a_step_that_exists_and_every_experiment_step_is_a_command() -> None:
+    for command, target in COMMANDS.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function or "run", None)), command
+    steps = {target for target in COMMANDS.values()}
+    for path in sorted((REPO / "asrkd" / "experiments").glob("*.py")):
+        module = f"asrkd.experiments.{path.stem}"
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("run_") and [a.arg for a in node.args.args] == ["cfg"]:
+                assert f"{module}:{node.name}" in steps, f"{module}.{node.name} has no command: add the step to cli.EXPERIMENTS"

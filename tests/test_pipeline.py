@@ -28,7 +28,12 @@ def test_report_has_frame_accuracy_for_every_set(run_dir: Path) -> None:
     num_pdfs = report["gmm"]["tri_pdfs"]
     assert report["gmm"]["mono_pdfs"] < num_pdfs <= 130  # the tree split contexts, within max_leaves
     assert all(5.0 / num_pdfs < a <= 1.0 for a in accuracy.values())  # far above chance
-    assert "| baseline | 2x64 | 1 |" in (run_dir / "exp" / "report" / "report.md").read_text()
+    markdown = (run_dir / "exp" / "report" / "report.md").read_text()
+    assert "| baseline | 2x64 | 1 |" in markdown
+    scored = report["frame_accuracy_utterances"]["test"]  # every frame-accuracy cell: over how many utterances
+    assert 0 < scored["aligned"] <= scored["of"] and f"test {scored['aligned']:,} of {scored['of']:,}" in markdown
+    oov = report["out_of_vocabulary"]  # words the LM (trained on train's transcripts) cannot output
+    assert set(oov) == {"valid", "test"} and 0.0 <= oov["test"]["oov_rate"] < 0.5 and "Out of the LM's vocabulary" in markdown
     baseline = report["systems"]["baseline"]
     lo, hi = baseline["frame_accuracy_ci"]["test"]
     assert lo < baseline["frame_accuracy"]["test"] < hi and baseline["wer_ci"]["test"][0] <= baseline["wer"]["test"]

@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 
 from asrkd.data import DataDir
 from asrkd.jobs import map_jobs, num_jobs, split
+from asrkd.layout import Layout
 from asrkd.kaldi.decode import log_priors
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames, average_softmax, average_zero_mean_logits
 from asrkd.nnet.train import TrainingSet, load_system, system_dirs
@@ -348,7 +349,7 @@ def load_teacher(cfg, device: torch.device) -> EnsembleDNN:
 
 def spliced_store(cfg, teacher: EnsembleDNN, store: str, device: torch.device) -> SplicedFrames:
     """The fbank frames of ``store`` in memory on ``device``, with the teacher's context windows."""
-    features = FeatureStore.load(Path(cfg.exp_dir) / "feats" / "fbank" / store, mmap=False)
+    features = FeatureStore.load(Layout.of(cfg).fbank(store), mmap=False)
     return SplicedFrames(features, teacher.config["left_context"], teacher.config["right_context"], device)
 
 
@@ -401,11 +402,11 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
 def pdf_priors(cfg) -> np.ndarray:
     """The pdf priors the decoder divides by (the training alignment's floored pdf frequencies):
     what the compact_prior form spreads its residual by."""
-    return np.exp(log_priors(np.load(Path(cfg.exp_dir) / "tri" / "ali_train" / "pdf_counts.npy"), cfg.decode.prior_floor))
+    return np.exp(log_priors(np.load(Layout.of(cfg).pdf_counts), cfg.decode.prior_floor))
 
 
 def teacher_dir(cfg, store: str) -> Path:
-    return Path(cfg.exp_dir) / "soft_targets" / cfg.distill.teacher / store
+    return Layout.of(cfg).soft_targets(cfg.distill.teacher, store)
 
 
 def store_dir(cfg, temperature: float, store: str = "train") -> Path:
@@ -418,9 +419,9 @@ def logits_dir(cfg, store: str = "train") -> Path:
 
 def current_checksum(exp_dir: Path, store: str) -> str:
     """The checksum a store must carry to be used with today's features (and alignment) of ``store``."""
-    exp = Path(exp_dir)
-    features = FeatureStore.load(exp / "feats" / "fbank" / store)
-    ali = exp / "tri" / f"ali_{store}" / "pdf_ids.npy"
+    layout = Layout(Path(exp_dir))
+    features = FeatureStore.load(layout.fbank(store))
+    ali = layout.alignment(store) / "pdf_ids.npy"
     return source_checksum(features.checksum(), np.load(ali) if ali.is_file() else None)
 
 
@@ -462,9 +463,9 @@ def run(cfg) -> None:
 
 def run_store(cfg, store: str) -> None:
     """The soft targets of one feature store (``exp/soft_targets/<teacher>/<store>/...``)."""
-    exp = Path(cfg.exp_dir)
+    exp, layout = Path(cfg.exp_dir), Layout.of(cfg)
     members = system_dirs(exp, cfg.distill.teacher)
-    inputs = {f"teacher {d.name}": d for d in members} | {"features": exp / "feats" / "fbank" / store}
+    inputs = {f"teacher {d.name}": d for d in members} | {"features": layout.fbank(store)}
     values = {"teacher": cfg.distill.teacher, "store": store}
     todo = {}
     for t in sorted({float(t) for t in cfg.distill.temperatures}):
@@ -481,7 +482,7 @@ def run_store(cfg, store: str) -> None:
     torch.set_num_threads(int(cfg.train.num_threads))
     device = pick_device(cfg.train.device)
     teacher = load_teacher(cfg, device)
-    features = FeatureStore.load(exp / "feats" / "fbank" / store)  # its index: the groups; the frames are read where they are scored
+    features = FeatureStore.load(layout.fbank(store))  # its index: the groups; the frames are read where they are scored
     groups = teacher_groups(cfg, features.utt_ids, features.offsets, members)
     write_teacher_outputs(cfg, teacher, device, features.num_frames, groups, {t: stage.out_dir for t, stage in todo.items()},
                           logits_stage.out_dir if logits_stage else None, store, current_checksum(exp, store))

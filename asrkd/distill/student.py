@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from asrkd.distill.forms import LOGITS, form_of
 from asrkd.distill.soft_targets import TargetRows, current_checksum, load_teacher, student_cfg, teacher_groups
+from asrkd.layout import Layout
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
 from asrkd.nnet.train import Model, TrainingSet, replicate_name, system_dirs, train_stage
 
@@ -167,7 +168,7 @@ def run(cfg) -> None:
     dcfg = cfg.distill
     scfg = student_cfg(cfg)
     training = TrainingSet(scfg, list(dcfg.transfer))
-    exp = Path(cfg.exp_dir)
+    layout = Layout.of(cfg)
     for student in students(cfg):
         name = name_of(cfg, student)
         form = form_of(cfg, student.form)
@@ -180,5 +181,5 @@ def run(cfg) -> None:
         values = {"teacher": dcfg.teacher, "form": student.form, "temperature": student.temperature, "transfer": list(dcfg.transfer)}
         values |= {"on_the_fly": True} if dcfg.on_the_fly else {}
         values |= form.values(cfg)
-        train_stage(scfg, [Model(f"train-student {name}", exp / "dnn" / name, student.replicate, values=values)], training, loss=loss,
+        train_stage(scfg, [Model(f"train-student {name}", layout.model(name), student.replicate, values=values)], training, loss=loss,
                     keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)

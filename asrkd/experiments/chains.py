@@ -51,6 +51,7 @@ from omegaconf import OmegaConf
 from asrkd.distill.losses import distillation_loss
 from asrkd.distill.student import Student, TeacherOnTheFly, target_source
 from asrkd.evaluate import bootstrap_key, experiment_scoring
+from asrkd.layout import Layout
 from asrkd.nnet import decode
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, system_dirs, train_stage
 from asrkd.report import percent, publish_experiment, saved_figure, single_seed_note, with_ci
@@ -109,7 +110,7 @@ def members(cfg) -> tuple[str, ...]:
     """The systems of the teacher ensemble's members (``<teacher>/member-<i>``)."""
     top = str(cfg.chains.teacher)
     dirs = system_dirs(Path(cfg.exp_dir), top)
-    if dirs == [Path(cfg.exp_dir) / "dnn" / top]:
+    if dirs == [Layout.of(cfg).model(top)]:
         raise ValueError(f"chains.methods: switching_members switches among an ensemble's members, and chains.teacher={top} is one DNN "
                          "(exp/dnn/<teacher>/member-* not found); make the teacher an ensemble or drop the method")
     return tuple(f"{top}/{d.name}" for d in dirs)
@@ -173,7 +174,7 @@ def train_link(cfg, link: Link, temperature: float, training: TrainingSet) -> No
     mcfg = model_cfg(cfg, link)
     values = {"layers": link.layers, "width": link.width, "teachers": list(link.teachers), "rule": link.rule}
     if link.rule == "none":
-        train_stage(mcfg, [Model(f"train-chains {link.name}", exp / "dnn" / link.name, link.replicate, values=values)], training)
+        train_stage(mcfg, [Model(f"train-chains {link.name}", Layout(exp).model(link.name), link.replicate, values=values)], training)
         return
     top = str(ccfg.teacher)
     make_top, inputs = None, {}
@@ -194,7 +195,7 @@ def train_link(cfg, link: Link, temperature: float, training: TrainingSet) -> No
                          ccfg.teacher_drop, int(cfg.seed) + 100 * link.replicate)
         return lambda logits, batch: distillation_loss(logits, mix(batch), hard[batch], temperature, dcfg.soft_weight, dcfg.hard_weight)
 
-    train_stage(mcfg, [Model(f"train-chains {link.name}", exp / "dnn" / link.name, link.replicate, values=values)], training, loss=loss,
+    train_stage(mcfg, [Model(f"train-chains {link.name}", Layout(exp).model(link.name), link.replicate, values=values)], training, loss=loss,
                 keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
 
 
@@ -221,7 +222,7 @@ def run_train(cfg) -> None:
 
 def valid_accuracy(cfg, student: Link) -> float:
     """The final student's validation frame accuracy at its last epoch, the mean over its seeds."""
-    scores = [read_history(Path(cfg.exp_dir) / "dnn" / link.name)[-1]["valid_frame_accuracy"] for link in seeds_of(cfg, student)]
+    scores = [read_history(Layout.of(cfg).model(link.name))[-1]["valid_frame_accuracy"] for link in seeds_of(cfg, student)]
     return sum(scores) / len(scores)
 
 
@@ -312,7 +313,7 @@ def run_report(cfg) -> None:
         models = [evaluation.entry([link.name], sets) for link in links[:-1]]
         students = [link.name for link in seeds_of(cfg, links[-1])]
         student = evaluation.entry(students, sets, command=command, temperature=temperature)
-        seconds = sum(h["seconds"] for link in [*links[:-1], *seeds_of(cfg, links[-1])] for h in read_history(exp / "dnn" / link.name))
+        seconds = sum(h["seconds"] for link in [*links[:-1], *seeds_of(cfg, links[-1])] for h in read_history(Layout(exp).model(link.name)))
         slim = [{"system": link.name, "frame_accuracy": m["frame_accuracy"]} for link, m in zip(links, [*models, student])]
         rows[ROWS[method]] = student | {"chain": slim, "train_seconds": seconds,
                                         "teacher_passes": teacher_passes(links[-1], top, top_members, float(cfg.chains.teacher_drop))}

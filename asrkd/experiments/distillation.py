@@ -35,6 +35,7 @@ from asrkd.distill.forms import LOGITS
 from asrkd.distill.student import name_of, students
 from asrkd.evaluate import Evaluation, bootstrap_key
 from asrkd.experiments.levers import baseline_replicates, chosen_temperature, levers
+from asrkd.layout import Layout
 from asrkd.nnet import decode
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.ensemble import member_dirs
@@ -83,7 +84,7 @@ def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Pa
             ax.plot([h["epoch"] + 1 for h in history], [100 * h["valid_frame_accuracy"] for h in history], color="0.75",
                     linewidth=0.8, label="ensemble members" if i == 0 else None)
         for label, system in {"baseline": "baseline", **systems}.items():
-            history = read_history(exp / "dnn" / system)
+            history = read_history(Layout(exp).model(system))
             ax.plot([h["epoch"] + 1 for h in history], [100 * h["valid_frame_accuracy"] for h in history],
                     linewidth=2 if label == "baseline" else 1.2, color="black" if label == "baseline" else None,
                     linestyle="--" if label.startswith("topk") or label == "logits" else "-", label=label)
@@ -128,10 +129,10 @@ def soft_target_diagnostics(cfg, teacher: str, store: str, temperature: float, g
     how often their argmax is the aligned pdf, and the mean probability they give it. A teacher
     that memorized its training frames agrees with the labels there far more than on voices it
     never heard: its soft targets there are nearly the hard labels again."""
-    exp = Path(cfg.exp_dir)
-    dense = np.load(exp / "soft_targets" / teacher / store / f"T{temperature:g}" / "dense.npy", mmap_mode="r")
-    pdf_ids = np.load(exp / "tri" / f"ali_{store}" / "pdf_ids.npy")
-    features = FeatureStore.load(exp / "feats" / "fbank" / store)
+    layout = Layout.of(cfg)
+    dense = np.load(layout.soft_targets(teacher, store) / f"T{temperature:g}" / "dense.npy", mmap_mode="r")
+    pdf_ids = np.load(layout.alignment(store) / "pdf_ids.npy")
+    features = FeatureStore.load(layout.fbank(store))
     out = {}
     for group, utts in groups.items():
         frames = np.concatenate([np.arange(*features.span(u)) for u in utts if u in features])
@@ -311,7 +312,7 @@ def lever_results(cfg, evaluation, entry, temperature: float, replicates: list[s
     results, systems, diagnostics = {}, {}, []
     _, valid_utts = data_split(cfg)
     for lever in levers(cfg, temperature):
-        if not all(is_complete(exp / "dnn" / s) for s in [*lever.students, *lever.baselines]):
+        if not all(is_complete(Layout(exp).model(s)) for s in [*lever.students, *lever.baselines]):
             log.info("lever %s: not all its models are trained (run_distill.sh stage 8); left out", lever.name)
             continue
         row = lever.name.replace(" ", "_")
@@ -362,7 +363,7 @@ def run_report(cfg) -> None:
     per_seed = single_models["per_seed"][f"{test}_frame_accuracy"]
     single_models["spread"] = mean_std(per_seed)
     rows = {label: entry(row.systems, temperature=row.temperature,
-                         train_seconds=float(np.mean([sum(h["seconds"] for h in read_history(exp / "dnn" / s)) for s in row.systems])))
+                         train_seconds=float(np.mean([sum(h["seconds"] for h in read_history(Layout(exp).model(s))) for s in row.systems])))
             for label, row in rows_cfg.items()}
     for label, row in rows.items():
         row["minus_baseline"] = frames.difference(bootstrap_key(rows_cfg[label].systems), cfg.train.name)

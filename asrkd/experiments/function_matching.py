@@ -46,6 +46,7 @@ from asrkd.data import subset_name
 from asrkd.distill.losses import soft_cross_entropy
 from asrkd.distill.student import Student, TeacherOnTheFly, target_source
 from asrkd.evaluate import experiment_scoring
+from asrkd.layout import Layout
 from asrkd.report import current_report, merge_into_report, percent, publish_experiment, saved_figure
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, replicate_name, system_dirs, train_stage
 from asrkd.nnet.views import View, ViewSpec
@@ -150,7 +151,7 @@ def run_train(cfg) -> None:
     for run in runs(cfg):
         name = run_name(cfg, run)
         values = {"view": run.view, "schedule": run.schedule, "kind": run.kind}
-        model = Model(f"train-function-matching {name}", exp / "dnn" / name, run.replicate, values=values, views=view_spec(cfg, run))
+        model = Model(f"train-function-matching {name}", Layout(exp).model(name), run.replicate, values=values, views=view_spec(cfg, run))
         rcfg = run_cfg(cfg, run)
         if run.data not in trainings:
             trainings[run.data] = TrainingSet(rcfg)  # frames loaded once per data dir
@@ -171,7 +172,7 @@ def run_train(cfg) -> None:
 
 def complete(exp: Path, cfg, run_list: list[Run]) -> list[str]:
     names = [run_name(cfg, r) for r in run_list]
-    return [n for n in names if (exp / "dnn" / n / "stage.json").is_file()]
+    return [n for n in names if (Layout(exp).model(n) / "stage.json").is_file()]
 
 
 @torch.no_grad()
@@ -222,7 +223,7 @@ def run_report(cfg) -> None:
         row = {"label": label, "view": view, "schedule": schedule, "epochs": int(cfg.train.epochs) * schedule, "kind": kind, "data": data_dir,
                "systems": names, "seeds": len(names), "frame_accuracy": entry["frame_accuracy"],
                "frame_accuracy_ci": entry["frame_accuracy_ci"],
-               "train_seconds": float(np.mean([sum(h["seconds"] for h in read_history(exp / "dnn" / n)) for n in names]))}
+               "train_seconds": float(np.mean([sum(h["seconds"] for h in read_history(Layout(exp).model(n))) for n in names]))}
         if kind != "hard":
             row["fidelity"] = fidelity(exp, teacher_posteriors, names, data.frames, indices, int(cfg.eval.batch_size))
         entries[label] = entry
@@ -238,7 +239,7 @@ def run_report(cfg) -> None:
         row["teacher_minus_control"] = evaluation.frames.difference("teacher", control)
     views_effect = None
     baseline = str(cfg.train.name)
-    if (exp / "dnn" / baseline / "stage.json").is_file():  # do the views alone move the plain baseline by half the teacher's gain?
+    if (Layout(exp).model(baseline) / "stage.json").is_file():  # do the views alone move the plain baseline by half the teacher's gain?
         entries["baseline"] = evaluation.entry([baseline], sets, key="baseline")
         teacher_gain = evaluation.frames.difference("teacher", "baseline")
         controls = {}

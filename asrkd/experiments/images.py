@@ -20,9 +20,10 @@ Stages (``recipes/mnist/run.sh``):
    suits another set is chosen on its held-out images, never on the test set.
 2. ``train-image-students``: small nets trained on a big net's soft targets at T
    (``T^2 CE(soft) + distill.hard_weight CE(labels)``): the distilled small net's seeds (seed r
-   taught by big net r), the function-matching row (``images.function_matching``: the big net
+   taught by big net r; with ``images.teacher: ensemble`` every student is taught by the big
+   seeds' average softmax(z/T), and the report's teacher row is that ensemble), the function-matching row (``images.function_matching``: the big net
    run on the fly on the student's own jittered view, a long schedule) with its control (the
-   small net on the labels of the same views), and, taught by big net 0, every T of
+   small net on the labels of the same views), and, taught by big net 0 (or the ensemble), every T of
    ``images.temperatures`` at every width of ``images.widths`` (the paper's T against width),
    the class ``images.left_out_class`` left out of the transfer set, and only the classes of
    ``images.kept_classes`` in it.
@@ -56,6 +57,7 @@ from omegaconf import OmegaConf
 
 from asrkd.distill.losses import distillation_loss
 from asrkd.distill.student import TeacherOnTheFly
+from asrkd.layout import Layout
 from asrkd.report import machine, recipe_command, saved_figure
 from asrkd.stores import FeatureStore, load_array
 from asrkd.nnet.model import HybridDNN, SplicedFrames
@@ -255,9 +257,14 @@ BIG = "big"
 SMALL = "small_alone"
 
 
-def student_name(width: int, temperature: float, transfer: str = "all") -> str:
-    """exp/dnn/student_w<width>_T<T> (all training images), _no<c> (class c left out), _only<c+c'>."""
-    return f"student_w{width}_T{temperature:g}" + ("" if transfer == "all" else f"_{transfer}")
+def teacher_tag(cfg) -> str:
+    """'' for students of one big net (the paper's), '_ensemble' for students of the big row's average."""
+    return "_ensemble" if str(cfg.images.teacher) == "ensemble" else ""
+
+
+def student_name(cfg, width: int, temperature: float, transfer: str = "all") -> str:
+    """exp/dnn/student_w<width>_T<T> (all training images), _no<c> (class c left out), _only<c+c'>; + _ensemble when the big nets' average teaches."""
+    return f"student_w{width}_T{temperature:g}" + ("" if transfer == "all" else f"_{transfer}") + teacher_tag(cfg)
 
 
 def control_name(shift: int) -> str:
@@ -265,9 +272,9 @@ def control_name(shift: int) -> str:
     return f"small_jitter{shift}"
 
 
-def matching_name(width: int, temperature: float, shift: int) -> str:
-    """exp/dnn/student_w<width>_T<T>_fm_jitter<k>: the small net taught on the fly on its own jittered views."""
-    return f"student_w{width}_T{temperature:g}_fm_jitter{shift}"
+def matching_name(cfg, width: int, temperature: float, shift: int) -> str:
+    """exp/dnn/student_w<width>_T<T>_fm_jitter<k>[_ensemble]: the small net taught on the fly on its own jittered views."""
+    return f"student_w{width}_T{temperature:g}_fm_jitter{shift}" + teacher_tag(cfg)
 
 
 def left_out_tag(cfg) -> str:
@@ -293,7 +300,7 @@ def big_nets(cfg) -> dict[str, dict]:
 
 def held_out_error_count(exp: Path, name: str, held_out: int) -> int:
     """A net's errors on the held-out images at its best epoch (the one its best.pt holds), from its history."""
-    return round(held_out * min(1 - h["valid_frame_accuracy"] for h in read_history(exp / "dnn" / name)))
+    return round(held_out * min(1 - h["valid_frame_accuracy"] for h in read_history(Layout(exp).model(name))))
 
 
 def chosen_big(cfg) -> str:
@@ -302,7 +309,7 @@ def chosen_big(cfg) -> str:
     exp, held_out, candidates = Path(cfg.exp_dir), int(cfg.images.valid_images), big_nets(cfg)
     missing = [name for name in candidates if not trained(exp, name)]
     if missing:
-        raise FileNotFoundError(f"images: the teacher is the big net with the fewest held-out errors, and {', '.join(f'{exp}/dnn/{n}' for n in missing)} "
+        raise FileNotFoundError(f"images: the teacher is the big net with the fewest held-out errors, and {', '.join(str(Layout(exp).model(n)) for n in missing)} "
                                 "not trained yet: run recipes/mnist/run.sh --stage 1")
     held = {name: held_out_error_count(exp, name, held_out) for name in candidates}
     return min(held, key=held.get)
@@ -313,7 +320,7 @@ def headline_names(cfg, teacher: str) -> dict[str, list[str]]:
     small net alone r, and small net r distilled from big net r."""
     icfg = cfg.images
     seeds = range(int(icfg.seeds))
-    distilled = student_name(int(icfg.small.width), float(icfg.temperature))
+    distilled = student_name(cfg, int(icfg.small.width), float(icfg.temperature))
     return {"big": [replicate_name(teacher, r) for r in seeds], "small_alone": [replicate_name(SMALL, r) for r in seeds],
             "small_distilled": [replicate_name(distilled, r) for r in seeds]}
 
@@ -327,13 +334,13 @@ def run_train_nets(cfg) -> None:
 
     def train_big(name: str, replicate: int, settings: dict) -> None:
         shift, input_dropout = int(settings["jitter"]), float(settings["input_dropout"])
-        train_stage(big_config(cfg, settings), [Model(f"train-images {name}", exp / "dnn" / name, replicate,
+        train_stage(big_config(cfg, settings), [Model(f"train-images {name}", Layout(exp).model(name), replicate,
                                                       values={"jitter": shift, "input_dropout": input_dropout})],
                     images.with_augment(jitter(shift, input_dropout)))
 
     for replicate in range(int(icfg.seeds)):  # first: cheap, and the row every big net must beat
         name = replicate_name(SMALL, replicate)
-        train_stage(small_config(cfg), [Model(f"train-images {name}", exp / "dnn" / name, replicate)], images)
+        train_stage(small_config(cfg), [Model(f"train-images {name}", Layout(exp).model(name), replicate)], images)
     for name, settings in candidates.items():
         train_big(name, 0, settings)
     teacher = chosen_big(cfg)
@@ -348,25 +355,32 @@ def teacher_model(cfg, teacher: str, device: torch.device) -> HybridDNN:
     return load_model(model_path(Path(cfg.exp_dir), f"{teacher}@best"), device)
 
 
-def stored_teacher_loss(cfg, temperature: float, teacher: str):
-    """The students' loss against the big net's softmax at T on the clean images (its logits computed once)."""
+def teachers_of(cfg, names: dict[str, list[str]], replicate: int) -> list[str]:
+    """The big nets that teach student seed ``replicate``: big net r (``images.teacher: net``, the
+    paper's), or every seed of the big row, their softmax(z/T) averaged (``ensemble``: a teacher
+    better than any one of them, as the paper's speech ensemble)."""
+    return list(names["big"]) if str(cfg.images.teacher) == "ensemble" else [names["big"][replicate]]
+
+
+def stored_teacher_loss(cfg, temperature: float, teachers: list[str]):
+    """The students' loss against the big nets' average softmax at T on the clean images (their logits computed once)."""
     dcfg = cfg.distill
 
     def make(data, hard):
-        model = teacher_model(cfg, teacher, data.pdf_ids.device)
-        logits = predict_logits(model, data, np.arange(len(data.pdf_ids)), int(cfg.eval.batch_size))
-        return lambda z, batch: distillation_loss(z, torch.softmax(logits[batch] / temperature, -1), hard[batch], temperature,
-                                                  dcfg.soft_weight, dcfg.hard_weight)
+        logits = [predict_logits(teacher_model(cfg, teacher, data.pdf_ids.device), data, np.arange(len(data.pdf_ids)), int(cfg.eval.batch_size))
+                  for teacher in teachers]
+        return lambda z, batch: distillation_loss(z, torch.stack([torch.softmax(zt[batch] / temperature, -1) for zt in logits]).mean(0),
+                                                  hard[batch], temperature, dcfg.soft_weight, dcfg.hard_weight)
 
     return make
 
 
-def consistent_teacher_loss(cfg, temperature: float, teacher: str):
-    """Function matching: the big net scores, on the fly, the very jittered view the student trains on."""
+def consistent_teacher_loss(cfg, temperature: float, teachers: list[str]):
+    """Function matching: the big nets score, on the fly, the very jittered view the student trains on."""
     dcfg = cfg.distill
 
     def make(data, hard):
-        on_the_fly = TeacherOnTheFly([teacher_model(cfg, teacher, data.pdf_ids.device)], data.frames)
+        on_the_fly = TeacherOnTheFly([teacher_model(cfg, teacher, data.pdf_ids.device) for teacher in teachers], data.frames)
 
         def loss(z: torch.Tensor, batch: torch.Tensor, view: View) -> torch.Tensor:
             return distillation_loss(z, on_the_fly.soft_targets(batch, temperature, view.inputs), hard[batch], temperature,
@@ -391,36 +405,43 @@ def transfer_frames(classes: list[int] | None, excluded: list[int] | None):
 def run_train_students(cfg) -> None:
     """Stage 2: the students of the teacher (:func:`chosen_big`). First the distilled small net's
     seeds (seed r taught by big net r), then the function-matching row and its control, then,
-    taught by its seed 0: T x width, the left-out class, the kept classes only."""
+    taught by its seed 0 (or the ensemble): T x width, the left-out class, the kept classes only."""
     exp, icfg = Path(cfg.exp_dir), cfg.images
     images = ImageSet(cfg)
     keys = ("distill.soft_weight", "distill.hard_weight")
     width, temperature = int(icfg.small.width), float(icfg.temperature)
 
-    def train_student(name: str, w: int, t: float, teacher: str, replicate: int = 0, transfer: str = "all", frames=None) -> None:
-        train_stage(small_config(cfg, w), [Model(f"train-images {name}", exp / "dnn" / name, replicate, frames=frames,
-                                                 values={"teacher": teacher, "temperature": t, "transfer": transfer})],
-                    images, loss=stored_teacher_loss(cfg, t, teacher), keys=keys, inputs={"teacher": exp / "dnn" / teacher})
+    def teacher_inputs(teachers: list[str]) -> dict[str, Path]:
+        return {"teacher": Layout(exp).model(teachers[0])} if len(teachers) == 1 else {f"teacher {t}": Layout(exp).model(t) for t in teachers}
 
-    teacher = chosen_big(cfg)
-    names = headline_names(cfg, teacher)
-    for replicate, (name, big) in enumerate(zip(names["small_distilled"], names["big"])):
-        train_student(name, width, temperature, big, replicate)
+    def teacher_value(teachers: list[str]) -> str | list[str]:
+        return teachers[0] if len(teachers) == 1 else teachers
+
+    def train_student(name: str, w: int, t: float, teachers: list[str], replicate: int = 0, transfer: str = "all", frames=None) -> None:
+        train_stage(small_config(cfg, w), [Model(f"train-images {name}", Layout(exp).model(name), replicate, frames=frames,
+                                                 values={"teacher": teacher_value(teachers), "temperature": t, "transfer": transfer})],
+                    images, loss=stored_teacher_loss(cfg, t, teachers), keys=keys, inputs=teacher_inputs(teachers))
+
+    names = headline_names(cfg, chosen_big(cfg))
+    for replicate, name in enumerate(names["small_distilled"]):
+        train_student(name, width, temperature, teachers_of(cfg, names, replicate), replicate)
+    teachers = teachers_of(cfg, names, 0)
     matching = icfg.function_matching
     if matching:
         shift, schedule = int(matching.jitter), small_config(cfg, width, matching)
         view = images.with_augment(jitter(shift, 0.0))
-        train_stage(schedule, [Model(f"train-images {control_name(shift)}", exp / "dnn" / control_name(shift), values={"jitter": shift})], view)
-        name = matching_name(width, temperature, shift)
-        train_stage(schedule, [Model(f"train-images {name}", exp / "dnn" / name,
-                                     values={"teacher": teacher, "temperature": temperature, "jitter": shift, "teacher_sees": "the student's view"})],
-                    view, loss=consistent_teacher_loss(cfg, temperature, teacher), keys=keys, inputs={"teacher": exp / "dnn" / teacher})
+        train_stage(schedule, [Model(f"train-images {control_name(shift)}", Layout(exp).model(control_name(shift)), values={"jitter": shift})], view)
+        name = matching_name(cfg, width, temperature, shift)
+        train_stage(schedule, [Model(f"train-images {name}", Layout(exp).model(name),
+                                     values={"teacher": teacher_value(teachers), "temperature": temperature, "jitter": shift,
+                                             "teacher_sees": "the student's view"})],
+                    view, loss=consistent_teacher_loss(cfg, temperature, teachers), keys=keys, inputs=teacher_inputs(teachers))
     for w in icfg.widths:
         for t in icfg.temperatures:
-            train_student(student_name(int(w), float(t)), int(w), float(t), teacher)
-    train_student(student_name(width, temperature, left_out_tag(cfg)), width, temperature, teacher, transfer=left_out_tag(cfg),
+            train_student(student_name(cfg, int(w), float(t)), int(w), float(t), teachers)
+    train_student(student_name(cfg, width, temperature, left_out_tag(cfg)), width, temperature, teachers, transfer=left_out_tag(cfg),
                   frames=transfer_frames(None, [int(icfg.left_out_class)]))
-    train_student(student_name(width, temperature, kept_tag(cfg)), width, temperature, teacher, transfer=kept_tag(cfg),
+    train_student(student_name(cfg, width, temperature, kept_tag(cfg)), width, temperature, teachers, transfer=kept_tag(cfg),
                   frames=transfer_frames([int(c) for c in icfg.kept_classes], None))
 
 
@@ -476,7 +497,7 @@ class TestErrors:
 
 def history_of(exp: Path, name: str, held_out: int) -> dict:
     """A net's curves: training-sample and held-out errors (%) per epoch, its best (scored) epoch."""
-    history = read_history(exp / "dnn" / name)
+    history = read_history(Layout(exp).model(name))
     held = [100 * (1 - h["valid_frame_accuracy"]) for h in history]
     return {"epochs": len(history), "best_epoch": int(np.argmin(held)), "held_out_images": held_out,
             "held_out_error_percent": [round(x, 3) for x in held],
@@ -485,7 +506,7 @@ def history_of(exp: Path, name: str, held_out: int) -> dict:
 
 
 def trained(exp: Path, name: str) -> bool:
-    return (exp / "dnn" / name / "stage.json").is_file()
+    return (Layout(exp).model(name) / "stage.json").is_file()
 
 
 def every_net(cfg, teacher: str | None) -> list[str]:
@@ -499,9 +520,9 @@ def every_net(cfg, teacher: str | None) -> list[str]:
     nets += names["big"][1:] + names["small_distilled"]
     if icfg.function_matching:
         shift = int(icfg.function_matching.jitter)
-        nets += [control_name(shift), matching_name(width, temperature, shift)]
-    nets += [student_name(int(w), float(t)) for w in icfg.widths for t in icfg.temperatures]
-    return nets + [student_name(width, temperature, left_out_tag(cfg)), student_name(width, temperature, kept_tag(cfg))]
+        nets += [control_name(shift), matching_name(cfg, width, temperature, shift)]
+    nets += [student_name(cfg, int(w), float(t)) for w in icfg.widths for t in icfg.temperatures]
+    return nets + [student_name(cfg, width, temperature, left_out_tag(cfg)), student_name(cfg, width, temperature, kept_tag(cfg))]
 
 
 def run_report(cfg) -> None:
@@ -525,34 +546,37 @@ def run_report(cfg) -> None:
     def logits_of(name: str, indices: np.ndarray) -> torch.Tensor:
         return predict_logits(load_model(model_path(exp, f"{name}@best"), data.pdf_ids.device), data, indices, batch)
 
-    def held_out_errors(name: str) -> int:
-        return int((logits_of(name, valid_idx).argmax(-1) != valid_labels).sum())
-
     width, temperature = int(icfg.small.width), float(icfg.temperature)
     teacher = chosen_big(cfg)
     seeds = headline_names(cfg, teacher)
     rows = {key: errors.add(key, [logits_of(name, test_idx) for name in names]) for key, names in seeds.items()}
     rows["big"]["fewer_than_small_alone"] = errors.fewer("big", "small_alone")
+    teacher_row = "big"
+    if str(icfg.teacher) == "ensemble":  # the teacher: the big seeds' average probabilities, scored as one system
+        average = torch.stack([torch.softmax(logits_of(name, test_idx), -1) for name in seeds["big"]]).mean(0).log()
+        rows["big_ensemble"] = errors.add("big_ensemble", [average]) | {"nets": seeds["big"]}
+        rows["big_ensemble"]["fewer_than_small_alone"] = errors.fewer("big_ensemble", "small_alone")
+        teacher_row = "big_ensemble"
     rows["small_distilled"]["fewer_than_small_alone"] = errors.fewer("small_distilled", "small_alone")
-    rows["small_distilled"]["gap_closed"] = errors.gap_closed("small_distilled", "small_alone", "big")
+    rows["small_distilled"]["gap_closed"] = errors.gap_closed("small_distilled", "small_alone", teacher_row)
     matching = icfg.function_matching
     if matching:
         shift = int(matching.jitter)
-        control, student = control_name(shift), matching_name(width, temperature, shift)
+        control, student = control_name(shift), matching_name(cfg, width, temperature, shift)
         rows["small_jittered"] = errors.add(control, [logits_of(control, test_idx)]) | {"jitter": shift}
         rows["small_jittered"]["fewer_than_small_alone"] = errors.fewer(control, "small_alone")
         rows["function_matching"] = errors.add(student, [logits_of(student, test_idx)]) | {"jitter": shift}
         rows["function_matching"] |= {"fewer_than_control": errors.fewer(student, control), "fewer_than_small_alone": errors.fewer(student, "small_alone"),
-                                      "gap_closed": errors.gap_closed(student, "small_alone", "big")}
+                                      "gap_closed": errors.gap_closed(student, "small_alone", teacher_row)}
     shifts = [float(s) for s in np.arange(float(icfg.bias_shifts.start), float(icfg.bias_shifts.stop) + 1e-9, float(icfg.bias_shifts.step))]
     left_out, kept = int(icfg.left_out_class), [int(c) for c in icfg.kept_classes]
-    name = student_name(width, temperature, left_out_tag(cfg))
+    name = student_name(cfg, width, temperature, left_out_tag(cfg))
     test_logits, held_logits = logits_of(name, test_idx), logits_of(name, valid_idx)
     shift = best_shift(held_logits, valid_labels, [left_out], 1.0, shifts)
     rows["left_out"] = errors.add(name, [test_logits], left_out) | {"class": left_out}
     rows["left_out_corrected"] = errors.add(f"{name} +{shift:g}", [shifted(test_logits, [left_out], shift)], left_out) | {"bias_shift": shift}
     rows["left_out_corrected"]["fewer_than_uncorrected"] = errors.fewer(f"{name} +{shift:g}", name)
-    name = student_name(width, temperature, kept_tag(cfg))
+    name = student_name(cfg, width, temperature, kept_tag(cfg))
     test_logits, held_logits = logits_of(name, test_idx), logits_of(name, valid_idx)
     shift = best_shift(held_logits, valid_labels, kept, -1.0, shifts)
     rows["kept_only"] = errors.add(name, [test_logits]) | {"classes": kept}
@@ -560,29 +584,29 @@ def run_report(cfg) -> None:
     rows["kept_only_corrected"]["fewer_than_uncorrected"] = errors.fewer(f"{name} -{shift:g}", name)
     grid = []
     for w in icfg.widths:
-        names = [student_name(int(w), float(t)) for t in icfg.temperatures]
+        names = [student_name(cfg, int(w), float(t)) for t in icfg.temperatures]
         cells = [errors.add(name, [logits_of(name, test_idx)]) | {"temperature": float(t)} for name, t in zip(names, icfg.temperatures)]
-        held = [held_out_errors(name) for name in names]
+        held = [held_out_error_count(exp, name, len(valid_idx)) for name in names]
         grid.append({"width": int(w), "cells": cells, "held_out_errors": held, "best_temperature": float(icfg.temperatures[int(np.argmin(held))])})
     candidates = big_nets(cfg)
     errors.add(f"{teacher} alone", [logits_of(teacher, test_idx)])  # seed 0 alone, as each candidate has one seed
-    big_nets_compared = [{"name": name, "settings": settings, "held_out_errors": held_out_errors(name),
+    big_nets_compared = [{"name": name, "settings": settings, "held_out_errors": held_out_error_count(exp, name, len(valid_idx)),
                           "test": errors.add(name, [logits_of(name, test_idx)]),
                           "fewer_than_teacher": None if name == teacher else errors.fewer(name, f"{teacher} alone")}
                          for name, settings in candidates.items()]
     curves = [*(n for names in seeds.values() for n in names), *(n for n in candidates if n != teacher),
-               *([control_name(int(matching.jitter)), matching_name(width, temperature, int(matching.jitter))] if matching else [])]
+               *([control_name(int(matching.jitter)), matching_name(cfg, width, temperature, int(matching.jitter))] if matching else [])]
     histories = {name: history_of(exp, name, len(valid_idx)) for name in curves}
     result = {"dataset": str(icfg.dataset), "command": recipe_command("asrkd report-images"), "machine": machine(cfg),
               "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
               "patience": int(icfg.patience), "rows": rows, "seeds": seeds, "temperature_width": grid,
-              "teacher": teacher, "big_nets": big_nets_compared,
+              "teacher": teacher, "teacher_kind": str(icfg.teacher), "big_nets": big_nets_compared,
               "temperature": temperature, "small_width": width, "big": candidates[teacher],
               "small": OmegaConf.to_container(icfg.small), "function_matching": OmegaConf.to_container(matching) if matching else None,
               "histories": histories,
               "bias_shifts": {"start": shifts[0], "stop": shifts[-1], "step": float(icfg.bias_shifts.step)},
               "paper_mnist": PAPER_MNIST, "bootstrap_replicates": int(icfg.replicates)}
-    out_dir = exp / "report"
+    out_dir = Layout(exp).report
     write_json(out_dir / "report.json", result)
     write_text(out_dir / "report.md", markdown(result))
     plot_errors(result, out_dir / "errors.png")
@@ -628,7 +652,7 @@ def progress_report(cfg, missing: list[str]) -> None:
     result = {"dataset": str(icfg.dataset), "complete": False, "command": recipe_command("asrkd report-images"), "machine": machine(cfg),
               "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
               "rows": rows, "teacher": teacher, "missing": missing, "histories": histories, "bootstrap_replicates": int(icfg.replicates)}
-    out_dir = exp / "report"
+    out_dir = Layout(exp).report
     write_json(out_dir / "report.json", result)
     write_text(out_dir / "report.md", progress_markdown(result))
     plot_curves(result, out_dir / "curves.png")
@@ -685,6 +709,8 @@ def markdown(result: dict) -> str:
     rows, paper, test = result["rows"], result["paper_mnist"], result["test_images"]
     w, t = result["small_width"], result["temperature"]
     big, histories = result["big"], result["histories"]
+    ensemble = "big_ensemble" in rows
+    teacher_label = "the big nets' ensemble" if ensemble else "big"
 
     def epochs(key: str) -> str:
         stopped = [histories[name]["best_epoch"] + 1 for name in result["seeds"][key]]
@@ -703,7 +729,11 @@ def markdown(result: dict) -> str:
              f"| {errors_cell(rows['big'])} | {paper['big']} | {fewer_cell(rows['big']['fewer_than_small_alone'])} (vs the small net alone) |",
              f"| small net alone ({seeds_note(rows['small_alone'])}; {epochs('small_alone')}) | 2x{w}, no regularization "
              f"| {errors_cell(rows['small_alone'])} | {paper['small_alone']} | – |",
-             f"| small net distilled, T = {t:g} ({seeds_note(rows['small_distilled'])}, seed r from big net r; {epochs('small_distilled')}) | 2x{w} "
+             *([f"| the big nets' ensemble, the teacher (the {len(rows['big_ensemble']['nets'])} seeds' average probabilities) | "
+                f"{len(rows['big_ensemble']['nets'])} x {big['layers']}x{big['width']} | {errors_cell(rows['big_ensemble'])} | – "
+                f"| {fewer_cell(rows['big_ensemble']['fewer_than_small_alone'])} (vs the small net alone) |"] if ensemble else []),
+             f"| small net distilled, T = {t:g} ({seeds_note(rows['small_distilled'])}, "
+             f"{'every seed from the ensemble' if ensemble else 'seed r from big net r'}; {epochs('small_distilled')}) | 2x{w} "
              f"| {errors_cell(rows['small_distilled'])} | {paper['small_distilled']} | {fewer_cell(rows['small_distilled']['fewer_than_small_alone'])} (vs alone) |"]
     if "function_matching" in rows:
         control, matched = rows["small_jittered"], rows["function_matching"]
@@ -726,7 +756,7 @@ def markdown(result: dict) -> str:
               f"| the same, biases of {classes} lowered by {-kept_corrected['bias_shift']:g} | 2x{w} | {errors_cell(kept_corrected)} "
               f"({100 * kept_corrected['errors'] / test:.1f}%) | {paper['kept_only_corrected_percent']}% "
               f"| {fewer_cell(kept_corrected['fewer_than_uncorrected'])} (vs uncorrected) |"]
-    lines += ["", f"Gap closed, (small alone − distilled) / (small alone − big) in errors: {format_interval(rows['small_distilled']['gap_closed'])} "
+    lines += ["", f"Gap closed, (small alone − distilled) / (small alone − {teacher_label}) in errors: {format_interval(rows['small_distilled']['gap_closed'])} "
               f"(paper, MNIST: {(paper['small_alone'] - paper['small_distilled']) / (paper['small_alone'] - paper['big']):.0%})"
               + (f"; by function matching: {format_interval(rows['function_matching']['gap_closed'])}." if "function_matching" in rows else ".")]
     lines += ["", f"Big nets compared on the {result['held_out_images']:,} held-out images (seed 0 each; images.big and its variants): "
@@ -739,7 +769,8 @@ def markdown(result: dict) -> str:
                      f"| ±{settings['jitter']} px | {net['held_out_errors']} | {errors_cell(net['test'])} "
                      f"| {'–' if chosen else fewer_cell(net['fewer_than_teacher'])} |")
     temperatures = [cell["temperature"] for cell in result["temperature_width"][0]["cells"]]
-    lines += ["", "Test errors of small nets (2 hidden layers of each width) distilled from big net 0 at each T; **bold**: the T with the "
+    lines += ["", f"Test errors of small nets (2 hidden layers of each width) distilled from {'the ensemble' if ensemble else 'big net 0'} at each T; "
+              "**bold**: the T with the "
               "fewest held-out errors (the paper: 2.5–4 best for 30 units, anything above 8 for 300 or more).", "",
               "| width | " + " | ".join(f"T = {t:g}" for t in temperatures) + " | held-out errors |", "|---" * (len(temperatures) + 2) + "|"]
     for row in result["temperature_width"]:

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 
 from asrkd.distill import soft_targets, student
 from asrkd.distill.student import dense_only, name_of, students
+from asrkd.layout import Layout
 from asrkd.nnet import decode, ensemble, train
 from asrkd.nnet.train import read_history, replicates
 
@@ -71,7 +72,7 @@ def dense_students(cfg) -> dict[float, list[str]]:
 
 def validation_accuracy(exp: Path, systems: list[str]) -> float:
     """The mean over replicates of the last epoch's validation frame accuracy."""
-    return float(np.mean([read_history(exp / "dnn" / s)[-1]["valid_frame_accuracy"] for s in systems]))
+    return float(np.mean([read_history(Layout(exp).model(s))[-1]["valid_frame_accuracy"] for s in systems]))
 
 
 def chosen_temperature(cfg) -> float:

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 
 from asrkd.distill.losses import self_distillation_loss
 from asrkd.evaluate import experiment_scoring
+from asrkd.layout import Layout
 from asrkd.nnet import decode
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.train import Model, TrainingSet, load_model, model_path, read_history, save_model, train_stage
@@ -98,13 +99,13 @@ def run_train(cfg) -> None:
         def loss(data, hard, kd_weight=kd_weight, hint_weight=hint_weight):
             return lambda outputs, batch: self_distillation_loss(outputs.logits, outputs.features, hard[batch], temperature, kd_weight, hint_weight)
 
-        train_stage(cfg, [Model(f"train-self-distill {name}", exp / "dnn" / name, values=values, exits=exits[:-1])], training, loss=loss)
+        train_stage(cfg, [Model(f"train-self-distill {name}", Layout(exp).model(name), values=values, exits=exits[:-1])], training, loss=loss)
         write_exits(cfg, name, exits)
     for k in exits:
         plain = plain_name(cfg, k)
         if plain != str(cfg.train.name):
             plain_cfg = OmegaConf.merge(cfg, {"model": {"num_hidden_layers": hidden_layers(cfg, k)}})
-            train_stage(plain_cfg, [Model(f"train-dnn {plain}", exp / "dnn" / plain)], training)  # the same frames, loaded once
+            train_stage(plain_cfg, [Model(f"train-dnn {plain}", Layout(exp).model(plain))], training)  # the same frames, loaded once
 
 
 def write_exits(cfg, name: str, exits: list[int]) -> None:
@@ -113,8 +114,8 @@ def write_exits(cfg, name: str, exits: list[int]) -> None:
     network = None
     for k in exits:
         layers = hidden_layers(cfg, k)
-        stage = plan(f"self-distill exit {k}", exp / "dnn" / exit_name(cfg, k, name), cfg, ("model.hidden_dim", "model.left_context",
-                     "model.right_context"), {"model": exp / "dnn" / name}, {"exit": k, "model.num_hidden_layers": layers})
+        stage = plan(f"self-distill exit {k}", Layout(exp).model(exit_name(cfg, k, name)), cfg, ("model.hidden_dim", "model.left_context",
+                     "model.right_context"), {"model": Layout(exp).model(name)}, {"exit": k, "model.num_hidden_layers": layers})
         if stage.up_to_date:
             continue
         if network is None:
@@ -204,7 +205,7 @@ def run_report(cfg) -> None:
     result = {"corpus": cfg.corpus, "command": command, "eval_set": test, "rows": rows, "full_plain": full_plain,
               "full_plain_accuracy": full_plain_entry["frame_accuracy"][test],
               "temperature": float(scfg.temperature), "kd_weight": float(scfg.kd_weight), "hint_weight": float(scfg.hint_weight),
-              "train_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / str(scfg.name))), "bootstrap_unit": cfg.stats.unit,
+              "train_seconds": sum(h["seconds"] for h in read_history(Layout(exp).model(str(scfg.name)))), "bootstrap_unit": cfg.stats.unit,
               "deep_supervision": control_name(cfg) if scfg.deep_supervision_control else None}
     publish_experiment(cfg, "self_distillation", result, markdown(result), {"self_distillation.png": plot})
     log.info("self-distillation: %s", {row["exit_layer"]: round(row["exit"]["frame_accuracy"][test], 4) for row in rows})

@@ -57,6 +57,7 @@ from asrkd.distill import soft_targets, student
 from asrkd.distill.losses import distillation_loss
 from asrkd.distill.student import Student, TeacherOnTheFly, dense_only, name_of
 from asrkd.evaluate import experiment_scoring
+from asrkd.layout import Layout
 from asrkd.nnet import decode
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.model import HybridDNN, SpecialistCombination
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 
 
 def groups_dir(cfg) -> Path:
-    return Path(cfg.exp_dir) / "specialists" / str(cfg.specialists.name)
+    return Layout.of(cfg).specialists(str(cfg.specialists.name))
 
 
 def specialist_name(cfg, m: int) -> str:
@@ -254,7 +255,7 @@ def run_train(cfg) -> None:
     """Stage 0: the groups, the specialists, their combination with the generalist, the
     combination's soft targets and re-distilled student, and its control (the generalist's)."""
     exp, scfg = Path(cfg.exp_dir), cfg.specialists
-    generalist_dir = exp / "dnn" / str(scfg.generalist)
+    generalist_dir = Layout(exp).model(str(scfg.generalist))
     training = TrainingSet(cfg)
     stage = plan(f"specialist groups {scfg.name}", groups_dir(cfg), cfg, ("seed", "specialists.count", "specialists.group_size"),
                  {"generalist": generalist_dir, **training.inputs}, {"generalist": str(scfg.generalist)})
@@ -281,15 +282,15 @@ def run_train(cfg) -> None:
     for m, group in enumerate(groups):
         name = specialist_name(cfg, m)
         train_stage(specialist_cfg, [Model(
-            f"train-specialist {name}", exp / "dnn" / name, values={"group": m, "generalist": str(scfg.generalist),
+            f"train-specialist {name}", Layout(exp).model(name), values={"group": m, "generalist": str(scfg.generalist),
                                                                    "random_half": str(scfg.random_half)},
             initial=lambda group=group: specialist_start(load_model(generalist_dir / "final.pt", pick_device(cfg.train.device)), group),
             frames=specialist_frames(cfg, m, group))],
             training, loss=generalist_loss(cfg, group, generalist_dir), keys=("specialists.temperature", "distill.soft_weight",
                                                                                  "distill.hard_weight"),
             inputs={"generalist": generalist_dir, "groups": groups_dir(cfg)})
-    specialist_dirs = {f"specialist {m}": exp / "dnn" / specialist_name(cfg, m) for m in range(len(groups))}
-    stage = plan(f"combine specialists {scfg.name}", exp / "dnn" / str(scfg.name), cfg,
+    specialist_dirs = {f"specialist {m}": Layout(exp).model(specialist_name(cfg, m)) for m in range(len(groups))}
+    stage = plan(f"combine specialists {scfg.name}", Layout(exp).model(str(scfg.name)), cfg,
                  ("specialists.top_n", "specialists.iterations", "model.num_hidden_layers", "model.hidden_dim"),
                  {"generalist": generalist_dir, "groups": groups_dir(cfg), **specialist_dirs})
     if not stage.up_to_date:
@@ -441,7 +442,7 @@ def run_report(cfg) -> None:
                for key, system in (("generalist", generalist), ("combined", combined), ("redistilled", redistilled),
                                    ("generalist_student", generalist_student))}
     layout = json.loads((groups_dir(cfg) / "groups.json").read_text())
-    fitted = read_record(exp / "dnn" / str(scfg.name))["summary"]["dustbin_shifts"]
+    fitted = read_record(Layout(exp).model(str(scfg.name)))["summary"]["dustbin_shifts"]
     result = {"corpus": cfg.corpus, "command": command, "eval_set": evaluation.primary, **entries,
               "minus_generalist": {key: evaluation.frames.difference(entries[key]["system"], generalist)
                                    for key in ("combined", "redistilled", "generalist_student")},
@@ -456,8 +457,8 @@ def run_report(cfg) -> None:
                          if k in layout},
               "top_n": int(scfg.top_n), "iterations": int(scfg.iterations), "student_temperature": float(scfg.student_temperature),
               "specialist_seconds": sum(h["seconds"] for m in range(len(layout["groups"]))
-                                        for h in read_history(exp / "dnn" / specialist_name(cfg, m))),
-              "student_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / redistilled)),
-              "control_seconds": sum(h["seconds"] for h in read_history(exp / "dnn" / generalist_student)), "bootstrap_unit": cfg.stats.unit}
+                                        for h in read_history(Layout(exp).model(specialist_name(cfg, m)))),
+              "student_seconds": sum(h["seconds"] for h in read_history(Layout(exp).model(redistilled))),
+              "control_seconds": sum(h["seconds"] for h in read_history(Layout(exp).model(generalist_student))), "bootstrap_unit": cfg.stats.unit}
     publish_experiment(cfg, "specialists", result, markdown(result), {"specialists.png": plot})
     log.info("specialists: %s", {key: round(entries[key]["frame_accuracy"][evaluation.primary], 4) for key in entries})

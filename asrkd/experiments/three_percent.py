@@ -31,6 +31,7 @@ from asrkd.distill import soft_targets, student
 from asrkd.distill.soft_targets import store_dir
 from asrkd.distill.student import dense_only, student_name
 from asrkd.evaluate import Evaluation, bootstrap_key
+from asrkd.layout import Layout
 from asrkd.nnet import decode, train
 from asrkd.nnet.train import read_history
 from asrkd.report import percent, publish_experiment, recipe_command, saved_figure, with_ci
@@ -97,7 +98,7 @@ def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> 
     """Train and validation frame accuracy per epoch, hard vs soft targets (the over-fitting curve)."""
     with saved_figure(out, (7, 4.5), "epoch", "frame accuracy (%)", f"{100 * fraction:g}% of the training data: hard vs soft targets") as ax:
         for row, style in (("sub_hard", "tab:red"), ("sub_soft", "tab:blue")):
-            history = read_history(exp / "dnn" / rows[row].split("@")[0])
+            history = read_history(Layout(exp).model(rows[row].split("@")[0]))
             epochs = [h["epoch"] + 1 for h in history]
             ax.plot(epochs, [100 * h["train_frame_accuracy"] for h in history], color=style, linestyle="--", label=f"{row} train")
             ax.plot(epochs, [100 * h["valid_frame_accuracy"] for h in history], color=style, label=f"{row} valid")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 
 import kaldi_hmm_gmm as khg  # noqa: F401  (import order: kaldi_hmm_gmm before kaldi_decoder)
 import jiwer
@@ -152,6 +153,15 @@ def choose_weights(dev_refs: dict[str, str], hyps: dict[tuple[float, float], dic
     """The (LM weight, penalty) with the lowest dev WER (ties: the smaller pair), and every pair's WER."""
     dev_wer = {pair: word_error_rate(dev_refs, h)["wer"] for pair, h in hyps.items()}
     return min(dev_wer, key=lambda pair: (dev_wer[pair], pair)), dev_wer
+
+
+def out_of_vocabulary(refs: dict[str, str], vocabulary: set[str], listed: int = 20) -> dict:
+    """How much of a set's references the decoder cannot output: the share of word tokens outside
+    ``vocabulary`` (the LM's), the number of such word types and the ``listed`` most frequent."""
+    counts = Counter(w for text in refs.values() for w in text.split() if w not in vocabulary)
+    tokens = sum(len(text.split()) for text in refs.values())
+    return {"tokens": tokens, "oov_tokens": sum(counts.values()), "oov_rate": sum(counts.values()) / max(tokens, 1),
+            "oov_types": len(counts), "oov_words": dict(counts.most_common(listed))}
 
 
 def unseen_sentences(test_text: dict[str, str], train_text: dict[str, str]) -> list[str]:

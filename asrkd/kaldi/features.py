@@ -29,6 +29,7 @@ from scipy.signal import resample_poly
 
 from asrkd.data import DataDir, feature_sets
 from asrkd.jobs import map_jobs, num_jobs, split
+from asrkd.layout import Layout
 from asrkd.stage import account_dropped, plan, progress
 from asrkd.stores import FeatureStore
 
@@ -222,7 +223,7 @@ def run(cfg) -> None:
         data_path = Path(cfg.data_dir) / name
         data = DataDir.read(data_path)
         for kind in ("fbank", "mfcc"):
-            out_dir = Path(cfg.exp_dir) / "feats" / kind / name
+            out_dir = Layout.of(cfg).features(kind, name)
             stage = plan(f"make-feats {kind} {name}", out_dir, cfg, FEATURE_KEYS, {"data": data_path}, {"kind": kind})
             if stage.up_to_date:
                 continue

@@ -34,6 +34,7 @@ from asrkd.data import DataDir, feature_sets, scoring_only
 from asrkd.jobs import map_jobs, num_jobs, split
 from asrkd.kaldi import tree as tree_lib
 from asrkd.kaldi.lang import Lang, POSITIONS
+from asrkd.layout import Layout
 from asrkd.stage import account_dropped, atomic_write, plan, progress, save_npy, write_json
 from asrkd.stores import FeatureStore
 
@@ -172,7 +173,7 @@ class Aligner:
     def __init__(self, cfg, text: dict[str, str], feats_dir: Path, stage: str, graph_model: GmmModel | None = None):
         self.cfg, self.text, self.feats_dir, self.stage, self.graph_model = cfg, text, feats_dir, stage, graph_model
         self.nj, self.align_cfg = num_jobs(cfg), OmegaConf.to_container(cfg.gmm.align, resolve=True)
-        self.lang_dir = str(Path(cfg.data_dir) / "lang")
+        self.lang_dir = str(Layout.of(cfg).lang)
 
     def __call__(self, model: GmmModel, utts: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Alignments of ``utts`` and the utterances dropped, with the reason."""
@@ -362,10 +363,9 @@ def store_alignment(model: GmmModel, alignments: dict[str, np.ndarray], feats: F
 
 def run(cfg) -> None:
     """Stage 3: monophone -> triphone, then the alignment of every set in ``features.sets``."""
-    exp = Path(cfg.exp_dir)
-    tri_dir = exp / "tri"
-    stage = plan("train-gmm", tri_dir, cfg, ("seed", "gmm"), {"lang": Path(cfg.data_dir) / "lang", "data": Path(cfg.data_dir) / "train",
-                                                                "features": exp / "feats" / "mfcc" / "train"})
+    layout = Layout.of(cfg)
+    stage = plan("train-gmm", layout.gmm, cfg, ("seed", "gmm"), {"lang": layout.lang, "data": layout.data_dir("train"),
+                                                                  "features": layout.mfcc("train")})
     if not stage.up_to_date:
         summary = train(cfg)
         stage.commit(mono_pdfs=summary["mono"]["num_pdfs"], tri_pdfs=summary["tri"]["num_pdfs"])
@@ -374,12 +374,12 @@ def run(cfg) -> None:
 
 def train(cfg) -> dict:
     """Monophone training from a flat start, the tree, triphone training: exp/mono, exp/tri."""
-    exp = Path(cfg.exp_dir)
-    tri_dir = exp / "tri"
-    lang = Lang.load(Path(cfg.data_dir) / "lang")
+    layout = Layout.of(cfg)
+    lang = Lang.load(layout.lang)
     topo = read_topology(lang)
-    data = DataDir.read(Path(cfg.data_dir) / "train")
-    feats = FeatureStore.load(exp / "feats" / "mfcc" / "train", mmap=False)
+    data = DataDir.read(layout.data_dir("train"))
+    mfcc_dir = layout.mfcc("train")
+    feats = FeatureStore.load(mfcc_dir, mmap=False)
     utts = [u for u in data.utt_ids if u in feats]
     max_drop = cfg.prep.max_drop_fraction
 
@@ -394,44 +394,42 @@ def train(cfg) -> dict:
     graphs, dropped = compile_graphs(lang, mono, data.text, utts)
     alignments, short = equal_align(graphs, feats)
     dropped.update(short)
-    account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, exp / "mono" / "dropped.json")
+    account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, layout.mono / "dropped.json")
     utts = [u for u in graphs if u in alignments]
-    mfcc_dir = exp / "feats" / "mfcc" / "train"
     realign = realigner(cfg, lang, mono, data.text, utts, feats, mfcc_dir, "train-gmm mono realign", graphs)
     _, mono_history = train_em(mono, realign, feats, alignments, cfg.gmm.mono, cfg, "mono", rng)
     alignments = realign(mono)  # the final model's alignment feeds the tree
-    mono.save(exp / "mono")
+    mono.save(layout.mono)
     mono_time = time.time() - tic
 
     tic = time.time()
     tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree)
     realign = realigner(cfg, lang, tri, data.text, utts, feats, mfcc_dir, "train-gmm tri realign")
     _, tri_history = train_em(tri, realign, feats, realign(tri), cfg.gmm.tri, cfg, "tri", rng)
-    tri.save(tri_dir)
+    tri.save(layout.gmm)
     tri_time = time.time() - tic
 
     summary = {"mono": {"num_pdfs": mono.num_pdfs, "history": mono_history, "seconds": mono_time},
                "tri": {"num_pdfs": tri.num_pdfs, "tree": tree_info, "history": tri_history, "seconds": tri_time}}
-    write_json(tri_dir / "log.json", summary)
+    write_json(layout.gmm / "log.json", summary)
     return summary
 
 
 def run_align(cfg) -> None:
     """Stage 3's end, and the ``align`` command: the triphone model's forced alignment of every
     set in ``features.sets`` (exp/tri/ali_<set>), utterances that fail counted and listed."""
-    exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
-    tri_dir = exp / "tri"
+    layout = Layout.of(cfg)
     tri = None
     for name in feature_sets(cfg):
-        out_dir = tri_dir / f"ali_{name}"
-        mfcc = exp / "feats" / "mfcc" / name
-        stage = plan(f"align {name}", out_dir, cfg, ("gmm.align",), {"model": tri_dir, "lang": data_dir / "lang", "data": data_dir / name,
+        out_dir = layout.alignment(name)
+        mfcc = layout.mfcc(name)
+        stage = plan(f"align {name}", out_dir, cfg, ("gmm.align",), {"model": layout.gmm, "lang": layout.lang, "data": layout.data_dir(name),
                                                                      "features": mfcc})
         if stage.up_to_date:
             continue
         if tri is None:
-            tri = GmmModel.load(tri_dir)
-        set_data = DataDir.read(data_dir / name)
+            tri = GmmModel.load(layout.gmm)
+        set_data = DataDir.read(layout.data_dir(name))
         set_feats = FeatureStore.load(mfcc, mmap=False)
         set_utts = [u for u in set_data.utt_ids if u in set_feats]
         set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}")(tri, set_utts)

@@ -20,10 +20,11 @@ from pathlib import Path
 import kaldi_hmm_gmm as khg  # noqa: F401  (import order: kaldi_hmm_gmm, then kaldi_decoder, then kaldilm)
 import kaldifst
 
-from asrkd.data import data_split, read_table
+from asrkd.data import data_split, read_table, tuning_set
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.lang import Lang
-from asrkd.stage import atomic_write, plan, write_text
+from asrkd.layout import Layout
+from asrkd.stage import atomic_write, optional_values, plan, write_text
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,40 @@ def lm_text(transcripts: dict[str, str], lang: Lang) -> tuple[list[str], dict[st
         else:
             sentences.append(text)
     return sentences, dropped
+
+
+def lm_exclusions(cfg) -> set[str]:
+    """The utterances whose sentences the LM must not see (``graph.lm_exclude_valid``): those of
+    the set that chooses the LM weight (``decode.tuning_set``): the validation speakers' when it
+    is ``valid``, else the utterances of that data dir."""
+    if not cfg.graph.lm_exclude_valid:
+        return set()
+    tuning = tuning_set(cfg)
+    if tuning == "valid":
+        return set(data_split(cfg)[1])
+    return set(read_table(Layout.of(cfg).data_dir(tuning) / "text"))
+
+
+def arpa_path(cfg) -> Path:
+    return Layout.of(cfg).graph / f"lm_{int(cfg.graph.lm_order)}gram.arpa"
+
+
+def lm_vocabulary(cfg) -> set[str]:
+    """The words the graph's LM can output: its ARPA's unigrams. A word of words.txt that the LM
+    never saw has no arc in G, so it is out of the decoder's vocabulary all the same."""
+    path, words, unigrams = arpa_path(cfg), set(), False
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no LM; run make-graph")
+    with open(path, encoding="utf-8") as arpa:
+        for line in arpa:
+            line = line.strip()
+            if line == "\\1-grams:":
+                unigrams = True
+            elif unigrams and (not line or line.startswith("\\")):
+                break
+            elif unigrams:
+                words.add(line.split()[1])
+    return words - {"<s>", "</s>", "<unk>", "<UNK>"}
 
 
 def train_arpa(sentences: list[str], order: int, out_dir: Path) -> Path:
@@ -99,25 +134,26 @@ def make_hclg(lang: Lang, model: GmmModel, g: kaldifst.StdVectorFst, self_loop_s
 
 def run(cfg) -> None:
     """Stage 5: the LM on the training transcripts (validation speakers' sentences left out) and HCLG."""
-    exp = Path(cfg.exp_dir)
-    out_dir = exp / "graph"
-    data_dir = Path(cfg.data_dir)
+    layout = Layout.of(cfg)
+    out_dir = layout.graph
+    data_dir = layout.data
+    tuning = tuning_set(cfg)
     stage = plan("make-graph", out_dir, cfg, ("graph", "seed", "train.valid_fraction"),
-                 {"lang": data_dir / "lang", "model": exp / "tri", "lm data": data_dir / cfg.graph.lm_data, "split": data_dir / "train"})
+                 {"lang": layout.lang, "model": layout.gmm, "lm data": data_dir / cfg.graph.lm_data, "split": data_dir / "train",
+                  **({"tuning set": layout.data_dir(tuning)} if tuning != "valid" else {})},
+                 optional_values(cfg, {"decode.tuning_set": "valid"}))
     if stage.up_to_date:
         return
-    lang = Lang.load(data_dir / "lang")
+    lang = Lang.load(layout.lang)
     transcripts = read_table(data_dir / cfg.graph.lm_data / "text")
-    if cfg.graph.lm_exclude_valid:  # the validation speakers choose the LM weight: keep their text unseen
-
-        _, valid = data_split(cfg)
-        transcripts = {u: t for u, t in transcripts.items() if u not in set(valid)}
+    excluded = lm_exclusions(cfg)  # the set that chooses the LM weight: keep its text unseen
+    transcripts = {u: t for u, t in transcripts.items() if u not in excluded}
     sentences, dropped = lm_text(transcripts, lang)
     if dropped:
         log.warning("make-graph: %d LM sentences left out (%s)", len(dropped), next(iter(dropped.values())))
     arpa = train_arpa(sentences, cfg.graph.lm_order, out_dir)
     g = arpa_to_g(arpa, lang.directory / "words.txt", out_dir / "G.fst")
-    model = GmmModel.load(exp / "tri")
+    model = GmmModel.load(layout.gmm)
     hclg = make_hclg(lang, model, g, cfg.graph.self_loop_scale, cfg.graph.transition_scale)
     with atomic_write(out_dir / "HCLG.fst") as tmp:
         hclg.write(str(tmp))

@@ -19,6 +19,7 @@ from pathlib import Path
 import kaldifst
 
 from asrkd.data import corpus_sets, read_table
+from asrkd.layout import Layout
 from asrkd.stage import atomic_write, digest, plan, write_text
 
 SILENCE_WORD = "<sil>"
@@ -341,6 +342,19 @@ def vocabulary(data_dir: Path, names: list[str]) -> tuple[set[str], list[Path]]:
     return words, texts
 
 
+def refuse_case_clashes(words: set[str], texts: list[Path]) -> None:
+    """Words that differ only in case (``ten`` in one data dir, ``TEN`` in another) would be two
+    words to the lexicon, the LM and the scoring, each an error for the other: refused, all named."""
+    by_upper: dict[str, set[str]] = {}
+    for word in words:
+        by_upper.setdefault(word.upper(), set()).add(word)
+    clashes = sorted("/".join(sorted(spellings)) for spellings in by_upper.values() if len(spellings) > 1)
+    if clashes:
+        raise ValueError(f"{len(clashes)} word(s) are spelled in two cases across {', '.join(map(str, texts))}: {' '.join(clashes[:20])}; "
+                         "write every transcript in one case (e.g. upper: awk '{printf $1; for (i = 2; i <= NF; i++) "
+                         "printf \" \" toupper($i); print \"\"}' text > text.new && mv text.new text) and rerun")
+
+
 def run(cfg) -> None:
     """Stage 1: ``data/local/dict`` (+ CMUdict) and the words of train, the tuning set and the
     eval sets -> ``data/lang``.
@@ -351,9 +365,10 @@ def run(cfg) -> None:
     """
     log = logging.getLogger(__name__)
     data_dir = Path(cfg.data_dir)
-    out_dir = data_dir / "lang"
+    out_dir = Layout.of(cfg).lang
     dict_dir = data_dir / "local" / "dict"
     words, texts = vocabulary(data_dir, corpus_sets(cfg))
+    refuse_case_clashes(words, texts)
     dict_files = digest({p.name: p.read_text(encoding="latin-1") for p in sorted(dict_dir.iterdir()) if p.is_file()})
     stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": dict_files, "vocabulary": digest(sorted(words)),
                                                                   "vocabulary_size": len(words)})

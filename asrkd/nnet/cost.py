@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from asrkd.data import eval_sets
+from asrkd.layout import Layout
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames
 from asrkd.nnet.train import load_system, system_dirs
 from asrkd.parallel import pick_device
@@ -65,17 +66,17 @@ def scoring_ms_per_1000_frames(model: torch.nn.Module, frames: SplicedFrames, ba
 
 def system_cost(cfg, system: str) -> dict:
     """The cost record of ``system`` (measured now when it has none, or its model changed)."""
-    exp = Path(cfg.exp_dir)
-    out_dir = exp / "cost" / system.replace("/", "_")
+    exp, layout = Path(cfg.exp_dir), Layout.of(cfg)
+    out_dir = layout.cost(system)
     test = eval_sets(cfg)[0]
-    inputs = {f"model {d.name}": d for d in system_dirs(exp, system)} | {f"{test} features": exp / "feats" / "fbank" / test}
+    inputs = {f"model {d.name}": d for d in system_dirs(exp, system)} | {f"{test} features": layout.fbank(test)}
     stage = plan(f"cost {system}", out_dir, cfg, ("eval.batch_size", "train.num_threads", "train.device"), inputs, {"system": system})
     if stage.up_to_date:
         return read_record(out_dir)["summary"]
     torch.set_num_threads(int(cfg.train.num_threads))
     device = pick_device(cfg.train.device)
     model = load_system(exp, system, device)
-    frames = SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / test, mmap=False), model.config["left_context"],
+    frames = SplicedFrames(FeatureStore.load(layout.fbank(test), mmap=False), model.config["left_context"],
                            model.config["right_context"], device)
     cost = {"system": system, "parameters": parameters(model), "models": len(model.members) if isinstance(model, EnsembleDNN) else 1,
             "ms_per_1000_frames": round(scoring_ms_per_1000_frames(model, frames, int(cfg.eval.batch_size)), 3),

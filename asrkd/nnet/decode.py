@@ -26,9 +26,11 @@ from omegaconf import OmegaConf
 
 from asrkd.data import DataDir, data_split, eval_sets, read_table, tuning_set
 from asrkd.jobs import map_jobs, num_jobs, split
+from asrkd.layout import Layout
 from asrkd.kaldi.decode import (check_scores, choose_weights, decode_lattice, gmm_loglikes, log_priors, read_graph, sweep,
                                 transition_id_matrix, unseen_sentences, utterance_errors, word_error_rate)
 from asrkd.kaldi.gmm import GmmModel
+from asrkd.kaldi.graph import lm_vocabulary
 from asrkd.kaldi.lang import read_symbol_table
 from asrkd.nnet.model import SplicedFrames
 from asrkd.parallel import pick_device
@@ -60,21 +62,21 @@ def decode_part(job: tuple[dict, str, dict[str, str], list[tuple[str, str]]]) ->
     cfg, system, stores, pairs = job
     sets = {set_name: [u for s, u in pairs if s == set_name] for set_name in dict.fromkeys(s for s, _ in pairs)}
     cfg = OmegaConf.create(cfg)
-    exp, dcfg = Path(cfg.exp_dir), cfg.decode
-    graph = exp / "graph" / "HCLG.fst"
+    exp, layout, dcfg = Path(cfg.exp_dir), Layout.of(cfg), cfg.decode
+    graph = layout.graph / "HCLG.fst"
     hclg = read_graph(str(graph), graph.stat().st_mtime_ns)
-    id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
-    gmm = GmmModel.load(exp / "tri")
+    id2word = {i: w for w, i in read_symbol_table(layout.graph / "words.txt").items()}
+    gmm = GmmModel.load(layout.gmm)
     tid_to_pdf = gmm.tid_to_pdf()
     if system == "gmm":
-        feats = {name: FeatureStore.load(exp / "feats" / "mfcc" / name, mmap=False) for name in {stores[s] for s in sets}}
+        feats = {name: FeatureStore.load(layout.mfcc(name), mmap=False) for name in {stores[s] for s in sets}}
         score = lambda name, utt: gmm_loglikes(gmm, feats[name][utt])  # noqa: E731
     else:
         device = pick_device(cfg.train.device)
-        priors = log_priors(np.load(exp / "tri" / "ali_train" / "pdf_counts.npy"), dcfg.prior_floor)
+        priors = log_priors(np.load(layout.pdf_counts), dcfg.prior_floor)
         model = load_system(exp, system, device)
         model.eval()
-        frames = {name: SplicedFrames(FeatureStore.load(exp / "feats" / "fbank" / name, mmap=False),
+        frames = {name: SplicedFrames(FeatureStore.load(layout.fbank(name), mmap=False),
                                       model.config["left_context"], model.config["right_context"], device)
                   for name in {stores[s] for s in sets}}
         score = lambda name, utt: dnn_loglikes(model, frames[name], utt, priors)  # noqa: E731
@@ -133,9 +135,9 @@ def run(cfg) -> None:
     """Stage 6: decode every system of ``decode.systems`` (the GMM, DNNs, ensembles) on the tuning
     set and every eval set, each set's utterances split over ``jobs.nj`` jobs; the LM weight and
     insertion penalty are chosen on the tuning set and applied to the eval sets."""
-    exp, data_dir = Path(cfg.exp_dir), Path(cfg.data_dir)
+    exp, data_dir, layout = Path(cfg.exp_dir), Path(cfg.data_dir), Layout.of(cfg)
     dcfg = cfg.decode
-    id2word = {i: w for w, i in read_symbol_table(exp / "graph" / "words.txt").items()}
+    id2word = {i: w for w, i in read_symbol_table(layout.graph / "words.txt").items()}
     lm_text = read_table(data_dir / cfg.graph.lm_data / "text")
     sets = scored_sets(cfg)
     tuning, evaluated = tuning_set(cfg), eval_sets(cfg)
@@ -144,12 +146,12 @@ def run(cfg) -> None:
     pairs = [(set_name, utt) for set_name, (_, refs) in sets.items() for utt in sorted(refs)]
 
     for system in dcfg.systems:
-        out_dir = exp / "decode" / system
+        out_dir = layout.decode(system)
         kind = "mfcc" if system == "gmm" else "fbank"
-        models = {"model": exp / "tri"} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(exp, system)}
-        inputs = {**models, "graph": exp / "graph", "priors": exp / "tri" / "ali_train", "train": data_dir / "train",
+        models = {"model": layout.gmm} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(exp, system)}
+        inputs = {**models, "graph": layout.graph, "priors": layout.alignment("train"), "train": data_dir / "train",
                   **{store: data_dir / store for store in stores.values()},
-                  **{f"{store} features": exp / "feats" / kind / store for store in stores.values()}}
+                  **{f"{store} features": layout.features(kind, store) for store in stores.values()}}
         stage = plan(f"decode {system}", out_dir, cfg, DECODE_KEYS, inputs, {"system": system, **optional_values(cfg, DECODE_OPTIONAL_KEYS)})
         if stage.up_to_date:
             continue
@@ -169,10 +171,10 @@ def run(cfg) -> None:
             if matrices:
                 write_kaldi_matrices(out_dir / f"loglikes_{set_name}.ark", out_dir / f"loglikes_{set_name}.scp", matrices.items())
         best, tuning_wer = choose_weights(sets[tuning][1], hyps[tuning])
-        vocabulary = set(id2word.values())
+        vocabulary = lm_vocabulary(cfg) & set(id2word.values())
         oov = sorted({w for name in evaluated for t in sets[name][1].values() for w in t.split() if w not in vocabulary})
-        if oov:  # they count as errors: no path of the graph can output them
-            log.warning("decode %s: references hold %d word types outside the graph's vocabulary: %s", system, len(oov), oov[:10])
+        if oov:  # they count as errors: no path of the graph can output them (the report gives each set's rate)
+            log.warning("decode %s: references hold %d word types outside the LM's vocabulary: %s", system, len(oov), oov[:10])
         result = {"system": system, "lmwt": best[0], "word_ins_penalty": best[1], "tuning_set": tuning,
                   tuning: word_error_rate(sets[tuning][1], hyps[tuning][best])}
         for name in evaluated:

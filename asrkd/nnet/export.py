@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from asrkd.layout import Layout
 from asrkd.kaldi.decode import log_priors
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.nnet.train import load_system, system_dirs
@@ -44,15 +45,15 @@ class ScaledLogLikelihoods(nn.Module):
 
 def run(cfg) -> None:
     """Stage: export ``export.system`` (a DNN or an ensemble under exp/dnn)."""
-    exp = Path(cfg.exp_dir)
+    exp, layout = Path(cfg.exp_dir), Layout.of(cfg)
     system = str(cfg.export.system)
-    out_dir = exp / "export" / system.replace("/", "_")
-    inputs = {f"model {d.name}": d for d in system_dirs(exp, system)} | {"priors": exp / "tri" / "ali_train", "transition model": exp / "tri"}
+    out_dir = layout.export(system)
+    inputs = {f"model {d.name}": d for d in system_dirs(exp, system)} | {"priors": layout.alignment("train"), "transition model": layout.gmm}
     stage = plan(f"export {system}", out_dir, cfg, ("decode.prior_floor", "features"), inputs, {"system": system})
     if stage.up_to_date:
         return
     model = load_system(exp, system, torch.device("cpu")).eval()
-    priors = log_priors(np.load(exp / "tri" / "ali_train" / "pdf_counts.npy"), cfg.decode.prior_floor)
+    priors = log_priors(np.load(layout.pdf_counts), cfg.decode.prior_floor)
     scorer = ScaledLogLikelihoods(model, priors).eval()
     config = model.config
     window = config["left_context"] + 1 + config["right_context"]
@@ -73,7 +74,7 @@ def run(cfg) -> None:
     except ImportError as err:  # the exporter needs the onnx and onnxscript packages
         log.warning("export %s: no ONNX file (%s); model.pt2 only (pip install asrkd[export] adds it)", system, str(err).splitlines()[0])
     write_text(out_dir / "priors.vec", " [ " + " ".join(f"{p:.8g}" for p in np.exp(priors)) + " ]\n")
-    tid_to_pdf = GmmModel.load(exp / "tri").tid_to_pdf()
+    tid_to_pdf = GmmModel.load(layout.gmm).tid_to_pdf()
     write_text(out_dir / "tid2pdf.txt", "".join(f"{tid} {int(tid_to_pdf[tid])}\n" for tid in range(1, len(tid_to_pdf))))
     write_json(out_dir / "export.json", {
         "system": system, "models": len(system_dirs(exp, system)), "input": "spliced fbank (frames, window, feat_dim)",

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from asrkd.data import DataDir, data_split, without_valid
+from asrkd.layout import Layout
 from asrkd.nnet.model import EnsembleDNN, HybridDNN, MultiExitDNN, SplicedFrames, StackedDNN, model_from_config
 from asrkd.nnet.views import View, ViewSpec, draw
 from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
@@ -72,22 +73,23 @@ class FrameData:
         """Features of ``exp/feats/fbank/<name>`` and the alignment ``exp/tri/ali_<name>``, checked
         against each other. Without an alignment (unlabeled audio, ``require_alignment=False``)
         every frame is -1: it can carry soft targets only."""
-        store_path = Path(exp_dir) / "feats" / "fbank" / name
+        layout = Layout(Path(exp_dir))
+        store_path = layout.fbank(name)
         store = FeatureStore.load(store_path, mmap=False)
         bad = ~np.isfinite(np.asarray(store.frames, dtype=np.float32)).all(axis=1)
         if bad.any():
             utts = sorted({store.utt_ids[i] for i in np.searchsorted(store.offsets, np.flatnonzero(bad), side="right") - 1})
             raise ValueError(f"{store_path}: NaN/inf features in {len(utts)} utterance(s), e.g. {utts[:3]}; rerun make-feats with redo=true")
-        ali_dir = Path(exp_dir) / "tri" / f"ali_{name}"
+        ali_dir = layout.alignment(name)
         if not (ali_dir / "pdf_ids.npy").is_file():
             if require_alignment:
                 raise FileNotFoundError(f"{ali_dir}: no alignment of {name}; run `asrkd align features.sets=[{name}]`")
-            num_pdfs = json.loads((Path(exp_dir) / "tri" / "log.json").read_text())["tri"]["num_pdfs"]
+            num_pdfs = json.loads((layout.gmm / "log.json").read_text())["tri"]["num_pdfs"]
             pdf_ids = np.full(store.num_frames, -1, dtype=np.int64)
         else:
             pdf_ids = load_array(ali_dir / "pdf_ids.npy", False, "align").astype(np.int64)
             num_pdfs = int(json.loads((ali_dir / "index.json").read_text())["num_pdfs"])
-            mfcc_index = json.loads((Path(exp_dir) / "feats" / "mfcc" / name / FeatureStore.INDEX).read_text())
+            mfcc_index = json.loads((layout.mfcc(name) / FeatureStore.INDEX).read_text())
             if mfcc_index["utt_ids"] != store.utt_ids or mfcc_index["offsets"] != store.offsets.tolist():
                 raise ValueError(f"{store_path} and the alignment's mfcc store hold different utterances or lengths; "
                                  "recompute the features of both (make-feats) and realign")
@@ -425,7 +427,7 @@ def read_history(model_dir: Path) -> list[dict]:
 def model_path(exp_dir: Path, system: str) -> Path:
     """``exp/dnn/<name>/final.pt`` (the last epoch), or ``best.pt`` for ``<name>@best`` (early stopping)."""
     name, _, which = system.partition("@")
-    return Path(exp_dir) / "dnn" / name / f"{which or 'final'}.pt"
+    return Layout(Path(exp_dir)).model(name) / f"{which or 'final'}.pt"
 
 
 def load_model(path: Path, device: torch.device) -> HybridDNN:
@@ -444,8 +446,9 @@ def load_model(path: Path, device: torch.device) -> HybridDNN:
 def system_dirs(exp_dir: Path, system: str) -> list[Path]:
     """The model directories behind a system: one DNN, or an ensemble's members."""
     name = system.partition("@")[0]
-    members = sorted((Path(exp_dir) / "dnn" / name).glob("member-*"), key=lambda d: int(d.name.split("-")[1]))
-    return members or [Path(exp_dir) / "dnn" / name]
+    model_dir = Layout(Path(exp_dir)).model(name)
+    members = sorted(model_dir.glob("member-*"), key=lambda d: int(d.name.split("-")[1]))
+    return members or [model_dir]
 
 
 def load_system(exp_dir: Path, system: str, device: torch.device) -> HybridDNN | EnsembleDNN:
@@ -455,7 +458,7 @@ def load_system(exp_dir: Path, system: str, device: torch.device) -> HybridDNN |
     dirs = system_dirs(exp_dir, system)
     for directory in dirs:
         input_fingerprint(directory)  # complete, and not made from inputs that were remade since
-    if dirs != [Path(exp_dir) / "dnn" / name]:
+    if dirs != [Layout(Path(exp_dir)).model(name)]:
         return EnsembleDNN([load_model(model_path(exp_dir, f"{name}/{d.name}{at}{which}"), device) for d in dirs])
     return load_model(model_path(exp_dir, system), device)
 
@@ -463,7 +466,7 @@ def load_system(exp_dir: Path, system: str, device: torch.device) -> HybridDNN |
 def store_for(exp_dir: Path, utts: set[str]) -> str | None:
     """The smallest complete fbank store that holds all ``utts`` (a subset of train uses train's), or None."""
     candidates = []
-    for directory in sorted((Path(exp_dir) / "feats" / "fbank").glob("*")):
+    for directory in Layout(Path(exp_dir)).feature_stores("fbank"):
         if is_complete(directory):
             held = FeatureStore.utterances(directory)
             if utts <= set(held):
@@ -499,7 +502,7 @@ class TrainingSet:
     """
 
     def __init__(self, cfg, transfer: list[str] | tuple[str, ...] = ()):
-        self.cfg, self.exp = cfg, Path(cfg.exp_dir)
+        self.cfg, self.exp, self.layout = cfg, Path(cfg.exp_dir), Layout.of(cfg)
         self.train_utts, self.valid_utts = data_split(cfg)
         valid = set(self.valid_utts)
         data_dir = Path(cfg.data_dir)
@@ -510,9 +513,9 @@ class TrainingSet:
         self.inputs: dict[str, Path] = {"data": data_dir / cfg.train.data, "split": data_dir / "train"}
         for i, store in enumerate(self.stores):
             suffix = "" if i == 0 else f" {store}"
-            self.inputs[f"features{suffix}"] = self.exp / "feats" / "fbank" / store
-            if i == 0 or (self.exp / "tri" / f"ali_{store}").is_dir():
-                self.inputs[f"alignment{suffix}"] = self.exp / "tri" / f"ali_{store}"
+            self.inputs[f"features{suffix}"] = self.layout.fbank(store)
+            if i == 0 or self.layout.alignment(store).is_dir():
+                self.inputs[f"alignment{suffix}"] = self.layout.alignment(store)
         self.inputs |= {f"transfer {name}": data_dir / name for name in transfer}
         self.parts: dict[str, int] = {}
         self._loaded: tuple | None = None
@@ -627,4 +630,4 @@ def run(cfg) -> None:
     """Stage 4: ``train.seeds`` replicates of the DNN ``train.name`` (replicate r > 0: ``<name>_seed<r>``)."""
     training = TrainingSet(cfg)
     for replicate, name in enumerate(replicates(cfg)):
-        train_stage(cfg, [Model(f"train-dnn {name}", Path(cfg.exp_dir) / "dnn" / name, replicate)], training)
+        train_stage(cfg, [Model(f"train-dnn {name}", Layout.of(cfg).model(name), replicate)], training)
