@@ -138,7 +138,7 @@ def run_command(function: Callable[[DictConfig], None], overrides: list[str], na
         with invoked_as(name, overrides):
             function(cfg)
     except (StageError, ValueError, FileNotFoundError) as err:
-        abandon_open_stages()
+        abandon_open_stages(failed=True)
         if cfg.log_level == "DEBUG":
             raise
         sys.exit(f"asrkd {name}: error: {err}")

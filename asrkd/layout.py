@@ -7,7 +7,7 @@ nothing else)::
     <data_dir>/lang                    the lexicon's L.fst and phone sets (prepare-lang)
     <exp>/feats/{fbank,mfcc}/<data>    feature stores of a data dir (make-feats)
     <exp>/mono, <exp>/tri              the GMM-HMMs (train-gmm); tri/ali_<data>: pdf-id alignments (align)
-    <exp>/graph                        HCLG.fst and words.txt (make-graph)
+    <exp>/graph                        HCLG.fst, words.txt, the LM; graph/lang: a decoding lang (make-graph)
     <exp>/dnn/<system>                 a trained DNN (final.pt, best.pt, history.json), or an ensemble's member-<i>
     <exp>/soft_targets/<teacher>/<data>  a teacher's targets of a data dir's frames (make-soft-targets)
     <exp>/decode/<system>              lattices, the LM-weight sweep and wer.json (decode)
@@ -83,6 +83,11 @@ class Layout:
     @property
     def graph(self) -> Path:
         return self.exp / "graph"
+
+    @property
+    def decoding_lang(self) -> Path:
+        """``graph/lang``: the training lang with the LM's other words (Kaldi's lang_test), when it has any."""
+        return self.graph / "lang"
 
     # ------------------------------------------------------------------ DNN systems and what they make
 

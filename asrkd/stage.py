@@ -573,24 +573,29 @@ class Stage:
         _OPEN.pop(self.out_dir.resolve(), None)
         release_lock(self.out_dir)
 
-    def abandon(self) -> None:
-        """A run that raised: a redo's old output (and its record) back in place; the lock released."""
+    def abandon(self, failed: bool = False) -> None:
+        """A run that raised: a redo's old output (and its record) back in place; the lock released.
+        One that ``failed`` (an error, not a kill or Ctrl-C) marks its partial record so: what it
+        left is no run to resume, and a run of other settings clears it instead of being refused."""
         _OPEN.pop(self.out_dir.resolve(), None)
         previous = previous_path(self.out_dir)
         if self.set_aside and previous.is_dir():
             shutil.rmtree(self.out_dir, ignore_errors=True)
             os.replace(previous, self.out_dir)
             log.warning("%s: the redo failed; %s is back as it was", self.name, self.out_dir)
+        elif failed and (partial := read_record(self.out_dir, PARTIAL)) is not None:
+            write_json(self.out_dir / PARTIAL, {**partial, "failed": True})
         release_lock(self.out_dir)
 
 
 _OPEN: dict[Path, Stage] = {}  # planned in this process, not yet committed
 
 
-def abandon_open_stages() -> None:
-    """Undo every stage this process planned and did not commit (the CLI calls it on errors)."""
+def abandon_open_stages(failed: bool = False) -> None:
+    """Undo every stage this process planned and did not commit (the CLI calls it on errors:
+    ``failed`` for an error it reports, not for an interruption)."""
     for stage in list(_OPEN.values()):
-        stage.abandon()
+        stage.abandon(failed)
 
 
 def holds_only_its_record(out_dir: Path) -> bool:
@@ -677,10 +682,15 @@ def decide(stage: Stage, redo: bool, clear: bool, writer: bool = True) -> None:
     if writer:
         recover_interrupted_redo(name, out_dir, stage.fingerprint)
     done, partial = read_record(out_dir), read_record(out_dir, PARTIAL)
-    if done is None and partial is not None and partial["fingerprint"] != stage.fingerprint and holds_only_its_record(out_dir) and writer:
-        log.info("%s: %s holds only the plan of a run that made nothing (%s); planning anew", name, out_dir,
+    if done is None and partial is not None and partial["fingerprint"] != stage.fingerprint and writer and (
+            holds_only_its_record(out_dir) or partial.get("failed")):
+        log.info("%s: %s holds %s (%s); planning anew", name, out_dir,
+                 "only the plan of a run that made nothing" if holds_only_its_record(out_dir) else "what a failed run of other settings left",
                  "; ".join(describe_changes(partial, stage.record)))
-        (out_dir / PARTIAL).unlink()
+        if clear and not holds_only_its_record(out_dir):
+            shutil.rmtree(out_dir)  # a failed run's outputs: junk to any run of other settings
+        else:
+            (out_dir / PARTIAL).unlink()
         partial = None
     existing = done or partial
     remake = False

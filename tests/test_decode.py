@@ -85,15 +85,16 @@ ngram 2=1
 
 def graph_cfg(tmp_path: Path, tuning_set: str = "valid"):
     return OmegaConf.create({"exp_dir": str(tmp_path / "exp"), "data_dir": str(tmp_path / "data"), "seed": 0,
-                             "graph": {"lm_order": 2, "lm_exclude_valid": True}, "decode": {"tuning_set": tuning_set}})
+                             "graph": {"lm_order": 2, "lm_exclude_valid": True, "lm_arpa": None}, "decode": {"tuning_set": tuning_set}})
 
 
 def test_the_oov_rate_counts_reference_words_the_lm_cannot_output(tmp_path: Path) -> None:
     (tmp_path / "exp" / "graph").mkdir(parents=True)
     (tmp_path / "exp" / "graph" / "lm_2gram.arpa").write_text(ARPA)
+    (tmp_path / "exp" / "graph" / "words.txt").write_text("<eps> 0\nONE 1\nTHREE 2\n#0 3\n<s> 4\n</s> 5\n")
     vocabulary = lm_vocabulary(graph_cfg(tmp_path))
-    assert vocabulary == {"ONE", "TWO"}  # the unigrams, without the sentence marks and <unk>
-    oov = out_of_vocabulary({"a": "ONE TWO THREE", "b": "THREE FOUR ONE"}, vocabulary)
+    assert vocabulary == {"ONE"}  # the unigrams the lexicon holds: TWO has no pronunciation, THREE no n-gram
+    oov = out_of_vocabulary({"a": "ONE TWO THREE", "b": "THREE FOUR ONE"}, vocabulary | {"TWO"})
     assert (oov["tokens"], oov["oov_tokens"], oov["oov_types"]) == (6, 3, 2)
     assert oov["oov_rate"] == pytest.approx(0.5) and list(oov["oov_words"]) == ["THREE", "FOUR"]  # most frequent first
     assert out_of_vocabulary_line({"test": oov}).endswith("test 50.00% of 6 words (2 word types: THREE FOUR).")

@@ -352,3 +352,30 @@ def test_results_lists_every_scored_system_once_as_kaldi_recipes_do(tmp_path: Pa
     listing = (tmp_path / "results" / "RESULTS.md").read_text()
     assert "| baseline | 4x512 | 1 | 6.00% [5.00, 7.00] | 55.00% [54.00, 56.00] |" in listing
     assert "## chains" in listing and "| s (+1 seeds) | 4x512 | 2 |" in listing and listing.count("| baseline |") == 1
+
+
+def test_an_lm_of_ones_own_brings_its_words_into_a_decoding_lang_and_lowers_the_wer(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from asrkd.data import read_table
+    from asrkd.kaldi import graph
+    from asrkd.kaldi.lang import Lang
+
+    shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
+    shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)
+    before = json.loads((tmp_path / "exp" / "decode" / "baseline" / "wer.json").read_text())["test"]["wer"]
+    extra = tmp_path / "lm_text.txt"  # the test set's own sentences (an in-domain LM), and TOO: a homophone of TWO the lexicon lacks
+    extra.write_text("".join(f"{t}\n" for t in read_table(tmp_path / "data" / "test" / "text").values()) + "TOO\n")
+    cfg = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY, f"graph.lm_text=[{extra}]", "redo=true"])
+    graph.run(cfg)
+    trained, decoding = Lang.load(tmp_path / "data" / "lang"), Lang.load(tmp_path / "exp" / "graph" / "lang")
+    assert "TOO" not in trained.words and "TOO" in decoding.words and "TOO" in graph.lm_vocabulary(cfg)
+    assert {p: i for p, i in decoding.phones.items() if not p.startswith("#")} == {p: i for p, i in trained.phones.items() if not p.startswith("#")}
+    assert len(decoding.disambig_ids) >= len(trained.disambig_ids)  # TOO and TWO sound alike: a #n tells them apart
+    decode.run(OmegaConf.merge(cfg, {"decode": {"systems": ["baseline"]}}))  # the graph changed: the decode is redone
+    assert json.loads((tmp_path / "exp" / "decode" / "baseline" / "wer.json").read_text())["test"]["wer"] < before
+    arpa = tmp_path / "user.arpa"  # the same LM as a user's ARPA file: decoded with as it is
+    shutil.copyfile(graph.arpa_path(cfg), arpa)
+    user = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY, f"graph.lm_arpa={arpa}", "redo=true"])
+    graph.run(user)
+    assert (tmp_path / "exp" / "graph" / "lm.arpa").read_bytes() == arpa.read_bytes() and "TOO" in graph.lm_vocabulary(user)

@@ -100,6 +100,9 @@ def test_a_partial_run_of_other_settings_and_unrecorded_outputs_are_refused(run_
     (root / "exp" / "dnn" / "other" / "last.pt").write_bytes(b"progress")  # one that got somewhere is refused
     with pytest.raises(StageMismatch, match="partly made \\(interrupted\\)"):
         plan("train-dnn other", root / "exp" / "dnn" / "other", tiny_config(root, "train.name=other", "train.epochs=5"), train.TRAIN_KEYS)
+    replanned.abandon(failed=True)  # a run that stopped on an error (not a kill) left it: no run to resume, cleared for the right command
+    fixed = plan("train-dnn other", root / "exp" / "dnn" / "other", tiny_config(root, "train.name=other", "train.epochs=5"), train.TRAIN_KEYS)
+    assert not (root / "exp" / "dnn" / "other" / "last.pt").exists() and not fixed.up_to_date
     legacy = root / "exp" / "dnn" / "legacy"
     legacy.mkdir()
     (legacy / ".done").write_text("")

@@ -22,9 +22,9 @@ import kaldifst
 
 from asrkd.data import data_split, read_table, tuning_set
 from asrkd.kaldi.gmm import GmmModel
-from asrkd.kaldi.lang import Lang
+from asrkd.kaldi.lang import Lang, read_symbol_table, with_words
 from asrkd.layout import Layout
-from asrkd.stage import atomic_write, optional_values, plan, write_text
+from asrkd.stage import atomic_write, copy_file, digest, file_digest, optional_values, plan, write_text
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,19 @@ def lm_exclusions(cfg) -> set[str]:
     return set(read_table(Layout.of(cfg).data_dir(tuning) / "text"))
 
 
+GRAPH_KEYS = ("graph.lm_data", "graph.lm_exclude_valid", "graph.lm_order", "graph.transition_scale", "graph.self_loop_scale",
+              "seed", "train.valid_fraction")
+GRAPH_OPTIONAL_KEYS = {"decode.tuning_set": "valid", "graph.lm_arpa": None, "graph.lm_text": []}  # recorded when set: older graphs stay current
+
+
 def arpa_path(cfg) -> Path:
-    return Layout.of(cfg).graph / f"lm_{int(cfg.graph.lm_order)}gram.arpa"
+    """The graph's LM: a copy of the user's ARPA (``graph.lm_arpa``), or the one trained on ``graph.lm_data``."""
+    return Layout.of(cfg).graph / ("lm.arpa" if cfg.graph.lm_arpa else f"lm_{int(cfg.graph.lm_order)}gram.arpa")
 
 
-def lm_vocabulary(cfg) -> set[str]:
-    """The words the graph's LM can output: its ARPA's unigrams. A word of words.txt that the LM
-    never saw has no arc in G, so it is out of the decoder's vocabulary all the same."""
-    path, words, unigrams = arpa_path(cfg), set(), False
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no LM; run make-graph")
+def arpa_unigrams(path: Path) -> set[str]:
+    """The words of an ARPA file's 1-grams (sentence marks and <unk> too)."""
+    words, unigrams = set(), False
     with open(path, encoding="utf-8") as arpa:
         for line in arpa:
             line = line.strip()
@@ -72,7 +75,17 @@ def lm_vocabulary(cfg) -> set[str]:
                 break
             elif unigrams:
                 words.add(line.split()[1])
-    return words - {"<s>", "</s>", "<unk>", "<UNK>"}
+    return words
+
+
+def lm_vocabulary(cfg) -> set[str]:
+    """The words the graph can output: its LM's unigrams that its lexicon (words.txt) holds. A
+    lexicon word the LM never saw has no arc in G, nor an LM word without a pronunciation."""
+    path = arpa_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no LM; run make-graph")
+    words = set(read_symbol_table(Layout.of(cfg).graph / "words.txt"))
+    return (arpa_unigrams(path) & words) - {"<s>", "</s>", "<unk>", "<UNK>", "<eps>", "#0"}
 
 
 def train_arpa(sentences: list[str], order: int, out_dir: Path) -> Path:
@@ -133,30 +146,56 @@ def make_hclg(lang: Lang, model: GmmModel, g: kaldifst.StdVectorFst, self_loop_s
 
 
 def run(cfg) -> None:
-    """Stage 5: the LM on the training transcripts (validation speakers' sentences left out) and HCLG."""
-    layout = Layout.of(cfg)
+    """Stage 5: the LM and HCLG. The LM is the user's ARPA (``graph.lm_arpa``), or an n-gram
+    trained on ``graph.lm_data``'s transcripts (the tuning set's sentences left out) and the
+    text files of ``graph.lm_text``; its words that the training lang lacks join a decoding
+    lang (``exp/graph/lang``, Kaldi's lang_test: the acoustic model's phones, the larger
+    vocabulary), so the vocabulary grows without touching the acoustic model."""
+    layout, gcfg = Layout.of(cfg), cfg.graph
     out_dir = layout.graph
     data_dir = layout.data
     tuning = tuning_set(cfg)
-    stage = plan("make-graph", out_dir, cfg, ("graph", "seed", "train.valid_fraction"),
-                 {"lang": layout.lang, "model": layout.gmm, "lm data": data_dir / cfg.graph.lm_data, "split": data_dir / "train",
-                  **({"tuning set": layout.data_dir(tuning)} if tuning != "valid" else {})},
-                 optional_values(cfg, {"decode.tuning_set": "valid"}))
+    user_arpa = Path(gcfg.lm_arpa) if gcfg.lm_arpa else None
+    extra_text = [Path(p) for p in gcfg.lm_text]
+    for path in [*([user_arpa] if user_arpa else []), *extra_text]:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (graph.lm_arpa / graph.lm_text; relative paths are from the recipe dir)")
+    inputs = {"lang": layout.lang, "model": layout.gmm, "lm data": data_dir / gcfg.lm_data, "split": data_dir / "train",
+              **({"tuning set": layout.data_dir(tuning)} if tuning != "valid" else {})}
+    files = {str(path): file_digest(path) for path in [*([user_arpa] if user_arpa else []), *extra_text]}  # what the LM is made from
+    if files:  # the decoding lexicon then takes pronunciations from the dictionary too
+        files["dict"] = digest({p.name: file_digest(p) for p in sorted((data_dir / "local" / "dict").glob("*")) if p.is_file()})
+    stage = plan("make-graph", out_dir, cfg, GRAPH_KEYS, inputs, optional_values(cfg, GRAPH_OPTIONAL_KEYS) | ({"lm_files": files} if files else {}))
     if stage.up_to_date:
         return
     lang = Lang.load(layout.lang)
-    transcripts = read_table(data_dir / cfg.graph.lm_data / "text")
-    excluded = lm_exclusions(cfg)  # the set that chooses the LM weight: keep its text unseen
-    transcripts = {u: t for u, t in transcripts.items() if u not in excluded}
-    sentences, dropped = lm_text(transcripts, lang)
+    if user_arpa:
+        copy_file(user_arpa, arpa_path(cfg))
+        wanted = arpa_unigrams(user_arpa) - {"<s>", "</s>", "<unk>", "<UNK>"}
+        texts: dict[str, str] = {}
+    else:
+        transcripts = read_table(data_dir / gcfg.lm_data / "text")
+        excluded = lm_exclusions(cfg)  # the set that chooses the LM weight: keep its text unseen
+        texts = {u: t for u, t in transcripts.items() if u not in excluded}
+        texts |= {f"{path}:{n}": line.strip() for path in extra_text
+                  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()}
+        wanted = {w for text in texts.values() for w in text.split()} if extra_text else set()
+    lang, missing = with_words(cfg, lang, wanted, layout.decoding_lang)
+    if missing:
+        log.warning("make-graph: %d LM word(s) without a usable pronunciation are left out of the graph (%s), e.g. %s",
+                    len(missing), next(iter(missing.values())), " ".join(sorted(missing)[:10]))
+    sentences, dropped = ([], {}) if user_arpa else lm_text(texts, lang)
     if dropped:
         log.warning("make-graph: %d LM sentences left out (%s)", len(dropped), next(iter(dropped.values())))
-    arpa = train_arpa(sentences, cfg.graph.lm_order, out_dir)
+    arpa = arpa_path(cfg) if user_arpa else train_arpa(sentences, gcfg.lm_order, out_dir)
     g = arpa_to_g(arpa, lang.directory / "words.txt", out_dir / "G.fst")
     model = GmmModel.load(layout.gmm)
     hclg = make_hclg(lang, model, g, cfg.graph.self_loop_scale, cfg.graph.transition_scale)
     with atomic_write(out_dir / "HCLG.fst") as tmp:
         hclg.write(str(tmp))
     write_text(out_dir / "words.txt", (lang.directory / "words.txt").read_text())
-    log.info("make-graph: %d-gram LM from %d sentences; HCLG has %d states", cfg.graph.lm_order, len(sentences), hclg.num_states)
-    stage.commit(lm_sentences=len(sentences), lm_sentences_dropped=len(dropped), hclg_states=hclg.num_states)
+    log.info("make-graph: %s; %d words; HCLG has %d states", f"the LM {user_arpa}" if user_arpa else
+             f"{gcfg.lm_order}-gram LM from {len(sentences)} sentences", len(lang.words), hclg.num_states)
+    stage.commit(lm_sentences=len(sentences), lm_sentences_dropped=len(dropped), hclg_states=hclg.num_states,
+                 **({"words_added": len(lang.words) - len(Lang.load(layout.lang).words), "lm_words_left_out": sorted(missing)}
+                    if user_arpa or extra_text else {}))

@@ -298,12 +298,15 @@ def _lexicon_fst(
 
 def prepare_lang(
     lexicon: dict[str, list[list[str]]], out_dir: Path, silence_phone: str, sil_prob: float, num_sil_states: int, num_nonsil_states: int,
-    silence_phones: list[str] | None = None,
+    silence_phones: list[str] | None = None, phone_table: dict[str, int] | None = None,
 ) -> Lang:
     """Write a Kaldi lang dir for ``lexicon`` (base phones, no positions) into ``out_dir``.
 
     ``silence_phone`` is the optional silence between words; ``silence_phones`` (default: it
-    alone) all get the silence topology and no position marks."""
+    alone) all get the silence topology and no position marks. ``phone_table`` (a trained
+    model's phones.txt) keeps every phone's id as it is there, as Kaldi's prepare_lang.sh
+    --phone-symbol-table does: a decoding lang must speak the acoustic model's phones; only
+    the disambiguation symbols may grow."""
     out_dir = Path(out_dir)
     silence_phones = silence_phones or [silence_phone]
     silence_set = frozenset(silence_phones)
@@ -311,8 +314,17 @@ def prepare_lang(
     prons.append((SILENCE_WORD, [silence_phone]))
     disambig_prons, max_disambig = add_disambig(prons)
 
-    nonsil = sorted({p for _, pron in prons for p in pron if p not in silence_set})
-    phone_list = ["<eps>", *silence_phones] + nonsil + [f"#{i}" for i in range(max_disambig + 1)]
+    if phone_table is None:
+        nonsil = sorted({p for _, pron in prons for p in pron if p not in silence_set})
+        real = ["<eps>", *silence_phones] + nonsil
+    else:
+        real = [p for p, _ in sorted(phone_table.items(), key=lambda item: item[1]) if not p.startswith("#")]
+        unknown = sorted({p for _, pron in prons for p in pron} - set(real))
+        if unknown or real[: len(silence_phones) + 1] != ["<eps>", *silence_phones]:
+            raise ValueError(f"{out_dir}: the lexicon needs phones outside the given phone table ({' '.join(unknown[:10])}), "
+                             "or its silence phones differ from the table's")
+        nonsil = real[len(silence_phones) + 1:]
+    phone_list = real + [f"#{i}" for i in range(max_disambig + 1)]
     phones = {p: i for i, p in enumerate(phone_list)}
     word_list = ["<eps>", SILENCE_WORD] + sorted(lexicon) + ["#0", "<s>", "</s>"]
     words = {w: i for i, w in enumerate(word_list)}
@@ -330,6 +342,31 @@ def prepare_lang(
     lang = Lang.load(out_dir)
     write_text(out_dir / "phones" / "sets.int", "".join(" ".join(map(str, s)) + "\n" for s in lang.phone_sets))
     return lang
+
+
+def with_words(cfg, lang: Lang, words: set[str], out_dir: Path) -> tuple[Lang, dict[str, str]]:
+    """A decoding lang (Kaldi's lang_test): ``lang`` with ``words`` added, written to ``out_dir``
+    (``lang`` itself when it has them all). Their pronunciations come from the dictionary, then
+    CMUdict, on ``lang``'s phones with their ids (the acoustic model's); returns it and, per
+    word left out, the reason."""
+    new = {w for w in words if w not in lang.words}
+    if not new:
+        return lang, {}
+    dictionary = Dictionary.read(Path(cfg.data_dir) / "local" / "dict", cfg.lang.silence_phone)
+    fallback = read_sphinx_dict(cmudict_path()) if cfg.lang.use_cmudict else {}
+    added, missing = build_lexicon(new, dictionary.lexicon, fallback, dictionary.nonsilence_phones)
+    silence = frozenset(lang.silence_phones)
+    usable: dict[str, list[list[str]]] = {}
+    for word, prons in added.items():
+        known = [p for p in prons if set(position_phones(p, silence)) <= set(lang.phones)]
+        if known:
+            usable[word] = known
+        else:
+            missing[word] = "its pronunciation needs a phone (in that word position) the acoustic model was never trained on"
+    trained = {word: [[base_phone(p) for p in pron] for pron in prons] for word, prons in lang.lexicon.items() if word != SILENCE_WORD}
+    extended = prepare_lang(trained | usable, out_dir, dictionary.optional_silence, cfg.lang.sil_prob, cfg.lang.num_sil_states,
+                            cfg.lang.num_nonsil_states, lang.silence_phones, phone_table=lang.phones)
+    return extended, missing
 
 
 def vocabulary(data_dir: Path, names: list[str]) -> tuple[set[str], list[Path]]:
