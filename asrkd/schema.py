@@ -69,6 +69,7 @@ DECLARED: dict[str, Kind] = {
     "distill.methods": Kind((list,), item=STRING),
     "decode.unseen_sentences": Kind((list,), item=STRING),
     "graph.lm_arpa": Kind((str,), nullable=True),
+    "function_matching.subset.view": Kind((str,), nullable=True),
     "graph.lm_text": Kind((list,), item=STRING),
     "levers.cross_fitted": Kind((dict,), nullable=True),
     "levers.seeds": Kind((int,), nullable=True),

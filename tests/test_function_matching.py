@@ -124,3 +124,16 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     subset = json.loads((root / "results" / "report.json").read_text())["three_percent"]["function_matching"]
     assert subset["row"] == "all x2 consistent train_10pct" and subset["seeds"] == 2 and len(subset["gap_closed_ci"]) == 2
     assert json.loads((exp / "fm_all_x2_hard_train_10pct" / "stage.json").read_text())["config"]["train.data"] == "train_10pct"
+
+
+def test_the_subset_rows_keep_their_view_when_the_headline_takes_another() -> None:
+    from asrkd.cli import load_config
+
+    cfg = load_config(["function_matching.headline=clean", "function_matching.subset.view=all"])
+    subset = [run for run in function_matching.runs(cfg) if run.data != "train"]
+    assert subset and {run.view for run in subset} == {"all"}  # on 3% of the frames the views widen the support the student is matched on
+    assert {run.view for run in function_matching.runs(cfg) if run.data == "train" and run.replicate > 0} == {"clean"}
+    headline_too = load_config(["function_matching.subset.view=null"])
+    assert {run.view for run in function_matching.runs(headline_too) if run.data != "train"} == {str(headline_too.function_matching.headline)}
+    with pytest.raises(ValueError, match="function_matching.subset.view names typo"):
+        function_matching.runs(load_config(["function_matching.subset.view=typo"]))
