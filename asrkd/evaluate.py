@@ -112,11 +112,11 @@ class Evaluation:
                 self.frames_by_set[name] = Bootstrap(self.scorer.utterances(name), scfg.replicates, scfg.confidence, scfg.seed, unit_of)
             self.words_by_set[name] = Bootstrap(data.utt_ids, scfg.replicates, scfg.confidence, scfg.seed, unit_of)
         if self.primary not in self.frames_by_set:
-            raise FileNotFoundError(f"{Layout(self.exp).alignment(self.primary)}: the first eval set needs an alignment "
+            raise FileNotFoundError(f"{self.layout.alignment(self.primary)}: the first eval set needs an alignment "
                                     f"(`asrkd align features.sets=[{self.primary}]`)")
         self.frames, self.words = self.frames_by_set[self.primary], self.words_by_set[self.primary]
-        self.frame_accuracy_utterances = {name: {"aligned": len(self.scorer.utterances(name)), "of": len(self.words_by_set[name].utt_ids)}
-                                          for name in self.frames_by_set}  # an alignment may drop some: every cell says over how many
+        self.frame_accuracy_utterances = {name: {"aligned": len(frames.utt_ids), "of": len(self.words_by_set[name].utt_ids)}
+                                          for name, frames in self.frames_by_set.items()}  # an alignment may drop some: every cell says over how many
 
     def entry(self, systems: list[str], train_sets: dict[str, list[str]], key: str | None = None, **extra) -> dict:
         """The report entry of ``systems`` (one, or replicates: their mean), labeled with the model

@@ -43,6 +43,11 @@ class Layout:
     def lang(self) -> Path:
         return self.data / "lang"
 
+    @property
+    def dictionary(self) -> Path:
+        """``local/dict``: the lexicon and phone lists (Kaldi's layout) the lang dirs are made from."""
+        return self.data / "local" / "dict"
+
     def data_dir(self, name: str) -> Path:
         return self.data / name
 

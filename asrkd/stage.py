@@ -682,12 +682,12 @@ def decide(stage: Stage, redo: bool, clear: bool, writer: bool = True) -> None:
     if writer:
         recover_interrupted_redo(name, out_dir, stage.fingerprint)
     done, partial = read_record(out_dir), read_record(out_dir, PARTIAL)
-    if done is None and partial is not None and partial["fingerprint"] != stage.fingerprint and writer and (
-            holds_only_its_record(out_dir) or partial.get("failed")):
+    made_nothing = partial is not None and holds_only_its_record(out_dir)
+    if done is None and partial is not None and partial["fingerprint"] != stage.fingerprint and writer and (made_nothing or partial.get("failed")):
         log.info("%s: %s holds %s (%s); planning anew", name, out_dir,
-                 "only the plan of a run that made nothing" if holds_only_its_record(out_dir) else "what a failed run of other settings left",
+                 "only the plan of a run that made nothing" if made_nothing else "what a failed run of other settings left",
                  "; ".join(describe_changes(partial, stage.record)))
-        if clear and not holds_only_its_record(out_dir):
+        if clear and not made_nothing:
             shutil.rmtree(out_dir)  # a failed run's outputs: junk to any run of other settings
         else:
             (out_dir / PARTIAL).unlink()

@@ -60,7 +60,7 @@ from asrkd.distill.student import TeacherOnTheFly
 from asrkd.layout import Layout
 from asrkd.report import machine, recipe_command, saved_figure
 from asrkd.stores import FeatureStore, load_array
-from asrkd.nnet.model import HybridDNN, SplicedFrames
+from asrkd.nnet.model import HybridDNN, SplicedFrames, average_softmax
 from asrkd.parallel import pick_device
 from asrkd.nnet.train import (FrameData, Model, ModelFrames, load_model, model_path, predict_logits, read_history,
                               replicate_name, train_stage)
@@ -257,9 +257,14 @@ BIG = "big"
 SMALL = "small_alone"
 
 
+def ensemble_teacher(cfg) -> bool:
+    """Whether the big row's seeds teach as one ensemble (``images.teacher: ensemble``) rather than big net r student r."""
+    return str(cfg.images.teacher) == "ensemble"
+
+
 def teacher_tag(cfg) -> str:
     """'' for students of one big net (the paper's), '_ensemble' for students of the big row's average."""
-    return "_ensemble" if str(cfg.images.teacher) == "ensemble" else ""
+    return "_ensemble" if ensemble_teacher(cfg) else ""
 
 
 def student_name(cfg, width: int, temperature: float, transfer: str = "all") -> str:
@@ -359,7 +364,7 @@ def teachers_of(cfg, names: dict[str, list[str]], replicate: int) -> list[str]:
     """The big nets that teach student seed ``replicate``: big net r (``images.teacher: net``, the
     paper's), or every seed of the big row, their softmax(z/T) averaged (``ensemble``: a teacher
     better than any one of them, as the paper's speech ensemble)."""
-    return list(names["big"]) if str(cfg.images.teacher) == "ensemble" else [names["big"][replicate]]
+    return list(names["big"]) if ensemble_teacher(cfg) else [names["big"][replicate]]
 
 
 def stored_teacher_loss(cfg, temperature: float, teachers: list[str]):
@@ -367,10 +372,10 @@ def stored_teacher_loss(cfg, temperature: float, teachers: list[str]):
     dcfg = cfg.distill
 
     def make(data, hard):
-        logits = [predict_logits(teacher_model(cfg, teacher, data.pdf_ids.device), data, np.arange(len(data.pdf_ids)), int(cfg.eval.batch_size))
-                  for teacher in teachers]
-        return lambda z, batch: distillation_loss(z, torch.stack([torch.softmax(zt[batch] / temperature, -1) for zt in logits]).mean(0),
-                                                  hard[batch], temperature, dcfg.soft_weight, dcfg.hard_weight)
+        logits = torch.stack([predict_logits(teacher_model(cfg, teacher, data.pdf_ids.device), data, np.arange(len(data.pdf_ids)),
+                                             int(cfg.eval.batch_size)) for teacher in teachers])  # (teachers, images, classes)
+        return lambda z, batch: distillation_loss(z, average_softmax(logits[:, batch], temperature), hard[batch], temperature,
+                                                  dcfg.soft_weight, dcfg.hard_weight)
 
     return make
 
@@ -552,8 +557,8 @@ def run_report(cfg) -> None:
     rows = {key: errors.add(key, [logits_of(name, test_idx) for name in names]) for key, names in seeds.items()}
     rows["big"]["fewer_than_small_alone"] = errors.fewer("big", "small_alone")
     teacher_row = "big"
-    if str(icfg.teacher) == "ensemble":  # the teacher: the big seeds' average probabilities, scored as one system
-        average = torch.stack([torch.softmax(logits_of(name, test_idx), -1) for name in seeds["big"]]).mean(0).log()
+    if ensemble_teacher(cfg):  # the teacher: the big seeds' average probabilities, scored as one system
+        average = average_softmax(torch.stack([logits_of(name, test_idx) for name in seeds["big"]]), 1.0).log()
         rows["big_ensemble"] = errors.add("big_ensemble", [average]) | {"nets": seeds["big"]}
         rows["big_ensemble"]["fewer_than_small_alone"] = errors.fewer("big_ensemble", "small_alone")
         teacher_row = "big_ensemble"

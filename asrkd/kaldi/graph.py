@@ -22,9 +22,9 @@ import kaldifst
 
 from asrkd.data import data_split, read_table, tuning_set
 from asrkd.kaldi.gmm import GmmModel
-from asrkd.kaldi.lang import Lang, read_symbol_table, with_words
+from asrkd.kaldi.lang import Lang, dictionary_digest, read_symbol_table, with_words
 from asrkd.layout import Layout
-from asrkd.stage import atomic_write, copy_file, digest, file_digest, optional_values, plan, write_text
+from asrkd.stage import atomic_write, copy_file, file_digest, optional_values, plan, write_text
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def arpa_path(cfg) -> Path:
 
 
 def arpa_unigrams(path: Path) -> set[str]:
-    """The words of an ARPA file's 1-grams (sentence marks and <unk> too)."""
+    """The words of an ARPA file's 1-grams, without the sentence marks and <unk>."""
     words, unigrams = set(), False
     with open(path, encoding="utf-8") as arpa:
         for line in arpa:
@@ -75,7 +75,7 @@ def arpa_unigrams(path: Path) -> set[str]:
                 break
             elif unigrams:
                 words.add(line.split()[1])
-    return words
+    return words - {"<s>", "</s>", "<unk>", "<UNK>"}
 
 
 def lm_vocabulary(cfg) -> set[str]:
@@ -84,8 +84,7 @@ def lm_vocabulary(cfg) -> set[str]:
     path = arpa_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no LM; run make-graph")
-    words = set(read_symbol_table(Layout.of(cfg).graph / "words.txt"))
-    return (arpa_unigrams(path) & words) - {"<s>", "</s>", "<unk>", "<UNK>", "<eps>", "#0"}
+    return arpa_unigrams(path) & set(read_symbol_table(Layout.of(cfg).graph / "words.txt"))
 
 
 def train_arpa(sentences: list[str], order: int, out_dir: Path) -> Path:
@@ -157,21 +156,22 @@ def run(cfg) -> None:
     tuning = tuning_set(cfg)
     user_arpa = Path(gcfg.lm_arpa) if gcfg.lm_arpa else None
     extra_text = [Path(p) for p in gcfg.lm_text]
-    for path in [*([user_arpa] if user_arpa else []), *extra_text]:
+    lm_files = [*([user_arpa] if user_arpa else []), *extra_text]
+    for path in lm_files:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file (graph.lm_arpa / graph.lm_text; relative paths are from the recipe dir)")
     inputs = {"lang": layout.lang, "model": layout.gmm, "lm data": data_dir / gcfg.lm_data, "split": data_dir / "train",
               **({"tuning set": layout.data_dir(tuning)} if tuning != "valid" else {})}
-    files = {str(path): file_digest(path) for path in [*([user_arpa] if user_arpa else []), *extra_text]}  # what the LM is made from
+    files = {str(path): file_digest(path) for path in lm_files}  # what the LM is made from
     if files:  # the decoding lexicon then takes pronunciations from the dictionary too
-        files["dict"] = digest({p.name: file_digest(p) for p in sorted((data_dir / "local" / "dict").glob("*")) if p.is_file()})
+        files["dict"] = dictionary_digest(layout.dictionary)
     stage = plan("make-graph", out_dir, cfg, GRAPH_KEYS, inputs, optional_values(cfg, GRAPH_OPTIONAL_KEYS) | ({"lm_files": files} if files else {}))
     if stage.up_to_date:
         return
-    lang = Lang.load(layout.lang)
+    trained = Lang.load(layout.lang)
     if user_arpa:
         copy_file(user_arpa, arpa_path(cfg))
-        wanted = arpa_unigrams(user_arpa) - {"<s>", "</s>", "<unk>", "<UNK>"}
+        wanted = arpa_unigrams(user_arpa)
         texts: dict[str, str] = {}
     else:
         transcripts = read_table(data_dir / gcfg.lm_data / "text")
@@ -180,7 +180,7 @@ def run(cfg) -> None:
         texts |= {f"{path}:{n}": line.strip() for path in extra_text
                   for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()}
         wanted = {w for text in texts.values() for w in text.split()} if extra_text else set()
-    lang, missing = with_words(cfg, lang, wanted, layout.decoding_lang)
+    lang, missing = with_words(cfg, trained, wanted, layout.decoding_lang)
     if missing:
         log.warning("make-graph: %d LM word(s) without a usable pronunciation are left out of the graph (%s), e.g. %s",
                     len(missing), next(iter(missing.values())), " ".join(sorted(missing)[:10]))
@@ -197,5 +197,4 @@ def run(cfg) -> None:
     log.info("make-graph: %s; %d words; HCLG has %d states", f"the LM {user_arpa}" if user_arpa else
              f"{gcfg.lm_order}-gram LM from {len(sentences)} sentences", len(lang.words), hclg.num_states)
     stage.commit(lm_sentences=len(sentences), lm_sentences_dropped=len(dropped), hclg_states=hclg.num_states,
-                 **({"words_added": len(lang.words) - len(Lang.load(layout.lang).words), "lm_words_left_out": sorted(missing)}
-                    if user_arpa or extra_text else {}))
+                 **({"words_added": len(lang.words) - len(trained.words), "lm_words_left_out": sorted(missing)} if lm_files else {}))

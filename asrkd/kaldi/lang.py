@@ -352,7 +352,7 @@ def with_words(cfg, lang: Lang, words: set[str], out_dir: Path) -> tuple[Lang, d
     new = {w for w in words if w not in lang.words}
     if not new:
         return lang, {}
-    dictionary = Dictionary.read(Path(cfg.data_dir) / "local" / "dict", cfg.lang.silence_phone)
+    dictionary = Dictionary.read(Layout.of(cfg).dictionary, cfg.lang.silence_phone)
     fallback = read_sphinx_dict(cmudict_path()) if cfg.lang.use_cmudict else {}
     added, missing = build_lexicon(new, dictionary.lexicon, fallback, dictionary.nonsilence_phones)
     silence = frozenset(lang.silence_phones)
@@ -379,6 +379,11 @@ def vocabulary(data_dir: Path, names: list[str]) -> tuple[set[str], list[Path]]:
     return words, texts
 
 
+def dictionary_digest(dict_dir: Path) -> str:
+    """The fingerprint of a dictionary dir's files: what every lang dir made from it depends on."""
+    return digest({p.name: p.read_text(encoding="latin-1") for p in sorted(Path(dict_dir).iterdir()) if p.is_file()})
+
+
 def refuse_case_clashes(words: set[str], texts: list[Path]) -> None:
     """Words that differ only in case (``ten`` in one data dir, ``TEN`` in another) would be two
     words to the lexicon, the LM and the scoring, each an error for the other: refused, all named."""
@@ -401,13 +406,11 @@ def run(cfg) -> None:
     decoded later (``asrkd align``) uses the lang dir as it is.
     """
     log = logging.getLogger(__name__)
-    data_dir = Path(cfg.data_dir)
-    out_dir = Layout.of(cfg).lang
-    dict_dir = data_dir / "local" / "dict"
+    data_dir, layout = Path(cfg.data_dir), Layout.of(cfg)
+    out_dir, dict_dir = layout.lang, layout.dictionary
     words, texts = vocabulary(data_dir, corpus_sets(cfg))
     refuse_case_clashes(words, texts)
-    dict_files = digest({p.name: p.read_text(encoding="latin-1") for p in sorted(dict_dir.iterdir()) if p.is_file()})
-    stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": dict_files, "vocabulary": digest(sorted(words)),
+    stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": dictionary_digest(dict_dir), "vocabulary": digest(sorted(words)),
                                                                   "vocabulary_size": len(words)})
     if stage.up_to_date:
         return
