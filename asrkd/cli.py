@@ -105,8 +105,9 @@ COMMANDS = {
     "results": "asrkd.report:run_results",
 }
 
-# experiment -> (its module, its steps): step s is ``asrkd <s>-<experiment>``, the module's run_<s>;
-# a new experiment is one entry here (the image experiment's steps are named above)
+# experiment -> (its module, its steps): ``asrkd <step>-<experiment>`` is the module's
+# EXPERIMENT.step(<step>) (asrkd.experiments.base); a new experiment is one entry here, its steps
+# listed so that a command loads only its own module (tests check they are the experiment's)
 EXPERIMENTS = {
     "3pct": ("asrkd.experiments.three_percent", ("train", "decode", "report")),
     "distill": ("asrkd.experiments.distillation", ("decode", "report")),
@@ -116,7 +117,15 @@ EXPERIMENTS = {
     "specialists": ("asrkd.experiments.specialists", ("train", "decode", "report")),
     "function-matching": ("asrkd.experiments.function_matching", ("train", "report")),
 }
-COMMANDS |= {f"{step}-{name}": f"{module}:run_{step}" for name, (module, steps) in EXPERIMENTS.items() for step in steps}
+COMMANDS |= {f"{step}-{name}": f"{module}:EXPERIMENT.{step}" for name, (module, steps) in EXPERIMENTS.items() for step in steps}
+
+
+def step_function(command: str) -> Callable[[DictConfig], None]:
+    """The function of ``command``: a module's run, a module's function, or an experiment's step (its module imported now)."""
+    module, _, function = COMMANDS[command].partition(":")
+    target, _, step = function.partition(".")
+    found = getattr(importlib.import_module(module), target or "run")
+    return found.step(step) if step else found
 
 
 def run_command(function: Callable[[DictConfig], None], overrides: list[str], name: str, config_dir: Path | None = None) -> None:
@@ -155,8 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=paper train.epochs=3")
     parser.add_argument("--config-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    module, _, function = COMMANDS[args.command].partition(":")
-    step = getattr(importlib.import_module(module), function or "run")
+    step = step_function(args.command)
     code_record()  # the source hashes of the modules just imported: what runs, even if a file is edited while it does
     run_command(step, args.overrides, args.command, args.config_dir)
 

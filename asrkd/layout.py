@@ -16,13 +16,41 @@ nothing else)::
     <exp>/report                       reports (results_dir holds the copies README quotes)
 
 Every path into an experiment directory is built here: a new stage adds its directory here,
-and the paragraph above is the whole tree.
+and the paragraph above is the whole tree. A trained system is named by its :class:`System`
+spec (what it is: its role, teacher, target form, T, data and seed), which train, decode and
+report iterate alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class System:
+    """One system an experiment trains, decodes or scores: its name (``exp/dnn/<name>``, with
+    ``@best`` for the best-validation checkpoint, ``<ensemble>/member-<i>`` for a member) and
+    what it is. The name is made by the function that trains it (a student's by
+    :func:`asrkd.distill.student.student_system`), so train, decode and report name the same
+    directory; the other fields say what the name encodes, for reports and for code that
+    selects systems (the controls of a row, a teacher's students)."""
+
+    name: str
+    role: str = "model"  # baseline | teacher | student | control | assistant | specialist | exit | combination | model
+    teacher: str | None = None  # the system whose outputs it learned from
+    form: str | None = None  # the target form (asrkd.distill.forms): dense, topk, compact, logits, ...
+    temperature: float | None = None
+    data: str = "train"  # the data dir it trained on
+    seed: int = 0  # the replicate (seed offset) of its config
+
+    def directory(self, layout: "Layout") -> Path:
+        return layout.model(self.name)
+
+
+def names(systems: "list[System]") -> list[str]:
+    """The systems' names, each once, in order."""
+    return list(dict.fromkeys(system.name for system in systems))
 
 
 @dataclass(frozen=True)

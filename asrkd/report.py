@@ -46,6 +46,11 @@ def tuning_description(tuning: str) -> str:
     return "the validation speakers" if tuning == "valid" else f"{tuning}"
 
 
+def aligned_utterances_line(counts: dict[str, dict]) -> str:
+    """Over how many utterances of each set frame accuracy is computed (the GMM may not align all)."""
+    return "Frame accuracy is over the utterances the GMM aligned: " + "; ".join(f"{name} {n['aligned']:,} of {n['of']:,}" for name, n in counts.items()) + "."
+
+
 def out_of_vocabulary_line(by_set: dict[str, dict]) -> str:
     """Each scored set's share of reference words outside the LM's vocabulary: errors no acoustic model can avoid."""
     def described(name: str, oov: dict) -> str:
@@ -90,8 +95,7 @@ def markdown_table(report: dict) -> str:
               f"[95% CI]: bootstrap over whole {report.get('bootstrap_unit', 'utterance')}s of each set (asrkd/stats.py); rows with several seeds",
               "give the mean over seeds, and their interval resamples the seeds too; one seed: test-set variation only.", ""]
     if report.get("frame_accuracy_utterances"):
-        lines += ["Frame accuracy is over the utterances the GMM aligned: " + "; ".join(
-            f"{name} {n['aligned']:,} of {n['of']:,}" for name, n in report["frame_accuracy_utterances"].items()) + ".", ""]
+        lines += [aligned_utterances_line(report["frame_accuracy_utterances"]), ""]
     if report.get("out_of_vocabulary"):
         lines += [out_of_vocabulary_line(report["out_of_vocabulary"]), ""]
     gmm = report["gmm"]
@@ -321,6 +325,24 @@ def publish_experiment(cfg, name: str, result: dict, markdown: str, figures: dic
     for file, draw in figures.items():
         draw(result, out_dir / file)
     merge_into_report(cfg, {**({"systems": systems} if systems else {}), name: result}, (f"{name}.md", *figures))
+
+
+def publish_corpus_report(cfg, result: dict, markdown: str, figures: dict[str, Callable[[dict, Path], None]], stale: tuple[str, ...] = ()) -> None:
+    """The report of an experiment that is its corpus's whole report (the image experiment's
+    results/<dataset>): ``result`` is report.json, ``markdown`` report.md, each of ``figures`` drawn
+    under exp/report and all copied to ``results_dir``, where ``stale`` figures (of an earlier,
+    fuller report) are removed, as they no longer match."""
+    out_dir = Layout.of(cfg).report
+    write_json(out_dir / "report.json", result)
+    write_text(out_dir / "report.md", markdown)
+    for file, draw in figures.items():
+        draw(result, out_dir / file)
+    if cfg.results_dir:
+        results = Path(cfg.results_dir)
+        for file in ("report.json", "report.md", *figures):
+            copy_file(out_dir / file, results / file)
+        for file in stale:
+            (results / file).unlink(missing_ok=True)
 
 
 def single_seed_note(test: str) -> str:

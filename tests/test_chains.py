@@ -71,9 +71,9 @@ def test_chains_train_decode_and_report_on_the_tiny_run(run_dir: Path, tmp_path:
                  "distill.teacher=baseline", "distill.temperatures=[2]", "distill.logit_matching=false"]
     cfg = tiny_config(root, *overrides)
     soft_targets.run(cfg)
-    chains.run_train(cfg)
-    chains.run_decode(cfg)
-    chains.run_report(cfg)
+    chains.EXPERIMENT.train(cfg)
+    chains.EXPERIMENT.decode(cfg)
+    chains.EXPERIMENT.publish(cfg)
     report = json.loads((root / "exp" / "report" / "report.json").read_text())["chains"]
     assert set(report["rows"]) == {"small_hard", "small_direct_kd", "takd", "dgkd_summed", "ensemble_kd", "teacher_switching"}
     assert all(entry["seeds"] == 2 and len(entry["per_seed"]["test_frame_accuracy"]) == 2 for entry in report["rows"].values())

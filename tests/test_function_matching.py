@@ -83,7 +83,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     assert torch.allclose(loss, expected)
     assert not torch.allclose(teacher.soft_targets(batch, 2.0, view.inputs), teacher.soft_targets(batch, 2.0))
 
-    function_matching.run_train(cfg)
+    function_matching.EXPERIMENT.train(cfg)
     exp = root / "exp" / "dnn"
     assert len(train.read_history(exp / "fm_all_x2_consistent_T2_seed1")) == 2
     x2 = json.loads((exp / "fm_all_x2_hard" / "stage.json").read_text())["config"]
@@ -93,7 +93,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     assert any("soft_targets" in entry["path"] for entry in clean["inputs"].values()) and not any(key.startswith("teacher") for key in clean["inputs"])
     kinds = {run.kind for run in function_matching.runs(OmegaConf.merge(cfg, {"function_matching": {"headline": "clean"}}))}
     assert "precomputed" not in kinds  # on clean frames the precomputed student is the consistent one
-    function_matching.run_report(cfg)
+    function_matching.EXPERIMENT.publish(cfg)
     result = json.loads((root / "results" / "report.json").read_text())["function_matching"]
     assert result["bootstrap_unit"] == "speaker" and result["missing"] == []
     headline = result["rows"]["all x2 consistent"]

@@ -10,7 +10,9 @@ import re
 import subprocess
 import sys
 
-from asrkd.cli import COMMANDS
+import pytest
+
+from asrkd.cli import COMMANDS, EXPERIMENTS, step_function
 
 from .conftest import REPO
 
@@ -70,12 +72,44 @@ def test_every_path_into_an_experiment_directory_is_built_by_the_layout() -> Non
 
 
 def test_every_command_names_a_step_that_exists_and_every_experiment_step_is_a_command() -> None:
-    for command, target in COMMANDS.items():
-        module, _, function = target.partition(":")
-        assert callable(getattr(importlib.import_module(module), function or "run", None)), command
+    for command in COMMANDS:
+        assert callable(step_function(command)), command
     steps = {target for target in COMMANDS.values()}
     for path in sorted((REPO / "asrkd" / "experiments").glob("*.py")):
         module = f"asrkd.experiments.{path.stem}"
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("run_") and [a.arg for a in node.args.args] == ["cfg"]:
-                assert f"{module}:{node.name}" in steps, f"{module}.{node.name} has no command: add the step to cli.EXPERIMENTS"
+                assert f"{module}:{node.name}" in steps, f"{module}.{node.name} has no command: add the step to cli.COMMANDS"
+        experiment = getattr(importlib.import_module(module), "EXPERIMENT", None)
+        if experiment is not None:
+            assert EXPERIMENTS.get(experiment.command) == (module, experiment.steps()), f"{module}: its cli.EXPERIMENTS entry"
+
+
+def test_experiments_publish_and_decode_only_through_their_base() -> None:
+    # one publisher and one decode path: an experiment that writes its own report drifts from the others'
+    private = re.compile(r"\b(publish_experiment|merge_into_report|write_text|decode_systems)\(")
+    found = [f"{path.name}:{number}" for path in sorted((REPO / "asrkd" / "experiments").glob("*.py")) if path.name != "base.py"
+             for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert found == []
+
+
+def test_an_experiment_has_the_steps_it_defines_and_names_the_ones_it_lacks() -> None:
+    from asrkd.experiments.base import Experiment, Report
+    from asrkd.layout import System
+
+    scored = Experiment("toy", "toy", lambda cfg: [System("baseline", "baseline")], report=lambda cfg: Report({}, ""))
+    assert scored.steps() == ("decode", "report")
+    assert Experiment("toy", "toy", scored.systems, train=print, decodes=False).steps() == ("train",)
+    with pytest.raises(ValueError, match="toy has no train step .it has decode, report."):
+        scored.step("train")
+
+
+def test_an_experiment_report_says_over_how_many_utterances_when_some_were_not_aligned(monkeypatch) -> None:
+    from asrkd.experiments import base
+
+    published = {}
+    monkeypatch.setattr(base, "publish_experiment", lambda cfg, section, result, markdown, figures, systems: published.update({section: markdown}))
+    for aligned, note in ((130, False), (128, True)):
+        counts = {"test": {"aligned": aligned, "of": 130}}
+        base.Experiment("toy", "toy", lambda cfg: [], report=lambda cfg: base.Report({}, "# toy\n", aligned=counts)).publish(None)
+        assert ("Frame accuracy is over the utterances the GMM aligned: test 128 of 130." in published["toy"]) == note

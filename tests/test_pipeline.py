@@ -174,8 +174,8 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
     for name in ("student_ensemble_T1_dense", "student_ensemble_T2_dense_seed1", "student_ensemble_T2_topk", "student_ensemble_logits"):
         history = json.loads((run_dir / "exp" / "dnn" / name / "history.json").read_text())
         assert len(history) == 1 and 0.0 < history[0]["valid_frame_accuracy"] <= 1.0
-    distillation.run_decode(cfg)
-    distillation.run_report(cfg)
+    distillation.EXPERIMENT.decode(cfg)
+    distillation.EXPERIMENT.publish(cfg)
     report = json.loads((run_dir / "exp" / "report" / "report.json").read_text())
     systems, result = report["systems"], report["distillation"]
     assert {"baseline", "ensemble", "distilled", "distilled_dense_T1", "distilled_dense_T2", "distilled_topk_T2",
@@ -213,9 +213,9 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
     sp = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "features.sets=[${perturb.source}_sp]"])
     features.run(sp)
     gmm.run_align(sp)
-    levers.run_train(cfg)
-    levers.run_decode(cfg)
-    distillation.run_report(cfg)
+    levers.EXPERIMENT.train(cfg)
+    levers.EXPERIMENT.decode(cfg)
+    distillation.EXPERIMENT.publish(cfg)
     result = json.loads((run_dir / "exp" / "report" / "report.json").read_text())["distillation"]
     by_name = result["levers"]
     assert set(by_name) == {"train", "train_sp", "cross-fitted", "epochs 2"}
@@ -276,9 +276,9 @@ def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
 
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "three_percent.fractions=[0.1,0.3]",
                        "three_percent.epochs=2"])
-    three_percent.run_train(cfg)
-    three_percent.run_decode(cfg)
-    three_percent.run_report(cfg)
+    three_percent.EXPERIMENT.train(cfg)
+    three_percent.EXPERIMENT.decode(cfg)
+    three_percent.EXPERIMENT.publish(cfg)
     report = json.loads((run_dir / "exp" / "report" / "report.json").read_text())["three_percent"]
     rows = {"full_hard", "sub_hard", "sub_hard_early_stop", "sub_soft", "sub_hard_sp", "sub_soft_sp"}
     # the ensemble test above left T=2 soft targets of a 2-member ensemble (its student is the extra row) and train_sp

@@ -62,9 +62,9 @@ def test_self_distillation_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path)
     shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)
     cfg = tiny_config(tmp_path, "model.num_hidden_layers=3", "train.name=deep3", "self_distillation.exits=[1]", "train.epochs=1")
     train.run(cfg)  # the full-depth plain model (the main recipe's baseline in a real run)
-    self_distillation.run_train(cfg)
-    self_distillation.run_decode(cfg)
-    self_distillation.run_report(cfg)
+    self_distillation.EXPERIMENT.train(cfg)
+    self_distillation.EXPERIMENT.decode(cfg)
+    self_distillation.EXPERIMENT.publish(cfg)
     report = json.loads((tmp_path / "exp" / "report" / "report.json").read_text())["self_distillation"]
     assert [(row["exit_layer"], row["hidden_layers"], row["plain"]["system"]) for row in report["rows"]] == [(1, 2, "plain_2x64"), (3, 3, "deep3")]
     exit_row = report["rows"][0]

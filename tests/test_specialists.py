@@ -97,14 +97,14 @@ def test_specialist_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path) -> Non
     shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
     shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)
     cfg = tiny_config(tmp_path, "specialists.count=3", "specialists.group_size=40", "specialists.epochs=1", "train.epochs=1")
-    specialists.run_train(cfg)
+    specialists.EXPERIMENT.train(cfg)
     layout = json.loads((tmp_path / "exp" / "specialists" / "specialists" / "groups.json").read_text())
     assert len(layout["groups"]) == 3 and all(len(g) >= 40 for g in layout["groups"])
     history = json.loads((tmp_path / "exp" / "dnn" / "specialists_0" / "history.json").read_text())
     assert 0 < history[0]["valid_frame_accuracy"] <= 1
-    assert (tmp_path / "exp" / "dnn" / specialists.student_system(cfg) / "final.pt").is_file()
-    specialists.run_decode(cfg)
-    specialists.run_report(cfg)
+    assert (tmp_path / "exp" / "dnn" / specialists.student_of(cfg).name / "final.pt").is_file()
+    specialists.EXPERIMENT.decode(cfg)
+    specialists.EXPERIMENT.publish(cfg)
     report = json.loads((tmp_path / "exp" / "report" / "report.json").read_text())["specialists"]
     assert report["combined"]["system"] == "specialists" and "test" in report["redistilled"]["wer"]
     for coverage in (report["coverage"], report["coverage_active"]):
@@ -115,7 +115,7 @@ def test_specialist_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path) -> Non
     assert report["redistilled"]["system"] == "student_specialists_T2_dense" and "ci" in report["redistilled_minus_generalist_student"]
     assert len(report["dustbin"]["fitted_shifts"]) == len(report["dustbin"]["labels_alone_shifts"]) == 3
     assert "the paper's count" in (tmp_path / "exp" / "report" / "specialists.md").read_text()
-    specialists.run_train(cfg)  # every stage is current: nothing is remade
+    specialists.EXPERIMENT.train(cfg)  # every stage is current: nothing is remade
 
 
 def test_pdfs_the_generalist_finds_all_but_impossible_keep_finite_scores() -> None:

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from asrkd.distill.forms import LOGITS, form_of
 from asrkd.distill.soft_targets import TargetRows, current_checksum, load_teacher, student_cfg, teacher_groups
-from asrkd.layout import Layout
+from asrkd.layout import Layout, System
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
 from asrkd.nnet.train import Model, TrainingSet, replicate_name, system_dirs, train_stage
 
@@ -71,6 +71,17 @@ def dense_only(cfg, temperature: float, seeds: int, **distill):
 def name_of(cfg, student: Student) -> str:
     return student_name(cfg.distill.teacher, student.temperature, student.form, cfg.train.data, list(cfg.distill.transfer),
                         cfg.distill.epochs, student.replicate)
+
+
+def student_system(cfg, student: Student) -> System:
+    """The spec of ``student`` as ``cfg`` trains it: its name (:func:`name_of`) and what the name encodes."""
+    return System(name_of(cfg, student), "student", teacher=str(cfg.distill.teacher), form=student.form, temperature=student.temperature,
+                  data=str(cfg.train.data), seed=student.replicate)
+
+
+def student_systems(cfg) -> list[System]:
+    """Every student train-student makes with ``cfg``, in training order."""
+    return [student_system(cfg, student) for student in students(cfg)]
 
 
 class StoreParts:

@@ -51,10 +51,10 @@ from omegaconf import OmegaConf
 from asrkd.distill.losses import distillation_loss
 from asrkd.distill.student import Student, TeacherOnTheFly, target_source
 from asrkd.evaluate import bootstrap_key, experiment_scoring
-from asrkd.layout import Layout
-from asrkd.nnet import decode
+from asrkd.experiments.base import Experiment, Report
+from asrkd.layout import Layout, System
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, system_dirs, train_stage
-from asrkd.report import percent, publish_experiment, saved_figure, single_seed_note, with_ci
+from asrkd.report import percent, saved_figure, single_seed_note, with_ci
 from asrkd.stats import format_interval
 
 
@@ -76,6 +76,12 @@ class Link(NamedTuple):
     teachers: tuple[str, ...]
     rule: str  # none (labels only) | all (their mean) | drop (DGKD: the kept ones' mean) | drop_sum (their sum) | one (switching)
     replicate: int = 0
+
+    def system(self, temperature: float | None, role: str) -> System:
+        """Its spec: a student, an assistant (a chain model above the student) or the control (labels alone)."""
+        if self.rule == "none":
+            return System(self.name, "control", seed=self.replicate)
+        return System(self.name, role, teacher="+".join(self.teachers), form="dense", temperature=temperature, seed=self.replicate)
 
 
 def size_tag(layers: int, width: int) -> str:
@@ -208,7 +214,14 @@ def runs(cfg) -> list[tuple[str, float | None, list[Link]]]:
     return out
 
 
-def run_train(cfg) -> None:
+def systems(cfg) -> list[System]:
+    """Every model of every chain at every T, top down (a shared model once), each final student's seeds."""
+    out = [link.system(temperature, "assistant") for _, temperature, links in runs(cfg) for link in links[:-1]]
+    out += [link.system(temperature, "student") for _, temperature, links in runs(cfg) for link in seeds_of(cfg, links[-1])]
+    return list(dict.fromkeys(out))
+
+
+def train(cfg) -> None:
     """Stage 0: every model of every chain at every T, top down (a shared model trains once),
     each final student ``chains.seeds`` times."""
     training = TrainingSet(cfg)  # the model's size is no part of it: one set serves every chain model
@@ -235,9 +248,9 @@ def chosen(cfg) -> dict[str, tuple[float | None, list[Link]]]:
     return out
 
 
-def run_decode(cfg) -> None:
-    """Stage 1: WER of each method's student (every seed) at its chosen T."""
-    decode.decode_systems(cfg, [link.name for _, links in chosen(cfg).values() for link in seeds_of(cfg, links[-1])])
+def decoded(cfg) -> list[System]:
+    """Stage 1 decodes each method's student (every seed) at its chosen T."""
+    return [link.system(temperature, "student") for temperature, links in chosen(cfg).values() for link in seeds_of(cfg, links[-1])]
 
 
 def temperature_label(temperature: float | None) -> str:
@@ -301,7 +314,7 @@ def systems_of(entry: dict) -> list[str]:
     return entry["system"] if isinstance(entry["system"], list) else [entry["system"]]
 
 
-def run_report(cfg) -> None:
+def report(cfg) -> Report:
     """Stage 2: ``chains.md``, ``chains.png`` and the "chains" section of report.json."""
     exp = Path(cfg.exp_dir)
     evaluation, sets, command = experiment_scoring(cfg, "asrkd report-chains")
@@ -327,5 +340,8 @@ def run_report(cfg) -> None:
     result = {"corpus": cfg.corpus, "command": command, "eval_set": test, "teacher": {**teacher, "system": top},
               "sizes": [size_tag(int(a), int(b)) for a, b in cfg.chains.sizes], "temperatures": [float(t) for t in cfg.chains.temperatures],
               "teacher_drop": float(cfg.chains.teacher_drop), "seeds": int(cfg.chains.seeds), "rows": rows, "bootstrap_unit": cfg.stats.unit}
-    publish_experiment(cfg, "chains", result, markdown(result), {"chains.png": plot})
     log.info("chains: %s", {row: round(entry["frame_accuracy"][test], 4) for row, entry in rows.items()})
+    return Report(result, markdown(result), {"chains.png": plot}, aligned=evaluation.frame_accuracy_utterances)
+
+
+EXPERIMENT = Experiment("chains", "chains", systems, train=train, report=report, decoded=decoded)

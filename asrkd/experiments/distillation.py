@@ -32,15 +32,15 @@ from omegaconf import OmegaConf
 from asrkd.data import data_split
 from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir, student_cfg
 from asrkd.distill.forms import LOGITS
-from asrkd.distill.student import name_of, students
+from asrkd.distill.student import student_systems
 from asrkd.evaluate import Evaluation, bootstrap_key
-from asrkd.experiments.levers import baseline_replicates, chosen_temperature, levers
-from asrkd.layout import Layout
-from asrkd.nnet import decode
+from asrkd.experiments.base import Experiment, Report
+from asrkd.experiments.levers import baseline_replicates, baseline_systems, chosen_temperature, levers
+from asrkd.layout import Layout, System
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.ensemble import member_dirs
 from asrkd.nnet.train import TrainingSet, read_history
-from asrkd.report import percent, publish_experiment, recipe_command, saved_figure
+from asrkd.report import percent, recipe_command, saved_figure
 from asrkd.report import with_ci as with_ci_on
 from asrkd.stage import is_complete
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval, mean_std
@@ -62,17 +62,17 @@ class StudentRow(NamedTuple):
 def student_rows(cfg) -> dict[str, StudentRow]:
     """Row name (``<form>_T<T>``, ``logits``) -> every student the config asks for, with its replicates."""
     rows: dict[str, StudentRow] = {}
-    for student in students(cfg):
+    for student in student_systems(cfg):
         label = LOGITS if student.form == LOGITS else f"{student.form}_T{student.temperature:g}"
         row = rows.setdefault(label, StudentRow(student.form, student.temperature, []))
-        row.systems.append(name_of(cfg, student))
+        row.systems.append(student.name)
     return rows
 
 
-def run_decode(cfg) -> None:
-    """Stage 4: WER of the ensemble, every student and the baseline's replicates (the baseline itself is the main recipe's)."""
-    names = [*baseline_replicates(cfg), cfg.distill.teacher, *(s for row in student_rows(cfg).values() for s in row.systems)]
-    decode.decode_systems(cfg, names)
+def systems(cfg) -> list[System]:
+    """Stage 4 decodes and stage 5 scores: the baseline's replicates (the baseline itself is the main
+    recipe's), the ensemble, every student (the levers' are :mod:`asrkd.experiments.levers`')."""
+    return [*baseline_systems(cfg), System(str(cfg.distill.teacher), "teacher"), *student_systems(cfg)]
 
 
 def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Path) -> None:
@@ -337,7 +337,7 @@ def lever_results(cfg, evaluation, entry, temperature: float, replicates: list[s
     return results, systems, diagnostics
 
 
-def run_report(cfg) -> None:
+def report(cfg) -> Report:
     """Stage 5 (and 10): Table 1 with intervals, the differences, the table over T, top-k vs dense,
     the levers whose systems exist, plots; the "distillation" section and systems of report.json."""
     exp = Path(cfg.exp_dir)
@@ -402,7 +402,10 @@ def run_report(cfg) -> None:
         figures["distillation_levers.png"] = lambda _, out: plot_levers(list(levers.values()), out)
     systems = {"ensemble": ensemble, "distilled": {**rows[distilled_label], "gain_kept": gain_kept["vs_baseline"]["estimate"]},
                **{("distilled_logits" if label == LOGITS else f"distilled_{label}"): row for label, row in rows.items()}, **lever_systems}
-    publish_experiment(cfg, "distillation", result, markdown(result), figures, systems)
     log.info("distillation: %s frame acc baseline %.4f, ensemble %.4f, distilled (T=%g) %.4f; gain kept %s", test,
              baseline["frame_accuracy"][test], ensemble["frame_accuracy"][test], temperature, rows[distilled_label]["frame_accuracy"][test],
              format_interval(gain_kept["vs_baseline"]))
+    return Report(result, markdown(result), figures, systems, aligned=evaluation.frame_accuracy_utterances)
+
+
+EXPERIMENT = Experiment("distill", "distillation", systems, report=report)

@@ -51,8 +51,9 @@ from asrkd.data import subset_name
 from asrkd.distill.losses import soft_cross_entropy
 from asrkd.distill.student import Student, TeacherOnTheFly, target_source
 from asrkd.evaluate import experiment_scoring
-from asrkd.layout import Layout
-from asrkd.report import current_report, merge_into_report, percent, publish_experiment, saved_figure
+from asrkd.experiments.base import Experiment, Report
+from asrkd.layout import Layout, System
+from asrkd.report import percent, saved_figure
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, replicate_name, system_dirs, train_stage
 from asrkd.nnet.views import View, ViewSpec
 from asrkd.stats import format_interval
@@ -154,7 +155,15 @@ def precomputed_loss(cfg, temperature: float, training: TrainingSet):
     return make, inputs
 
 
-def run_train(cfg) -> None:
+def systems(cfg) -> list[System]:
+    """Every run's system, in training order: the controls (hard) and the students of the teacher."""
+    temperature = float(cfg.function_matching.temperature)
+    return [System(run_name(cfg, run), "control", data=run.data, seed=run.replicate) if run.kind == "hard" else
+            System(run_name(cfg, run), "student", teacher=str(cfg.distill.teacher), form="dense", temperature=temperature, data=run.data,
+                   seed=run.replicate) for run in runs(cfg)]
+
+
+def train(cfg) -> None:
     """Stage: every run of :func:`runs` that is not complete (each resumes from its last epoch)."""
     exp, fm = Path(cfg.exp_dir), cfg.function_matching
     temperature = float(fm.temperature)
@@ -211,7 +220,7 @@ def fidelity(exp: Path, teacher: list[torch.Tensor], students: list[str], frames
     return {"top1_agreement": float(np.mean(agreement)), "kl_teacher_student": float(np.mean(divergence)), "seeds": len(students)}
 
 
-def run_report(cfg) -> None:
+def report(cfg) -> Report:
     """Stage: every complete row scored on the first eval set; gain kept, differences, fidelity, the curve."""
     exp, fm = Path(cfg.exp_dir), cfg.function_matching
     scfg = OmegaConf.merge(cfg, {"stats": {"unit": "speaker"}})
@@ -292,9 +301,10 @@ def run_report(cfg) -> None:
         "curve": sorted(curve, key=lambda c: (c["schedule"], c["kind"])), "subset": subset, "views_effect": views_effect,
         "view_choice": view_choice,
     }
-    publish_experiment(cfg, "function_matching", result, markdown(result, cfg), {"function_matching.png": plot})
-    if subset:  # the 3%-data table's function-matching row, beside what run_3pct.sh reported
-        merge_into_report(cfg, {"three_percent": {**current_report(cfg).get("three_percent", {}), "function_matching": subset}})
+    # with a subset row, the 3%-data table's function-matching row too, beside what run_3pct.sh reported
+    return Report(result, markdown(result, cfg), {"function_matching.png": plot},
+                  rows_elsewhere={"three_percent": {"function_matching": subset}} if subset else {},
+                  aligned=evaluation.frame_accuracy_utterances)
 
 
 def row_label(view: str, schedule: int, kind: str, data: str) -> str:
@@ -371,3 +381,6 @@ def plot(result: dict, out: Path) -> None:
         for label, row in result["rows"].items():
             if row["schedule"] == 1 and "gain_kept" in row:
                 ax.plot([row["epochs"]], [row["gain_kept"]["estimate"]], "x", label=f"{row['view']} ({row['kind']})")
+
+
+EXPERIMENT = Experiment("function-matching", "function_matching", systems, train=train, report=report, decodes=False)

@@ -58,14 +58,14 @@ from omegaconf import OmegaConf
 from asrkd.distill.losses import distillation_loss
 from asrkd.distill.student import TeacherOnTheFly
 from asrkd.layout import Layout
-from asrkd.report import machine, recipe_command, saved_figure
+from asrkd.report import machine, publish_corpus_report, recipe_command, saved_figure
 from asrkd.stores import FeatureStore, load_array
 from asrkd.nnet.model import HybridDNN, SplicedFrames, average_softmax
 from asrkd.parallel import pick_device
 from asrkd.nnet.train import (FrameData, Model, ModelFrames, load_model, model_path, predict_logits, read_history,
                               replicate_name, train_stage)
 from asrkd.nnet.views import View
-from asrkd.stage import atomic_write, copy_file, plan, read_record, save_npy, write_json, write_text
+from asrkd.stage import atomic_write, plan, read_record, save_npy
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval
 
 log = logging.getLogger(__name__)
@@ -611,15 +611,8 @@ def run_report(cfg) -> None:
               "histories": histories,
               "bias_shifts": {"start": shifts[0], "stop": shifts[-1], "step": float(icfg.bias_shifts.step)},
               "paper_mnist": PAPER_MNIST, "bootstrap_replicates": int(icfg.replicates)}
-    out_dir = Layout(exp).report
-    write_json(out_dir / "report.json", result)
-    write_text(out_dir / "report.md", markdown(result))
-    plot_errors(result, out_dir / "errors.png")
-    plot_temperature_width(result, out_dir / "temperature_width.png")
-    plot_curves(result, out_dir / "curves.png")
-    if cfg.results_dir:
-        for file in ("report.json", "report.md", "errors.png", "temperature_width.png", "curves.png"):
-            copy_file(out_dir / file, Path(cfg.results_dir) / file)
+    publish_corpus_report(cfg, result, markdown(result), {"errors.png": plot_errors, "temperature_width.png": plot_temperature_width,
+                                                         "curves.png": plot_curves})
     log.info("images: %s", {key: row["errors"] for key, row in rows.items()})
 
 
@@ -657,16 +650,7 @@ def progress_report(cfg, missing: list[str]) -> None:
     result = {"dataset": str(icfg.dataset), "complete": False, "command": recipe_command("asrkd report-images"), "machine": machine(cfg),
               "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
               "rows": rows, "teacher": teacher, "missing": missing, "histories": histories, "bootstrap_replicates": int(icfg.replicates)}
-    out_dir = Layout(exp).report
-    write_json(out_dir / "report.json", result)
-    write_text(out_dir / "report.md", progress_markdown(result))
-    plot_curves(result, out_dir / "curves.png")
-    if cfg.results_dir:
-        results = Path(cfg.results_dir)
-        for file in ("report.json", "report.md", "curves.png"):
-            copy_file(out_dir / file, results / file)
-        for file in ("errors.png", "temperature_width.png"):
-            (results / file).unlink(missing_ok=True)
+    publish_corpus_report(cfg, result, progress_markdown(result), {"curves.png": plot_curves}, stale=("errors.png", "temperature_width.png"))
     log.info("images so far: %s; missing %d nets", {key: row["errors"] for key, row in rows.items()}, len(missing))
 
 

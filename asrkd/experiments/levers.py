@@ -30,10 +30,12 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from asrkd.distill import soft_targets, student
-from asrkd.distill.student import dense_only, name_of, students
-from asrkd.layout import Layout
-from asrkd.nnet import decode, ensemble, train
-from asrkd.nnet.train import read_history, replicates
+from asrkd.distill.student import dense_only, student_systems
+from asrkd.experiments.base import Experiment
+from asrkd.layout import Layout, System, names
+from asrkd.nnet import ensemble
+from asrkd.nnet import train as train_dnn
+from asrkd.nnet.train import read_history, replicate_systems, replicates
 
 
 class Lever(NamedTuple):
@@ -51,22 +53,21 @@ def dense_seeds(cfg) -> int:
     return int(cfg.distill.seeds.get("dense", 1))
 
 
-def baseline_replicates(cfg) -> list[str]:
+def baseline_systems(cfg) -> list[System]:
     """The baseline's replicates run_distill.sh stage 0 trains (``train.seeds=${distill.seeds.dense}``)."""
-    return replicates(OmegaConf.merge(cfg, {"train": {"seeds": dense_seeds(cfg)}}))
+    return replicate_systems(OmegaConf.merge(cfg, {"train": {"seeds": dense_seeds(cfg)}}))
 
 
-def student_systems(cfg) -> list[str]:
-    """The students train-student makes with ``cfg``, by name, in training order."""
-    return [name_of(cfg, spec) for spec in students(cfg)]
+def baseline_replicates(cfg) -> list[str]:
+    return names(baseline_systems(cfg))
 
 
 def dense_students(cfg) -> dict[float, list[str]]:
     """T -> the dense students' replicates of the main sweep (stage 3)."""
     out: dict[float, list[str]] = {}
-    for spec in students(cfg):
+    for spec in student_systems(cfg):
         if spec.form == "dense":
-            out.setdefault(spec.temperature, []).append(name_of(cfg, spec))
+            out.setdefault(spec.temperature, []).append(spec.name)
     return out
 
 
@@ -90,42 +91,49 @@ def lever_seeds(cfg) -> int:
 
 def levers(cfg, temperature: float | None = None) -> list[Lever]:
     """Every lever the config asks for, with its systems (trained or not), named by the same
-    functions that train them (:func:`student_systems`, :func:`asrkd.nnet.train.replicates`)."""
+    functions that train them (:func:`asrkd.distill.student.student_systems`, :func:`asrkd.nnet.train.replicates`)."""
     t = chosen_temperature(cfg) if temperature is None else temperature
     seeds, baselines = lever_seeds(cfg), baseline_replicates(cfg)
     reference = dense_only(cfg, t, dense_seeds(cfg))  # stage 3's students at T
-    out = [Lever("train", "students on train (stage 3)", student_systems(reference), baselines, cfg.distill.teacher, reference, None)]
+    out = [Lever("train", "students on train (stage 3)", names(student_systems(reference)), baselines, cfg.distill.teacher, reference, None)]
     if cfg.levers.speed_perturbed:
         sp = f"{cfg.perturb.source}_sp"
         student_cfg = OmegaConf.merge(dense_only(cfg, t, seeds), {"train": {"data": sp}})
         baseline_cfg = OmegaConf.merge(cfg, {"train": {"data": sp, "name": f"{cfg.train.name}_sp", "seeds": seeds}})
         out.append(Lever(sp, f"students and baseline on {sp} (speeds {', '.join(f'{s:g}' for s in cfg.perturb.speeds)})",
-                         student_systems(student_cfg), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
+                         names(student_systems(student_cfg)), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
     for epochs in cfg.levers.student_epochs:
         student_cfg = dense_only(cfg, t, seeds, epochs=int(epochs))
         baseline_cfg = OmegaConf.merge(cfg, {"train": {"epochs": int(epochs), "name": f"{cfg.train.name}_e{epochs}", "seeds": seeds}})
         out.append(Lever(f"epochs {epochs}", f"students and baseline trained {epochs} epochs (the main baseline: {cfg.train.epochs})",
-                         student_systems(student_cfg), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
+                         names(student_systems(student_cfg)), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
     if cfg.levers.cross_fitted:
         xfit = cfg.levers.cross_fitted
         student_cfg = OmegaConf.merge(dense_only(cfg, t, seeds, teacher=xfit.name), {"ensemble": {"name": xfit.name, "folds": xfit.folds}})
         out.append(Lever("cross-fitted", f"soft targets from {xfit.folds}-fold cross-fitted members ({xfit.name})",
-                         student_systems(student_cfg), baselines, xfit.name, student_cfg, None))
+                         names(student_systems(student_cfg)), baselines, xfit.name, student_cfg, None))
     return out
 
 
-def run_train(cfg) -> None:
+def train(cfg) -> None:
     """Stage 8: every lever's baseline, teacher, soft targets and students that are not complete."""
     for lever in levers(cfg)[1:]:
         if lever.baseline_cfg is not None:
-            train.run(lever.baseline_cfg)
+            train_dnn.run(lever.baseline_cfg)
         if lever.teacher != cfg.distill.teacher:
             ensemble.run(lever.student_cfg)
         soft_targets.run(lever.student_cfg)
         student.run(lever.student_cfg)
 
 
-def run_decode(cfg) -> None:
-    """Stage 9: WER of every lever's students, baselines and teacher."""
-    names = [s for lever in levers(cfg)[1:] for s in [*lever.students, *lever.baselines, lever.teacher]]
-    decode.decode_systems(cfg, names)
+def systems(cfg) -> list[System]:
+    """Stage 9 decodes every lever's students, baselines and teacher (the distillation report scores them)."""
+    out = []
+    for lever in levers(cfg)[1:]:
+        out += student_systems(lever.student_cfg)
+        out += replicate_systems(lever.baseline_cfg) if lever.baseline_cfg is not None else baseline_systems(cfg)
+        out.append(System(lever.teacher, "teacher"))
+    return out
+
+
+EXPERIMENT = Experiment("levers", "levers", systems, train=train)

@@ -34,12 +34,12 @@ from omegaconf import OmegaConf
 
 from asrkd.distill.losses import self_distillation_loss
 from asrkd.evaluate import experiment_scoring
-from asrkd.layout import Layout
-from asrkd.nnet import decode
+from asrkd.experiments.base import Experiment, Report
+from asrkd.layout import Layout, System
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.train import Model, TrainingSet, load_model, model_path, read_history, save_model, train_stage
 from asrkd.parallel import pick_device
-from asrkd.report import percent, publish_experiment, saved_figure, single_seed_note, with_ci
+from asrkd.report import percent, saved_figure, single_seed_note, with_ci
 from asrkd.stage import plan
 from asrkd.stats import format_interval
 
@@ -85,7 +85,7 @@ def plain_name(cfg, k: int) -> str:
     return str(cfg.train.name) if layers == int(cfg.model.num_hidden_layers) else f"plain_{layers}x{int(cfg.model.hidden_dim)}"
 
 
-def run_train(cfg) -> None:
+def train(cfg) -> None:
     """Stage 0: each network with exits (BYOT's, its deep-supervision control), each exit
     written as a model of its own, and the plain models as deep as the exits (the baseline is
     the main recipe's)."""
@@ -124,15 +124,14 @@ def write_exits(cfg, name: str, exits: list[int]) -> None:
         stage.commit(hidden_layers=layers)
 
 
-def systems(cfg) -> list[str]:
-    """Every system the report scores: the exits of each network and the plain models."""
+def systems(cfg) -> list[System]:
+    """Every system the report scores (stage 1 decodes): the exits of each network (the deep-supervision
+    control's are its "control" role) and the plain models."""
     exits = exit_layers(cfg)
-    return list(dict.fromkeys([*(exit_name(cfg, k, name) for name in networks(cfg) for k in exits), *(plain_name(cfg, k) for k in exits)]))
-
-
-def run_decode(cfg) -> None:
-    """Stage 1: WER of every exit (of each network) and every plain model."""
-    decode.decode_systems(cfg, systems(cfg))
+    byot = str(cfg.self_distillation.name)
+    out = [System(exit_name(cfg, k, name), "exit" if name == byot else "control", teacher=byot if name == byot else None)
+           for name in networks(cfg) for k in exits]
+    return out + [System(plain_name(cfg, k), "baseline") for k in exits]
 
 
 def plot(result: dict, out: Path) -> None:
@@ -180,7 +179,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_report(cfg) -> None:
+def report(cfg) -> Report:
     """Stage 2: ``self_distillation.md``, ``self_distillation.png``, "self_distillation" in report.json."""
     exp = Path(cfg.exp_dir)
     evaluation, sets, command = experiment_scoring(cfg, "asrkd report-self-distill")
@@ -207,5 +206,8 @@ def run_report(cfg) -> None:
               "temperature": float(scfg.temperature), "kd_weight": float(scfg.kd_weight), "hint_weight": float(scfg.hint_weight),
               "train_seconds": sum(h["seconds"] for h in read_history(Layout(exp).model(str(scfg.name)))), "bootstrap_unit": cfg.stats.unit,
               "deep_supervision": control_name(cfg) if scfg.deep_supervision_control else None}
-    publish_experiment(cfg, "self_distillation", result, markdown(result), {"self_distillation.png": plot})
     log.info("self-distillation: %s", {row["exit_layer"]: round(row["exit"]["frame_accuracy"][test], 4) for row in rows})
+    return Report(result, markdown(result), {"self_distillation.png": plot}, aligned=evaluation.frame_accuracy_utterances)
+
+
+EXPERIMENT = Experiment("self-distill", "self_distillation", systems, train=train, report=report)

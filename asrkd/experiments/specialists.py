@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +56,16 @@ from omegaconf import OmegaConf
 
 from asrkd.distill import soft_targets, student
 from asrkd.distill.losses import distillation_loss
-from asrkd.distill.student import Student, TeacherOnTheFly, dense_only, name_of
+from asrkd.distill.student import Student, TeacherOnTheFly, dense_only, student_system
 from asrkd.evaluate import experiment_scoring
-from asrkd.layout import Layout
-from asrkd.nnet import decode
+from asrkd.experiments.base import Experiment, Report
+from asrkd.layout import Layout, System, names
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.model import HybridDNN, SpecialistCombination
 from asrkd.nnet.train import (Model, ModelFrames, TrainingSet, evaluate_frames, load_model, load_system, model_path, predict_logits,
                               read_history, save_model, train_stage)
 from asrkd.parallel import pick_device
-from asrkd.report import publish_experiment, saved_figure, single_seed_note, with_ci
+from asrkd.report import saved_figure, single_seed_note, with_ci
 from asrkd.stage import plan, read_record, write_json
 from asrkd.stats import UtteranceCounts, format_interval, frame_table
 
@@ -246,12 +247,12 @@ def control_config(cfg):
     return dense_only(cfg, float(cfg.specialists.student_temperature), 1, teacher=str(cfg.specialists.generalist))
 
 
-def student_system(cfg, config=student_config) -> str:
-    """exp/dnn/<the student of ``config``>: the re-distilled student, or with control_config its control."""
-    return name_of(config(cfg), Student("dense", float(cfg.specialists.student_temperature), 0))
+def student_of(cfg, config=student_config) -> System:
+    """The student of ``config``: the re-distilled student, or with control_config its control (the generalist's student)."""
+    return student_system(config(cfg), Student("dense", float(cfg.specialists.student_temperature), 0))
 
 
-def run_train(cfg) -> None:
+def train(cfg) -> None:
     """Stage 0: the groups, the specialists, their combination with the generalist, the
     combination's soft targets and re-distilled student, and its control (the generalist's)."""
     exp, scfg = Path(cfg.exp_dir), cfg.specialists
@@ -309,14 +310,11 @@ def run_train(cfg) -> None:
         student.run(config(cfg))
 
 
-def systems(cfg) -> list[str]:
-    """Generalist, combination, re-distilled student, the generalist's student."""
-    return [str(cfg.specialists.generalist), str(cfg.specialists.name), student_system(cfg), student_system(cfg, control_config)]
-
-
-def run_decode(cfg) -> None:
-    """Stage 1: WER of the generalist, the combination and the two students."""
-    decode.decode_systems(cfg, systems(cfg))
+def systems(cfg) -> list[System]:
+    """What stage 1 decodes and stage 2 scores: the generalist, the combination, the re-distilled
+    student and the generalist's student (its control); the specialists alone are not decoders."""
+    return [System(str(cfg.specialists.generalist), "teacher"), System(str(cfg.specialists.name), "combination"), student_of(cfg),
+            replace(student_of(cfg, control_config), role="control")]
 
 
 @torch.no_grad()
@@ -433,11 +431,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_report(cfg) -> None:
+def report(cfg) -> Report:
     """Stage 2: ``specialists.md``, ``specialists.png``, "specialists" in report.json."""
     exp, scfg = Path(cfg.exp_dir), cfg.specialists
     evaluation, sets, command = experiment_scoring(cfg, "asrkd report-specialists")
-    generalist, combined, redistilled, generalist_student = systems(cfg)
+    generalist, combined, redistilled, generalist_student = names(systems(cfg))
     entries = {key: evaluation.entry([system], sets, **({"command": command} if key == "combined" else {})) | {"cost": system_cost(cfg, system)}
                for key, system in (("generalist", generalist), ("combined", combined), ("redistilled", redistilled),
                                    ("generalist_student", generalist_student))}
@@ -460,5 +458,8 @@ def run_report(cfg) -> None:
                                         for h in read_history(Layout(exp).model(specialist_name(cfg, m)))),
               "student_seconds": sum(h["seconds"] for h in read_history(Layout(exp).model(redistilled))),
               "control_seconds": sum(h["seconds"] for h in read_history(Layout(exp).model(generalist_student))), "bootstrap_unit": cfg.stats.unit}
-    publish_experiment(cfg, "specialists", result, markdown(result), {"specialists.png": plot})
     log.info("specialists: %s", {key: round(entries[key]["frame_accuracy"][evaluation.primary], 4) for key in entries})
+    return Report(result, markdown(result), {"specialists.png": plot}, aligned=evaluation.frame_accuracy_utterances)
+
+
+EXPERIMENT = Experiment("specialists", "specialists", systems, train=train, report=report)

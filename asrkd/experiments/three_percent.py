@@ -31,10 +31,11 @@ from asrkd.distill import soft_targets, student
 from asrkd.distill.soft_targets import store_dir
 from asrkd.distill.student import dense_only, student_name
 from asrkd.evaluate import Evaluation, bootstrap_key
-from asrkd.layout import Layout
-from asrkd.nnet import decode, train
+from asrkd.experiments.base import Experiment, Report
+from asrkd.layout import Layout, System
+from asrkd.nnet import train as train_dnn
 from asrkd.nnet.train import read_history
-from asrkd.report import percent, publish_experiment, recipe_command, saved_figure, with_ci
+from asrkd.report import percent, recipe_command, saved_figure, with_ci
 from asrkd.stage import is_complete
 from asrkd.stats import format_interval
 
@@ -60,7 +61,7 @@ def teachers(cfg) -> list[str]:
     return ["baseline"] + ([cfg.ensemble.name] if has_ensemble else [])
 
 
-def systems(cfg) -> dict[float, dict[str, str]]:
+def rows_by_fraction(cfg) -> dict[float, dict[str, str]]:
     """Row name -> DNN system (exp/dnn/<name>[@best]) for each fraction."""
     out = {}
     for fraction in cfg.three_percent.fractions:
@@ -76,22 +77,32 @@ def systems(cfg) -> dict[float, dict[str, str]]:
     return out
 
 
-def run_train(cfg) -> None:
+def train(cfg) -> None:
     """Stage: soft targets of the 100% model, then the hard and soft runs of every fraction."""
     variants = [False, True] if cfg.three_percent.speed_perturbed else [False]
     for fraction in cfg.three_percent.fractions:
         for perturbed in variants:
-            train.run(subset_cfg(cfg, fraction, perturbed=perturbed))
+            train_dnn.run(subset_cfg(cfg, fraction, perturbed=perturbed))
             for teacher in teachers(cfg) if not perturbed else ["baseline"]:
                 sub = subset_cfg(cfg, fraction, teacher, perturbed)
                 soft_targets.run(sub)
                 student.run(sub)
 
 
-def run_decode(cfg) -> None:
-    """Stage: WER of every row (the 100% model is the main recipe's baseline)."""
-    names = ["baseline"] + [s for rows in systems(cfg).values() for s in rows.values()]
-    decode.decode_systems(cfg, names)
+def systems(cfg) -> list[System]:
+    """Every row's system, which the decode stage decodes: the 100% model (the main recipe's
+    baseline), then each fraction's hard runs (controls) and students."""
+    temperature = float(cfg.three_percent.temperature)
+    out = [System("baseline", "baseline")]
+    for fraction, rows in rows_by_fraction(cfg).items():
+        for row, name in rows.items():
+            data = subset_name(fraction) + ("_sp" if row.endswith("_sp") else "")
+            if row.startswith("sub_hard"):
+                out.append(System(name, "control", data=data))
+            else:
+                teacher = row.removeprefix("sub_soft_") if row.startswith("sub_soft_") and row != "sub_soft_sp" else "baseline"
+                out.append(System(name, "student", teacher=teacher, form="dense", temperature=temperature, data=data))
+    return out
 
 
 def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> None:
@@ -136,7 +147,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_report(cfg) -> None:
+def report(cfg) -> Report:
     """Stage: the §6 table with intervals, the gap closed, a curve over fractions and the over-fitting plot."""
     exp = Path(cfg.exp_dir)
     full_train, _ = data_split(cfg)
@@ -149,7 +160,7 @@ def run_report(cfg) -> None:
         return {"system": system, **{k: out[k] for k in ("frame_accuracy", "frame_accuracy_ci", "wer", "wer_ci", "lmwt", "stage") if k in out}}
 
     curve, main = [], None
-    for fraction, rows in systems(cfg).items():
+    for fraction, rows in rows_by_fraction(cfg).items():
         sub_train, _ = data_split(subset_cfg(cfg, fraction))
         entries = {}
         if main is None:
@@ -173,6 +184,9 @@ def run_report(cfg) -> None:
               "curve": curve, "bootstrap_unit": cfg.stats.unit, "eval_set": evaluation.primary}
     if "sub_soft_sp" in rows:
         result["gap_closed_sp"] = frames.share(key["sub_soft_sp"], key["sub_hard_sp"], "baseline")
-    publish_experiment(cfg, "three_percent", result, markdown(result),
-                       {"three_percent_curves.png": lambda _, out: plot_curves(exp, rows, fraction, out)})
     log.info("3%% experiment: test frame acc full %.4f, hard %.4f, soft %.4f; gap closed %s", full, hard, soft, format_interval(gap))
+    return Report(result, markdown(result), {"three_percent_curves.png": lambda _, out: plot_curves(exp, rows, fraction, out)},
+                  aligned=evaluation.frame_accuracy_utterances)
+
+
+EXPERIMENT = Experiment("3pct", "three_percent", systems, train=train, report=report)

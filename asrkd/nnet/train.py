@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from asrkd.data import DataDir, data_split, without_valid
-from asrkd.layout import Layout
+from asrkd.layout import Layout, System, names
 from asrkd.nnet.model import EnsembleDNN, HybridDNN, MultiExitDNN, SplicedFrames, StackedDNN, model_from_config
 from asrkd.nnet.views import View, ViewSpec, draw
 from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
@@ -53,9 +53,14 @@ def replicate_name(name: str, replicate: int) -> str:
     return name if replicate == 0 else f"{name}_seed{replicate}"
 
 
+def replicate_systems(cfg, role: str = "baseline") -> list[System]:
+    """The systems train-dnn makes with ``cfg``: ``train.seeds`` replicates of ``train.name`` on ``train.data``."""
+    return [System(replicate_name(cfg.train.name, r), role, data=str(cfg.train.data), seed=r) for r in range(int(cfg.train.seeds))]
+
+
 def replicates(cfg) -> list[str]:
-    """The systems train-dnn makes with ``cfg``: ``train.seeds`` replicates of ``train.name``."""
-    return [replicate_name(cfg.train.name, r) for r in range(int(cfg.train.seeds))]
+    """The names of :func:`replicate_systems`."""
+    return names(replicate_systems(cfg))
 
 
 @dataclass
