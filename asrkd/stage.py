@@ -633,14 +633,16 @@ def recover_interrupted_redo(name: str, out_dir: Path, fingerprint: str) -> None
 
 def plan(
     name: str, out_dir: Path | str, cfg, keys: tuple[str, ...] | list[str], inputs: dict[str, Path | str] | None = None,
-    values: dict[str, Any] | None = None, clear: bool = True, writer: bool = True,
+    values: dict[str, Any] | None = None, clear: bool = True, writer: bool = True, extend: bool = False,
 ) -> Stage:
     """Fingerprint a stage from the config ``keys`` it reads, its ``inputs`` (paths of upstream
     outputs or data dirs) and ``values`` (anything else that decides its outputs), and decide
     whether it must run. ``clear``: on a redo, set the old outputs aside (deleted once the new
     ones are complete; they could otherwise be resumed from); False for directories that hold
     more than this stage's outputs. ``writer``: False on torchrun's ranks other than 0, which
-    decide the same but touch nothing.
+    decide the same but touch nothing. ``extend``: the caller has checked that the outputs are
+    current for part of these settings and adds the rest (decoding a new eval set): the old
+    outputs stay, and the new record replaces the old once the rest is made.
     """
     out_dir = Path(out_dir)
     config = {**config_values(cfg, keys), **(values or {})}
@@ -649,7 +651,8 @@ def plan(
         recorded[input_name] = {"path": os.path.relpath(path, out_dir), "fingerprint": input_fingerprint(path)}
     stage = Stage(name, out_dir, config, recorded, "")
     stage.fingerprint = digest({"stage": name, "config": config, "inputs": {k: v["fingerprint"] for k, v in recorded.items()}})
-    redo = bool(cfg.get("redo", False))
+    redo = bool(cfg.get("redo", False)) or extend
+    clear = clear and not extend
     if not writer:
         decide(stage, redo, clear, writer=False)
         return stage
@@ -719,7 +722,10 @@ def decide(stage: Stage, redo: bool, clear: bool, writer: bool = True) -> None:
                 "Pass redo=true (recipes: --redo) to remake it and what depends on it, or write elsewhere "
                 "(another name or exp_dir)"
             )
-        log.warning("%s: redoing %s (%s)", name, out_dir, "; ".join(changes))
+        if clear:
+            log.warning("%s: redoing %s (%s)", name, out_dir, "; ".join(changes))
+        else:
+            log.info("%s: adding to %s (%s)", name, out_dir, "; ".join(changes))
         remake = True
     elif existing is None and out_dir.is_dir() and clear and any(p.name != PARTIAL for p in out_dir.iterdir()):
         legacy = [p.name for p in out_dir.iterdir()][:5]

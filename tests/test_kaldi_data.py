@@ -90,9 +90,10 @@ def test_generic_recipe_scores_two_eval_sets_end_to_end(run_dir: Path, tmp_path:
     extra.write(work / "data" / "extra")
     records = {name: json.loads((work / path / "stage.json").read_text())["fingerprint"] for name, path in
                (("lang", "data/lang"), ("gmm", "exp/tri"), ("dnn", "exp/dnn/baseline"))}
+    decoded = {name: (work / "exp" / "decode" / "baseline" / name).stat().st_mtime_ns for name in ("hyp_dev.txt", "hyp_test.txt")}
     base = [f"data_dir={work}/data", f"exp_dir={work}/exp", *TINY]
     for command in (["make-feats", "features.sets=[extra]"], ["align", "features.sets=[extra]"],
-                    ["decode", "eval_sets=[dev,test,extra]", "decode.tuning_set=dev", "redo=true"],
+                    ["decode", "eval_sets=[dev,test,extra]", "decode.tuning_set=dev"],  # the new set alone: no redo
                     ["evaluate", "eval_sets=[dev,test,extra]", "decode.tuning_set=dev"]):
         result = subprocess.run(["python", "-m", "asrkd.cli", *command, *base, "decode.unseen_sentences=[]"], env=env,
                                 capture_output=True, text=True, cwd=work)
@@ -103,6 +104,9 @@ def test_generic_recipe_scores_two_eval_sets_end_to_end(run_dir: Path, tmp_path:
     baseline = report["systems"]["baseline"]
     assert baseline["frame_accuracy"]["extra"] == pytest.approx(baseline["frame_accuracy"]["dev"])  # the same audio
     assert baseline["wer"]["extra"] == pytest.approx(baseline["wer"]["dev"])
+    assert {name: (work / "exp" / "decode" / "baseline" / name).stat().st_mtime_ns for name in decoded} == decoded  # not decoded again
+    extended = json.loads((work / "exp" / "decode" / "baseline" / "wer.json").read_text())
+    assert (extended["lmwt"], extended["dev"], set(extended["utterance_errors"])) == (wer["lmwt"], wer["dev"], {"dev", "test", "extra"})
 
 
 def test_a_dictionary_phone_outside_the_phone_set_is_named(tmp_path: Path) -> None:

@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import kaldifst
@@ -59,3 +60,21 @@ def test_words_spelled_in_two_cases_are_refused_with_every_clash_named() -> None
     with pytest.raises(ValueError, match=r"2 word\(s\) are spelled in two cases across data/train/text, data/heldout/text: "
                                          r"TEN/ten Yes/yes; write every transcript in one case"):
         refuse_case_clashes({"TEN", "ten", "yes", "Yes", "GO"}, [Path("data/train/text"), Path("data/heldout/text")])
+
+
+def test_kaldilm_messages_go_to_the_log_not_the_terminal(tmp_path: Path, capfd, caplog) -> None:
+    from asrkd.kaldi.graph import arpa_to_g
+
+    arpa = tmp_path / "lm.arpa"
+    arpa.write_text("\\data\\\nngram 1=4\n\n\\1-grams:\n-1.0\t</s>\n-99.0\t<s>\n-0.5\tA\n-0.5\tB\n\n\\end\\\n")
+    words = tmp_path / "words.txt"
+    words.write_text("<eps> 0\nA 1\nB 2\n#0 3\n<s> 4\n</s> 5\n")
+    with caplog.at_level(logging.DEBUG, logger="asrkd.kaldi.graph"):
+        g = arpa_to_g(arpa, words, tmp_path / "G.fst")
+    assert g.num_states > 0
+    assert "Reading" not in capfd.readouterr().err
+    assert any("arpa2fst lm.arpa: [I] Reading \\1-grams: section." in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
+    arpa.write_text(arpa.read_text().replace("-0.5\tB", "-0.5\tB\t-0.3"))  # a back-off weight on the highest order: not an ARPA LM
+    with pytest.raises(ValueError, match=r"lm.arpa: kaldilm cannot read it .* line 8 .*Invalid n-gram data line.*graph.lm_arpa"):
+        arpa_to_g(arpa, words, tmp_path / "G_bad.fst")
+    assert not (tmp_path / "G_bad.fst").exists()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import kaldi_hmm_gmm as khg  # noqa: F401  (import order: kaldi_hmm_gmm, then kaldi_decoder, then kaldilm)
@@ -100,12 +102,24 @@ def train_arpa(sentences: list[str], order: int, out_dir: Path) -> Path:
     return arpa
 
 
-def arpa_to_g(arpa: Path, words_txt: Path, out: Path) -> kaldifst.StdVectorFst:
-    import kaldi_decoder  # noqa: F401  (kaldilm hangs when imported before it)
-    import kaldilm
+# kaldilm's arpa2fst in a process of its own: it aborts the process on a bad ARPA line, and its
+# progress messages go to the log, not the terminal (import order: kaldilm hangs when imported before kaldi_decoder)
+ARPA2FST = ("import sys, kaldi_hmm_gmm, kaldi_decoder, kaldilm; "
+            "kaldilm.arpa2fst(input_arpa=sys.argv[1], output_fst=sys.argv[2], disambig_symbol='#0', read_symbol_table=sys.argv[3])")
 
+
+def arpa_to_g(arpa: Path, words_txt: Path, out: Path) -> kaldifst.StdVectorFst:
+    """G.fst of ``arpa`` over ``words_txt`` (#0 on the back-off arcs). kaldilm's messages are
+    logged at DEBUG (its warnings at WARNING); a file it cannot read is an error naming the
+    file and kaldilm's complaint."""
     with atomic_write(out) as tmp:
-        kaldilm.arpa2fst(input_arpa=str(arpa), output_fst=str(tmp), disambig_symbol="#0", read_symbol_table=str(words_txt))
+        done = subprocess.run([sys.executable, "-c", ARPA2FST, str(arpa), str(tmp), str(words_txt)], capture_output=True, text=True)
+        for line in (done.stdout + done.stderr).splitlines():
+            log.log(logging.WARNING if line.startswith("[W]") else logging.DEBUG, "arpa2fst %s: %s", arpa.name, line)
+        if done.returncode != 0:
+            complaint = [line for line in done.stderr.splitlines() if line.startswith("[E]")] or done.stderr.splitlines()[-1:]
+            raise ValueError(f"{arpa}: kaldilm cannot read it as an ARPA LM over {words_txt} ({'; '.join(complaint) or f'exit {done.returncode}'}); "
+                             "fix the file (graph.lm_arpa) or leave graph.lm_arpa null for the LM trained here")
     return kaldifst.StdVectorFst.read(str(out))
 
 

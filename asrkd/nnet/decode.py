@@ -16,6 +16,7 @@ log-likelihoods that a user's own ``latgen-faster-mapped`` decodes with its HCLG
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from asrkd.kaldi.lang import read_symbol_table
 from asrkd.nnet.model import SplicedFrames
 from asrkd.parallel import pick_device
 from asrkd.nnet.train import load_system, system_dirs
-from asrkd.stage import account_dropped, optional_values, plan, progress, write_json, write_text
+from asrkd.stage import Stage, account_dropped, optional_values, plan, progress, read_record, write_json, write_text
 from asrkd.stores import FeatureStore, write_kaldi_matrices
 
 log = logging.getLogger(__name__)
@@ -131,11 +132,38 @@ def scored_sets(cfg) -> dict[str, tuple[str, dict[str, str]]]:
     return sets
 
 
+def decode_stage(cfg, system: str, sets: dict[str, tuple[str, dict[str, str]]], writer: bool = True, extend: bool = False) -> Stage:
+    """The decode stage of ``system`` over ``sets`` (its inputs: the model, graph, priors and each set's data and features)."""
+    exp, data_dir, layout = Path(cfg.exp_dir), Path(cfg.data_dir), Layout.of(cfg)
+    kind = "mfcc" if system == "gmm" else "fbank"
+    stores = {store for store, _ in sets.values()}
+    models = {"model": layout.gmm} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(exp, system)}
+    inputs = {**models, "graph": layout.graph, "priors": layout.alignment("train"), "train": data_dir / "train",
+              **{store: data_dir / store for store in stores}, **{f"{store} features": layout.features(kind, store) for store in stores}}
+    return plan(f"decode {system}", layout.decode(system), cfg, DECODE_KEYS, inputs,
+                {"system": system, **optional_values(cfg, DECODE_OPTIONAL_KEYS)}, writer=writer, extend=extend)
+
+
+def decoded_before(cfg, system: str) -> list[str] | None:
+    """The eval sets of ``system``'s decode when it is complete and current for the config but for
+    eval sets added since (as Kaldi decodes a new set into a directory of its own, nothing else
+    is redone: the LM weight stays the one chosen on the tuning set); else None."""
+    record = read_record(Layout.of(cfg).decode(system))
+    if record is None or cfg.get("redo"):
+        return None
+    before, now = record["config"].get("eval_sets", DECODE_OPTIONAL_KEYS["eval_sets"]), eval_sets(cfg)
+    if not set(before) < set(now) or set(cfg.decode.unseen_sentences) - set(before):
+        return None
+    earlier = OmegaConf.merge(cfg, {"eval_sets": before})
+    return before if decode_stage(earlier, system, scored_sets(earlier), writer=False).up_to_date else None
+
+
 def run(cfg) -> None:
     """Stage 6: decode every system of ``decode.systems`` (the GMM, DNNs, ensembles) on the tuning
     set and every eval set, each set's utterances split over ``jobs.nj`` jobs; the LM weight and
-    insertion penalty are chosen on the tuning set and applied to the eval sets."""
-    exp, data_dir, layout = Path(cfg.exp_dir), Path(cfg.data_dir), Layout.of(cfg)
+    insertion penalty are chosen on the tuning set and applied to the eval sets. A decode that is
+    current but for eval sets added since decodes those alone, with the weights it chose."""
+    data_dir, layout = Path(cfg.data_dir), Layout.of(cfg)
     dcfg = cfg.decode
     id2word = {i: w for w, i in read_symbol_table(layout.graph / "words.txt").items()}
     lm_text = read_table(data_dir / cfg.graph.lm_data / "text")
@@ -143,22 +171,21 @@ def run(cfg) -> None:
     tuning, evaluated = tuning_set(cfg), eval_sets(cfg)
     settings = OmegaConf.to_container(cfg, resolve=True)
     stores = {set_name: store for set_name, (store, _) in sets.items()}
-    pairs = [(set_name, utt) for set_name, (_, refs) in sets.items() for utt in sorted(refs)]
 
     for system in dcfg.systems:
         out_dir = layout.decode(system)
-        kind = "mfcc" if system == "gmm" else "fbank"
-        models = {"model": layout.gmm} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(exp, system)}
-        inputs = {**models, "graph": layout.graph, "priors": layout.alignment("train"), "train": data_dir / "train",
-                  **{store: data_dir / store for store in stores.values()},
-                  **{f"{store} features": layout.features(kind, store) for store in stores.values()}}
-        stage = plan(f"decode {system}", out_dir, cfg, DECODE_KEYS, inputs, {"system": system, **optional_values(cfg, DECODE_OPTIONAL_KEYS)})
+        before = decoded_before(cfg, system)
+        stage = decode_stage(cfg, system, sets, extend=before is not None)
         if stage.up_to_date:
             continue
+        decoding = {name: refs for name, (_, refs) in sets.items() if before is None or name not in (tuning, *before)}
+        if before is not None:
+            log.info("decode %s: %s added to %s; the sets decoded before and their LM weight stay", system, ", ".join(decoding), out_dir)
+        pairs = [(set_name, utt) for set_name, refs in decoding.items() for utt in sorted(refs)]
         jobs = [(settings, system, stores, part) for part in split(pairs, num_jobs(cfg))]
         results = map_jobs(cfg, decode_part, jobs, f"decode {system}", threads=int(cfg.train.num_threads))
         hyps, decode_seconds, audio_seconds = {}, 0.0, 0.0
-        for set_name, (_, refs) in sets.items():
+        for set_name, refs in decoding.items():
             dropped, matrices, hyps[set_name] = {}, {}, {}
             for part in (result[set_name] for result in results if set_name in result):  # in utterance order, as one job's
                 dropped |= part["dropped"]
@@ -170,27 +197,35 @@ def run(cfg) -> None:
             account_dropped(f"decode {system} {set_name}", len(refs), dropped, cfg.prep.max_drop_fraction, out_dir / f"dropped_{set_name}.json")
             if matrices:
                 write_kaldi_matrices(out_dir / f"loglikes_{set_name}.ark", out_dir / f"loglikes_{set_name}.scp", matrices.items())
-        best, tuning_wer = choose_weights(sets[tuning][1], hyps[tuning])
         vocabulary = lm_vocabulary(cfg) & set(id2word.values())
         oov = sorted({w for name in evaluated for t in sets[name][1].values() for w in t.split() if w not in vocabulary})
         if oov:  # they count as errors: no path of the graph can output them (the report gives each set's rate)
             log.warning("decode %s: references hold %d word types outside the LM's vocabulary: %s", system, len(oov), oov[:10])
-        result = {"system": system, "lmwt": best[0], "word_ins_penalty": best[1], "tuning_set": tuning,
-                  tuning: word_error_rate(sets[tuning][1], hyps[tuning][best])}
-        for name in evaluated:
-            result[name] = word_error_rate(sets[name][1], hyps[name][best])
-        for name in dcfg.unseen_sentences:
-            refs = sets[name][1]
-            result[f"{name}_unseen"] = word_error_rate({u: refs[u] for u in unseen_sentences(refs, lm_text)}, hyps[name][best])
-        result |= {
-            f"sweep_{tuning}_wer": [{"lmwt": p[0], "word_ins_penalty": p[1], "wer": w} for p, w in sorted(tuning_wer.items())],
-            "real_time_factor": decode_seconds / max(audio_seconds, 1e-9),
-            "reference_oov_words": oov,
-            "beam": dcfg.beam, "lattice_beam": dcfg.lattice_beam, "acoustic_scale": dcfg.acoustic_scale,
-            "utterance_errors": {name: utterance_errors(sets[name][1], hyps[name][best]) for name in evaluated},
-        }
+        if before is None:
+            best, tuning_wer = choose_weights(sets[tuning][1], hyps[tuning])
+            result = {"system": system, "lmwt": best[0], "word_ins_penalty": best[1], "tuning_set": tuning,
+                      tuning: word_error_rate(sets[tuning][1], hyps[tuning][best])}
+            for name in evaluated:
+                result[name] = word_error_rate(sets[name][1], hyps[name][best])
+            for name in dcfg.unseen_sentences:
+                refs = sets[name][1]
+                result[f"{name}_unseen"] = word_error_rate({u: refs[u] for u in unseen_sentences(refs, lm_text)}, hyps[name][best])
+            result |= {
+                f"sweep_{tuning}_wer": [{"lmwt": p[0], "word_ins_penalty": p[1], "wer": w} for p, w in sorted(tuning_wer.items())],
+                "real_time_factor": decode_seconds / max(audio_seconds, 1e-9),
+                "reference_oov_words": oov,
+                "beam": dcfg.beam, "lattice_beam": dcfg.lattice_beam, "acoustic_scale": dcfg.acoustic_scale,
+                "utterance_errors": {name: utterance_errors(sets[name][1], hyps[name][best]) for name in evaluated},
+            }
+        else:  # the earlier sets' results as they are; the new ones at the weights chosen then
+            result = json.loads((out_dir / "wer.json").read_text())
+            best = (result["lmwt"], result["word_ins_penalty"])
+            for name in decoding:
+                result[name] = word_error_rate(sets[name][1], hyps[name][best])
+                result["utterance_errors"][name] = utterance_errors(sets[name][1], hyps[name][best])
+            result["reference_oov_words"] = oov
         write_json(out_dir / "wer.json", result)
-        for set_name in sets:
+        for set_name in decoding:
             write_text(out_dir / f"hyp_{set_name}.txt", "".join(f"{u} {h}\n" for u, h in sorted(hyps[set_name][best].items())))
         log.info("decode %s: LMWT %g, penalty %g (%s WER %.2f%%) -> %s, RTF %.3f", system, best[0], best[1], tuning,
                  100 * result[tuning]["wer"], ", ".join(f"{name} WER {100 * result[name]['wer']:.2f}%" for name in evaluated),
