@@ -67,6 +67,7 @@ DECLARED: dict[str, Kind] = {
     "distill.epochs": Kind((int,), nullable=True),
     "distill.transfer": Kind((list,), item=STRING),
     "distill.methods": Kind((list,), item=STRING),
+    "distill.store_dense": Kind((str, bool), choices=("auto",)),
     "decode.unseen_sentences": Kind((list,), item=STRING),
     "graph.lm_arpa": Kind((str,), nullable=True),
     "function_matching.subset.view": Kind((str,), nullable=True),

@@ -3,8 +3,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from asrkd.distill.soft_targets import SoftTargetMismatch, SoftTargetStore, TeacherLogits, compact_k, source_checksum, top_k
+from asrkd.distill.soft_targets import (FRAMES_PER_HOUR, SoftTargetMismatch, SoftTargetStore, TeacherLogits, compact_k, source_checksum,
+                                        stores_dense, top_k)
 
 
 def test_top_k_renormalizes_and_accounts_for_the_rest() -> None:
@@ -61,3 +63,22 @@ def test_compact_form_keeps_the_true_mass_and_spreads_the_rest() -> None:
     # k per T from the residual: the smallest k whose mean residual is within the target
     sorted_probs = np.array([[0.6, 0.3, 0.1], [0.8, 0.15, 0.05]])
     assert compact_k(sorted_probs, np.zeros(2), 100, 1.0, 0.15) == 2 and compact_k(sorted_probs, np.zeros(2), 100, 1.0, 0.31) == 1
+
+
+def test_a_store_too_large_for_the_dense_form_keeps_the_top_k_form_alone(tmp_path: Path) -> None:
+    # 14,000 pdfs (the paper's tree): the dense form is 28 kB a frame, ~10 GB an hour; above distill.dense_limit_gb it is not stored
+    auto = OmegaConf.create({"store_dense": "auto", "dense_limit_gb": 8})
+    assert stores_dense(auto, 100 * FRAMES_PER_HOUR // 1000, 14_000) and not stores_dense(auto, FRAMES_PER_HOUR, 14_000)
+    assert stores_dense(OmegaConf.create({"store_dense": True, "dense_limit_gb": 0}), FRAMES_PER_HOUR, 14_000)
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(40, 0.3), size=50).astype(np.float32)
+    SoftTargetStore.from_probs(probs, 2.0, 10, "x", dense=False).save(tmp_path / "topk")
+    SoftTargetStore.from_probs(probs, 2.0, 10, "x").save(tmp_path / "all")
+    alone, full = SoftTargetStore.load(tmp_path / "topk", "x"), SoftTargetStore.load(tmp_path / "all", "x")
+    assert not (tmp_path / "topk" / "dense.npy").exists() and alone.header["dense"] is False and "dense" not in full.header
+    compact = {"budget": 0.5, "max_residual": 0.0}
+    for form in ("topk", "compact"):  # the same rows as from a store that has every form
+        np.testing.assert_array_equal(alone.rows(form, compact=compact).batch(torch.arange(50)).numpy(),
+                                      full.rows(form, compact=compact).batch(torch.arange(50)).numpy())
+    with pytest.raises(ValueError, match="holds the top-k form alone.*distill.store_dense.*distill.on_the_fly=true"):
+        alone.rows("dense")

@@ -45,7 +45,29 @@ from asrkd.stores import FeatureStore, load_array
 
 log = logging.getLogger(__name__)
 
-DENSE_ARRAYS = ("dense", "topk_ids", "topk_probs", "residual")
+TOPK_ARRAYS = ("topk_ids", "topk_probs", "residual")
+DENSE_ARRAYS = ("dense", *TOPK_ARRAYS)
+FRAMES_PER_HOUR = 360_000  # at a 10 ms frame shift
+
+
+def dense_bytes(num_frames: int, num_pdfs: int) -> int:
+    """The dense form's bytes on disk: an fp16 probability per pdf per frame."""
+    return 2 * num_frames * num_pdfs
+
+
+def stores_dense(dcfg, num_frames: int, num_pdfs: int) -> bool:
+    """Whether a store keeps the dense form: ``distill.store_dense`` (auto: while it takes at most
+    ``distill.dense_limit_gb``; at 14,000 pdfs that is 28 kB a frame, 10 GB an hour of audio).
+    Without it the store holds the top-k form alone (k int16 ids and fp16 probabilities and the
+    residual), from which the topk and compact students learn."""
+    if dcfg.store_dense != "auto":
+        return bool(dcfg.store_dense)
+    return dense_bytes(num_frames, num_pdfs) <= float(dcfg.dense_limit_gb) * 1e9
+
+
+def store_arrays(header: dict) -> tuple[str, ...]:
+    """The arrays a store holds: all forms, or the top-k form alone (``header["dense"]`` false)."""
+    return DENSE_ARRAYS if header.get("dense", True) else TOPK_ARRAYS
 
 
 class SoftTargetMismatch(ValueError):
@@ -105,33 +127,36 @@ class ArrayWriter:
 @dataclass
 class SoftTargetStore:
     header: dict
-    dense: np.ndarray  # (frames, pdfs) fp16
+    dense: np.ndarray | None  # (frames, pdfs) fp16; None in a store of the top-k form alone (distill.store_dense)
     topk_ids: np.ndarray  # (frames, k) int16 (int32 for >= 32768 pdfs, and in stores written before)
     topk_probs: np.ndarray  # (frames, k) fp16, renormalized to sum to 1
     residual: np.ndarray  # (frames,) fp16: probability mass the top-k form leaves out
 
     @staticmethod
-    def make_header(temperature: float, k: int, num_frames: int, num_pdfs: int, checksum: str) -> dict:
+    def make_header(temperature: float, k: int, num_frames: int, num_pdfs: int, checksum: str, dense: bool = True) -> dict:
+        """The store's header; ``dense`` recorded only when the store lacks the dense form (as stores made before it were)."""
         return {"temperature": float(temperature), "k": int(k), "num_pdfs": int(num_pdfs), "num_frames": int(num_frames),
-                "source_checksum": checksum}
+                "source_checksum": checksum, **({} if dense else {"dense": False})}
 
     @classmethod
-    def from_probs(cls, probs: np.ndarray, temperature: float, k: int, checksum: str) -> "SoftTargetStore":
+    def from_probs(cls, probs: np.ndarray, temperature: float, k: int, checksum: str, dense: bool = True) -> "SoftTargetStore":
         ids, kept, residual = top_k(probs, k)
-        header = cls.make_header(temperature, k, probs.shape[0], probs.shape[1], checksum)
-        return cls(header, probs.astype(np.float16), ids, kept.astype(np.float16), residual.astype(np.float16))
+        header = cls.make_header(temperature, k, probs.shape[0], probs.shape[1], checksum, dense)
+        return cls(header, probs.astype(np.float16) if dense else None, ids, kept.astype(np.float16), residual.astype(np.float16))
 
     @staticmethod
     def writer(directory: Path, header: dict) -> ArrayWriter:
         frames, pdfs, k = header["num_frames"], header["num_pdfs"], header["k"]
-        return ArrayWriter(directory, {"dense": ((frames, pdfs), "float16"), "topk_ids": ((frames, k), id_dtype(pdfs)),
-                                       "topk_probs": ((frames, k), "float16"), "residual": ((frames,), "float16")})
+        shapes = {"dense": ((frames, pdfs), "float16"), "topk_ids": ((frames, k), id_dtype(pdfs)),
+                  "topk_probs": ((frames, k), "float16"), "residual": ((frames,), "float16")}
+        return ArrayWriter(directory, {name: shapes[name] for name in store_arrays(header)})
 
     @staticmethod
     def fill(writer: ArrayWriter, rows: np.ndarray, probs: np.ndarray, k: int) -> None:
-        """Write the dense and top-k forms of ``probs`` into frames ``rows``."""
+        """Write the forms the store holds of ``probs`` into frames ``rows``."""
         ids, kept, residual = top_k(probs, k)
-        writer.arrays["dense"][rows] = probs
+        if "dense" in writer.arrays:
+            writer.arrays["dense"][rows] = probs
         writer.arrays["topk_ids"][rows] = ids
         writer.arrays["topk_probs"][rows] = kept
         writer.arrays["residual"][rows] = residual
@@ -139,7 +164,7 @@ class SoftTargetStore:
     def save(self, directory: Path) -> None:
 
         writer = self.writer(directory, self.header)
-        for name in DENSE_ARRAYS:
+        for name in store_arrays(self.header):
             writer.arrays[name][:] = getattr(self, name)
         writer.close()
         write_json(directory / "header.json", self.header)
@@ -148,8 +173,11 @@ class SoftTargetStore:
     def load(cls, directory: Path, expected_checksum: str, temperature: float | None = None, num_pdfs: int | None = None,
              k: int | None = None) -> "SoftTargetStore":
         header = read_header(directory, expected_checksum, {"temperature": temperature, "num_pdfs": num_pdfs, "k": k})
-        arrays = {name: load_array(directory / f"{name}.npy", True, "soft-targets") for name in DENSE_ARRAYS}
-        check_shape(directory / "dense.npy", arrays["dense"], (header["num_frames"], header["num_pdfs"]))
+        arrays = {name: load_array(directory / f"{name}.npy", True, "soft-targets") for name in store_arrays(header)}
+        if "dense" in arrays:
+            check_shape(directory / "dense.npy", arrays["dense"], (header["num_frames"], header["num_pdfs"]))
+        else:
+            arrays["dense"] = None
         check_shape(directory / "topk_ids.npy", arrays["topk_ids"], (header["num_frames"], header["k"]))
         return cls(header, **arrays)
 
@@ -159,6 +187,11 @@ class SoftTargetStore:
         gather there): ``dense``, ``topk``, ``compact`` or ``compact_prior`` (``compact``: its
         budget and residual; ``pdf_priors``: what ``compact_prior`` spreads the residual by)."""
         if form == "dense":
+            if self.dense is None:
+                gb = dense_bytes(self.header["num_frames"], self.header["num_pdfs"]) / 1e9
+                raise ValueError(f"this soft-target store (T={self.header['temperature']:g}) holds the top-k form alone: its dense form "
+                                 f"would take {gb:.1f} GB (distill.store_dense, distill.dense_limit_gb); train the compact or topk "
+                                 "students (distill.students), or the dense one with distill.on_the_fly=true")
             return TargetRows("dense", self.header["num_pdfs"], device, dense=self.dense)
         if form == "topk":
             return TargetRows("topk", self.header["num_pdfs"], device, ids=self.topk_ids, probs=self.topk_probs)
@@ -354,14 +387,14 @@ def spliced_store(cfg, teacher: EnsembleDNN, store: str, device: torch.device) -
 
 
 def fill_part(job: tuple) -> None:
-    """One soft-target job: (config, store, {T: store dir}, logits dir, its batches) -> their rows
+    """One soft-target job: (config, store, {T: (store dir, its arrays)}, logits dir, its batches) -> their rows
     written into the stage's temporary arrays (the rows of other jobs are not touched)."""
     settings, store, temperatures, logits_dir, batches = job
     cfg = OmegaConf.create(settings)
     device = pick_device(cfg.train.device)
     teacher = load_teacher(cfg, device)
     frames = spliced_store(cfg, teacher, store, device)
-    writers = {t: ArrayWriter.reopen(Path(d), list(DENSE_ARRAYS)) for t, d in temperatures.items()}
+    writers = {t: ArrayWriter.reopen(Path(d), list(names)) for t, (d, names) in temperatures.items()}
     logits_writer = ArrayWriter.reopen(Path(logits_dir), ["logits"]) if logits_dir else None
     fill_batches(teacher, frames, batches, writers, logits_writer, int(cfg.distill.top_k))
     for writer in [*writers.values(), *([logits_writer] if logits_writer else [])]:
@@ -377,7 +410,8 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
     The frames are read where they are scored (here, or in each job), not both."""
     num_pdfs, top_k_size = teacher.config["num_pdfs"], int(cfg.distill.top_k)
     batch_size = int(cfg.eval.batch_size)
-    headers = {t: SoftTargetStore.make_header(t, top_k_size, num_frames, num_pdfs, checksum) for t in temperatures}
+    dense = stores_dense(cfg.distill, num_frames, num_pdfs)
+    headers = {t: SoftTargetStore.make_header(t, top_k_size, num_frames, num_pdfs, checksum, dense) for t in temperatures}
     writers = {t: SoftTargetStore.writer(directory, headers[t]) for t, directory in temperatures.items()}
     logits_header = TeacherLogits.make_header(num_frames, num_pdfs, checksum)
     logits_writer = TeacherLogits.writer(logits_dir, logits_header) if logits_dir else None
@@ -388,7 +422,8 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
         for writer in [*writers.values(), *([logits_writer] if logits_writer else [])]:
             writer.flush()
         settings = OmegaConf.to_container(cfg, resolve=True)
-        jobs = [(settings, store, {t: str(d) for t, d in temperatures.items()}, str(logits_dir) if logits_dir else None, part)
+        arrays = {t: (str(d), store_arrays(headers[t])) for t, d in temperatures.items()}
+        jobs = [(settings, store, arrays, str(logits_dir) if logits_dir else None, part)
                 for part in split(batches, num_jobs(cfg))]
         map_jobs(cfg, fill_part, jobs, f"soft-targets {store}", threads=int(cfg.train.num_threads))
     for t, writer in writers.items():
@@ -467,10 +502,13 @@ def run_store(cfg, store: str) -> None:
     members = system_dirs(exp, cfg.distill.teacher)
     inputs = {f"teacher {d.name}": d for d in members} | {"features": layout.fbank(store)}
     values = {"teacher": cfg.distill.teacher, "store": store}
+    features = FeatureStore.load(layout.fbank(store))  # its index: the groups; the frames are read where they are scored
+    num_pdfs = int(np.load(layout.pdf_counts, mmap_mode="r").shape[0])
+    dense = stores_dense(cfg.distill, features.num_frames, num_pdfs)
     todo = {}
     for t in sorted({float(t) for t in cfg.distill.temperatures}):
         stage = plan(f"soft-targets {cfg.distill.teacher} {store} T={t:g}", store_dir(cfg, t, store), cfg,
-                     ("distill.top_k",), inputs, {**values, "temperature": t})
+                     ("distill.top_k",), inputs, {**values, "temperature": t, **({} if dense else {"dense": False})})
         if not stage.up_to_date:
             todo[t] = stage
     logits_stage = None
@@ -482,7 +520,6 @@ def run_store(cfg, store: str) -> None:
     torch.set_num_threads(int(cfg.train.num_threads))
     device = pick_device(cfg.train.device)
     teacher = load_teacher(cfg, device)
-    features = FeatureStore.load(layout.fbank(store))  # its index: the groups; the frames are read where they are scored
     groups = teacher_groups(cfg, features.utt_ids, features.offsets, members)
     write_teacher_outputs(cfg, teacher, device, features.num_frames, groups, {t: stage.out_dir for t, stage in todo.items()},
                           logits_stage.out_dir if logits_stage else None, store, current_checksum(exp, store))
