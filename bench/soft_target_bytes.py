@@ -64,7 +64,7 @@ def main() -> None:
     result = {"command": command.strip(), "top_k": top_k, "compact_k": compact_k, "frames_per_hour": FRAMES_PER_HOUR,
               "dense_limit_gb": float(cfg.distill.dense_limit_gb), "rows": rows}
     hours = [f"{h:g}" for h in args.hours]
-    lines = [f"| pdfs | form | bytes / frame | " + " | ".join(f"GB at {h} h" for h in hours) + " |", "|---" * (3 + len(hours)) + "|"]
+    lines = ["| pdfs | form | bytes / frame | " + " | ".join(f"GB at {h} h" for h in hours) + " |", "|---" * (3 + len(hours)) + "|"]
     for row in rows:
         if "form" in row:
             lines.append(f"| {row['pdfs']:,} | {row['form']} | {row['bytes_per_frame']:,} | "

@@ -402,15 +402,15 @@ def fill_part(job: tuple) -> None:
 
 
 def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_frames: int, groups: FrameGroups,
-                          temperatures: dict[float, Path], logits_dir: Path | None, store: str, checksum: str) -> None:
-    """For every frame of the store: the average softmax(z/T) of its group's members for each T,
+                          temperatures: dict[float, Path], logits_dir: Path | None, store: str, checksum: str, dense: bool) -> None:
+    """For every frame of the store: the average softmax(z/T) of its group's members for each T
+    (in the dense and top-k forms, or with ``dense`` false the top-k form alone: :func:`stores_dense`),
     and with ``logits_dir`` their average zero-mean logits, batch by batch (``eval.batch_size``
     frames of one group). With ``jobs.nj`` > 1 on CPU the batches are dealt out to jobs whole, so
     each frame is scored in the very batch one job would score it in: the stores are identical.
     The frames are read where they are scored (here, or in each job), not both."""
     num_pdfs, top_k_size = teacher.config["num_pdfs"], int(cfg.distill.top_k)
     batch_size = int(cfg.eval.batch_size)
-    dense = stores_dense(cfg.distill, num_frames, num_pdfs)
     headers = {t: SoftTargetStore.make_header(t, top_k_size, num_frames, num_pdfs, checksum, dense) for t in temperatures}
     writers = {t: SoftTargetStore.writer(directory, headers[t]) for t, directory in temperatures.items()}
     logits_header = TeacherLogits.make_header(num_frames, num_pdfs, checksum)
@@ -502,9 +502,9 @@ def run_store(cfg, store: str) -> None:
     members = system_dirs(exp, cfg.distill.teacher)
     inputs = {f"teacher {d.name}": d for d in members} | {"features": layout.fbank(store)}
     values = {"teacher": cfg.distill.teacher, "store": store}
-    features = FeatureStore.load(layout.fbank(store))  # its index: the groups; the frames are read where they are scored
-    num_pdfs = int(np.load(layout.pdf_counts, mmap_mode="r").shape[0])
-    dense = stores_dense(cfg.distill, features.num_frames, num_pdfs)
+    features = FeatureStore.load(layout.fbank(store))  # its index: the frame count and the groups; the frames are read where they are scored
+    num_pdfs = int(np.load(layout.pdf_counts, mmap_mode="r").shape[0])  # the tree's pdfs, known before the teacher is loaded
+    dense = stores_dense(cfg.distill, features.num_frames, num_pdfs)  # decided once: the fingerprint and the stores agree
     todo = {}
     for t in sorted({float(t) for t in cfg.distill.temperatures}):
         stage = plan(f"soft-targets {cfg.distill.teacher} {store} T={t:g}", store_dir(cfg, t, store), cfg,
@@ -522,7 +522,7 @@ def run_store(cfg, store: str) -> None:
     teacher = load_teacher(cfg, device)
     groups = teacher_groups(cfg, features.utt_ids, features.offsets, members)
     write_teacher_outputs(cfg, teacher, device, features.num_frames, groups, {t: stage.out_dir for t, stage in todo.items()},
-                          logits_stage.out_dir if logits_stage else None, store, current_checksum(exp, store))
+                          logits_stage.out_dir if logits_stage else None, store, current_checksum(exp, store), dense)
     for t, stage in todo.items():
         log.info("soft-targets T=%g: %d frames of %s from %d model(s) in %d group(s)", t, features.num_frames, store,
                  len(teacher.members), len(groups))

@@ -216,9 +216,11 @@ def runs(cfg) -> list[tuple[str, float | None, list[Link]]]:
 
 def systems(cfg) -> list[System]:
     """Every model of every chain at every T, top down (a shared model once), each final student's seeds."""
-    out = [link.system(temperature, "assistant") for _, temperature, links in runs(cfg) for link in links[:-1]]
-    out += [link.system(temperature, "student") for _, temperature, links in runs(cfg) for link in seeds_of(cfg, links[-1])]
-    return list(dict.fromkeys(out))
+    assistants, students = [], []
+    for _, temperature, links in runs(cfg):
+        assistants += [link.system(temperature, "assistant") for link in links[:-1]]
+        students += [link.system(temperature, "student") for link in seeds_of(cfg, links[-1])]
+    return list(dict.fromkeys(assistants + students))
 
 
 def train(cfg) -> None:

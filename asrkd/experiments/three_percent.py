@@ -61,18 +61,24 @@ def teachers(cfg) -> list[str]:
     return ["baseline"] + ([cfg.ensemble.name] if has_ensemble else [])
 
 
-def rows_by_fraction(cfg) -> dict[float, dict[str, str]]:
-    """Row name -> DNN system (exp/dnn/<name>[@best]) for each fraction."""
+def rows_by_fraction(cfg) -> dict[float, dict[str, System]]:
+    """Row name -> the row's system (exp/dnn/<name>[@best]: the hard runs are the controls) for each fraction."""
+    temperature = float(cfg.three_percent.temperature)
+
+    def soft(teacher: str, data: str) -> System:
+        return System(student_name(teacher, temperature, "dense", data), "student", teacher=teacher, form="dense",
+                      temperature=temperature, data=data)
+
     out = {}
     for fraction in cfg.three_percent.fractions:
-        data, temperature = subset_name(fraction), float(cfg.three_percent.temperature)
-        rows = {"sub_hard": f"hard_{fraction_tag(fraction)}", "sub_hard_early_stop": f"hard_{fraction_tag(fraction)}@best",
-                "sub_soft": student_name("baseline", temperature, "dense", data)}
+        data, hard = subset_name(fraction), f"hard_{fraction_tag(fraction)}"
+        rows = {"sub_hard": System(hard, "control", data=data), "sub_hard_early_stop": System(f"{hard}@best", "control", data=data),
+                "sub_soft": soft("baseline", data)}
         for teacher in teachers(cfg)[1:]:
-            rows[f"sub_soft_{teacher}"] = student_name(teacher, temperature, "dense", data)
+            rows[f"sub_soft_{teacher}"] = soft(teacher, data)
         if cfg.three_percent.speed_perturbed:
-            rows["sub_hard_sp"] = f"hard_{fraction_tag(fraction)}_sp"
-            rows["sub_soft_sp"] = student_name("baseline", temperature, "dense", f"{data}_sp")
+            rows["sub_hard_sp"] = System(f"{hard}_sp", "control", data=f"{data}_sp")
+            rows["sub_soft_sp"] = soft("baseline", f"{data}_sp")
         out[float(fraction)] = rows
     return out
 
@@ -92,24 +98,14 @@ def train(cfg) -> None:
 def systems(cfg) -> list[System]:
     """Every row's system, which the decode stage decodes: the 100% model (the main recipe's
     baseline), then each fraction's hard runs (controls) and students."""
-    temperature = float(cfg.three_percent.temperature)
-    out = [System("baseline", "baseline")]
-    for fraction, rows in rows_by_fraction(cfg).items():
-        for row, name in rows.items():
-            data = subset_name(fraction) + ("_sp" if row.endswith("_sp") else "")
-            if row.startswith("sub_hard"):
-                out.append(System(name, "control", data=data))
-            else:
-                teacher = row.removeprefix("sub_soft_") if row.startswith("sub_soft_") and row != "sub_soft_sp" else "baseline"
-                out.append(System(name, "student", teacher=teacher, form="dense", temperature=temperature, data=data))
-    return out
+    return [System("baseline", "baseline"), *(system for rows in rows_by_fraction(cfg).values() for system in rows.values())]
 
 
-def plot_curves(exp: Path, rows: dict[str, str], fraction: float, out: Path) -> None:
+def plot_curves(exp: Path, rows: dict[str, System], fraction: float, out: Path) -> None:
     """Train and validation frame accuracy per epoch, hard vs soft targets (the over-fitting curve)."""
     with saved_figure(out, (7, 4.5), "epoch", "frame accuracy (%)", f"{100 * fraction:g}% of the training data: hard vs soft targets") as ax:
         for row, style in (("sub_hard", "tab:red"), ("sub_soft", "tab:blue")):
-            history = read_history(Layout(exp).model(rows[row].split("@")[0]))
+            history = read_history(Layout(exp).model(rows[row].name))
             epochs = [h["epoch"] + 1 for h in history]
             ax.plot(epochs, [100 * h["train_frame_accuracy"] for h in history], color=style, linestyle="--", label=f"{row} train")
             ax.plot(epochs, [100 * h["valid_frame_accuracy"] for h in history], color=style, label=f"{row} valid")
@@ -166,8 +162,8 @@ def report(cfg) -> Report:
         if main is None:
             entries["full_hard"] = entry("baseline", full_train)
         for row, system in rows.items():
-            entries[row] = entry(system, sub_train)
-        key = {row: bootstrap_key([system]) for row, system in rows.items()}
+            entries[row] = entry(system.name, sub_train)
+        key = {row: bootstrap_key([system.name]) for row, system in rows.items()}
         pairs = {"sub_soft − sub_hard": ("sub_soft", "sub_hard")}
         if "sub_soft_sp" in rows:
             pairs |= {"sub_hard_sp − sub_hard": ("sub_hard_sp", "sub_hard"), "sub_soft_sp − sub_hard_sp": ("sub_soft_sp", "sub_hard_sp"),

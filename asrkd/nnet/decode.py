@@ -136,7 +136,7 @@ def decode_stage(cfg, system: str, sets: dict[str, tuple[str, dict[str, str]]], 
     """The decode stage of ``system`` over ``sets`` (its inputs: the model, graph, priors and each set's data and features)."""
     exp, data_dir, layout = Path(cfg.exp_dir), Path(cfg.data_dir), Layout.of(cfg)
     kind = "mfcc" if system == "gmm" else "fbank"
-    stores = {store for store, _ in sets.values()}
+    stores = list(dict.fromkeys(store for store, _ in sets.values()))
     models = {"model": layout.gmm} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(exp, system)}
     inputs = {**models, "graph": layout.graph, "priors": layout.alignment("train"), "train": data_dir / "train",
               **{store: data_dir / store for store in stores}, **{f"{store} features": layout.features(kind, store) for store in stores}}
@@ -144,10 +144,11 @@ def decode_stage(cfg, system: str, sets: dict[str, tuple[str, dict[str, str]]], 
                 {"system": system, **optional_values(cfg, DECODE_OPTIONAL_KEYS)}, writer=writer, extend=extend)
 
 
-def decoded_before(cfg, system: str) -> list[str] | None:
+def decoded_before(cfg, system: str, sets: dict[str, tuple[str, dict[str, str]]]) -> list[str] | None:
     """The eval sets of ``system``'s decode when it is complete and current for the config but for
     eval sets added since (as Kaldi decodes a new set into a directory of its own, nothing else
-    is redone: the LM weight stays the one chosen on the tuning set); else None."""
+    is redone: the LM weight stays the one chosen on the tuning set); else None. ``sets``: the
+    config's scored sets (:func:`scored_sets`), of which the earlier ones are a part."""
     record = read_record(Layout.of(cfg).decode(system))
     if record is None or cfg.get("redo"):
         return None
@@ -155,7 +156,8 @@ def decoded_before(cfg, system: str) -> list[str] | None:
     if not set(before) < set(now) or set(cfg.decode.unseen_sentences) - set(before):
         return None
     earlier = OmegaConf.merge(cfg, {"eval_sets": before})
-    return before if decode_stage(earlier, system, scored_sets(earlier), writer=False).up_to_date else None
+    earlier_sets = {name: sets[name] for name in (tuning_set(cfg), *before)}
+    return before if decode_stage(earlier, system, earlier_sets, writer=False).up_to_date else None
 
 
 def run(cfg) -> None:
@@ -174,7 +176,7 @@ def run(cfg) -> None:
 
     for system in dcfg.systems:
         out_dir = layout.decode(system)
-        before = decoded_before(cfg, system)
+        before = decoded_before(cfg, system, sets)
         stage = decode_stage(cfg, system, sets, extend=before is not None)
         if stage.up_to_date:
             continue
