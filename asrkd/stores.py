@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import kaldiio
 import numpy as np
 
-from asrkd.stage import atomic_write, save_npy, write_json
+from asrkd.stage import atomic_write, new_array, write_json
 
 
 @dataclass
@@ -28,6 +29,7 @@ class FeatureStore:
 
     FRAMES = "frames.npy"
     INDEX = "index.json"
+    CHECKSUM_ROWS = 1 << 16  # rows read at a time where the whole store is scanned
 
     def __post_init__(self) -> None:
         self._row = {utt: i for i, utt in enumerate(self.utt_ids)}
@@ -75,9 +77,25 @@ class FeatureStore:
         return cls(utt_ids, offsets, np.concatenate([np.asarray(store.frames) for store in stores]))
 
     def save(self, directory: Path) -> None:
+        FeatureStore.write(directory, {utt: self[utt] for utt in self.utt_ids})
+
+    @classmethod
+    def write(cls, directory: Path, items: Mapping[str, np.ndarray]) -> None:
+        """Write utterances' frames (one dtype) as a store in ``directory``, in ``items``' order,
+        one utterance in memory at a time: ``items`` may map to views of memory-mapped files."""
         directory = Path(directory)
-        save_npy(directory / self.FRAMES, self.frames)
-        write_json(directory / self.INDEX, {"utt_ids": self.utt_ids, "offsets": self.offsets.tolist(), "checksum": self.checksum()})
+        utt_ids = list(items)
+        offsets = np.zeros(len(utt_ids) + 1, dtype=np.int64)
+        np.cumsum([len(items[utt]) for utt in utt_ids], out=offsets[1:])
+        first = items[utt_ids[0]]
+        with atomic_write(directory / cls.FRAMES) as tmp:
+            frames = new_array(tmp, first.dtype, (int(offsets[-1]), first.shape[1]))
+            for utt, start, end in zip(utt_ids, offsets[:-1], offsets[1:]):
+                frames[start:end] = items[utt]
+            frames.flush()
+            del frames
+        store = cls(utt_ids, offsets, load_array(directory / cls.FRAMES, mmap=True, stage="make-feats"))
+        write_json(directory / cls.INDEX, {"utt_ids": utt_ids, "offsets": offsets.tolist(), "checksum": store.checksum()})
 
     @classmethod
     def load(cls, directory: Path, mmap: bool = True, stage: str = "make-feats") -> "FeatureStore":
@@ -97,12 +115,21 @@ class FeatureStore:
         """The utterance ids of the store in ``directory`` (its index only)."""
         return json.loads((Path(directory) / FeatureStore.INDEX).read_text())["utt_ids"]
 
+    def nonfinite_utterances(self) -> list[str]:
+        """The utterances holding a NaN or infinite frame (read a block at a time)."""
+        bad: set[int] = set()
+        for start in range(0, self.num_frames, self.CHECKSUM_ROWS):
+            rows = np.flatnonzero(~np.isfinite(np.asarray(self.frames[start:start + self.CHECKSUM_ROWS], dtype=np.float32)).all(axis=1))
+            bad.update((np.searchsorted(self.offsets, start + rows, side="right") - 1).tolist())
+        return [self.utt_ids[i] for i in sorted(bad)]
+
     def checksum(self) -> str:
         """A content hash: later stores (alignments, soft targets) record which features they match."""
         digest = hashlib.sha256()
         digest.update("\n".join(self.utt_ids).encode())
         digest.update(self.offsets.tobytes())
-        digest.update(np.ascontiguousarray(self.frames).tobytes())
+        for start in range(0, self.num_frames, self.CHECKSUM_ROWS):  # a memory-mapped store is read a block at a time
+            digest.update(np.ascontiguousarray(self.frames[start:start + self.CHECKSUM_ROWS]).tobytes())
         return digest.hexdigest()[:16]
 
     def write_kaldi(self, ark: Path, scp: Path) -> None:

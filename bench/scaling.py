@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Cost against data size: wall time, CPU time and peak memory of each stage on 1x, 3x and 9x
-AN4's hours, at jobs.nj=1 and 2 (issue 15).
+AN4's hours (and 27x), at jobs.nj=1 and 2 (issues 15 and 30).
 
     python bench/scaling.py [--source-data recipes/an4/data] [--work /tmp/asrkd_scaling]
                             [--scales 1 3 9] [--nj 1 2] [--out results/bench/scaling.json]
@@ -15,8 +15,9 @@ between); the others (GMM training, one DNN epoch, soft targets, the graph) run 
 Decoding is the GMM's: a one-epoch DNN's flat posteriors keep far more hypotheses within the
 beam than a trained model's, so decoding with it would measure an undertrained model's search.
 Peak memory is that of the stage's whole process tree (its job workers included), sampled
-every 0.1 s from /proc. The slope of log(wall) on log(hours) is each stage's growth; the JSON
-also extrapolates every stage to 100 h and 1000 h of training audio along it, the PNG draws
+every 0.1 s from /proc: all resident pages, and the anonymous ones (what the processes hold
+themselves; the rest are pages of the stores they map, which the kernel drops under pressure). The slopes of log(wall) and log(anonymous peak) on log(hours) are each stage's growth; the JSON
+also extrapolates every stage to 100 h and 1000 h of training audio along them, the PNG draws
 wall time against hours on log-log axes and the ``.md`` is the table README quotes
 (``--report-only`` redraws both from the JSON).
 """
@@ -37,7 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-SPEEDS = {1: [], 3: [0.9, 1.1], 9: [0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2]}
+SPEEDS = {1: [], 3: [0.9, 1.1], 9: [0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2],
+          27: [round(0.74 + 0.02 * i, 2) for i in range(27) if i != 13]}  # 0.74 ... 1.26 but 1.0: 26 copies
 # (stage label, asrkd command, overrides, outputs removed before each nj, whether it splits over jobs)
 STAGES = [
     ("make-feats", "make-feats", [], ["exp/feats"], True),
@@ -50,19 +52,22 @@ STAGES = [
 ]
 
 
-def process_tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants (Linux /proc)."""
+def process_tree_memory(root: int) -> tuple[int, int]:
+    """Resident bytes of ``root`` and all its descendants (Linux /proc), and of them the anonymous
+    ones: memory the process holds itself. The rest are pages of files it maps (feature stores,
+    soft targets), which the kernel drops and rereads under pressure: a store larger than memory
+    is read through them, so the anonymous bytes are what must stay flat in the hours."""
     parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
+    memory: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
+            with open(f"/proc/{entry}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            parents[int(entry)] = int(status["PPid"])
+            memory[int(entry)] = (int(status["VmRSS"].split()[0]) * 1024, int(status["RssAnon"].split()[0]) * 1024)
+        except (OSError, KeyError, IndexError, ValueError):
             continue
     tree, frontier = {root}, [root]
     while frontier:
@@ -70,25 +75,27 @@ def process_tree_rss(root: int) -> int:
         children = [p for p, pp in parents.items() if pp == parent and p not in tree]
         tree.update(children)
         frontier += children
-    return sum(rss.get(p, 0) for p in tree)
+    return sum(memory.get(p, (0, 0))[0] for p in tree), sum(memory.get(p, (0, 0))[1] for p in tree)
 
 
 def measure(command: list[str], cwd: Path, log_path: Path) -> dict:
-    """Run ``command`` in ``cwd``: wall seconds, CPU seconds of it and its children, peak tree RSS."""
+    """Run ``command`` in ``cwd``: wall seconds, CPU seconds of it and its children, peak tree RSS and anonymous memory."""
     with open(log_path, "w") as log:
         tic = time.time()
         process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        peak = 0
+        peak_rss = peak_anon = 0
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
-            peak = max(peak, process_tree_rss(process.pid))
+            rss, anon = process_tree_memory(process.pid)
+            peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
             time.sleep(0.1)
         wall = time.time() - tic
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command)} failed in {cwd}; see {log_path}")
-    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_mb": round(peak / 2**20, 1)}
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_mb": round(peak_rss / 2**20, 1),
+            "peak_anon_mb": round(peak_anon / 2**20, 1)}
 
 
 def asrkd(command: str, *overrides: str) -> list[str]:
@@ -125,22 +132,33 @@ def hours(work: Path, name: str) -> float:
     return record["summary"]["frames"] / 100 / 3600
 
 
-def growth(rows: list[dict], stage: str, nj: int) -> dict | None:
-    """Least-squares slope of log(wall) on log(train hours), and the wall time it implies at 100 h and 1000 h."""
-    points = [(r["train_hours"], r["stages"][stage][str(nj)]["wall_s"]) for r in rows if str(nj) in r["stages"].get(stage, {})]
-    if len(points) < 2:
-        return None
-    xs, ys = [math.log(h) for h, _ in points], [math.log(max(w, 1e-3)) for _, w in points]
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of log(y) on log(x)."""
+    xs, ys = [math.log(x) for x, _ in points], [math.log(max(y, 1e-3)) for _, y in points]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    h_last, w_last = points[-1]
-    return {"exponent": round(slope, 2), **{f"wall_h_at_{h}h": round(w_last * (h / h_last) ** slope / 3600, 2) for h in (100, 1000)}}
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def growth(rows: list[dict], stage: str, nj: int) -> dict | None:
+    """Exponents of wall time and of peak anonymous memory in the training hours (slopes on log-log
+    axes), and what they imply at 100 h and 1000 h, extrapolated from the largest scale."""
+    measured = [(r["train_hours"], r["stages"][stage][str(nj)]) for r in rows if str(nj) in r["stages"].get(stage, {})]
+    if len(measured) < 2:
+        return None
+    h_last, last = measured[-1]
+    time_slope = slope([(h, m["wall_s"]) for h, m in measured])
+    out = {"exponent": round(time_slope, 2), **{f"wall_h_at_{h}h": round(last["wall_s"] * (h / h_last) ** time_slope / 3600, 2) for h in (100, 1000)}}
+    if all("peak_anon_mb" in m for _, m in measured):
+        memory_slope = slope([(h, m["peak_anon_mb"]) for h, m in measured])
+        out |= {"memory_exponent": round(memory_slope, 2),
+                **{f"anon_gb_at_{h}h": round(last["peak_anon_mb"] * (h / h_last) ** memory_slope / 1024, 2) for h in (100, 1000)}}
+    return out
 
 
 def plot(result: dict, out: Path) -> None:
     from asrkd.report import saved_figure
 
-    with saved_figure(out, (7.5, 5), "training audio (hours)", "wall time (s)", "asrkd stage cost against data size (AN4 x1, x3, x9)",
+    with saved_figure(out, (7.5, 5), "training audio (hours)", "wall time (s)", "asrkd stage cost against data size (AN4 " + ", ".join(f"x{r['scale']}" for r in result["scales"]) + ")",
                       fontsize=7, loc="upper left") as ax:
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -154,17 +172,23 @@ def plot(result: dict, out: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    """The table README quotes: wall time per stage and scale, peak memory, growth and what it implies."""
+    """The table README quotes: wall time per stage and scale, peak memory (anonymous, and all
+    resident), the growth of each in the hours and what it implies."""
     scales = result["scales"]
     hours = " / ".join(f"{r['train_hours']:.2f}" for r in scales)
-    lines = [f"| stage | nj | wall s at {hours} h of train | peak MB at {scales[-1]['train_hours']:.2f} h | peak GB at 100 h (linear) | growth exponent "
-             "| wall h at 100 h (fitted / linear) | wall h at 1000 h (fitted / linear) |", "|---|---|---|---|---|---|---|---|"]
+    largest = f"{scales[-1]['train_hours']:.2f} h"
+    lines = [f"| stage | nj | wall s at {hours} h of train | anon MB at {hours} h | resident MB at {largest} | memory exponent "
+             "| anon GB at 100 / 1000 h (fitted) | time exponent | wall h at 100 h (fitted / linear) | wall h at 1000 h (fitted / linear) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for stage, by_nj in result["growth"].items():
         for nj, growth in by_nj.items():
-            walls = " / ".join(f"{r['stages'][stage][nj]['wall_s']:.1f}" for r in scales)
-            peak = scales[-1]["stages"][stage][nj]["peak_rss_mb"]
-            per_hour = scales[-1]["stages"][stage][nj]["wall_s"] / scales[-1]["train_hours"] / 3600  # linear from the largest scale
-            lines.append(f"| {stage} | {nj} | {walls} | {peak:.0f} | {peak / 1024 * 100 / scales[-1]['train_hours']:.1f} "
+            measured = [r["stages"][stage][nj] for r in scales]
+            walls = " / ".join(f"{m['wall_s']:.1f}" for m in measured)
+            anon = " / ".join(f"{m['peak_anon_mb']:.0f}" if "peak_anon_mb" in m else "–" for m in measured)
+            per_hour = measured[-1]["wall_s"] / scales[-1]["train_hours"] / 3600  # linear from the largest scale
+            memory = (f"{growth['memory_exponent']:.2f} | {growth['anon_gb_at_100h']:.1f} / {growth['anon_gb_at_1000h']:.1f}"
+                      if "memory_exponent" in growth else "– | –")
+            lines.append(f"| {stage} | {nj} | {walls} | {anon} | {measured[-1]['peak_rss_mb']:.0f} | {memory} "
                          f"| {growth['exponent']:.2f} | {growth['wall_h_at_100h']:.2f} / "
                          f"{100 * per_hour:.2f} | {growth['wall_h_at_1000h']:.2f} / {1000 * per_hour:.2f} |")
     return "\n".join(lines) + "\n"
@@ -215,7 +239,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {cpu_name()}",
         "nj": args.nj, "scales": rows,
         "growth": {label: {str(nj): growth(rows, label, nj) for nj in args.nj if growth(rows, label, nj)} for label, *_ in STAGES},
-        "notes": "wall/cpu seconds and peak RSS (MB, whole process tree) per stage; train-dnn is one epoch, decode scores the "
+        "notes": "wall/cpu seconds, peak RSS and peak anonymous memory (MB, whole process tree) per stage; train-dnn is one epoch, decode scores the "
                  "grown test set and the grown train's validation speakers with the triphone GMM; growth: slope of log wall "
                  "time on log training hours, extrapolated from the largest scale",
     }

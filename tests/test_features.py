@@ -72,7 +72,7 @@ def test_unreadable_audio_is_dropped_with_its_reason(an4: Path, tmp_path: Path) 
         text={"s-good": "A", "s-missing": "A", "s-broken": "A"},
         utt2spk={"s-good": "s", "s-missing": "s", "s-broken": "s"},
     )
-    store, dropped = make_features(data, CFG, "fbank")
+    store, dropped = make_features(data, CFG, "fbank", tmp_path / "fbank")
     assert store.utt_ids == ["s-good"] and store.frames.dtype == np.float16
     assert set(dropped) == {"s-missing", "s-broken"}
     assert "utterance s-missing: unreadable audio" in dropped["s-missing"] and "No such file" in dropped["s-missing"]

@@ -2,7 +2,7 @@ import kaldi_hmm_gmm as khg
 import numpy as np
 from omegaconf import OmegaConf
 
-from asrkd.kaldi.gmm import mix_up, single_gaussian, split_targets
+from asrkd.kaldi.gmm import global_moments, mix_up, single_gaussian, split_targets
 
 
 def test_split_targets_follow_occupancy_within_min_count() -> None:
@@ -32,3 +32,11 @@ def test_mix_up_is_seeded_and_keeps_the_distribution() -> None:
         assert abs(a.weights.sum() - 1.0) < 1e-6
         data_mean = np.random.default_rng(0).normal(size=(500, 3)).mean(0)
         np.testing.assert_allclose((a.weights[:, None] * a.means).sum(0), data_mean, atol=1e-5)  # +/- noise cancels
+
+
+def test_global_moments_read_in_blocks_equal_one_sum_over_the_array() -> None:
+    # bit for bit: the GMM's flat start must not change when the store is read a block at a time
+    frames = (np.random.default_rng(0).normal(size=(1000, 5)) * [1e6, 1, 1e-3, 10, 1e4]).astype(np.float32)
+    whole = frames.astype(np.float64)
+    count, total, sumsq = global_moments(frames, block_rows=7)
+    assert count == 1000 and np.array_equal(total, whole.sum(0)) and np.array_equal(sumsq, (whole**2).sum(0))

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,17 @@ def test_splicing_repeats_edge_frames_and_never_crosses_utterances() -> None:
         [7, 8, 9, 9],
     ]
     assert spliced.frame_indices(["b"]).tolist() == list(range(4, 10))
+
+
+def test_a_memory_mapped_store_gives_the_windows_and_rows_of_a_resident_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    FeatureStore.from_arrays({f"u{i}": rng.normal(size=(int(n), 3)) for i, n in enumerate(rng.integers(1, 30, 20))}, "float16").save(tmp_path)
+    mapped = SplicedFrames(FeatureStore.load(tmp_path), left=4, right=2)
+    resident = SplicedFrames(FeatureStore.load(tmp_path, mmap=False), left=4, right=2)
+    assert isinstance(mapped.frames, np.memmap) and isinstance(resident.frames, torch.Tensor)
+    indices = torch.from_numpy(rng.permutation(mapped.store.num_frames))
+    assert torch.equal(mapped.context(indices), resident.context(indices))
+    assert np.array_equal(mapped.rows(indices.numpy()[:50]), resident.rows(indices.numpy()[:50]))
 
 
 def test_paper_sized_input_and_output() -> None:

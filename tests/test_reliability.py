@@ -305,7 +305,7 @@ def test_non_finite_features_are_dropped_or_refused(run_dir: Path, tmp_path: Pat
         return out
 
     monkeypatch.setattr(features, "compute_fbank", fbank)
-    store, dropped = features.make_features(test, tiny_config(root).features, "fbank")
+    store, dropped = features.make_features(test, tiny_config(root).features, "fbank", tmp_path / "fbank")
     assert bad not in store and "NaN or infinite fbank features" in dropped[bad]
     path = root / "exp" / "feats" / "fbank" / "test"
     frames = np.load(path / "frames.npy")
@@ -415,7 +415,7 @@ def test_a_channel_and_resampling_are_options(defect_run: dict, tmp_path: Path) 
     root, defects = defect_run["root"], defect_run["defects"]
     data = DataDir.read(root / "data" / "train")
     cfg = tiny_config(root, "features.channel=0", "features.resample=true").features
-    store, dropped = features.make_features(data.subset([defects["stereo"], defects["8 kHz"]]), cfg, "fbank")
+    store, dropped = features.make_features(data.subset([defects["stereo"], defects["8 kHz"]]), cfg, "fbank", tmp_path / "fbank")
     assert not dropped and set(store.utt_ids) == {defects["stereo"], defects["8 kHz"]}
     duration = sf.info(data.wav_scp[defects["8 kHz"]]).duration
     assert abs(len(store[defects["8 kHz"]]) - round(100 * duration)) <= 3  # 10 ms frames of the resampled audio

@@ -82,3 +82,9 @@ def test_a_store_too_large_for_the_dense_form_keeps_the_top_k_form_alone(tmp_pat
                                       full.rows(form, compact=compact).batch(torch.arange(50)).numpy())
     with pytest.raises(ValueError, match="holds the top-k form alone.*distill.store_dense.*distill.on_the_fly=true"):
         alone.rows("dense")
+    # the report's label diagnostics read either store: the same argmax; the mass low by at most the residual
+    frames, labels = np.arange(50), rng.integers(0, 40, 50)
+    labels[:25] = probs[:25].argmax(1)
+    (agree_full, mass_full), (agree_alone, mass_alone) = (store.label_agreement(frames, labels) for store in (full, alone))
+    assert agree_full == agree_alone >= 25
+    assert mass_full - float(np.asarray(alone.residual, dtype=np.float32).sum()) - 1e-2 <= mass_alone <= mass_full + 1e-2

@@ -37,7 +37,7 @@ from asrkd.data import DataDir
 from asrkd.jobs import map_jobs, num_jobs, split
 from asrkd.layout import Layout
 from asrkd.kaldi.decode import log_priors
-from asrkd.nnet.model import EnsembleDNN, SplicedFrames, average_softmax, average_zero_mean_logits
+from asrkd.nnet.model import EnsembleDNN, SplicedFrames, average_softmax, average_zero_mean_logits, gather, resident
 from asrkd.nnet.train import TrainingSet, load_system, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.stage import new_array, plan, progress, read_record, write_json
@@ -181,6 +181,19 @@ class SoftTargetStore:
         check_shape(directory / "topk_ids.npy", arrays["topk_ids"], (header["num_frames"], header["k"]))
         return cls(header, **arrays)
 
+    def label_agreement(self, frames: np.ndarray, pdf_ids: np.ndarray) -> tuple[int, float]:
+        """Over ``frames`` (labels ``pdf_ids``): how many have the label as their most likely pdf, and
+        the probability mass on the label summed. From the dense form when the store holds it, else
+        from the top-k form (the argmax is always in it; a label outside the top k counts 0 mass,
+        so the sum is low by at most the frames' residual)."""
+        if self.dense is not None:
+            probs = np.asarray(self.dense[frames], dtype=np.float32)
+            return int((probs.argmax(1) == pdf_ids).sum()), float(probs[np.arange(len(frames)), pdf_ids].sum())
+        ids, probs = np.asarray(self.topk_ids[frames]), np.asarray(self.topk_probs[frames], dtype=np.float32)
+        kept_mass = 1.0 - np.asarray(self.residual[frames], dtype=np.float32)
+        agree = int((ids[np.arange(len(frames)), probs.argmax(1)] == pdf_ids).sum())
+        return agree, float(((ids == pdf_ids[:, None]) * probs).sum(1).dot(kept_mass))
+
     def rows(self, form: str, device: torch.device | str = "cpu", compact: dict | None = None,
              pdf_priors: np.ndarray | None = None) -> "TargetRows":
         """The ``form`` of every frame as tensors on ``device`` (read once; a batch is then one
@@ -241,8 +254,8 @@ class TargetRows:
                  pdf_priors=None):
         self.form, self.num_pdfs, self.device = form, num_pdfs, torch.device(device)
         self.pdf_priors = None if pdf_priors is None else torch.as_tensor(pdf_priors, dtype=torch.float32, device=self.device)
-        as_tensor = lambda a: None if a is None else torch.from_numpy(np.array(a)).to(self.device)  # noqa: E731  (read into memory)
-        self.dense, self.ids, self.probs, self.residual = as_tensor(dense), as_tensor(ids), as_tensor(probs), as_tensor(residual)
+        as_rows = lambda a: None if a is None else resident(a, self.device)  # noqa: E731  (mapped on the CPU, else read onto the device)
+        self.dense, self.ids, self.probs, self.residual = as_rows(dense), as_rows(ids), as_rows(probs), as_rows(residual)
         self.k = None if ids is None else int(ids.shape[1])
         self.num_frames = len(dense if dense is not None else ids)
 
@@ -266,8 +279,8 @@ class TargetRows:
         if self.form in COMPACT_FORMS:
             return compact_bytes(self.k)
         if self.dense is not None:
-            return self.dense.element_size() * self.num_pdfs
-        return self.k * (self.ids.element_size() + self.probs.element_size())
+            return self.dense.dtype.itemsize * self.num_pdfs
+        return self.k * (self.ids.dtype.itemsize + self.probs.dtype.itemsize)
 
     def mean_residual(self) -> float:
         """Mean probability mass outside the rows the form keeps (0 for dense)."""
@@ -278,17 +291,17 @@ class TargetRows:
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, pdfs) float32 rows of frames ``indices`` (a tensor on this device)."""
         if self.dense is not None:
-            return self.dense[indices].float()
-        ids = self.ids[indices].long()
+            return gather(self.dense, indices).float()
+        ids = gather(self.ids, indices).long()
         if self.form == "compact":
-            spread = self.residual[indices].float() / (self.num_pdfs - self.k)
+            spread = gather(self.residual, indices).float() / (self.num_pdfs - self.k)
             out = spread[:, None].expand(len(indices), self.num_pdfs).clone()
         elif self.form == "compact_prior":
             out = self.pdf_priors[None].expand(len(indices), self.num_pdfs).clone().scatter_(1, ids, 0.0)
-            out *= self.residual[indices].float()[:, None] / out.sum(1, keepdim=True).clamp(min=1e-12)
+            out *= gather(self.residual, indices).float()[:, None] / out.sum(1, keepdim=True).clamp(min=1e-12)
         else:
             out = torch.zeros(len(indices), self.num_pdfs, device=self.device)
-        return out.scatter_(1, ids, self.probs[indices].float())
+        return out.scatter_(1, ids, gather(self.probs, indices).float())
 
 
 class TeacherLogits:
@@ -365,7 +378,7 @@ def fill_batches(teacher: EnsembleDNN, frames: SplicedFrames, batches: FrameGrou
     into their rows: the average softmax(z/T) per T, and the average zero-mean logits."""
 
     teacher.eval()
-    device = frames.frames.device
+    device = frames.device
     for indices, members in progress(batches, "soft targets", unit="batches"):
         member_logits = teacher.member_logits(frames.context(torch.from_numpy(indices).to(device)), members)
         for t, writer in writers.items():
@@ -382,7 +395,7 @@ def load_teacher(cfg, device: torch.device) -> EnsembleDNN:
 
 def spliced_store(cfg, teacher: EnsembleDNN, store: str, device: torch.device) -> SplicedFrames:
     """The fbank frames of ``store`` in memory on ``device``, with the teacher's context windows."""
-    features = FeatureStore.load(Layout.of(cfg).fbank(store), mmap=False)
+    features = FeatureStore.load(Layout.of(cfg).fbank(store))
     return SplicedFrames(features, teacher.config["left_context"], teacher.config["right_context"], device)
 
 

@@ -111,7 +111,7 @@ class TeacherOnTheFly:
     def __init__(self, members: list, frames, group_of: torch.Tensor | None = None, weights: torch.Tensor | None = None):
         """``members``: the teacher's models; ``group_of`` (frames,) and ``weights`` (groups, members):
         which members average for each frame (default: all, equally)."""
-        device = frames.frames.device
+        device = frames.device
         self.net = (StackedDNN(members) if len(members) > 1 else members[0]).eval().requires_grad_(False)
         self.frames = frames
         self.group_of = torch.zeros(frames.store.num_frames, dtype=torch.long, device=device) if group_of is None else group_of

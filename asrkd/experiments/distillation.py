@@ -130,7 +130,7 @@ def soft_target_diagnostics(cfg, teacher: str, store: str, temperature: float, g
     that memorized its training frames agrees with the labels there far more than on voices it
     never heard: its soft targets there are nearly the hard labels again."""
     layout = Layout.of(cfg)
-    dense = np.load(layout.soft_targets(teacher, store) / f"T{temperature:g}" / "dense.npy", mmap_mode="r")
+    targets = SoftTargetStore.load(layout.soft_targets(teacher, store) / f"T{temperature:g}", current_checksum(layout.exp, store))
     pdf_ids = np.load(layout.alignment(store) / "pdf_ids.npy")
     features = FeatureStore.load(layout.fbank(store))
     out = {}
@@ -140,9 +140,8 @@ def soft_target_diagnostics(cfg, teacher: str, store: str, temperature: float, g
         agree, mass = 0, 0.0
         for start in range(0, len(frames), 65536):
             chunk = frames[start : start + 65536]
-            probs = np.asarray(dense[chunk], dtype=np.float32)
-            agree += int((probs.argmax(1) == pdf_ids[chunk]).sum())
-            mass += float(probs[np.arange(len(chunk)), pdf_ids[chunk]].sum())
+            chunk_agree, chunk_mass = targets.label_agreement(chunk, pdf_ids[chunk])
+            agree, mass = agree + chunk_agree, mass + chunk_mass
         out[group] = {"frames": int(len(frames)), "argmax_is_label": agree / len(frames), "mass_on_label": mass / len(frames)}
     return out
 

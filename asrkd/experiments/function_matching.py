@@ -199,7 +199,7 @@ def complete(exp: Path, cfg, run_list: list[Run]) -> list[str]:
 @torch.no_grad()
 def log_posteriors(exp: Path, system: str, frames, indices: np.ndarray, batch_size: int) -> list[torch.Tensor]:
     """A system's log-softmax on ``indices``' frames, batch by batch."""
-    device = frames.frames.device
+    device = frames.device
     model = load_system(exp, system, device).eval()
     return [torch.log_softmax(model(frames.context(torch.from_numpy(indices[start : start + batch_size]).to(device))).float(), -1)
             for start in range(0, len(indices), batch_size)]

@@ -17,6 +17,7 @@ import io
 import logging
 import struct
 import subprocess
+import tempfile
 from functools import partial
 from math import gcd
 from pathlib import Path
@@ -162,52 +163,92 @@ def apply_speaker_cmvn(items: dict[str, np.ndarray], utt2spk: dict[str, str], no
             items[u] = ((items[u] - mean) / std).astype(np.float32)
 
 
-def compute_part(job: tuple[dict, dict, str, list[str]]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """One job of make_features: (wav.scp entries, features config, kind, utterances) -> the
-    utterances' raw features (before CMVN, which needs whole speakers) and those dropped."""
-    wav_scp, cfg, kind, utts = job
+def speaker_parts(data: DataDir, nj: int) -> list[list[str]]:
+    """The utterances in at most ``nj`` parts of whole speakers (as Kaldi's split_data.sh splits
+    by speaker): CMVN needs a speaker's utterances together, so a job normalizes its own."""
+    by_speaker: dict[str, list[str]] = {}
+    for utt in data.utt_ids:
+        by_speaker.setdefault(data.utt2spk[utt], []).append(utt)
+    return [[u for speaker in part for u in by_speaker[speaker]] for part in split(list(by_speaker), nj)]
+
+
+def compute_part(job: tuple[dict, dict, dict, str, list[str], str]) -> tuple[list[tuple[str, int]], int, dict[str, str]]:
+    """One job of make_features: (wav.scp entries, utt2spk, features config, kind, utterances of
+    whole speakers, frames file) -> the utterances written with their frame counts, in the order
+    written, the features' dimension, and the utterances dropped.
+
+    Features are computed a speaker at a time, normalized (CMVN) and appended to the job's frames
+    file in the store's dtype, so a job holds one speaker's frames, never its whole split."""
+    wav_scp, utt2spk, cfg, kind, utts, frames_path = job
     cfg = OmegaConf.create(cfg)
     compute = {"fbank": compute_fbank, "mfcc": compute_mfcc_deltas}[kind]
-    items: dict[str, np.ndarray] = {}
+    dtype = np.dtype(cfg.storage_dtype[kind])
+    by_speaker: dict[str, list[str]] = {}
+    for utt in utts:
+        by_speaker.setdefault(utt2spk[utt], []).append(utt)
+    written: list[tuple[str, int]] = []
     dropped: dict[str, str] = {}
-    for utt in progress(utts, f"{kind} features", unit="utterances"):
-        try:
-            samples = read_waveform(wav_scp[utt], utt, cfg.sample_rate, cfg.channel, cfg.resample)
-            feats = compute(samples, cfg)
-        except AudioError as err:
-            dropped[utt] = str(err)
-            log.warning("%s", err)
-            continue
-        if len(feats) < 1:
-            dropped[utt] = f"utterance {utt}: audio shorter than one frame"
-            continue
-        if not np.isfinite(feats).all():
-            dropped[utt] = f"utterance {utt}: NaN or infinite {kind} features (audio {wav_scp[utt]})"
-            continue
-        items[utt] = feats
-    return items, dropped
+    dim = 0
+    with open(frames_path, "wb") as out:
+        for speaker_utts in progress(list(by_speaker.values()), f"{kind} features", unit="speakers"):
+            items: dict[str, np.ndarray] = {}
+            for utt in speaker_utts:
+                try:
+                    samples = read_waveform(wav_scp[utt], utt, cfg.sample_rate, cfg.channel, cfg.resample)
+                    feats = compute(samples, cfg)
+                except AudioError as err:
+                    dropped[utt] = str(err)
+                    log.warning("%s", err)
+                    continue
+                if len(feats) < 1:
+                    dropped[utt] = f"utterance {utt}: audio shorter than one frame"
+                    continue
+                if not np.isfinite(feats).all():
+                    dropped[utt] = f"utterance {utt}: NaN or infinite {kind} features (audio {wav_scp[utt]})"
+                    continue
+                items[utt] = feats
+            apply_speaker_cmvn(items, utt2spk, norm_vars=bool(cfg.cmvn_norm_vars[kind]))
+            for utt, feats in items.items():
+                out.write(np.ascontiguousarray(feats, dtype=dtype).tobytes())
+                written.append((utt, len(feats)))
+                dim = feats.shape[1]
+    return written, dim, dropped
 
 
-def make_features(data: DataDir, cfg, kind: str, run_jobs=None, nj: int = 1) -> tuple[FeatureStore, dict[str, str]]:
-    """Compute ``kind`` ('fbank' or 'mfcc') for every utterance with readable audio, in ``nj``
-    jobs (``run_jobs``: :func:`asrkd.jobs.map_jobs` bound to a stage) merged in utterance order.
+def make_features(data: DataDir, cfg, kind: str, out_dir: Path, run_jobs=None, nj: int = 1) -> tuple[FeatureStore, dict[str, str]]:
+    """Compute ``kind`` ('fbank' or 'mfcc') for every utterance with readable audio into the
+    store in ``out_dir``, in ``nj`` jobs of whole speakers (``run_jobs``: :func:`asrkd.jobs.map_jobs`
+    bound to a stage), each writing its frames to a file of its own, merged in utterance order.
 
-    Returns the store and the utterances that were dropped with the reason for each; the
-    caller decides whether the loss is acceptable.
+    Memory is one speaker's frames in a job and one utterance's in the merge, whatever the
+    corpus's hours. Returns the store (memory-mapped) and the utterances that were dropped with
+    the reason for each; the caller decides whether the loss is acceptable.
     """
     settings = OmegaConf.to_container(cfg, resolve=True)
-    jobs = [({u: data.wav_scp[u] for u in part}, settings, kind, part) for part in split(data.utt_ids, nj)]
-    results = run_jobs(compute_part, jobs) if run_jobs else [compute_part(job) for job in jobs]
-    items: dict[str, np.ndarray] = {}
-    dropped: dict[str, str] = {}
-    for part_items, part_dropped in results:
-        items |= part_items
-        dropped |= part_dropped
-    if not items:
-        raise AudioError(f"no utterance produced {kind} features ({len(dropped)} dropped, e.g. {next(iter(dropped.values()), '')})")
-    apply_speaker_cmvn(items, data.utt2spk, norm_vars=bool(cfg.cmvn_norm_vars[kind]))
-    dtype = cfg.storage_dtype[kind]
-    return FeatureStore.from_arrays(items, dtype), dropped
+    dtype = np.dtype(cfg.storage_dtype[kind])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{kind}-jobs-", dir=out_dir) as work:
+        parts = speaker_parts(data, nj)
+        job_files = [str(Path(work) / f"frames.{j + 1}") for j in range(len(parts))]
+        jobs = [({u: data.wav_scp[u] for u in part}, {u: data.utt2spk[u] for u in part}, settings, kind, part, path)
+                for part, path in zip(parts, job_files)]
+        results = run_jobs(compute_part, jobs) if run_jobs else [compute_part(job) for job in jobs]
+        dropped: dict[str, str] = {}
+        located: dict[str, tuple[int, int, int]] = {}  # utterance -> (job, first row in its file, frames)
+        job_frames: list[np.ndarray | None] = []
+        for j, ((written, dim, part_dropped), path) in enumerate(zip(results, job_files)):
+            dropped |= part_dropped
+            job_frames.append(np.memmap(path, dtype=dtype, mode="r").reshape(-1, dim) if written else None)
+            row = 0
+            for utt, length in written:
+                located[utt] = (j, row, length)
+                row += length
+        if not located:
+            raise AudioError(f"no utterance produced {kind} features ({len(dropped)} dropped, e.g. {next(iter(dropped.values()), '')})")
+        FeatureStore.write(out_dir, {utt: job_frames[located[utt][0]][located[utt][1]:sum(located[utt][1:])] for utt in sorted(located)})
+        del job_frames
+    return FeatureStore.load(out_dir), dropped
 
 
 # the config keys that decide a feature store (features.sets only says which stores to make)
@@ -228,9 +269,8 @@ def run(cfg) -> None:
             if stage.up_to_date:
                 continue
             nj = num_jobs(cfg)
-            store, dropped = make_features(data, cfg.features, kind, partial(map_jobs, cfg, stage=f"make-feats {kind} {name}"), nj)
+            store, dropped = make_features(data, cfg.features, kind, out_dir, partial(map_jobs, cfg, stage=f"make-feats {kind} {name}"), nj)
             account_dropped(f"make-feats {kind} {name}", len(data.utt2spk), dropped, cfg.prep.max_drop_fraction, out_dir / "dropped.json")
-            store.save(out_dir)
             if cfg.features.write_kaldi_ark:
                 store.write_kaldi(out_dir / "feats.ark", out_dir / "feats.scp")
             log.info("make-feats %s %s: %d utterances, %d frames x %d", kind, name, len(store.utt_ids), store.num_frames, store.dim)

@@ -23,7 +23,8 @@ import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import kaldi_hmm_gmm as khg
 import kaldifst
@@ -85,6 +86,21 @@ def single_gaussian(count: float, total: np.ndarray, sumsq: np.ndarray, var_floo
     return gmm
 
 
+def global_moments(frames: np.ndarray, block_rows: int = 1 << 16) -> tuple[int, np.ndarray, np.ndarray]:
+    """Frame count, sum and sum of squares (float64) of ``frames``, a block of rows at a time: a
+    memory-mapped store is never read whole. Rows are added in order, each block's first row to the
+    running sums, so the sums are bit for bit those of one ``sum(0)`` over the whole array (numpy
+    adds an axis-0 reduction row by row)."""
+    total = sumsq = np.zeros(frames.shape[1])
+    for start in range(0, len(frames), block_rows):
+        block = np.asarray(frames[start:start + block_rows], dtype=np.float64)
+        if start == 0:
+            total, sumsq = block.sum(0), (block**2).sum(0)
+        else:
+            total, sumsq = np.vstack([total, block]).sum(0), np.vstack([sumsq, block**2]).sum(0)
+    return len(frames), total, sumsq
+
+
 def make_model(tree: khg.ContextDependency, topo: khg.HmmTopology, gaussians: list[khg.DiagGmm]) -> GmmModel:
     am = khg.AmDiagGmm()
     for gmm in gaussians:
@@ -92,25 +108,29 @@ def make_model(tree: khg.ContextDependency, topo: khg.HmmTopology, gaussians: li
     return GmmModel(tree, khg.TransitionModel(ctx_dep=tree, hmm_topo=topo), am)
 
 
-def compile_graphs(lang: Lang, model: GmmModel, text: dict[str, str], utts: list[str]) -> tuple[dict, dict[str, str]]:
-    """Training graphs (HCLG of each transcript, with self-loops, no transition probs)."""
+def compile_graphs(lang: Lang, model: GmmModel, text: dict[str, str], utts: list[str]) -> Iterator[tuple[str, Any, str | None]]:
+    """compile-train-graphs: the training graph (HCLG of its transcript, with self-loops, no
+    transition probs) of each utterance in turn, as ``(utt, graph, None)``, or ``(utt, None,
+    reason)`` when a word has no pronunciation. A graph is compiled when its utterance is aligned
+    and dropped after it, so no pass holds the corpus's graphs (recompiling them costs AN4 0.8 s a pass)."""
     compiler = khg.TrainingGraphCompiler(
         trans_model=model.trans_model, ctx_dep=model.tree, lex_fst=lang.lexicon_fst(),
         disambig_syms=lang.disambig_ids, opts=khg.TrainingGraphCompilerOptions(),
     )
-    graphs, dropped = {}, {}
     for utt in utts:
         try:
-            graphs[utt] = compiler.compile_graph_from_text(lang.word_ids(text[utt], utt))
+            yield utt, compiler.compile_graph_from_text(lang.word_ids(text[utt], utt)), None
         except KeyError as err:
-            dropped[utt] = f"{err.args[0]} (no pronunciation)"
-    return graphs, dropped
+            yield utt, None, f"{err.args[0]} (no pronunciation)"
 
 
-def equal_align(graphs: dict, feats: FeatureStore) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def equal_align(graphs: Iterable[tuple[str, Any, str | None]], feats: FeatureStore) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """align-equal-compiled: the first monophone alignment spreads each path evenly over the frames."""
     alignments, dropped = {}, {}
-    for utt, graph in graphs.items():
+    for utt, graph, reason in graphs:
+        if graph is None:
+            dropped[utt] = reason
+            continue
         ok, path = kaldifst.equal_align(ifst=graph, length=len(feats[utt]), rand_seed=3, num_retries=10)
         if ok:
             ok, tids, _, _ = kaldifst.get_linear_symbol_sequence(path)
@@ -121,28 +141,34 @@ def equal_align(graphs: dict, feats: FeatureStore) -> tuple[dict[str, np.ndarray
     return alignments, dropped
 
 
-def align(model: GmmModel, graphs: dict, feats: FeatureStore, cfg) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """gmm-align-compiled: Viterbi alignment with beam, retried with retry_beam on failure."""
+def align(model: GmmModel, graphs: Iterable[tuple[str, Any, str | None]], feats: FeatureStore, cfg, total: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """gmm-align-compiled: Viterbi alignment with beam, retried with retry_beam on failure, of the
+    ``total`` utterances ``graphs`` yields (:func:`compile_graphs`; those without a graph are dropped with its reason)."""
     config = khg.AlignConfig()
     config.beam, config.retry_beam, config.careful = float(cfg.beam), float(cfg.retry_beam), False
     alignments, dropped = {}, {}
-    for utt, graph in progress(list(graphs.items()), "align", unit="utterances"):
-        fst = graph.copy()
+    failed = 0
+    for utt, graph, reason in progress(graphs, "align", total=total, unit="utterances"):
+        if graph is None:
+            dropped[utt] = reason
+            continue
         khg.add_transition_probs(
-            trans_model=model.trans_model, transition_scale=cfg.transition_scale, self_loop_scale=cfg.self_loop_scale, fst=fst
+            trans_model=model.trans_model, transition_scale=cfg.transition_scale, self_loop_scale=cfg.self_loop_scale, fst=graph
         )
         x = np.ascontiguousarray(feats[utt], dtype=np.float32)
         decodable = khg.DecodableAmDiagGmmScaled(am=model.am, tm=model.trans_model, feats=x, scale=cfg.acoustic_scale)
         _, num_error, _, _, _, tids, _ = khg.align_utterance_wrapper(
-            config=config, utt=utt, acoustic_scale=cfg.acoustic_scale, fst=fst, decodable=decodable,
+            config=config, utt=utt, acoustic_scale=cfg.acoustic_scale, fst=graph, decodable=decodable,
             num_done=0, num_error=0, num_retried=0, tot_like=0.0, frame_count=0,
         )
         if num_error or len(tids) != len(x):
             dropped[utt] = f"utterance {utt}: alignment failed even with retry_beam={cfg.retry_beam}"
+            failed += 1
             continue
         alignments[utt] = np.asarray(tids, dtype=np.int64)
-    if dropped:  # training goes on without them this pass; the final alignment accounts for them
-        log.warning("align: %d of %d utterances failed (e.g. %s)", len(dropped), len(graphs), next(iter(dropped)))
+    if failed:  # training goes on without them this pass; the final alignment accounts for them
+        log.warning("align: %d of %d utterances failed (e.g. %s)", failed, total,
+                    next(u for u, r in dropped.items() if "alignment failed" in r))
     return alignments, dropped
 
 
@@ -154,16 +180,15 @@ def align_part(job: tuple) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     of the corpus goes through a pipe."""
     model, graph_model, lang_dir, text, feats, align_cfg, utts = job
     store = feats if isinstance(feats, FeatureStore) else FeatureStore.load(Path(feats))
-    graphs, dropped = compile_graphs(Lang.load(Path(lang_dir)), graph_model, text, utts)  # FSTs do not pickle: each job compiles its own
-    alignments, failed = align(model, graphs, store, OmegaConf.create(align_cfg))
-    return alignments, dropped | failed
+    graphs = compile_graphs(Lang.load(Path(lang_dir)), graph_model, text, utts)  # FSTs do not pickle: each job compiles its own
+    return align(model, graphs, store, OmegaConf.create(align_cfg), len(utts))
 
 
 class Aligner:
     """gmm-align-compiled over ``jobs.nj`` jobs (Kaldi's split data): the utterances split into
     parts, each job compiling its part's training graphs and aligning them, the results merged
     in utterance order: the same alignments as one job (tested). The align stage uses it on the
-    saved model, GMM training for its realignments when ``jobs.nj`` > 1.
+    saved model, GMM training for its realignments.
 
     The graphs hold the transition probabilities of the model they are compiled with; as
     Kaldi's train_mono.sh compiles them once, before training, ``graph_model`` (default: the
@@ -187,15 +212,10 @@ class Aligner:
         return alignments, dropped
 
 
-def realigner(cfg, lang: Lang, model: GmmModel, text: dict[str, str], utts: list[str], feats: FeatureStore, feats_dir: Path,
-              stage: str, graphs: dict | None = None) -> Callable[[GmmModel], dict]:
+def realigner(cfg, model: GmmModel, text: dict[str, str], utts: list[str], feats_dir: Path, stage: str) -> Callable[[GmmModel], dict]:
     """The realignment step of GMM training for ``model`` (as it is now, before training: its
-    graphs are compiled with it): with one job, in this process on graphs compiled once (or on
-    ``graphs``, when the caller has compiled them with it already); with ``jobs.nj`` > 1, an
-    :class:`Aligner` over the same utterances and the same graphs."""
-    if num_jobs(cfg) <= 1:
-        graphs = {u: graphs[u] for u in utts} if graphs is not None else compile_graphs(lang, model, text, utts)[0]
-        return lambda current: align(current, graphs, feats, cfg.gmm.align)[0]
+    graphs are compiled with it): an :class:`Aligner` over ``utts`` in ``jobs.nj`` jobs (one job
+    runs in this process), every pass on the graphs of that moment."""
     aligner = Aligner(cfg, text, feats_dir, stage, graph_model=copy.deepcopy(model))
     return lambda current: aligner(current, utts)[0]
 
@@ -379,24 +399,22 @@ def train(cfg) -> dict:
     topo = read_topology(lang)
     data = DataDir.read(layout.data_dir("train"))
     mfcc_dir = layout.mfcc("train")
-    feats = FeatureStore.load(mfcc_dir, mmap=False)
+    feats = FeatureStore.load(mfcc_dir)  # memory-mapped: every pass reads an utterance at a time
     utts = [u for u in data.utt_ids if u in feats]
     max_drop = cfg.prep.max_drop_fraction
 
     tic = time.time()
     rng = np.random.default_rng(cfg.seed)  # the Gaussian splits' perturbation: runs are reproducible
-    frames = np.asarray(feats.frames, dtype=np.float64)
+    count, total, sumsq = global_moments(feats.frames)
     mono_tree = khg.monophone_context_dependency_shared(
         phone_classes=lang.phone_sets, phone2num_pdf_classes=topo.get_phone_to_num_pdf_classes()
     )
-    global_gauss = single_gaussian(len(frames), frames.sum(0), (frames**2).sum(0), cfg.gmm.tree.var_floor)
+    global_gauss = single_gaussian(count, total, sumsq, cfg.gmm.tree.var_floor)
     mono = make_model(mono_tree, topo, [global_gauss] * mono_tree.num_pdfs)
-    graphs, dropped = compile_graphs(lang, mono, data.text, utts)
-    alignments, short = equal_align(graphs, feats)
-    dropped.update(short)
+    alignments, dropped = equal_align(compile_graphs(lang, mono, data.text, utts), feats)
     account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, layout.mono / "dropped.json")
-    utts = [u for u in graphs if u in alignments]
-    realign = realigner(cfg, lang, mono, data.text, utts, feats, mfcc_dir, "train-gmm mono realign", graphs)
+    utts = [u for u in utts if u in alignments]
+    realign = realigner(cfg, mono, data.text, utts, mfcc_dir, "train-gmm mono realign")
     _, mono_history = train_em(mono, realign, feats, alignments, cfg.gmm.mono, cfg, "mono", rng)
     alignments = realign(mono)  # the final model's alignment feeds the tree
     mono.save(layout.mono)
@@ -404,7 +422,7 @@ def train(cfg) -> dict:
 
     tic = time.time()
     tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree)
-    realign = realigner(cfg, lang, tri, data.text, utts, feats, mfcc_dir, "train-gmm tri realign")
+    realign = realigner(cfg, tri, data.text, utts, mfcc_dir, "train-gmm tri realign")
     _, tri_history = train_em(tri, realign, feats, realign(tri), cfg.gmm.tri, cfg, "tri", rng)
     tri.save(layout.gmm)
     tri_time = time.time() - tic
@@ -430,7 +448,7 @@ def run_align(cfg) -> None:
         if tri is None:
             tri = GmmModel.load(layout.gmm)
         set_data = DataDir.read(layout.data_dir(name))
-        set_feats = FeatureStore.load(mfcc, mmap=False)
+        set_feats = FeatureStore.load(mfcc)
         set_utts = [u for u in set_data.utt_ids if u in set_feats]
         set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}")(tri, set_utts)
         scored_only = scoring_only(cfg, name)

@@ -49,7 +49,7 @@ def parameters(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def scoring_ms_per_1000_frames(model: torch.nn.Module, frames: SplicedFrames, batch_size: int, passes: int = 3) -> float:
     """Milliseconds to score 1000 frames (log-posteriors), the fastest of ``passes`` passes."""
-    device = frames.frames.device
+    device = frames.device
     indices = torch.arange(min(COST_FRAMES, frames.store.num_frames), device=device)
     model.eval()
     best = float("inf")
@@ -76,7 +76,7 @@ def system_cost(cfg, system: str) -> dict:
     torch.set_num_threads(int(cfg.train.num_threads))
     device = pick_device(cfg.train.device)
     model = load_system(exp, system, device)
-    frames = SplicedFrames(FeatureStore.load(layout.fbank(test), mmap=False), model.config["left_context"],
+    frames = SplicedFrames(FeatureStore.load(layout.fbank(test)), model.config["left_context"],
                            model.config["right_context"], device)
     cost = {"system": system, "parameters": parameters(model), "models": len(model.members) if isinstance(model, EnsembleDNN) else 1,
             "ms_per_1000_frames": round(scoring_ms_per_1000_frames(model, frames, int(cfg.eval.batch_size)), 3),

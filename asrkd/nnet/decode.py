@@ -50,7 +50,7 @@ DECODE_KEYS = ("decode.acoustic_scale", "decode.beam", "decode.lattice_beam", "d
 def dnn_loglikes(model, frames: SplicedFrames, utt: str, priors: np.ndarray) -> np.ndarray:
     """Scaled likelihoods of the hybrid model: log p(pdf | x) - log p(pdf)."""
     start, end = frames.store.span(utt)
-    device = frames.frames.device
+    device = frames.device
     logits = model(frames.context(torch.arange(start, end, device=device))).float()
     return (torch.log_softmax(logits, dim=-1).cpu().numpy() - priors).astype(np.float32)
 
@@ -70,21 +70,22 @@ def decode_part(job: tuple[dict, str, dict[str, str], list[tuple[str, str]]]) ->
     gmm = GmmModel.load(layout.gmm)
     tid_to_pdf = gmm.tid_to_pdf()
     if system == "gmm":
-        feats = {name: FeatureStore.load(layout.mfcc(name), mmap=False) for name in {stores[s] for s in sets}}
+        feats = {name: FeatureStore.load(layout.mfcc(name)) for name in {stores[s] for s in sets}}
         score = lambda name, utt: gmm_loglikes(gmm, feats[name][utt])  # noqa: E731
     else:
         device = pick_device(cfg.train.device)
         priors = log_priors(np.load(layout.pdf_counts), dcfg.prior_floor)
         model = load_system(exp, system, device)
         model.eval()
-        frames = {name: SplicedFrames(FeatureStore.load(layout.fbank(name), mmap=False),
+        frames = {name: SplicedFrames(FeatureStore.load(layout.fbank(name)),
                                       model.config["left_context"], model.config["right_context"], device)
                   for name in {stores[s] for s in sets}}
         score = lambda name, utt: dnn_loglikes(model, frames[name], utt, priors)  # noqa: E731
     out = {}
     for set_name, utts in sets.items():
         store_name = stores[set_name]
-        lattices, dropped, matrices = {}, {}, {}
+        hyps = sweep({}, id2word, dcfg)  # every pair of the sweep, filled an utterance at a time: no set's lattices are held
+        dropped, matrices = {}, {}
         decode_seconds, audio_seconds = 0.0, 0.0
         for utt in progress(utts, f"decode {system} {set_name}", unit="utterances"):
             tic = time.time()
@@ -96,13 +97,15 @@ def decode_part(job: tuple[dict, str, dict[str, str], list[tuple[str, str]]]) ->
             check_scores(utt, loglikes, len(loglikes), gmm.num_pdfs)
             if dcfg.write_loglikes_ark:
                 matrices[utt] = loglikes
-            lattices[utt] = decode_lattice(hclg, transition_id_matrix(loglikes, tid_to_pdf, dcfg.acoustic_scale), dcfg.beam, dcfg.lattice_beam)
+            lattice = decode_lattice(hclg, transition_id_matrix(loglikes, tid_to_pdf, dcfg.acoustic_scale), dcfg.beam, dcfg.lattice_beam)
             decode_seconds += time.time() - tic
             audio_seconds += len(loglikes) * cfg.features.frame_shift_ms / 1000
-            if lattices[utt] is None:
+            if lattice is None:
                 dropped[utt] = f"utterance {utt}: no path survived the beam (scored as all deletions)"
-        out[set_name] = {"hyps": sweep(lattices, id2word, dcfg), "dropped": dropped, "matrices": matrices,
-                         "decode_seconds": decode_seconds, "audio_seconds": audio_seconds}
+            for pair, hyp in sweep({utt: lattice}, id2word, dcfg).items():
+                hyps[pair].update(hyp)
+        out[set_name] = {"hyps": hyps, "dropped": dropped, "matrices": matrices, "decode_seconds": decode_seconds,
+                         "audio_seconds": audio_seconds}
     return out
 
 

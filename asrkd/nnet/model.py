@@ -15,26 +15,51 @@ from torch import nn
 from asrkd.stores import FeatureStore
 
 
+def resident(array: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
+    """``array`` where batches are gathered from it: on the CPU a memory-mapped array stays mapped
+    (a batch reads its rows from the file, so it may be larger than memory); anything else is
+    copied to ``device`` once (resident: a batch never leaves it)."""
+    if isinstance(array, np.memmap) and device.type == "cpu":
+        return array
+    return torch.from_numpy(np.require(array, requirements=["C", "W"])).to(device)
+
+
+def gather(rows: np.ndarray | torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``rows[indices]`` as a tensor, from a mapped array or a resident tensor (:func:`resident`): the same values either way."""
+    if isinstance(rows, np.ndarray):
+        return torch.from_numpy(rows[indices.numpy()])
+    return rows[indices]
+
+
 class SplicedFrames:
     """Frames of a FeatureStore with their context windows, gathered in one indexing operation.
 
     ``context(indices)`` returns ``(B, left + 1 + right, dim)``: the window of every requested
     frame, clamped to its own utterance, so edge frames are padded by repetition and no window
     crosses into a neighbouring utterance. There is no per-frame Python: a batch is one gather.
+
+    The frames are :func:`resident`: on the CPU a memory-mapped store stays mapped, so a store
+    larger than memory trains and scores as well; on another device they are copied there. A
+    frame's utterance is found by binary search over the offsets, so nothing held here grows
+    with the frames but the frames themselves.
     """
 
     def __init__(self, store: FeatureStore, left: int, right: int, device: torch.device | str = "cpu"):
         self.store, self.left, self.right = store, left, right
-        self.frames = torch.from_numpy(np.ascontiguousarray(store.frames)).to(device)
-        utt_of_frame = np.repeat(np.arange(len(store.utt_ids)), store.lengths)
-        self.first = torch.from_numpy(store.offsets[:-1][utt_of_frame]).to(device)
-        self.last = torch.from_numpy(store.offsets[1:][utt_of_frame] - 1).to(device)
+        self.device = torch.device(device)
+        self.frames = resident(store.frames, self.device)
+        self.offsets = torch.from_numpy(store.offsets).to(device)
         self.window = torch.arange(-left, right + 1, device=device)
 
     def context(self, indices: torch.Tensor) -> torch.Tensor:
-        positions = indices[:, None] + self.window[None, :]
-        positions = torch.maximum(torch.minimum(positions, self.last[indices, None]), self.first[indices, None])
-        return self.frames[positions].float()
+        utt = torch.searchsorted(self.offsets[1:], indices, right=True)
+        first, last = self.offsets[utt], self.offsets[utt + 1] - 1
+        positions = torch.maximum(torch.minimum(indices[:, None] + self.window[None, :], last[:, None]), first[:, None])
+        return gather(self.frames, positions).float()
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """The frames ``indices`` themselves (no context), as float32 on the host."""
+        return gather(self.frames, torch.from_numpy(indices).to(self.device)).float().cpu().numpy()
 
     def frame_indices(self, utt_ids: list[str]) -> np.ndarray:
         """Global indices of all frames of ``utt_ids``."""

@@ -80,10 +80,9 @@ class FrameData:
         every frame is -1: it can carry soft targets only."""
         layout = Layout(Path(exp_dir))
         store_path = layout.fbank(name)
-        store = FeatureStore.load(store_path, mmap=False)
-        bad = ~np.isfinite(np.asarray(store.frames, dtype=np.float32)).all(axis=1)
-        if bad.any():
-            utts = sorted({store.utt_ids[i] for i in np.searchsorted(store.offsets, np.flatnonzero(bad), side="right") - 1})
+        store = FeatureStore.load(store_path)
+        utts = store.nonfinite_utterances()
+        if utts:
             raise ValueError(f"{store_path}: NaN/inf features in {len(utts)} utterance(s), e.g. {utts[:3]}; rerun make-feats with redo=true")
         ali_dir = layout.alignment(name)
         if not (ali_dir / "pdf_ids.npy").is_file():
@@ -117,7 +116,7 @@ class FrameData:
         if len(pdfs) > 1:
             raise ValueError(f"the stores' alignments come from models with different numbers of pdfs {sorted(pdfs)}; realign them")
         first = parts[0].frames
-        frames = SplicedFrames(store, first.left, first.right, first.frames.device)
+        frames = SplicedFrames(store, first.left, first.right, first.device)
         return cls(frames, torch.cat([part.pdf_ids for part in parts]), pdfs.pop())
 
     def indices(self, utt_ids: list[str]) -> np.ndarray:
@@ -288,7 +287,7 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], ex
     device = data.pdf_ids.device
     if data.normalize_inputs:
         sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
-        sample_frames = data.frames.frames[torch.from_numpy(np.sort(sample)).to(device)].float().cpu().numpy()
+        sample_frames = data.frames.rows(np.sort(sample))
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
