@@ -92,7 +92,12 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     images.run_train_nets(cfg)
     images.run_report(cfg)  # stage 2 not run yet: the nets trained so far
     progress = json.loads((tmp_path / "results" / "report.json").read_text())
-    assert progress["complete"] is False and set(progress["rows"]) == {"small_alone", "big", "big_jitter1", "big_light"}
+    assert progress["complete"] is False and set(progress["rows"]) == {"small_alone", "big", "big_jitter1", "big_light", "teacher_seeds",
+                                                                       "teacher_ensemble"}
+    ensemble = progress["rows"]["teacher_ensemble"]  # the held-out evidence for images.teacher=ensemble
+    assert ensemble["nets"] == [progress["teacher"], f"{progress['teacher']}_seed1"] and 0 <= ensemble["held_out_errors"][0] <= 100
+    assert f"seeds' average softmax (images.teacher=ensemble) makes {ensemble['held_out_errors'][0]} held-out errors" in (
+        tmp_path / "results" / "report.md").read_text()
     assert progress["teacher"] in {"big", "big_jitter1", "big_light"} and "student_w16_T20_seed1" in progress["missing"]
     assert progress["rows"]["small_alone"]["seeds"] == 2 and "ci" in progress["rows"]["big_light"]["fewer_than_small_alone"]
     assert f"| {progress['teacher']} (the teacher) |" in (tmp_path / "results" / "report.md").read_text()

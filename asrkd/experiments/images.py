@@ -630,8 +630,8 @@ def progress_report(cfg, missing: list[str]) -> None:
     errors = TestErrors(cfg, data.pdf_ids[torch.from_numpy(test_idx)], [store.utt_ids[i] for i in test_idx])
     batch = int(cfg.eval.batch_size)
 
-    def logits_of(name: str) -> torch.Tensor:
-        return predict_logits(load_model(model_path(exp, f"{name}@best"), data.pdf_ids.device), data, test_idx, batch)
+    def logits_of(name: str, indices: np.ndarray = test_idx) -> torch.Tensor:
+        return predict_logits(load_model(model_path(exp, f"{name}@best"), data.pdf_ids.device), data, indices, batch)
 
     small = [n for n in (replicate_name(SMALL, r) for r in range(int(icfg.seeds))) if trained(exp, n)]
     rows = {}
@@ -646,6 +646,18 @@ def progress_report(cfg, missing: list[str]) -> None:
             if small:
                 rows[name]["fewer_than_small_alone"] = errors.fewer(name, SMALL)
     teacher = chosen_big(cfg) if all(trained(exp, n) for n in candidates) else None
+    seeds = [n for n in headline_names(cfg, teacher)["big"] if trained(exp, n)] if teacher else []
+    if len(seeds) > 1:  # the teacher's seeds, and their average (images.teacher=ensemble) with its held-out errors
+        settings = candidates[teacher]
+        rows["teacher_seeds"] = errors.add("teacher seeds", [logits_of(n) for n in seeds]) | {
+            "nets": seeds, "settings": settings, "held_out_errors": [held_out_error_count(exp, n, len(valid_idx)) for n in seeds]}
+        held_out = average_softmax(torch.stack([logits_of(n, valid_idx) for n in seeds]), 1.0)
+        average = average_softmax(torch.stack([logits_of(n) for n in seeds]), 1.0).log()
+        rows["teacher_ensemble"] = errors.add("teacher ensemble", [average]) | {
+            "nets": seeds, "settings": settings, "held_out_errors": [int((held_out.argmax(-1) != data.pdf_ids[torch.from_numpy(valid_idx)]).sum())]}
+        if small:
+            for key in ("teacher_seeds", "teacher_ensemble"):
+                rows[key]["fewer_than_small_alone"] = errors.fewer(key.replace("_", " "), SMALL)
     histories = {n: history_of(exp, n, len(valid_idx)) for row in rows.values() for n in row["nets"]}
     result = {"dataset": str(icfg.dataset), "complete": False, "command": recipe_command("asrkd report-images"), "machine": machine(cfg),
               "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
@@ -671,10 +683,15 @@ def progress_markdown(result: dict) -> str:
         best = ", ".join(str(result["histories"][n]["best_epoch"] + 1) for n in row["nets"])
         fewer = fewer_cell(row["fewer_than_small_alone"]) if "fewer_than_small_alone" in row else "–"
         teacher = " (the teacher)" if name == result["teacher"] else ""
+        name = {"teacher_seeds": f"{result['teacher']}, every seed", "teacher_ensemble": f"{result['teacher']}, the seeds' average"}.get(name, name)
         lines.append(f"| {name}{teacher} | {described} | {row['seeds']} | {', '.join(map(str, row['held_out_errors']))} | {best} "
                      f"| {errors_cell(row)} | {fewer} |")
+    ensemble = rows.get("teacher_ensemble")
     lines += ["", (f"The teacher: {result['teacher']}, the big net with the fewest held-out errors." if result["teacher"] else
                    "The teacher is chosen once every big-net candidate is trained."),
+              (f"Its {len(ensemble['nets'])} seeds' average softmax (images.teacher=ensemble) makes {ensemble['held_out_errors'][0]} held-out "
+               f"errors, its seeds {', '.join(map(str, rows['teacher_seeds']['held_out_errors']))}: the held-out evidence for teaching with "
+               "one net or with their average." if ensemble else ""),
               f"Still to train ({len(result['missing'])}): {', '.join(result['missing'])}." if result["missing"] else "",
               f"Training curves: curves.png (report.json \"histories\"). Command: `{result['command']}`. Machine: {result['machine']}.", ""]
     return "\n".join(lines)
