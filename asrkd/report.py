@@ -239,26 +239,41 @@ def dicts_in(value) -> Iterator[dict]:
 
 def made_on(section) -> dict[str, list[str]]:
     """CPU -> the systems of ``section`` (any part of a report) whose models were made there, from
-    the models' records (``made_on``; "not recorded" for models older than that field)."""
+    the models' records (``made_on``). "not recorded" holds the systems none of whose records
+    names a CPU (models older than that field); a system recorded anywhere is never there too."""
     out: dict[str, set[str]] = {}
     for node in dicts_in(section):
         records = node.get("stage")
         if isinstance(records, dict):
             for system, record in records.items():
                 if isinstance(record, dict) and "fingerprint" in record:
-                    for cpu in record.get("made_on") or ["not recorded"]:
+                    for cpu in record.get("made_on") or [NOT_RECORDED]:
                         out.setdefault(cpu, set()).add(system)
+    recorded = {system for cpu, systems in out.items() if cpu != NOT_RECORDED for system in systems}
+    if NOT_RECORDED in out:
+        out[NOT_RECORDED] -= recorded
+        if not out[NOT_RECORDED]:
+            del out[NOT_RECORDED]
     return {cpu: sorted(systems) for cpu, systems in sorted(out.items())}
 
 
+NOT_RECORDED = "not recorded"
+
+
 def machines_note(section) -> str | None:
-    """A line saying that ``section``'s rows come from models made on more than one machine (or
-    some on a machine not recorded), naming them; None when they share one. Numbers are
-    bitwise only within a CPU family, so such rows differ by more than their configs."""
+    """A line saying that ``section``'s rows come from models made on more than one machine,
+    naming them, or that some rows' machine is not recorded; None when every row names one.
+    Numbers are bitwise only within a CPU family, so such rows differ by more than their configs."""
     cpus = made_on(section)
+    unknown = cpus.pop(NOT_RECORDED, [])
+
+    def listed(systems: list[str]) -> str:
+        return f"{', '.join(systems[:4])}{f' and {len(systems) - 4} more' if len(systems) > 4 else ''}"
+
+    unknown_part = f"not recorded (models made before their records named the CPU): {listed(unknown)}" if unknown else ""
     if len(cpus) < 2:
-        return None
-    parts = [f"{cpu}: {', '.join(systems[:4])}{f' and {len(systems) - 4} more' if len(systems) > 4 else ''}" for cpu, systems in cpus.items()]
+        return f"Machine {unknown_part}." if unknown and cpus else None
+    parts = [f"{cpu}: {listed(systems)}" for cpu, systems in cpus.items()] + ([unknown_part] if unknown else [])
     return ("**Rows made on different machines** (numbers are bitwise only within one CPU family; across families, within seed "
             f"spread: docs/hardware.md): {'; '.join(parts)}.")
 

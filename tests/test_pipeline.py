@@ -338,6 +338,10 @@ def test_a_report_whose_rows_come_from_two_machines_says_so(tmp_path: Path) -> N
     note = machines_note(section)
     assert note.startswith("**Rows made on different machines**") and "CPU B (AMX): student" in note
     assert machines_note({"rows": [{"stage": {"baseline": record}}]}) is None  # one machine: nothing to say
+    # an older copy of a record (no made_on) beside a newer one names one machine, not two
+    older = {"rows": [{"stage": {"baseline": record}}], "distillation": {"stage": {"baseline": {"fingerprint": "f"}, "student": {"fingerprint": "h"}}}}
+    assert made_on(older) == {"CPU A (AVX2)": ["baseline"], "not recorded": ["student"]}
+    assert machines_note(older) == "Machine not recorded (models made before their records named the CPU): student."
 
 
 def test_results_lists_every_scored_system_once_as_kaldi_recipes_do(tmp_path: Path) -> None:
