@@ -49,10 +49,11 @@ class SplicedFrames:
         self.device = torch.device(device)
         self.frames = resident(store.frames, self.device)
         self.offsets = torch.from_numpy(store.offsets).to(device)
+        self.ends = self.offsets[1:].contiguous()
         self.window = torch.arange(-left, right + 1, device=device)
 
     def context(self, indices: torch.Tensor) -> torch.Tensor:
-        utt = torch.searchsorted(self.offsets[1:], indices, right=True)
+        utt = torch.searchsorted(self.ends, indices.contiguous(), right=True)
         first, last = self.offsets[utt], self.offsets[utt + 1] - 1
         positions = torch.maximum(torch.minimum(indices[:, None] + self.window[None, :], last[:, None]), first[:, None])
         return gather(self.frames, positions).float()
