@@ -82,3 +82,17 @@ def test_he_init_keeps_the_signal_through_the_papers_depth() -> None:
         assert torch.equal(rebuilt(x[:4]), he(x[:4]))
     with pytest.raises(ValueError, match="model.init must be default or he"):
         HybridDNN(40, 100, 2, 2, 2, 32, init="xavier")
+
+
+def test_a_block_shuffle_reads_the_store_a_block_at_a_time_and_the_default_is_a_permutation() -> None:
+    from asrkd.nnet.train import epoch_order
+
+    train_idx = np.random.default_rng(0).choice(10_000, size=2_500, replace=False)
+    assert np.array_equal(epoch_order(train_idx, np.random.default_rng([0, 3]), None), np.random.default_rng([0, 3]).permutation(train_idx))
+    order = epoch_order(train_idx, np.random.default_rng([0, 3]), 300)
+    assert sorted(order.tolist()) == sorted(train_idx.tolist())
+    blocks = np.sort(train_idx)[: 2_400].reshape(8, 300)  # the 9th block holds the last 100 frames
+    runs = [order[i : i + 300] for i in range(0, 2_500, 300)]
+    starts = [int(np.flatnonzero(np.isin(order, block))[0]) for block in blocks]
+    assert all(np.array_equal(np.sort(order[s : s + 300]), block) for s, block in zip(starts, blocks))  # each block read whole
+    assert starts != sorted(starts) and not all(np.array_equal(run, np.sort(run)) for run in runs)  # blocks and frames both shuffled

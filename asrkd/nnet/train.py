@@ -162,6 +162,20 @@ def evaluate_frames(model: HybridDNN, data: FrameData, indices: np.ndarray, batc
 LossFn = Callable[..., torch.Tensor]  # (logits, frame indices) -> loss; trained on views: (logits, frame indices, View) -> loss
 
 
+def epoch_order(train_idx: np.ndarray, rng: np.random.Generator, block_frames: int | None) -> np.ndarray:
+    """The frames of an epoch in the order they are trained: a permutation of ``train_idx``, or
+    with ``block_frames`` (train.shuffle_block_frames) its frames in store order cut into blocks
+    of that many, the blocks in random order and the frames shuffled within each, as Kaldi's egs
+    archives are: a store read through its memory map is then read a block at a time, near
+    sequentially, instead of at random over the whole file (what a store larger than the page
+    cache needs), at the price of batches drawn from fewer utterances."""
+    if not block_frames:
+        return rng.permutation(train_idx)
+    frames = np.sort(train_idx)
+    blocks = [frames[start : start + int(block_frames)] for start in range(0, len(frames), int(block_frames))]
+    return np.concatenate([rng.permutation(blocks[b]) for b in rng.permutation(len(blocks))]) if blocks else frames
+
+
 def model_seed(cfg, replicate: int) -> int:
     return int(cfg.seed) + REPLICATE_SEED_STRIDE * replicate
 
@@ -361,7 +375,7 @@ def train_model(
             break
         tic = time.time()
         net.train()
-        order = np.random.default_rng([seed, epoch]).permutation(train_idx)
+        order = epoch_order(train_idx, np.random.default_rng([seed, epoch]), tcfg.get("shuffle_block_frames"))
         if tcfg.max_frames_per_epoch:
             order = order[: int(tcfg.max_frames_per_epoch)]
         order = torch.from_numpy(order).to(device)  # one copy per epoch; batches are slices of it on the device
@@ -562,7 +576,8 @@ class TrainingSet:
 
 # keys that decide a model only when set away from their default: recorded then, so models
 # trained before the keys existed keep their fingerprints
-TRAIN_OPTIONAL_KEYS = {"train.lr_scaling": "none", "train.warmup_steps": 0, "train.max_norm": None, "train.patience": None}
+TRAIN_OPTIONAL_KEYS = {"train.lr_scaling": "none", "train.warmup_steps": 0, "train.max_norm": None, "train.patience": None,
+                       "train.shuffle_block_frames": None}
 
 
 @dataclass
