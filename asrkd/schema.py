@@ -58,6 +58,7 @@ DECLARED: dict[str, Kind] = {
     "features.sets": Kind((list,), nullable=True, item=STRING),
     "features.channel": Kind((int,), nullable=True),
     "train.max_frames_per_epoch": Kind((int,), nullable=True),
+    "train.shuffle_block_frames": Kind((int,), nullable=True),
     "train.compile": Kind((str,), nullable=True),
     "train.max_norm": Kind((int, float), nullable=True),
     "train.patience": Kind((int,), nullable=True),
