@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,10 +92,11 @@ class FeatureStore:
             frames = new_array(tmp, first.dtype, (int(offsets[-1]), first.shape[1]))
             for utt, start, end in zip(utt_ids, offsets[:-1], offsets[1:]):
                 frames[start:end] = items[utt]
+            # hashed as written (the pages are still in memory), not read back from the file
+            checksum = cls._checksum(utt_ids, offsets, (frames[start:end] for start, end in zip(offsets[:-1], offsets[1:])))
             frames.flush()
             del frames
-        store = cls(utt_ids, offsets, load_array(directory / cls.FRAMES, mmap=True, stage="make-feats"))
-        write_json(directory / cls.INDEX, {"utt_ids": utt_ids, "offsets": offsets.tolist(), "checksum": store.checksum()})
+        write_json(directory / cls.INDEX, {"utt_ids": utt_ids, "offsets": offsets.tolist(), "checksum": checksum})
 
     @classmethod
     def load(cls, directory: Path, mmap: bool = True, stage: str = "make-feats") -> "FeatureStore":
@@ -125,11 +126,17 @@ class FeatureStore:
 
     def checksum(self) -> str:
         """A content hash: later stores (alignments, soft targets) record which features they match."""
+        blocks = (self.frames[start:start + self.CHECKSUM_ROWS] for start in range(0, self.num_frames, self.CHECKSUM_ROWS))
+        return self._checksum(self.utt_ids, self.offsets, blocks)  # a memory-mapped store is read a block at a time
+
+    @staticmethod
+    def _checksum(utt_ids: list[str], offsets: np.ndarray, blocks: Iterable[np.ndarray]) -> str:
+        """The hash of ids, offsets and the frames' bytes given as consecutive blocks of rows (any split gives the same)."""
         digest = hashlib.sha256()
-        digest.update("\n".join(self.utt_ids).encode())
-        digest.update(self.offsets.tobytes())
-        for start in range(0, self.num_frames, self.CHECKSUM_ROWS):  # a memory-mapped store is read a block at a time
-            digest.update(np.ascontiguousarray(self.frames[start:start + self.CHECKSUM_ROWS]).tobytes())
+        digest.update("\n".join(utt_ids).encode())
+        digest.update(offsets.tobytes())
+        for block in blocks:
+            digest.update(np.ascontiguousarray(block).tobytes())
         return digest.hexdigest()[:16]
 
     def write_kaldi(self, ark: Path, scp: Path) -> None:

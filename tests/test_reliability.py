@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from asrkd.cli import ConfigError, load_config
 from asrkd.data import DataDir, DataDirError
 from asrkd.stores import FeatureStore
 from asrkd.distill.soft_targets import SoftTargetMismatch, SoftTargetStore
-from asrkd.stage import StageError, StageMismatch, StaleInput, atomic_write, input_fingerprint, plan, write_json
+from asrkd.stage import StageError, StageMismatch, StaleInput, TooManyDropped, account_dropped, atomic_write, input_fingerprint, plan, write_json
 from local import an4 as an4_prep
 
 from .conftest import REPO, make_mini_an4, tiny_config
@@ -307,6 +308,10 @@ def test_non_finite_features_are_dropped_or_refused(run_dir: Path, tmp_path: Pat
     monkeypatch.setattr(features, "compute_fbank", fbank)
     store, dropped = features.make_features(test, tiny_config(root).features, "fbank", tmp_path / "fbank")
     assert bad not in store and "NaN or infinite fbank features" in dropped[bad]
+    refuse = partial(account_dropped, "make-feats fbank test", len(test.utt_ids), max_fraction=0.0, report=tmp_path / "refused.json")
+    with pytest.raises(TooManyDropped, match="more than prep.max_drop_fraction=0.0"):  # refused before the store is written: none is left behind
+        features.make_features(test, tiny_config(root).features, "fbank", tmp_path / "refused", accept_dropped=refuse)
+    assert not list((tmp_path / "refused").iterdir())
     path = root / "exp" / "feats" / "fbank" / "test"
     frames = np.load(path / "frames.npy")
     frames[10, 0] = np.inf

@@ -18,6 +18,7 @@ import logging
 import struct
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from math import gcd
 from pathlib import Path
@@ -215,14 +216,16 @@ def compute_part(job: tuple[dict, dict, dict, str, list[str], str]) -> tuple[lis
     return written, dim, dropped
 
 
-def make_features(data: DataDir, cfg, kind: str, out_dir: Path, run_jobs=None, nj: int = 1) -> tuple[FeatureStore, dict[str, str]]:
+def make_features(data: DataDir, cfg, kind: str, out_dir: Path, run_jobs=None, nj: int = 1,
+                  accept_dropped: Callable[[dict[str, str]], None] | None = None) -> tuple[FeatureStore, dict[str, str]]:
     """Compute ``kind`` ('fbank' or 'mfcc') for every utterance with readable audio into the
     store in ``out_dir``, in ``nj`` jobs of whole speakers (``run_jobs``: :func:`asrkd.jobs.map_jobs`
     bound to a stage), each writing its frames to a file of its own, merged in utterance order.
 
     Memory is one speaker's frames in a job and one utterance's in the merge, whatever the
     corpus's hours. Returns the store (memory-mapped) and the utterances that were dropped with
-    the reason for each; the caller decides whether the loss is acceptable.
+    the reason for each; ``accept_dropped`` (the caller's judgement of that loss) sees them before
+    the store is written, so a stage it refuses leaves no store behind.
     """
     settings = OmegaConf.to_container(cfg, resolve=True)
     dtype = np.dtype(cfg.storage_dtype[kind])
@@ -246,6 +249,8 @@ def make_features(data: DataDir, cfg, kind: str, out_dir: Path, run_jobs=None, n
                 row += length
         if not located:
             raise AudioError(f"no utterance produced {kind} features ({len(dropped)} dropped, e.g. {next(iter(dropped.values()), '')})")
+        if accept_dropped:
+            accept_dropped(dropped)
         FeatureStore.write(out_dir, {utt: job_frames[located[utt][0]][located[utt][1]:sum(located[utt][1:])] for utt in sorted(located)})
         del job_frames
     return FeatureStore.load(out_dir), dropped
@@ -269,8 +274,10 @@ def run(cfg) -> None:
             if stage.up_to_date:
                 continue
             nj = num_jobs(cfg)
-            store, dropped = make_features(data, cfg.features, kind, out_dir, partial(map_jobs, cfg, stage=f"make-feats {kind} {name}"), nj)
-            account_dropped(f"make-feats {kind} {name}", len(data.utt2spk), dropped, cfg.prep.max_drop_fraction, out_dir / "dropped.json")
+            accept = partial(account_dropped, f"make-feats {kind} {name}", len(data.utt2spk), max_fraction=cfg.prep.max_drop_fraction,
+                             report=out_dir / "dropped.json")
+            store, dropped = make_features(data, cfg.features, kind, out_dir, partial(map_jobs, cfg, stage=f"make-feats {kind} {name}"), nj,
+                                           accept_dropped=accept)
             if cfg.features.write_kaldi_ark:
                 store.write_kaldi(out_dir / "feats.ark", out_dir / "feats.scp")
             log.info("make-feats %s %s: %d utterances, %d frames x %d", kind, name, len(store.utt_ids), store.num_frames, store.dim)
