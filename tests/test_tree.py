@@ -34,6 +34,22 @@ def test_frame_events_use_neighbouring_phones_and_utterance_edges() -> None:
     assert events[:, :3].tolist() == [[0, 4, 4]] * 3 + [[4, 4, 7]] * 2 + [[4, 7, 0]] * 2
 
 
+def test_tree_stats_in_blocks_are_a_single_pass_bit_for_bit() -> None:
+    rng = np.random.default_rng(0)
+    events = rng.integers(0, 5, size=(5000, 4))
+    events[:1500] = 0  # one event larger than a block
+    frames = rng.normal(size=(5100, 7)).astype(np.float32)  # the store; event i's frame is row rows[i]
+    rows = rng.permutation(5100)[:5000]
+    whole = T.accumulate_tree_stats(events, frames[rows], block_rows=10**9)
+    for block_rows in (1, 13, 1000):
+        stats = T.accumulate_tree_stats(events, frames, rows, block_rows=block_rows)
+        for field in ("events", "count", "sum", "sumsq"):
+            assert np.array_equal(getattr(stats, field), getattr(whole, field)), (block_rows, field)
+    first = np.flatnonzero((events == events[0]).all(axis=1))  # event (0, 0, 0, 0): its frames' float64 sum
+    assert whole.sum[0].tolist() == np.add.reduce(frames[rows[first]].astype(np.float64), axis=0).tolist()
+    assert whole.count.sum() == len(events)
+
+
 def synthetic_stats() -> T.TreeStats:
     """Phone 3's middle state sounds different after phone 1 than after phone 2."""
     rng = np.random.default_rng(1)

@@ -342,8 +342,8 @@ def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments
     table = transition_state_table(mono, topo)
     id2state = np.asarray(mono.trans_model.id2state, dtype=np.int64)
     events = np.concatenate([frame_contexts(table, id2state, tids) for tids in alignments.values()])
-    frames = np.concatenate([np.asarray(feats[u]) for u in alignments])
-    stats = tree_lib.accumulate_tree_stats(events, frames)
+    rows = np.concatenate([np.arange(*feats.span(u)) for u in alignments])  # each event's frame in the (memory-mapped) store
+    stats = tree_lib.accumulate_tree_stats(events, feats.frames, rows)
     id2phone = lang.id2phone
     position_sets = [[i for i in lang.real_phone_ids if id2phone[i].endswith(f"_{pos}")] for pos in POSITIONS]
     questions = tree_lib.phone_questions(stats, lang.phone_sets, position_sets, cfg.var_floor)

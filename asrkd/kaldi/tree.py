@@ -28,6 +28,7 @@ PDF_CLASS_KEY = -1  # Kaldi's kPdfClass
 CONTEXT_WIDTH = 3  # triphone: keys 0 (left), 1 (center), 2 (right)
 CENTRAL_POSITION = 1
 LOG_2PI = float(np.log(2 * np.pi))
+TREE_BLOCK_ROWS = 1 << 16  # frames summed at a time (memory: 2 x 8 bytes x their dimension)
 
 
 @dataclass
@@ -76,19 +77,32 @@ def frame_events(phones: np.ndarray, hmm_states: np.ndarray, pdf_classes: np.nda
     return np.stack([padded[instance], sequence[instance], padded[instance + 2], pdf_classes], axis=1)
 
 
-def accumulate_tree_stats(events: np.ndarray, feats: np.ndarray) -> TreeStats:
-    """Sum frames' stats by identical event (what acc-tree-stats writes to treeacc)."""
+def accumulate_tree_stats(events: np.ndarray, frames: np.ndarray, rows: np.ndarray | None = None,
+                          block_rows: int = TREE_BLOCK_ROWS) -> TreeStats:
+    """Sum frames' stats by identical event (what acc-tree-stats writes to treeacc).
+
+    Event i's frame is ``frames[rows[i]]`` (``rows`` None: ``frames[i]``), so ``frames`` may be a
+    memory-mapped feature store. The float64 sums are made over blocks of about ``block_rows``
+    frames, each block holding whole events: every event's sum is one reduction over its own
+    frames in order, so the bits are those of a single pass whatever the block size.
+    """
     unique, inverse = np.unique(events, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     order = np.argsort(inverse, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, inverse[order][1:] != inverse[order][:-1]])
-    x = feats[order].astype(np.float64)
-    return TreeStats(
-        events=unique.astype(np.int64),
-        count=np.bincount(inverse, minlength=len(unique)).astype(np.float64),
-        sum=np.add.reduceat(x, bounds, axis=0),
-        sumsq=np.add.reduceat(x * x, bounds, axis=0),
-    )
+    count = np.bincount(inverse, minlength=len(unique))
+    bounds = np.r_[0, np.cumsum(count)]  # event e's frames: order[bounds[e]:bounds[e + 1]]
+    source = order if rows is None else np.asarray(rows)[order]
+    total = np.zeros((len(unique), frames.shape[1]))
+    sumsq = np.zeros_like(total)
+    first = 0
+    while first < len(unique):
+        last = max(first + 1, int(np.searchsorted(bounds, bounds[first] + block_rows, side="right")) - 1)  # events [first, last)
+        x = np.asarray(frames[source[bounds[first]:bounds[last]]], dtype=np.float64)
+        starts = bounds[first:last] - bounds[first]
+        total[first:last] = np.add.reduceat(x, starts, axis=0)
+        sumsq[first:last] = np.add.reduceat(x * x, starts, axis=0)
+        first = last
+    return TreeStats(events=unique.astype(np.int64), count=count.astype(np.float64), sum=total, sumsq=sumsq)
 
 
 def _bisect(names: list[str], count: np.ndarray, total: np.ndarray, sumsq: np.ndarray, var_floor: float) -> list[list[str]]:
