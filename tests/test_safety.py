@@ -262,3 +262,12 @@ def test_a_missing_corpus_is_one_line_naming_the_path_and_the_fix(run_dir: Path,
     with pytest.raises(StageError, match="corpus_dir .*/typo does not exist"):  # prepared data dirs do not excuse a typo
         an4_prep.prepare(tiny_config(root, f"corpus_dir={root}/typo"))
     an4_prep.prepare(tiny_config(root, "corpus_dir=null"))  # no corpus given, none at the default place: the data dirs stand
+
+
+def test_torch_threads_wait_passively_unless_the_environment_chooses() -> None:
+    """asrkd sets OMP_WAIT_POLICY before torch loads (spinning threads on shared cores: results/bench/thread_contention.md)."""
+    probe = "import os, asrkd, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout.strip() == "PASSIVE"
+    chosen = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "ACTIVE"
