@@ -68,13 +68,14 @@ class FeatureStore:
 
     @classmethod
     def concat(cls, stores: list["FeatureStore"]) -> "FeatureStore":
-        """Several stores end to end, in order (utterance ids must differ)."""
+        """Several stores end to end, in order (utterance ids must differ). Their frames are not
+        copied: :class:`ConcatenatedFrames` reads each row from the store that holds it."""
         utt_ids = [u for store in stores for u in store.utt_ids]
         if len(set(utt_ids)) < len(utt_ids):
             raise ValueError("feature stores to combine share utterance ids; use one store that holds them all")
         starts = np.cumsum([0] + [store.num_frames for store in stores[:-1]])
         offsets = np.concatenate([[0]] + [store.offsets[1:] + start for store, start in zip(stores, starts)]).astype(np.int64)
-        return cls(utt_ids, offsets, np.concatenate([np.asarray(store.frames) for store in stores]))
+        return cls(utt_ids, offsets, ConcatenatedFrames([store.frames for store in stores]))
 
     def save(self, directory: Path) -> None:
         FeatureStore.write(directory, {utt: self[utt] for utt in self.utt_ids})
@@ -147,6 +148,43 @@ class FeatureStore:
     def read_kaldi(cls, scp: Path, dtype: str = "float32") -> "FeatureStore":
         """Import a Kaldi feature scp (e.g. from a user's own make_fbank.sh)."""
         return cls.from_arrays({utt: np.asarray(m) for utt, m in kaldiio.load_scp(str(scp)).items()}, dtype)
+
+
+class ConcatenatedFrames:
+    """Arrays of rows (memory-mapped stores) read as one, end to end, without a copy: rows by
+    slice or by index array, each taken from the array that holds it (a transfer set in a store
+    of its own beside the training set's). ``np.asarray`` copies it whole (to put it on a GPU)."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        dtypes = {part.dtype for part in parts}
+        if len(dtypes) > 1 or len({part.shape[1] for part in parts}) > 1:
+            raise ValueError(f"feature stores to combine differ in dtype or dimension ({', '.join(f'{p.dtype} x {p.shape[1]}' for p in parts)})")
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(part) for part in parts])  # part i: rows starts[i]:starts[i + 1]
+        self.dtype = dtypes.pop()
+        self.shape = (int(self.starts[-1]), parts[0].shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        shape = np.shape(rows)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)  # an index array of any shape (a batch of windows)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows outside [0, {len(self)})")
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
+        for i, part in enumerate(self.parts):
+            mine = part_of == i
+            if mine.any():
+                out[mine] = part[rows[mine] - self.starts[i]]
+        return out.reshape(*shape, self.shape[1])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = np.concatenate([np.asarray(part) for part in self.parts])
+        return whole if dtype is None else whole.astype(dtype)
 
 
 def write_kaldi_matrices(ark: Path, scp: Path, items) -> None:

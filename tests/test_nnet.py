@@ -33,6 +33,25 @@ def test_a_memory_mapped_store_gives_the_windows_and_rows_of_a_resident_one(tmp_
     assert np.array_equal(mapped.rows(indices.numpy()[:50]), resident.rows(indices.numpy()[:50]))
 
 
+def test_stores_combined_end_to_end_read_each_row_from_its_own_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    items = {f"u{i:02d}": rng.normal(size=(int(n), 3)) for i, n in enumerate(rng.integers(1, 30, 20))}
+    names = sorted(items)
+    for part, chosen in (("train", names[:12]), ("transfer", names[12:])):
+        FeatureStore.from_arrays({u: items[u] for u in chosen}, "float16").save(tmp_path / part)
+    combined = FeatureStore.concat([FeatureStore.load(tmp_path / part) for part in ("train", "transfer")])
+    whole = FeatureStore.from_arrays(items, "float16")  # the same utterances, in order, in memory
+    assert combined.utt_ids == whole.utt_ids and np.array_equal(combined.offsets, whole.offsets)
+    assert all(isinstance(part, np.memmap) for part in combined.frames.parts)  # nothing copied
+    assert combined.checksum() == whole.checksum() and np.array_equal(combined["u13"], whole["u13"])
+    mapped, resident = SplicedFrames(combined, left=4, right=2), SplicedFrames(whole, left=4, right=2)
+    indices = torch.from_numpy(rng.permutation(whole.num_frames))
+    assert torch.equal(mapped.context(indices), resident.context(indices))
+    assert np.array_equal(np.asarray(combined.frames), whole.frames)  # copied whole for a GPU
+    with pytest.raises(IndexError):
+        combined.frames[np.array([whole.num_frames])]
+
+
 def test_paper_sized_input_and_output() -> None:
     model = HybridDNN(feat_dim=40, num_pdfs=300, left_context=20, right_context=5, num_hidden_layers=2, hidden_dim=64)
     assert model.layers[0].in_features == 26 * 40

@@ -12,21 +12,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from asrkd.stores import FeatureStore
+from asrkd.stores import ConcatenatedFrames, FeatureStore
 
 
-def resident(array: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
-    """``array`` where batches are gathered from it: on the CPU a memory-mapped array stays mapped
-    (a batch reads its rows from the file, so it may be larger than memory); anything else is
-    copied to ``device`` once (resident: a batch never leaves it)."""
-    if isinstance(array, np.memmap) and device.type == "cpu":
+def resident(array: np.ndarray | ConcatenatedFrames, device: torch.device) -> np.ndarray | ConcatenatedFrames | torch.Tensor:
+    """``array`` where batches are gathered from it: on the CPU a memory-mapped array (or stores
+    read end to end) stays mapped (a batch reads its rows from the file, so it may be larger than
+    memory); anything else is copied to ``device`` once (resident: a batch never leaves it)."""
+    if isinstance(array, (np.memmap, ConcatenatedFrames)) and device.type == "cpu":
         return array
-    return torch.from_numpy(np.require(array, requirements=["C", "W"])).to(device)
+    return torch.from_numpy(np.require(np.asarray(array), requirements=["C", "W"])).to(device)
 
 
-def gather(rows: np.ndarray | torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def gather(rows: np.ndarray | ConcatenatedFrames | torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``rows[indices]`` as a tensor, from a mapped array or a resident tensor (:func:`resident`): the same values either way."""
-    if isinstance(rows, np.ndarray):
+    if isinstance(rows, (np.ndarray, ConcatenatedFrames)):
         return torch.from_numpy(rows[indices.numpy()])
     return rows[indices]
 
