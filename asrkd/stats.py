@@ -79,10 +79,15 @@ class Bootstrap:
         self.weights = draws[:, [index[unit_of[u]] for u in self.utt_ids]].astype(np.float64)  # (B, U)
         self.samples: dict[str, np.ndarray] = {}
         self.estimates: dict[str, float] = {}
+        self.counts: dict[str, UtteranceCounts] = {}
 
     def add(self, key: str, counts: UtteranceCounts) -> dict:
-        """Draw (once: a key added again keeps its replicates) and return the interval of a rate."""
+        """Draw (once: a key added again with the same counts keeps its replicates; with other
+        counts it is an error, two statistics under one name) and return the interval of a rate."""
         if key in self.samples:
+            kept = self.counts[key]
+            if kept.utt_ids != counts.utt_ids or not (np.array_equal(kept.hits, counts.hits) and np.array_equal(kept.totals, counts.totals)):
+                raise ValueError(f"bootstrap key {key!r} added again with other counts: give each statistic a name of its own")
             return self.interval(key)
         if counts.utt_ids != self.utt_ids:
             missing = sorted(set(self.utt_ids) ^ set(counts.utt_ids))[:3]
@@ -92,6 +97,7 @@ class Bootstrap:
         chosen = self.rng.integers(0, seeds, size=(self.replicates, seeds)) if seeds > 1 else np.zeros((self.replicates, 1), int)
         self.samples[key] = rates[chosen, np.arange(self.replicates)[:, None]].mean(1)
         self.estimates[key] = counts.estimate
+        self.counts[key] = counts
         return self.interval(key)
 
     def _summary(self, estimate: float | None, samples: np.ndarray) -> dict:

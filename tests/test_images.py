@@ -129,6 +129,9 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     md = (tmp_path / "results" / "report.md").read_text()
     assert "| big net, regularized (2 seeds; best epoch" in md and (tmp_path / "results" / "temperature_width.png").is_file()
     assert "| big net | dropout (inputs) | jitter | held-out errors |" in md and f"| {teacher} (the teacher) |" in md
+    average = rows["big_average"]  # one net teaches (images.teacher=net): the seeds' average beside it, with its held-out errors
+    assert average["nets"] == report["seeds"]["big"] and len(average["seeds_held_out_errors"]) == 2 and 0 <= average["held_out_errors"] <= 200
+    assert "| the big nets' average probabilities, not the teacher (2 seeds; held-out errors" in md
     left_out = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_no3" / "stage.json").read_text())
     assert left_out["config"]["transfer"] == "no3"
     ensemble_cfg = OmegaConf.merge(cfg, {"images": {"teacher": "ensemble"}})  # the big seeds' average teaches every student

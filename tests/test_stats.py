@@ -45,6 +45,9 @@ def test_paired_differences() -> None:
     assert same["estimate"] == 0 and same["ci"] == [0.0, 0.0] and same["p_above_zero"] == 0.0
     better = boot.difference("better", "a")
     assert better["ci"][0] > 0 and better["p_above_zero"] == 1.0  # better on every utterance: in every replicate
+    assert boot.add("a", counts([base.tolist()], totals.tolist())) == boot.interval("a")  # the same statistic again: kept
+    with pytest.raises(ValueError, match="'a' added again with other counts"):  # another under its name: refused, never the first's interval
+        boot.add("a", counts([np.minimum(base + 3, totals).tolist()], totals.tolist()))
 
 
 def test_gain_kept_of_a_student_half_way_is_one_half_in_every_replicate() -> None:
