@@ -49,6 +49,7 @@ import gzip
 import hashlib
 import logging
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +309,15 @@ def held_out_error_count(exp: Path, name: str, held_out: int) -> int:
     return round(held_out * min(1 - h["valid_frame_accuracy"] for h in read_history(Layout(exp).model(name))))
 
 
+def seeds_average(logits_of: Callable[[str, np.ndarray], torch.Tensor], names: list[str], test_idx: np.ndarray,
+                  valid_idx: np.ndarray, valid_labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The nets' average softmax on the test images (as log-probabilities: scored as one system)
+    and its errors on the held-out images, the evidence for teaching with it or with one net."""
+    held_out = average_softmax(torch.stack([logits_of(name, valid_idx) for name in names]), 1.0)
+    average = average_softmax(torch.stack([logits_of(name, test_idx) for name in names]), 1.0).log()
+    return average, int((held_out.argmax(-1) != valid_labels).sum())
+
+
 def chosen_big(cfg) -> str:
     """The teacher's settings: the big-net candidate (seed 0) with the fewest held-out errors,
     the earlier of :func:`big_nets` on ties (``images.big`` first). Never the test set."""
@@ -563,10 +573,9 @@ def run_report(cfg) -> None:
         rows["big_ensemble"]["fewer_than_small_alone"] = errors.fewer("big_ensemble", "small_alone")
         teacher_row = "big_ensemble"
     elif len(seeds["big"]) > 1:  # not the teacher: the held-out evidence that one net teaches as well as their average
-        held_out = average_softmax(torch.stack([logits_of(name, valid_idx) for name in seeds["big"]]), 1.0)
-        average = average_softmax(torch.stack([logits_of(name, test_idx) for name in seeds["big"]]), 1.0).log()
+        average, held_out_errors = seeds_average(logits_of, seeds["big"], test_idx, valid_idx, valid_labels)
         rows["big_average"] = errors.add("big_average", [average]) | {
-            "nets": seeds["big"], "held_out_errors": int((held_out.argmax(-1) != valid_labels).sum()),
+            "nets": seeds["big"], "held_out_errors": held_out_errors,
             "seeds_held_out_errors": [held_out_error_count(exp, name, len(valid_idx)) for name in seeds["big"]],
             "fewer_than_small_alone": errors.fewer("big_average", "small_alone")}
     rows["small_distilled"]["fewer_than_small_alone"] = errors.fewer("small_distilled", "small_alone")
@@ -658,10 +667,9 @@ def progress_report(cfg, missing: list[str]) -> None:
         settings = candidates[teacher]
         rows["teacher_seeds"] = errors.add("teacher seeds", [logits_of(n) for n in seeds]) | {
             "nets": seeds, "settings": settings, "held_out_errors": [held_out_error_count(exp, n, len(valid_idx)) for n in seeds]}
-        held_out = average_softmax(torch.stack([logits_of(n, valid_idx) for n in seeds]), 1.0)
-        average = average_softmax(torch.stack([logits_of(n) for n in seeds]), 1.0).log()
+        average, held_out_errors = seeds_average(logits_of, seeds, test_idx, valid_idx, data.pdf_ids[torch.from_numpy(valid_idx)])
         rows["teacher_ensemble"] = errors.add("teacher ensemble", [average]) | {
-            "nets": seeds, "settings": settings, "held_out_errors": [int((held_out.argmax(-1) != data.pdf_ids[torch.from_numpy(valid_idx)]).sum())]}
+            "nets": seeds, "settings": settings, "held_out_errors": [held_out_errors]}
         if small:
             for key in ("teacher_seeds", "teacher_ensemble"):
                 rows[key]["fewer_than_small_alone"] = errors.fewer(key.replace("_", " "), SMALL)
