@@ -238,8 +238,8 @@ def scoring_only(cfg, name: str) -> bool:
 
 def corpus_sets(cfg) -> list[str]:
     """The data dirs a system is built and scored on: train, the tuning set (when it is a data
-    dir) and the eval sets. The lang dir's vocabulary is theirs: a data dir added later is
-    aligned or decoded with the lang dir as it is (its unknown words named), not a new one."""
+    dir) and the eval sets: what make-feats and align process by default, and whose transcripts
+    prepare-lang checks for words spelled in two cases (the lang dir's vocabulary is train's alone)."""
     tuning = [tuning_set(cfg)] if tuning_set(cfg) != "valid" else []
     return list(dict.fromkeys(["train", *tuning, *eval_sets(cfg)]))
 

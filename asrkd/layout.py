@@ -6,7 +6,8 @@ nothing else)::
 
     <data_dir>/lang                    the lexicon's L.fst and phone sets (prepare-lang)
     <exp>/feats/{fbank,mfcc}/<data>    feature stores of a data dir (make-feats)
-    <exp>/mono, <exp>/tri              the GMM-HMMs (train-gmm); tri/ali_<data>: pdf-id alignments (align)
+    <exp>/mono, <exp>/tri              the GMM-HMMs (train-gmm); tri/ali_<data>: pdf-id alignments (align),
+                                       with ali_<data>/lang when the data dir has words the training lang lacks
     <exp>/graph                        HCLG.fst, words.txt, the LM; graph/lang: a decoding lang (make-graph)
     <exp>/dnn/<system>                 a trained DNN (final.pt, best.pt, history.json), or an ensemble's member-<i>
     <exp>/soft_targets/<teacher>/<data>  a teacher's targets of a data dir's frames (make-soft-targets)
@@ -107,6 +108,10 @@ class Layout:
     def alignment(self, data: str) -> Path:
         """``tri/ali_<data>``: pdf_ids.npy per frame, pdf_counts.npy (the priors' counts)."""
         return self.gmm / f"ali_{data}"
+
+    def alignment_lang(self, data: str) -> Path:
+        """``tri/ali_<data>/lang``: the training lang with a data dir's other words (an eval set's), which it is aligned with."""
+        return self.alignment(data) / "lang"
 
     @property
     def pdf_counts(self) -> Path:

@@ -19,12 +19,16 @@ every 0.1 s from /proc: all resident pages, and the anonymous ones (what the pro
 themselves; the rest are pages of the stores they map, which the kernel drops under pressure). The slopes of log(wall) and log(anonymous peak) on log(hours) are each stage's growth; the JSON
 also extrapolates every stage to 100 h and 1000 h of training audio along them, the PNG draws
 wall time against hours on log-log axes and the ``.md`` is the table README quotes
-(``--report-only`` redraws both from the JSON).
+(``--report-only`` redraws both from the JSON). Each scale's measurement is saved in
+``<work>/x<scale>/row.json`` as it finishes, with the code and machine that made it: a rerun
+after an interruption (a session's end) keeps the scales this code measured on this machine
+and starts at the next, so point ``--work`` at a dir that outlives /tmp (e.g. ``exp_scaling``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -127,6 +131,19 @@ def prepare_scale(source: Path, pool: Path, work: Path, scale: int) -> None:
     shutil.copytree(source / "local" / "dict", work / "data" / "local" / "dict", dirs_exist_ok=True)
 
 
+def source_digest() -> str:
+    """The hash of the asrkd package's sources and this script: a scale measured by other code is measured again."""
+    sha = hashlib.sha256()
+    for path in sorted([*(REPO / "asrkd").rglob("*.py"), Path(__file__).resolve()]):
+        sha.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return sha.hexdigest()[:16]
+
+
+def read_row(path: Path) -> dict | None:
+    """A scale's saved measurement (``x<scale>/row.json``), or None when there is none."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def hours(work: Path, name: str) -> float:
     record = json.loads((work / "exp" / "feats" / "fbank" / name / "stage.json").read_text())
     return record["summary"]["frames"] / 100 / 3600
@@ -217,8 +234,14 @@ def main() -> None:
     source = args.source_data.resolve()
     prepare_pool(source, args.work / "pool")
     rows = []
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {cpu_name()}"
     for scale in args.scales:
         work = args.work / f"x{scale}"
+        made = {"nj": args.nj, "machine": machine, "code": source_digest()}
+        if (saved := read_row(work / "row.json")) is not None and saved["made"] == made:
+            print(f"x{scale}: measured before by this code on this machine ({work / 'row.json'}); kept", flush=True)
+            rows.append(saved["row"])
+            continue
         prepare_scale(source, args.work / "pool", work, scale)
         shutil.rmtree(work / "exp", ignore_errors=True)  # every stage runs, none is skipped as made before
         subprocess.run(asrkd("prepare-lang"), cwd=work, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -234,9 +257,10 @@ def main() -> None:
                 print(f"x{scale} {label} nj={nj}: {stages[label][str(nj)]}", flush=True)
         rows.append({"scale": scale, "speeds": SPEEDS[scale], "train_hours": round(hours(work, "train"), 3),
                      "test_hours": round(hours(work, "test"), 3), "stages": stages})
+        write_json(work / "row.json", {"made": made, "row": rows[-1]})  # a rerun after an interruption starts at the next scale
     result = {
         "command": "python bench/scaling.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {cpu_name()}",
+        "machine": machine,
         "nj": args.nj, "scales": rows,
         "growth": {label: {str(nj): growth(rows, label, nj) for nj in args.nj if growth(rows, label, nj)} for label, *_ in STAGES},
         "notes": "wall/cpu seconds, peak RSS and peak anonymous memory (MB, whole process tree) per stage; train-dnn is one epoch, decode scores the "

@@ -75,18 +75,38 @@ def test_redo_remakes_a_stage_and_what_depends_on_it_is_stale(run_dir: Path, tmp
         input_fingerprint(root / "exp" / "dnn" / "baseline")
 
 
-def test_new_words_make_the_lang_dir_and_everything_built_on_it_stale(run_dir: Path, tmp_path: Path) -> None:
+def test_an_eval_set_with_new_words_leaves_the_lang_dir_and_the_models_and_is_aligned_with_its_words(run_dir: Path, tmp_path: Path) -> None:
     root = clone(run_dir, tmp_path)
-    extra = DataDir.read(root / "data" / "test").subset(DataDir.read(root / "data" / "test").utt_ids[:2])
-    extra.text = {u: "ZEBRA " + t for u, t in extra.text.items()}
+    test, trained_words = DataDir.read(root / "data" / "test"), set((root / "data" / "train" / "text").read_text().split())
+    new_words = {u: set(t.split()) - trained_words for u, t in test.text.items()}
+    extra = test.subset([u for u in test.utt_ids if new_words[u]])  # test's own audio, under a new name
+    word = sorted(set().union(*new_words.values()))[0]
     extra.write(root / "data" / "eval_new")
-    lang.run(tiny_config(root))  # a data dir the config does not name: the lang dir stays (align/decode it as it is)
+    lang_fingerprint = json.loads((root / "data" / "lang" / "stage.json").read_text())["fingerprint"]
+    cfg = tiny_config(root, "eval_sets=[test,eval_new]", "jobs.nj=1")
+    lang.run(cfg)
+    features.run(cfg)
+    gmm.run(cfg)  # the GMM stays; only the new set is aligned, with a lang of its own
+    assert json.loads((root / "data" / "lang" / "stage.json").read_text())["fingerprint"] == lang_fingerprint
+    alignment = root / "exp" / "tri" / "ali_eval_new"
+    assert f"\n{word} " not in (root / "data" / "lang" / "words.txt").read_text()
+    assert f"\n{word} " in (alignment / "lang" / "words.txt").read_text()
+    assert json.loads((alignment / "stage.json").read_text())["summary"]["aligned"] >= len(extra.utt_ids) - 1
+    train.load_system(root / "exp", "baseline", torch.device("cpu"))  # not stale
+
+
+def test_new_words_in_train_make_the_lang_dir_and_everything_built_on_it_stale(run_dir: Path, tmp_path: Path) -> None:
+    root = clone(run_dir, tmp_path)
+    text = root / "data" / "train" / "text"
+    lines = text.read_text().splitlines()
+    text.write_text("\n".join([lines[0] + " ZEBRA", *lines[1:]]) + "\n")
     with pytest.raises(StageMismatch, match="prepare-lang.*vocabulary"):
-        lang.run(tiny_config(root, "eval_sets=[test,eval_new]"))
-    lang.run(tiny_config(root, "eval_sets=[test,eval_new]", "redo=true"))
+        lang.run(tiny_config(root))
+    lang.run(tiny_config(root, "redo=true"))
+    features.run(tiny_config(root, "redo=true", "features.sets=[train]"))  # the data dir changed too
     with pytest.raises(StageMismatch, match="train-gmm.*input lang"):
         gmm.run(tiny_config(root))
-    with pytest.raises(StaleInput, match="stale.*lang"):  # the alignment the model was trained on was made from the old lang dir
+    with pytest.raises(StaleInput, match="baseline is stale"):  # trained on the transcripts and alignment as they were
         train.load_system(root / "exp", "baseline", torch.device("cpu"))
 
 

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from asrkd.data import DataDir, feature_sets, scoring_only
 from asrkd.jobs import map_jobs, num_jobs, split
 from asrkd.kaldi import tree as tree_lib
-from asrkd.kaldi.lang import Lang, POSITIONS
+from asrkd.kaldi.lang import Lang, POSITIONS, vocabulary, with_words
 from asrkd.layout import Layout
 from asrkd.stage import account_dropped, atomic_write, plan, progress, save_npy, write_json
 from asrkd.stores import FeatureStore
@@ -195,10 +195,11 @@ class Aligner:
     model aligning) is the model of that moment, so every realignment sees the graphs one job
     would have."""
 
-    def __init__(self, cfg, text: dict[str, str], feats_dir: Path, stage: str, graph_model: GmmModel | None = None):
+    def __init__(self, cfg, text: dict[str, str], feats_dir: Path, stage: str, graph_model: GmmModel | None = None,
+                 lang_dir: Path | None = None):
         self.cfg, self.text, self.feats_dir, self.stage, self.graph_model = cfg, text, feats_dir, stage, graph_model
         self.nj, self.align_cfg = num_jobs(cfg), OmegaConf.to_container(cfg.gmm.align, resolve=True)
-        self.lang_dir = str(Layout.of(cfg).lang)
+        self.lang_dir = str(lang_dir or Layout.of(cfg).lang)
 
     def __call__(self, model: GmmModel, utts: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Alignments of ``utts`` and the utterances dropped, with the reason."""
@@ -435,9 +436,16 @@ def train(cfg) -> dict:
 
 def run_align(cfg) -> None:
     """Stage 3's end, and the ``align`` command: the triphone model's forced alignment of every
-    set in ``features.sets`` (exp/tri/ali_<set>), utterances that fail counted and listed."""
+    set in ``features.sets`` (exp/tri/ali_<set>), utterances that fail counted and listed.
+
+    A set whose transcripts hold words the training lang lacks (an eval set's) is aligned with
+    an alignment lang of its own, ``ali_<set>/lang``: the training lang with those words, their
+    pronunciations from the dictionary then CMUdict on the acoustic model's phones (as the
+    decoding lang is made), so a set with new words needs no new lang dir, GMM or DNN; words
+    without a usable pronunciation are named and their utterances dropped."""
+    log = logging.getLogger(__name__)
     layout = Layout.of(cfg)
-    tri = None
+    tri, trained = None, None
     for name in feature_sets(cfg):
         out_dir = layout.alignment(name)
         mfcc = layout.mfcc(name)
@@ -450,7 +458,11 @@ def run_align(cfg) -> None:
         set_data = DataDir.read(layout.data_dir(name))
         set_feats = FeatureStore.load(mfcc)
         set_utts = [u for u in set_data.utt_ids if u in set_feats]
-        set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}")(tri, set_utts)
+        trained = Lang.load(layout.lang) if trained is None else trained
+        set_lang, missing = with_words(cfg, trained, vocabulary(layout.data, [name])[0], layout.alignment_lang(name))
+        for word, reason in sorted(missing.items()):
+            log.warning("align %s: word %s has no pronunciation the model can use (%s); its utterances are dropped", name, word, reason)
+        set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}", lang_dir=set_lang.directory)(tri, set_utts)
         scored_only = scoring_only(cfg, name)
         account_dropped(f"align {name}" + (" (scored only: drops never stop the stage)" if scored_only else ""),
                         len(set_utts), dropped, 1.0 if scored_only else cfg.prep.max_drop_fraction, out_dir / "dropped.json")

@@ -193,7 +193,7 @@ def run(cfg) -> None:
         texts = {u: t for u, t in transcripts.items() if u not in excluded}
         texts |= {f"{path}:{n}": line.strip() for path in extra_text
                   for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()}
-        wanted = {w for text in texts.values() for w in text.split()} if extra_text else set()
+        wanted = {w for text in texts.values() for w in text.split()}
     lang, missing = with_words(cfg, trained, wanted, layout.decoding_lang)
     if missing:
         log.warning("make-graph: %d LM word(s) without a usable pronunciation are left out of the graph (%s), e.g. %s",

