@@ -197,10 +197,16 @@ def write_kaldi_matrices(ark: Path, scp: Path, items) -> None:
         tmp_scp.write_text(tmp_scp.read_text().replace(str(tmp_ark), str(ark)))
 
 
-def load_array(path: Path, mmap: bool, stage: str) -> np.ndarray:
-    """np.load with an error that names the file and the stage to rerun when it is cut short or corrupt."""
+def index_dtype(num_rows: int) -> type:
+    """The integer type of indices into ``num_rows`` rows: int32 while it holds them (4 bytes an index), else int64."""
+    return np.int32 if num_rows < 2**31 else np.int64
+
+
+def load_array(path: Path, mmap: bool, stage: str, writable: bool = False) -> np.ndarray:
+    """np.load with an error that names the file and the stage to rerun when it is cut short or corrupt.
+    ``writable`` maps it copy-on-write (a torch tensor can share it; the file is never written)."""
     try:
-        return np.load(path, mmap_mode="r" if mmap else None)
+        return np.load(path, mmap_mode=("c" if writable else "r") if mmap else None)
     except FileNotFoundError:
         raise
     except (ValueError, OSError, EOFError) as err:

@@ -19,7 +19,7 @@ every 0.1 s from /proc: all resident pages, and the anonymous ones (what the pro
 themselves; the rest are pages of the stores they map, which the kernel drops under pressure). The slopes of log(wall) and log(anonymous peak) on log(hours) are each stage's growth; the JSON
 also extrapolates every stage to 100 h and 1000 h of training audio along them, the PNG draws
 wall time against hours on log-log axes and the ``.md`` is the table README quotes
-(``--report-only`` redraws both from the JSON). Each scale's measurement is saved in
+(``--report-only`` fits the growth again and redraws both from the JSON's measurements). Each scale's measurement is saved in
 ``<work>/x<scale>/row.json`` as it finishes, with the code and machine that made it: a rerun
 after an interruption (a session's end) keeps the scales this code measured on this machine
 and starts at the next, so point ``--work`` at a dir that outlives /tmp (e.g. ``exp_scaling``).
@@ -156,9 +156,19 @@ def slope(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
+def affine(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares intercept and slope of y on x."""
+    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+    slope_ = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - slope_ * mx, slope_
+
+
 def growth(rows: list[dict], stage: str, nj: int) -> dict | None:
     """Exponents of wall time and of peak anonymous memory in the training hours (slopes on log-log
-    axes), and what they imply at 100 h and 1000 h, extrapolated from the largest scale."""
+    axes); wall time at 100 h and 1000 h extrapolated from the largest scale along its exponent;
+    memory along a straight line (a fixed part, the runtime's, plus bytes per frame: a power law
+    through a fixed floor would hide the per-frame part), with its bytes a frame (100 frames/s)
+    and the ratio of the largest scale's peak to the smallest's (the target: flat, <= 1.5)."""
     measured = [(r["train_hours"], r["stages"][stage][str(nj)]) for r in rows if str(nj) in r["stages"].get(stage, {})]
     if len(measured) < 2:
         return None
@@ -166,10 +176,17 @@ def growth(rows: list[dict], stage: str, nj: int) -> dict | None:
     time_slope = slope([(h, m["wall_s"]) for h, m in measured])
     out = {"exponent": round(time_slope, 2), **{f"wall_h_at_{h}h": round(last["wall_s"] * (h / h_last) ** time_slope / 3600, 2) for h in (100, 1000)}}
     if all("peak_anon_mb" in m for _, m in measured):
-        memory_slope = slope([(h, m["peak_anon_mb"]) for h, m in measured])
-        out |= {"memory_exponent": round(memory_slope, 2),
-                **{f"anon_gb_at_{h}h": round(last["peak_anon_mb"] * (h / h_last) ** memory_slope / 1024, 2) for h in (100, 1000)}}
+        memory = [(h, m["peak_anon_mb"]) for h, m in measured]
+        intercept, mb_per_hour = affine(memory)
+        out |= {"memory_exponent": round(slope(memory), 2), "anon_ratio": round(memory[-1][1] / memory[0][1], 2),
+                "anon_bytes_per_frame": round(mb_per_hour * 2**20 / 360_000, 1),
+                **{f"anon_gb_at_{h}h": round((intercept + mb_per_hour * h) / 1024, 2) for h in (100, 1000)}}
     return out
+
+
+def growths(rows: list[dict], nj_values: list[int]) -> dict:
+    """:func:`growth` of every stage at every nj measured."""
+    return {label: {str(nj): fit for nj in nj_values if (fit := growth(rows, label, nj))} for label, *_ in STAGES}
 
 
 def plot(result: dict, out: Path) -> None:
@@ -194,18 +211,20 @@ def markdown(result: dict) -> str:
     scales = result["scales"]
     hours = " / ".join(f"{r['train_hours']:.2f}" for r in scales)
     largest = f"{scales[-1]['train_hours']:.2f} h"
-    lines = [f"| stage | nj | wall s at {hours} h of train | anon MB at {hours} h | resident MB at {largest} | memory exponent "
-             "| anon GB at 100 / 1000 h (fitted) | time exponent | wall h at 100 h (fitted / linear) | wall h at 1000 h (fitted / linear) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| stage | nj | wall s at {hours} h of train | anon MB at {hours} h | anon largest / smallest | resident MB at {largest} "
+             "| memory exponent | anon bytes a frame | anon GB at 100 / 1000 h (linear) | time exponent "
+             "| wall h at 100 h (fitted / linear) | wall h at 1000 h (fitted / linear) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for stage, by_nj in result["growth"].items():
         for nj, growth in by_nj.items():
             measured = [r["stages"][stage][nj] for r in scales]
             walls = " / ".join(f"{m['wall_s']:.1f}" for m in measured)
             anon = " / ".join(f"{m['peak_anon_mb']:.0f}" if "peak_anon_mb" in m else "–" for m in measured)
             per_hour = measured[-1]["wall_s"] / scales[-1]["train_hours"] / 3600  # linear from the largest scale
-            memory = (f"{growth['memory_exponent']:.2f} | {growth['anon_gb_at_100h']:.1f} / {growth['anon_gb_at_1000h']:.1f}"
-                      if "memory_exponent" in growth else "– | –")
-            lines.append(f"| {stage} | {nj} | {walls} | {anon} | {measured[-1]['peak_rss_mb']:.0f} | {memory} "
+            ratio = f"{growth['anon_ratio']:.2f}" if "anon_ratio" in growth else "–"
+            memory = (f"{growth['memory_exponent']:.2f} | {growth['anon_bytes_per_frame']:.0f} | "
+                      f"{growth['anon_gb_at_100h']:.1f} / {growth['anon_gb_at_1000h']:.1f}" if "anon_ratio" in growth else "– | – | –")
+            lines.append(f"| {stage} | {nj} | {walls} | {anon} | {ratio} | {measured[-1]['peak_rss_mb']:.0f} | {memory} "
                          f"| {growth['exponent']:.2f} | {growth['wall_h_at_100h']:.2f} / "
                          f"{100 * per_hour:.2f} | {growth['wall_h_at_1000h']:.2f} / {1000 * per_hour:.2f} |")
     return "\n".join(lines) + "\n"
@@ -218,13 +237,15 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 3, 9], choices=sorted(SPEEDS))
     parser.add_argument("--nj", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "scaling.json")
-    parser.add_argument("--report-only", action="store_true", help="redraw the PNG and table from --out, measuring nothing")
+    parser.add_argument("--report-only", action="store_true", help="fit and redraw the PNG and table from --out, measuring nothing")
     args = parser.parse_args()
     from asrkd.nnet.cost import cpu_name
     from asrkd.stage import write_json, write_text
 
-    if args.report_only:
+    if args.report_only:  # the fits are made again from the measurements
         result = json.loads(args.out.read_text())
+        result["growth"] = growths(result["scales"], result["nj"])
+        write_json(args.out, result)
         plot(result, args.out.with_suffix(".png"))
         write_text(args.out.with_suffix(".md"), markdown(result))
         return
@@ -262,7 +283,7 @@ def main() -> None:
         "command": "python bench/scaling.py " + " ".join(sys.argv[1:]),
         "machine": machine,
         "nj": args.nj, "scales": rows,
-        "growth": {label: {str(nj): growth(rows, label, nj) for nj in args.nj if growth(rows, label, nj)} for label, *_ in STAGES},
+        "growth": growths(rows, args.nj),
         "notes": "wall/cpu seconds, peak RSS and peak anonymous memory (MB, whole process tree) per stage; train-dnn is one epoch, decode scores the "
                  "grown test set and the grown train's validation speakers with the triphone GMM; growth: slope of log wall "
                  "time on log training hours, extrapolated from the largest scale",

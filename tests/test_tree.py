@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import kaldi_hmm_gmm as khg
 import numpy as np
 import pytest
@@ -34,20 +36,33 @@ def test_frame_events_use_neighbouring_phones_and_utterance_edges() -> None:
     assert events[:, :3].tolist() == [[0, 4, 4]] * 3 + [[4, 4, 7]] * 2 + [[4, 7, 0]] * 2
 
 
-def test_tree_stats_in_blocks_are_a_single_pass_bit_for_bit() -> None:
+def test_tree_stats_in_buckets_and_blocks_are_a_single_pass_bit_for_bit(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     events = rng.integers(0, 5, size=(5000, 4))
-    events[:1500] = 0  # one event larger than a block
-    frames = rng.normal(size=(5100, 7)).astype(np.float32)  # the store; event i's frame is row rows[i]
-    rows = rng.permutation(5100)[:5000]
-    whole = T.accumulate_tree_stats(events, frames[rows], block_rows=10**9)
-    for block_rows in (1, 13, 1000):
-        stats = T.accumulate_tree_stats(events, frames, rows, block_rows=block_rows)
-        for field in ("events", "count", "sum", "sumsq"):
-            assert np.array_equal(getattr(stats, field), getattr(whole, field)), (block_rows, field)
+    events[:1500] = 0  # one event larger than a bucket and a block
+    frames = rng.normal(size=(5100, 7)).astype(np.float32)  # the store; utterance u's frames are rows starts[u]...
+    lengths = np.diff(np.r_[0, np.sort(rng.choice(np.arange(1, 5000), 99, replace=False)), 5000])
+    starts = np.cumsum(np.r_[0, lengths[:-1] + 1])  # a row left out between utterances (an unaligned one)
+    rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
+    unique, inverse = np.unique(events, axis=0, return_inverse=True)  # the single pass: one reduction per event
+    x = frames[rows].astype(np.float64)[np.argsort(inverse.reshape(-1), kind="stable")]
+    cuts = np.r_[0, np.cumsum(np.bincount(inverse.reshape(-1)))[:-1]]
+    whole_sum, whole_sumsq = np.add.reduceat(x, cuts, axis=0), np.add.reduceat(x * x, cuts, axis=0)
+    utterances = lambda: zip(np.split(events, np.cumsum(lengths)[:-1]), starts)  # noqa: E731
+    for bucket_frames, block_rows in ((10**9, 10**9), (1, 1), (13, 13), (1000, 64), (2000, 10**9)):
+        stats = T.accumulate_tree_stats(utterances(), 5000, frames, (5, 5, 5, 5), tmp_path, bucket_frames, block_rows)
+        assert np.array_equal(stats.events, unique) and stats.count.tolist() == np.bincount(inverse.reshape(-1)).tolist()
+        assert np.array_equal(stats.sum, whole_sum) and np.array_equal(stats.sumsq, whole_sumsq), (bucket_frames, block_rows)
+    assert list(tmp_path.iterdir()) == []  # its working files are gone
     first = np.flatnonzero((events == events[0]).all(axis=1))  # event (0, 0, 0, 0): its frames' float64 sum
-    assert whole.sum[0].tolist() == np.add.reduce(frames[rows[first]].astype(np.float64), axis=0).tolist()
-    assert whole.count.sum() == len(events)
+    assert stats.sum[0].tolist() == np.add.reduceat(frames[rows[first]].astype(np.float64), [0], axis=0)[0].tolist()
+
+
+def test_event_keys_sort_as_the_events_and_decode_back() -> None:
+    events = np.random.default_rng(2).integers(0, 7, size=(500, 4))
+    keys = T.event_keys(events, (7, 7, 7, 7))
+    assert np.array_equal(T.key_events(keys, (7, 7, 7, 7)), events)
+    assert np.array_equal(T.key_events(np.unique(keys), (7, 7, 7, 7)), np.unique(events, axis=0))
 
 
 def synthetic_stats() -> T.TreeStats:

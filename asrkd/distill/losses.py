@@ -30,7 +30,7 @@ def hard_term(student_logits: torch.Tensor, hard_targets: torch.Tensor, hard_wei
     if not hard_weight:
         return 0.0
     labeled = (hard_targets >= 0).sum().clamp(min=1)
-    return hard_weight * F.cross_entropy(student_logits.float(), hard_targets, ignore_index=-1, reduction="sum") / labeled
+    return hard_weight * F.cross_entropy(student_logits.float(), hard_targets.long(), ignore_index=-1, reduction="sum") / labeled
 
 
 def distillation_loss(

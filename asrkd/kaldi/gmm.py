@@ -137,7 +137,7 @@ def equal_align(graphs: Iterable[tuple[str, Any, str | None]], feats: FeatureSto
         if not ok:
             dropped[utt] = f"utterance {utt}: {len(feats[utt])} frames are too few for its transcript's HMMs"
             continue
-        alignments[utt] = np.asarray(tids, dtype=np.int64)
+        alignments[utt] = np.asarray(tids, dtype=np.int32)  # 4 bytes a frame: a pass holds all the alignments
     return alignments, dropped
 
 
@@ -165,7 +165,7 @@ def align(model: GmmModel, graphs: Iterable[tuple[str, Any, str | None]], feats:
             dropped[utt] = f"utterance {utt}: alignment failed even with retry_beam={cfg.retry_beam}"
             failed += 1
             continue
-        alignments[utt] = np.asarray(tids, dtype=np.int64)
+        alignments[utt] = np.asarray(tids, dtype=np.int32)  # 4 bytes a frame: a pass holds all the alignments
     if failed:  # training goes on without them this pass; the final alignment accounts for them
         log.warning("align: %d of %d utterances failed (e.g. %s)", failed, total,
                     next(u for u, r in dropped.items() if "alignment failed" in r))
@@ -338,13 +338,16 @@ def frame_contexts(table: np.ndarray, id2state: np.ndarray, tids: np.ndarray) ->
     return tree_lib.frame_events(phone, hmm_state, pdf_class)
 
 
-def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments: dict, feats: FeatureStore, cfg) -> tuple[GmmModel, dict]:
-    """Tree stats from the monophone alignment -> questions -> tree -> one Gaussian per leaf."""
+def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments: dict, feats: FeatureStore, cfg,
+                   scratch: Path) -> tuple[GmmModel, dict]:
+    """Tree stats from the monophone alignment -> questions -> tree -> one Gaussian per leaf
+    (``scratch``: a dir for the statistics' working files, removed after)."""
     table = transition_state_table(mono, topo)
     id2state = np.asarray(mono.trans_model.id2state, dtype=np.int64)
-    events = np.concatenate([frame_contexts(table, id2state, tids) for tids in alignments.values()])
-    rows = np.concatenate([np.arange(*feats.span(u)) for u in alignments])  # each event's frame in the (memory-mapped) store
-    stats = tree_lib.accumulate_tree_stats(events, feats.frames, rows)
+    phones, pdf_classes = int(table[:, 0].max()) + 1, int(table[:, 2].max()) + 1
+    stats = tree_lib.accumulate_tree_stats(((frame_contexts(table, id2state, tids), feats.span(utt)[0]) for utt, tids in alignments.items()),
+                                           sum(len(tids) for tids in alignments.values()), feats.frames,
+                                           (phones, phones, phones, pdf_classes), scratch)
     id2phone = lang.id2phone
     position_sets = [[i for i in lang.real_phone_ids if id2phone[i].endswith(f"_{pos}")] for pos in POSITIONS]
     questions = tree_lib.phone_questions(stats, lang.phone_sets, position_sets, cfg.var_floor)
@@ -422,7 +425,7 @@ def train(cfg) -> dict:
     mono_time = time.time() - tic
 
     tic = time.time()
-    tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree)
+    tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree, layout.exp)
     realign = realigner(cfg, tri, data.text, utts, mfcc_dir, "train-gmm tri realign")
     _, tri_history = train_em(tri, realign, feats, realign(tri), cfg.gmm.tri, cfg, "tri", rng)
     tri.save(layout.gmm)

@@ -4,7 +4,8 @@ kaldi-hmm-gmm binds Kaldi's ContextDependency but not the tools that grow one, s
 grows it and hands it to Kaldi in Kaldi's own binary format:
 
 1. :func:`accumulate_tree_stats` -- per (left, center, right, pdf-class) event, the count,
-   sum and sum of squares of the features, from a monophone alignment (acc-tree-stats).
+   sum and sum of squares of the features, from a monophone alignment (acc-tree-stats), in
+   memory that does not grow with the frames.
 2. :func:`phone_questions` -- phone sets to ask about, from a top-down bisection of the base
    phones by likelihood (cluster-phones), plus the word-position sets (extra questions).
 3. :func:`build_tree` -- one root per phone set (position variants of a base phone share it),
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import heapq
 import struct
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import kaldi_hmm_gmm as khg
 import numpy as np
@@ -29,6 +33,7 @@ CONTEXT_WIDTH = 3  # triphone: keys 0 (left), 1 (center), 2 (right)
 CENTRAL_POSITION = 1
 LOG_2PI = float(np.log(2 * np.pi))
 TREE_BLOCK_ROWS = 1 << 16  # frames summed at a time (memory: 2 x 8 bytes x their dimension)
+TREE_BUCKET_FRAMES = 1 << 19  # frames whose events are summed at a time (memory: about 60 bytes each, 30 MB)
 
 
 @dataclass
@@ -77,21 +82,102 @@ def frame_events(phones: np.ndarray, hmm_states: np.ndarray, pdf_classes: np.nda
     return np.stack([padded[instance], sequence[instance], padded[instance + 2], pdf_classes], axis=1)
 
 
-def accumulate_tree_stats(events: np.ndarray, frames: np.ndarray, rows: np.ndarray | None = None,
+def event_keys(events: np.ndarray, radix: tuple[int, int, int, int]) -> np.ndarray:
+    """One int64 per (left, center, right, pdf-class) event, in mixed radix: keys sort as the
+    events do lexicographically (what np.unique over the (T, 4) rows gives)."""
+    keys = np.zeros(len(events), dtype=np.int64)
+    for column, base in enumerate(radix):
+        keys = keys * base + events[:, column]
+    return keys
+
+
+def key_events(keys: np.ndarray, radix: tuple[int, int, int, int]) -> np.ndarray:
+    """The (E, 4) events of ``keys`` (event_keys' inverse)."""
+    events = np.zeros((len(keys), 4), dtype=np.int64)
+    for column in range(3, -1, -1):
+        keys, events[:, column] = np.divmod(keys, radix[column])
+    return events
+
+
+def accumulate_tree_stats(utterances: Iterable[tuple[np.ndarray, int]], num_frames: int, frames: np.ndarray,
+                          radix: tuple[int, int, int, int], scratch: Path, bucket_frames: int = TREE_BUCKET_FRAMES,
                           block_rows: int = TREE_BLOCK_ROWS) -> TreeStats:
     """Sum frames' stats by identical event (what acc-tree-stats writes to treeacc).
 
-    Event i's frame is ``frames[rows[i]]`` (``rows`` None: ``frames[i]``), so ``frames`` may be a
-    memory-mapped feature store. The float64 sums are made over blocks of about ``block_rows``
-    frames, each block holding whole events: every event's sum is one reduction over its own
-    frames in order, so the bits are those of a single pass whatever the block size.
+    ``utterances`` yields each utterance's (T, 4) events and the store row of its first frame
+    (``num_frames`` in all); ``frames`` may be a memory-mapped store. Every event's float64 sums
+    are one reduction (np.add.reduceat) over its own frames in the order they come, so the bits
+    do not depend on how the work is cut. Memory does not grow with the frames: each frame's
+    event key and row go to files in ``scratch``, sorted there into key-ordered buckets of about
+    ``bucket_frames`` frames (a counting sort, order kept within a bucket), and a bucket at a
+    time is summed, its frames read in blocks of ``block_rows``.
     """
-    unique, inverse = np.unique(events, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    chunk = 1 << 20
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="tree_stats.") as tmp:
+        def scratch_array(name: str) -> np.ndarray:
+            return np.lib.format.open_memmap(Path(tmp) / f"{name}.npy", mode="w+", dtype=np.int64, shape=(num_frames,))
+
+        keys, rows = scratch_array("keys"), scratch_array("rows")
+        counts: dict[int, int] = {}
+        position = 0
+        for events, first_row in utterances:
+            utterance_keys = event_keys(events, radix)
+            keys[position:position + len(events)] = utterance_keys
+            rows[position:position + len(events)] = np.arange(first_row, first_row + len(events))
+            position += len(events)
+            for key, count in zip(*np.unique(utterance_keys, return_counts=True)):
+                counts[int(key)] = counts.get(int(key), 0) + int(count)
+        if position != num_frames:
+            raise ValueError(f"tree statistics: {position} events for {num_frames} frames")
+        firsts, sizes = _buckets(sorted(counts.items()), bucket_frames)
+        bucket_keys, bucket_rows = scratch_array("bucket_keys"), scratch_array("bucket_rows")
+        filled = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)  # where each bucket's next frame goes
+        for start in range(0, num_frames, chunk):
+            chunk_keys, chunk_rows = np.asarray(keys[start:start + chunk]), np.asarray(rows[start:start + chunk])
+            bucket = np.searchsorted(firsts, chunk_keys, side="right") - 1
+            order = np.argsort(bucket, kind="stable")
+            for b, begin, end in _runs(bucket[order]):
+                bucket_keys[filled[b]:filled[b] + end - begin] = chunk_keys[order[begin:end]]
+                bucket_rows[filled[b]:filled[b] + end - begin] = chunk_rows[order[begin:end]]
+                filled[b] += end - begin
+        bounds = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+        parts = [_bucket_stats(np.asarray(bucket_keys[bounds[b]:bounds[b + 1]]), np.asarray(bucket_rows[bounds[b]:bounds[b + 1]]),
+                               frames, block_rows) for b in range(len(sizes))]
+        del keys, rows, bucket_keys, bucket_rows  # the maps close before their directory goes
+    dim = frames.shape[1]
+    return TreeStats(events=key_events(np.concatenate([p[0] for p in parts] or [np.zeros(0, dtype=np.int64)]), radix),
+                     count=np.concatenate([p[1] for p in parts] or [np.zeros(0)]),
+                     sum=np.concatenate([p[2] for p in parts] or [np.zeros((0, dim))]),
+                     sumsq=np.concatenate([p[3] for p in parts] or [np.zeros((0, dim))]))
+
+
+def _buckets(key_counts: list[tuple[int, int]], bucket_frames: int) -> tuple[np.ndarray, list[int]]:
+    """Consecutive key ranges of about ``bucket_frames`` frames (an event larger than that alone):
+    each bucket's first key and its frames."""
+    firsts: list[int] = []
+    sizes: list[int] = []
+    for key, count in key_counts:
+        if not sizes or sizes[-1] + count > bucket_frames:
+            firsts.append(key)
+            sizes.append(0)
+        sizes[-1] += count
+    return np.asarray(firsts, dtype=np.int64), sizes
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int, int]]:
+    """(value, begin, end) of each run of equal values in a sorted array."""
+    edges = np.flatnonzero(np.diff(values)) + 1
+    begins, ends = np.r_[0, edges], np.r_[edges, len(values)]
+    return [(int(values[b]), int(b), int(e)) for b, e in zip(begins, ends)] if len(values) else []
+
+
+def _bucket_stats(keys: np.ndarray, rows: np.ndarray, frames: np.ndarray, block_rows: int) -> tuple[np.ndarray, ...]:
+    """A bucket's unique keys, their counts, sums and sums of squares (whole events per block)."""
+    unique, inverse = np.unique(keys, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     count = np.bincount(inverse, minlength=len(unique))
-    bounds = np.r_[0, np.cumsum(count)]  # event e's frames: order[bounds[e]:bounds[e + 1]]
-    source = order if rows is None else np.asarray(rows)[order]
+    bounds = np.r_[0, np.cumsum(count)]  # event e's frames: source[bounds[e]:bounds[e + 1]]
+    source = rows[order]
     total = np.zeros((len(unique), frames.shape[1]))
     sumsq = np.zeros_like(total)
     first = 0
@@ -102,7 +188,7 @@ def accumulate_tree_stats(events: np.ndarray, frames: np.ndarray, rows: np.ndarr
         total[first:last] = np.add.reduceat(x, starts, axis=0)
         sumsq[first:last] = np.add.reduceat(x * x, starts, axis=0)
         first = last
-    return TreeStats(events=unique.astype(np.int64), count=count.astype(np.float64), sum=total, sumsq=sumsq)
+    return unique, count.astype(np.float64), total, sumsq
 
 
 def _bisect(names: list[str], count: np.ndarray, total: np.ndarray, sumsq: np.ndarray, var_floor: float) -> list[list[str]]:

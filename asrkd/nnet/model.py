@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from asrkd.stores import ConcatenatedFrames, FeatureStore
+from asrkd.stores import ConcatenatedFrames, FeatureStore, index_dtype
 
 
 def resident(array: np.ndarray | ConcatenatedFrames, device: torch.device) -> np.ndarray | ConcatenatedFrames | torch.Tensor:
@@ -63,9 +63,11 @@ class SplicedFrames:
         return gather(self.frames, torch.from_numpy(indices).to(self.device)).float().cpu().numpy()
 
     def frame_indices(self, utt_ids: list[str]) -> np.ndarray:
-        """Global indices of all frames of ``utt_ids``."""
+        """Global indices of all frames of ``utt_ids``: int32 below 2^31 frames (~6,000 h at 100 frames/s),
+        so the index arrays of an epoch (its frames, their order) cost 4 bytes a frame."""
         spans = [self.store.span(u) for u in utt_ids]
-        return np.concatenate([np.arange(s, e) for s, e in spans]) if spans else np.zeros(0, dtype=np.int64)
+        dtype = index_dtype(self.store.num_frames)
+        return np.concatenate([np.arange(s, e, dtype=dtype) for s, e in spans]) if spans else np.zeros(0, dtype=dtype)
 
 
 class HybridDNN(nn.Module):

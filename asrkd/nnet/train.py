@@ -65,7 +65,11 @@ def replicates(cfg) -> list[str]:
 
 @dataclass
 class FrameData:
-    """Spliced fbank frames of one feature store with the pdf-id of every frame (-1: unaligned)."""
+    """Spliced fbank frames of one feature store with the pdf-id of every frame (-1: unaligned).
+
+    ``pdf_ids`` are the alignment's int32 as stored, memory-mapped on the CPU (nothing per frame
+    is held in memory; a store and its alignment larger than memory train as well): the losses
+    take them as int64 a batch at a time."""
 
     frames: SplicedFrames
     pdf_ids: torch.Tensor
@@ -89,9 +93,9 @@ class FrameData:
             if require_alignment:
                 raise FileNotFoundError(f"{ali_dir}: no alignment of {name}; run `asrkd align features.sets=[{name}]`")
             num_pdfs = json.loads((layout.gmm / "log.json").read_text())["tri"]["num_pdfs"]
-            pdf_ids = np.full(store.num_frames, -1, dtype=np.int64)
+            pdf_ids = np.full(store.num_frames, -1, dtype=np.int32)
         else:
-            pdf_ids = load_array(ali_dir / "pdf_ids.npy", False, "align").astype(np.int64)
+            pdf_ids = load_array(ali_dir / "pdf_ids.npy", True, "align", writable=True)  # int32, mapped: no copy in memory
             num_pdfs = int(json.loads((ali_dir / "index.json").read_text())["num_pdfs"])
             mfcc_index = json.loads((layout.mfcc(name) / FeatureStore.INDEX).read_text())
             if mfcc_index["utt_ids"] != store.utt_ids or mfcc_index["offsets"] != store.offsets.tolist():
@@ -154,7 +158,7 @@ def evaluate_frames(model: HybridDNN, data: FrameData, indices: np.ndarray, batc
         logits = model(data.frames.context(batch)).float()
         target = targets[batch]
         hits[start : start + len(batch)] = (logits.argmax(-1) == target).cpu().numpy()
-        loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        loss += float(F.cross_entropy(logits, target.long(), reduction="sum"))
     total = len(indices)
     return {"frame_accuracy": float(hits.sum()) / max(total, 1), "cross_entropy": loss / max(total, 1), "frames": total, "hits": hits}
 
@@ -282,7 +286,7 @@ class TrainStep:
     def loss(self, logits: torch.Tensor, batch: torch.Tensor, view: View | None) -> torch.Tensor:
         if view is not None:
             return self.loss_fn(logits, batch, view) if self.loss_fn else view.hard_cross_entropy(logits, self.hard[batch])
-        return self.loss_fn(logits, batch) if self.loss_fn else F.cross_entropy(logits.float(), self.hard[batch])
+        return self.loss_fn(logits, batch) if self.loss_fn else F.cross_entropy(logits.float(), self.hard[batch].long())
 
 
 def hidden_weights(net: torch.nn.Module) -> list[tuple[torch.Tensor, int]]:
@@ -563,9 +567,12 @@ class TrainingSet:
                 data = FrameData.combine(parts)
                 valid_idx = data.labeled(self.valid_utts)
             labeled = data.labeled(self.train_utts)
-            hard = torch.full_like(data.pdf_ids, -1)  # the hard term only where train.data is aligned
-            index = torch.from_numpy(labeled).to(hard.device)
-            hard[index] = data.pdf_ids[index]
+            if self.transfer_utts:  # the hard term only where train.data is aligned, none on the transfer set's frames
+                hard = torch.full_like(data.pdf_ids, -1)
+                index = torch.from_numpy(labeled).to(hard.device)
+                hard[index] = data.pdf_ids[index]
+            else:  # every training frame is one of train.data's aligned ones: the alignment as it is, not a copy
+                hard = data.pdf_ids
             train_idx = np.union1d(labeled, data.indices(self.transfer_utts)) if self.transfer_utts else labeled
             log.info("%d training frames (%d labeled, %d utts + %d transfer utts), %d validation frames (%d utts), %d pdfs, "
                      "stores %s, device %s", len(train_idx), len(labeled), len(self.train_utts), len(self.transfer_utts),

@@ -70,10 +70,10 @@ class View:
         whose partner's) is -1 carry no hard term for that part (as losses.hard_term)."""
         if not weight:
             return 0.0
-        own = F.cross_entropy(logits.float(), hard, ignore_index=-1, reduction="none")
+        own = F.cross_entropy(logits.float(), hard.long(), ignore_index=-1, reduction="none")
         if self.partner is None:
             return weight * own.sum() / (hard >= 0).sum().clamp(min=1)
-        other = F.cross_entropy(logits.float(), hard[self.partner], ignore_index=-1, reduction="none")
+        other = F.cross_entropy(logits.float(), hard[self.partner].long(), ignore_index=-1, reduction="none")
         lam = self.lam.float()
         labeled = (lam * (hard >= 0) + (1 - lam) * (hard[self.partner] >= 0)).sum().clamp(min=1e-6)
         return weight * (lam * own + (1 - lam) * other).sum() / labeled
