@@ -372,17 +372,26 @@ def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments
 
 
 def store_alignment(model: GmmModel, alignments: dict[str, np.ndarray], feats: FeatureStore, out_dir: Path) -> np.ndarray:
-    """Per-frame transition-ids and pdf-ids in the feature store's layout (-1 where unaligned)."""
-    tids = np.full(feats.num_frames, -1, dtype=np.int32)
-    for utt, ali in alignments.items():
-        start, end = feats.span(utt)
-        tids[start:end] = ali
-    pdf_ids = np.where(tids >= 0, model.tid_to_pdf()[np.maximum(tids, 0)], -1).astype(np.int32)
-    save_npy(out_dir / "transition_ids.npy", tids)
-    save_npy(out_dir / "pdf_ids.npy", pdf_ids)
+    """Per-frame transition-ids and pdf-ids in the feature store's layout (-1 where unaligned),
+    written into their files an utterance at a time (nothing the size of the corpus in memory);
+    returns the pdf-ids' counts."""
+    tid_to_pdf = model.tid_to_pdf()
+    counts = np.zeros(model.num_pdfs, dtype=np.int64)
+    with atomic_write(out_dir / "transition_ids.npy") as tids_path, atomic_write(out_dir / "pdf_ids.npy") as pdf_ids_path:
+        tids, pdf_ids = (np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(feats.num_frames,))
+                         for path in (tids_path, pdf_ids_path))
+        tids[:], pdf_ids[:] = -1, -1
+        for utt, ali in alignments.items():
+            start, end = feats.span(utt)
+            tids[start:end] = ali
+            pdf_ids[start:end] = tid_to_pdf[ali]
+            counts += np.bincount(tid_to_pdf[ali], minlength=model.num_pdfs)
+        tids.flush()
+        pdf_ids.flush()
+        del tids, pdf_ids  # unmapped before the files are renamed into place
     write_json(out_dir / "index.json", {"num_pdfs": model.num_pdfs, "features_checksum": feats.checksum(),
                                         "aligned_utterances": len(alignments), "utterances": len(feats.utt_ids)})
-    return pdf_ids
+    return counts
 
 
 def run(cfg) -> None:
@@ -469,7 +478,6 @@ def run_align(cfg) -> None:
         scored_only = scoring_only(cfg, name)
         account_dropped(f"align {name}" + (" (scored only: drops never stop the stage)" if scored_only else ""),
                         len(set_utts), dropped, 1.0 if scored_only else cfg.prep.max_drop_fraction, out_dir / "dropped.json")
-        pdf_ids = store_alignment(tri, set_alignments, set_feats, out_dir)
-        counts = np.bincount(pdf_ids[pdf_ids >= 0], minlength=tri.num_pdfs)
+        counts = store_alignment(tri, set_alignments, set_feats, out_dir)
         save_npy(out_dir / "pdf_counts.npy", counts)  # priors of the hybrid models trained on this set
         stage.commit(aligned=len(set_alignments), dropped=len(dropped))
