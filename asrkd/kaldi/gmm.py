@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from asrkd.data import DataDir, feature_sets, scoring_only
 from asrkd.jobs import map_jobs, num_jobs, split
 from asrkd.kaldi import tree as tree_lib
-from asrkd.kaldi.lang import Lang, POSITIONS, vocabulary, with_words
+from asrkd.kaldi.lang import Lang, POSITIONS, with_words
 from asrkd.layout import Layout
 from asrkd.stage import account_dropped, atomic_write, plan, progress, save_npy, write_json
 from asrkd.stores import FeatureStore
@@ -383,9 +383,9 @@ def store_alignment(model: GmmModel, alignments: dict[str, np.ndarray], feats: F
         tids[:], pdf_ids[:] = -1, -1
         for utt, ali in alignments.items():
             start, end = feats.span(utt)
-            tids[start:end] = ali
-            pdf_ids[start:end] = tid_to_pdf[ali]
-            counts += np.bincount(tid_to_pdf[ali], minlength=model.num_pdfs)
+            pdfs = tid_to_pdf[ali]
+            tids[start:end], pdf_ids[start:end] = ali, pdfs
+            counts += np.bincount(pdfs, minlength=model.num_pdfs)
         tids.flush()
         pdf_ids.flush()
         del tids, pdf_ids  # unmapped before the files are renamed into place
@@ -471,7 +471,8 @@ def run_align(cfg) -> None:
         set_feats = FeatureStore.load(mfcc)
         set_utts = [u for u in set_data.utt_ids if u in set_feats]
         trained = Lang.load(layout.lang) if trained is None else trained
-        set_lang, missing = with_words(cfg, trained, vocabulary(layout.data, [name])[0], layout.alignment_lang(name))
+        words = {word for transcript in set_data.text.values() for word in transcript.split()}  # the data dir as read above
+        set_lang, missing = with_words(cfg, trained, words, layout.alignment_lang(name))
         for word, reason in sorted(missing.items()):
             log.warning("align %s: word %s has no pronunciation the model can use (%s); its utterances are dropped", name, word, reason)
         set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}", lang_dir=set_lang.directory)(tri, set_utts)
