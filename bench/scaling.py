@@ -15,9 +15,10 @@ between); the others (GMM training, one DNN epoch, soft targets, the graph) run 
 Decoding is the GMM's: a one-epoch DNN's flat posteriors keep far more hypotheses within the
 beam than a trained model's, so decoding with it would measure an undertrained model's search.
 Peak memory is that of the stage's whole process tree (its job workers included), sampled
-every 0.1 s from /proc: all resident pages, and the anonymous ones (what the processes hold
-themselves; the rest are pages of the stores they map, which the kernel drops under pressure). The slopes of log(wall) and log(anonymous peak) on log(hours) are each stage's growth; the JSON
-also extrapolates every stage to 100 h and 1000 h of training audio along them, the PNG draws
+every 10 ms from /proc: all resident pages, and the anonymous ones (what the processes hold
+themselves; the rest are pages of the stores they map, which the kernel drops under pressure). The slope of log(wall) on log(hours) is each stage's time growth, and
+the anonymous peak is fitted as a fixed part plus bytes per frame; the JSON extrapolates every
+stage to 100 h and 1000 h of training audio along them, the PNG draws
 wall time against hours on log-log axes and the ``.md`` is the table README quotes
 (``--report-only`` fits the growth again and redraws both from the JSON's measurements). Each scale's measurement is saved in
 ``<work>/x<scale>/row.json`` as it finishes, with the code and machine that made it: a rerun
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -56,30 +58,39 @@ STAGES = [
 ]
 
 
-def process_tree_memory(root: int) -> tuple[int, int]:
-    """Resident bytes of ``root`` and all its descendants (Linux /proc), and of them the anonymous
-    ones: memory the process holds itself. The rest are pages of files it maps (feature stores,
-    soft targets), which the kernel drops and rereads under pressure: a store larger than memory
-    is read through them, so the anonymous bytes are what must stay flat in the hours."""
-    parents: dict[int, int] = {}
-    memory: dict[int, tuple[int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
-            parents[int(entry)] = int(status["PPid"])
-            memory[int(entry)] = (int(status["VmRSS"].split()[0]) * 1024, int(status["RssAnon"].split()[0]) * 1024)
-        except (OSError, KeyError, IndexError, ValueError):
-            continue
+def read_memory(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, resident bytes, anonymous resident bytes) of ``pid`` from /proc, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(status["PPid"]), int(status["VmRSS"].split()[0]) * 1024, int(status["RssAnon"].split()[0]) * 1024
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and all its descendants: a scan of every process in /proc (about 3 ms)."""
+    parents = {int(entry): memory[0] for entry in os.listdir("/proc") if entry.isdigit() and (memory := read_memory(int(entry)))}
     tree, frontier = {root}, [root]
     while frontier:
         parent = frontier.pop()
         children = [p for p, pp in parents.items() if pp == parent and p not in tree]
         tree.update(children)
         frontier += children
-    return sum(memory.get(p, (0, 0))[0] for p in tree), sum(memory.get(p, (0, 0))[1] for p in tree)
+    return tree
+
+
+def tree_memory(tree: set[int]) -> tuple[int, int]:
+    """Resident bytes of the processes in ``tree``, and of them the anonymous ones: memory the processes hold
+    themselves. The rest are pages of files they map (feature stores, soft targets), which the kernel drops and
+    rereads under pressure: a store larger than memory is read through them, so the anonymous bytes are what
+    must stay flat in the hours."""
+    memory = [m for pid in tree if (m := read_memory(pid)) is not None]
+    return sum(m[1] for m in memory), sum(m[2] for m in memory)
+
+
+SAMPLE_S = 0.01  # a transient allocation (an evaluation batch) lasts tens of ms: sampled every 0.1 s, a peak was caught or missed at random
+RESCAN_EVERY = 25  # samples between scans of /proc for new children (jobs live for seconds); between them only the tree's own status files are read
 
 
 def measure(command: list[str], cwd: Path, log_path: Path) -> dict:
@@ -88,13 +99,16 @@ def measure(command: list[str], cwd: Path, log_path: Path) -> dict:
         tic = time.time()
         process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         peak_rss = peak_anon = 0
-        while True:
+        tree: set[int] = {process.pid}
+        for sample in itertools.count():
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
-            rss, anon = process_tree_memory(process.pid)
+            if sample % RESCAN_EVERY == 0:
+                tree = process_tree(process.pid)
+            rss, anon = tree_memory(tree)
             peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
-            time.sleep(0.1)
+            time.sleep(SAMPLE_S)
         wall = time.time() - tic
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command)} failed in {cwd}; see {log_path}")
@@ -286,7 +300,7 @@ def main() -> None:
         "growth": growths(rows, args.nj),
         "notes": "wall/cpu seconds, peak RSS and peak anonymous memory (MB, whole process tree) per stage; train-dnn is one epoch, decode scores the "
                  "grown test set and the grown train's validation speakers with the triphone GMM; growth: slope of log wall "
-                 "time on log training hours, extrapolated from the largest scale",
+                 "time on log training hours, extrapolated from the largest scale; anonymous peak fitted as fixed MB + bytes a frame",
     }
     write_json(args.out, result)
     plot(result, args.out.with_suffix(".png"))
