@@ -137,3 +137,42 @@ def test_the_subset_rows_keep_their_view_when_the_headline_takes_another() -> No
     assert {run.view for run in function_matching.runs(headline_too) if run.data != "train"} == {str(headline_too.function_matching.headline)}
     with pytest.raises(ValueError, match="function_matching.subset.view names typo"):
         function_matching.runs(load_config(["function_matching.subset.view=typo"]))
+
+
+def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_headline_row(tmp_path: Path) -> None:
+    from asrkd.cli import load_config
+
+    cfg = load_config([f"exp_dir={tmp_path}", "function_matching.headline=clean", "function_matching.schedules=[1,2,4,8]",
+                       "function_matching.headline_schedule=2", "function_matching.plateau=0.25", "function_matching.temperature=2"])
+
+    def trained(schedule: int, valid: float) -> None:
+        model_dir = tmp_path / "dnn" / function_matching.run_name(cfg, function_matching.Run("clean", schedule, "consistent", 0))
+        model_dir.mkdir(parents=True)
+        (model_dir / "history.json").write_text(json.dumps([{"valid_frame_accuracy": 0.1}, {"valid_frame_accuracy": valid}]))
+        (model_dir / "stage.json").write_text("{}")
+
+    trained(1, 0.5638)
+    trained(2, 0.5706)  # +0.68 points: patience still pays
+    assert function_matching.curve_stop(cfg) is None
+    trained(4, 0.5718)  # +0.12 points: the plateau
+    stop = function_matching.curve_stop(cfg)
+    assert stop["schedule"] == 4 and stop["previous"] == 2 and stop["skipped"] == [8] and stop["gain_points"] == pytest.approx(0.12)
+    skipped = [run for run in function_matching.runs(cfg) if function_matching.beyond_plateau(cfg, run, stop)]
+    assert {(run.schedule, run.kind) for run in skipped} == {(8, "hard"), (8, "consistent")}
+    assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": None}})) is None
+    assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": 0.1}})) is None  # +0.12 still counts
+    # the headline schedule is never skipped, even past a plateau reached before it
+    late = OmegaConf.merge(cfg, {"function_matching": {"headline_schedule": 8}})
+    assert not any(function_matching.beyond_plateau(late, run, stop) for run in function_matching.runs(late) if run.schedule == 8)
+
+
+def test_the_controls_train_alone_without_a_teacher(run_dir: Path, tmp_path: Path) -> None:
+    root = clone(run_dir, tmp_path)
+    cfg = tiny_config(root, "distill.teacher=absent_ensemble", "train.epochs=1", "train.max_frames_per_epoch=1000",
+                      "function_matching.ablation=[clean]", "function_matching.headline=clean", "function_matching.schedules=[1]",
+                      "function_matching.headline_schedule=1", "function_matching.seeds=1", "function_matching.subset=null",
+                      "function_matching.train_kinds=[hard]")
+    function_matching.EXPERIMENT.train(cfg)  # no teacher exists: only the control trains
+    assert sorted(p.name for p in (root / "exp" / "dnn").glob("fm_*")) == ["fm_clean_x1_hard"]
+    with pytest.raises(ValueError, match="train_kinds names hardd"):
+        function_matching.EXPERIMENT.train(OmegaConf.merge(cfg, {"function_matching": {"train_kinds": ["hardd"]}}))

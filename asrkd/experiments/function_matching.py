@@ -24,8 +24,9 @@ schedule ends at the same rate) and a kind. The runs: every view of ``ablation``
 seed); with ``subset``, its view (``subset.view``; null: the headline's) on that share of train
 (``seeds`` seeds; the 100% teacher, the gap to the 100% model closed: with 3% of the frames the
 views widen what the student is matched on, where on all of them the clean frames lead); the ``headline`` view at every schedule (one seed,
-the patience curve); the precomputed student at the headline view and schedule; the headline
-view and schedule with ``seeds`` seeds (the headline rows). Rows share models where they
+the patience curve, which stops at a validation plateau: ``plateau``); the precomputed student at
+the headline view and schedule; the headline view and schedule with ``seeds`` seeds (the headline
+rows). Rows share models where they
 coincide. The headline view is chosen on the validation accuracy of the ablation's students
 (the report says when another view is ahead).
 
@@ -102,6 +103,37 @@ def runs(cfg) -> list[Run]:
     return list(dict.fromkeys(out))
 
 
+def curve_stop(cfg) -> dict | None:
+    """Where the patience curve stops: at the first schedule whose consistent student (the headline
+    view, seed 0) is less than ``function_matching.plateau`` points of validation frame accuracy
+    (its final epoch's, the checkpoint every row is scored at) above the previous schedule's.
+    Patience is measured until it stops paying on data the test set never sees; None while no
+    two consecutive schedules are trained, when one still gains, or with ``plateau`` null."""
+    fm = cfg.function_matching
+    if fm.get("plateau") is None:
+        return None
+    exp, headline = Path(cfg.exp_dir), str(fm.headline)
+    valid = {}
+    for schedule in sorted(map(int, fm.schedules)):
+        model_dir = Layout(exp).model(run_name(cfg, Run(headline, schedule, "consistent", 0)))
+        if not (model_dir / "stage.json").is_file():
+            return None
+        valid[schedule] = float(read_history(model_dir)[-1]["valid_frame_accuracy"])
+        if len(valid) > 1:
+            previous = sorted(valid)[-2]
+            gain = 100 * (valid[schedule] - valid[previous])
+            if gain < float(fm.plateau):
+                return {"schedule": schedule, "previous": previous, "gain_points": gain, "plateau_points": float(fm.plateau),
+                        "skipped": [int(m) for m in fm.schedules if int(m) > schedule]}
+    return None
+
+
+def beyond_plateau(cfg, run: Run, stop: dict | None) -> bool:
+    """A run of the patience curve past its plateau (never a headline row, a subset row or the ablation's 1x)."""
+    return (stop is not None and run.schedule in stop["skipped"] and run.view == str(cfg.function_matching.headline)
+            and run.data == "train" and run.schedule != int(cfg.function_matching.headline_schedule))
+
+
 def subset_view(fm) -> str:
     """The view of the subset rows: ``function_matching.subset.view``, or the headline's when null."""
     return str(fm.subset.get("view") or fm.headline)
@@ -164,13 +196,22 @@ def systems(cfg) -> list[System]:
 
 
 def train(cfg) -> None:
-    """Stage: every run of :func:`runs` that is not complete (each resumes from its last epoch)."""
+    """Stage: every run of :func:`runs` of ``function_matching.train_kinds`` that is not complete (each
+    resumes from its last epoch). The controls (``hard``) need no teacher: with ``train_kinds=[hard]``
+    they train while the ensemble does, on another core or machine."""
     exp, fm = Path(cfg.exp_dir), cfg.function_matching
     temperature = float(fm.temperature)
     trainings: dict[str, TrainingSet] = {}
     teacher_inputs = {f"teacher {d.name}": d for d in system_dirs(exp, cfg.distill.teacher)}
-    for run in runs(cfg):
+    kinds = set(map(str, fm.train_kinds))
+    if kinds - set(KINDS):
+        raise ValueError(f"function_matching.train_kinds names {', '.join(sorted(kinds - set(KINDS)))}; the kinds are {', '.join(KINDS)}")
+    for run in (run for run in runs(cfg) if run.kind in kinds):
         name = run_name(cfg, run)
+        if beyond_plateau(cfg, run, stop := curve_stop(cfg)):
+            log.info("%s: not trained, the patience curve stopped at %dx (validation +%.2f points over %dx, below function_matching.plateau=%g)",
+                     name, stop["schedule"], stop["gain_points"], stop["previous"], stop["plateau_points"])
+            continue
         values = {"view": run.view, "schedule": run.schedule, "kind": run.kind}
         model = Model(f"train-function-matching {name}", Layout(exp).model(name), run.replicate, values=values, views=view_spec(cfg, run))
         rcfg = run_cfg(cfg, run)
@@ -230,8 +271,9 @@ def report(cfg) -> Report:
     teacher = str(cfg.distill.teacher)
     entries = {"teacher": evaluation.entry([teacher], sets, key="teacher")}
     teacher_posteriors = log_posteriors(exp, teacher, data.frames, indices, int(cfg.eval.batch_size))
+    stop = curve_stop(cfg)
     groups: dict[tuple[str, int, str, str], list[Run]] = {}
-    for run in runs(cfg):
+    for run in (run for run in runs(cfg) if not beyond_plateau(cfg, run, stop)):
         groups.setdefault((run.view, run.schedule, run.kind, run.data), []).append(run)
     rows, missing = [], []
     for (view, schedule, kind, data_dir), members in groups.items():
@@ -299,7 +341,7 @@ def report(cfg) -> Report:
                                     if headline and "gain_kept_over_baseline" in headline else None),
         "fidelity": {row["label"]: row["fidelity"] for row in rows if "fidelity" in row},
         "curve": sorted(curve, key=lambda c: (c["schedule"], c["kind"])), "subset": subset, "views_effect": views_effect,
-        "view_choice": view_choice,
+        "view_choice": view_choice, "plateau": stop,
     }
     # with a subset row, the 3%-data table's function-matching row too, beside what run_3pct.sh reported
     return Report(result, markdown(result, cfg), {"function_matching.png": plot},
@@ -365,6 +407,11 @@ def markdown(result: dict, cfg) -> str:
         subset = result["subset"]
         lines += ["", f"{subset['row']} ({subset['seeds']} seed(s)): the gap between its control and the 100% model "
                   f"({subset['full_baseline']}) closed by {format_interval({'estimate': subset['gap_closed'], 'ci': subset['gap_closed_ci']})}."]
+    if result.get("plateau"):
+        stop = result["plateau"]
+        lines += ["", f"Patience: the curve stops at {stop['schedule']}x, whose student's validation frame accuracy is {stop['gain_points']:+.2f} "
+                  f"points over {stop['previous']}x's, below function_matching.plateau = {stop['plateau_points']:g}; "
+                  f"{', '.join(f'{m}x' for m in stop['skipped'])} not trained."]
     if result["missing"]:
         lines += ["", f"Not trained yet (the stage resumes): {', '.join(result['missing'])}."]
     return "\n".join(lines) + "\n"

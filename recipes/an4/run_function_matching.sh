@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Distillation as function matching on AN4 (asrkd/experiments/function_matching.py; Beyer et al. 2022):
 # students that see, on the fly, the teacher's outputs on their own augmented view of each batch,
-# for 1x to 8x the baseline's epochs, each against a control trained on the same views, epochs and
+# for 1x to 8x the baseline's epochs (to a validation plateau), each against a control trained on the same views, epochs and
 # schedule with the pdf-ids; one student on the stored soft targets (the paper's setting) beside.
 # Needs the main recipe's stages 0-4 (recipes/an4/run.sh): features, alignment, the baseline's config.
 #
@@ -10,6 +10,8 @@
 # Views, schedules, seeds and T: function_matching.* in conf/config.yaml; the teacher: distill.teacher.
 # Stage 2 runs for hours on 2 CPU cores; rerun it after any interruption: finished models are
 # skipped, the interrupted one resumes from its last epoch. Stage 3 reports what is complete.
+# The controls need no teacher: `--stage 2 --stop-stage 2 -- 'function_matching.train_kinds=[hard]'`
+# trains them while stage 0 trains the ensemble (another process, another core).
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"
