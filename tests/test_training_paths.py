@@ -182,6 +182,27 @@ def test_progress_shows_the_rate_and_time_left_on_a_terminal_only(monkeypatch: p
         assert (("1024/1024 frames" in text and "frames/s" in text and "s left" in text and "done" in text) if shown else text == "")
 
 
+
+def test_a_long_loop_hands_freed_heap_pages_back_once_a_second_on_a_terminal_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from asrkd import stage
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stage.trim_heap()  # the real one (glibc's malloc_trim, or nothing where there is none) runs
+    for stream in (Terminal(), io.StringIO()):
+        clock = iter(range(0, 1000, 2))  # two seconds pass between items
+        monkeypatch.setattr(stage.time, "monotonic", lambda: next(clock))
+        trims: list[int] = []
+        monkeypatch.setattr(stage, "trim_heap", lambda: trims.append(1))
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert list(stage.progress(range(5), "soft targets")) == [0, 1, 2, 3, 4]
+        assert len(trims) == 5  # without: glibc keeps freed batches' pages, and memory grows with the batches run
+
+
 def test_early_stopping_ends_training_patience_epochs_after_the_best(run_dir: Path, tmp_path: Path) -> None:
     assert train.epochs_since_best([{"valid_frame_accuracy": a} for a in (0.2, 0.5, 0.4, 0.5)]) == 2  # ties do not count as better
     root = clone(run_dir, tmp_path)

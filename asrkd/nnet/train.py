@@ -32,7 +32,8 @@ from asrkd.layout import Layout, System, names
 from asrkd.nnet.model import EnsembleDNN, HybridDNN, MultiExitDNN, SplicedFrames, StackedDNN, model_from_config
 from asrkd.nnet.views import View, ViewSpec, draw
 from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
-from asrkd.stage import StageError, digest, input_fingerprint, is_complete, optional_values, plan, progress, write_bytes, write_json
+from asrkd.stage import (StageError, digest, input_fingerprint, is_complete, optional_values, plan, progress, trim_heap, write_bytes,
+                         write_json)
 from asrkd.stores import FeatureStore, load_array
 
 log = logging.getLogger(__name__)
@@ -306,6 +307,7 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], ex
     if data.normalize_inputs:
         sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
         sample_frames = data.frames.rows(np.sort(sample))
+        trim_heap()  # the draw permuted every training frame's index (8 bytes a frame): handed back, not kept
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -578,6 +580,7 @@ class TrainingSet:
                      "stores %s, device %s", len(train_idx), len(labeled), len(self.train_utts), len(self.transfer_utts),
                      len(valid_idx), len(self.valid_utts), data.num_pdfs, "+".join(self.stores), hard.device)
             self._loaded = (data, train_idx, valid_idx, hard)
+            trim_heap()  # the index temporaries of the selection above, kept by the heap otherwise (bytes a frame)
         return self._loaded
 
 
