@@ -273,7 +273,9 @@ def report(cfg) -> Report:
     teacher_posteriors = log_posteriors(exp, teacher, data.frames, indices, int(cfg.eval.batch_size))
     stop = curve_stop(cfg)
     groups: dict[tuple[str, int, str, str], list[Run]] = {}
-    for run in (run for run in runs(cfg) if not beyond_plateau(cfg, run, stop)):
+    for run in runs(cfg):
+        if beyond_plateau(cfg, run, stop) and not (Layout(exp).model(run_name(cfg, run)) / "stage.json").is_file():
+            continue  # past the plateau and never trained: not missing (one trained before stays a row)
         groups.setdefault((run.view, run.schedule, run.kind, run.data), []).append(run)
     rows, missing = [], []
     for (view, schedule, kind, data_dir), members in groups.items():
@@ -411,7 +413,7 @@ def markdown(result: dict, cfg) -> str:
         stop = result["plateau"]
         lines += ["", f"Patience: the curve stops at {stop['schedule']}x, whose student's validation frame accuracy is {stop['gain_points']:+.2f} "
                   f"points over {stop['previous']}x's, below function_matching.plateau = {stop['plateau_points']:g}; "
-                  f"{', '.join(f'{m}x' for m in stop['skipped'])} not trained."]
+                  f"{', '.join(f'{m}x' for m in stop['skipped'])} not trained (a row trained before stays in the table)."]
     if result["missing"]:
         lines += ["", f"Not trained yet (the stage resumes): {', '.join(result['missing'])}."]
     return "\n".join(lines) + "\n"
