@@ -161,6 +161,7 @@ def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_head
     assert {(run.schedule, run.kind) for run in skipped} == {(8, "hard"), (8, "consistent")}
     assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": None}})) is None
     assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": 0.1}})) is None  # +0.12 still counts
+    assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"schedules": [1, 2, 4]}})) is None  # nothing left to stop
     # the headline schedule is never skipped, even past a plateau reached before it
     late = OmegaConf.merge(cfg, {"function_matching": {"headline_schedule": 8}})
     assert not any(function_matching.beyond_plateau(late, run, stop) for run in function_matching.runs(late) if run.schedule == 8)

@@ -108,7 +108,8 @@ def curve_stop(cfg) -> dict | None:
     view, seed 0) is less than ``function_matching.plateau`` points of validation frame accuracy
     (its final epoch's, the checkpoint every row is scored at) above the previous schedule's.
     Patience is measured until it stops paying on data the test set never sees; None while no
-    two consecutive schedules are trained, when one still gains, or with ``plateau`` null."""
+    two consecutive schedules are trained, when each still gains, when the plateau is the last
+    schedule, or with ``plateau`` null."""
     fm = cfg.function_matching
     if fm.get("plateau") is None:
         return None
@@ -122,7 +123,7 @@ def curve_stop(cfg) -> dict | None:
         if len(valid) > 1:
             previous = sorted(valid)[-2]
             gain = 100 * (valid[schedule] - valid[previous])
-            if gain < float(fm.plateau):
+            if gain < float(fm.plateau) and schedule < max(map(int, fm.schedules)):  # at the last schedule nothing is left to stop
                 return {"schedule": schedule, "previous": previous, "gain_points": gain, "plateau_points": float(fm.plateau),
                         "skipped": [int(m) for m in fm.schedules if int(m) > schedule]}
     return None
