@@ -73,7 +73,7 @@ DECLARED: dict[str, Kind] = {
     "graph.lm_arpa": Kind((str,), nullable=True),
     "function_matching.subset.view": Kind((str,), nullable=True),
     "function_matching.plateau": Kind((int, float), nullable=True),
-    "function_matching.train_kinds": Kind((list,), item=STRING),
+    "function_matching.train_kinds": Kind((list,), item=Kind((str,), choices=("hard", "consistent", "precomputed"))),
     "graph.lm_text": Kind((list,), item=STRING),
     "levers.cross_fitted": Kind((dict,), nullable=True),
     "levers.seeds": Kind((int,), nullable=True),

@@ -779,16 +779,9 @@ def progress(items, what: str, total: int | None = None, unit: str = "", scale: 
     frames: ``unit="frames", scale=batch_size``), so the rate reads in frames or utterances.
     Every long loop of a stage runs through here, so here the heap is trimmed once a second
     (:func:`trim_heap`): a stage's memory stays that of one batch, however many it runs."""
-    if not sys.stderr.isatty():
-        trimmed = time.monotonic()
-        for item in items:
-            yield item
-            if (now := time.monotonic()) - trimmed > 1.0:
-                trim_heap()
-                trimmed = now
-        return
+    terminal = sys.stderr.isatty()
     total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-    start = shown = time.monotonic()
+    start = shown = trimmed = time.monotonic()
     count = 0
     suffix = f" {unit}" if unit else ""
 
@@ -799,18 +792,18 @@ def progress(items, what: str, total: int | None = None, unit: str = "", scale: 
             text += f", {(total - count) * scale / rate:.0f} s left"
         return text + " "
 
-    trimmed = start
     for count, item in enumerate(items, 1):
         yield item
         now = time.monotonic()
-        if now - shown > 0.5:
+        if terminal and now - shown > 0.5:
             sys.stderr.write(line(now))
             sys.stderr.flush()
             shown = now
         if now - trimmed > 1.0:
             trim_heap()
             trimmed = now
-    sys.stderr.write(line(time.monotonic()) + "done\n")
+    if terminal:
+        sys.stderr.write(line(time.monotonic()) + "done\n")
 
 
 # ----------------------------------------------------------------------------- dropped utterances

@@ -182,7 +182,6 @@ def test_progress_shows_the_rate_and_time_left_on_a_terminal_only(monkeypatch: p
         assert (("1024/1024 frames" in text and "frames/s" in text and "s left" in text and "done" in text) if shown else text == "")
 
 
-
 def test_a_long_loop_hands_freed_heap_pages_back_once_a_second_on_a_terminal_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 

@@ -114,18 +114,17 @@ def curve_stop(cfg) -> dict | None:
     if fm.get("plateau") is None:
         return None
     exp, headline = Path(cfg.exp_dir), str(fm.headline)
-    valid = {}
-    for schedule in sorted(map(int, fm.schedules)):
-        model_dir = Layout(exp).model(run_name(cfg, Run(headline, schedule, "consistent", 0)))
-        if not (model_dir / "stage.json").is_file():
+    schedules = sorted(map(int, fm.schedules))
+    previous, previous_valid = None, 0.0
+    for schedule in schedules[:-1]:  # at the last schedule nothing is left to stop
+        run = Run(headline, schedule, "consistent", 0)
+        if not complete(exp, cfg, [run]):
             return None
-        valid[schedule] = float(read_history(model_dir)[-1]["valid_frame_accuracy"])
-        if len(valid) > 1:
-            previous = sorted(valid)[-2]
-            gain = 100 * (valid[schedule] - valid[previous])
-            if gain < float(fm.plateau) and schedule < max(map(int, fm.schedules)):  # at the last schedule nothing is left to stop
-                return {"schedule": schedule, "previous": previous, "gain_points": gain, "plateau_points": float(fm.plateau),
-                        "skipped": [int(m) for m in fm.schedules if int(m) > schedule]}
+        valid = float(read_history(Layout(exp).model(run_name(cfg, run)))[-1]["valid_frame_accuracy"])
+        if previous is not None and (gain := 100 * (valid - previous_valid)) < float(fm.plateau):
+            return {"schedule": schedule, "previous": previous, "gain_points": gain, "plateau_points": float(fm.plateau),
+                    "skipped": [m for m in schedules if m > schedule]}
+        previous, previous_valid = schedule, valid
     return None
 
 
@@ -204,9 +203,7 @@ def train(cfg) -> None:
     temperature = float(fm.temperature)
     trainings: dict[str, TrainingSet] = {}
     teacher_inputs = {f"teacher {d.name}": d for d in system_dirs(exp, cfg.distill.teacher)}
-    kinds = set(map(str, fm.train_kinds))
-    if kinds - set(KINDS):
-        raise ValueError(f"function_matching.train_kinds names {', '.join(sorted(kinds - set(KINDS)))}; the kinds are {', '.join(KINDS)}")
+    kinds = set(map(str, fm.train_kinds))  # words of KINDS (the config's schema refuses others)
     for run in (run for run in runs(cfg) if run.kind in kinds):
         name = run_name(cfg, run)
         if beyond_plateau(cfg, run, stop := curve_stop(cfg)):
@@ -275,7 +272,7 @@ def report(cfg) -> Report:
     stop = curve_stop(cfg)
     groups: dict[tuple[str, int, str, str], list[Run]] = {}
     for run in runs(cfg):
-        if beyond_plateau(cfg, run, stop) and not (Layout(exp).model(run_name(cfg, run)) / "stage.json").is_file():
+        if beyond_plateau(cfg, run, stop) and not complete(exp, cfg, [run]):
             continue  # past the plateau and never trained: not missing (one trained before stays a row)
         groups.setdefault((run.view, run.schedule, run.kind, run.data), []).append(run)
     rows, missing = [], []
