@@ -767,8 +767,8 @@ def trim_heap() -> None:
     """Hand the heap's free pages back to the OS. glibc keeps the pages of freed blocks below its
     mmap threshold, which it raises to the largest block freed (up to 32 MB: a batch's tensors), so
     a loop over batches held more anonymous memory the more batches it had run (the soft-targets
-    stage: 32 bytes a frame in results/bench/scaling.md's fit; its x9 peak 366 MB, 313 MB with a
-    trim every second, at no measurable cost; a fixed threshold instead cost a third of the time)."""
+    stage's growth in results/bench/scaling.md's fit). A trim once a second costs little; a fixed
+    threshold instead (MALLOC_MMAP_THRESHOLD_) would make every batch map and unmap its tensors."""
     if (trim := _malloc_trim()) is not None:
         trim(0)
 

@@ -151,11 +151,17 @@ def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_head
         (model_dir / "history.json").write_text(json.dumps([{"valid_frame_accuracy": 0.1}, {"valid_frame_accuracy": valid}]))
         (model_dir / "stage.json").write_text("{}")
 
+    def pending(schedule: int, kind: str = "hard") -> bool:
+        return function_matching.plateau_pending(cfg, function_matching.Run("clean", schedule, kind, 0))
+
     trained(1, 0.5638)
+    assert pending(4) and pending(8, "consistent") and not pending(2) and not pending(1)  # the headline schedule never waits
     trained(2, 0.5706)  # +0.68 points: patience still pays
     assert function_matching.curve_stop(cfg) is None
+    assert not pending(4) and pending(8)  # 4x is decided (trained), 8x waits for the 4x student
     trained(4, 0.5718)  # +0.12 points: the plateau
     stop = function_matching.curve_stop(cfg)
+    assert not pending(8)  # decided: left out
     assert stop["schedule"] == 4 and stop["previous"] == 2 and stop["skipped"] == [8] and stop["gain_points"] == pytest.approx(0.12)
     skipped = [run for run in function_matching.runs(cfg) if function_matching.beyond_plateau(cfg, run, stop)]
     assert {(run.schedule, run.kind) for run in skipped} == {(8, "hard"), (8, "consistent")}
@@ -170,10 +176,11 @@ def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_head
 def test_the_controls_train_alone_without_a_teacher(run_dir: Path, tmp_path: Path) -> None:
     root = clone(run_dir, tmp_path)
     cfg = tiny_config(root, "distill.teacher=absent_ensemble", "train.epochs=1", "train.max_frames_per_epoch=1000",
-                      "function_matching.ablation=[clean]", "function_matching.headline=clean", "function_matching.schedules=[1]",
+                      "function_matching.ablation=[clean]", "function_matching.headline=clean", "function_matching.schedules=[1,2]",
                       "function_matching.headline_schedule=1", "function_matching.seeds=1", "function_matching.subset=null",
                       "function_matching.train_kinds=[hard]")
     function_matching.EXPERIMENT.train(cfg)  # no teacher exists: only the control trains
+    # the 2x control waits for the plateau rule, which needs the 1x student: left for a later run
     assert sorted(p.name for p in (root / "exp" / "dnn").glob("fm_*")) == ["fm_clean_x1_hard"]
     from asrkd.cli import load_config
 

@@ -128,10 +128,27 @@ def curve_stop(cfg) -> dict | None:
     return None
 
 
+def on_the_curve(cfg, run: Run) -> bool:
+    """A run the plateau can leave out: the patience curve's, never a headline row, a subset row or the ablation's 1x."""
+    fm = cfg.function_matching
+    return run.view == str(fm.headline) and run.data == "train" and run.schedule != int(fm.headline_schedule)
+
+
 def beyond_plateau(cfg, run: Run, stop: dict | None) -> bool:
-    """A run of the patience curve past its plateau (never a headline row, a subset row or the ablation's 1x)."""
-    return (stop is not None and run.schedule in stop["skipped"] and run.view == str(cfg.function_matching.headline)
-            and run.data == "train" and run.schedule != int(cfg.function_matching.headline_schedule))
+    """A run of the patience curve past its plateau."""
+    return stop is not None and run.schedule in stop["skipped"] and on_the_curve(cfg, run)
+
+
+def plateau_pending(cfg, run: Run) -> bool:
+    """Whether the plateau rule may yet leave ``run`` (not trained) out but cannot tell: not past a
+    plateau found so far, and the consistent students of the earlier schedules it decides on are
+    not all trained."""
+    fm = cfg.function_matching
+    exp = Path(cfg.exp_dir)
+    if fm.get("plateau") is None or not on_the_curve(cfg, run) or complete(exp, cfg, [run]) or beyond_plateau(cfg, run, curve_stop(cfg)):
+        return False
+    earlier = [Run(str(fm.headline), int(m), "consistent", 0) for m in fm.schedules if int(m) < run.schedule]
+    return len(complete(exp, cfg, earlier)) < len(earlier)
 
 
 def subset_view(fm) -> str:
@@ -198,17 +215,26 @@ def systems(cfg) -> list[System]:
 def train(cfg) -> None:
     """Stage: every run of :func:`runs` of ``function_matching.train_kinds`` that is not complete (each
     resumes from its last epoch). The controls (``hard``) need no teacher: with ``train_kinds=[hard]``
-    they train while the ensemble does, on another core or machine."""
+    they train while the ensemble does, on another core or machine. A run of the patience curve that
+    the plateau rule may yet leave out waits until the others are trained, and is left for a later
+    run of the stage if the students it is decided on are still missing then (a controls-only run
+    would otherwise train the longest control, maybe for nothing)."""
     exp, fm = Path(cfg.exp_dir), cfg.function_matching
     temperature = float(fm.temperature)
     trainings: dict[str, TrainingSet] = {}
     teacher_inputs = {f"teacher {d.name}": d for d in system_dirs(exp, cfg.distill.teacher)}
     kinds = set(map(str, fm.train_kinds))  # words of KINDS (the config's schema refuses others)
-    for run in (run for run in runs(cfg) if run.kind in kinds):
+    todo = [run for run in runs(cfg) if run.kind in kinds]
+    waiting = [run for run in todo if plateau_pending(cfg, run)]
+    for run in [run for run in todo if run not in waiting] + waiting:
         name = run_name(cfg, run)
         if beyond_plateau(cfg, run, stop := curve_stop(cfg)):
             log.info("%s: not trained, the patience curve stopped at %dx (validation +%.2f points over %dx, below function_matching.plateau=%g)",
                      name, stop["schedule"], stop["gain_points"], stop["previous"], stop["plateau_points"])
+            continue
+        if run in waiting and plateau_pending(cfg, run):
+            log.info("%s: not trained yet, the plateau rule decides it once the consistent students of the earlier schedules are trained "
+                     "(function_matching.train_kinds=%s): rerun the stage then", name, sorted(kinds))
             continue
         values = {"view": run.view, "schedule": run.schedule, "kind": run.kind}
         model = Model(f"train-function-matching {name}", Layout(exp).model(name), run.replicate, values=values, views=view_spec(cfg, run))
