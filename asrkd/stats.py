@@ -117,9 +117,10 @@ class Bootstrap:
         return self._summary(self.estimates[a] - self.estimates[b], self.samples[a] - self.samples[b])
 
     def combine(self, keys: list[str], function: Callable[..., np.ndarray | float]) -> dict:
-        """Any function of several rates (gain kept, gap closed), on the same replicates."""
+        """Any function of several rates (gain kept, gap closed), on the same replicates; an estimate
+        that is not a number (a share of a gain of exactly 0: every system at 100% WER) is None."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            estimate = function(*(self.estimates[k] for k in keys))
+            estimate = function(*(np.float64(self.estimates[k]) for k in keys))
             samples = np.asarray(function(*(self.samples[k] for k in keys)), dtype=np.float64)
         estimate = float(estimate) if np.isfinite(estimate) else None
         return self._summary(estimate, samples)

@@ -14,6 +14,9 @@ In one process on one device, at the configured model and each batch size:
   student_on_the_fly_fps   a student whose soft targets the --members teacher computes in its step
 Each is the fastest of three timed runs of --steps steps.
 Uses the recipe's features and alignment when --exp-dir has them, else synthetic frames.
+The JSON is rewritten after each batch size, so a run cut short keeps what it measured.
+--profile PATH: where a batch of 1024 or more misses a target (trainer/bound < 0.9, fused/sequential
+< 1.7: the GPU issue's), a torch.profiler summary of that batch's trainer and fused steps, there.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from asrkd.distill.losses import distillation_loss  # noqa: E402
 from asrkd.stores import FeatureStore  # noqa: E402
 from asrkd.nnet.model import HybridDNN, SplicedFrames, StackedDNN  # noqa: E402
 from asrkd.parallel import pick_device  # noqa: E402
-from asrkd.stage import write_json  # noqa: E402
+from asrkd.stage import write_json, write_text  # noqa: E402
 from asrkd.distill.student import TeacherOnTheFly  # noqa: E402
 from asrkd.nnet.train import FrameData, TrainStep  # noqa: E402
 
@@ -120,6 +123,42 @@ def measure(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> 
             "fused_over_sequential": round(sequential_s / fused_s, 3), "student_on_the_fly_fps": per(on_the_fly_s)}
 
 
+TARGETS = {"ratio": 0.9, "fused_over_sequential": 1.7}  # met at batches of PROFILED_FROM frames or more, else profiled
+PROFILED_FROM = 1024
+
+
+def missed(run: dict) -> list[str]:
+    """The targets ``run`` misses (none below PROFILED_FROM frames a batch: small batches are launch-bound by design)."""
+    return [key for key, target in TARGETS.items() if run["batch"] >= PROFILED_FROM and run[key] < target]
+
+
+def profile(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> str:
+    """The top operators of the trainer's step and of the fused ensemble's step at ``batch_size``
+    (torch.profiler, CPU and CUDA time), as text: where the step's time goes when a target is missed."""
+    from torch.profiler import ProfilerActivity, profile as profiled
+
+    device = data.pdf_ids.device
+    cfg.train.batch_size = batch_size
+    rng = torch.Generator(device=device).manual_seed(1)
+    steppers = {"trainer": TrainStep(cfg, new_model(cfg, data, 0), data, None, data.pdf_ids),
+                f"fused {members} members": TrainStep(cfg, StackedDNN([new_model(cfg, data, 1 + i) for i in range(members)]),
+                                                      data, None, data.pdf_ids)}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    random_batch = lambda: torch.randint(0, data.frames.store.num_frames, (batch_size,), device=device, generator=rng)  # noqa: E731
+    out = []
+    for what, step in steppers.items():
+        for _ in range(3):  # warm-up, as timed() does
+            step(random_batch())
+        with profiled(activities=activities) as prof:
+            for _ in range(steps):
+                step(random_batch())
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        out.append(f"## {what}, batch {batch_size}, {steps} steps\n\n{prof.key_averages().table(sort_by=sort, row_limit=25)}\n")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--exp-dir", type=Path, default=Path("recipes/an4/exp"))
@@ -127,6 +166,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None, help="default results/bench/train_throughput_<device>.json")
+    parser.add_argument("--profile", type=Path, default=None, help="where a profile goes if a target is missed")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.overrides)
@@ -134,15 +174,22 @@ def main() -> None:
     device = pick_device(cfg.train.device)
     data, source = frame_data(args.exp_dir, cfg, device)
     name = device_name(device)
-    runs = [measure(cfg, data, batch, args.members, args.steps) for batch in args.batch_sizes]
+    tag = name.replace(" ", "_").lower() if device.type == "cuda" else "cpu"
+    out = args.out or Path("results") / "bench" / f"train_throughput_{tag}.json"
     result = {"benchmark": "train_throughput", "command": " ".join(["python", *sys.argv]), "source": source,
               "device": str(device.type), "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "model": f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}", "num_pdfs": data.num_pdfs,
               "bf16_autocast": bool(cfg.train.bf16_autocast), "compile": cfg.train.compile, "members": args.members,
-              "steps": args.steps, "runs": runs}
-    tag = name.replace(" ", "_").lower() if device.type == "cuda" else "cpu"
-    out = args.out or Path("results") / "bench" / f"train_throughput_{tag}.json"
-    write_json(out, result)
+              "steps": args.steps, "targets": TARGETS, "runs": [], "profile": None}
+    for batch in args.batch_sizes:
+        result["runs"].append(measure(cfg, data, batch, args.members, args.steps))
+        write_json(out, result)
+    misses = [run for run in result["runs"] if missed(run)]
+    if args.profile and misses:
+        worst = max(misses, key=lambda run: run["batch"])
+        write_text(args.profile, profile(cfg, data, worst["batch"], args.members, args.steps))
+        result["profile"] = {"file": args.profile.name, "batch": worst["batch"], "missed": missed(worst)}
+        write_json(out, result)
     print(json.dumps(result, indent=1))
 
 

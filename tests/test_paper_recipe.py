@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -57,21 +58,44 @@ def test_the_paper_recipe_needs_the_prepared_stages(recipe_copy: Path) -> None:
     assert "exp/feats/fbank/train/stage.json is missing: run recipes/an4/run.sh --stop-stage 6 first" in result.stderr
 
 
-def test_the_paper_recipe_runs_from_a_packed_recipe_with_its_models_apart(run_dir: Path, recipe_copy: Path) -> None:
-    pack(run_dir, recipe_copy)
+def test_the_gpu_run_script_runs_the_paper_recipe_from_a_packed_recipe_with_its_models_apart(run_dir: Path, recipe_copy: Path,
+                                                                                           tmp_path: Path) -> None:
+    """tools/gpu_paper_run.sh, dry on CPU with the tiny model: the prepared recipe unpacked, the
+    bench, run_paper.sh's baseline, and what comes back (few files, the tar of the results)."""
+    root = recipe_copy.parent.parent
+    for path in ("tools/gpu_paper_run.sh", "tools/offline_env.sh", "bench/train_throughput.py"):
+        (root / path).parent.mkdir(exist_ok=True)
+        shutil.copy2(REPO / path, root / path)
+    pack(run_dir, tmp_path / "carry")
     env = {k: v for k, v in os.environ.items() if k not in ("ASRKD_OUTER_RECIPE", "ASRKD_RECIPE_COMMAND")}
-    command = ["bash", str(recipe_copy / "run_paper.sh"), "--stop-stage", "1", "--", *TINY]
-    result = subprocess.run(command, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "exp_paper/graph is complete and current, skipping" in result.stderr
-    assert "exp_paper/decode/gmm is complete and current, skipping" in result.stderr
+    env |= {"PYTHONPATH": str(REPO), "GPU_RUN_BENCH": "--batch-sizes 64 --members 2 --steps 1 model=tiny train.num_threads=1"}
+    out = tmp_path / "out"
+    command = ["bash", str(root / "tools" / "gpu_paper_run.sh"), str(out), "--prepared", str(tmp_path / "carry"),
+               "--stop-stage", "1", "--", *TINY]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (out / "run.log").read_text()
+    assert "exp_paper/graph is complete and current, skipping" in log
+    assert "exp_paper/decode/gmm is complete and current, skipping" in log
     for link in ("feats", "tri", "graph", "decode/gmm"):
         assert (recipe_copy / "exp_paper" / link).is_symlink()
     assert (recipe_copy / "exp_paper" / "dnn" / "baseline" / "stage.json").is_file()
     assert not (recipe_copy / "exp" / "dnn").exists()  # the small model's place stays untouched
-    report = json.loads((recipe_copy.parent.parent / "results" / "an4_paper" / "report.json").read_text())
-    assert report["command"] == "recipes/an4/run_paper.sh -- " + " ".join(TINY)  # the recipe the user ran, not the inner one
+    report = json.loads((root / "results" / "an4_paper" / "report.json").read_text())
+    assert report["command"].startswith("recipes/an4/run_paper.sh -- train.bf16_autocast=true")  # the recipe run, not the inner one
+    assert report["command"].endswith(" ".join(TINY)) and report["config"]["model"]["hidden_dim"] == 64  # the overrides given follow
     assert report["config"]["exp_dir"] == "exp_paper" and set(report["systems"]) >= {"gmm", "baseline"}
+    # what the device returns: at most 8 plain files, one folder down at most
+    returned = sorted(p.name for p in out.iterdir())
+    assert returned == ["an4_paper.tar", "run.log", "steps.json", "train_throughput.json"], returned
+    steps = json.loads((out / "steps.json").read_text())
+    assert [(name, step["status"]) for name, step in steps.items()] == [("check", 0), ("bench", 0), ("paper-0-1", 0), ("paper-2", 0), ("paper-3", 0)]
+    bench = json.loads((out / "train_throughput.json").read_text())
+    assert [run["batch"] for run in bench["runs"]] == [64] and bench["profile"] is None  # batches under 1024 are not profiled
+    with tarfile.open(out / "an4_paper.tar") as tar:
+        names = set(tar.getnames())
+    assert {"results/an4_paper/report.json", "recipes/an4/exp_paper/dnn/baseline/history.json",
+            "recipes/an4/exp_paper/decode/baseline/wer.json"} <= names, sorted(names)
 
 
 def test_a_relative_corpus_dir_is_read_from_where_the_recipe_is_run(tmp_path: Path) -> None:

@@ -76,6 +76,9 @@ def test_a_share_of_a_gain_that_may_be_zero_is_undefined() -> None:
     kept = boot.share("s", "b", "e")
     assert not kept["whole_gain_significant"] and kept["whole_gain_ci"][0] < 0 < kept["whole_gain_ci"][1]
     assert format_interval(kept).startswith("undefined (the gain it is a share of, [")
+    boot.add("same", counts([baseline.tolist()], totals.tolist()))
+    none = boot.share("s", "b", "same")  # a gain of exactly 0 (models that all fail alike): no share, no error
+    assert none["estimate"] is None and none["ci"] == [None, None] and format_interval(none) == "–"
 
 
 def test_seeds_are_resampled_too() -> None:

@@ -194,11 +194,7 @@ def markdown(result: dict) -> str:
               f"single models; of the WER gain: {format_interval(result['wer_gain_kept']['vs_baseline']) if result['wer_gain_kept']['vs_baseline'] else '–'} against the baseline.",
               f"Single models: the baseline's {seeds} replicates and the {result['ensemble_size']} ensemble members, "
               f"{percent(table['single_models']['spread']['min'])}–{percent(table['single_models']['spread']['max'])} test frame accuracy.",
-              f"T = {result['temperature']:g} has the best validation frame accuracy of the dense students (mean over {seeds} seeds); "
-              f"against the runner-up (T = {result['temperature_choice']['runner_up']:g}) by "
-              f"{format_interval(result['temperature_choice']['difference'], signed=True)} points on validation, "
-              f"P(> 0) = {result['temperature_choice']['difference']['p_above_zero']:.2f}: "
-              + ("significant." if result["temperature_choice"]["significant"] else "not significant (the choice of T is within noise)."),
+              temperature_sentence(result, seeds),
               "", "Paired differences (test, points of frame accuracy / WER; bootstrap over test utterances, seeds resampled too):", "",
               "| difference | frame accuracy [95% CI] | P(> 0) | WER [95% CI] | P(> 0) |", "|---|---|---|---|---|"]
     for name, difference in result["differences"].items():
@@ -261,6 +257,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def temperature_sentence(result: dict, seeds: int) -> str:
+    """How T was chosen: best on validation against the runner-up, or the only one trained."""
+    choice = result["temperature_choice"]
+    if choice["runner_up"] is None:
+        return f"T = {result['temperature']:g} is the only temperature the dense students were trained at (distill.students.dense): no choice made."
+    return (f"T = {result['temperature']:g} has the best validation frame accuracy of the dense students (mean over {seeds} seeds); "
+            f"against the runner-up (T = {choice['runner_up']:g}) by {format_interval(choice['difference'], signed=True)} points on "
+            f"validation, P(> 0) = {choice['difference']['p_above_zero']:.2f}: "
+            + ("significant." if choice["significant"] else "not significant (the choice of T is within noise)."))
+
+
 def choose_temperature(cfg, evaluation, sets: dict[str, list[str]], dense: dict[float, list[str]]) -> dict:
     """The T whose dense students have the best validation frame accuracy (mean over seeds), and
     whether it beats the runner-up: a paired bootstrap over validation utterances and seeds."""
@@ -270,10 +277,10 @@ def choose_temperature(cfg, evaluation, sets: dict[str, list[str]], dense: dict[
     for t, replicates in tables.items():
         boot.add(f"T{t:g}", UtteranceCounts.from_tables(replicates))
     ranked = sorted(dense, key=lambda t: -boot.estimates[f"T{t:g}"])
-    runner_up = ranked[1] if len(ranked) > 1 else temperature
-    difference = boot.difference(f"T{temperature:g}", f"T{runner_up:g}")
+    runner_up = ranked[1] if len(ranked) > 1 else None  # one T trained: nothing was chosen
+    difference = boot.difference(f"T{temperature:g}", f"T{runner_up:g}") if runner_up is not None else None
     return {"temperature": temperature, "runner_up": runner_up, "difference": difference,
-            "significant": difference["ci"][0] is not None and difference["ci"][0] > 0,
+            "significant": difference is not None and difference["ci"][0] is not None and difference["ci"][0] > 0,
             "valid_frame_accuracy": {f"{t:g}": boot.estimates[f"T{t:g}"] for t in dense}}
 
 

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The whole GPU run of the paper's network on AN4, in one command that fits one device call
+# (a lent H100/H200 with 16 cores, no package index, no corpus; at most ~9 minutes):
+#
+#   tools/gpu_paper_run.sh OUT [--wheels DIR] [--prepared DIR] [--stop-stage N] [-- overrides...]
+#   device: tools/gpu_paper_run.sh "$OUT" --wheels .whl --prepared .carry/an4   (carry .whl and .carry)
+#
+# Made beforehand on a machine with the index and the corpus (both git-ignored, ~45 MiB together):
+#   python tools/offline_wheels.py --dest .whl --python-version 3.12
+#   recipes/an4/run.sh --stop-stage 6 && python tools/pack_prepared.py recipes/an4 .carry/an4
+#
+# Steps, in the order of what matters most, each logged with its seconds, every result written
+# under OUT as it is made (a snapshot of results/an4_paper, the models' histories and records and
+# the decodes' WERs, every 30 s and at each step's end), so a run cut at the call's limit returns
+# what it finished; OUT holds at most 5 files (the device returns 8):
+#   run.log                        everything printed
+#   train_throughput.json          bench/train_throughput.py (commit as results/bench/train_throughput_<gpu>.json)
+#   train_throughput.profile.txt   only where a batch >= 1024 misses trainer/bound 0.9 or fused/sequential 1.7
+#   an4_paper.tar                  results/an4_paper/ and recipes/an4/exp_paper/{dnn,decode}/*/{history,stage,wer}.json
+#   steps.json                     each step's exit status and seconds
+#
+# The plan and the seconds expected on an H200 (bf16 autocast, batch 256). The 8x2560 net has
+# 49.6 M weights: ~0.30 GFLOP a training frame, 68 TFLOP an epoch of AN4's 230,114 training
+# frames; at batch 256 a step is bound by its ~60 kernel launches and Python (~1.5 ms), not by
+# its 76 GFLOP, so ~1.5 s an epoch alone and ~6 s for the 10 fused members (results/bench/
+# train_throughput_cpu_paper.json is the CPU's: 668 frames/s, 6 min an epoch: why no CPU run).
+# Decoding: the baseline's lattices took 30 s on 2 CPU cores (RTF 0.044, test + valid); with
+# jobs.nj = 16, ~5 s a system.
+#   step        what                                                        expected s
+#   (setup)     tools/offline_env.sh: wheels aside, the prepared AN4 unpacked         15
+#   check       the imports, the GPU seen                                              5
+#   bench       batch 1024, 4096, 16384: trainer, bare bound, 10 fused / sequential,
+#               student with the teacher on the fly (10 steps, best of 3)             60
+#   paper 0-1   link the prepared outputs; baseline 8x2560, 12 epochs; decode; report  50
+#   paper 2     2 more baseline seeds, 10 fused members, soft targets T=2, 3 students,
+#               decode 16 systems, Table 1                                            300
+#   paper 3     3%/10%/30% of train, hard and soft, 30 epochs each; decode; report      75
+#   total                                                                            ~500
+# The distillation is the paper's Table 1 alone (T = 2, dense soft targets, 3 seeds of baseline
+# and student): the other temperatures and target forms would double stage 2.
+set -uo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+[ $# -ge 1 ] || { echo "usage: $0 OUT [--wheels DIR] [--prepared DIR] [--stop-stage N] [-- overrides...]" >&2; exit 1; }
+out=$(mkdir -p "$1" && cd "$1" && pwd); shift
+wheels= prepared= stop_stage=3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --wheels) wheels=$2; shift 2 ;;
+    --prepared) prepared=$2; shift 2 ;;
+    --stop-stage) stop_stage=$2; shift 2 ;;
+    --) shift; break ;;
+    *) echo "$0: unknown option $1" >&2; exit 1 ;;
+  esac
+done
+for dir in ${wheels:+"$wheels"} ${prepared:+"$prepared"}; do
+  [ -d "$dir" ] || { echo "$0: $dir is not a directory (see this script's header for how it is made)" >&2; exit 1; }
+done
+wheels=${wheels:+$(cd "$wheels" && pwd)} prepared=${prepared:+$(cd "$prepared" && pwd)}
+cd "$root"
+if [ -z "${GPU_PAPER_RUN_SINCE:-}" ]; then  # once: the wheels installed aside and the prepared outputs unpacked (tools/offline_env.sh), then again
+  export GPU_PAPER_RUN_SINCE=$(date +%s.%N)
+  exec tools/offline_env.sh ${wheels:+--wheels "$wheels"} ${prepared:+--prepared "$prepared" recipes/an4} \
+    bash "$root/tools/gpu_paper_run.sh" "$out" --stop-stage "$stop_stage" -- "$@"
+fi
+exec > >(tee -a "$out/run.log") 2>&1
+export PYTHONUNBUFFERED=1
+echo "$(date '+%F %T') wheels and prepared outputs in place in $(python3 -c "import time; print(round(time.time() - $GPU_PAPER_RUN_SINCE))") s"
+
+steps_json=$out/steps.json
+echo '{}' > "$steps_json"
+step() {  # step NAME COMMAND...: run it, log and record its status and seconds; later steps run whatever it gave
+  local name=$1 start status; shift
+  start=$(date +%s.%N)
+  echo "$(date '+%F %T') == $name: $*"
+  "$@"; status=$?
+  python3 - "$steps_json" "$name" "$status" "$start" <<'EOF'
+import json, os, sys, time
+path, name, status, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+steps = json.load(open(path))
+steps[name] = {"status": status, "seconds": round(time.time() - start, 1)}
+with open(path + ".tmp", "w") as f:
+    json.dump(steps, f, indent=1)
+os.replace(path + ".tmp", path)
+EOF
+  echo "$(date '+%F %T') == $name: exit $status in $(python3 -c "import time; print(round(time.time() - $start))") s"
+  snapshot
+  return "$status"
+}
+
+snapshot() {  # results/an4_paper and the small records of exp_paper, into OUT/an4_paper.tar (renamed whole)
+  local files
+  files=$( { [ -d results/an4_paper ] && echo results/an4_paper
+             ls recipes/an4/exp_paper/dnn/*/{history,stage}.json recipes/an4/exp_paper/dnn/*/*/{history,stage}.json \
+                recipes/an4/exp_paper/decode/*/{wer,stage}.json 2>/dev/null; } )
+  [ -n "$files" ] || return 0
+  # shellcheck disable=SC2086
+  tar -cf "$out/.an4_paper.tar.tmp" $files 2>/dev/null && mv -f "$out/.an4_paper.tar.tmp" "$out/an4_paper.tar"
+}
+
+check() {  # what the run needs imports (the Kaldi wheels in this order), and the device is seen
+  python3 -c "import kaldi_hmm_gmm, kaldi_decoder, kaldifst, torch, asrkd; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" &&
+    { nvidia-smi -L 2>/dev/null || true; }
+}
+
+( while sleep 30; do snapshot; done ) &
+snapshots=$!
+trap 'kill $snapshots 2>/dev/null; snapshot' EXIT
+
+nj=$(nproc)
+bench_args=${GPU_RUN_BENCH:-"--batch-sizes 1024 4096 16384 --members 10 --steps 10 model=paper train.bf16_autocast=true"}
+# the paper's recipe at Table 1's size; the overrides given here follow (a dry run's model=tiny)
+paper_overrides=(train.bf16_autocast=true "jobs.nj=$nj" 'distill.temperatures=[2]' 'distill.students.dense=[2]'
+                 'distill.students.topk=[]' 'distill.students.compact=[]' 'distill.students.compact_prior=[]'
+                 distill.logit_matching=false three_percent.speed_perturbed=false "$@")
+paper() {  # paper FIRST LAST: run_paper.sh's stages FIRST..LAST, or nothing past --stop-stage
+  [ "$1" -le "$stop_stage" ] || return 0
+  recipes/an4/run_paper.sh --stage "$1" --stop-stage "$(( $2 < stop_stage ? $2 : stop_stage ))" -- "${paper_overrides[@]}"
+}
+
+step check check || exit 1
+# shellcheck disable=SC2086
+step bench python3 bench/train_throughput.py --exp-dir recipes/an4/exp --out "$out/train_throughput.json" \
+  --profile "$out/train_throughput.profile.txt" $bench_args
+if step paper-0-1 paper 0 1; then  # the baseline: the other stages need it
+  step paper-2 paper 2 2
+  step paper-3 paper 3 3
+fi
+echo "$(date '+%F %T') done: $(cat "$steps_json" | tr -d '\n ')"
