@@ -216,25 +216,22 @@ def train(cfg) -> None:
     """Stage: every run of :func:`runs` of ``function_matching.train_kinds`` that is not complete (each
     resumes from its last epoch). The controls (``hard``) need no teacher: with ``train_kinds=[hard]``
     they train while the ensemble does, on another core or machine. A run of the patience curve that
-    the plateau rule may yet leave out waits until the others are trained, and is left for a later
-    run of the stage if the students it is decided on are still missing then (a controls-only run
-    would otherwise train the longest control, maybe for nothing)."""
+    the plateau rule may yet leave out waits (the next run in order that can be decided trains
+    first), and is left for a later run of the stage if the students it is decided on are still
+    missing at the end (a controls-only run would otherwise train the longest control, maybe for
+    nothing)."""
     exp, fm = Path(cfg.exp_dir), cfg.function_matching
     temperature = float(fm.temperature)
     trainings: dict[str, TrainingSet] = {}
     teacher_inputs = {f"teacher {d.name}": d for d in system_dirs(exp, cfg.distill.teacher)}
     kinds = set(map(str, fm.train_kinds))  # words of KINDS (the config's schema refuses others)
-    todo = [run for run in runs(cfg) if run.kind in kinds]
-    waiting = [run for run in todo if plateau_pending(cfg, run)]
-    for run in [run for run in todo if run not in waiting] + waiting:
+    remaining = [run for run in runs(cfg) if run.kind in kinds]
+    while run := next((run for run in remaining if not plateau_pending(cfg, run)), None):  # the first in order that can be decided
+        remaining.remove(run)
         name = run_name(cfg, run)
         if beyond_plateau(cfg, run, stop := curve_stop(cfg)):
             log.info("%s: not trained, the patience curve stopped at %dx (validation +%.2f points over %dx, below function_matching.plateau=%g)",
                      name, stop["schedule"], stop["gain_points"], stop["previous"], stop["plateau_points"])
-            continue
-        if run in waiting and plateau_pending(cfg, run):
-            log.info("%s: not trained yet, the plateau rule decides it once the consistent students of the earlier schedules are trained "
-                     "(function_matching.train_kinds=%s): rerun the stage then", name, sorted(kinds))
             continue
         values = {"view": run.view, "schedule": run.schedule, "kind": run.kind}
         model = Model(f"train-function-matching {name}", Layout(exp).model(name), run.replicate, values=values, views=view_spec(cfg, run))
@@ -251,6 +248,9 @@ def train(cfg) -> None:
         else:  # the paper's stored targets; on clean frames also the consistent student's: the teacher's outputs on them, read, not recomputed
             loss, inputs = precomputed_loss(cfg, temperature, training)
         train_stage(rcfg, [model], training, loss=loss, keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
+    for run in remaining:
+        log.info("%s: not trained yet, the plateau rule decides it once the consistent students of the earlier schedules are trained "
+                 "(function_matching.train_kinds=%s): rerun the stage then", run_name(cfg, run), sorted(kinds))
 
 
 # ----------------------------------------------------------------------------- report
