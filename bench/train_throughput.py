@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile as profiled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -79,11 +80,17 @@ def new_model(cfg, data: FrameData, seed: int) -> HybridDNN:
     return HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model).to(data.pdf_ids.device)
 
 
+def batches(data: FrameData, batch_size: int):
+    """A function giving random batches of frame indexes on the data's device, from a fixed seed."""
+    device = data.pdf_ids.device
+    rng = torch.Generator(device=device).manual_seed(1)
+    return lambda: torch.randint(0, data.frames.store.num_frames, (batch_size,), device=device, generator=rng)
+
+
 def measure(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> dict:
     device = data.pdf_ids.device
     cfg.train.batch_size = batch_size
-    rng = torch.Generator(device=device).manual_seed(1)
-    random_batch = lambda: torch.randint(0, data.frames.store.num_frames, (batch_size,), device=device, generator=rng)  # noqa: E731
+    random_batch = batches(data, batch_size)
     per = lambda seconds, models=1: round(steps * batch_size * models / seconds, 1)  # noqa: E731
 
     trainer = TrainStep(cfg, new_model(cfg, data, 0), data, None, data.pdf_ids)
@@ -135,17 +142,14 @@ def missed(run: dict) -> list[str]:
 def profile(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> str:
     """The top operators of the trainer's step and of the fused ensemble's step at ``batch_size``
     (torch.profiler, CPU and CUDA time), as text: where the step's time goes when a target is missed."""
-    from torch.profiler import ProfilerActivity, profile as profiled
-
     device = data.pdf_ids.device
     cfg.train.batch_size = batch_size
-    rng = torch.Generator(device=device).manual_seed(1)
+    random_batch = batches(data, batch_size)
     steppers = {"trainer": TrainStep(cfg, new_model(cfg, data, 0), data, None, data.pdf_ids),
                 f"fused {members} members": TrainStep(cfg, StackedDNN([new_model(cfg, data, 1 + i) for i in range(members)]),
                                                       data, None, data.pdf_ids)}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    random_batch = lambda: torch.randint(0, data.frames.store.num_frames, (batch_size,), device=device, generator=rng)  # noqa: E731
     out = []
     for what, step in steppers.items():
         for _ in range(3):  # warm-up, as timed() does
@@ -186,9 +190,9 @@ def main() -> None:
         write_json(out, result)
     misses = [run for run in result["runs"] if missed(run)]
     if args.profile and misses:
-        worst = max(misses, key=lambda run: run["batch"])
-        write_text(args.profile, profile(cfg, data, worst["batch"], args.members, args.steps))
-        result["profile"] = {"file": args.profile.name, "batch": worst["batch"], "missed": missed(worst)}
+        largest = max(misses, key=lambda run: run["batch"])
+        write_text(args.profile, profile(cfg, data, largest["batch"], args.members, args.steps))
+        result["profile"] = {"file": args.profile.name, "batch": largest["batch"], "missed": missed(largest)}
         write_json(out, result)
     print(json.dumps(result, indent=1))
 
