@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from asrkd.distill.losses import distillation_loss, logit_distillation_loss, logit_matching_loss
+from asrkd.experiments.distillation import temperature_sentence
 
 
 def soft_gradient(student: torch.Tensor, teacher: torch.Tensor, temperature: float, hard_weight: float = 0.0) -> torch.Tensor:
@@ -91,3 +92,12 @@ def test_a_new_distillation_method_is_one_module_and_a_config_entry(run_dir, tmp
     top1 = student.target_source(cfg, student.Student("top1", 2.0, 0), training)[0](data)(batch)
     dense = student.target_source(cfg, student.Student("dense", 2.0, 0), training)[0](data)(batch)
     assert torch.equal(top1.argmax(-1), dense.argmax(-1)) and torch.equal(top1.sum(-1), torch.ones(64))
+
+
+def test_one_temperature_trained_is_no_choice() -> None:
+    one = {"temperature": 2.0, "temperature_choice": {"runner_up": None, "difference": None, "significant": False}}
+    assert temperature_sentence(one, 3) == ("T = 2 is the only temperature the dense students were trained at "
+                                            "(distill.students.dense): no choice made.")
+    two = {"temperature": 2.0, "temperature_choice": {"runner_up": 5.0, "significant": False,
+                                                      "difference": {"estimate": 0.001, "ci": [-0.002, 0.004], "p_above_zero": 0.7}}}
+    assert "against the runner-up (T = 5) by +0.10 [-0.20, +0.40] points on validation, P(> 0) = 0.70: not significant" in temperature_sentence(two, 3)
