@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from asrkd.stage import input_fingerprint
 
@@ -68,10 +69,10 @@ def test_the_gpu_run_script_runs_the_paper_recipe_from_a_packed_recipe_with_its_
         shutil.copy2(REPO / path, root / path)
     pack(run_dir, tmp_path / "carry")
     env = {k: v for k, v in os.environ.items() if k not in ("ASRKD_OUTER_RECIPE", "ASRKD_RECIPE_COMMAND")}
-    env |= {"PYTHONPATH": str(REPO), "GPU_RUN_BENCH": "--batch-sizes 64 --members 2 --steps 1 model=tiny train.num_threads=1"}
+    env |= {"PYTHONPATH": str(REPO)}
     out = tmp_path / "out"
     command = ["bash", str(root / "tools" / "gpu_paper_run.sh"), str(out), "--prepared", str(tmp_path / "carry"),
-               "--stop-stage", "1", "--", *TINY]
+               "--stop-stage", "1", "--dry-run", "--", *TINY, "train.num_threads=1"]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (out / "run.log").read_text()
@@ -83,7 +84,7 @@ def test_the_gpu_run_script_runs_the_paper_recipe_from_a_packed_recipe_with_its_
     assert not (recipe_copy / "exp" / "dnn").exists()  # the small model's place stays untouched
     report = json.loads((root / "results" / "an4_paper" / "report.json").read_text())
     assert report["command"].startswith("recipes/an4/run_paper.sh -- train.bf16_autocast=true")  # the recipe run, not the inner one
-    assert report["command"].endswith(" ".join(TINY)) and report["config"]["model"]["hidden_dim"] == 64  # the overrides given follow
+    assert report["command"].endswith(" ".join(TINY) + " train.num_threads=1") and report["config"]["model"]["hidden_dim"] == 64  # the overrides follow
     assert report["config"]["exp_dir"] == "exp_paper" and set(report["systems"]) >= {"gmm", "baseline"}
     # what the device returns: at most 8 plain files, one folder down at most
     returned = sorted(p.name for p in out.iterdir())
@@ -92,10 +93,25 @@ def test_the_gpu_run_script_runs_the_paper_recipe_from_a_packed_recipe_with_its_
     assert [(name, step["status"]) for name, step in steps.items()] == [("check", 0), ("bench", 0), ("paper-0-1", 0), ("paper-2", 0), ("paper-3", 0)]
     bench = json.loads((out / "train_throughput.json").read_text())
     assert [run["batch"] for run in bench["runs"]] == [64] and bench["profile"] is None  # batches under 1024 are not profiled
+    assert bench["model"] == "2x64" and bench["bf16_autocast"]  # the bench took the overrides given (model=tiny)
     with tarfile.open(out / "an4_paper.tar") as tar:
         names = set(tar.getnames())
     assert {"results/an4_paper/report.json", "recipes/an4/exp_paper/dnn/baseline/history.json",
             "recipes/an4/exp_paper/decode/baseline/wer.json"} <= names, sorted(names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check refuses a machine without a GPU")
+def test_the_gpu_run_stops_at_once_where_torch_sees_no_gpu(recipe_copy: Path, tmp_path: Path) -> None:
+    root = recipe_copy.parent.parent
+    for path in ("tools/gpu_paper_run.sh", "tools/offline_env.sh"):
+        (root / path).parent.mkdir(exist_ok=True)
+        shutil.copy2(REPO / path, root / path)
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(root / "tools" / "gpu_paper_run.sh"), str(out)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1
+    assert "torch sees no GPU: the paper-size run would take days here (--dry-run runs on a CPU)" in (out / "run.log").read_text()
+    assert list(json.loads((out / "steps.json").read_text())) == ["check"]  # nothing after it ran
 
 
 def test_a_relative_corpus_dir_is_read_from_where_the_recipe_is_run(tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 # The whole GPU run of the paper's network on AN4, in one command that fits one device call
 # (a lent H100/H200 with 16 cores, no package index, no corpus; at most ~9 minutes):
 #
-#   tools/gpu_paper_run.sh OUT [--wheels DIR] [--prepared DIR] [--stop-stage N] [-- overrides...]
+#   tools/gpu_paper_run.sh OUT [--wheels DIR] [--prepared DIR] [--stop-stage N] [--dry-run] [-- overrides...]
 #   device: tools/gpu_paper_run.sh "$OUT" --wheels .whl --prepared .carry/an4   (carry .whl and .carry)
+#   --dry-run: on a CPU (a GPU is required otherwise), the bench at one small batch; with -- model=tiny ...
+#   (the overrides go to the bench too) the whole plan runs here in minutes (tests/test_paper_recipe.py)
 #
 # Made beforehand on a machine with the index and the corpus (both git-ignored, ~45 MiB together):
 #   python tools/offline_wheels.py --dest .whl --python-version 3.12
@@ -41,14 +43,15 @@
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-[ $# -ge 1 ] || { echo "usage: $0 OUT [--wheels DIR] [--prepared DIR] [--stop-stage N] [-- overrides...]" >&2; exit 1; }
+[ $# -ge 1 ] || { echo "usage: $0 OUT [--wheels DIR] [--prepared DIR] [--stop-stage N] [--dry-run] [-- overrides...]" >&2; exit 1; }
 out=$(mkdir -p "$1" && cd "$1" && pwd); shift
-wheels= prepared= stop_stage=3
+wheels= prepared= stop_stage=3 dry_run=
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) wheels=$2; shift 2 ;;
     --prepared) prepared=$2; shift 2 ;;
     --stop-stage) stop_stage=$2; shift 2 ;;
+    --dry-run) dry_run=--dry-run; shift ;;
     --) shift; break ;;
     *) echo "$0: unknown option $1" >&2; exit 1 ;;
   esac
@@ -61,7 +64,7 @@ cd "$root"
 if [ -z "${GPU_PAPER_RUN_SINCE:-}" ]; then  # once: the wheels installed aside and the prepared outputs unpacked (tools/offline_env.sh), then again
   export GPU_PAPER_RUN_SINCE=$(date +%s.%N)
   exec tools/offline_env.sh ${wheels:+--wheels "$wheels"} ${prepared:+--prepared "$prepared" recipes/an4} \
-    bash "$root/tools/gpu_paper_run.sh" "$out" --stop-stage "$stop_stage" -- "$@"
+    bash "$root/tools/gpu_paper_run.sh" "$out" --stop-stage "$stop_stage" $dry_run -- "$@"
 fi
 exec > >(tee -a "$out/run.log") 2>&1
 export PYTHONUNBUFFERED=1
@@ -98,9 +101,10 @@ snapshot() {  # results/an4_paper and the small records of exp_paper, into OUT/a
   tar -cf "$out/.an4_paper.tar.tmp" $files 2>/dev/null && mv -f "$out/.an4_paper.tar.tmp" "$out/an4_paper.tar"
 }
 
-check() {  # what the run needs imports (the Kaldi wheels in this order), and the device is seen
-  python3 -c "import kaldi_hmm_gmm, kaldi_decoder, kaldifst, torch, asrkd; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" &&
-    { nvidia-smi -L 2>/dev/null || true; }
+check() {  # what the run needs imports (the Kaldi wheels in this order), and the GPU is seen (a dry run: none needed)
+  nvidia-smi -L 2>/dev/null
+  python3 -c "import kaldi_hmm_gmm, kaldi_decoder, kaldifst, torch, asrkd; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())
+assert torch.cuda.is_available() or '$dry_run', 'torch sees no GPU: the paper-size run would take days here (--dry-run runs on a CPU)'"
 }
 
 ( while sleep 30; do snapshot; done ) &
@@ -108,7 +112,8 @@ snapshots=$!
 trap 'kill $snapshots 2>/dev/null; snapshot' EXIT
 
 nj=$(nproc)
-bench_args=${GPU_RUN_BENCH:-"--batch-sizes 1024 4096 16384 --members 10 --steps 10 model=paper train.bf16_autocast=true"}
+bench_args=(--batch-sizes 1024 4096 16384 --members 10 --steps 10)
+[ -z "$dry_run" ] || bench_args=(--batch-sizes 64 --members 2 --steps 1)
 # the paper's recipe at Table 1's size; the overrides given here follow (a dry run's model=tiny)
 paper_overrides=(train.bf16_autocast=true "jobs.nj=$nj" 'distill.temperatures=[2]' 'distill.students.dense=[2]'
                  'distill.students.topk=[]' 'distill.students.compact=[]' 'distill.students.compact_prior=[]'
@@ -119,9 +124,8 @@ paper() {  # paper FIRST LAST: run_paper.sh's stages FIRST..LAST, or nothing pas
 }
 
 step check check || exit 1
-# shellcheck disable=SC2086
 step bench python3 bench/train_throughput.py --exp-dir recipes/an4/exp --out "$out/train_throughput.json" \
-  --profile "$out/train_throughput.profile.txt" $bench_args
+  --profile "$out/train_throughput.profile.txt" "${bench_args[@]}" model=paper train.bf16_autocast=true "$@"
 if step paper-0-1 paper 0 1; then  # the baseline: the other stages need it
   step paper-2 paper 2 2
   step paper-3 paper 3 3
