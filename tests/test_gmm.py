@@ -1,8 +1,13 @@
+import copy
+from pathlib import Path
+
 import kaldi_hmm_gmm as khg
 import numpy as np
 from omegaconf import OmegaConf
 
-from asrkd.kaldi.gmm import global_moments, mix_up, single_gaussian, split_targets
+from asrkd.jobs import split
+from asrkd.kaldi.gmm import GmmModel, STATS_SCALE, gmm_stats, global_moments, mix_up, single_gaussian, split_targets
+from asrkd.stores import FeatureStore
 
 
 def test_split_targets_follow_occupancy_within_min_count() -> None:
@@ -40,3 +45,49 @@ def test_global_moments_read_in_blocks_equal_one_sum_over_the_array() -> None:
     whole = frames.astype(np.float64)
     count, total, sumsq = global_moments(frames, block_rows=7)
     assert count == 1000 and np.array_equal(total, whole.sum(0)) and np.array_equal(sumsq, (whole**2).sum(0))
+
+
+def trained_model_and_alignments(run_dir: Path) -> tuple[GmmModel, dict[str, np.ndarray], FeatureStore]:
+    model = GmmModel.load(run_dir / "exp" / "tri")
+    feats = FeatureStore.load(run_dir / "exp" / "feats" / "mfcc" / "train")
+    tids = np.load(run_dir / "exp" / "tri" / "ali_train" / "transition_ids.npy")
+    spans = {utt: feats.span(utt) for utt in feats.utt_ids}
+    return model, {utt: tids[a:b].astype(np.int32) for utt, (a, b) in spans.items() if (tids[a:b] > 0).all()}, feats
+
+
+def updated(model: GmmModel, accs: khg.AccumAmDiagGmm) -> GmmModel:
+    model = copy.deepcopy(model)
+    khg.mle_am_diag_gmm_update(config=khg.MleDiagGmmOptions(), amdiag_gmm_acc=accs, flags=khg.str_to_gmm_flags("mvw"), am_gmm=model.am)
+    return model
+
+
+def test_gmm_statistics_of_jobs_update_as_kaldis_own_accumulation_does(run_dir: Path) -> None:
+    """gmm-acc-stats-ali as arrays, summed over jobs, then Kaldi's update: against Kaldi's accumulator
+    filled a frame at a time (AccumulateForGmm, its posteriors in float), the same model to float tolerance."""
+    model, alignments, feats = trained_model_and_alignments(run_dir)
+    kaldi = khg.AccumAmDiagGmm()
+    kaldi.init(model=model.am, flags=khg.GmmUpdateFlags.kGmmAll)
+    tid_to_pdf, like = model.tid_to_pdf(), 0.0
+    for utt, tids in alignments.items():
+        for frame, pdf in zip(np.asarray(feats[utt], np.float32), tid_to_pdf[tids]):
+            like += kaldi.accumulate_for_gmm(model=model.am, data=frame, gmm_index=int(pdf), weight=1.0)
+    stats = gmm_stats(model, alignments, feats)
+    assert abs(stats.loglike / STATS_SCALE / stats.frames - like / stats.frames) < 1e-5  # the average log-likelihood a frame
+    ours, theirs = updated(model, stats.accumulator(model)), updated(model, kaldi)
+    for pdf in range(model.num_pdfs):
+        a, b = ours.am.get_pdf(pdf), theirs.am.get_pdf(pdf)
+        assert a.num_gauss == b.num_gauss
+        np.testing.assert_allclose(a.weights, b.weights, atol=1e-6)
+        np.testing.assert_allclose(a.means, b.means, atol=1e-4)
+        np.testing.assert_allclose(a.vars, b.vars, rtol=1e-3)
+
+
+def test_gmm_statistics_are_the_same_integers_for_any_split_into_jobs_and_chunks(run_dir: Path) -> None:
+    model, alignments, feats = trained_model_and_alignments(run_dir)
+    one = gmm_stats(model, alignments, feats)
+    for jobs, chunk_frames in ((2, 1 << 18), (3, 1000), (7, 50)):
+        parts = [gmm_stats(model, {u: alignments[u] for u in part}, feats, chunk_frames) for part in split(list(alignments), jobs)]
+        total = sum(parts[1:], parts[0])
+        for field in ("occupancy", "first", "second", "transitions"):
+            np.testing.assert_array_equal(getattr(total, field), getattr(one, field))
+        assert (total.loglike, total.frames) == (one.loglike, one.frames)

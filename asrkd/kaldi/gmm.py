@@ -221,25 +221,121 @@ def realigner(cfg, model: GmmModel, text: dict[str, str], utts: list[str], feats
     return lambda current: aligner(current, utts)[0]
 
 
-def accumulate(model: GmmModel, alignments: dict[str, np.ndarray], feats: FeatureStore) -> tuple[khg.AccumAmDiagGmm, np.ndarray, float]:
-    """gmm-acc-stats-ali: GMM stats per aligned frame, transition counts, average log-likelihood.
+STATS_SCALE = 2.0**20  # GMM statistics in fixed point: integer sums are exact in any order, so jobs' sums are the same bits for any nj
+# (a Gaussian's sums stay exact up to 2^63 / 2^20 ~ 8.8e12 in natural units: a billion frames of x^2 = 8,800)
+STATS_BLOCK = 1 << 21  # elements of a block's (frames x Gaussians x dim) products: ~16 MB of float64
 
-    It runs in the training process whatever ``jobs.nj``: the wheel's accumulators neither
-    pickle nor take stats from outside (``get_acc`` returns a copy), so a job's could not be
-    summed into them as gmm-sum-accs does."""
-    accs = khg.AccumAmDiagGmm()
-    accs.init(model=model.am, flags=khg.GmmUpdateFlags.kGmmAll)
-    tid_to_pdf = model.tid_to_pdf()
-    num_tids = model.trans_model.num_transition_ids
-    trans_stats = np.zeros(num_tids + 1, dtype=np.float64)
-    total_like, total_frames = 0.0, 0
-    for utt, tids in alignments.items():
-        x = np.ascontiguousarray(feats[utt], dtype=np.float32)
-        trans_stats += np.bincount(tids, minlength=num_tids + 1)
-        for frame, pdf in zip(x, tid_to_pdf[tids]):
-            total_like += accs.accumulate_for_gmm(model=model.am, data=frame, gmm_index=int(pdf), weight=1.0)
-        total_frames += len(tids)
-    return accs, trans_stats, total_like / max(total_frames, 1)
+
+@dataclass
+class GmmStats:
+    """gmm-acc-stats-ali's statistics as arrays, per Gaussian (every pdf's Gaussians in pdf order):
+    occupancy and the sums of x and x^2 weighted by the posteriors, in fixed point (int64, units of
+    1/STATS_SCALE), and transition counts. Each job sums its utterances' statistics, and the jobs'
+    sums add up to the same integers whatever the split, as gmm-sum-accs sums Kaldi's jobs' (whose
+    accumulators this wheel can neither pickle nor fill from outside)."""
+
+    occupancy: np.ndarray  # (gaussians,)
+    first: np.ndarray  # (gaussians, dim)
+    second: np.ndarray  # (gaussians, dim)
+    transitions: np.ndarray  # (transition-ids + 1,)
+    loglike: int  # the frames' total log-likelihood, in fixed point
+    frames: int
+
+    def __add__(self, other: "GmmStats") -> "GmmStats":
+        return GmmStats(self.occupancy + other.occupancy, self.first + other.first, self.second + other.second,
+                        self.transitions + other.transitions, self.loglike + other.loglike, self.frames + other.frames)
+
+    def accumulator(self, model: GmmModel) -> khg.AccumAmDiagGmm:
+        """Kaldi's accumulator holding these statistics, for Kaldi's own update: a Gaussian's occupancy,
+        first and second moments are those of two points, its mean plus and minus its standard deviation
+        per dimension, each of half its occupancy (the accumulator is filled only through frames)."""
+        accs = khg.AccumAmDiagGmm()
+        accs.init(model=model.am, flags=khg.GmmUpdateFlags.kGmmAll)
+        offsets = np.cumsum([0] + [model.am.num_gauss_in_pdf(pdf) for pdf in range(model.num_pdfs)])
+        occupancy = self.occupancy / STATS_SCALE
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = self.first / STATS_SCALE / occupancy[:, None]
+            deviation = np.sqrt(np.maximum(self.second / STATS_SCALE / occupancy[:, None] - mean**2, 0.0))
+        for pdf in range(model.num_pdfs):
+            for gauss, g in enumerate(range(offsets[pdf], offsets[pdf + 1])):
+                if occupancy[g] > 0:
+                    for point in (mean[g] + deviation[g], mean[g] - deviation[g]):
+                        accs.accumulate_for_gaussian(model.am, point.astype(np.float32), pdf, gauss, occupancy[g] / 2)
+        return accs
+
+
+def fixed_sum(values: np.ndarray) -> np.ndarray:
+    """Sum over the first axis of ``values`` (overwritten) in fixed point: each value rounded to a
+    multiple of 1/STATS_SCALE first, so the sum is of integers: exact in float64 within a block
+    (its totals stay far below 2^53), hence the same in any order, and returned as int64."""
+    values *= STATS_SCALE
+    return np.rint(values, out=values).sum(0).astype(np.int64)
+
+
+def gmm_stats(model: GmmModel, alignments: dict[str, np.ndarray], feats: FeatureStore, chunk_frames: int = 1 << 18) -> GmmStats:
+    """gmm-acc-stats-ali over ``alignments``: each frame's posteriors over its pdf's Gaussians
+    (Kaldi's ComponentPosteriors, in float64) and the statistics they weight, read a chunk of
+    utterances at a time. Every per-frame quantity is computed without BLAS (whose sums' order
+    depends on the matrix shapes) and rounded to fixed point before it is summed, so a frame
+    adds the same integers whichever job and chunk hold it."""
+    am, tid_to_pdf = model.am, model.tid_to_pdf()
+    gmms = [am.get_pdf(pdf) for pdf in range(model.num_pdfs)]
+    offsets = np.cumsum([0] + [g.num_gauss for g in gmms])
+    params = [(np.asarray(g.gconsts, np.float64), np.asarray(g.means_invvars, np.float64), np.asarray(g.inv_vars, np.float64)) for g in gmms]
+    dim, num_tids = am.dim, model.trans_model.num_transition_ids
+    stats = GmmStats(np.zeros(offsets[-1], np.int64), np.zeros((offsets[-1], dim), np.int64), np.zeros((offsets[-1], dim), np.int64),
+                     np.zeros(num_tids + 1, np.int64), 0, 0)
+    utts, chunk, chunk_size = list(alignments), [], 0
+    for i, utt in enumerate(utts):
+        chunk.append(utt)
+        chunk_size += len(alignments[utt])
+        if chunk_size < chunk_frames and i + 1 < len(utts):
+            continue
+        tids = np.concatenate([alignments[u] for u in chunk])
+        frames = np.concatenate([np.asarray(feats[u], dtype=np.float32) for u in chunk])
+        stats.transitions += np.bincount(tids, minlength=num_tids + 1)
+        stats.frames += len(tids)
+        pdf_of = tid_to_pdf[tids]
+        order = np.argsort(pdf_of, kind="stable")
+        starts = np.flatnonzero(np.r_[True, pdf_of[order][1:] != pdf_of[order][:-1]])
+        for begin, end in zip(starts, np.r_[starts[1:], len(order)]):
+            pdf = int(pdf_of[order[begin]])
+            gconsts, means_invvars, inv_vars = params[pdf]
+            block = max(1, STATS_BLOCK // (len(gconsts) * dim))
+            for at in range(begin, end, block):
+                x = frames[order[at:min(at + block, end)]].astype(np.float64)[:, None, :]  # (frames, 1, dim)
+                loglikes = gconsts + (x * (means_invvars - 0.5 * x * inv_vars)).sum(-1)  # (frames, Gaussians)
+                top = loglikes.max(1, keepdims=True)
+                frame_loglikes = top[:, 0] + np.log(np.exp(loglikes - top).sum(1))
+                posteriors = np.exp(loglikes - frame_loglikes[:, None])
+                weighted = posteriors[:, :, None] * x  # (frames, Gaussians, dim)
+                g = slice(offsets[pdf], offsets[pdf + 1])
+                stats.second[g] += fixed_sum(weighted * x)
+                stats.first[g] += fixed_sum(weighted)
+                stats.occupancy[g] += fixed_sum(posteriors)
+                stats.loglike += int(fixed_sum(frame_loglikes))
+        chunk, chunk_size = [], 0
+    return stats
+
+
+def gmm_stats_part(job: tuple) -> GmmStats:
+    """One statistics job: (model, features directory, alignments of its utterances) -> their
+    statistics. The job reads its utterances' features from disk itself."""
+    model, feats_dir, alignments = job
+    return gmm_stats(model, alignments, FeatureStore.load(Path(feats_dir)))
+
+
+def accumulate(cfg, model: GmmModel, alignments: dict[str, np.ndarray], feats_dir: Path, stage: str) -> tuple[khg.AccumAmDiagGmm, np.ndarray, float]:
+    """gmm-acc-stats-ali in ``jobs.nj`` jobs (Kaldi's split data) and gmm-sum-accs: the statistics
+    of every job summed (exactly: the same for any nj), in Kaldi's accumulator; transition counts;
+    the average log-likelihood of a frame."""
+    utts = list(alignments)
+    jobs = [(model, str(feats_dir), {u: alignments[u] for u in part}) for part in split(utts, num_jobs(cfg))]
+    parts = map_jobs(cfg, gmm_stats_part, jobs, stage)
+    stats = parts[0]
+    for part in parts[1:]:
+        stats = stats + part
+    return stats.accumulator(model), stats.transitions.astype(np.float64), stats.loglike / STATS_SCALE / max(stats.frames, 1)
 
 
 def split_targets(occupancy: np.ndarray, current: np.ndarray, target: int, power: float, min_count: float) -> np.ndarray:
@@ -300,7 +396,7 @@ def update(model: GmmModel, accs: khg.AccumAmDiagGmm, trans_stats: np.ndarray, t
 
 
 def train_em(
-    model: GmmModel, realign: Callable[[GmmModel], dict], feats: FeatureStore, alignments: dict, stage_cfg, cfg, name: str,
+    model: GmmModel, realign: Callable[[GmmModel], dict], feats_dir: Path, alignments: dict, stage_cfg, cfg, name: str,
     rng: np.random.Generator,
 ) -> tuple[dict, list]:
     """EM passes as train_mono.sh/train_deltas.sh: realign on realign_iters, grow Gaussians linearly."""
@@ -310,7 +406,7 @@ def train_em(
         tic = time.time()
         if it in set(stage_cfg.realign_iters):
             alignments = realign(model)
-        accs, trans_stats, like = accumulate(model, alignments, feats)
+        accs, trans_stats, like = accumulate(cfg, model, alignments, feats_dir, f"train-gmm {name} stats")
         grow = min(it + 1, max(1, stage_cfg.num_iters - 5)) / max(1, stage_cfg.num_iters - 5)
         target = int(start_gauss + (stage_cfg.total_gauss - start_gauss) * grow)
         update(model, accs, trans_stats, target, cfg.gmm, rng)
@@ -428,7 +524,7 @@ def train(cfg) -> dict:
     account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, layout.mono / "dropped.json")
     utts = [u for u in utts if u in alignments]
     realign = realigner(cfg, mono, data.text, utts, mfcc_dir, "train-gmm mono realign")
-    _, mono_history = train_em(mono, realign, feats, alignments, cfg.gmm.mono, cfg, "mono", rng)
+    _, mono_history = train_em(mono, realign, mfcc_dir, alignments, cfg.gmm.mono, cfg, "mono", rng)
     alignments = realign(mono)  # the final model's alignment feeds the tree
     mono.save(layout.mono)
     mono_time = time.time() - tic
@@ -436,7 +532,7 @@ def train(cfg) -> dict:
     tic = time.time()
     tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree, layout.exp)
     realign = realigner(cfg, tri, data.text, utts, mfcc_dir, "train-gmm tri realign")
-    _, tri_history = train_em(tri, realign, feats, realign(tri), cfg.gmm.tri, cfg, "tri", rng)
+    _, tri_history = train_em(tri, realign, mfcc_dir, realign(tri), cfg.gmm.tri, cfg, "tri", rng)
     tri.save(layout.gmm)
     tri_time = time.time() - tic
 
