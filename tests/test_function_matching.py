@@ -4,6 +4,8 @@ on the same views and schedules, the report's gain kept (speaker intervals) and 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -179,9 +181,16 @@ def test_the_controls_train_alone_without_a_teacher(run_dir: Path, tmp_path: Pat
                       "function_matching.ablation=[clean]", "function_matching.headline=clean", "function_matching.schedules=[1,2]",
                       "function_matching.headline_schedule=1", "function_matching.seeds=1", "function_matching.subset=null",
                       "function_matching.train_kinds=[hard]")
-    function_matching.EXPERIMENT.train(cfg)  # no teacher exists: only the control trains
-    # the 2x control waits for the plateau rule, which needs the 1x student: left for a later run
-    assert sorted(p.name for p in (root / "exp" / "dnn").glob("fm_*")) == ["fm_clean_x1_hard"]
+    dnn = root / "exp" / "dnn"
+    dnn.mkdir(parents=True, exist_ok=True)
+    with subprocess.Popen(["sleep", "60"]) as other:  # another process of the stage holds the noise view's control
+        lock = dnn / ".fm_noise_x1_hard.lock"
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "command": "another worker", "since": "now"}))
+        function_matching.EXPERIMENT.train(OmegaConf.merge(cfg, {"function_matching": {"ablation": ["clean", "noise"]}}))
+        other.kill()
+    # no teacher exists: only the controls train; the one another process holds is passed over; the 2x
+    # control waits for the plateau rule, which needs the 1x student: left for a later run
+    assert sorted(p.name for p in dnn.glob("fm_*")) == ["fm_clean_x1_hard"] and lock.is_file()
     from asrkd.cli import load_config
 
     with pytest.raises(ValueError, match=r"function_matching.train_kinds=\['hardd'\] is not a list of one of hard, consistent, precomputed"):

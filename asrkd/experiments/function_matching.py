@@ -57,6 +57,7 @@ from asrkd.layout import Layout, System
 from asrkd.report import percent, saved_figure
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, replicate_name, system_dirs, train_stage
 from asrkd.nnet.views import View, ViewSpec
+from asrkd.stage import StageLocked
 from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ def systems(cfg) -> list[System]:
 def train(cfg) -> None:
     """Stage: every run of :func:`runs` of ``function_matching.train_kinds`` that is not complete (each
     resumes from its last epoch). The controls (``hard``) need no teacher: with ``train_kinds=[hard]``
-    they train while the ensemble does, on another core or machine. A run of the patience curve that
+    they train while the ensemble does, on another core or machine; several processes of the stage
+    share its runs (a run another one is training is passed over). A run of the patience curve that
     the plateau rule may yet leave out waits (the next run in order that can be decided trains
     first), and is left for a later run of the stage if the students it is decided on are still
     missing at the end (a controls-only run would otherwise train the longest control, maybe for
@@ -239,15 +241,18 @@ def train(cfg) -> None:
         if run.data not in trainings:
             trainings[run.data] = TrainingSet(rcfg)  # frames loaded once per data dir
         training = trainings[run.data]
-        if run.kind == "hard":
-            train_stage(rcfg, [model], training)
-            continue
-        values |= {"teacher": cfg.distill.teacher, "temperature": temperature}
-        if run.kind == "consistent" and view_spec(cfg, run).active:
-            loss, inputs = consistent_loss(cfg, temperature), teacher_inputs
-        else:  # the paper's stored targets; on clean frames also the consistent student's: the teacher's outputs on them, read, not recomputed
-            loss, inputs = precomputed_loss(cfg, temperature, training)
-        train_stage(rcfg, [model], training, loss=loss, keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
+        try:
+            if run.kind == "hard":
+                train_stage(rcfg, [model], training)
+                continue
+            values |= {"teacher": cfg.distill.teacher, "temperature": temperature}
+            if run.kind == "consistent" and view_spec(cfg, run).active:
+                loss, inputs = consistent_loss(cfg, temperature), teacher_inputs
+            else:  # the paper's stored targets; on clean frames also the consistent student's: the teacher's outputs on them, read, not recomputed
+                loss, inputs = precomputed_loss(cfg, temperature, training)
+            train_stage(rcfg, [model], training, loss=loss, keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
+        except StageLocked as locked:  # another process of this stage is training it: this one goes on with the next run
+            log.info("%s; going on with the next run", locked)
     for run in remaining:
         log.info("%s: not trained yet, the plateau rule decides it once the consistent students of the earlier schedules are trained "
                  "(function_matching.train_kinds=%s): rerun the stage then", run_name(cfg, run), sorted(kinds))
