@@ -1,7 +1,10 @@
 """The GMM-HMM system and the forced alignment: Kaldi's train_mono.sh -> train_deltas.sh -> align_si.sh.
 
-All estimation, graph compilation and Viterbi alignment is Kaldi's own code (k2-fsa's
-``kaldi-hmm-gmm``); only the triphone tree is grown here (see :mod:`asrkd.kaldi.tree`).
+The EM updates, graph compilation and Viterbi alignment are Kaldi's own code (k2-fsa's
+``kaldi-hmm-gmm``); the triphone tree is grown here (see :mod:`asrkd.kaldi.tree`), the EM
+statistics are computed here in jobs and summed (:func:`gmm_stats`: the wheel's accumulators
+neither pickle nor add up across processes), and Gaussians are split with a seeded generator
+(:func:`mix_up`: the wheel's is unseedable).
 
 Outputs of the stage, under ``exp/``:
   mono/, tri/    ``model.pkl`` (tree, transition model, GMMs), ``tree`` (Kaldi binary), ``log.json``
