@@ -59,14 +59,19 @@ def test_the_paper_recipe_needs_the_prepared_stages(recipe_copy: Path) -> None:
     assert "exp/feats/fbank/train/stage.json is missing: run recipes/an4/run.sh --stop-stage 6 first" in result.stderr
 
 
+def copy_from_repo(root: Path, *paths: str) -> None:
+    """The repository's ``paths`` into ``root`` at the same places (a recipe copy's tools and bench)."""
+    for path in paths:
+        (root / path).parent.mkdir(exist_ok=True)
+        shutil.copy2(REPO / path, root / path)
+
+
 def test_the_gpu_run_script_runs_the_paper_recipe_from_a_packed_recipe_with_its_models_apart(run_dir: Path, recipe_copy: Path,
                                                                                            tmp_path: Path) -> None:
     """tools/gpu_paper_run.sh, dry on CPU with the tiny model: the prepared recipe unpacked, the
     bench, run_paper.sh's baseline, and what comes back (few files, the tar of the results)."""
     root = recipe_copy.parent.parent
-    for path in ("tools/gpu_paper_run.sh", "tools/offline_env.sh", "bench/train_throughput.py"):
-        (root / path).parent.mkdir(exist_ok=True)
-        shutil.copy2(REPO / path, root / path)
+    copy_from_repo(root, "tools/gpu_paper_run.sh", "tools/offline_env.sh", "bench/train_throughput.py")
     pack(run_dir, tmp_path / "carry")
     env = {k: v for k, v in os.environ.items() if k not in ("ASRKD_OUTER_RECIPE", "ASRKD_RECIPE_COMMAND")}
     env |= {"PYTHONPATH": str(REPO)}
@@ -103,9 +108,7 @@ def test_the_gpu_run_script_runs_the_paper_recipe_from_a_packed_recipe_with_its_
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the check refuses a machine without a GPU")
 def test_the_gpu_run_stops_at_once_where_torch_sees_no_gpu(recipe_copy: Path, tmp_path: Path) -> None:
     root = recipe_copy.parent.parent
-    for path in ("tools/gpu_paper_run.sh", "tools/offline_env.sh"):
-        (root / path).parent.mkdir(exist_ok=True)
-        shutil.copy2(REPO / path, root / path)
+    copy_from_repo(root, "tools/gpu_paper_run.sh", "tools/offline_env.sh")
     out = tmp_path / "out"
     result = subprocess.run(["bash", str(root / "tools" / "gpu_paper_run.sh"), str(out)], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -73,11 +73,11 @@ echo "$(date '+%F %T') wheels and prepared outputs in place in $(python3 -c "imp
 steps_json=$out/steps.json
 echo '{}' > "$steps_json"
 step() {  # step NAME COMMAND...: run it, log and record its status and seconds; later steps run whatever it gave
-  local name=$1 start status; shift
+  local name=$1 start status seconds; shift
   start=$(date +%s.%N)
   echo "$(date '+%F %T') == $name: $*"
   "$@"; status=$?
-  python3 - "$steps_json" "$name" "$status" "$start" <<'EOF'
+  seconds=$(python3 - "$steps_json" "$name" "$status" "$start" <<'EOF'
 import json, os, sys, time
 path, name, status, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 steps = json.load(open(path))
@@ -85,8 +85,10 @@ steps[name] = {"status": status, "seconds": round(time.time() - start, 1)}
 with open(path + ".tmp", "w") as f:
     json.dump(steps, f, indent=1)
 os.replace(path + ".tmp", path)
+print(steps[name]["seconds"])
 EOF
-  echo "$(date '+%F %T') == $name: exit $status in $(python3 -c "import time; print(round(time.time() - $start))") s"
+)
+  echo "$(date '+%F %T') == $name: exit $status in $seconds s"
   snapshot
   return "$status"
 }
@@ -130,4 +132,4 @@ if step paper-0-1 paper 0 1; then  # the baseline: the other stages need it
   step paper-2 paper 2 2
   step paper-3 paper 3 3
 fi
-echo "$(date '+%F %T') done: $(cat "$steps_json" | tr -d '\n ')"
+echo "$(date '+%F %T') done: $(tr -d '\n ' < "$steps_json")"

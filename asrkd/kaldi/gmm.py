@@ -224,6 +224,11 @@ def realigner(cfg, model: GmmModel, text: dict[str, str], utts: list[str], feats
     return lambda current: aligner(current, utts)[0]
 
 
+def gaussian_offsets(am: khg.AmDiagGmm) -> np.ndarray:
+    """Where each pdf's Gaussians start in the statistics' rows (every pdf's Gaussians in pdf order), and the total."""
+    return np.cumsum([0] + [am.num_gauss_in_pdf(pdf) for pdf in range(am.num_pdfs)])
+
+
 STATS_SCALE = 2.0**20  # GMM statistics in fixed point: integer sums are exact in any order, so jobs' sums are the same bits for any nj
 # (a Gaussian's sums stay exact up to 2^63 / 2^20 ~ 8.8e12 in natural units: a billion frames of x^2 = 8,800)
 STATS_BLOCK = 1 << 21  # elements of a block's (frames x Gaussians x dim) products: ~16 MB of float64
@@ -254,7 +259,7 @@ class GmmStats:
         per dimension, each of half its occupancy (the accumulator is filled only through frames)."""
         accs = khg.AccumAmDiagGmm()
         accs.init(model=model.am, flags=khg.GmmUpdateFlags.kGmmAll)
-        offsets = np.cumsum([0] + [model.am.num_gauss_in_pdf(pdf) for pdf in range(model.num_pdfs)])
+        offsets = gaussian_offsets(model.am)
         occupancy = self.occupancy / STATS_SCALE
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = self.first / STATS_SCALE / occupancy[:, None]
@@ -283,7 +288,7 @@ def gmm_stats(model: GmmModel, alignments: dict[str, np.ndarray], feats: Feature
     adds the same integers whichever job and chunk hold it."""
     am, tid_to_pdf = model.am, model.tid_to_pdf()
     gmms = [am.get_pdf(pdf) for pdf in range(model.num_pdfs)]
-    offsets = np.cumsum([0] + [g.num_gauss for g in gmms])
+    offsets = gaussian_offsets(am)
     params = [(np.asarray(g.gconsts, np.float64), np.asarray(g.means_invvars, np.float64), np.asarray(g.inv_vars, np.float64)) for g in gmms]
     dim, num_tids = am.dim, model.trans_model.num_transition_ids
     stats = GmmStats(np.zeros(offsets[-1], np.int64), np.zeros((offsets[-1], dim), np.int64), np.zeros((offsets[-1], dim), np.int64),
@@ -335,9 +340,7 @@ def accumulate(cfg, model: GmmModel, alignments: dict[str, np.ndarray], feats_di
     utts = list(alignments)
     jobs = [(model, str(feats_dir), {u: alignments[u] for u in part}) for part in split(utts, num_jobs(cfg))]
     parts = map_jobs(cfg, gmm_stats_part, jobs, stage)
-    stats = parts[0]
-    for part in parts[1:]:
-        stats = stats + part
+    stats = sum(parts[1:], parts[0])
     return stats.accumulator(model), stats.transitions.astype(np.float64), stats.loglike / STATS_SCALE / max(stats.frames, 1)
 
 
