@@ -6,24 +6,36 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from asrkd.distill.losses import self_distillation_loss
 from asrkd.nnet.model import ExitOutputs, MultiExitDNN
+from asrkd.nnet.train import load_model, save_model
 
 from .conftest import tiny_config
 
 
-def test_every_exit_is_a_plain_model_that_scores_as_the_exit_did() -> None:
+@pytest.mark.parametrize("head_width", [None, 3])
+def test_every_exit_is_a_plain_model_that_scores_as_the_exit_did(head_width: int | None, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    net = MultiExitDNN(feat_dim=4, num_pdfs=5, left_context=1, right_context=1, num_hidden_layers=3, hidden_dim=8, exits=[1, 2])
+    net = MultiExitDNN(feat_dim=4, num_pdfs=5, left_context=1, right_context=1, num_hidden_layers=3, hidden_dim=8, exits=[1, 2],
+                       head_width=head_width)
     x = torch.randn(6, 3, 4)
     outputs = net.train()(x)
     assert isinstance(outputs, ExitOutputs) and len(outputs.logits) == len(outputs.features) == 3
+    assert [f.shape[1] for f in outputs.features] == [8, 8, 8]  # every head's features as wide as the deepest: the hints compare them
     for logits, k in zip(outputs.logits, (1, 2, 3)):
         exit_model = net.exit_model(k)
-        assert exit_model.config["num_hidden_layers"] == (k + 1 if k < 3 else 3) and "exits" not in exit_model.config
+        widths = [layer.out_features for layer in exit_model.layers if isinstance(layer, torch.nn.Linear)][:-1]
+        if k == 3:
+            assert widths == [8, 8, 8]
+        else:
+            assert widths == [8] * k + ([8] if head_width is None else [3, 3, 8])  # BYOT's bottleneck: reduce, then expand back
+        assert exit_model.config["num_hidden_layers"] == len(widths) and "exits" not in exit_model.config
         torch.testing.assert_close(exit_model(x), logits)
+        save_model(tmp_path / "final.pt", exit_model, epoch=-1)
+        torch.testing.assert_close(load_model(tmp_path / "final.pt", torch.device("cpu"))(x), logits)  # its shape is in its config
     torch.testing.assert_close(net.eval()(x), outputs.logits[-1])  # in eval, the deepest exit alone
 
 
@@ -75,3 +87,19 @@ def test_self_distillation_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path)
     assert control["kd_weight"] == control["hint_weight"] == 0.0 and control["exits"] == [1]
     assert (tmp_path / "exp" / "report" / "self_distillation.png").is_file()
     assert "| 1 | 2 |" in (tmp_path / "exp" / "report" / "self_distillation.md").read_text()
+
+
+def test_bottleneck_heads_and_the_plain_models_of_their_shape(run_dir: Path, tmp_path: Path) -> None:
+    from asrkd.experiments import self_distillation
+
+    shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
+    shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)
+    cfg = tiny_config(tmp_path, "model.num_hidden_layers=3", "train.name=deep3", "self_distillation.exits=[1]", "train.epochs=1",
+                      "self_distillation.head_width=16", "self_distillation.deep_supervision_control=false")
+    self_distillation.train(cfg)
+    exp = tmp_path / "exp" / "dnn"
+    exit_model = load_model(exp / "byot_exit1" / "final.pt", torch.device("cpu"))
+    plain = load_model(exp / "plain_1x64_bottleneck16" / "final.pt", torch.device("cpu"))
+    assert exit_model.config["hidden_dims"] == plain.config["hidden_dims"] == [64, 16, 16, 64]
+    assert [p.shape for p in exit_model.parameters()] == [p.shape for p in plain.parameters()]  # the same shape, trained alone
+    assert json.loads((exp / "byot" / "stage.json").read_text())["config"]["head_width"] == 16

@@ -1,12 +1,12 @@
 """Self-distillation with shallow exits ("Be Your Own Teacher", Zhang et al. 2019).
 
 ``self_distillation.name`` (``exp/dnn/byot``) is the baseline's network (``model.*``) with a
-shallow exit after each hidden layer of ``self_distillation.exits`` (a bottleneck of the hidden
-width and an output layer), trained jointly by
+shallow exit after each hidden layer of ``self_distillation.exits`` (a head and an output
+layer), trained jointly by
 :func:`asrkd.distill.losses.self_distillation_loss` through the one training loop: every exit
 learns the labels, the shallow ones also the deepest exit's softmax at T and its features. Each
 exit is then written as a plain model of its own (``exp/dnn/byot_exit<k>``: k hidden layers and
-the bottleneck, k + 1 in all; the deepest, ``byot_exit<L>``, is the network without its heads),
+its head's; the deepest, ``byot_exit<L>``, is the network without its heads),
 so it decodes, scores and costs as any DNN: the heads are dropped at inference, or an exit is
 used as an early exit.
 
@@ -18,8 +18,13 @@ epochs whose every exit learns the labels alone (KD and hint weights 0:
 ``exp/dnn/<name>_deep_supervision``): exits beat plain models through deep supervision alone,
 so only the difference from this control credits the distillation terms.
 
-The shallow heads are full-width (a Linear to the hidden width, then the output layer), so each
-exit is a plain model of uniform width; BYOT's heads are bottleneck blocks of convolutions.
+``self_distillation.head_width`` chooses the heads: null, full-width (one Linear to the hidden
+width, then the output layer; each exit a plain model of uniform width, k + 1 hidden layers),
+which the committed table uses; a width b, BYOT's heads: its branches are bottleneck blocks of
+convolutions (1x1 reducing to a quarter of the channels, kxk, 1x1 expanding back to the
+deepest features' channels), here fully connected, W -> b -> b -> W (k + 3 hidden layers;
+the source's b is W / 4). The plain model of a bottleneck exit's shape is
+``plain_<k>x<W>_bottleneck<b>``.
 
 Commands: ``train-self-distill``, ``decode-self-distill``, ``report-self-distill``
 (``recipes/an4/run_self_distill.sh``).
@@ -37,6 +42,7 @@ from asrkd.evaluate import experiment_scoring
 from asrkd.experiments.base import Experiment, Report
 from asrkd.layout import Layout, System
 from asrkd.nnet.cost import system_cost
+from asrkd.nnet.model import exit_shape
 from asrkd.nnet.train import Model, TrainingSet, load_model, model_path, read_history, save_model, train_stage
 from asrkd.parallel import pick_device
 from asrkd.report import percent, saved_figure, single_seed_note, with_ci
@@ -74,15 +80,31 @@ def exit_name(cfg, k: int, network: str | None = None) -> str:
     return f"{network or cfg.self_distillation.name}_exit{k}"
 
 
+def head_width(cfg) -> int | None:
+    """The bottleneck width of the shallow heads (BYOT's), or None: full-width heads."""
+    width = cfg.self_distillation.get("head_width")
+    return None if width is None else int(width)
+
+
+def shape(cfg, k: int) -> dict:
+    """Exit k's model shape: HybridDNN arguments (num_hidden_layers; hidden_dims for a bottleneck head)."""
+    if k == int(cfg.model.num_hidden_layers):
+        return {"num_hidden_layers": k}
+    return exit_shape(int(cfg.model.hidden_dim), k, head_width(cfg))
+
+
 def hidden_layers(cfg, k: int) -> int:
-    """The hidden layers of exit k's model: k and its bottleneck, or all of them for the deepest."""
-    return k if k == int(cfg.model.num_hidden_layers) else k + 1
+    """The hidden layers of exit k's model: k and its head's, or all of them for the deepest."""
+    return shape(cfg, k)["num_hidden_layers"]
 
 
 def plain_name(cfg, k: int) -> str:
-    """The plain model as deep as exit k, trained alone (the baseline when it has the baseline's shape)."""
+    """The plain model of exit k's shape, trained alone (the baseline when it has the baseline's shape)."""
+    depth, width = int(cfg.model.num_hidden_layers), int(cfg.model.hidden_dim)
+    if head_width(cfg) is not None and k < depth:
+        return f"plain_{k}x{width}_bottleneck{head_width(cfg)}"
     layers = hidden_layers(cfg, k)
-    return str(cfg.train.name) if layers == int(cfg.model.num_hidden_layers) else f"plain_{layers}x{int(cfg.model.hidden_dim)}"
+    return str(cfg.train.name) if layers == depth else f"plain_{layers}x{width}"
 
 
 def train(cfg) -> None:
@@ -93,19 +115,24 @@ def train(cfg) -> None:
     exits = exit_layers(cfg)
     training = TrainingSet(cfg)
     temperature = float(scfg.temperature)
+    heads = {} if head_width(cfg) is None else {"head_width": head_width(cfg)}  # recorded only when set: full-width runs keep their fingerprints
     for name, (kd_weight, hint_weight) in networks(cfg).items():
-        values = {"exits": exits[:-1], "temperature": temperature, "kd_weight": kd_weight, "hint_weight": hint_weight}
+        values = {"exits": exits[:-1], "temperature": temperature, "kd_weight": kd_weight, "hint_weight": hint_weight, **heads}
 
         def loss(data, hard, kd_weight=kd_weight, hint_weight=hint_weight):
             return lambda outputs, batch: self_distillation_loss(outputs.logits, outputs.features, hard[batch], temperature, kd_weight, hint_weight)
 
-        train_stage(cfg, [Model(f"train-self-distill {name}", Layout(exp).model(name), values=values, exits=exits[:-1])], training, loss=loss)
+        train_stage(cfg, [Model(f"train-self-distill {name}", Layout(exp).model(name), values=values, network={"exits": exits[:-1], **heads})],
+                    training, loss=loss)
         write_exits(cfg, name, exits)
     for k in exits:
         plain = plain_name(cfg, k)
         if plain != str(cfg.train.name):
+            dims = shape(cfg, k).get("hidden_dims")
+            widths = {"hidden_dims": dims} if dims else None  # a bottleneck exit's shape: recorded, and built
             plain_cfg = OmegaConf.merge(cfg, {"model": {"num_hidden_layers": hidden_layers(cfg, k)}})
-            train_stage(plain_cfg, [Model(f"train-dnn {plain}", Layout(exp).model(plain))], training)  # the same frames, loaded once
+            train_stage(plain_cfg, [Model(f"train-dnn {plain}", Layout(exp).model(plain), values=widths, network=widths)],
+                        training)  # the same frames, loaded once
 
 
 def write_exits(cfg, name: str, exits: list[int]) -> None:
@@ -115,7 +142,8 @@ def write_exits(cfg, name: str, exits: list[int]) -> None:
     for k in exits:
         layers = hidden_layers(cfg, k)
         stage = plan(f"self-distill exit {k}", Layout(exp).model(exit_name(cfg, k, name)), cfg, ("model.hidden_dim", "model.left_context",
-                     "model.right_context"), {"model": Layout(exp).model(name)}, {"exit": k, "model.num_hidden_layers": layers})
+                     "model.right_context"), {"model": Layout(exp).model(name)},
+                     {"exit": k, "model.num_hidden_layers": layers, **({"head_width": head_width(cfg)} if head_width(cfg) else {})})
         if stage.up_to_date:
             continue
         if network is None:
@@ -173,10 +201,16 @@ def markdown(result: dict) -> str:
                          f"| {format_interval(row['deep_supervision_minus_plain'], signed=True)} |")
     lines += ["", f"Command: `{result['command']}`. Training: {result['train_seconds']:.0f} s for the network with its exits "
               f"(T = {result['temperature']:g}, KD weight {result['kd_weight']:g}, hint weight {result['hint_weight']:g}; the hints' target: the "
-              "deepest hidden layer's features before its dropout; the shallow heads: full-width, a Linear to the hidden width and the output layer).",
+              f"deepest hidden layer's features before its dropout; the shallow heads: {heads_sentence(result.get('head_width'))}).",
               f"The full-depth plain model is {result['full_plain']} ({percent(result['full_plain_accuracy'])} {test} frame accuracy).",
               single_seed_note(test), ""]
     return "\n".join(lines)
+
+
+def heads_sentence(width: int | None) -> str:
+    if width is None:
+        return "full-width, a Linear to the hidden width and the output layer, not BYOT's bottlenecks (self_distillation.head_width=null)"
+    return f"BYOT's bottleneck, reduced to {width} and expanded back to the hidden width (self_distillation.head_width={width})"
 
 
 def report(cfg) -> Report:
@@ -205,7 +239,7 @@ def report(cfg) -> Report:
               "full_plain_accuracy": full_plain_entry["frame_accuracy"][test],
               "temperature": float(scfg.temperature), "kd_weight": float(scfg.kd_weight), "hint_weight": float(scfg.hint_weight),
               "train_seconds": sum(h["seconds"] for h in read_history(Layout(exp).model(str(scfg.name)))), "bootstrap_unit": cfg.stats.unit,
-              "deep_supervision": control_name(cfg) if scfg.deep_supervision_control else None}
+              "deep_supervision": control_name(cfg) if scfg.deep_supervision_control else None, "head_width": head_width(cfg)}
     log.info("self-distillation: %s", {row["exit_layer"]: round(row["exit"]["frame_accuracy"][test], 4) for row in rows})
     return Report(result, markdown(result), {"self_distillation.png": plot}, aligned=evaluation.frame_accuracy_utterances)
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from asrkd.data import DataDir, data_split, without_valid
 from asrkd.layout import Layout, System, names
-from asrkd.nnet.model import EnsembleDNN, HybridDNN, MultiExitDNN, SplicedFrames, StackedDNN, model_from_config
+from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, model_from_config
 from asrkd.nnet.views import View, ViewSpec, draw
 from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
 from asrkd.stage import (StageError, digest, input_fingerprint, is_complete, optional_values, plan, progress, trim_heap, write_bytes,
@@ -299,10 +299,10 @@ def hidden_weights(net: torch.nn.Module) -> list[tuple[torch.Tensor, int]]:
     return [(layer.weight, 1) for layer in linears[:-1]]  # (out, in)
 
 
-def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], exits: list[int] | None = None) -> torch.nn.Module:
+def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], network: dict | None = None) -> torch.nn.Module:
     """Freshly initialized models, one per weight seed, with the input normalization of the
-    training frames: a HybridDNN for one seed (a MultiExitDNN with ``exits``), a StackedDNN of
-    them for several."""
+    training frames: a HybridDNN of ``cfg.model`` for one seed (``network``: its constructor
+    arguments that differ, e.g. exits, which make it a MultiExitDNN), a StackedDNN of them for several."""
     device = data.pdf_ids.device
     if data.normalize_inputs:
         sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
@@ -311,9 +311,8 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], ex
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model) if not exits else MultiExitDNN(
-            data.frames.store.dim, data.num_pdfs, cfg.model.left_context, cfg.model.right_context, cfg.model.num_hidden_layers,
-            cfg.model.hidden_dim, cfg.model.dropout, exits, cfg.model.get("init", "default"))
+        model = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model) if not network else model_from_config(
+            HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model).config | network)
         model = model.to(device)
         if data.normalize_inputs:
             model.set_normalization(sample_frames.mean(0), sample_frames.std(0))
@@ -324,7 +323,7 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], ex
 def train_model(
     cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dirs: list[Path], loss_fn: LossFn | None = None,
     init_seeds: list[int | None] | None = None, replicate: int = 0, fingerprint: str = "", hard: torch.Tensor | None = None,
-    exits: list[int] | None = None, initial: HybridDNN | None = None, targets: torch.Tensor | None = None,
+    network: dict | None = None, initial: HybridDNN | None = None, targets: torch.Tensor | None = None,
     views: ViewSpec | None = None,
 ) -> list[list[dict]]:
     """Train one model per ``out_dirs`` entry, keeping ``last.pt`` (resume point) and each
@@ -335,7 +334,8 @@ def train_model(
     members differ in them alone); otherwise replicate r uses seed + 100 r for the weights, the
     frame order and dropout. Several models train fused, as one StackedDNN on the same frame
     order (their ``last.pt`` is the first one's). A ``last.pt`` of the same ``fingerprint`` is
-    resumed from. Under torchrun, rank 0 alone evaluates and writes. ``initial`` is a model to
+    resumed from. Under torchrun, rank 0 alone evaluates and writes. ``network``: the fresh model's
+    constructor arguments that differ from ``cfg.model`` (:func:`new_models`). ``initial`` is a model to
     start from instead of fresh weights (a specialist starts from the generalist); ``targets``
     are the classes validation accuracy is measured against (default: the pdf-ids). ``views``:
     what each training batch is seen through (TrainStep).
@@ -349,7 +349,7 @@ def train_model(
         torch.manual_seed(seed)  # dropout's stream, as for fresh weights
         net = initial.to(device)
     else:
-        net = new_models(cfg, data, train_idx, [seed if s is None else s for s in init_seeds], exits)
+        net = new_models(cfg, data, train_idx, [seed if s is None else s for s in init_seeds], network)
     model_of = (lambda i: net.member(i)) if isinstance(net, StackedDNN) else (lambda i: net)  # model i, as a HybridDNN
     step_fn = TrainStep(cfg, net, data, loss_fn, hard, views)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(step_fn.optimizer, gamma=tcfg.lr_decay)
@@ -599,7 +599,7 @@ class Model:
     replicate: int = 0
     init_seed: int | None = None
     values: dict | None = None
-    exits: list[int] | None = None  # hidden layers with a shallow exit (a MultiExitDNN: self-distillation)
+    network: dict | None = None  # its constructor arguments that differ from cfg.model (exits: a MultiExitDNN, self-distillation)
     initial: Callable[[], HybridDNN] | None = None  # the weights it starts from (default: fresh, seeded)
     frames: Callable[[FrameData, np.ndarray, np.ndarray, torch.Tensor], "ModelFrames"] | None = None  # its own frames and classes
     views: ViewSpec | None = None  # what its training batches are seen through (asrkd.nnet.views); recorded when active
@@ -641,12 +641,12 @@ def train_stage(
             raise ValueError(f"fused models must share their replicate (frame order), got {sorted(replicates_)}")
         fingerprint = group[0][1].fingerprint if len(group) == 1 else digest([stage.fingerprint for _, stage in group])
         first = group[0][0]
-        if len(group) > 1 and any(m.exits or m.initial or m.frames or m.views for m, _ in group):
+        if len(group) > 1 and any(m.network or m.initial or m.frames or m.views for m, _ in group):
             raise ValueError("models with exits, initial weights, frames or views of their own train one at a time (no fused stack of them)")
         own = first.frames(data, train_idx, valid_idx, hard) if first.frames else ModelFrames(train_idx, valid_idx, hard, None)
         histories = train_model(cfg, data, own.train_idx, own.valid_idx, [m.out_dir for m, _ in group],
                                 loss(data, own.hard) if loss else None, [m.init_seed for m, _ in group], first.replicate, fingerprint,
-                                own.hard, first.exits, first.initial() if first.initial else None, own.targets, first.views)
+                                own.hard, first.network, first.initial() if first.initial else None, own.targets, first.views)
         if rank() == 0:
             for (_, stage), history in zip(group, histories):
                 best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
