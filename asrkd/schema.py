@@ -76,6 +76,7 @@ DECLARED: dict[str, Kind] = {
     "function_matching.train_kinds": Kind((list,), item=Kind((str,), choices=("hard", "consistent", "precomputed"))),
     "graph.lm_text": Kind((list,), item=STRING),
     "levers.cross_fitted": Kind((dict,), nullable=True),
+    "self_distillation.head_width": Kind((int,), nullable=True),
     "levers.seeds": Kind((int,), nullable=True),
     "levers.student_epochs": Kind((list,), item=INTEGER),
     "chains.epochs": Kind((int,), nullable=True),
