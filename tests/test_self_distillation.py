@@ -103,3 +103,21 @@ def test_bottleneck_heads_and_the_plain_models_of_their_shape(run_dir: Path, tmp
     assert exit_model.config["hidden_dims"] == plain.config["hidden_dims"] == [64, 16, 16, 64]
     assert [p.shape for p in exit_model.parameters()] == [p.shape for p in plain.parameters()]  # the same shape, trained alone
     assert json.loads((exp / "byot" / "stage.json").read_text())["config"]["head_width"] == 16
+
+
+def test_a_network_with_exits_draws_its_weights_as_a_model_built_alone(tmp_path: Path) -> None:
+    """The training loop builds a network of its own arguments (exits, heads) from the seed alone: no
+    other model's weights drawn before it, so a run reproduces one made by building it directly."""
+    from types import SimpleNamespace
+
+    from asrkd.nnet.train import new_models
+
+    cfg = tiny_config(tmp_path, "model.num_hidden_layers=3")
+    data = SimpleNamespace(pdf_ids=torch.zeros(1, dtype=torch.long), normalize_inputs=False, frames=SimpleNamespace(store=SimpleNamespace(dim=4)),
+                           num_pdfs=5)
+    net = new_models(cfg, data, None, [7], {"exits": [1], "head_width": 3})
+    torch.manual_seed(7)
+    alone = MultiExitDNN(4, 5, cfg.model.left_context, cfg.model.right_context, 3, cfg.model.hidden_dim, cfg.model.dropout, [1], head_width=3)
+    assert net.config == alone.config
+    for ours, theirs in zip(net.state_dict().values(), alone.state_dict().values()):
+        assert torch.equal(ours, theirs)

@@ -86,6 +86,12 @@ def head_width(cfg) -> int | None:
     return None if width is None else int(width)
 
 
+def head_values(cfg) -> dict:
+    """``head_width`` as a stage records it and the network takes it: only when set, so full-width
+    runs keep their fingerprints."""
+    return {} if head_width(cfg) is None else {"head_width": head_width(cfg)}
+
+
 def shape(cfg, k: int) -> dict:
     """Exit k's model shape: HybridDNN arguments (num_hidden_layers; hidden_dims for a bottleneck head)."""
     if k == int(cfg.model.num_hidden_layers):
@@ -115,7 +121,7 @@ def train(cfg) -> None:
     exits = exit_layers(cfg)
     training = TrainingSet(cfg)
     temperature = float(scfg.temperature)
-    heads = {} if head_width(cfg) is None else {"head_width": head_width(cfg)}  # recorded only when set: full-width runs keep their fingerprints
+    heads = head_values(cfg)
     for name, (kd_weight, hint_weight) in networks(cfg).items():
         values = {"exits": exits[:-1], "temperature": temperature, "kd_weight": kd_weight, "hint_weight": hint_weight, **heads}
 
@@ -143,7 +149,7 @@ def write_exits(cfg, name: str, exits: list[int]) -> None:
         layers = hidden_layers(cfg, k)
         stage = plan(f"self-distill exit {k}", Layout(exp).model(exit_name(cfg, k, name)), cfg, ("model.hidden_dim", "model.left_context",
                      "model.right_context"), {"model": Layout(exp).model(name)},
-                     {"exit": k, "model.num_hidden_layers": layers, **({"head_width": head_width(cfg)} if head_width(cfg) else {})})
+                     {"exit": k, "model.num_hidden_layers": layers, **head_values(cfg)})
         if stage.up_to_date:
             continue
         if network is None:

@@ -125,8 +125,15 @@ class HybridDNN(nn.Module):
 
     @classmethod
     def from_config(cls, feat_dim: int, num_pdfs: int, model_cfg) -> "HybridDNN":
-        return cls(feat_dim, num_pdfs, model_cfg.left_context, model_cfg.right_context, model_cfg.num_hidden_layers,
-                   model_cfg.hidden_dim, model_cfg.dropout, model_cfg.get("init", "default"))
+        return cls(**model_arguments(feat_dim, num_pdfs, model_cfg))
+
+
+def model_arguments(feat_dim: int, num_pdfs: int, model_cfg) -> dict:
+    """HybridDNN's constructor arguments for ``model_cfg`` (``model.*``): what a variant
+    (:func:`model_from_config`) overrides, without building (and drawing the weights of) a model first."""
+    return dict(feat_dim=feat_dim, num_pdfs=num_pdfs, left_context=model_cfg.left_context, right_context=model_cfg.right_context,
+                num_hidden_layers=model_cfg.num_hidden_layers, hidden_dim=model_cfg.hidden_dim, dropout=model_cfg.dropout,
+                init=model_cfg.get("init", "default"))
 
 
 class ExitOutputs(NamedTuple):
@@ -159,8 +166,7 @@ class MultiExitDNN(HybridDNN):
         self.config["exits"] = exits
         if head_width is not None:
             self.config["head_width"] = int(head_width)  # recorded only when set: full-width heads' checkpoints stay as they were
-        self.head_dims = head_dims(hidden_dim, head_width)
-        self.heads = nn.ModuleList(head(hidden_dim, self.head_dims, num_pdfs) for _ in exits)
+        self.heads = nn.ModuleList(head(hidden_dim, head_dims(hidden_dim, head_width), num_pdfs) for _ in exits)
         ends = [i for i, layer in enumerate(self.layers) if isinstance(layer, nn.ReLU)]  # a hidden layer's block ends here,
         self.block_ends = [end + 1 if dropout > 0 else end for end in ends]  # or at its dropout
 

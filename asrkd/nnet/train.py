@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from asrkd.data import DataDir, data_split, without_valid
 from asrkd.layout import Layout, System, names
-from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, model_from_config
+from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, model_arguments, model_from_config
 from asrkd.nnet.views import View, ViewSpec, draw
 from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
 from asrkd.stage import (StageError, digest, input_fingerprint, is_complete, optional_values, plan, progress, trim_heap, write_bytes,
@@ -311,8 +311,7 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], ne
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model) if not network else model_from_config(
-            HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, cfg.model).config | network)
+        model = model_from_config(model_arguments(data.frames.store.dim, data.num_pdfs, cfg.model) | (network or {}))
         model = model.to(device)
         if data.normalize_inputs:
             model.set_normalization(sample_frames.mean(0), sample_frames.std(0))
