@@ -109,12 +109,12 @@ COMMANDS = {
 # EXPERIMENT.step(<step>) (asrkd.experiments.base); a new experiment is one entry here, its steps
 # listed so that a command loads only its own module (tests check they are the experiment's)
 EXPERIMENTS = {
-    "3pct": ("asrkd.experiments.three_percent", ("train", "decode", "report")),
-    "distill": ("asrkd.experiments.distillation", ("decode", "report")),
+    "3pct": ("asrkd.experiments.three_percent", ("train", "decode", "report", "render")),
+    "distill": ("asrkd.experiments.distillation", ("decode", "report", "render")),
     "levers": ("asrkd.experiments.levers", ("train", "decode")),
-    "chains": ("asrkd.experiments.chains", ("train", "decode", "report")),
-    "self-distill": ("asrkd.experiments.self_distillation", ("train", "decode", "report")),
-    "specialists": ("asrkd.experiments.specialists", ("train", "decode", "report")),
+    "chains": ("asrkd.experiments.chains", ("train", "decode", "report", "render")),
+    "self-distill": ("asrkd.experiments.self_distillation", ("train", "decode", "report", "render")),
+    "specialists": ("asrkd.experiments.specialists", ("train", "decode", "report", "render")),
     "function-matching": ("asrkd.experiments.function_matching", ("train", "report")),
 }
 COMMANDS |= {f"{step}-{name}": f"{module}:EXPERIMENT.{step}" for name, (module, steps) in EXPERIMENTS.items() for step in steps}

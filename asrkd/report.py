@@ -92,7 +92,7 @@ def markdown_table(report: dict) -> str:
               "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment; valid = speakers held out of training.",
               "WER: Kaldi WFST decoding (HCLG with a 3-gram LM on the training transcripts), LM weight and insertion penalty",
               f"chosen on {tuning_description(report.get('tuning_set', 'valid'))}; unseen = sentences that never occur in the LM's training text.",
-              f"[95% CI]: bootstrap over whole {report.get('bootstrap_unit', 'utterance')}s of each set (asrkd/stats.py); rows with several seeds",
+              f"[95% CI]: bootstrap over whole {resampled(report.get('bootstrap_unit'))} of each set (asrkd/stats.py); rows with several seeds",
               "give the mean over seeds, and their interval resamples the seeds too; one seed: test-set variation only.", ""]
     if report.get("frame_accuracy_utterances"):
         lines += [aligned_utterances_line(report["frame_accuracy_utterances"]), ""]
@@ -329,6 +329,14 @@ def with_machines_note(markdown: str, result: dict) -> str:
     return markdown + (f"{note}\n" if note else "")
 
 
+def write_section(cfg, file: str, markdown: str) -> None:
+    """A section's Markdown (``file``) under exp/report and, when set, in ``results_dir``: what
+    :func:`publish_experiment` writes of it, alone (``asrkd render-<experiment>``)."""
+    write_text(Layout.of(cfg).report / file, markdown)
+    if cfg.results_dir:
+        copy_file(Layout.of(cfg).report / file, Path(cfg.results_dir) / file)
+
+
 def publish_experiment(cfg, name: str, result: dict, markdown: str, figures: dict[str, Callable[[dict, Path], None]],
                        systems: dict | None = None) -> None:
     """An experiment's report, the one way every experiment publishes: ``<name>.md`` (ending with
@@ -360,8 +368,13 @@ def publish_corpus_report(cfg, result: dict, markdown: str, figures: dict[str, C
             (results / file).unlink(missing_ok=True)
 
 
-def single_seed_note(test: str) -> str:
-    return (f"[95% CI]: bootstrap over whole {test} utterances (asrkd/stats.py), differences paired; one seed per model: "
+def resampled(unit: str | None) -> str:
+    """What an interval resamples, by ``stats.unit`` as a result records it (bootstrap_unit): "utterances" or "speakers"."""
+    return f"{unit or 'utterance'}s"
+
+
+def single_seed_note(test: str, unit: str | None) -> str:
+    return (f"[95% CI]: bootstrap over whole {test} {resampled(unit)} (asrkd/stats.py), differences paired; one seed per model: "
             "single-seed claims, test-set variation only.")
 
 

@@ -7,7 +7,8 @@
 # or inputs changed is refused with what changed, unless --redo (Hydra: redo=true) remakes it.
 #
 # It sets $stage, $stop_stage, $corpus_dir (absolute: a relative --corpus-dir is read from where
-# the recipe is run; default: what the recipe set before sourcing),
+# the recipe is run; default: what the recipe set before sourcing), as is a relative
+# results_dir= override (the recipe's own is $root/results/<corpus>),
 # $overrides, $root (the repository); moves into the recipe's dir (its data/ and exp/); puts
 # the repository on PYTHONPATH (for local/); exports ASRKD_RECIPE_COMMAND (reports record it:
 # the recipe with its --corpus-dir and overrides, not --stage/--stop-stage/--redo, since a stage
@@ -35,6 +36,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ ${#overrides[@]} -eq 0 ] || recipe_args+=(-- "${overrides[@]}")
+for i in "${!overrides[@]}"; do  # a relative results_dir= is read from where the recipe is run, as --corpus-dir
+  case "${overrides[$i]}" in results_dir=/*) ;; results_dir=?*) overrides[$i]="results_dir=$PWD/${overrides[$i]#results_dir=}" ;; esac
+done
 if [ -z "${ASRKD_OUTER_RECIPE:-}" ]; then  # a recipe run by another (run_paper.sh) records the outer one
   export ASRKD_RECIPE_COMMAND="${recipe_dir#"$root"/}/$(basename "$0")${recipe_args[*]:+ ${recipe_args[*]}}"
   export ASRKD_OUTER_RECIPE=$0

@@ -113,3 +113,30 @@ def test_an_experiment_report_says_over_how_many_utterances_when_some_were_not_a
         counts = {"test": {"aligned": aligned, "of": 130}}
         base.Experiment("toy", "toy", lambda cfg: [], report=lambda cfg: base.Report({}, "# toy\n", aligned=counts)).publish(None)
         assert ("Frame accuracy is over the utterances the GMM aligned: test 128 of 130." in published["toy"]) == note
+
+
+def test_render_writes_a_sections_markdown_again_from_the_report_and_refuses_a_missing_section(tmp_path) -> None:
+    # a report made before a change of wording (here: intervals over speakers, written as over utterances) reads as the code now writes it
+    import json
+
+    from omegaconf import OmegaConf
+
+    from asrkd.experiments import distillation
+
+    committed = REPO / "results" / "an4" / "distillation_current"
+    results = tmp_path / "results"
+    results.mkdir()
+    report = json.loads((committed / "report.json").read_text())
+    assert report["distillation"]["bootstrap_unit"] == "speaker"
+    (results / "report.json").write_text(json.dumps(report))
+    (results / "distillation.md").write_text("stale: bootstrap over test utterances\n")
+    cfg = OmegaConf.create({"corpus": "an4", "exp_dir": str(tmp_path / "exp"), "results_dir": str(results)})
+    step_function("render-distill")(cfg)
+    rendered = (results / "distillation.md").read_text()
+    assert rendered == (committed / "distillation.md").read_text() == (tmp_path / "exp" / "report" / "distillation.md").read_text()
+    assert "bootstrap over test speakers" in rendered and "utterances" not in rendered
+    assert distillation.EXPERIMENT.steps() == ("decode", "report", "render")
+    del report["distillation"]
+    (results / "report.json").write_text(json.dumps(report))
+    with pytest.raises(FileNotFoundError, match="no 'distillation' section in .*report.json: run asrkd report-distill first"):
+        step_function("render-distill")(cfg)

@@ -117,14 +117,16 @@ def test_the_gpu_run_stops_at_once_where_torch_sees_no_gpu(recipe_copy: Path, tm
     assert list(json.loads((out / "steps.json").read_text())) == ["check"]  # nothing after it ran
 
 
-def test_a_relative_corpus_dir_is_read_from_where_the_recipe_is_run(tmp_path: Path) -> None:
+def test_relative_corpus_and_results_dirs_are_read_from_where_the_recipe_is_run(tmp_path: Path) -> None:
     recipe = tmp_path / "repo" / "recipes" / "mine"
     recipe.mkdir(parents=True)
     shutil.copy2(REPO / "recipes" / "stages.sh", recipe.parent)
-    (recipe / "run.sh").write_text('. "$(dirname "$0")/../stages.sh"\necho "$corpus_dir|$PWD|$ASRKD_RECIPE_COMMAND"\n')
+    (recipe / "run.sh").write_text('. "$(dirname "$0")/../stages.sh"\necho "$corpus_dir|$PWD|$ASRKD_RECIPE_COMMAND|${overrides[*]}"\n')
     (tmp_path / "work").mkdir()
-    result = subprocess.run(["bash", str(recipe / "run.sh"), "--corpus-dir", "data/mine", "--", "corpus=mine"], cwd=tmp_path / "work",
-                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    corpus_dir, cwd, command = result.stdout.strip().split("|")
+    result = subprocess.run(["bash", str(recipe / "run.sh"), "--corpus-dir", "data/mine", "--", "corpus=mine", "results_dir=results/mine",
+                             "exp_dir=exp"], cwd=tmp_path / "work", capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    corpus_dir, cwd, command, overrides = result.stdout.strip().split("|")
     assert corpus_dir == str(tmp_path / "work" / "data" / "mine") and cwd == str(recipe)  # not recipes/mine/data/mine
-    assert command == "recipes/mine/run.sh --corpus-dir data/mine -- corpus=mine"  # the command as the user typed it
+    # results_dir too (it was written under recipes/mine/results/mine); the recipe's own dirs stay the recipe's
+    assert overrides == f"corpus=mine results_dir={tmp_path / 'work' / 'results' / 'mine'} exp_dir=exp"
+    assert command == "recipes/mine/run.sh --corpus-dir data/mine -- corpus=mine results_dir=results/mine exp_dir=exp"  # as the user typed it

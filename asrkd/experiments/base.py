@@ -4,9 +4,13 @@ An experiment module ends with ``EXPERIMENT = Experiment(...)``: the command suf
 section, the function that lists its systems (:class:`asrkd.layout.System` specs, trained or
 not), the stage that trains them, and the function that scores them into a :class:`Report`.
 Decoding is the same for all (every system the experiment lists, through the decode stage)
-unless the experiment decodes only some (``decoded``) or none. ``asrkd train-<command>``,
-``decode-<command>`` and ``report-<command>`` are this object's :meth:`Experiment.step`; a new
-experiment is one module plus its entry in ``cli.EXPERIMENTS`` and its config section.
+unless the experiment decodes only some (``decoded``) or none. An experiment whose Markdown is
+a function of its report.json section alone (``markdown``) also has ``render``: the section's
+.md written again from report.json, so that a report made before a change of wording reads as
+the code now writes it, with no model retrained or rescored. ``asrkd train-<command>``,
+``decode-<command>``, ``report-<command>`` and ``render-<command>`` are this object's
+:meth:`Experiment.step`; a new experiment is one module plus its entry in ``cli.EXPERIMENTS``
+and its config section.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from typing import Callable
 
 from asrkd.layout import System, names
 from asrkd.nnet.decode import decode_systems
-from asrkd.report import aligned_utterances_line, current_report, merge_into_report, publish_experiment
+from asrkd.report import aligned_utterances_line, current_report, merge_into_report, publish_experiment, with_machines_note, write_section
 
-STEPS = ("train", "decode", "report")
+STEPS = ("train", "decode", "report", "render")
 
 
 @dataclass(frozen=True)
@@ -45,17 +49,18 @@ class Experiment:
     report: Callable[..., Report] | None = None  # (cfg) -> the scored result (None: another experiment reports it)
     decoded: Callable[..., list[System]] | None = None  # (cfg) -> the systems it decodes (default: all of systems)
     decodes: bool = True  # False: frame-level only, no decode stage
+    markdown: Callable[[dict], str] | None = None  # (report.json's section) -> <section>.md: the report's, and render's
 
     def steps(self) -> tuple[str, ...]:
         """The steps this experiment has, in pipeline order."""
-        have = {"train": self.train is not None, "decode": self.decodes, "report": self.report is not None}
+        have = {"train": self.train is not None, "decode": self.decodes, "report": self.report is not None, "render": self.markdown is not None}
         return tuple(step for step in STEPS if have[step])
 
     def step(self, name: str) -> Callable[..., None]:
         """The function of ``asrkd <name>-<command>``."""
         if name not in self.steps():
             raise ValueError(f"experiment {self.command} has no {name} step (it has {', '.join(self.steps())})")
-        return {"train": self.train, "decode": self.decode, "report": self.publish}[name]
+        return {"train": self.train, "decode": self.decode, "report": self.publish, "render": self.render}[name]
 
     def decode(self, cfg) -> None:
         """WER of every system the experiment decodes, each once (the decode stage's, resumable)."""
@@ -64,9 +69,24 @@ class Experiment:
     def publish(self, cfg) -> None:
         """The report stage: score, then publish through :func:`asrkd.report.publish_experiment`."""
         report = self.report(cfg)
-        markdown = report.markdown
-        if report.aligned and any(n["aligned"] < n["of"] for n in report.aligned.values()):  # every cell then says over how many
-            markdown += aligned_utterances_line(report.aligned) + "\n"
-        publish_experiment(cfg, self.section, report.result, markdown, report.figures, report.systems)
+        publish_experiment(cfg, self.section, report.result, with_aligned_line(report.markdown, report.aligned), report.figures, report.systems)
         for section, rows in report.rows_elsewhere.items():
             merge_into_report(cfg, {section: {**current_report(cfg).get(section, {}), **rows}})
+
+    def render(self, cfg) -> None:
+        """``asrkd render-<command>``: <section>.md again from the section of the report (results_dir's
+        report.json, else exp/report's), written where the report stage writes it; figures and
+        numbers stay as they are."""
+        report = current_report(cfg)
+        if self.section not in report:
+            raise FileNotFoundError(f"no {self.section!r} section in {cfg.results_dir or 'exp/report'}/report.json: "
+                                    f"run asrkd report-{self.command} first")
+        result = report[self.section]
+        write_section(cfg, f"{self.section}.md", with_machines_note(with_aligned_line(self.markdown(result), report.get("frame_accuracy_utterances")), result))
+
+
+def with_aligned_line(markdown: str, aligned: dict[str, dict] | None) -> str:
+    """``markdown`` and, when the GMM did not align every utterance of a set, the line saying over how many frame accuracy is."""
+    if aligned and any(n["aligned"] < n["of"] for n in aligned.values()):  # every cell then says over how many
+        return markdown + aligned_utterances_line(aligned) + "\n"
+    return markdown

@@ -54,7 +54,7 @@ from asrkd.evaluate import bootstrap_key, experiment_scoring
 from asrkd.experiments.base import Experiment, Report
 from asrkd.layout import Layout, System
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, system_dirs, train_stage
-from asrkd.report import percent, saved_figure, single_seed_note, with_ci
+from asrkd.report import percent, resampled, saved_figure, single_seed_note, with_ci
 from asrkd.stats import format_interval
 
 
@@ -305,9 +305,10 @@ def markdown(result: dict) -> str:
               "one loss per kept teacher, summed, as DGKD's paper writes it). Chain seconds: training time of every model "
               "the row's chain needed (shared ones counted in each row; every seed of the student); teacher passes: expected teacher "
               "forward passes per frame of the student's training, the top teacher counted as its members.",
-              *([f"Each row's student: {result['seeds']} seeds (their mean; the bootstrap resamples seeds and test utterances; the "
+              *([f"Each row's student: {result['seeds']} seeds (their mean; the bootstrap resamples seeds and test "
+                 f"{resampled(result.get('bootstrap_unit'))}; the "
                  "assistants above it are one model each). The chain table shows the students' mean."] if result["seeds"] > 1
-                else [single_seed_note(test)]), ""]
+                else [single_seed_note(test, result.get('bootstrap_unit'))]), ""]
     return "\n".join(lines)
 
 
@@ -346,4 +347,4 @@ def report(cfg) -> Report:
     return Report(result, markdown(result), {"chains.png": plot}, aligned=evaluation.frame_accuracy_utterances)
 
 
-EXPERIMENT = Experiment("chains", "chains", systems, train=train, report=report, decoded=decoded)
+EXPERIMENT = Experiment("chains", "chains", systems, train=train, report=report, decoded=decoded, markdown=markdown)

@@ -40,7 +40,7 @@ from asrkd.layout import Layout, System
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.ensemble import member_dirs
 from asrkd.nnet.train import TrainingSet, read_history
-from asrkd.report import percent, recipe_command, saved_figure
+from asrkd.report import percent, recipe_command, resampled, saved_figure
 from asrkd.report import with_ci as with_ci_on
 from asrkd.stage import is_complete
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval, mean_std
@@ -171,6 +171,7 @@ def markdown(result: dict) -> str:
 
     table = result["table1"]
     seeds = result["seeds"]
+    units = resampled(result.get("bootstrap_unit"))
     lines = [f"# {result['corpus']}: distillation (Hinton, Vinyals & Dean 2015, Table 1)", "",
              "| system | seeds | test frame accuracy [95% CI] | test WER [95% CI] | test word errors | parameters | scoring ms / 1000 frames | paper frame accuracy | paper WER |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -195,7 +196,7 @@ def markdown(result: dict) -> str:
               f"Single models: the baseline's {seeds} replicates and the {result['ensemble_size']} ensemble members, "
               f"{percent(table['single_models']['spread']['min'])}–{percent(table['single_models']['spread']['max'])} test frame accuracy.",
               temperature_sentence(result, seeds),
-              "", "Paired differences (test, points of frame accuracy / WER; bootstrap over test utterances, seeds resampled too):", "",
+              "", f"Paired differences (test, points of frame accuracy / WER; bootstrap over test {units}, seeds resampled too):", "",
               "| difference | frame accuracy [95% CI] | P(> 0) | WER [95% CI] | P(> 0) |", "|---|---|---|---|---|"]
     for name, difference in result["differences"].items():
         acc, wer = difference["frame_accuracy"], difference.get("wer")
@@ -249,8 +250,8 @@ def markdown(result: dict) -> str:
                   + (", ".join(name for name, lever in result["levers"].items() if lever["meets_target"]) or "none on this run") + "."]
     lines += ["", "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment. WER: Kaldi WFST decoding, LM weight",
               "chosen on the validation speakers; the ensemble decodes its members' averaged posteriors.",
-              "[95% CI]: percentile bootstrap over whole test utterances (asrkd/stats.py); rows over several seeds resample the seeds too,",
-              "one-seed rows hold the test-set variation only. Differences and gains kept are paired (the same utterance draws).",
+              f"[95% CI]: percentile bootstrap over whole test {units} (asrkd/stats.py); rows over several seeds resample the seeds too,",
+              f"one-seed rows hold the test-set variation only. Differences and gains kept are paired (the same {result.get('bootstrap_unit') or 'utterance'} draws).",
               "Paper: ~2000 h of Voice Search, 8x2560 DNNs, 14000 tied states; here: AN4 with the config in report.json.",
               "Plots: distillation_curves.png (validation accuracy per epoch), distillation_temperature.png (accuracy vs T)"
               + (", distillation_levers.png (gain kept per lever)." if result.get("levers") else "."), ""]
@@ -414,4 +415,4 @@ def report(cfg) -> Report:
     return Report(result, markdown(result), figures, systems, aligned=evaluation.frame_accuracy_utterances)
 
 
-EXPERIMENT = Experiment("distill", "distillation", systems, report=report)
+EXPERIMENT = Experiment("distill", "distillation", systems, report=report, markdown=markdown)

@@ -209,7 +209,7 @@ def markdown(result: dict) -> str:
               f"(T = {result['temperature']:g}, KD weight {result['kd_weight']:g}, hint weight {result['hint_weight']:g}; the hints' target: the "
               f"deepest hidden layer's features before its dropout; the shallow heads: {heads_sentence(result.get('head_width'))}).",
               f"The full-depth plain model is {result['full_plain']} ({percent(result['full_plain_accuracy'])} {test} frame accuracy).",
-              single_seed_note(test), ""]
+              single_seed_note(test, result.get('bootstrap_unit')), ""]
     return "\n".join(lines)
 
 
@@ -250,4 +250,4 @@ def report(cfg) -> Report:
     return Report(result, markdown(result), {"self_distillation.png": plot}, aligned=evaluation.frame_accuracy_utterances)
 
 
-EXPERIMENT = Experiment("self-distill", "self_distillation", systems, train=train, report=report)
+EXPERIMENT = Experiment("self-distill", "self_distillation", systems, train=train, report=report, markdown=markdown)

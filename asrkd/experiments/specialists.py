@@ -427,7 +427,7 @@ def markdown(result: dict) -> str:
               f"{result['top_n']}; combined by {result['iterations']} EM iterations. Training: {result['specialist_seconds']:.0f} s "
               f"for the specialists, {result['student_seconds']:.0f} s for the re-distilled student, {result['control_seconds']:.0f} s for its control "
               f"(T = {result['student_temperature']:g}).",
-              single_seed_note(test), ""]
+              single_seed_note(test, result.get('bootstrap_unit')), ""]
     return "\n".join(lines)
 
 
@@ -462,4 +462,4 @@ def report(cfg) -> Report:
     return Report(result, markdown(result), {"specialists.png": plot}, aligned=evaluation.frame_accuracy_utterances)
 
 
-EXPERIMENT = Experiment("specialists", "specialists", systems, train=train, report=report)
+EXPERIMENT = Experiment("specialists", "specialists", systems, train=train, report=report, markdown=markdown)

@@ -35,7 +35,7 @@ from asrkd.experiments.base import Experiment, Report
 from asrkd.layout import Layout, System
 from asrkd.nnet import train as train_dnn
 from asrkd.nnet.train import read_history
-from asrkd.report import percent, recipe_command, saved_figure, with_ci
+from asrkd.report import percent, recipe_command, resampled, saved_figure, with_ci
 from asrkd.stage import is_complete
 from asrkd.stats import format_interval
 
@@ -138,7 +138,7 @@ def markdown(result: dict) -> str:
     lines += ["", f"Soft targets: the 100% model (sub_soft) or the ensemble (sub_soft_ensemble) at T = {result['temperature']:g}; "
               "_sp rows train on the subset and its speed-perturbed copies (0.9, 1.1); train accuracy is on each row's own "
               "(unperturbed) training frames.",
-              "[95% CI]: bootstrap over whole test utterances (asrkd/stats.py); one seed per row: test-set variation only.",
+              f"[95% CI]: bootstrap over whole test {resampled(result.get('bootstrap_unit'))} (asrkd/stats.py); one seed per row: test-set variation only.",
               "Paper: Hinton, Vinyals & Dean (2015), §6 (a speech model on 3% of ~2000 h).", ""]
     return "\n".join(lines)
 
@@ -185,4 +185,4 @@ def report(cfg) -> Report:
                   aligned=evaluation.frame_accuracy_utterances)
 
 
-EXPERIMENT = Experiment("3pct", "three_percent", systems, train=train, report=report)
+EXPERIMENT = Experiment("3pct", "three_percent", systems, train=train, report=report, markdown=markdown)
