@@ -88,6 +88,7 @@ def test_chains_train_decode_and_report_on_the_tiny_run(run_dir: Path, tmp_path:
     assert (passes["small_hard"], passes["small_direct_kd"], passes["takd"], passes["ensemble_kd"], passes["teacher_switching"]) == (0, 1, 1, 2, 1)
     md = (root / "exp" / "report" / "chains.md").read_text()
     assert "| takd | 2 | chain_T2_takd_1x16 (+1 seeds) |" in md and (root / "exp" / "report" / "chains.png").is_file()
+    assert "T = 2 for every method (the only one in chains.temperatures: no choice made)" in md and "T chosen" not in md
     # the assistant is shared: trained once, then every chain reads it
     assert json.loads((root / "exp" / "dnn" / "chain_T2_1x32" / "stage.json").read_text())["config"]["teachers"] == ["baseline"]
     seed1 = json.loads((root / "exp" / "dnn" / "chain_T2_takd_1x16_seed1" / "stage.json").read_text())["config"]

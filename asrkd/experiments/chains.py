@@ -300,8 +300,9 @@ def markdown(result: dict) -> str:
             f"{percent(m['frame_accuracy']['valid'])} / {percent(m['frame_accuracy'][test])}" for m in entry["chain"]]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", f"Cells: valid / {test} frame accuracy. Command: `{result['command']}`.",
-              f"T chosen per method on the final student's validation frame accuracy among {result['temperatures']}; "
-              f"DGKD drops each teacher with probability {result['teacher_drop']:g} per batch (dgkd: the kept teachers' mean; dgkd_summed: "
+              (f"T chosen per method on the final student's validation frame accuracy among {result['temperatures']}; "
+               if len(result["temperatures"]) > 1 else f"T = {result['temperatures'][0]:g} for every method (the only one in chains.temperatures: no choice made); ")
+              + f"DGKD drops each teacher with probability {result['teacher_drop']:g} per batch (dgkd: the kept teachers' mean; dgkd_summed: "
               "one loss per kept teacher, summed, as DGKD's paper writes it). Chain seconds: training time of every model "
               "the row's chain needed (shared ones counted in each row; every seed of the student); teacher passes: expected teacher "
               "forward passes per frame of the student's training, the top teacher counted as its members.",
