@@ -452,7 +452,10 @@ def cpu_family(flags: set[str]) -> str:
 
 @functools.lru_cache(maxsize=4)
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """'Intel(R) Xeon(R) Processor (AMX)': the CPU's model and family, from /proc/cpuinfo (else the platform)."""
+    """'AMD EPYC (AVX-512, family 26 model 2)': the CPU's name, instruction-set family and, where
+    /proc/cpuinfo gives them, its family and model numbers (else the platform). The numbers tell
+    generations apart that share a name and an instruction set ("AMD EPYC (AVX-512)" was two
+    machines whose trainings of one config differed)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
@@ -461,7 +464,8 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     model = fields.get("model name") or fields.get("Hardware") or platform.machine()
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    return f"{model} ({cpu_family(flags)})"
+    generation = f", family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields else ""
+    return f"{model} ({cpu_family(flags)}{generation})"
 
 
 def invocation() -> dict[str, Any]:

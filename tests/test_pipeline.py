@@ -321,6 +321,9 @@ def test_a_report_says_which_cpu_family_made_its_numbers(tmp_path: Path) -> None
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n")
     assert cpu_description(cpuinfo) == "Some CPU @ 2.0GHz (AVX2)"
+    epyc = tmp_path / "cpuinfo_epyc"  # another file: descriptions are cached per path
+    epyc.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: avx2 avx512f\n")
+    assert cpu_description(epyc) == "AMD EPYC (AVX-512, family 26 model 2)"  # two generations of one name are two machines
 
 
 def test_a_report_whose_rows_come_from_two_machines_says_so(tmp_path: Path) -> None:
