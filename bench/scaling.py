@@ -21,9 +21,12 @@ the anonymous peak is fitted as a fixed part plus bytes per frame; the JSON extr
 stage to 100 h and 1000 h of training audio along them, the PNG draws
 wall time against hours on log-log axes and the ``.md`` is the table README quotes
 (``--report-only`` fits the growth again and redraws both from the JSON's measurements). Each scale's measurement is saved in
-``<work>/x<scale>/row.json`` as it finishes, with the code and machine that made it: a rerun
-after an interruption (a session's end) keeps the scales this code measured on this machine
-and starts at the next, so point ``--work`` at a dir that outlives /tmp (e.g. ``exp_scaling``).
+``<work>/x<scale>/row.json`` after every stage, with the code and machine that made it: a rerun
+after an interruption (a session's end; x27 alone takes over two hours on 2 cores) keeps what
+this code measured on this machine and starts at the first stage and nj not measured, with the
+earlier stages' outputs in place, so point ``--work`` at a dir that outlives /tmp (e.g.
+``exp_scaling``). Every measurement starts with its stage's outputs removed, so that none is
+skipped as made before.
 """
 
 from __future__ import annotations
@@ -46,14 +49,15 @@ sys.path.insert(0, str(REPO))
 
 SPEEDS = {1: [], 3: [0.9, 1.1], 9: [0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2],
           27: [round(0.74 + 0.02 * i, 2) for i in range(27) if i != 13]}  # 0.74 ... 1.26 but 1.0: 26 copies
-# (stage label, asrkd command, overrides, outputs removed before each nj, whether it splits over jobs)
+# (stage label, asrkd command, overrides, outputs removed before each measurement, whether it splits over jobs)
 STAGES = [
     ("make-feats", "make-feats", [], ["exp/feats"], True),
     ("train-gmm", "train-gmm", ["features.sets=[]"], ["exp/mono", "exp/tri"], True),
     ("align", "align", [], ["exp/tri/ali_train", "exp/tri/ali_test"], True),
-    ("train-dnn (1 epoch)", "train-dnn", ["train.epochs=1"], [], False),
-    ("soft-targets (T=2)", "soft-targets", ["distill.teacher=baseline", "distill.temperatures=[2]", "distill.logit_matching=false"], [], False),
-    ("make-graph", "make-graph", [], [], False),
+    ("train-dnn (1 epoch)", "train-dnn", ["train.epochs=1"], ["exp/dnn"], False),
+    ("soft-targets (T=2)", "soft-targets", ["distill.teacher=baseline", "distill.temperatures=[2]", "distill.logit_matching=false"],
+     ["exp/soft_targets"], False),
+    ("make-graph", "make-graph", [], ["exp/graph"], False),
     ("decode (gmm)", "decode", ["decode.systems=[gmm]"], ["exp/decode"], True),
 ]
 
@@ -273,26 +277,36 @@ def main() -> None:
     for scale in args.scales:
         work = args.work / f"x{scale}"
         made = {"nj": args.nj, "machine": machine, "code": source_digest()}
-        if (saved := read_row(work / "row.json")) is not None and saved["made"] == made:
+        saved = read_row(work / "row.json")
+        if saved is not None and saved["made"] == made and saved.get("complete", True):
             print(f"x{scale}: measured before by this code on this machine ({work / 'row.json'}); kept", flush=True)
             rows.append(saved["row"])
             continue
-        prepare_scale(source, args.work / "pool", work, scale)
-        shutil.rmtree(work / "exp", ignore_errors=True)  # every stage runs, none is skipped as made before
-        subprocess.run(asrkd("prepare-lang"), cwd=work, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stages: dict[str, dict] = {}
+        if saved is not None and saved["made"] == made:  # interrupted: the stages measured are kept, their outputs are in place
+            stages = saved["row"]["stages"]
+            print(f"x{scale}: resuming after {sum(map(len, stages.values()))} measurements of this code on this machine", flush=True)
+        else:
+            prepare_scale(source, args.work / "pool", work, scale)
+            shutil.rmtree(work / "exp", ignore_errors=True)
+            subprocess.run(asrkd("prepare-lang"), cwd=work, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        row = {"scale": scale, "speeds": SPEEDS[scale], "stages": stages}
         for label, command, overrides, outputs, split in STAGES:
-            stages[label] = {}
+            measured = stages.setdefault(label, {})
             for nj in args.nj if split else [1]:
+                if str(nj) in measured:
+                    continue
                 for output in outputs:
                     shutil.rmtree(work / output, ignore_errors=True)
                 logs = work / "logs"
                 logs.mkdir(exist_ok=True)
-                stages[label][str(nj)] = measure(asrkd(command, f"jobs.nj={nj}", *overrides), work, logs / f"{command}_nj{nj}.log")
-                print(f"x{scale} {label} nj={nj}: {stages[label][str(nj)]}", flush=True)
-        rows.append({"scale": scale, "speeds": SPEEDS[scale], "train_hours": round(hours(work, "train"), 3),
-                     "test_hours": round(hours(work, "test"), 3), "stages": stages})
-        write_json(work / "row.json", {"made": made, "row": rows[-1]})  # a rerun after an interruption starts at the next scale
+                measured[str(nj)] = measure(asrkd(command, f"jobs.nj={nj}", *overrides), work, logs / f"{command}_nj{nj}.log")
+                print(f"x{scale} {label} nj={nj}: {measured[str(nj)]}", flush=True)
+                write_json(work / "row.json", {"made": made, "row": row, "complete": False})  # a rerun starts after it
+        row = {"scale": scale, "speeds": SPEEDS[scale], "train_hours": round(hours(work, "train"), 3),
+               "test_hours": round(hours(work, "test"), 3), "stages": stages}
+        rows.append(row)
+        write_json(work / "row.json", {"made": made, "row": row, "complete": True})
     result = {
         "command": "python bench/scaling.py " + " ".join(sys.argv[1:]),
         "machine": machine,
