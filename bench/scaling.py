@@ -257,8 +257,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "scaling.json")
     parser.add_argument("--report-only", action="store_true", help="fit and redraw the PNG and table from --out, measuring nothing")
     args = parser.parse_args()
-    from asrkd.nnet.cost import cpu_name
-    from asrkd.stage import write_json, write_text
+    from asrkd.stage import cpu_description, write_json, write_text
 
     if args.report_only:  # the fits are made again from the measurements
         result = json.loads(args.out.read_text())
@@ -273,7 +272,7 @@ def main() -> None:
     source = args.source_data.resolve()
     prepare_pool(source, args.work / "pool")
     rows = []
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {cpu_name()}"
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {cpu_description()}"  # family and model: a resume is on one generation
     for scale in args.scales:
         work = args.work / f"x{scale}"
         made = {"nj": args.nj, "machine": machine, "code": source_digest()}
