@@ -451,21 +451,32 @@ def cpu_family(flags: set[str]) -> str:
 
 
 @functools.lru_cache(maxsize=4)
+def cpu_fields(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """/proc/cpuinfo's fields (name -> value; every core lists the same), {} where it cannot be read:
+    the one reader of it, for the machine a record names and the bf16 support a cost names."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    fields = cpu_fields(cpuinfo)
+    return set((fields.get("flags") or fields.get("Features") or "").split())
+
+
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """'AMD EPYC (AVX-512, family 26 model 2)': the CPU's name, instruction-set family and, where
     /proc/cpuinfo gives them, its family and model numbers (else the platform). The numbers tell
     generations apart that share a name and an instruction set ("AMD EPYC (AVX-512)" was two
     machines whose trainings of one config differed)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
+    fields = cpu_fields(cpuinfo)
+    if not fields:
         return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
     model = fields.get("model name") or fields.get("Hardware") or platform.machine()
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
     generation = f", family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields else ""
-    return f"{model} ({cpu_family(flags)}{generation})"
+    return f"{model} ({cpu_family(cpu_flags(cpuinfo))}{generation})"
 
 
 def invocation() -> dict[str, Any]:

@@ -21,12 +21,14 @@ the anonymous peak is fitted as a fixed part plus bytes per frame; the JSON extr
 stage to 100 h and 1000 h of training audio along them, the PNG draws
 wall time against hours on log-log axes and the ``.md`` is the table README quotes
 (``--report-only`` fits the growth again and redraws both from the JSON's measurements). Each scale's measurement is saved in
-``<work>/x<scale>/row.json`` after every stage, with the code and machine that made it: a rerun
-after an interruption (a session's end; x27 alone takes over two hours on 2 cores) keeps what
-this code measured on this machine and starts at the first stage and nj not measured, with the
-earlier stages' outputs in place, so point ``--work`` at a dir that outlives /tmp (e.g.
-``exp_scaling``). Every measurement starts with its stage's outputs removed, so that none is
-skipped as made before.
+``<work>/x<scale>/row.json`` after every stage, on the machine that made it, each stage's with
+the code that made it (a hash of asrkd's sources and this script): a rerun after an interruption
+(a session's end; x27 alone takes over two hours on 2 cores) keeps what this code measured on
+this machine and starts at the first stage and nj not measured, with the earlier stages' outputs
+in place, so point ``--work`` at a dir that outlives /tmp (e.g. ``exp_scaling``). ``--stages``
+measures only the stages a change touched again (the rest keep their measurements, and the
+table's code column says which code made each row). Every measurement starts with its stage's
+outputs removed, so that none is skipped as made before.
 """
 
 from __future__ import annotations
@@ -229,10 +231,11 @@ def markdown(result: dict) -> str:
     scales = result["scales"]
     hours = " / ".join(f"{r['train_hours']:.2f}" for r in scales)
     largest = f"{scales[-1]['train_hours']:.2f} h"
+    coded = any("code" in m for r in scales for by_nj in r["stages"].values() for m in by_nj.values())  # older runs: one code for all
     lines = [f"| stage | nj | wall s at {hours} h of train | anon MB at {hours} h | anon largest / smallest | resident MB at {largest} "
              "| memory exponent | anon bytes a frame | anon GB at 100 / 1000 h (linear) | time exponent "
-             "| wall h at 100 h (fitted / linear) | wall h at 1000 h (fitted / linear) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| wall h at 100 h (fitted / linear) | wall h at 1000 h (fitted / linear) |" + " code |" * coded,
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * coded]
     for stage, by_nj in result["growth"].items():
         for nj, growth in by_nj.items():
             measured = [r["stages"][stage][nj] for r in scales]
@@ -244,7 +247,8 @@ def markdown(result: dict) -> str:
                       f"{growth['anon_gb_at_100h']:.1f} / {growth['anon_gb_at_1000h']:.1f}" if "anon_ratio" in growth else "– | – | –")
             lines.append(f"| {stage} | {nj} | {walls} | {anon} | {ratio} | {measured[-1]['peak_rss_mb']:.0f} | {memory} "
                          f"| {growth['exponent']:.2f} | {growth['wall_h_at_100h']:.2f} / "
-                         f"{100 * per_hour:.2f} | {growth['wall_h_at_1000h']:.2f} / {1000 * per_hour:.2f} |")
+                         f"{100 * per_hour:.2f} | {growth['wall_h_at_1000h']:.2f} / {1000 * per_hour:.2f} |"
+                         + (f" {', '.join(sorted({m.get('code', '?') for m in measured}))} |" if coded else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -255,6 +259,8 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 3, 9], choices=sorted(SPEEDS))
     parser.add_argument("--nj", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "scaling.json")
+    parser.add_argument("--stages", nargs="+", choices=[label for label, *_ in STAGES],
+                        help="measure only these stages again (default: all); the others keep their saved measurements, whatever code made them")
     parser.add_argument("--report-only", action="store_true", help="fit and redraw the PNG and table from --out, measuring nothing")
     args = parser.parse_args()
     from asrkd.stage import cpu_description, write_json, write_text
@@ -273,18 +279,21 @@ def main() -> None:
     prepare_pool(source, args.work / "pool")
     rows = []
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {cpu_description()}"  # family and model: a resume is on one generation
+    code = source_digest()
+    selected = set(args.stages or [label for label, *_ in STAGES])
     for scale in args.scales:
         work = args.work / f"x{scale}"
-        made = {"nj": args.nj, "machine": machine, "code": source_digest()}
+        made = {"nj": args.nj, "machine": machine}
         saved = read_row(work / "row.json")
-        if saved is not None and saved["made"] == made and saved.get("complete", True):
-            print(f"x{scale}: measured before by this code on this machine ({work / 'row.json'}); kept", flush=True)
-            rows.append(saved["row"])
-            continue
-        stages: dict[str, dict] = {}
-        if saved is not None and saved["made"] == made:  # interrupted: the stages measured are kept, their outputs are in place
-            stages = saved["row"]["stages"]
-            print(f"x{scale}: resuming after {sum(map(len, stages.values()))} measurements of this code on this machine", flush=True)
+        if saved is not None and "code" in saved["made"]:  # saved before each measurement named its code
+            for by_nj in saved["row"]["stages"].values():
+                for measured in by_nj.values():
+                    measured.setdefault("code", saved["made"]["code"])
+            del saved["made"]["code"]
+        stages: dict[str, dict] = saved["row"]["stages"] if saved is not None and saved["made"] == made else {}
+        kept = sum(1 for label, by_nj in stages.items() for m in by_nj.values() if m["code"] == code or label not in selected)
+        if stages:  # the stages' outputs are in place: a stage not measured again reads what the last run left
+            print(f"x{scale}: keeping {kept} measurements ({work / 'row.json'})", flush=True)
         else:
             prepare_scale(source, args.work / "pool", work, scale)
             shutil.rmtree(work / "exp", ignore_errors=True)
@@ -293,19 +302,18 @@ def main() -> None:
         for label, command, overrides, outputs, split in STAGES:
             measured = stages.setdefault(label, {})
             for nj in args.nj if split else [1]:
-                if str(nj) in measured:
+                if label not in selected or measured.get(str(nj), {}).get("code") == code:
                     continue
                 for output in outputs:
                     shutil.rmtree(work / output, ignore_errors=True)
                 logs = work / "logs"
                 logs.mkdir(exist_ok=True)
-                measured[str(nj)] = measure(asrkd(command, f"jobs.nj={nj}", *overrides), work, logs / f"{command}_nj{nj}.log")
+                measured[str(nj)] = measure(asrkd(command, f"jobs.nj={nj}", *overrides), work, logs / f"{command}_nj{nj}.log") | {"code": code}
                 print(f"x{scale} {label} nj={nj}: {measured[str(nj)]}", flush=True)
-                write_json(work / "row.json", {"made": made, "row": row, "complete": False})  # a rerun starts after it
-        row = {"scale": scale, "speeds": SPEEDS[scale], "train_hours": round(hours(work, "train"), 3),
-               "test_hours": round(hours(work, "test"), 3), "stages": stages}
+                write_json(work / "row.json", {"made": made, "row": row})  # a rerun starts after it
+        row |= {"train_hours": round(hours(work, "train"), 3), "test_hours": round(hours(work, "test"), 3)}
         rows.append(row)
-        write_json(work / "row.json", {"made": made, "row": row, "complete": True})
+        write_json(work / "row.json", {"made": made, "row": row})
     result = {
         "command": "python bench/scaling.py " + " ".join(sys.argv[1:]),
         "machine": machine,

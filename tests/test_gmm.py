@@ -6,7 +6,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from asrkd.jobs import split
-from asrkd.kaldi.gmm import GmmModel, STATS_SCALE, gmm_stats, global_moments, mix_up, single_gaussian, split_targets
+from asrkd.kaldi.gmm import Alignments, GmmModel, STATS_SCALE, gmm_stats, global_moments, mix_up, single_gaussian, split_targets, write_alignments
 from asrkd.stores import FeatureStore
 
 
@@ -71,7 +71,7 @@ def test_gmm_statistics_of_jobs_update_as_kaldis_own_accumulation_does(run_dir: 
     for utt, tids in alignments.items():
         for frame, pdf in zip(np.asarray(feats[utt], np.float32), tid_to_pdf[tids]):
             like += kaldi.accumulate_for_gmm(model=model.am, data=frame, gmm_index=int(pdf), weight=1.0)
-    stats = gmm_stats(model, alignments, feats)
+    stats = gmm_stats(model, alignments.items(), feats)
     assert abs(stats.loglike / STATS_SCALE / stats.frames - like / stats.frames) < 1e-5  # the average log-likelihood a frame
     ours, theirs = updated(model, stats.accumulator(model)), updated(model, kaldi)
     for pdf in range(model.num_pdfs):
@@ -84,10 +84,21 @@ def test_gmm_statistics_of_jobs_update_as_kaldis_own_accumulation_does(run_dir: 
 
 def test_gmm_statistics_are_the_same_integers_for_any_split_into_jobs_and_chunks(run_dir: Path) -> None:
     model, alignments, feats = trained_model_and_alignments(run_dir)
-    one = gmm_stats(model, alignments, feats)
+    one = gmm_stats(model, alignments.items(), feats)
     for jobs, chunk_frames in ((2, 1 << 18), (3, 1000), (7, 50)):
-        parts = [gmm_stats(model, {u: alignments[u] for u in part}, feats, chunk_frames) for part in split(list(alignments), jobs)]
+        parts = [gmm_stats(model, [(u, alignments[u]) for u in part], feats, chunk_frames) for part in split(list(alignments), jobs)]
         total = sum(parts[1:], parts[0])
         for field in ("occupancy", "first", "second", "transitions"):
             np.testing.assert_array_equal(getattr(total, field), getattr(one, field))
         assert (total.loglike, total.frames) == (one.loglike, one.frames)
+
+
+def test_alignments_live_in_job_files_read_back_in_order(tmp_path: Path) -> None:
+    results = [("a", np.arange(3, dtype=np.int32), None), ("b", None, "too short"), ("c", np.full(2, 7, np.int32), None)]
+    first, dropped = write_alignments(results, tmp_path / "ali.0")
+    empty, _ = write_alignments([("d", None, "no pronunciation")], tmp_path / "ali.1")  # a job whose utterances all failed
+    both = Alignments(first.files + empty.files, first.utts + empty.utts, first.lengths + empty.lengths)
+    assert dropped == {"b": "too short"} and len(both) == 2 and both.num_frames == 5 and len(both.parts()) == 2
+    assert [(utt, tids.tolist()) for utt, tids in both.items()] == [("a", [0, 1, 2]), ("c", [7, 7])]
+    both.remove()
+    assert not list(tmp_path.iterdir())

@@ -145,6 +145,7 @@ def test_gmm_stage_is_reproducible(run_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(run_dir / "exp" / "feats", tmp_path / "exp" / "feats")
     cfg = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY, "jobs.nj=3"])  # run_dir: one job
     gmm.run(cfg)  # GMM training's realignments and the alignment stage in 3 jobs: the same alignments
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["feats", "mono", "tri"]  # the jobs' ali.JOB files are gone
     for name in ("train", "test"):
         again = np.load(tmp_path / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy")
         np.testing.assert_array_equal(again, np.load(run_dir / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy"))

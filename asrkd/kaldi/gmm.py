@@ -4,7 +4,9 @@ The EM updates, graph compilation and Viterbi alignment are Kaldi's own code (k2
 ``kaldi-hmm-gmm``); the triphone tree is grown here (see :mod:`asrkd.kaldi.tree`), the EM
 statistics are computed here in jobs and summed (:func:`gmm_stats`: the wheel's accumulators
 neither pickle nor add up across processes), and Gaussians are split with a seeded generator
-(:func:`mix_up`: the wheel's is unseedable).
+(:func:`mix_up`: the wheel's is unseedable). As in Kaldi, every pass's alignment lives in its
+jobs' files (ali.JOB, :class:`Alignments`) and each statistics job reads its alignment job's:
+a pass holds no per-frame array in memory, so its memory is the same for 1 h and 1000 h.
 
 Outputs of the stage, under ``exp/``:
   mono/, tri/    ``model.pkl`` (tree, transition model, GMMs), ``tree`` (Kaldi binary), ``log.json``
@@ -23,6 +25,7 @@ import copy
 import heapq
 import logging
 import pickle
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,33 +130,71 @@ def compile_graphs(lang: Lang, model: GmmModel, text: dict[str, str], utts: list
             yield utt, None, f"{err.args[0]} (no pronunciation)"
 
 
-def equal_align(graphs: Iterable[tuple[str, Any, str | None]], feats: FeatureStore) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """align-equal-compiled: the first monophone alignment spreads each path evenly over the frames."""
-    alignments, dropped = {}, {}
+@dataclass
+class Alignments:
+    """A pass's alignment as Kaldi keeps it, in its jobs' files (ali.JOB): ``files[j]`` the
+    transition-ids of job j's utterances end to end (int32, read by memory map), ``utts[j]``
+    those utterances in order and ``lengths[j]`` their frames. Nothing a frame stays in memory,
+    so a pass over 1000 hours holds what one over 1 hour does; a statistics job reads the file of
+    its alignment job. Picklable: a job receives the paths, not the alignments."""
+
+    files: list[Path]
+    utts: list[list[str]]
+    lengths: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return sum(len(utts) for utts in self.utts)
+
+    @property
+    def num_frames(self) -> int:
+        return int(sum(lengths.sum() for lengths in self.lengths))
+
+    def parts(self) -> list["Alignments"]:
+        """One Alignments per job file: what each statistics job reads."""
+        return [Alignments([f], [u], [n]) for f, u, n in zip(self.files, self.utts, self.lengths)]
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(utterance, its transition-ids), in job order: views into the files."""
+        for path, utts, lengths in zip(self.files, self.utts, self.lengths):
+            if not utts:
+                continue  # a job whose utterances all failed wrote an empty file (which cannot be mapped)
+            tids = np.memmap(path, dtype=np.int32, mode="r")
+            for utt, end, length in zip(utts, np.cumsum(lengths), lengths):
+                yield utt, tids[end - length:end]
+
+    def remove(self) -> None:
+        """Delete the files: the pass that replaces this one is written (Kaldi overwrites ali.JOB.gz)."""
+        for path in self.files:
+            Path(path).unlink(missing_ok=True)
+
+
+def equal_align(graphs: Iterable[tuple[str, Any, str | None]], feats: FeatureStore) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    """align-equal-compiled: the first monophone alignment spreads each path evenly over the
+    frames. Yields ``(utt, transition-ids, None)``, or ``(utt, None, reason)`` when it is dropped."""
     for utt, graph, reason in graphs:
         if graph is None:
-            dropped[utt] = reason
+            yield utt, None, reason
             continue
         ok, path = kaldifst.equal_align(ifst=graph, length=len(feats[utt]), rand_seed=3, num_retries=10)
         if ok:
             ok, tids, _, _ = kaldifst.get_linear_symbol_sequence(path)
         if not ok:
-            dropped[utt] = f"utterance {utt}: {len(feats[utt])} frames are too few for its transcript's HMMs"
+            yield utt, None, f"utterance {utt}: {len(feats[utt])} frames are too few for its transcript's HMMs"
             continue
-        alignments[utt] = np.asarray(tids, dtype=np.int32)  # 4 bytes a frame: a pass holds all the alignments
-    return alignments, dropped
+        yield utt, np.asarray(tids, dtype=np.int32), None
 
 
-def align(model: GmmModel, graphs: Iterable[tuple[str, Any, str | None]], feats: FeatureStore, cfg, total: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def align(model: GmmModel, graphs: Iterable[tuple[str, Any, str | None]], feats: FeatureStore, cfg,
+          total: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """gmm-align-compiled: Viterbi alignment with beam, retried with retry_beam on failure, of the
-    ``total`` utterances ``graphs`` yields (:func:`compile_graphs`; those without a graph are dropped with its reason)."""
+    ``total`` utterances ``graphs`` yields (:func:`compile_graphs`), as :func:`equal_align` yields them
+    (those without a graph are dropped with its reason)."""
     config = khg.AlignConfig()
     config.beam, config.retry_beam, config.careful = float(cfg.beam), float(cfg.retry_beam), False
-    alignments, dropped = {}, {}
-    failed = 0
+    failed, example = 0, None
     for utt, graph, reason in progress(graphs, "align", total=total, unit="utterances"):
         if graph is None:
-            dropped[utt] = reason
+            yield utt, None, reason
             continue
         khg.add_transition_probs(
             trans_model=model.trans_model, transition_scale=cfg.transition_scale, self_loop_scale=cfg.self_loop_scale, fst=graph
@@ -165,33 +206,49 @@ def align(model: GmmModel, graphs: Iterable[tuple[str, Any, str | None]], feats:
             num_done=0, num_error=0, num_retried=0, tot_like=0.0, frame_count=0,
         )
         if num_error or len(tids) != len(x):
-            dropped[utt] = f"utterance {utt}: alignment failed even with retry_beam={cfg.retry_beam}"
-            failed += 1
+            failed, example = failed + 1, example or utt
+            yield utt, None, f"utterance {utt}: alignment failed even with retry_beam={cfg.retry_beam}"
             continue
-        alignments[utt] = np.asarray(tids, dtype=np.int32)  # 4 bytes a frame: a pass holds all the alignments
+        yield utt, np.asarray(tids, dtype=np.int32), None
     if failed:  # training goes on without them this pass; the final alignment accounts for them
-        log.warning("align: %d of %d utterances failed (e.g. %s)", failed, total,
-                    next(u for u, r in dropped.items() if "alignment failed" in r))
-    return alignments, dropped
+        log.warning("align: %d of %d utterances failed (e.g. %s)", failed, total, example)
 
 
-def align_part(job: tuple) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def write_alignments(results: Iterable[tuple[str, np.ndarray | None, str | None]], path: Path) -> tuple[Alignments, dict[str, str]]:
+    """Append each aligned utterance's transition-ids to ``path`` as they come (atomically: the file
+    appears whole); the :class:`Alignments` of that one file and the utterances dropped, with the reason."""
+    utts, lengths, dropped = [], [], {}
+    with atomic_write(path) as tmp, open(tmp, "wb") as out:
+        for utt, tids, reason in results:
+            if tids is None:
+                dropped[utt] = reason
+                continue
+            out.write(tids.tobytes())
+            utts.append(utt)
+            lengths.append(len(tids))
+    return Alignments([Path(path)], [utts], [np.asarray(lengths, dtype=np.int64)]), dropped
+
+
+def align_part(job: tuple) -> tuple[Alignments, dict[str, str]]:
     """One alignment job: (model, the model its graphs are compiled with, lang dir, transcripts,
-    features: a store or its directory, align config, utterances) -> alignments and the
-    utterances dropped (no graph, or no alignment within retry_beam). A job reads its
-    utterances' features from disk itself, as Kaldi's jobs read their split: nothing the size
-    of the corpus goes through a pipe."""
-    model, graph_model, lang_dir, text, feats, align_cfg, utts = job
-    store = feats if isinstance(feats, FeatureStore) else FeatureStore.load(Path(feats))
+    features directory, align config or None for align-equal-compiled, utterances, the job's
+    alignment file) -> the alignments written there and the utterances dropped (no graph, too few
+    frames, or no alignment within retry_beam). A job reads its utterances' features from disk and
+    writes its alignment to disk itself, as Kaldi's jobs do: nothing the size of the corpus goes
+    through a pipe or stays in memory."""
+    model, graph_model, lang_dir, text, feats_dir, align_cfg, utts, path = job
+    store = FeatureStore.load(Path(feats_dir))
     graphs = compile_graphs(Lang.load(Path(lang_dir)), graph_model, text, utts)  # FSTs do not pickle: each job compiles its own
-    return align(model, graphs, store, OmegaConf.create(align_cfg), len(utts))
+    results = equal_align(graphs, store) if align_cfg is None else align(model, graphs, store, OmegaConf.create(align_cfg), len(utts))
+    return write_alignments(results, Path(path))
 
 
 class Aligner:
-    """gmm-align-compiled over ``jobs.nj`` jobs (Kaldi's split data): the utterances split into
-    parts, each job compiling its part's training graphs and aligning them, the results merged
-    in utterance order: the same alignments as one job (tested). The align stage uses it on the
-    saved model, GMM training for its realignments.
+    """gmm-align-compiled (or align-equal-compiled) over ``jobs.nj`` jobs (Kaldi's split data): the
+    utterances split into parts, each job compiling its part's training graphs, aligning them and
+    writing its file ``<out_dir>/ali.<job>``, the parts kept in utterance order: the same alignments
+    as one job (tested). The align stage uses it on the saved model, GMM training for its flat start
+    and its realignments.
 
     The graphs hold the transition probabilities of the model they are compiled with; as
     Kaldi's train_mono.sh compiles them once, before training, ``graph_model`` (default: the
@@ -204,24 +261,27 @@ class Aligner:
         self.nj, self.align_cfg = num_jobs(cfg), OmegaConf.to_container(cfg.gmm.align, resolve=True)
         self.lang_dir = str(lang_dir or Layout.of(cfg).lang)
 
-    def __call__(self, model: GmmModel, utts: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """Alignments of ``utts`` and the utterances dropped, with the reason."""
+    def __call__(self, model: GmmModel, utts: list[str], out_dir: Path, equal: bool = False) -> tuple[Alignments, dict[str, str]]:
+        """Alignments of ``utts`` (``equal``: the flat start's) in ``out_dir``, and the utterances dropped, with the reason."""
         graph_model = self.graph_model or model
-        jobs = [(model, graph_model, self.lang_dir, {u: self.text[u] for u in part}, str(self.feats_dir), self.align_cfg, part)
-                for part in split(utts, self.nj)]  # one job runs here, in this process
-        alignments, dropped = {}, {}
-        for part_alignments, part_dropped in map_jobs(self.cfg, align_part, jobs, self.stage):
-            alignments |= part_alignments
+        align_cfg = None if equal else self.align_cfg
+        jobs = [(model, graph_model, self.lang_dir, {u: self.text[u] for u in part}, str(self.feats_dir), align_cfg, part,
+                 str(Path(out_dir) / f"ali.{job}")) for job, part in enumerate(split(utts, self.nj))]  # one job runs here, in this process
+        alignments, dropped = Alignments([], [], []), {}
+        for part, part_dropped in map_jobs(self.cfg, align_part, jobs, self.stage):
+            alignments = Alignments(alignments.files + part.files, alignments.utts + part.utts, alignments.lengths + part.lengths)
             dropped |= part_dropped
         return alignments, dropped
 
 
-def realigner(cfg, model: GmmModel, text: dict[str, str], utts: list[str], feats_dir: Path, stage: str) -> Callable[[GmmModel], dict]:
+def realigner(cfg, model: GmmModel, text: dict[str, str], utts: list[str], feats_dir: Path, stage: str,
+              scratch: Path) -> Callable[[GmmModel], Alignments]:
     """The realignment step of GMM training for ``model`` (as it is now, before training: its
     graphs are compiled with it): an :class:`Aligner` over ``utts`` in ``jobs.nj`` jobs (one job
-    runs in this process), every pass on the graphs of that moment."""
+    runs in this process), every pass on the graphs of that moment, its files in a new directory
+    under ``scratch``."""
     aligner = Aligner(cfg, text, feats_dir, stage, graph_model=copy.deepcopy(model))
-    return lambda current: aligner(current, utts)[0]
+    return lambda current: aligner(current, utts, Path(tempfile.mkdtemp(dir=scratch, prefix="ali.")))[0]
 
 
 def gaussian_offsets(am: khg.AmDiagGmm) -> np.ndarray:
@@ -280,12 +340,25 @@ def fixed_sum(values: np.ndarray) -> np.ndarray:
     return np.rint(values, out=values).sum(0).astype(np.int64)
 
 
-def gmm_stats(model: GmmModel, alignments: dict[str, np.ndarray], feats: FeatureStore, chunk_frames: int = 1 << 18) -> GmmStats:
-    """gmm-acc-stats-ali over ``alignments``: each frame's posteriors over its pdf's Gaussians
-    (Kaldi's ComponentPosteriors, in float64) and the statistics they weight, read a chunk of
-    utterances at a time. Every per-frame quantity is computed without BLAS (whose sums' order
-    depends on the matrix shapes) and rounded to fixed point before it is summed, so a frame
-    adds the same integers whichever job and chunk hold it."""
+def chunks(alignments: Iterable[tuple[str, np.ndarray]], chunk_frames: int) -> Iterator[list[tuple[str, np.ndarray]]]:
+    """``alignments`` in lists of whole utterances of at least ``chunk_frames`` frames (the last: what is left)."""
+    chunk, size = [], 0
+    for utt, tids in alignments:
+        chunk.append((utt, tids))
+        size += len(tids)
+        if size >= chunk_frames:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def gmm_stats(model: GmmModel, alignments: Iterable[tuple[str, np.ndarray]], feats: FeatureStore, chunk_frames: int = 1 << 18) -> GmmStats:
+    """gmm-acc-stats-ali over ``alignments`` ((utterance, transition-ids) pairs): each frame's
+    posteriors over its pdf's Gaussians (Kaldi's ComponentPosteriors, in float64) and the
+    statistics they weight, read a chunk of utterances at a time. Every per-frame quantity is
+    computed without BLAS (whose sums' order depends on the matrix shapes) and rounded to fixed
+    point before it is summed, so a frame adds the same integers whichever job and chunk hold it."""
     am, tid_to_pdf = model.am, model.tid_to_pdf()
     gmms = [am.get_pdf(pdf) for pdf in range(model.num_pdfs)]
     offsets = gaussian_offsets(am)
@@ -293,14 +366,9 @@ def gmm_stats(model: GmmModel, alignments: dict[str, np.ndarray], feats: Feature
     dim, num_tids = am.dim, model.trans_model.num_transition_ids
     stats = GmmStats(np.zeros(offsets[-1], np.int64), np.zeros((offsets[-1], dim), np.int64), np.zeros((offsets[-1], dim), np.int64),
                      np.zeros(num_tids + 1, np.int64), 0, 0)
-    utts, chunk, chunk_size = list(alignments), [], 0
-    for i, utt in enumerate(utts):
-        chunk.append(utt)
-        chunk_size += len(alignments[utt])
-        if chunk_size < chunk_frames and i + 1 < len(utts):
-            continue
-        tids = np.concatenate([alignments[u] for u in chunk])
-        frames = np.concatenate([np.asarray(feats[u], dtype=np.float32) for u in chunk])
+    for chunk in progress(chunks(alignments, chunk_frames), "statistics", unit="chunks"):  # the heap trimmed between chunks
+        tids = np.concatenate([ali for _, ali in chunk])
+        frames = np.concatenate([np.asarray(feats[utt], dtype=np.float32) for utt, _ in chunk])
         stats.transitions += np.bincount(tids, minlength=num_tids + 1)
         stats.frames += len(tids)
         pdf_of = tid_to_pdf[tids]
@@ -322,24 +390,21 @@ def gmm_stats(model: GmmModel, alignments: dict[str, np.ndarray], feats: Feature
                 stats.first[g] += fixed_sum(weighted)
                 stats.occupancy[g] += fixed_sum(posteriors)
                 stats.loglike += int(fixed_sum(frame_loglikes))
-        chunk, chunk_size = [], 0
     return stats
 
 
 def gmm_stats_part(job: tuple) -> GmmStats:
-    """One statistics job: (model, features directory, alignments of its utterances) -> their
-    statistics. The job reads its utterances' features from disk itself."""
+    """One statistics job: (model, features directory, the alignments of one alignment job) -> the
+    statistics of their utterances. The job reads its features and alignments from disk itself."""
     model, feats_dir, alignments = job
-    return gmm_stats(model, alignments, FeatureStore.load(Path(feats_dir)))
+    return gmm_stats(model, alignments.items(), FeatureStore.load(Path(feats_dir)))
 
 
-def accumulate(cfg, model: GmmModel, alignments: dict[str, np.ndarray], feats_dir: Path, stage: str) -> tuple[khg.AccumAmDiagGmm, np.ndarray, float]:
-    """gmm-acc-stats-ali in ``jobs.nj`` jobs (Kaldi's split data) and gmm-sum-accs: the statistics
-    of every job summed (exactly: the same for any nj), in Kaldi's accumulator; transition counts;
-    the average log-likelihood of a frame."""
-    utts = list(alignments)
-    jobs = [(model, str(feats_dir), {u: alignments[u] for u in part}) for part in split(utts, num_jobs(cfg))]
-    parts = map_jobs(cfg, gmm_stats_part, jobs, stage)
+def accumulate(cfg, model: GmmModel, alignments: Alignments, feats_dir: Path, stage: str) -> tuple[khg.AccumAmDiagGmm, np.ndarray, float]:
+    """gmm-acc-stats-ali, one job per alignment job's file (Kaldi's ali.JOB -> JOB.acc), and
+    gmm-sum-accs: the statistics of every job summed (exactly: the same for any nj), in Kaldi's
+    accumulator; transition counts; the average log-likelihood of a frame."""
+    parts = map_jobs(cfg, gmm_stats_part, [(model, str(feats_dir), part) for part in alignments.parts()], stage)
     stats = sum(parts[1:], parts[0])
     return stats.accumulator(model), stats.transitions.astype(np.float64), stats.loglike / STATS_SCALE / max(stats.frames, 1)
 
@@ -402,23 +467,27 @@ def update(model: GmmModel, accs: khg.AccumAmDiagGmm, trans_stats: np.ndarray, t
 
 
 def train_em(
-    model: GmmModel, realign: Callable[[GmmModel], dict], feats_dir: Path, alignments: dict, stage_cfg, cfg, name: str,
+    model: GmmModel, realign: Callable[[GmmModel], Alignments], feats_dir: Path, alignments: Alignments, stage_cfg, cfg, name: str,
     rng: np.random.Generator,
-) -> tuple[dict, list]:
-    """EM passes as train_mono.sh/train_deltas.sh: realign on realign_iters, grow Gaussians linearly."""
+) -> list:
+    """EM passes as train_mono.sh/train_deltas.sh: realign on realign_iters (a new pass's files
+    replace the last's: ``alignments`` and every pass after it are removed), grow Gaussians linearly."""
     history = []
     start_gauss = model.am.num_gauss
     for it in range(stage_cfg.num_iters):
         tic = time.time()
         if it in set(stage_cfg.realign_iters):
-            alignments = realign(model)
+            new = realign(model)
+            alignments.remove()
+            alignments = new
         accs, trans_stats, like = accumulate(cfg, model, alignments, feats_dir, f"train-gmm {name} stats")
         grow = min(it + 1, max(1, stage_cfg.num_iters - 5)) / max(1, stage_cfg.num_iters - 5)
         target = int(start_gauss + (stage_cfg.total_gauss - start_gauss) * grow)
         update(model, accs, trans_stats, target, cfg.gmm, rng)
         history.append({"iter": it, "avg_loglike": like, "num_gauss": model.am.num_gauss, "aligned": len(alignments)})
         log.info("%s iter %d: avg log-like %.3f over %d utts, %d Gaussians (%.1fs)", name, it, like, len(alignments), model.am.num_gauss, time.time() - tic)
-    return alignments, history
+    alignments.remove()
+    return history
 
 
 def transition_state_table(model: GmmModel, topo: khg.HmmTopology) -> np.ndarray:
@@ -440,7 +509,7 @@ def frame_contexts(table: np.ndarray, id2state: np.ndarray, tids: np.ndarray) ->
     return tree_lib.frame_events(phone, hmm_state, pdf_class)
 
 
-def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments: dict, feats: FeatureStore, cfg,
+def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments: Alignments, feats: FeatureStore, cfg,
                    scratch: Path) -> tuple[GmmModel, dict]:
     """Tree stats from the monophone alignment -> questions -> tree -> one Gaussian per leaf
     (``scratch``: a dir for the statistics' working files, removed after)."""
@@ -448,7 +517,7 @@ def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments
     id2state = np.asarray(mono.trans_model.id2state, dtype=np.int64)
     phones, pdf_classes = int(table[:, 0].max()) + 1, int(table[:, 2].max()) + 1
     stats = tree_lib.accumulate_tree_stats(((frame_contexts(table, id2state, tids), feats.span(utt)[0]) for utt, tids in alignments.items()),
-                                           sum(len(tids) for tids in alignments.values()), feats.frames,
+                                           alignments.num_frames, feats.frames,
                                            (phones, phones, phones, pdf_classes), scratch)
     id2phone = lang.id2phone
     position_sets = [[i for i in lang.real_phone_ids if id2phone[i].endswith(f"_{pos}")] for pos in POSITIONS]
@@ -473,7 +542,7 @@ def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments
     return make_model(tree, topo, gaussians), info
 
 
-def store_alignment(model: GmmModel, alignments: dict[str, np.ndarray], feats: FeatureStore, out_dir: Path) -> np.ndarray:
+def store_alignment(model: GmmModel, alignments: Alignments, feats: FeatureStore, out_dir: Path) -> np.ndarray:
     """Per-frame transition-ids and pdf-ids in the feature store's layout (-1 where unaligned),
     written into their files an utterance at a time (nothing the size of the corpus in memory);
     returns the pdf-ids' counts."""
@@ -526,19 +595,23 @@ def train(cfg) -> dict:
     )
     global_gauss = single_gaussian(count, total, sumsq, cfg.gmm.tree.var_floor)
     mono = make_model(mono_tree, topo, [global_gauss] * mono_tree.num_pdfs)
-    alignments, dropped = equal_align(compile_graphs(lang, mono, data.text, utts), feats)
-    account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, layout.mono / "dropped.json")
-    utts = [u for u in utts if u in alignments]
-    realign = realigner(cfg, mono, data.text, utts, mfcc_dir, "train-gmm mono realign")
-    _, mono_history = train_em(mono, realign, mfcc_dir, alignments, cfg.gmm.mono, cfg, "mono", rng)
-    alignments = realign(mono)  # the final model's alignment feeds the tree
-    mono.save(layout.mono)
-    mono_time = time.time() - tic
+    with tempfile.TemporaryDirectory(dir=layout.exp, prefix="gmm_alignments.") as scratch:  # the passes' ali.JOB files
+        scratch = Path(scratch)
+        alignments, dropped = Aligner(cfg, data.text, mfcc_dir, "train-gmm mono flat start")(
+            mono, utts, Path(tempfile.mkdtemp(dir=scratch, prefix="ali.")), equal=True)
+        account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, layout.mono / "dropped.json")
+        utts = [u for u in utts if u not in dropped]
+        realign = realigner(cfg, mono, data.text, utts, mfcc_dir, "train-gmm mono realign", scratch)
+        mono_history = train_em(mono, realign, mfcc_dir, alignments, cfg.gmm.mono, cfg, "mono", rng)
+        alignments = realign(mono)  # the final model's alignment feeds the tree
+        mono.save(layout.mono)
+        mono_time = time.time() - tic
 
-    tic = time.time()
-    tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree, layout.exp)
-    realign = realigner(cfg, tri, data.text, utts, mfcc_dir, "train-gmm tri realign")
-    _, tri_history = train_em(tri, realign, mfcc_dir, realign(tri), cfg.gmm.tri, cfg, "tri", rng)
+        tic = time.time()
+        tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree, layout.exp)
+        alignments.remove()
+        realign = realigner(cfg, tri, data.text, utts, mfcc_dir, "train-gmm tri realign", scratch)
+        tri_history = train_em(tri, realign, mfcc_dir, realign(tri), cfg.gmm.tri, cfg, "tri", rng)
     tri.save(layout.gmm)
     tri_time = time.time() - tic
 
@@ -577,10 +650,11 @@ def run_align(cfg) -> None:
         set_lang, missing = with_words(cfg, trained, words, layout.alignment_lang(name))
         for word, reason in sorted(missing.items()):
             log.warning("align %s: word %s has no pronunciation the model can use (%s); its utterances are dropped", name, word, reason)
-        set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}", lang_dir=set_lang.directory)(tri, set_utts)
-        scored_only = scoring_only(cfg, name)
-        account_dropped(f"align {name}" + (" (scored only: drops never stop the stage)" if scored_only else ""),
-                        len(set_utts), dropped, 1.0 if scored_only else cfg.prep.max_drop_fraction, out_dir / "dropped.json")
-        counts = store_alignment(tri, set_alignments, set_feats, out_dir)
+        with tempfile.TemporaryDirectory(dir=layout.exp, prefix=f"ali_{name}.") as scratch:  # the jobs' ali.JOB files
+            set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}", lang_dir=set_lang.directory)(tri, set_utts, Path(scratch))
+            scored_only = scoring_only(cfg, name)
+            account_dropped(f"align {name}" + (" (scored only: drops never stop the stage)" if scored_only else ""),
+                            len(set_utts), dropped, 1.0 if scored_only else cfg.prep.max_drop_fraction, out_dir / "dropped.json")
+            counts = store_alignment(tri, set_alignments, set_feats, out_dir)
         save_npy(out_dir / "pdf_counts.npy", counts)  # priors of the hybrid models trained on this set
         stage.commit(aligned=len(set_alignments), dropped=len(dropped))

@@ -19,7 +19,7 @@ from asrkd.layout import Layout
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames
 from asrkd.nnet.train import load_system, system_dirs
 from asrkd.parallel import pick_device
-from asrkd.stage import plan, read_record, write_json
+from asrkd.stage import cpu_fields, cpu_flags, plan, read_record, write_json
 from asrkd.stores import FeatureStore
 
 COST_FRAMES = 20_000  # test frames scored per pass
@@ -27,14 +27,9 @@ COST_FRAMES = 20_000  # test frames scored per pass
 
 def cpu_name() -> str:
     """The CPU's model name and whether it has native bf16 (AVX512-BF16, AMX): bf16 autocast pays only then."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    native = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{model} ({', '.join(native) if native else 'no native bf16'})"
+    name = cpu_fields().get("model name") or platform.processor() or platform.machine()
+    native = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu_flags()]
+    return f"{name} ({', '.join(native) if native else 'no native bf16'})"
 
 
 def device_name(device: torch.device) -> str:

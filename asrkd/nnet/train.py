@@ -32,8 +32,8 @@ from asrkd.layout import Layout, System, names
 from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, model_arguments, model_from_config
 from asrkd.nnet.views import View, ViewSpec, draw
 from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
-from asrkd.stage import (StageError, digest, input_fingerprint, is_complete, optional_values, plan, progress, trim_heap, write_bytes,
-                         write_json)
+from asrkd.stage import (Stage, StageError, digest, input_fingerprint, is_complete, optional_values, plan, progress, trim_heap,
+                         write_bytes, write_json)
 from asrkd.stores import FeatureStore, load_array
 
 log = logging.getLogger(__name__)
@@ -625,10 +625,19 @@ def train_stage(
     optional = optional_values(cfg, TRAIN_OPTIONAL_KEYS)
     if optional.get("train.lr_scaling"):
         optional["train.lr_reference_batch"] = int(cfg.train.lr_reference_batch)
-    stages = [plan(m.stage_name, m.out_dir, cfg, TRAIN_KEYS + keys, {**training.inputs, **(inputs or {})},
-                   {"replicate": m.replicate, "init_seed": m.init_seed, **optional, **(m.values or {}),
-                    **({"views": asdict(m.views)} if m.views is not None and m.views.active else {})}, writer=rank() == 0)
-              for m in models]
+
+    def plan_models() -> list[Stage]:
+        return [plan(m.stage_name, m.out_dir, cfg, TRAIN_KEYS + keys, {**training.inputs, **(inputs or {})},
+                     {"replicate": m.replicate, "init_seed": m.init_seed, **optional, **(m.values or {}),
+                      **({"views": asdict(m.views)} if m.views is not None and m.views.active else {})}, writer=rank() == 0)
+                for m in models]
+
+    # rank 0 decides and writes the plan first; the other ranks decide after it, on a directory no
+    # longer being written (before, a rank could see rank 0's record half-written and refuse the directory)
+    stages = plan_models() if rank() == 0 else []
+    barrier()
+    if rank() != 0:
+        stages = plan_models()
     todo = [(m, stage) for m, stage in zip(models, stages) if not stage.up_to_date]
     if not todo:
         return
