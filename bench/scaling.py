@@ -27,7 +27,7 @@ the code that made it (a hash of asrkd's sources and this script): a rerun after
 this machine and starts at the first stage and nj not measured, with the earlier stages' outputs
 in place, so point ``--work`` at a dir that outlives /tmp (e.g. ``exp_scaling``). ``--stages``
 measures only the stages a change touched again (the rest keep their measurements, and the
-table's code column says which code made each row). Every measurement starts with its stage's
+table gains a code column saying which code made each row). Every measurement starts with its stage's
 outputs removed, so that none is skipped as made before.
 """
 
@@ -231,7 +231,8 @@ def markdown(result: dict) -> str:
     scales = result["scales"]
     hours = " / ".join(f"{r['train_hours']:.2f}" for r in scales)
     largest = f"{scales[-1]['train_hours']:.2f} h"
-    coded = any("code" in m for r in scales for by_nj in r["stages"].values() for m in by_nj.values())  # older runs: one code for all
+    codes = {m.get("code") for r in scales for by_nj in r["stages"].values() for m in by_nj.values()}
+    coded = len(codes) > 1  # a column only where rows were measured by different code (--stages); one code: the JSON names it
     lines = [f"| stage | nj | wall s at {hours} h of train | anon MB at {hours} h | anon largest / smallest | resident MB at {largest} "
              "| memory exponent | anon bytes a frame | anon GB at 100 / 1000 h (linear) | time exponent "
              "| wall h at 100 h (fitted / linear) | wall h at 1000 h (fitted / linear) |" + " code |" * coded,
