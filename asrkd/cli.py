@@ -14,6 +14,7 @@ import difflib
 import functools
 import importlib
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from asrkd import parallel
+from asrkd import jobs, parallel
 from asrkd.schema import ConfigError, validate
-from asrkd.stage import StageError, abandon_open_stages, code_record, invoked_as
+from asrkd.stage import StageError, abandon_open_stages, code_record, disk_error, invoked_as, verify_every_file
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -103,6 +104,7 @@ COMMANDS = {
     "report-images": "asrkd.experiments.images:run_report",
     "export": "asrkd.nnet.export",
     "results": "asrkd.report:run_results",
+    "publish": "asrkd.report:run_publish",
 }
 
 # experiment -> (its module, its steps): ``asrkd <step>-<experiment>`` is the module's
@@ -116,6 +118,7 @@ EXPERIMENTS = {
     "self-distill": ("asrkd.experiments.self_distillation", ("train", "decode", "report", "render")),
     "specialists": ("asrkd.experiments.specialists", ("train", "decode", "report", "render")),
     "function-matching": ("asrkd.experiments.function_matching", ("train", "report")),
+    "paper-schedule": ("asrkd.experiments.paper_schedule", ("train", "report", "render")),
 }
 COMMANDS |= {f"{step}-{name}": f"{module}:EXPERIMENT.{step}" for name, (module, steps) in EXPERIMENTS.items() for step in steps}
 
@@ -128,10 +131,30 @@ def step_function(command: str) -> Callable[[DictConfig], None]:
     return found.step(step) if step else found
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's or a user's ``kill``), raised where the command is so that it stops as
+    Ctrl-C does: what it had made is put right before it exits."""
+
+
+def on_sigterm(signum: int, _frame) -> None:
+    raise Terminated(signum)
+
+
+def os_error_line(err: OSError) -> str:
+    """An OSError as one line naming the file: a full or unwritable disk with its fix (stage.disk_error), else its own words."""
+    known = disk_error(err.filename or "", err)
+    if known is not None:
+        return str(known)
+    where = f" {err.filename}" if err.filename else ""
+    return f"{err.strerror or err}{':' if where else ''}{where}"
+
+
 def run_command(function: Callable[[DictConfig], None], overrides: list[str], name: str, config_dir: Path | None = None) -> None:
     """Compose the config, set up logging and run ``function``; fixable errors exit with one line.
     Stages the command planned and did not finish are abandoned on any error (a redo's old
-    output goes back in place, locks are released)."""
+    output goes back in place, locks are released). Ctrl-C and SIGTERM stop it the same way and
+    say in one line what was kept (exit 130 and 143, as a shell reports them); an OS error (a
+    full disk in any stage) is one line naming the file (exit 1)."""
     try:
         cfg = load_config(overrides, config_dir)
     except ConfigError as err:
@@ -142,7 +165,9 @@ def run_command(function: Callable[[DictConfig], None], overrides: list[str], na
         logging.getLogger("asrkd").info("%s on %d processes: %s", name, cfg.train.nproc, " ".join(launch))
         sys.exit(subprocess.run(launch).returncode)
     parallel.init_from_environment()
+    verify_every_file(bool(cfg.verify))
     logging.getLogger("asrkd").info("%s with overrides %s", name, overrides)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with invoked_as(name, overrides):
             function(cfg)
@@ -151,6 +176,20 @@ def run_command(function: Callable[[DictConfig], None], overrides: list[str], na
         if cfg.log_level == "DEBUG":
             raise
         sys.exit(f"asrkd {name}: error: {err}")
+    except OSError as err:
+        abandon_open_stages(failed=True)
+        if cfg.log_level == "DEBUG":
+            raise
+        sys.exit(f"asrkd {name}: error: {os_error_line(err)}")
+    except (KeyboardInterrupt, Terminated) as err:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the putting right short
+        jobs.stop_workers()
+        kept = abandon_open_stages()
+        if cfg.log_level == "DEBUG":
+            raise
+        what = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
+        print(f"asrkd {name}: stopped by {what}; " + ("; ".join(kept) if kept else "every finished stage is kept"), file=sys.stderr)
+        sys.exit(143 if isinstance(err, Terminated) else 130)
     except BaseException:
         abandon_open_stages()
         raise

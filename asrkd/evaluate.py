@@ -29,7 +29,7 @@ from asrkd.nnet.decode import scored_sets
 from asrkd.nnet.train import FrameData, evaluate_frames, load_system, read_history, replicates, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.report import decoding_result, machine, merge_into_report, mixed_configs, recipe_command
-from asrkd.stage import input_record
+from asrkd.stage import input_fingerprint, input_record
 from asrkd.stats import Bootstrap, UtteranceCounts, frame_table
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class FrameScorer:
             data = FrameData.load(self.exp, name, cfg.model, self.device)
             self.eval[name] = (data, data.labeled(DataDir.read(Path(cfg.data_dir) / name).utt_ids))
         self.cache: dict[tuple[str, str], dict] = {}
+        # what frame accuracy is scored against: the fingerprint of each alignment read (train's holds valid's frames too)
+        self.labels = {name: input_fingerprint(self.layout.alignment(name)) for name in ("train", *self.eval)}
 
     def utterances(self, name: str) -> list[str]:
         """The utterances of eval set ``name`` with aligned frames (the frame bootstrap's units)."""
@@ -136,6 +138,7 @@ class Evaluation:
             log.info("%s: only some of its models are decoded; its WER is left out", key)
         if len(systems) > 1:
             out["per_seed"] = {f"{self.primary}_frame_accuracy": counts[self.primary].per_seed()}
+        out["labels"] = self.scorer.labels
         out["stage"] = model_records(self.exp, systems)
         return out | extra
 
@@ -147,7 +150,7 @@ class Evaluation:
                "wer_ci": {name: self.words_by_set[name].add(key, counts[name])["ci"] for name in self.sets},
                "lmwt": decoded[0]["lmwt"] if len(decoded) == 1 else [d["lmwt"] for d in decoded]}
         if len(decoded) == 1:
-            out |= {k: decoded[0][k] for k in ("wer_details", "word_ins_penalty", "decode_real_time_factor")}
+            out |= {k: decoded[0][k] for k in ("wer_details", "word_ins_penalty", "decode_real_time_factor", "lmwt_choice") if k in decoded[0]}
         else:
             out["per_seed_wer"] = counts[self.primary].per_seed()
         return out
@@ -237,6 +240,7 @@ def run(cfg) -> None:
                 "fingerprint": input_record(layout.gmm)["fingerprint"]},
         "out_of_vocabulary": out_of_vocabulary_by_set(cfg),
         "frame_accuracy_utterances": evaluation.frame_accuracy_utterances,
+        "labels": evaluation.scorer.labels,
         "systems": systems,
     }
     merge_into_report(cfg, report)

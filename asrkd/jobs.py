@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -53,11 +54,28 @@ def split(items: Sequence, nj: int) -> list[list]:
 _POOLS: dict[int, ProcessPoolExecutor] = {}
 
 
+def _leave_interrupts_to_the_parent() -> None:
+    """A worker ignores Ctrl-C (the terminal sends it to the whole process group): the command
+    that started it says what was kept and stops it (:func:`stop_workers`), in one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def local_pool(workers: int) -> ProcessPoolExecutor:
     """The worker processes of this process for ``workers`` jobs, started on first use."""
     if workers not in _POOLS:
-        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                              initializer=_leave_interrupts_to_the_parent)
     return _POOLS[workers]
+
+
+def stop_workers() -> None:
+    """End this process's worker processes now, their jobs unfinished (an interrupted command:
+    waiting for them would keep the user waiting on work that is thrown away)."""
+    for pool in _POOLS.values():
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+    _POOLS.clear()
 
 
 def _with_threads(threads: int, function: Callable, part: Any) -> Any:

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from asrkd.layout import Layout
 from asrkd.parallel import pick_device
-from asrkd.stage import atomic_write, copy_file, cpu_description, input_record, write_json, write_text
+from asrkd.stage import atomic_write, copy_file, cpu_description, exclusive, input_record, write_json, write_text
 from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
@@ -61,24 +61,40 @@ def out_of_vocabulary_line(by_set: dict[str, dict]) -> str:
         described(name, oov) for name, oov in by_set.items()) + "."
 
 
+def comparable(report: dict, system: dict) -> bool:
+    """Whether a row was scored against the report's labels: the same alignments (their
+    fingerprints, ``labels``) for every set its frame accuracy is on. A row without frame accuracy
+    (the GMM: WER against the transcripts) always is; one that records no labels (scored before
+    rows kept them) never is."""
+    if system.get("frame_accuracy") is None:
+        return True
+    labels = system.get("labels")
+    return labels is not None and report.get("labels") is not None and all(report["labels"].get(k) == v for k, v in labels.items())
+
+
 def markdown_table(report: dict) -> str:
     sets = report.get("eval_sets", ["test"])
     unseen = report.get("unseen_sentences", ["test"])
     columns = ([f"frame acc. {s} [95% CI]" for s in sets] + [f"WER {s} [95% CI]" for s in sets]
                + [f"WER {s} (unseen sentences)" for s in unseen])
-    lines = [
-        f"# {report['corpus']}: frame accuracy and WER",
-        "",
-        "| system | model | seeds | frame acc. train | frame acc. valid | " + " | ".join(columns) + " | LMWT |",
-        "|---|---|---|---|---|" + "---|" * len(columns) + "---|",
-    ]
-    for name, system in report["systems"].items():
+    header = ["| system | model | seeds | frame acc. train | frame acc. valid | " + " | ".join(columns) + " | LMWT |",
+              "|---|---|---|---|---|" + "---|" * len(columns) + "---|"]
+
+    def row(name: str, system: dict) -> str:
         acc = system.get("frame_accuracy") or {}
         wer = system.get("wer") or {}
         cells = ([with_ci(system, "frame_accuracy", s) for s in sets] + [with_ci(system, "wer", s) for s in sets]
                  + [percent(wer.get(f"{s}_unseen")) for s in unseen])
-        lines.append(f"| {name} | {system['model']} | {system.get('seeds', 1)} | {percent(acc.get('train'))} | {percent(acc.get('valid'))} | "
-                     + " | ".join(cells) + f" | {system.get('lmwt', '–')} |")
+        return (f"| {name} | {system['model']} | {system.get('seeds', 1)} | {percent(acc.get('train'))} | {percent(acc.get('valid'))} | "
+                + " | ".join(cells) + f" | {system.get('lmwt', '–')} |")
+
+    same = {name: system for name, system in report["systems"].items() if comparable(report, system)}
+    apart = {name: system for name, system in report["systems"].items() if name not in same}
+    lines = [f"# {report['corpus']}: frame accuracy and WER", "", *header, *(row(n, s) for n, s in same.items())]
+    if apart:  # a table compares only rows scored against the same labels
+        lines += ["", "Scored against other labels (an earlier alignment, or one not recorded): their frame accuracy is not comparable "
+                  "with the rows above, nor their WER (other models, other tuning); each is remade by its recipe on the current alignment.",
+                  "", *header, *(row(n, s) for n, s in apart.items())]
     others = {}  # rows added by later reports (distillation), by the command that made them
     for name, system in report["systems"].items():
         if system.get("command", report["command"]) != report["command"]:
@@ -94,6 +110,8 @@ def markdown_table(report: dict) -> str:
               f"chosen on {tuning_description(report.get('tuning_set', 'valid'))}; unseen = sentences that never occur in the LM's training text.",
               f"[95% CI]: bootstrap over whole {resampled(report.get('bootstrap_unit'))} of each set (asrkd/stats.py); rows with several seeds",
               "give the mean over seeds, and their interval resamples the seeds too; one seed: test-set variation only.", ""]
+    if choice_line(report):
+        lines += [choice_line(report), ""]
     if report.get("frame_accuracy_utterances"):
         lines += [aligned_utterances_line(report["frame_accuracy_utterances"]), ""]
     if report.get("out_of_vocabulary"):
@@ -147,7 +165,24 @@ def decoding_result(exp: Path, system: str) -> dict:
     order = sorted(scored, key=lambda k: (k == tuning, k.endswith("_unseen")))
     return {"wer": {k: scored[k]["wer"] for k in order}, "wer_details": {k: scored[k] for k in order},
             "lmwt": result["lmwt"], "word_ins_penalty": result["word_ins_penalty"],
-            "decode_real_time_factor": result["real_time_factor"]}
+            "decode_real_time_factor": result["real_time_factor"], **({"lmwt_choice": result["choice"]} if "choice" in result else {})}
+
+
+def choice_line(report: dict) -> str | None:
+    """How clearly each system's LM weight and penalty were chosen on the tuning set (decode's
+    ``choice``): the margin in word errors over the runner-up, a tie said as such."""
+    said = []
+    for name, system in report["systems"].items():
+        choice = system.get("lmwt_choice")
+        if not choice or choice.get("margin_errors") is None:
+            continue
+        runner = choice["runner_up"]
+        said.append(f"{name} LMWT {system['lmwt']:g}, penalty {system['word_ins_penalty']:g} ({choice['errors']} errors of {choice['words']:,} words) "
+                    f"beats the runner-up (LMWT {runner['lmwt']:g}, penalty {runner['word_ins_penalty']:g}) by {choice['margin_errors']} "
+                    + ("word error" if choice["margin_errors"] == 1 else "word errors")
+                    + (f": a tie ({len(choice['within_tie'])} points within {choice['tie_errors']} errors), broken by {choice['tie_broken_by']}"
+                       if choice["tie"] else ""))
+    return ("LM weight chosen on " + tuning_description(report.get("tuning_set", "valid")) + ": " + "; ".join(said) + ".") if said else None
 
 
 _ABSENT = object()
@@ -211,19 +246,61 @@ def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
     rerunning one recipe, even in a fresh clone, keeps what the others wrote.
     """
     out_dir = Layout.of(cfg).report
-    report = current_report(cfg)
-    systems = {**report.get("systems", {}), **section.get("systems", {})}
-    report.update(portable(section))
-    report["systems"] = portable(systems)
-    write_json(out_dir / "report.json", report)
-    write_text(out_dir / "report.md", markdown_table(report))
-    write_text(out_dir / RESULTS, results_listing(report))
-    if cfg.results_dir:
-        results_dir = Path(cfg.results_dir)
-        for name in ("report.json", "report.md", RESULTS, *files):
-            copy_file(out_dir / name, results_dir / name)
-        log.info("report merged into %s", results_dir)
+    # two report stages at once (two recipes) would each read the report, add their keys and
+    # write it back: one's keys lost. The whole read-merge-write holds the lock of the report merged into.
+    with exclusive((Path(cfg.results_dir) if cfg.results_dir else out_dir) / ".report.lock"):
+        report = current_report(cfg)
+        systems = {**report.get("systems", {}), **section.get("systems", {})}
+        report.update(portable(section))
+        report["systems"] = portable(systems)
+        write_json(out_dir / "report.json", report)
+        if is_corpus_report(report):  # an experiment reported before the main report stage has no table of systems yet
+            write_text(out_dir / "report.md", markdown_table(report))
+            write_text(out_dir / RESULTS, results_listing(report))
+        if cfg.results_dir:
+            results_dir = Path(cfg.results_dir)
+            for name in ("report.json", *(("report.md", RESULTS) if is_corpus_report(report) else ()), *files):
+                copy_file(out_dir / name, results_dir / name)
+            log.info("report merged into %s", results_dir)
     return report
+
+
+def is_corpus_report(report: dict) -> bool:
+    """Whether ``report`` holds the main recipe's report (asrkd evaluate's), which report.md tabulates."""
+    return "corpus" in report and "gmm" in report and "systems" in report
+
+
+def run_publish(cfg) -> None:
+    """``asrkd publish`` (recipes: ``--publish``): a run's reports (exp/report) merged into
+    ``results_dir``, the committed copies README quotes. Recipes write their reports under their
+    exp dir only, so running one never modifies a committed file; publishing is this explicit step.
+
+    report.json's sections replace those of the same name there and its systems join the systems
+    there, so publishing one recipe's run keeps what the others published; report.md and
+    RESULTS.md are made again from the merged report (an image report, which is its corpus's whole
+    report, is copied as it is), and every other report file (a section's .md, figures) is copied."""
+    if not cfg.results_dir:
+        raise ValueError("publish needs results_dir=DIR: where the reports are merged (recipes: --publish names results/<corpus>)")
+    source, results = Layout.of(cfg).report, Path(cfg.results_dir)
+    if not (source / "report.json").is_file():
+        raise FileNotFoundError(f"{source}/report.json: nothing to publish; run a recipe's report stage first")
+    with exclusive(results / ".report.lock"):
+        report = json.loads((source / "report.json").read_text())
+        published = json.loads((results / "report.json").read_text()) if (results / "report.json").is_file() else {}
+        systems = {**published.get("systems", {}), **report.get("systems", {})}
+        published.update(report)
+        if systems:
+            published["systems"] = systems
+        write_json(results / "report.json", published)
+        corpus_report = is_corpus_report(published)
+        if corpus_report:
+            write_text(results / "report.md", markdown_table(published))
+            write_text(results / RESULTS, results_listing(published))
+        copied = [p for p in sorted(source.iterdir()) if p.is_file() and p.suffix in (".md", ".png")
+                  and not (corpus_report and p.name in ("report.md", RESULTS))]
+        for path in copied:
+            copy_file(path, results / path.name)
+    log.info("published %s into %s (%d files)", source, results, len(copied) + 1 + 2 * corpus_report)
 
 
 def dicts_in(value) -> Iterator[dict]:
@@ -304,12 +381,14 @@ def results_listing(report: dict) -> str:
     lines = [f"# {report.get('corpus', '')}: results", "",
              f"Every scored system under this corpus, from report.json (generated: `asrkd results`, and by every report stage); "
              f"{test} set; the tables with their controls and differences: each section's .md beside this file "
-             "(report.md for \"systems\").", ""]
+             "(report.md for \"systems\"). Labels: `current` for a row scored against the alignment of the main report, "
+             "`earlier` for one scored against another (or not recorded): compare only rows of the same labels.", ""]
     for section, entries in scored_systems(report).items():
-        lines += [f"## {section}", "", f"| system | model | seeds | WER {test} [95% CI] | frame acc. {test} [95% CI] |", "|---|---|---|---|---|"]
+        lines += [f"## {section}", "", f"| system | model | seeds | WER {test} [95% CI] | frame acc. {test} [95% CI] | labels |",
+                  "|---|---|---|---|---|---|"]
         for entry in entries:
             lines.append(f"| {entry['listed_as']} | {entry.get('model', '–')} | {entry.get('seeds', 1)} | {with_ci(entry, 'wer', test)} "
-                         f"| {with_ci(entry, 'frame_accuracy', test)} |")
+                         f"| {with_ci(entry, 'frame_accuracy', test)} | {'current' if comparable(report, entry) else 'earlier'} |")
         lines.append("")
     return "\n".join(lines)
 

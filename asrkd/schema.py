@@ -8,13 +8,22 @@ fit is a ConfigError of one line naming the key, the value and the type expected
 ``asrkd.cli.load_config``, so ``train.epochs=l2 --redo`` fails before anything is planned,
 locked, set aside or written.
 
-Keys added with Hydra's ``+`` that neither the defaults nor ``DECLARED`` know are let through
-(that is what ``+`` is for); misspelled keys never get here (Hydra refuses them, and
-``asrkd.cli`` names the nearest).
+A number must also lie in its key's range (``RANGES``: fractions in (0, 1), counts at least 1,
+rates above 0, dropout in [0, 1)): ``train.valid_fraction=10`` (a percentage given for a
+fraction) would train on no frame at all, and is refused here in one line naming the key, the
+value and the range.
+
+A key neither the defaults nor ``DECLARED`` know is refused however it is written, Hydra's
+``+key=`` too, with the nearest known key; only the sections that are mappings of names
+(``OPEN``: a student form's temperatures, a view, a big-net variant, a scheduler's parameters)
+take new entries.
 """
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +106,77 @@ DECLARED: dict[str, Kind] = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key takes, written as an interval: ``(0, 1)``, ``[1, inf)``, ``[0, 1)``."""
+
+    text: str
+
+    def holds(self, value: float) -> bool:
+        low_open, low, high, high_open = self.text[0] == "(", *map(float, self.text[1:-1].split(",")), self.text[-1] == ")"
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return math.isfinite(value) and above and below
+
+
+FRACTION, SHARE, COUNT, SIZE, POSITIVE, NONNEGATIVE, PROBABILITY = (
+    Range("(0, 1)"), Range("(0, 1]"), Range("[1, inf)"), Range("[0, inf)"), Range("(0, inf)"), Range("[0, inf)"), Range("[0, 1)"))
+
+# The range of every numeric key (a list's items each): the first pattern that matches a key
+# (fnmatch, on the dotted name) gives its range. Keys none matches take any finite number.
+RANGES: tuple[tuple[str, Range], ...] = (
+    ("train.valid_fraction", FRACTION),
+    ("prep.subset_fractions", SHARE), ("three_percent.fractions", SHARE), ("function_matching.subset.fraction", SHARE),
+    ("prep.max_drop_fraction", Range("[0, 1]")), ("decode.oov_warning", Range("[0, 1]")),
+    ("decode.prior_floor", FRACTION), ("stats.confidence", FRACTION), ("lang.sil_prob", PROBABILITY),
+    ("distill.compact.max_residual", FRACTION), ("chains.teacher_drop", PROBABILITY),
+    ("self_distillation.kd_weight", Range("[0, 1]")),
+    ("*dropout", PROBABILITY),
+    ("*lr_decay", SHARE),
+    ("*.lr", POSITIVE), ("*learning_rates", POSITIVE), ("*temperature*", POSITIVE), ("*beam", POSITIVE), ("*acoustic_scale", POSITIVE),
+    ("*_scale", NONNEGATIVE), ("perturb.speeds", POSITIVE), ("function_matching.*schedule*", POSITIVE),
+    ("*max_norm", POSITIVE), ("distill.compact.budget", POSITIVE), ("features.frame_*_ms", POSITIVE),
+    ("features.sample_rate", COUNT),
+    ("model.left_context", SIZE), ("model.right_context", SIZE), ("ensemble.folds", SIZE), ("*warmup_steps", SIZE),
+    ("train.accuracy_sample_frames", SIZE), ("features.dither", NONNEGATIVE), ("*weight_decay", NONNEGATIVE),
+    ("*_weight", NONNEGATIVE), ("*noise_std", NONNEGATIVE), ("*mixup_alpha", POSITIVE), ("*_masks", SIZE),
+    ("self_distillation.head_width", COUNT), ("*_width", SIZE),
+    ("function_matching.plateau", NONNEGATIVE), ("distill.dense_limit_gb", NONNEGATIVE), ("*seed", SIZE),
+    ("images.left_out_class", Range("[0, 9]")), ("images.kept_classes", Range("[0, 9]")), ("images.bias_shifts.step", POSITIVE),
+    ("images.bias_shifts.*", NONNEGATIVE),
+    ("*.jitter", SIZE),
+    ("*epochs", COUNT), ("*batch_size", COUNT), ("*seeds", COUNT), ("distill.seeds.*", COUNT), ("*patience", COUNT),
+    ("model.num_hidden_layers", COUNT), ("model.hidden_dim", COUNT), ("*.layers", COUNT), ("*widths", COUNT), ("*.width", COUNT),
+    ("*num_*", COUNT), ("*total_gauss", COUNT), ("*max_leaves", COUNT), ("*min_count", NONNEGATIVE), ("*min_gain", NONNEGATIVE),
+    ("*var_floor", POSITIVE), ("*occupancy", NONNEGATIVE), ("*realign_iters", COUNT), ("gmm.mixup.*", NONNEGATIVE),
+    ("graph.lm_order", COUNT), ("decode.lmwt", POSITIVE), ("decode.word_ins_penalty", Range("[-inf, inf]")),
+    ("*top_k", COUNT), ("*top_n", COUNT), ("distill.students.*", POSITIVE), ("self_distillation.exits", COUNT),
+    ("specialists.count", COUNT), ("specialists.group_size", COUNT), ("specialists.iterations", COUNT), ("*replicates", COUNT),
+    ("images.valid_images", COUNT), ("*lr_reference_batch", COUNT), ("*shuffle_block_frames", COUNT),
+    ("*max_frames_per_epoch", COUNT), ("*nproc", COUNT), ("jobs.nj", COUNT), ("*timeout_min", POSITIVE),
+    ("ensemble.size", COUNT), ("chains.sizes", COUNT),
+)
+
+# Sections that are mappings of names: ``+key=`` may add an entry there (and only there).
+OPEN = ("distill.students.", "distill.seeds.", "function_matching.views.", "jobs.submitit.parameters.")
+
+
+def range_of(key: str) -> Range | None:
+    """The range of ``key``'s numbers (None: any finite number)."""
+    return next((bounds for pattern, bounds in RANGES if fnmatch.fnmatchcase(key, pattern)), None)
+
+
+def numbers(value: Any) -> list[float]:
+    """The numbers of a value: itself, or a list's items (nested lists too); flags are no numbers."""
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, list):
+        return [n for item in value for n in numbers(item)]
+    return []
+
+
 def kind_of(value: Any) -> Kind | None:
     """The kind a default value shows (None: a null default, which DECLARED must type)."""
     if value is None:
@@ -152,10 +232,16 @@ def validate(cfg: DictConfig, defaults: dict[str, Any]) -> None:
     except OmegaConfBaseException as err:
         raise ConfigError(f"config: {str(err).splitlines()[0]}") from None
     reference = leaves(defaults)
+    sections = {key.rsplit(".", depth)[0] for key in reference for depth in range(1, key.count(".") + 1)}
     for key, value in leaves(resolved).items():
+        if key not in reference and key not in DECLARED and key not in sections and not key.startswith(OPEN):
+            near = difflib.get_close_matches(key, list(reference), n=1, cutoff=0.6)
+            raise ConfigError(f"config: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "; see conf/config.yaml"))
         kind = DECLARED.get(key) or (kind_of(reference[key]) if key in reference else None)
-        if kind is None or fits(value, kind):
-            continue
         shown = "null" if value is None else repr(value)
         default = f" (default: {reference[key]!r})" if reference.get(key) is not None else ""
-        raise ConfigError(f"config: {key}={shown} is not {kind.describe()}{default}")
+        if kind is not None and not fits(value, kind):
+            raise ConfigError(f"config: {key}={shown} is not {kind.describe()}{default}")
+        bounds = range_of(key)
+        if bounds is not None and not all(bounds.holds(n) for n in numbers(value)):
+            raise ConfigError(f"config: {key}={shown} is outside {bounds.text}{default}")

@@ -29,7 +29,9 @@ A mistake never costs a finished output:
   settings, or goes on with the redo when it asks for the new ones.
 * The record lists every output file with its size and SHA-256: a file cut short or changed
   since is found when the output is read as an input, or when its stage is planned again, and
-  named with the fix (``redo=true`` remakes it even though its settings did not change).
+  named with the fix (``redo=true`` remakes it even though its settings did not change). A
+  file's hash is compared when its modification time moved, a model's always, every file's with
+  ``verify=true``.
 * The record holds the asrkd version and a hash of the source of every asrkd module that was
   loaded when the stage ran: a rerun under other code warns, naming the modules, and
   ``redo=true`` remakes it.
@@ -46,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -368,9 +371,34 @@ def output_files(directory: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+# Files whose SHA-256 is compared whenever they are read as an input, not only when their
+# modification time moved: a model corrupted in place with its size and time kept (a bad copy, a
+# flipped bit) would otherwise score as a model. ``verify=true`` compares every file's.
+ALWAYS_VERIFIED = ("*.pt",)
+_VERIFY_ALL = False
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> SHA-256: each file hashed once a process
+
+
+def verify_every_file(on: bool) -> None:
+    """``verify=true`` (recipes: ``--verify``): every output's SHA-256 is compared when it is read
+    as an input or planned again, whatever its modification time (the CLI sets it)."""
+    global _VERIFY_ALL
+    _VERIFY_ALL = bool(on)
+
+
+def verified_digest(path: Path) -> str:
+    """``file_digest`` of ``path``, computed once per process for a file left as it was."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_digest(path)
+    return _DIGESTS[key]
+
+
 def output_problems(directory: Path, record: dict) -> list[str]:
     """What differs between ``directory``'s files and those its record lists: a file missing, of
-    another size, or (when its modification time moved) of another SHA-256. Records from before
+    another size, or of another SHA-256, compared when its modification time moved, always for a
+    model (``ALWAYS_VERIFIED``) and, with ``verify=true``, for every file. Records from before
     checksums list no files and find nothing; files a packed recipe left behind (``PACKED``)
     may be missing."""
     left_behind = set((read_record(directory, PACKED) or {}).get("left_behind", []))
@@ -384,7 +412,8 @@ def output_problems(directory: Path, record: dict) -> list[str]:
         stat = path.stat()
         if stat.st_size != entry["bytes"]:
             problems.append(f"{name} has {stat.st_size} bytes, its stage wrote {entry['bytes']} (cut short or overwritten)")
-        elif stat.st_mtime_ns != entry["mtime_ns"] and file_digest(path) != entry["sha256"]:
+        elif ((_VERIFY_ALL or stat.st_mtime_ns != entry["mtime_ns"] or any(path.match(p) for p in ALWAYS_VERIFIED))
+              and verified_digest(path) != entry["sha256"]):
             problems.append(f"{name} changed since its stage wrote it (SHA-256 differs)")
     return problems
 
@@ -432,7 +461,7 @@ _INVOCATION: dict[str, Any] = {}
 def invoked_as(command: str, overrides: list[str]) -> Iterator[None]:
     """Say which command runs inside the block (the CLI does), for the records' ``made_by``: the
     recipe line when a recipe runs it (``ASRKD_RECIPE_COMMAND``), else the asrkd command."""
-    shown = [o for o in overrides if not o.startswith("redo=")]
+    shown = [o for o in overrides if not o.startswith(("redo=", "verify="))]
     recipe = os.environ.get("ASRKD_RECIPE_COMMAND")
     _INVOCATION.update({"command": recipe or " ".join(["asrkd", command, *shown]), "overrides": shown})
     try:
@@ -496,13 +525,17 @@ def previous_path(out_dir: Path) -> Path:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (killed, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def acquire_lock(name: str, out_dir: Path) -> None:
@@ -538,6 +571,21 @@ def acquire_lock(name: str, out_dir: Path) -> None:
             json.dump(mine, out)
         return
     raise StageLocked(f"{name}: could not take the lock {path}; delete it if no run is making {out_dir}")
+
+
+@contextmanager
+def exclusive(path: Path | str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a lock file, made if missing) for the block: a second
+    process waits for the first (``flock``; released by the kernel if its holder dies). For a
+    read-modify-write of a file several commands share, the report.json reports merge into."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_lock(path: Path) -> dict | None:
@@ -590,29 +638,34 @@ class Stage:
         _OPEN.pop(self.out_dir.resolve(), None)
         release_lock(self.out_dir)
 
-    def abandon(self, failed: bool = False) -> None:
+    def abandon(self, failed: bool = False) -> str:
         """A run that raised: a redo's old output (and its record) back in place; the lock released.
         One that ``failed`` (an error, not a kill or Ctrl-C) marks its partial record so: what it
-        left is no run to resume, and a run of other settings clears it instead of being refused."""
+        left is no run to resume, and a run of other settings clears it instead of being refused.
+        Returns what was kept, in words."""
         _OPEN.pop(self.out_dir.resolve(), None)
         previous = previous_path(self.out_dir)
         if self.set_aside and previous.is_dir():
             shutil.rmtree(self.out_dir, ignore_errors=True)
             os.replace(previous, self.out_dir)
-            log.warning("%s: the redo failed; %s is back as it was", self.name, self.out_dir)
+            log.warning("%s: the redo %s; %s is back as it was", self.name, "failed" if failed else "was stopped", self.out_dir)
+            kept = f"{self.out_dir}: the old output is back in place"
         elif failed and (partial := read_record(self.out_dir, PARTIAL)) is not None:
             write_json(self.out_dir / PARTIAL, {**partial, "failed": True})
+            kept = f"{self.out_dir}: left unfinished"
+        else:
+            kept = f"{self.out_dir}: unfinished; the same command resumes it"
         release_lock(self.out_dir)
+        return kept
 
 
 _OPEN: dict[Path, Stage] = {}  # planned in this process, not yet committed
 
 
-def abandon_open_stages(failed: bool = False) -> None:
+def abandon_open_stages(failed: bool = False) -> list[str]:
     """Undo every stage this process planned and did not commit (the CLI calls it on errors:
-    ``failed`` for an error it reports, not for an interruption)."""
-    for stage in list(_OPEN.values()):
-        stage.abandon(failed)
+    ``failed`` for an error it reports, not for an interruption); what each kept, in words."""
+    return [stage.abandon(failed) for stage in list(_OPEN.values())]
 
 
 def holds_only_its_record(out_dir: Path) -> bool:

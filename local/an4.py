@@ -134,7 +134,7 @@ def prepare(cfg) -> None:
     if root is None and cfg.corpus_dir is not None:
         held = "holds no AN4 (no etc/an4_train.transcription in it or one level below)" if corpus.is_dir() else "does not exist"
         raise StageError(f"corpus_dir {corpus} {held}: pass --corpus-dir (or $AN4_DIR) the folder holding AN4's etc/ and wav/, "
-                         f"or leave it out to read {DEFAULT_CORPUS} or download {cfg.prep.download_url}")
+                         f"or leave it out to read {DEFAULT_CORPUS.resolve()} or download {cfg.prep.download_url}")
     if root is None and read_record(data_dir / "local") is not None:
         log.info("an4 prep: no corpus at %s to check against; keeping the data dirs in %s", corpus, data_dir)
         write_subsets(DataDir.read(data_dir / "train"), cfg)  # fractions added to the config since

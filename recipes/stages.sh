@@ -1,8 +1,12 @@
 # Shared by the stage-numbered recipes (recipes/<corpus>/run*.sh), which source it with their
 # arguments, as Kaldi recipes source utils/parse_options.sh:
 #
-#   <recipe> [--stage N] [--stop-stage M] [--corpus-dir DIR] [--redo] [-- hydra overrides...]
+#   <recipe> [--stage N] [--stop-stage M] [--corpus-dir DIR] [--redo] [--verify] [--publish] [-- hydra overrides...]
 #
+# --verify compares the SHA-256 of every input file with its stage record (Hydra: verify=true).
+# A recipe writes its reports under its exp dir (exp/report) and never into the repository's
+# results/: --publish (after the stages, or alone: the stages then skip as current) merges them
+# into results/<corpus>/ (`asrkd publish`), the committed copies README quotes.
 # A stage whose outputs were made with the same config and inputs is skipped; one whose config
 # or inputs changed is refused with what changed, unless --redo (Hydra: redo=true) remakes it.
 #
@@ -18,6 +22,8 @@
 stage=0
 stop_stage=100
 redo=
+verify=
+publish=
 corpus_dir=${corpus_dir:-}
 overrides=()
 recipe_args=()
@@ -31,8 +37,10 @@ while [ $# -gt 0 ]; do
       case "$2" in /*) corpus_dir=$2 ;; *) corpus_dir=$PWD/$2 ;; esac
       recipe_args+=(--corpus-dir "$2"); shift 2 ;;
     --redo) redo=true; shift ;;
+    --verify) verify=true; shift ;;
+    --publish) publish=true; shift ;;
     --) shift; overrides=("$@"); break ;;
-    *) echo "usage: $0 [--stage N] [--stop-stage M] [--corpus-dir DIR] [--redo] [-- hydra overrides]" >&2; exit 1 ;;
+    *) echo "usage: $0 [--stage N] [--stop-stage M] [--corpus-dir DIR] [--redo] [--verify] [--publish] [-- hydra overrides]" >&2; exit 1 ;;
   esac
 done
 [ ${#overrides[@]} -eq 0 ] || recipe_args+=(-- "${overrides[@]}")
@@ -44,6 +52,7 @@ if [ -z "${ASRKD_OUTER_RECIPE:-}" ]; then  # a recipe run by another (run_paper.
   export ASRKD_OUTER_RECIPE=$0
 fi
 [ -z "${redo:-}" ] || overrides=(redo=true ${overrides[@]+"${overrides[@]}"})
+[ -z "${verify:-}" ] || overrides=(verify=true ${overrides[@]+"${overrides[@]}"})
 cd "$recipe_dir"
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 
@@ -52,5 +61,13 @@ run_stage() {  # run_stage N description command...
   if [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ]; then
     echo "$(date '+%F %T') stage $n: $what"
     "$@"
+  fi
+}
+
+publish_to() {  # publish_to RESULTS_DIR overrides...: with --publish, `asrkd publish` of this run's reports there
+  local dest=$1; shift
+  if [ -n "${publish:-}" ]; then
+    echo "$(date '+%F %T') publish: the reports of this run into $dest"
+    asrkd publish "results_dir=$dest" "$@"  # a results_dir= among the overrides goes first
   fi
 }

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from asrkd.kaldi.decode import (check_scores, choose_weights, log_priors, out_of_vocabulary, transition_id_matrix, unseen_sentences,
+from asrkd.kaldi.decode import (check_scores, choice_margin, choose_weights, log_priors, out_of_vocabulary, transition_id_matrix, unseen_sentences,
                                 utterance_errors, word_error_rate)
 from asrkd.kaldi.graph import lm_exclusions, lm_vocabulary
-from asrkd.report import out_of_vocabulary_line
+from asrkd.report import choice_line, out_of_vocabulary_line
 
 
 def test_wer_counts_errors_by_kind() -> None:
@@ -32,6 +32,22 @@ def test_sweep_choice_is_the_dev_best_pair() -> None:
     hyps = {(8.0, 0.0): {"a": "ONE", "b": "THREE"}, (10.0, 0.5): dict(refs), (12.0, 0.0): {"a": "ONE TWO TWO", "b": "THREE"}}
     best, dev_wer = choose_weights(refs, hyps)
     assert best == (10.0, 0.5) and dev_wer[best] == 0.0 and dev_wer[(8.0, 0.0)] == pytest.approx(1 / 3)
+
+
+def test_the_choice_says_its_margin_in_word_errors_and_calls_two_or_fewer_a_tie() -> None:
+    dev_wer = {(7.0, 0.0): 4 / 500, (8.0, 0.0): 6 / 500, (9.0, 0.5): 9 / 500, (10.0, 0.0): 20 / 500}
+    choice = choice_margin(dev_wer, (7.0, 0.0), 500)
+    assert (choice["errors"], choice["runner_up"]["errors"], choice["margin_errors"], choice["tie"]) == (4, 6, 2, True)
+    assert choice["within_tie"] == [[7.0, 0.0], [8.0, 0.0]]
+    clear = choice_margin({**dev_wer, (8.0, 0.0): 7 / 500}, (7.0, 0.0), 500)
+    assert (clear["margin_errors"], clear["tie"], clear["within_tie"]) == (3, False, [[7.0, 0.0]])
+    report = {"tuning_set": "valid", "systems": {"gmm": {"lmwt": 7.0, "word_ins_penalty": 0.0, "lmwt_choice": choice},
+                                                 "baseline": {"lmwt": 7.0, "word_ins_penalty": 0.0, "lmwt_choice": clear}}}
+    assert choice_line(report) == (
+        "LM weight chosen on the validation speakers: gmm LMWT 7, penalty 0 (4 errors of 500 words) beats the runner-up (LMWT 8, "
+        "penalty 0) by 2 word errors: a tie (2 points within 2 errors), broken by the smallest LM weight, then insertion penalty, "
+        "among the lowest WER; baseline LMWT 7, penalty 0 (4 errors of 500 words) beats the runner-up (LMWT 8, penalty 0) by 3 "
+        "word errors.")
 
 
 def test_transition_id_columns_carry_their_pdf_scores() -> None:

@@ -84,6 +84,7 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
 
     synthetic_set(tmp_path / "corpus")
     cfg = tiny_config(tmp_path, f"images.corpus_dir={tmp_path}/corpus", f"results_dir={tmp_path}/results", "images.valid_images=100",
+                      "images.lr=0.01",  # six steps an epoch: at 0.001 a net would end where it began, and be refused as having learned nothing
                       "images.big.width=32", "images.big.epochs=2", "images.small.width=16", "images.small.epochs=2",
                       "images.function_matching.epochs=2", "images.seeds=2",
                       "images.widths=[8,16]", "images.temperatures=[2,20]", "images.replicates=200",

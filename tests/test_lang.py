@@ -42,7 +42,7 @@ def test_prepare_lang_writes_a_kaldi_lang_dir(tmp_path: Path) -> None:
     assert {"Y_B", "EH_I", "S_E", "AH_S", "EY_S"} <= set(lang.phones)
     assert [lang.phones["SIL"]] in lang.phone_sets
     assert sorted(p for s in lang.phone_sets for p in s) == sorted(lang.real_phone_ids)  # a partition
-    assert sorted([lang.phones["AH_S"]]) in lang.phone_sets
+    assert sorted(lang.phones[f"AH_{pos}"] for pos in "BEIS") in lang.phone_sets  # a phone's variants share a set
     assert list(lang.words)[-3:] == ["#0", "<s>", "</s>"]
     assert "<ForPhones>\n1\n</ForPhones>" in lang.topology_text()  # silence has its own 5-state entry
     loaded = Lang.load(tmp_path)
@@ -53,6 +53,22 @@ def test_prepare_lang_writes_a_kaldi_lang_dir(tmp_path: Path) -> None:
     assert loaded.word_ids("YES A", "u1") == [lang.words["YES"], lang.words["A"]]
     with pytest.raises(KeyError, match=r"utterance u2: words 'NO' 'MAYBE' not in .*words.txt"):  # every unknown word, not the first
         loaded.word_ids("NO YES MAYBE NO", "u2")
+
+
+def test_every_phone_has_every_word_position_so_a_later_word_can_be_spelled(tmp_path: Path) -> None:
+    """As Kaldi's prepare_lang.sh: Z is heard only word-initially (ZOO) and W in no word, yet both
+    get all four variants, grouped under their base phone (one tree root), so a decoding lang on
+    the model's phone table spells SAYS (Z_E) and WE (W_B)."""
+    lexicon = {"YES": [["Y", "EH", "S"]], "ZOO": [["Z", "UW"]]}
+    lang = prepare_lang(lexicon, tmp_path / "lang", "SIL", 0.5, 5, 3, phone_set={"Y", "EH", "S", "Z", "UW", "W", "IY"})
+    assert set(lang.phones) - {"<eps>", "SIL", "#0"} == {f"{p}_{pos}" for p in ("Y", "EH", "S", "Z", "UW", "W", "IY") for pos in "BEIS"}
+    assert sorted(lang.phones[f"Z_{pos}"] for pos in "BEIS") in lang.phone_sets
+    decoding = prepare_lang(lexicon | {"SAYS": [["S", "EH", "Z"]], "WE": [["W", "IY"]]}, tmp_path / "decoding", "SIL", 0.5, 5, 3,
+                            phone_table=lang.phones)
+    assert {p: i for p, i in decoding.phones.items() if not p.startswith("#")} == {p: i for p, i in lang.phones.items() if not p.startswith("#")}
+    assert decoding.lexicon["SAYS"] == [["S_B", "EH_I", "Z_E"]] and decoding.lexicon["WE"] == [["W_B", "IY_E"]]
+    used_only = prepare_lang(lexicon, tmp_path / "used", "SIL", 0.5, 5, 3)  # without a phone set: every variant of the phones used
+    assert "Z_E" in used_only.phones and "W_B" not in used_only.phones
 
 
 def test_words_spelled_in_two_cases_are_refused_with_every_clash_named() -> None:

@@ -53,6 +53,10 @@ def recipe_copy(tmp_path: Path) -> Path:
     return tmp_path / "recipes" / "an4"
 
 
+SCHEDULE = ["paper_schedule.learning_rates=[0.001,0.003]", "paper_schedule.batch_size=128", "paper_schedule.epochs=2",
+            "paper_schedule.patience=1"]  # a sweep of the tiny model, in seconds
+
+
 def test_the_paper_recipe_needs_the_prepared_stages(recipe_copy: Path) -> None:
     result = subprocess.run(["bash", str(recipe_copy / "run_paper.sh")], capture_output=True, text=True)
     assert result.returncode != 0
@@ -77,7 +81,7 @@ def test_the_gpu_run_script_runs_the_paper_recipe_from_a_packed_recipe_with_its_
     env |= {"PYTHONPATH": str(REPO)}
     out = tmp_path / "out"
     command = ["bash", str(root / "tools" / "gpu_paper_run.sh"), str(out), "--prepared", str(tmp_path / "carry"),
-               "--stop-stage", "1", "--dry-run", "--", *TINY, "train.num_threads=1"]
+               "--stop-stage", "2", "--dry-run", "--", *TINY, "train.num_threads=1", *SCHEDULE]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (out / "run.log").read_text()
@@ -89,13 +93,17 @@ def test_the_gpu_run_script_runs_the_paper_recipe_from_a_packed_recipe_with_its_
     assert not (recipe_copy / "exp" / "dnn").exists()  # the small model's place stays untouched
     report = json.loads((root / "results" / "an4_paper" / "report.json").read_text())
     assert report["command"].startswith("recipes/an4/run_paper.sh -- train.bf16_autocast=true")  # the recipe run, not the inner one
-    assert report["command"].endswith(" ".join(TINY) + " train.num_threads=1") and report["config"]["model"]["hidden_dim"] == 64  # the overrides follow
+    assert report["command"].endswith(" ".join([*TINY, "train.num_threads=1", *SCHEDULE])) and report["config"]["model"]["hidden_dim"] == 64  # the overrides follow
     assert report["config"]["exp_dir"] == "exp_paper" and set(report["systems"]) >= {"gmm", "baseline"}
     # what the device returns: at most 8 plain files, one folder down at most
     returned = sorted(p.name for p in out.iterdir())
     assert returned == ["an4_paper.tar", "run.log", "steps.json", "train_throughput.json"], returned
     steps = json.loads((out / "steps.json").read_text())
-    assert [(name, step["status"]) for name, step in steps.items()] == [("check", 0), ("bench", 0), ("paper-0-1", 0), ("paper-2", 0), ("paper-3", 0)]
+    assert [(name, step["status"]) for name, step in steps.items()] == [("check", 0), ("bench", 0), ("paper-0-2", 0), ("paper-3", 0), ("paper-4", 0)]
+    chosen = report["paper_schedule"]["chosen"]  # stage 1 chose the schedule on validation; the baseline trained on it (TINY's epochs win)
+    assert chosen["lr"] in (0.001, 0.003) and chosen["batch_size"] == 128
+    baseline = json.loads((recipe_copy / "exp_paper" / "dnn" / "baseline" / "stage.json").read_text())["config"]
+    assert baseline["train.lr"] == chosen["lr"] and baseline["train.epochs"] == 2
     bench = json.loads((out / "train_throughput.json").read_text())
     assert [run["batch"] for run in bench["runs"]] == [64] and bench["profile"] is None  # batches under 1024 are not profiled
     assert bench["model"] == "2x64" and bench["bf16_autocast"]  # the bench took the overrides given (model=tiny)

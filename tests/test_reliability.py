@@ -24,7 +24,7 @@ import torch
 from asrkd.kaldi import features, gmm, lang
 from asrkd.nnet import decode
 
-from asrkd import evaluate
+from asrkd import cli, evaluate
 
 from asrkd.distill import soft_targets
 
@@ -152,6 +152,37 @@ def test_reports_merge_into_the_committed_results(run_dir: Path, tmp_path: Path)
     merged = json.loads((results / "report.json").read_text())
     assert merged["distillation"] == {"gain_kept": 0.5} and "ensemble" in merged["systems"] and "baseline" in merged["systems"]
     assert "| ensemble |" in (results / "report.md").read_text()
+
+
+def test_a_run_writes_under_its_exp_dir_and_publish_merges_into_the_committed_results(run_dir: Path, tmp_path: Path) -> None:
+    """No recipe names results_dir: a run never modifies a committed file; `asrkd publish`
+    (recipes: --publish) is the explicit step that merges its reports into results/."""
+    for recipe in sorted((REPO / "recipes").rglob("run*.sh")):
+        assert "results_dir=$root" not in recipe.read_text(), recipe
+    results = tmp_path / "results"
+    results.mkdir()
+    committed = json.loads((run_dir / "exp" / "report" / "report.json").read_text())
+    committed["distillation"] = {"gain_kept": 0.5}
+    committed["systems"]["ensemble"] = {"system": "ensemble", "model": "10 x 4x512", "frame_accuracy": {"test": 0.58}}
+    write_json(results / "report.json", committed)
+    before = (results / "report.json").read_bytes()
+    root = clone(run_dir, tmp_path / "fresh")
+    shutil.rmtree(root / "exp" / "report")
+    evaluate.run(tiny_config(root))  # a recipe's report stage: exp/report alone
+    assert (results / "report.json").read_bytes() == before and (root / "exp" / "report" / "report.md").is_file()
+    (root / "exp" / "report" / "figure.png").write_bytes(b"png")
+    cli.main(["publish", f"data_dir={root}/data", f"exp_dir={root}/exp", f"results_dir={results}"])
+    merged = json.loads((results / "report.json").read_text())
+    assert merged["distillation"] == {"gain_kept": 0.5} and {"ensemble", "baseline", "gmm"} <= set(merged["systems"])
+    assert merged["systems"]["baseline"] == json.loads((root / "exp" / "report" / "report.json").read_text())["systems"]["baseline"]
+    table = (results / "report.md").read_text()
+    assert (results / "figure.png").read_bytes() == b"png"
+    # the committed row was scored against labels it does not record: a table of its own, after the current rows
+    assert table.index("| baseline |") < table.index("Scored against other labels") < table.index("| ensemble |")
+    assert merged["systems"]["baseline"]["labels"] == merged["labels"] and set(merged["labels"]) == {"train", "test"}
+    assert "| ensemble | 10 x 4x512 | 1 | – | 58.00% | earlier |" in (results / "RESULTS.md").read_text()
+    with pytest.raises(SystemExit, match="publish needs results_dir=DIR"):
+        cli.main(["publish", f"exp_dir={root}/exp"])
 
 
 # ----------------------------------------------------------------------------- atomic writes, kills

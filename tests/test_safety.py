@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from asrkd import cli, evaluate, stage
 from asrkd.nnet import decode, train
-from asrkd.report import portable
+from asrkd.report import merge_into_report, portable
 from asrkd.schema import DECLARED, ConfigError, leaves
 from asrkd.stage import CorruptOutput, StageError, StageLocked, input_fingerprint, plan, previous_path
 from local import an4 as an4_prep
@@ -57,6 +57,45 @@ def test_a_value_of_the_wrong_type_is_one_line_and_changes_nothing(run_dir: Path
         assert result.returncode != 0 and result.stderr.strip().splitlines() == [f"asrkd train-dnn: {expected}"]
     assert snapshot(model_dir) == before and not previous_path(model_dir).exists()
     train.run(tiny_config(root))  # the right command finds the model complete and current: no leftover plan refuses it
+
+
+def test_a_value_out_of_range_or_an_unknown_key_is_one_line_and_changes_nothing(run_dir: Path, tmp_path: Path) -> None:
+    """A value of the right type but out of range (a percentage given for a fraction) is refused
+    before any stage plans, as is a key added with ``+`` that no section has."""
+    root = clone(run_dir, tmp_path)
+    model_dir = root / "exp" / "dnn" / "baseline"
+    before = snapshot(model_dir)
+    for override, expected in (("train.valid_fraction=10", "config: train.valid_fraction=10 is outside (0, 1) (default: 0.1)"),
+                               ("train.valid_fraction=1", "config: train.valid_fraction=1 is outside (0, 1) (default: 0.1)"),
+                               ("model.hidden_dim=0", "config: model.hidden_dim=0 is outside [1, inf) (default: 64)"),
+                               ("train.epochs=-3", "config: train.epochs=-3 is outside [1, inf) (default: 12)"),
+                               ("train.batch_size=0", "config: train.batch_size=0 is outside [1, inf) (default: 256)"),
+                               ("model.dropout=1.0", "config: model.dropout=1.0 is outside [0, 1) (default: 0.0)"),
+                               ("+train.epoch=3", "config: unknown key 'train.epoch'; did you mean 'train.epochs'?")):
+        result = subprocess.run([sys.executable, "-m", "asrkd.cli", "train-dnn", *cli_args(root, "redo=true", override)],
+                                capture_output=True, text=True, env=ENV)
+        assert result.returncode != 0 and result.stderr.strip().splitlines() == [f"asrkd train-dnn: {expected}"], override
+    assert snapshot(model_dir) == before and not previous_path(model_dir).exists()
+    cli.load_config(["+distill.students.top1=[2]", "+function_matching.views.loud={noise_std: 1.0}"])  # sections of names take new ones
+
+
+def test_a_training_that_learns_nothing_fails_and_keeps_the_old_model(run_dir: Path, tmp_path: Path) -> None:
+    root = clone(run_dir, tmp_path)
+    model_dir = root / "exp" / "dnn" / "baseline"
+    before = snapshot(model_dir)
+    with pytest.raises(SystemExit) as exit_:  # a rate so small the weights stay where they started
+        cli.main(["train-dnn", *cli_args(root, "train.lr=1e-12", "redo=true")])
+    message = str(exit_.value.code)
+    assert message.startswith(f"asrkd train-dnn: error: {model_dir}: learned nothing: its best validation frame accuracy")
+    assert "is no better than before training" in message and "(the old output, if any, is kept)" in message
+    assert snapshot(model_dir) == before and not previous_path(model_dir).exists() and not stage.lock_path(model_dir).exists()
+    history = [{"valid_frame_accuracy": 0.05}, {"valid_frame_accuracy": 0.1}]
+    with pytest.raises(train.LearnedNothing, match=r"its best validation frame accuracy 0.1000 is no better than before training \(0.1000\)"):
+        train.check_learned("m", history, 0.1)  # held to where it started
+    train.check_learned("m", history, 0.0999)
+    data, _, valid_idx, _ = train.TrainingSet(tiny_config(root)).load()
+    with pytest.raises(train.LearnedNothing, match="no training frames"):
+        train.train_model(tiny_config(root), data, valid_idx[:0], valid_idx, [tmp_path / "none"])
 
 
 def test_every_key_has_a_type() -> None:
@@ -114,7 +153,85 @@ def test_a_killed_redo_is_put_back_or_finished(run_dir: Path, tmp_path: Path) ->
     assert json.loads((model_dir / "stage.json").read_text())["config"]["model.dropout"] == 0.2
 
 
+# ----------------------------------------------------------------------------- interruptions
+
+
+@pytest.mark.parametrize("signal_, code, said", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_an_interrupted_redo_is_one_line_and_gives_the_old_model_back(run_dir: Path, tmp_path: Path, signal_: int, code: int,
+                                                                      said: str) -> None:
+    root = clone(run_dir, tmp_path)
+    model_dir = root / "exp" / "dnn" / "baseline"
+    before = snapshot(model_dir)
+    process = subprocess.Popen(training_command(root, "baseline", "redo=true", "train.epochs=30"), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (model_dir / "last.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal_)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"asrkd train-dnn: stopped by {said}; {model_dir}: the old output is back in place"
+    assert snapshot(model_dir) == before and not previous_path(model_dir).exists() and not stage.lock_path(model_dir).exists()
+
+
+def test_a_full_disk_in_make_feats_is_one_line(run_dir: Path, tmp_path: Path) -> None:
+    root = clone(run_dir, tmp_path, exp=False)
+    with small_disk(root / "exp", 300_000) as limited:  # the features of 8 speakers take megabytes
+        result = subprocess.run([sys.executable, "-m", "asrkd.cli", "make-feats", f"data_dir={root}/data", f"exp_dir={root}/exp",
+                                 "jobs.nj=1", "log_level=WARNING"], capture_output=True, text=True, env=ENV, **limited)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("asrkd make-feats: error: ") and str(root / "exp" / "feats") in last
+    assert "no space left" in last or "file too large" in last
+
+
 # ----------------------------------------------------------------------------- checksums
+
+
+def test_a_model_changed_in_place_with_its_size_and_time_kept_is_found(run_dir: Path, tmp_path: Path) -> None:
+    """A model's SHA-256 is compared whenever it is read, not only when its time moved."""
+    root = clone(run_dir, tmp_path)
+    model = root / "exp" / "dnn" / "baseline" / "final.pt"
+    times = model.stat()
+    data = bytearray(model.read_bytes())
+    data[-100] ^= 0xFF  # one byte of the weights
+    model.write_bytes(bytes(data))
+    os.utime(model, ns=(times.st_atime_ns, times.st_mtime_ns))
+    with pytest.raises(CorruptOutput, match="final.pt changed since its stage wrote it"):
+        decode.run(tiny_config(root, "redo=true"))
+    features = root / "exp" / "feats" / "fbank" / "test"
+    index = features / "index.json"
+    text, times = index.read_text(), index.stat()
+    index.write_text(text.replace("0", "1", 1))
+    os.utime(index, ns=(times.st_atime_ns, times.st_mtime_ns))
+    input_fingerprint(features)  # any other file: compared when its time moved, or at verify=true
+    stage.verify_every_file(True)
+    try:
+        with pytest.raises(CorruptOutput, match="index.json changed since its stage wrote it"):
+            input_fingerprint(features)
+    finally:
+        stage.verify_every_file(False)
+
+
+# ----------------------------------------------------------------------------- one writer of a shared report
+
+
+def test_reports_merging_at_once_each_keep_their_keys(run_dir: Path, tmp_path: Path) -> None:
+    root = clone(run_dir, tmp_path)
+    cfg = tiny_config(root, f"results_dir={root}/results")
+    script = ("import sys; from asrkd.cli import load_config; from asrkd.report import merge_into_report; "
+              "merge_into_report(load_config(sys.argv[1:]), {'second': 2})")
+    with stage.exclusive(root / "results" / ".report.lock"):  # as a first merge would hold it
+        second = subprocess.Popen([sys.executable, "-c", script, *cli_args(root, f"results_dir={root}/results")], env=ENV)
+        time.sleep(3)
+        assert second.poll() is None  # waits for the first
+    assert second.wait(timeout=60) == 0
+    merge_into_report(cfg, {"first": 1})
+    report = json.loads((root / "results" / "report.json").read_text())
+    assert report["first"] == 1 and report["second"] == 2
+
+
+# ----------------------------------------------------------------------------- checksums, truncation
 
 
 def test_a_corrupt_model_is_named_and_redo_remakes_it(run_dir: Path, tmp_path: Path) -> None:
@@ -254,7 +371,7 @@ def test_a_missing_corpus_is_one_line_naming_the_path_and_the_fix(run_dir: Path,
                             capture_output=True, text=True, env=ENV)
     assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1] == (
         "asrkd an4 prep: error: corpus_dir /nonexistent/an4 does not exist: pass --corpus-dir (or $AN4_DIR) the folder holding "
-        "AN4's etc/ and wav/, or leave it out to read ../../../shared/corpora/an4 or download "
+        f"AN4's etc/ and wav/, or leave it out to read {(tmp_path / '../../../shared/corpora/an4').resolve()} or download "
         "http://www.speech.cs.cmu.edu/databases/an4/an4_sphere.tar.gz")
     with pytest.raises(StageError, match=r"could not download AN4 from file:///nonexistent/an4_sphere.tar.gz \(.*\); .*--corpus-dir"):
         an4_prep.prepare(tiny_config(tmp_path, "corpus_dir=null", "prep.download_url=file:///nonexistent/an4_sphere.tar.gz"))

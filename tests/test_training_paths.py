@@ -41,7 +41,9 @@ def test_fused_ensemble_equals_training_the_members_one_by_one(run_dir: Path, tm
     for name, fused in (("one_by_one", "false"), ("fused", "true")):
         ensemble.run(tiny_config(root, *few_steps, "ensemble.size=3", f"ensemble.name={name}", f"ensemble.fused={fused}"))
     for i in range(3):
-        assert max_difference(dnn / "one_by_one" / f"member-{i}" / "final.pt", dnn / "fused" / f"member-{i}" / "final.pt") < 1e-4  # a tenth of one Adam step (lr 1e-3)
+        # at most two Adam steps (lr 1e-3): Adam's normalized step turns a last-bit difference in a gradient near 0 (the
+        # stack sums in another order) into a step of up to lr; on the held-out-GMM alignment one weight moved by 0.88 of one
+        assert max_difference(dnn / "one_by_one" / f"member-{i}" / "final.pt", dnn / "fused" / f"member-{i}" / "final.pt") < 2e-3
         one, fused_history = (train.read_history(dnn / name / f"member-{i}") for name in ("one_by_one", "fused"))
         assert [h["valid_frame_accuracy"] for h in one] == pytest.approx([h["valid_frame_accuracy"] for h in fused_history], abs=2e-3)
         assert read_record(dnn / "fused" / f"member-{i}")["summary"]["fused"] == 3
@@ -205,9 +207,10 @@ def test_a_long_loop_hands_freed_heap_pages_back_once_a_second_on_a_terminal_or_
 def test_early_stopping_ends_training_patience_epochs_after_the_best(run_dir: Path, tmp_path: Path) -> None:
     assert train.epochs_since_best([{"valid_frame_accuracy": a} for a in (0.2, 0.5, 0.4, 0.5)]) == 2  # ties do not count as better
     root = clone(run_dir, tmp_path)
-    # lr 0: validation accuracy never moves, so the first epoch stays the best
-    train.run(tiny_config(root, *QUICK, "train.name=patient", "train.epochs=10", "train.lr=0.0", "train.patience=2"))
+    train.run(tiny_config(root, *QUICK, "train.name=patient", "train.epochs=10", "train.patience=1"))
     record = read_record(root / "exp" / "dnn" / "patient")
-    assert record["summary"]["epochs"] == 3 and record["summary"]["best_epoch"] == 0 and record["config"]["train.patience"] == 2
-    assert len(train.read_history(root / "exp" / "dnn" / "patient")) == 3
+    history = train.read_history(root / "exp" / "dnn" / "patient")
+    best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
+    assert len(history) == best + 2 < 10  # stopped one epoch (the patience) after its best, before the ceiling
+    assert record["summary"]["epochs"] == len(history) and record["summary"]["best_epoch"] == best and record["config"]["train.patience"] == 1
     assert "train.patience" not in read_record(root / "exp" / "dnn" / "baseline")["config"]  # null: old fingerprints kept

@@ -45,7 +45,7 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 [ $# -ge 1 ] || { echo "usage: $0 OUT [--wheels DIR] [--prepared DIR] [--stop-stage N] [--dry-run] [-- overrides...]" >&2; exit 1; }
 out=$(mkdir -p "$1" && cd "$1" && pwd); shift
-wheels= prepared= stop_stage=3 dry_run=
+wheels= prepared= stop_stage=4 dry_run=
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) wheels=$2; shift 2 ;;
@@ -122,14 +122,14 @@ paper_overrides=(train.bf16_autocast=true "jobs.nj=$nj" 'distill.temperatures=[2
                  distill.logit_matching=false three_percent.speed_perturbed=false "$@")
 paper() {  # paper FIRST LAST: run_paper.sh's stages FIRST..LAST, or nothing past --stop-stage
   [ "$1" -le "$stop_stage" ] || return 0
-  recipes/an4/run_paper.sh --stage "$1" --stop-stage "$(( $2 < stop_stage ? $2 : stop_stage ))" -- "${paper_overrides[@]}"
+  recipes/an4/run_paper.sh --publish --stage "$1" --stop-stage "$(( $2 < stop_stage ? $2 : stop_stage ))" -- "${paper_overrides[@]}"
 }
 
 step check check || exit 1
 step bench python3 bench/train_throughput.py --exp-dir recipes/an4/exp --out "$out/train_throughput.json" \
   --profile "$out/train_throughput.profile.txt" "${bench_args[@]}" model=paper train.bf16_autocast=true "$@"
-if step paper-0-1 paper 0 1; then  # the baseline: the other stages need it
-  step paper-2 paper 2 2
+if step paper-0-2 paper 0 2; then  # the schedule and the baseline: the other stages need them
   step paper-3 paper 3 3
+  step paper-4 paper 4 4
 fi
 echo "$(date '+%F %T') done: $(tr -d '\n ' < "$steps_json")"

@@ -155,6 +155,24 @@ def choose_weights(dev_refs: dict[str, str], hyps: dict[tuple[float, float], dic
     return min(dev_wer, key=lambda pair: (dev_wer[pair], pair)), dev_wer
 
 
+TIE_ERRORS = 2  # a chosen (LM weight, penalty) that beats another by at most this many word errors is a tie
+
+
+def choice_margin(dev_wer: dict[tuple[float, float], float], best: tuple[float, float], words: int) -> dict:
+    """How clearly the sweep's point was chosen: its word errors on the tuning set, the runner-up's
+    (the best other point), the margin, and every point within ``TIE_ERRORS`` of it. A margin of at
+    most that is a tie, broken by the rule of :func:`choose_weights` (the smallest LM weight, then
+    penalty, among the lowest WER): on a tuning set the system trained on, every point ties."""
+    errors = {pair: round(wer * words) for pair, wer in dev_wer.items()}
+    others = sorted((errors[pair], pair) for pair in errors if pair != best)
+    margin = others[0][0] - errors[best] if others else None
+    return {"errors": errors[best], "words": words,
+            "runner_up": {"lmwt": others[0][1][0], "word_ins_penalty": others[0][1][1], "errors": others[0][0]} if others else None,
+            "margin_errors": margin, "tie": margin is not None and margin <= TIE_ERRORS, "tie_errors": TIE_ERRORS,
+            "within_tie": [[lmwt, penalty] for lmwt, penalty in sorted(p for p in errors if errors[p] - errors[best] <= TIE_ERRORS)],
+            "tie_broken_by": "the smallest LM weight, then insertion penalty, among the lowest WER"}
+
+
 def out_of_vocabulary(refs: dict[str, str], vocabulary: set[str], listed: int = 20) -> dict:
     """How much of a set's references the decoder cannot output: the share of word tokens outside
     ``vocabulary`` (the LM's), the number of such word types and the ``listed`` most frequent."""

@@ -32,7 +32,7 @@ from scipy.signal import resample_poly
 from asrkd.data import DataDir, feature_sets
 from asrkd.jobs import map_jobs, num_jobs, split
 from asrkd.layout import Layout
-from asrkd.stage import account_dropped, plan, progress
+from asrkd.stage import account_dropped, atomic_write, plan, progress
 from asrkd.stores import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def compute_part(job: tuple[dict, dict, dict, str, list[str], str]) -> tuple[lis
     written: list[tuple[str, int]] = []
     dropped: dict[str, str] = {}
     dim = 0
-    with open(frames_path, "wb") as out:
+    with atomic_write(frames_path) as tmp, open(tmp, "wb") as out:  # a full disk: the one-line error naming the file
         for speaker_utts in progress(list(by_speaker.values()), f"{kind} features", unit="speakers"):
             items: dict[str, np.ndarray] = {}
             for utt in speaker_utts:

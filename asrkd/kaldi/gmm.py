@@ -37,7 +37,7 @@ import kaldifst
 import numpy as np
 from omegaconf import OmegaConf
 
-from asrkd.data import DataDir, feature_sets, scoring_only
+from asrkd.data import DataDir, feature_sets, scoring_only, split_by_speaker
 from asrkd.jobs import map_jobs, num_jobs, split
 from asrkd.kaldi import tree as tree_lib
 from asrkd.kaldi.lang import Lang, POSITIONS, with_words
@@ -92,19 +92,35 @@ def single_gaussian(count: float, total: np.ndarray, sumsq: np.ndarray, var_floo
     return gmm
 
 
-def global_moments(frames: np.ndarray, block_rows: int = 1 << 16) -> tuple[int, np.ndarray, np.ndarray]:
-    """Frame count, sum and sum of squares (float64) of ``frames``, a block of rows at a time: a
+def global_moments(frames: np.ndarray, spans: list[tuple[int, int]] | None = None,
+                   block_rows: int = 1 << 16) -> tuple[int, np.ndarray, np.ndarray]:
+    """Frame count, sum and sum of squares (float64) of the rows of ``frames`` in ``spans``
+    ((start, end) row ranges, in order; default: every row), a block of rows at a time: a
     memory-mapped store is never read whole. Rows are added in order, each block's first row to the
-    running sums, so the sums are bit for bit those of one ``sum(0)`` over the whole array (numpy
-    adds an axis-0 reduction row by row)."""
+    running sums, so the sums are bit for bit those of one ``sum(0)`` over the rows (numpy adds an
+    axis-0 reduction row by row)."""
     total = sumsq = np.zeros(frames.shape[1])
-    for start in range(0, len(frames), block_rows):
-        block = np.asarray(frames[start:start + block_rows], dtype=np.float64)
-        if start == 0:
-            total, sumsq = block.sum(0), (block**2).sum(0)
+    count = 0
+    for first, last in [(0, len(frames))] if spans is None else spans:
+        for start in range(first, last, block_rows):
+            block = np.asarray(frames[start:min(start + block_rows, last)], dtype=np.float64)
+            if count == 0:
+                total, sumsq = block.sum(0), (block**2).sum(0)
+            else:
+                total, sumsq = np.vstack([total, block]).sum(0), np.vstack([sumsq, block**2]).sum(0)
+            count += len(block)
+    return count, total, sumsq
+
+
+def contiguous(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` (sorted row ranges) with adjacent ones joined: fewer, longer reads."""
+    joined: list[tuple[int, int]] = []
+    for start, end in spans:
+        if joined and joined[-1][1] == start:
+            joined[-1] = (joined[-1][0], end)
         else:
-            total, sumsq = np.vstack([total, block]).sum(0), np.vstack([sumsq, block**2]).sum(0)
-    return len(frames), total, sumsq
+            joined.append((start, end))
+    return joined
 
 
 def make_model(tree: khg.ContextDependency, topo: khg.HmmTopology, gaussians: list[khg.DiagGmm]) -> GmmModel:
@@ -568,8 +584,9 @@ def store_alignment(model: GmmModel, alignments: Alignments, feats: FeatureStore
 def run(cfg) -> None:
     """Stage 3: monophone -> triphone, then the alignment of every set in ``features.sets``."""
     layout = Layout.of(cfg)
-    stage = plan("train-gmm", layout.gmm, cfg, ("seed", "gmm"), {"lang": layout.lang, "data": layout.data_dir("train"),
-                                                                  "features": layout.mfcc("train")})
+    # train.valid_fraction and seed: which speakers are held out of its training (data.split_by_speaker)
+    stage = plan("train-gmm", layout.gmm, cfg, ("seed", "gmm", "train.valid_fraction"),
+                 {"lang": layout.lang, "data": layout.data_dir("train"), "features": layout.mfcc("train")})
     if not stage.up_to_date:
         summary = train(cfg)
         stage.commit(mono_pdfs=summary["mono"]["num_pdfs"], tri_pdfs=summary["tri"]["num_pdfs"])
@@ -577,19 +594,26 @@ def run(cfg) -> None:
 
 
 def train(cfg) -> dict:
-    """Monophone training from a flat start, the tree, triphone training: exp/mono, exp/tri."""
+    """Monophone training from a flat start, the tree, triphone training: exp/mono, exp/tri.
+
+    The validation speakers (``train.valid_fraction``, the DNNs' held-out speakers) are left out,
+    as they are of every DNN: the decoder's LM weight and insertion penalty are chosen on them
+    (``decode.tuning_set=valid``), for the GMM too, so no system is tuned on voices it trained on.
+    They are still aligned (``ali_train``) with the final model, as every set is."""
     layout = Layout.of(cfg)
     lang = Lang.load(layout.lang)
     topo = read_topology(lang)
     data = DataDir.read(layout.data_dir("train"))
     mfcc_dir = layout.mfcc("train")
     feats = FeatureStore.load(mfcc_dir)  # memory-mapped: every pass reads an utterance at a time
-    utts = [u for u in data.utt_ids if u in feats]
+    held_out = set(split_by_speaker(data, float(cfg.train.valid_fraction), int(cfg.seed))[1])
+    utts = [u for u in data.utt_ids if u in feats and u not in held_out]
+    log.info("train-gmm: %d utterances; %d of the validation speakers held out", len(utts), len(held_out & set(feats.utt_ids)))
     max_drop = cfg.prep.max_drop_fraction
 
     tic = time.time()
     rng = np.random.default_rng(cfg.seed)  # the Gaussian splits' perturbation: runs are reproducible
-    count, total, sumsq = global_moments(feats.frames)
+    count, total, sumsq = global_moments(feats.frames, contiguous(sorted(feats.span(u) for u in utts)))
     mono_tree = khg.monophone_context_dependency_shared(
         phone_classes=lang.phone_sets, phone2num_pdf_classes=topo.get_phone_to_num_pdf_classes()
     )

@@ -298,15 +298,19 @@ def _lexicon_fst(
 
 def prepare_lang(
     lexicon: dict[str, list[list[str]]], out_dir: Path, silence_phone: str, sil_prob: float, num_sil_states: int, num_nonsil_states: int,
-    silence_phones: list[str] | None = None, phone_table: dict[str, int] | None = None,
+    silence_phones: list[str] | None = None, phone_table: dict[str, int] | None = None, phone_set: set[str] | None = None,
 ) -> Lang:
     """Write a Kaldi lang dir for ``lexicon`` (base phones, no positions) into ``out_dir``.
 
     ``silence_phone`` is the optional silence between words; ``silence_phones`` (default: it
-    alone) all get the silence topology and no position marks. ``phone_table`` (a trained
-    model's phones.txt) keeps every phone's id as it is there, as Kaldi's prepare_lang.sh
-    --phone-symbol-table does: a decoding lang must speak the acoustic model's phones; only
-    the disambiguation symbols may grow."""
+    alone) all get the silence topology and no position marks. Every phone of ``phone_set`` (the
+    dictionary's non-silence phones; default: those the lexicon uses) gets all four position
+    variants, whether or not a word of the lexicon puts it there, as Kaldi's prepare_lang.sh
+    does: the tree gives a variant it never saw its base phone's leaves (they share a root), so
+    a word added later (a user's LM) that ends in a phone only ever heard word-initially can
+    still be spelled. ``phone_table`` (a trained model's phones.txt) keeps every phone's id as it
+    is there, as Kaldi's prepare_lang.sh --phone-symbol-table does: a decoding lang must speak
+    the acoustic model's phones; only the disambiguation symbols may grow."""
     out_dir = Path(out_dir)
     silence_phones = silence_phones or [silence_phone]
     silence_set = frozenset(silence_phones)
@@ -315,7 +319,8 @@ def prepare_lang(
     disambig_prons, max_disambig = add_disambig(prons)
 
     if phone_table is None:
-        nonsil = sorted({p for _, pron in prons for p in pron if p not in silence_set})
+        bases = set(phone_set) if phone_set is not None else {base_phone(p) for _, pron in prons for p in pron}
+        nonsil = sorted(f"{phone}_{position}" for phone in bases - silence_set for position in POSITIONS)
         real = ["<eps>", *silence_phones] + nonsil
     else:
         real = [p for p, _ in sorted(phone_table.items(), key=lambda item: item[1]) if not p.startswith("#")]
@@ -362,7 +367,7 @@ def with_words(cfg, lang: Lang, words: set[str], out_dir: Path) -> tuple[Lang, d
         if known:
             usable[word] = known
         else:
-            missing[word] = "its pronunciation needs a phone (in that word position) the acoustic model was never trained on"
+            missing[word] = "its pronunciation needs a phone outside the acoustic model's phone set (phones.txt)"
     if not usable:
         return lang, missing
     trained = {word: [[base_phone(p) for p in pron] for pron in prons] for word, prons in lang.lexicon.items() if word != SILENCE_WORD}
@@ -416,8 +421,9 @@ def run(cfg) -> None:
     out_dir, dict_dir = layout.lang, layout.dictionary
     refuse_case_clashes(*vocabulary(data_dir, corpus_sets(cfg)))
     words, texts = vocabulary(data_dir, ["train"])
+    # "phones": every position variant of every dictionary phone (before, only those the words used)
     stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": dictionary_digest(dict_dir), "vocabulary": digest(sorted(words)),
-                                                                  "vocabulary_size": len(words)})
+                                                                  "vocabulary_size": len(words), "phones": "all positions"})
     if stage.up_to_date:
         return
     dictionary = Dictionary.read(dict_dir, cfg.lang.silence_phone)
@@ -430,6 +436,6 @@ def run(cfg) -> None:
     for word, reason in sorted(missing.items()):
         log.warning("prepare-lang: word %s has no pronunciation (%s); utterances with it will be dropped", word, reason)
     lang = prepare_lang(lexicon, out_dir, dictionary.optional_silence, cfg.lang.sil_prob, cfg.lang.num_sil_states, cfg.lang.num_nonsil_states,
-                        dictionary.silence_phones)
+                        dictionary.silence_phones, phone_set=dictionary.nonsilence_phones)
     log.info("prepare-lang: %d words, %d phones (with positions) from %s", len(lexicon), len(lang.real_phone_ids), texts)
     stage.commit(words=len(lexicon), phones=len(lang.real_phone_ids), without_pronunciation=sorted(missing))

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from asrkd.data import DataDir, data_split, eval_sets, read_table, tuning_set
 from asrkd.jobs import map_jobs, num_jobs, split
 from asrkd.layout import Layout
-from asrkd.kaldi.decode import (check_scores, choose_weights, decode_lattice, gmm_loglikes, log_priors, read_graph, sweep,
+from asrkd.kaldi.decode import (check_scores, choice_margin, choose_weights, decode_lattice, gmm_loglikes, log_priors, read_graph, sweep,
                                 transition_id_matrix, unseen_sentences, utterance_errors, word_error_rate)
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.graph import lm_vocabulary
@@ -210,6 +210,7 @@ def run(cfg) -> None:
             best, tuning_wer = choose_weights(sets[tuning][1], hyps[tuning])
             result = {"system": system, "lmwt": best[0], "word_ins_penalty": best[1], "tuning_set": tuning,
                       tuning: word_error_rate(sets[tuning][1], hyps[tuning][best])}
+            result["choice"] = choice_margin(tuning_wer, best, result[tuning]["words"])
             for name in evaluated:
                 result[name] = word_error_rate(sets[name][1], hyps[name][best])
             for name in dcfg.unseen_sentences:

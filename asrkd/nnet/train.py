@@ -49,6 +49,23 @@ class TrainingDiverged(StageError):
     """The loss became NaN or infinite."""
 
 
+class LearnedNothing(StageError):
+    """Training had no frames, or ended no better than where it started."""
+
+
+def check_learned(label: str, history: list[dict], initial_accuracy: float) -> None:
+    """Refuse a model that learned nothing, so that its stage fails and keeps the old output (a
+    redo's old model goes back in place) instead of replacing a trained model with it: its best
+    validation accuracy must beat the accuracy of its weights before the first step (a learning
+    rate so small the weights do not move, a network too narrow to carry anything)."""
+    best = max(h["valid_frame_accuracy"] for h in history)
+    if best <= initial_accuracy:
+        raise LearnedNothing(
+            f"{label}: learned nothing: its best validation frame accuracy {best:.4f} is no better than before training "
+            f"({initial_accuracy:.4f}); check train.lr, train.epochs, model.hidden_dim, model.num_hidden_layers and the alignment "
+            "(the old output, if any, is kept)")
+
+
 def replicate_name(name: str, replicate: int) -> str:
     """``baseline`` for replicate 0, ``baseline_seed<r>`` for the others."""
     return name if replicate == 0 else f"{name}_seed{replicate}"
@@ -342,6 +359,10 @@ def train_model(
     tcfg = cfg.train
     device = data.pdf_ids.device
     hard = data.pdf_ids if hard is None else hard
+    if len(train_idx) == 0 or len(valid_idx) == 0:
+        which = "training" if len(train_idx) == 0 else "validation"
+        raise LearnedNothing(f"{out_dirs[0]}: no {which} frames: train.data={tcfg.data} with train.valid_fraction={tcfg.valid_fraction} "
+                             f"leaves {len(train_idx)} training and {len(valid_idx)} validation frames; check both (and the alignment)")
     seed = model_seed(cfg, replicate)
     init_seeds = init_seeds or [None] * len(out_dirs)
     if initial is not None:
@@ -358,6 +379,10 @@ def train_model(
         out_dir.mkdir(parents=True, exist_ok=True)
     last_path = out_dirs[0] / "last.pt"
     state = read_checkpoint(last_path, device, fingerprint)
+    initial_accuracy = (state or {}).get("initial_accuracy")  # each model's validation accuracy before its first step
+    if initial_accuracy is None and writer:
+        initial_accuracy = [evaluate_frames(model_of(i), data, valid_idx, cfg.eval.batch_size, targets)["frame_accuracy"]
+                            for i in range(len(out_dirs))]
     if state is not None:
         net.load_state_dict(state["model"])
         step_fn.optimizer.load_state_dict(state["optimizer"])
@@ -407,6 +432,9 @@ def train_model(
             record = {"epoch": epoch, "train_cross_entropy": value, "train_frame_accuracy": train_acc,
                       "valid_frame_accuracy": valid["frame_accuracy"], "valid_cross_entropy": valid["cross_entropy"],
                       "frames_per_second": seen * len(out_dirs) / seconds, "seconds": seconds / len(out_dirs)}
+            if not np.isfinite(record["valid_cross_entropy"]):
+                raise TrainingDiverged(f"{out_dir}: the validation cross-entropy is {record['valid_cross_entropy']} at epoch {epoch}; "
+                                       "lower train.lr, or check the features and targets")
             history.append(record)
             log.info("%s epoch %d: train loss %.3f, valid acc %.4f CE %.3f, %.0f frames/s", out_dir.name,
                      epoch, value, valid["frame_accuracy"], valid["cross_entropy"], record["frames_per_second"])
@@ -416,8 +444,11 @@ def train_model(
                 save_model(out_dir / f"epoch-{epoch}.pt", model, epoch)
         rng_state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         save_checkpoint(last_path, {"model": net.state_dict(), "optimizer": step_fn.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "history": histories if len(out_dirs) > 1 else histories[0], "rng": rng_state, "fingerprint": fingerprint})
+                                    "history": histories if len(out_dirs) > 1 else histories[0], "rng": rng_state, "fingerprint": fingerprint,
+                                    "initial_accuracy": initial_accuracy})
     if writer:
+        for out_dir, history, before in zip(out_dirs, histories, initial_accuracy):
+            check_learned(str(out_dir), history, before)
         for i, (out_dir, history) in enumerate(zip(out_dirs, histories)):
             save_model(out_dir / "final.pt", model_of(i), len(history) - 1)
             write_json(out_dir / "history.json", history)

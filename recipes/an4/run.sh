@@ -13,7 +13,7 @@ set -euo pipefail
 corpus_dir=${AN4_DIR:-}
 . "$(dirname "$0")/../stages.sh"
 # a --corpus-dir (or $AN4_DIR) given must hold AN4; without one, stage 0 looks beside the repository, then downloads
-args=(corpus=an4 ${corpus_dir:+"corpus_dir=$corpus_dir"} data_dir=data exp_dir=exp "results_dir=$root/results/an4" ${overrides[@]+"${overrides[@]}"})
+args=(corpus=an4 ${corpus_dir:+"corpus_dir=$corpus_dir"} data_dir=data exp_dir=exp ${overrides[@]+"${overrides[@]}"})
 
 run_stage 0 "data prep (data/train, data/test, subsets of train)" python -m local.an4 "${args[@]}"
 run_stage 1 "lang dir (lexicon, phones, topology, L.fst)" asrkd prepare-lang "${args[@]}"
@@ -23,4 +23,5 @@ run_stage 4 "baseline DNN (cross-entropy on pdf-ids)" asrkd train-dnn "${args[@]
 run_stage 5 "decoding graph: 3-gram LM on train transcripts, HCLG" asrkd make-graph "${args[@]}"
 run_stage 6 "decode GMM and DNN, LM-weight sweep on validation speakers, WER" asrkd decode "${args[@]}"
 run_stage 7 "report: frame accuracy and WER" asrkd evaluate "${args[@]}"
+publish_to "$root/results/an4" "${args[@]}"
 echo "$(date '+%F %T') done"

@@ -12,7 +12,7 @@
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"
-base=(corpus=an4 data_dir=data exp_dir=exp "results_dir=$root/results/an4")
+base=(corpus=an4 data_dir=data exp_dir=exp)
 args=("${base[@]}" ${overrides[@]+"${overrides[@]}"})
 sp_args=("${base[@]}" 'features.sets=[${perturb.source}_sp]' ${overrides[@]+"${overrides[@]}"})
 
@@ -22,4 +22,5 @@ run_stage 1 "features and GMM alignment of train_sp" asrkd align "${sp_args[@]}"
 run_stage 2 "soft targets of the 100% model; hard and soft runs on each subset (and its _sp copies)" asrkd train-3pct "${args[@]}"
 run_stage 3 "decode every row, LM weight chosen on the validation speakers" asrkd decode-3pct "${args[@]}"
 run_stage 4 "report: the 3% table with intervals, gap closed, curve over fractions, over-fitting plot" asrkd report-3pct "${args[@]}"
+publish_to "$root/results/an4" "${args[@]}"
 echo "$(date '+%F %T') done"

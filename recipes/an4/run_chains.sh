@@ -12,7 +12,7 @@
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"
-args=(corpus=an4 data_dir=data exp_dir=exp "results_dir=$root/results/an4" ${overrides[@]+"${overrides[@]}"})
+args=(corpus=an4 data_dir=data exp_dir=exp ${overrides[@]+"${overrides[@]}"})
 
 run_stage 0 "the teacher's soft targets at each T (kept when run_distill.sh made them)" \
   asrkd soft-targets "${args[@]}" 'distill.teacher=${chains.teacher}' 'distill.temperatures=${chains.temperatures}' \
@@ -20,4 +20,5 @@ run_stage 0 "the teacher's soft targets at each T (kept when run_distill.sh made
 run_stage 1 "every model of every chain at every T (assistants top down, then the students)" asrkd train-chains "${args[@]}"
 run_stage 2 "decode each method's student at its chosen T" asrkd decode-chains "${args[@]}"
 run_stage 3 "report: chains.md, chains.png, \"chains\" in report.json" asrkd report-chains "${args[@]}"
+publish_to "$root/results/an4" "${args[@]}"
 echo "$(date '+%F %T') done"

@@ -14,7 +14,7 @@
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"
-base=(corpus=an4 data_dir=data exp_dir=exp "results_dir=$root/results/an4")
+base=(corpus=an4 data_dir=data exp_dir=exp)
 args=("${base[@]}" ${overrides[@]+"${overrides[@]}"})
 sp_args=("${base[@]}" 'features.sets=[${perturb.source}_sp]' ${overrides[@]+"${overrides[@]}"})
 
@@ -31,4 +31,5 @@ run_stage 7 "features and GMM alignment of train_sp" asrkd align "${sp_args[@]}"
 run_stage 8 "levers: baseline and students on train_sp, cross-fitted teacher and its students, longer students" asrkd train-levers "${args[@]}"
 run_stage 9 "decode every lever's students, baselines and teacher" asrkd decode-levers "${args[@]}"
 run_stage 10 "report again, with the levers: gain kept per lever against its same-data baseline" asrkd report-distill "${args[@]}"
+publish_to "$root/results/an4" "${args[@]}"
 echo "$(date '+%F %T') done"

@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # The paper's network on AN4 (Hinton et al. 2015, §4: 26 frames of 40 fbank in, 8 hidden layers
-# of 2560 ReLUs): the baseline, the 10-model ensemble, its soft targets, the students and the
-# 3%-data runs, decoded and reported into results/an4_paper/ beside the small model's
-# results/an4/. Meant for a GPU (train.device=auto takes one; ensemble.fused=auto fuses there).
+# of 2560 ReLUs): its schedule chosen on the validation speakers, the baseline, the 10-model
+# ensemble, its soft targets, the students and the 3%-data runs, decoded and reported into
+# exp_paper/report (--publish merges them into results/an4_paper/ beside the small model's
+# results/an4/). On a GPU (train.device=auto takes one; ensemble.fused=auto fuses there) or a CPU
+# with bf16 matrix units (AMX, AVX-512 BF16: train.bf16_autocast=true).
 # Needs the main recipe's stages 0-3, 5 and 6 (recipes/an4/run.sh: data, lang, features, GMM
 # alignment, graph, the GMM's decode): exp_paper/ links to those outputs of exp/ and holds the
 # paper-size models, so neither size replaces the other's. The 3% stage's speed-perturbed rows
 # also need run_3pct.sh's stages 0-1 (or three_percent.speed_perturbed=false).
 #
-#   recipes/an4/run_paper.sh [--stage N] [--stop-stage M] [--redo] [-- hydra overrides...]  (see recipes/stages.sh)
+#   recipes/an4/run_paper.sh [--stage N] [--stop-stage M] [--redo] [--publish] [-- hydra overrides...]  (see recipes/stages.sh)
 #
-# Each stage runs stages of the other recipes with the paper's overrides, e.g. stage 2 is
-# `run_distill.sh --stop-stage 5 -- model=paper train.lr=1e-4 exp_dir=exp_paper results_dir=results/an4_paper`;
-# overrides given here follow those (batch size, bf16 autocast, seeds).
+# Stage 1 chooses the schedule (asrkd/experiments/paper_schedule.py: learning rate, batch, epochs);
+# every later stage runs stages of the other recipes with the paper's overrides and that schedule,
+# e.g. stage 3 is `run_distill.sh --stop-stage 5 -- model=paper train.lr=1e-4 exp_dir=exp_paper
+# train.lr=<chosen> train.batch_size=<chosen> train.epochs=<chosen>`; overrides given here follow
+# those (bf16 autocast, seeds) and win.
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"
 # Adam at the small model's 1e-3 (and PyTorch's default init) starts the 8-layer stack slowly:
 # bench/init_convergence.py, results/bench/init_convergence_cpu.json
-paper=(model=paper train.lr=1e-4 exp_dir=exp_paper "results_dir=$root/results/an4_paper" ${overrides[@]+"${overrides[@]}"})
+paper_base=(model=paper train.lr=1e-4 exp_dir=exp_paper)
+paper=("${paper_base[@]}" ${overrides[@]+"${overrides[@]}"})
 
 link_prepared() {  # exp_paper/{feats,tri,graph,decode/gmm} -> exp/: the outputs no model size changes
   local dir record
@@ -33,11 +38,26 @@ link_prepared() {  # exp_paper/{feats,tri,graph,decode/gmm} -> exp/: the outputs
   ln -sfn ../../exp/decode/gmm exp_paper/decode/gmm
 }
 
+run_scheduled() {  # run_scheduled RECIPE ARGS...: RECIPE ARGS -- <paper_base> <chosen schedule> <overrides given here>
+  "$@" -- "${paper_base[@]}" "${chosen[@]}" ${overrides[@]+"${overrides[@]}"}
+}
+schedule() {  # stage 1: the schedule sweep and its report (frame accuracy on the validation speakers)
+  asrkd train-paper-schedule corpus=an4 data_dir=data "${paper[@]}" && asrkd report-paper-schedule corpus=an4 data_dir=data "${paper[@]}"
+}
+chosen=()  # the schedule stage 1 chose, for every later stage; the overrides given here follow (and win)
+with_schedule() {
+  [ -f exp_paper/report/report.json ] && chosen=($(python3 -m asrkd.experiments.paper_schedule exp_paper/report/report.json 2>/dev/null)) || true
+  [ ${#chosen[@]} -gt 0 ] || { echo "no schedule chosen yet (exp_paper/report/report.json): run stage 1 first" >&2; return 1; }
+  echo "schedule chosen on validation: ${chosen[*]}"
+  "$@"
+}
 run_stage 0 "link the features, GMM, alignments, graph and the GMM's decode of exp/ into exp_paper/" link_prepared
-run_stage 1 "baseline 8x2560, its decode and report (run.sh stages 4-7)" \
-  "$recipe_dir/run.sh" --stage 4 --stop-stage 7 -- "${paper[@]}"
-run_stage 2 "replicates, ensemble, soft targets, students, decode, Table 1 (run_distill.sh stages 0-5)" \
-  "$recipe_dir/run_distill.sh" --stop-stage 5 -- "${paper[@]}"
-run_stage 3 "the 3%-data runs, decode, report (run_3pct.sh stages 2-4)" \
-  "$recipe_dir/run_3pct.sh" --stage 2 -- "${paper[@]}"
+run_stage 1 "the schedule: learning rates at batch paper_schedule.batch_size, early stopping, on the validation speakers" schedule
+run_stage 2 "baseline 8x2560 on the chosen schedule, its decode and report (run.sh stages 4-7)" \
+  with_schedule run_scheduled "$recipe_dir/run.sh" --stage 4 --stop-stage 7
+run_stage 3 "replicates, ensemble, soft targets, students, decode, Table 1 (run_distill.sh stages 0-5)" \
+  with_schedule run_scheduled "$recipe_dir/run_distill.sh" --stop-stage 5
+run_stage 4 "the 3%-data runs, decode, report (run_3pct.sh stages 2-4)" \
+  with_schedule run_scheduled "$recipe_dir/run_3pct.sh" --stage 2
+publish_to "$root/results/an4_paper" "${paper[@]}"
 echo "$(date '+%F %T') done"

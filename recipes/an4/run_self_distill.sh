@@ -10,9 +10,10 @@
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"
-args=(corpus=an4 data_dir=data exp_dir=exp "results_dir=$root/results/an4" ${overrides[@]+"${overrides[@]}"})
+args=(corpus=an4 data_dir=data exp_dir=exp ${overrides[@]+"${overrides[@]}"})
 
 run_stage 0 "the network with exits, each exit as a model of its own, plain models as deep as the exits" asrkd train-self-distill "${args[@]}"
 run_stage 1 "decode every exit and every plain model" asrkd decode-self-distill "${args[@]}"
 run_stage 2 "report: self_distillation.md, self_distillation.png, \"self_distillation\" in report.json" asrkd report-self-distill "${args[@]}"
+publish_to "$root/results/an4" "${args[@]}"
 echo "$(date '+%F %T') done"

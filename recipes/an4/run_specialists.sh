@@ -11,9 +11,10 @@
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"
-args=(corpus=an4 data_dir=data exp_dir=exp "results_dir=$root/results/an4" ${overrides[@]+"${overrides[@]}"})
+args=(corpus=an4 data_dir=data exp_dir=exp ${overrides[@]+"${overrides[@]}"})
 
 run_stage 0 "groups, specialists, their combination, its soft targets and the re-distilled student" asrkd train-specialists "${args[@]}"
 run_stage 1 "decode the generalist, the combination, the re-distilled student and its control" asrkd decode-specialists "${args[@]}"
 run_stage 2 "report: specialists.md, specialists.png, \"specialists\" in report.json" asrkd report-specialists "${args[@]}"
+publish_to "$root/results/an4" "${args[@]}"
 echo "$(date '+%F %T') done"

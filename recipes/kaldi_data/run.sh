@@ -8,9 +8,9 @@
 # weight's tuning set when it is a data dir (`decode.tuning_set=dev`; default: valid, speakers
 # held out of train). DIR/local/dict, in Kaldi's layout (lexicon.txt, nonsilence_phones.txt,
 # silence_phones.txt, optional_silence.txt), is the dictionary and its phone set; without it the
-# dictionary is CMUdict. Name the corpus (`-- corpus=mine`) and, to keep the report beside the
-# repository's, `results_dir=...`. Working dirs are recipes/kaldi_data/data and exp (the report:
-# exp/report); splitting over jobs: `jobs.nj=N` (null: one per core).
+# dictionary is CMUdict. Name the corpus (`-- corpus=mine`); working dirs are recipes/kaldi_data/data
+# and exp (the report: exp/report); `--publish -- results_dir=DIR` also merges the report into DIR
+# (default results/kaldi_data); splitting over jobs: `jobs.nj=N` (null: one per core).
 set -euo pipefail
 
 corpus_dir=${KALDI_DATA_DIR:-}
@@ -26,4 +26,5 @@ run_stage 4 "baseline DNN (cross-entropy on pdf-ids)" asrkd train-dnn "${args[@]
 run_stage 5 "decoding graph: LM on train transcripts, HCLG" asrkd make-graph "${args[@]}"
 run_stage 6 "decode GMM and DNN on every evaluation set, LM weight tuned on decode.tuning_set" asrkd decode "${args[@]}"
 run_stage 7 "report: frame accuracy and WER per evaluation set" asrkd evaluate "${args[@]}"
+publish_to "$root/results/kaldi_data" "${args[@]}"
 echo "$(date '+%F %T') done"

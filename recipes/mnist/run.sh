@@ -15,10 +15,11 @@ set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"
 [ -n "$corpus_dir" ] || corpus_dir=${FASHION_MNIST_DIR:-$root/../shared/corpora/fashion-mnist}
-args=(corpus=fashion_mnist "images.corpus_dir=$corpus_dir" exp_dir=exp "results_dir=$root/results/fashion_mnist" ${overrides[@]+"${overrides[@]}"})
+args=(corpus=fashion_mnist "images.corpus_dir=$corpus_dir" exp_dir=exp ${overrides[@]+"${overrides[@]}"})
 
 run_stage 0 "the IDX files (downloaded when missing), checked, into exp/images" asrkd prepare-images "${args[@]}"
 run_stage 1 "the big regularized net and the small net alone" asrkd train-image-nets "${args[@]}"
 run_stage 2 "students of the big net: T x width, a class left out, two classes only" asrkd train-image-students "${args[@]}"
 run_stage 3 "report: report.md, report.json, errors.png, temperature_width.png" asrkd report-images "${args[@]}"
+publish_to "$root/results/fashion_mnist" "${args[@]}"
 echo "$(date '+%F %T') done"
