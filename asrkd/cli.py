@@ -119,6 +119,7 @@ EXPERIMENTS = {
     "specialists": ("asrkd.experiments.specialists", ("train", "decode", "report", "render")),
     "function-matching": ("asrkd.experiments.function_matching", ("train", "report")),
     "paper-schedule": ("asrkd.experiments.paper_schedule", ("train", "report", "render")),
+    "bf16-check": ("asrkd.experiments.bf16_check", ("train", "report", "render")),
 }
 COMMANDS |= {f"{step}-{name}": f"{module}:EXPERIMENT.{step}" for name, (module, steps) in EXPERIMENTS.items() for step in steps}
 

@@ -100,6 +100,11 @@ def test_the_gpu_run_script_runs_the_paper_recipe_from_a_packed_recipe_with_its_
     assert returned == ["an4_paper.tar", "run.log", "steps.json", "train_throughput.json"], returned
     steps = json.loads((out / "steps.json").read_text())
     assert [(name, step["status"]) for name, step in steps.items()] == [("check", 0), ("bench", 0), ("paper-0-2", 0), ("paper-3", 0), ("paper-4", 0)]
+    check = report["bf16_check"]  # bf16 against fp32 first, the same seeds and frames: a difference with its interval
+    assert check["rows"]["fp32"]["systems"] == ["bf16check_fp32", "bf16check_fp32_seed1", "bf16check_fp32_seed2"]
+    assert check["difference"]["ci"][0] <= check["difference"]["estimate"] <= check["difference"]["ci"][1] and check["unit"] == "speaker"
+    assert (check["rows"]["bf16"]["stage"]["bf16check_bf16"]["config"]["train.bf16_autocast"],
+            check["rows"]["fp32"]["stage"]["bf16check_fp32"]["config"]["train.bf16_autocast"]) == (True, False)
     chosen = report["paper_schedule"]["chosen"]  # stage 1 chose the schedule on validation; the baseline trained on it (TINY's epochs win)
     assert chosen["lr"] in (0.001, 0.003) and chosen["batch_size"] == 128
     baseline = json.loads((recipe_copy / "exp_paper" / "dnn" / "baseline" / "stage.json").read_text())["config"]

@@ -41,8 +41,10 @@ link_prepared() {  # exp_paper/{feats,tri,graph,decode/gmm} -> exp/: the outputs
 run_scheduled() {  # run_scheduled RECIPE ARGS...: RECIPE ARGS -- <paper_base> <chosen schedule> <overrides given here>
   "$@" -- "${paper_base[@]}" "${chosen[@]}" ${overrides[@]+"${overrides[@]}"}
 }
-schedule() {  # stage 1: the schedule sweep and its report (frame accuracy on the validation speakers)
-  asrkd train-paper-schedule corpus=an4 data_dir=data "${paper[@]}" && asrkd report-paper-schedule corpus=an4 data_dir=data "${paper[@]}"
+schedule() {  # stage 1: bf16 shown harmless on the small model (its own schedule), then the schedule sweep on validation
+  local check=(corpus=an4 data_dir=data exp_dir=exp_paper model=small stats.unit=speaker ${overrides[@]+"${overrides[@]}"})
+  asrkd train-bf16-check "${check[@]}" && asrkd report-bf16-check "${check[@]}" &&
+    asrkd train-paper-schedule corpus=an4 data_dir=data "${paper[@]}" && asrkd report-paper-schedule corpus=an4 data_dir=data "${paper[@]}"
 }
 chosen=()  # the schedule stage 1 chose, for every later stage; the overrides given here follow (and win)
 with_schedule() {
@@ -52,7 +54,7 @@ with_schedule() {
   "$@"
 }
 run_stage 0 "link the features, GMM, alignments, graph and the GMM's decode of exp/ into exp_paper/" link_prepared
-run_stage 1 "the schedule: learning rates at batch paper_schedule.batch_size, early stopping, on the validation speakers" schedule
+run_stage 1 "bf16 against fp32 (4x512, bf16_check.seeds each); the schedule: learning rates at batch paper_schedule.batch_size, early stopping, on the validation speakers" schedule
 run_stage 2 "baseline 8x2560 on the chosen schedule, its decode and report (run.sh stages 4-7)" \
   with_schedule run_scheduled "$recipe_dir/run.sh" --stage 4 --stop-stage 7
 run_stage 3 "replicates, ensemble, soft targets, students, decode, Table 1 (run_distill.sh stages 0-5)" \
