@@ -105,6 +105,7 @@ COMMANDS = {
     "export": "asrkd.nnet.export",
     "results": "asrkd.report:run_results",
     "publish": "asrkd.report:run_publish",
+    "check-paper-machine": "asrkd.experiments.paper_schedule:check_machine",
 }
 
 # experiment -> (its module, its steps): ``asrkd <step>-<experiment>`` is the module's

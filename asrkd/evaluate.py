@@ -29,7 +29,7 @@ from asrkd.nnet.decode import scored_sets
 from asrkd.nnet.train import FrameData, evaluate_frames, load_system, read_history, replicates, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.report import decoding_result, machine, merge_into_report, mixed_configs, recipe_command
-from asrkd.stage import input_fingerprint, input_record
+from asrkd.stage import StageError, input_fingerprint, input_record
 from asrkd.stats import Bootstrap, UtteranceCounts, frame_table
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,12 @@ class FrameScorer:
                 log.warning("%s has no alignment (exp/tri/ali_%s): no frame accuracy on it; `asrkd align` makes one", name, name)
                 continue
             data = FrameData.load(self.exp, name, cfg.model, self.device)
-            self.eval[name] = (data, data.labeled(DataDir.read(Path(cfg.data_dir) / name).utt_ids))
+            labeled = data.labeled(DataDir.read(Path(cfg.data_dir) / name).utt_ids)
+            if len(labeled) == 0:  # a set only scored loses utterances at alignment without failing; here it lost them all
+                log.warning("%s: none of its utterances aligned (%s/dropped.json): no frame accuracy on it, WER only", name,
+                            self.layout.alignment(name))
+                continue
+            self.eval[name] = (data, labeled)
         self.cache: dict[tuple[str, str], dict] = {}
         # what frame accuracy is scored against: the fingerprint of each alignment read (train's holds valid's frames too)
         self.labels = {name: input_fingerprint(self.layout.alignment(name)) for name in ("train", *self.eval)}
@@ -114,8 +119,8 @@ class Evaluation:
                 self.frames_by_set[name] = Bootstrap(self.scorer.utterances(name), scfg.replicates, scfg.confidence, scfg.seed, unit_of)
             self.words_by_set[name] = Bootstrap(data.utt_ids, scfg.replicates, scfg.confidence, scfg.seed, unit_of)
         if self.primary not in self.frames_by_set:
-            raise FileNotFoundError(f"{self.layout.alignment(self.primary)}: the first eval set needs an alignment "
-                                    f"(`asrkd align features.sets=[{self.primary}]`)")
+            raise FileNotFoundError(f"{self.layout.alignment(self.primary)}: the first eval set needs an alignment with at least one "
+                                    f"aligned utterance (`asrkd align features.sets=[{self.primary}]`; what failed: its dropped.json)")
         self.frames, self.words = self.frames_by_set[self.primary], self.words_by_set[self.primary]
         self.frame_accuracy_utterances = {name: {"aligned": len(frames.utt_ids), "of": len(self.words_by_set[name].utt_ids)}
                                           for name, frames in self.frames_by_set.items()}  # an alignment may drop some: every cell says over how many
@@ -143,8 +148,13 @@ class Evaluation:
         return out | extra
 
     def wer_fields(self, key: str, systems: list[str], decoded: list[dict]) -> dict:
-        errors = {name: [json.loads((self.layout.decode(s) / "wer.json").read_text())["utterance_errors"][name] for s in systems]
-                  for name in self.sets}
+        results = {s: json.loads((self.layout.decode(s) / "wer.json").read_text()) for s in systems}
+        for system, result in results.items():
+            missing = [name for name in self.sets if name not in result["utterance_errors"]]
+            if missing:
+                raise StageError(f"{self.layout.decode(system)} has not decoded {', '.join(missing)}: run `asrkd decode` with the same "
+                                 f"eval_sets={self.sets} (it decodes the sets added alone, at the LM weight it chose)")
+        errors = {name: [results[s]["utterance_errors"][name] for s in systems] for name in self.sets}
         counts = {name: UtteranceCounts.from_tables(tables) for name, tables in errors.items()}
         out = {"wer": {k: mean(d["wer"][k] for d in decoded) for k in decoded[0]["wer"]},
                "wer_ci": {name: self.words_by_set[name].add(key, counts[name])["ci"] for name in self.sets},

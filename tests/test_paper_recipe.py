@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -55,6 +56,22 @@ def recipe_copy(tmp_path: Path) -> Path:
 
 SCHEDULE = ["paper_schedule.learning_rates=[0.001,0.003]", "paper_schedule.batch_size=128", "paper_schedule.epochs=2",
             "paper_schedule.patience=1"]  # a sweep of the tiny model, in seconds
+
+
+def test_the_paper_recipe_says_what_a_cpu_without_bf16_matrix_units_would_cost(run_dir: Path) -> None:
+    from asrkd.experiments.paper_schedule import FP32_BENCH, RECIPE_MODEL_EPOCHS
+    from asrkd.stage import cpu_flags
+
+    def check(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "asrkd.cli", "check-paper-machine", "exp_dir=exp", "model=paper", "train.device=cpu",
+                               *overrides], cwd=run_dir, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    refused = check()  # fp32 on a CPU: the hours it would take, one line, and no
+    frames = json.loads((run_dir / "exp" / "feats" / "fbank" / "train" / "index.json").read_text())["offsets"][-1]
+    fps = max(run["trainer_fps"] for run in json.loads(FP32_BENCH.read_text())["runs"])
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("asrkd check-paper-machine: error: ")
+    assert f"take about {RECIPE_MODEL_EPOCHS * frames / fps / 3600:.0f} hours" in refused.stderr
+    assert check("train.bf16_autocast=true").returncode == (0 if {"amx_bf16", "avx512_bf16"} & cpu_flags() else 1)
 
 
 def test_the_paper_recipe_needs_the_prepared_stages(recipe_copy: Path) -> None:

@@ -116,6 +116,45 @@ def test_a_set_only_scored_never_fails_alignment_and_says_what_it_lost(run_dir: 
     assert sorted(dropped["dropped"]) == sorted(spoiled) and all("QWERTYZZ" in reason for reason in dropped["dropped"].values())
 
 
+def test_a_set_only_scored_never_fails_make_feats_and_says_what_it_lost(run_dir: Path, tmp_path: Path) -> None:
+    """Missing audio in a set only scored (named in eval_sets) is counted and listed, never fatal:
+    it trains nothing; the same set made for training stops at prep.max_drop_fraction."""
+    import shutil
+
+    from asrkd.kaldi import features
+    from asrkd.stage import TooManyDropped
+
+    shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
+    shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)
+    extra = tmp_path / "data" / "extra"
+    shutil.copytree(tmp_path / "data" / "test", extra, symlinks=True)
+    lines = (extra / "wav.scp").read_text().splitlines()
+    lost = [line.split()[0] for line in lines[:3]]
+    (extra / "wav.scp").write_text("".join(f"{line.split()[0]} {tmp_path}/gone.wav\n" if i < 3 else f"{line}\n" for i, line in enumerate(lines)))
+    assert 3 > 0.05 * len(lines)
+    common = [f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY, "features.sets=[extra]"]
+    with pytest.raises(TooManyDropped, match=r"make-feats fbank extra: dropped 3 of"):
+        features.run(load_config(common))  # not scored: as a training set would be
+    features.run(load_config([*common, "eval_sets=[test,extra]", "redo=true"]))
+    dropped = json.loads((tmp_path / "exp" / "feats" / "fbank" / "extra" / "dropped.json").read_text())
+    assert sorted(dropped["dropped"]) == sorted(lost) and "scored only" in dropped["stage"]
+    # every utterance left fails alignment (a word no lexicon spells): counted, and scored by WER alone, not a crash
+    text = (extra / "text").read_text().splitlines()
+    (extra / "text").write_text("".join(f"{line.split()[0]} QWERTYZZ\n" for line in text))
+    scored = [*common, "eval_sets=[test,extra]", "redo=true"]
+    features.run(load_config(scored))
+    gmm.run_align(load_config(scored))
+    from asrkd.evaluate import Evaluation
+
+    evaluation = Evaluation(load_config([*common, "eval_sets=[test,extra]"]))
+    assert "extra" not in evaluation.frames_by_set and "extra" in evaluation.words_by_set and "test" in evaluation.frames_by_set
+    from asrkd import evaluate
+    from asrkd.stage import StageError
+
+    with pytest.raises(StageError, match=r"decode/baseline has not decoded extra: run `asrkd decode` with the same eval_sets=\['test', 'extra'\]"):
+        evaluate.run(load_config([*common, "eval_sets=[test,extra]"]))  # named, not decoded yet: one line with the fix
+
+
 def test_finished_stages_are_skipped(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY])
     caplog.set_level(logging.INFO)

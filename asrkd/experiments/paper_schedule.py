@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from asrkd.experiments.base import Experiment, Report
@@ -28,7 +29,7 @@ from asrkd.layout import Layout, System, names
 from asrkd.nnet import train as train_dnn
 from asrkd.nnet.train import read_history
 from asrkd.report import machine, percent, recipe_command, saved_figure
-from asrkd.stage import input_record
+from asrkd.stage import StageError, cpu_description, cpu_flags, input_record
 
 
 def candidate_cfg(cfg, rate: float):
@@ -107,6 +108,28 @@ def chosen_overrides(report_path: Path) -> list[str]:
     run_paper.sh gives every later stage (the user's own overrides follow, and win)."""
     chosen = json.loads(Path(report_path).read_text())["paper_schedule"]["chosen"]
     return [f"train.lr={chosen['lr']:g}", f"train.batch_size={chosen['batch_size']}", f"train.epochs={chosen['epochs']}"]
+
+
+FP32_BENCH = Path(__file__).resolve().parents[2] / "results" / "bench" / "train_throughput_cpu_paper.json"
+RECIPE_MODEL_EPOCHS = 300  # run_paper.sh's models x epochs at about 10 epochs each: 3 baselines, 10 members, 6 students, 3% rows
+
+
+def check_machine(cfg) -> None:
+    """``asrkd check-paper-machine`` (run_paper.sh, before any paper-size training): a GPU torch sees,
+    or a CPU with bf16 matrix units (AMX, AVX-512 BF16) and ``train.bf16_autocast=true``; else a
+    StageError saying how many hours the recipe would take at this project's measured fp32 speed
+    of 8x2560 on a CPU (``FP32_BENCH``) over the main recipe's training frames (``exp_dir``'s)."""
+    if str(cfg.train.device) != "cpu" and torch.cuda.is_available():
+        return
+    units = {"amx_bf16", "avx512_bf16"} & cpu_flags()
+    if cfg.train.bf16_autocast and units:
+        return
+    frames = int(json.loads((Layout.of(cfg).fbank("train") / "index.json").read_text())["offsets"][-1])
+    fps = max(run["trainer_fps"] for run in json.loads(FP32_BENCH.read_text())["runs"])
+    why = "train.bf16_autocast is off" if units else "this CPU has no bf16 matrix units (AMX, AVX-512 BF16)"
+    raise StageError(f"{cpu_description()}: {why}; at the fp32 speed measured for 8x2560 ({fps:,.0f} frames/s, {FP32_BENCH.name}) "
+                     f"the recipe's ~{RECIPE_MODEL_EPOCHS} model-epochs of {frames:,} frames take about "
+                     f"{RECIPE_MODEL_EPOCHS * frames / fps / 3600:.0f} hours")
 
 
 if __name__ == "__main__":  # python -m asrkd.experiments.paper_schedule exp_paper/report/report.json

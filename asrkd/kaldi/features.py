@@ -29,7 +29,7 @@ import soundfile as sf
 from omegaconf import OmegaConf
 from scipy.signal import resample_poly
 
-from asrkd.data import DataDir, feature_sets
+from asrkd.data import DataDir, feature_sets, scoring_only
 from asrkd.jobs import map_jobs, num_jobs, split
 from asrkd.layout import Layout
 from asrkd.stage import account_dropped, atomic_write, plan, progress
@@ -274,7 +274,9 @@ def run(cfg) -> None:
             if stage.up_to_date:
                 continue
             nj = num_jobs(cfg)
-            accept = partial(account_dropped, f"make-feats {kind} {name}", len(data.utt2spk), max_fraction=cfg.prep.max_drop_fraction,
+            scored_only = scoring_only(cfg, name)  # a set only scored trains nothing: its drops are counted and listed, never fatal
+            accept = partial(account_dropped, f"make-feats {kind} {name}" + (" (scored only: drops never stop the stage)" if scored_only else ""),
+                             len(data.utt2spk), max_fraction=1.0 if scored_only else cfg.prep.max_drop_fraction,
                              report=out_dir / "dropped.json")
             store, dropped = make_features(data, cfg.features, kind, out_dir, partial(map_jobs, cfg, stage=f"make-feats {kind} {name}"), nj,
                                            accept_dropped=accept)

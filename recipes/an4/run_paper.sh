@@ -38,10 +38,17 @@ link_prepared() {  # exp_paper/{feats,tri,graph,decode/gmm} -> exp/: the outputs
   ln -sfn ../../exp/decode/gmm exp_paper/decode/gmm
 }
 
+check_machine() {  # the paper's network wants a GPU or bf16 matrix units; elsewhere say what it would cost and stop
+  asrkd check-paper-machine corpus=an4 data_dir=data exp_dir=exp model=paper ${overrides[@]+"${overrides[@]}"} && return 0
+  [ -n "${ASRKD_PAPER_ANY_CPU:-}" ] && { echo "going on anyway (ASRKD_PAPER_ANY_CPU is set)" >&2; return 0; }
+  echo "set ASRKD_PAPER_ANY_CPU=1 to go on here, or run on a GPU (tools/gpu_paper_run.sh)" >&2
+  return 1
+}
 run_scheduled() {  # run_scheduled RECIPE ARGS...: RECIPE ARGS -- <paper_base> <chosen schedule> <overrides given here>
   "$@" -- "${paper_base[@]}" "${chosen[@]}" ${overrides[@]+"${overrides[@]}"}
 }
 schedule() {  # stage 1: bf16 shown harmless on the small model (its own schedule), then the schedule sweep on validation
+  check_machine || return 1
   local check=(corpus=an4 data_dir=data exp_dir=exp_paper model=small stats.unit=speaker ${overrides[@]+"${overrides[@]}"})
   asrkd train-bf16-check "${check[@]}" && asrkd report-bf16-check "${check[@]}" &&
     asrkd train-paper-schedule corpus=an4 data_dir=data "${paper[@]}" && asrkd report-paper-schedule corpus=an4 data_dir=data "${paper[@]}"
@@ -51,8 +58,9 @@ with_schedule() {
   [ -f exp_paper/report/report.json ] && chosen=($(python3 -m asrkd.experiments.paper_schedule exp_paper/report/report.json 2>/dev/null)) || true
   [ ${#chosen[@]} -gt 0 ] || { echo "no schedule chosen yet (exp_paper/report/report.json): run stage 1 first" >&2; return 1; }
   echo "schedule chosen on validation: ${chosen[*]}"
-  "$@"
+  check_machine && "$@"
 }
+
 run_stage 0 "link the features, GMM, alignments, graph and the GMM's decode of exp/ into exp_paper/" link_prepared
 run_stage 1 "bf16 against fp32 (4x512, bf16_check.seeds each); the schedule: learning rates at batch paper_schedule.batch_size, early stopping, on the validation speakers" schedule
 run_stage 2 "baseline 8x2560 on the chosen schedule, its decode and report (run.sh stages 4-7)" \
