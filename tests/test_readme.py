@@ -11,7 +11,8 @@ WRITE_UPS = {"experiments/an4.md": ["an4/report.md"], "experiments/three_percent
              "experiments/distillation.md": ["an4/distillation.md", "an4/distillation_current/distillation.md"], "experiments/self_distillation.md": ["an4/self_distillation.md"],
              "experiments/chains.md": ["an4/chains.md"], "experiments/specialists.md": ["an4/specialists.md"],
              "experiments/images.md": ["fashion_mnist/report.md"],
-             "experiments/function_matching.md": ["an4/function_matching.md"]}
+             "experiments/function_matching.md": ["an4/function_matching.md"],
+             "experiments/paper.md": ["an4_paper/paper_schedule.md"]}
 
 
 def test_readme_is_short_and_every_line_it_quotes_is_a_committed_reports() -> None:
