@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from asrkd.cli import load_config
 from asrkd.distill import soft_targets
 from asrkd.experiments import function_matching
 from asrkd.nnet import ensemble, train
 from asrkd.nnet.views import View, ViewSpec, draw
 
-from .conftest import tiny_config
+from .conftest import REPO, tiny_config
 from .test_reliability import clone, state_dicts_equal
 
 ALL = ViewSpec(freq_masks=2, freq_width=8, time_masks=2, time_width=4, noise_std=0.3, mixup_alpha=0.4, seed=5)
@@ -195,3 +196,15 @@ def test_the_controls_train_alone_without_a_teacher(run_dir: Path, tmp_path: Pat
 
     with pytest.raises(ValueError, match=r"function_matching.train_kinds=\['hardd'\] is not a list of one of hard, consistent, precomputed"):
         load_config(["function_matching.train_kinds=[hardd]"])  # refused before any stage looks at its outputs
+
+
+def test_the_views_sentence_says_which_controls_rise_and_which_fall_by_half_the_teachers_gain() -> None:
+    """On the committed report: no control rises by half the teacher's gain (+2.34), two fall by more
+    (specaugment -3.02, all -3.52); the sentence says both, and the committed text is the code's."""
+    result = json.loads((REPO / "results" / "an4" / "report.json").read_text())["function_matching"]
+    effect = result["views_effect"]
+    assert not effect["teacher_on_views_needed"] and function_matching.fallen(result, effect) == ["specaugment x1 hard", "all x1 hard"]
+    (line,) = [line for line in function_matching.markdown(result, load_config([])).splitlines() if "half of it" in line]
+    assert line.endswith("No control rises by half of it: the teacher trained on clean frames stays the reference. specaugment x1 hard, "
+                         "all x1 hard fall by more than half of it: those views cost the plain model accuracy.")
+    assert line in (REPO / "results" / "an4" / "function_matching.md").read_text().splitlines()

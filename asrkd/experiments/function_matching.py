@@ -384,6 +384,13 @@ def row_label(view: str, schedule: int, kind: str, data: str) -> str:
     return f"{view} x{schedule} {kind}" + ("" if data == "train" else f" {data}")
 
 
+def fallen(result: dict, effect: dict) -> list[str]:
+    """The controls that lose more than half the teacher's gain against the plain baseline (the
+    check of ``views_effect`` looks up: whether the views alone do the teacher's work)."""
+    gain = effect["teacher_minus_baseline"]["estimate"]
+    return [label for label in effect["controls_above_half_the_gain"] if result["rows"][label]["minus_baseline"]["estimate"] < -0.5 * gain]
+
+
 def markdown(result: dict, cfg) -> str:
     test = result["test_set"]
     teacher = result["teacher"]
@@ -417,9 +424,12 @@ def markdown(result: dict, cfg) -> str:
         moved = [f"{label} {format_interval(result['rows'][label]['minus_baseline'], signed=True)}" for label in effect["controls_above_half_the_gain"]]
         lines += ["", f"Controls − the plain baseline ({effect['baseline']}, {test} frame accuracy, points): {'; '.join(moved)}; the teacher's "
                   f"gain over that baseline: {format_interval(gain, signed=True)}. "
-                  + ("Some control moves by more than half of it: the views alone do much of what the teacher does, so a teacher whose "
+                  + ("Some control rises by more than half of it: the views alone do much of what the teacher does, so a teacher whose "
                      "members trained on those views too is the fair one (not trained here yet)."
-                     if effect["teacher_on_views_needed"] else "No control moves by half of it: the teacher trained on clean frames stays the reference.")]
+                     if effect["teacher_on_views_needed"] else "No control rises by half of it: the teacher trained on clean frames stays the reference.")
+                  + "".join(f" {', '.join(falling)} {'falls' if len(falling) == 1 else 'fall'} by more than half of it: "
+                            f"{'that view costs' if len(falling) == 1 else 'those views cost'} the plain model accuracy."
+                            for falling in [fallen(result, effect)] if falling)]
     choice = result.get("view_choice")
     if choice:
         ranked = sorted(choice["valid_frame_accuracy"].items(), key=lambda item: -item[1])
