@@ -52,8 +52,8 @@ def train(cfg) -> None:
 
 def candidate_row(exp: Path, system: str) -> dict:
     history = read_history(Layout(exp).model(system))
-    best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
     record = input_record(Layout(exp).model(system))
+    best = record["summary"]["best_epoch"]  # train_stage's: the epoch of the best validation accuracy
     return {"system": system, "lr": record["config"]["train.lr"], "batch_size": record["config"]["train.batch_size"],
             "bf16_autocast": record["config"]["train.bf16_autocast"], "epochs_trained": len(history), "best_epoch": best,
             "valid_frame_accuracy": history[best]["valid_frame_accuracy"], "valid_cross_entropy": history[best]["valid_cross_entropy"],
