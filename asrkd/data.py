@@ -88,8 +88,13 @@ class DataDir:
         """utils/combine_data.sh: the union of data dirs with distinct utterance ids."""
         return cls(**{t.name: {u: v for part in parts for u, v in getattr(part, t.name).items()} for t in fields(cls)})
 
-    def validate(self, where: str = "data dir") -> None:
-        """Raise DataDirError on the first violation of Kaldi's data-dir rules."""
+    def empty_transcripts(self) -> list[str]:
+        """The utterances whose transcript has no words."""
+        return sorted(utt for utt, words in self.text.items() if not words.split())
+
+    def validate(self, where: str = "data dir", empty_transcripts: bool = False) -> None:
+        """Raise DataDirError on the first violation of Kaldi's data-dir rules (an empty transcript
+        too, unless ``empty_transcripts``: the importer drops and counts those)."""
         utts = set(self.utt2spk)
         if not utts:
             raise DataDirError(f"{where}: no utterances")
@@ -109,9 +114,9 @@ class DataDir:
                     f"{where}/utt2spk: utterance {utt!r} does not start with its speaker id "
                     f"{spk!r} (Kaldi sorts spk2utt and utt2spk together only then)"
                 )
-        for utt, words in self.text.items():
-            if not words.split():
-                raise DataDirError(f"{where}/text: utterance {utt!r} has an empty transcript")
+        for utt in [] if empty_transcripts else self.empty_transcripts()[:1]:
+            raise DataDirError(f"{where}/text: utterance {utt!r} has an empty transcript; give it its words, or remove its "
+                               "text line and run Kaldi's utils/fix_data_dir.sh (which leaves it out of every file)")
         extra = sorted(set(self.utt2uniq) - utts)
         if extra:
             raise DataDirError(f"{where}/utt2uniq: utterances not in utt2spk: {extra[:3]}")
@@ -129,7 +134,9 @@ class DataDir:
             write_table(directory / "utt2uniq", self.utt2uniq)
 
     @classmethod
-    def read(cls, directory: Path) -> "DataDir":
+    def read(cls, directory: Path, empty_transcripts: bool = False) -> "DataDir":
+        """The data dir at ``directory``, validated (``empty_transcripts``: utterances without words
+        are let through, for the importer to drop and count)."""
         directory = Path(directory)
         for name in ("wav.scp", "utt2spk", "spk2utt"):
             if not (directory / name).is_file():
@@ -143,7 +150,7 @@ class DataDir:
             utt2spk=read_table(directory / "utt2spk"),
             utt2uniq=read_table(directory / "utt2uniq") if (directory / "utt2uniq").is_file() else {},
         )
-        data.validate(str(directory))
+        data.validate(str(directory), empty_transcripts)
         for name in ("wav.scp", "text", "utt2spk", "spk2utt", "utt2uniq"):
             if not (directory / name).is_file():
                 continue

@@ -22,8 +22,8 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd.data import DataDir, data_split, eval_sets
-from asrkd.kaldi.decode import out_of_vocabulary
-from asrkd.kaldi.graph import lm_vocabulary
+from asrkd.kaldi.decode import NOT_IN_LM, out_of_vocabulary
+from asrkd.kaldi.graph import NO_PRONUNCIATION, lm_description, lm_vocabulary, lm_words_left_out
 from asrkd.layout import Layout
 from asrkd.nnet.decode import scored_sets
 from asrkd.nnet.train import FrameData, evaluate_frames, load_system, read_history, replicates, system_dirs
@@ -197,6 +197,7 @@ def model_records(exp: Path, systems: list[str]) -> dict:
                        "config": records[0]["config"], "inputs": {k: v["fingerprint"] for k, v in records[0]["inputs"].items()},
                        "made_by": records[0].get("made_by"),
                        "made_on": sorted({r["made_on"] for r in records if r.get("made_on")}) or None,
+                       "made_with": sorted({r["made_with"] for r in records if r.get("made_with")}) or None,
                        "decode_fingerprint": decoded["fingerprint"] if decoded else None,
                        "decode_made_by": decoded.get("made_by") if decoded else None}
     return out
@@ -209,16 +210,27 @@ def experiment_scoring(cfg, command: str) -> tuple["Evaluation", dict[str, list[
     return Evaluation(cfg), {"train": train_utts, "valid": valid_utts}, recipe_command(command)
 
 
+OOV_FIXES = {  # what makes a reference word of each cause decodable; make-graph then runs again (--redo)
+    NOT_IN_LM: "an LM that holds them: graph.lm_arpa=YOUR.arpa, graph.lm_text=[text files], or graph.lm_data (a data dir "
+               "whose transcripts the LM learns)",
+    NO_PRONUNCIATION: "their pronunciations on the model's phones in DIR/local/dict/lexicon.txt (--corpus-dir DIR) or "
+                      "CMUdict (lang.use_cmudict=true)",
+}
+
+
 def out_of_vocabulary_by_set(cfg) -> dict[str, dict]:
     """Per scored set, the share of its reference words the LM cannot output (a vocabulary floor
-    under its WER), with a warning for an eval set above ``decode.oov_warning``."""
-    vocabulary = lm_vocabulary(cfg)
-    out = {name: out_of_vocabulary(refs, vocabulary) for name, (_, refs) in scored_sets(cfg).items()}
+    under its WER), by cause, with a warning per cause, naming its fix, for an eval set above
+    ``decode.oov_warning``."""
+    vocabulary, left_out = lm_vocabulary(cfg), lm_words_left_out(cfg)
+    out = {name: out_of_vocabulary(refs, vocabulary, left_out) for name, (_, refs) in scored_sets(cfg).items()}
     for name in eval_sets(cfg):
         if out[name]["oov_rate"] > float(cfg.decode.oov_warning):
-            log.warning("%s: %.1f%% of its reference words (%d types, e.g. %s) are outside the LM's %d words and can never be "
-                        "recognised; train the LM on text that holds them (graph.lm_data: the data dir whose transcripts it learns)", name, 100 * out[name]["oov_rate"],
-                        out[name]["oov_types"], " ".join(list(out[name]["oov_words"])[:8]), len(vocabulary))
+            for cause, words in out[name]["causes"].items():
+                fix = OOV_FIXES[NOT_IN_LM if cause == NOT_IN_LM else NO_PRONUNCIATION]
+                log.warning("%s: %.1f%% of its reference words (%d types, e.g. %s) can never be recognised: %s; make-graph "
+                            "(--redo) with %s", name, 100 * words["tokens"] / out[name]["tokens"], words["types"],
+                            " ".join(list(words["words"])[:8]), cause, fix)
     return out
 
 
@@ -248,6 +260,7 @@ def run(cfg) -> None:
         "gmm": {"mono_pdfs": gmm_log["mono"]["num_pdfs"], "tri_pdfs": gmm_log["tri"]["num_pdfs"],
                 "tree": gmm_log["tri"]["tree"], "seconds": gmm_log["mono"]["seconds"] + gmm_log["tri"]["seconds"],
                 "fingerprint": input_record(layout.gmm)["fingerprint"]},
+        "lm": lm_description(cfg),
         "out_of_vocabulary": out_of_vocabulary_by_set(cfg),
         "frame_accuracy_utterances": evaluation.frame_accuracy_utterances,
         "labels": evaluation.scorer.labels,

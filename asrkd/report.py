@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from asrkd.layout import Layout
 from asrkd.parallel import pick_device
-from asrkd.stage import atomic_write, copy_file, cpu_description, exclusive, input_record, write_json, write_text
+from asrkd.stage import atomic_write, code_commit, copy_file, cpu_description, exclusive, input_record, write_json, write_text
 from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,21 @@ def aligned_utterances_line(counts: dict[str, dict]) -> str:
     return "Frame accuracy is over the utterances the GMM aligned: " + "; ".join(f"{name} {n['aligned']:,} of {n['of']:,}" for name, n in counts.items()) + "."
 
 
+def lm_used(report: dict) -> str:
+    """The LM the report's systems decoded with (evaluate records it); a report older than that
+    record decoded with the n-gram trained on the training transcripts, of the config's order."""
+    order = ((report.get("config") or {}).get("graph") or {}).get("lm_order")
+    return report.get("lm") or f"a {f'{order}-gram' if order else 'n-gram'} LM on the training transcripts"
+
+
 def out_of_vocabulary_line(by_set: dict[str, dict]) -> str:
     """Each scored set's share of reference words outside the LM's vocabulary: errors no acoustic model can avoid."""
     def described(name: str, oov: dict) -> str:
         words = f": {' '.join(oov['oov_words'])}" if oov["oov_types"] <= 10 else f", most often {' '.join(list(oov['oov_words'])[:10])}"
+        causes = oov.get("causes") or {}  # reports made before causes were recorded have none
+        why = "".join(f"; {c['types']} {cause}" for cause, c in causes.items())
         return (f"{name} {percent(oov['oov_rate'])} of {oov['tokens']:,} words"
-                + (f" ({oov['oov_types']} word type{'s' if oov['oov_types'] > 1 else ''}{words})" if oov["oov_types"] else ""))
+                + (f" ({oov['oov_types']} word type{'s' if oov['oov_types'] > 1 else ''}{words}{why})" if oov["oov_types"] else ""))
     return "Out of the LM's vocabulary (reference words no path of the graph can output): " + "; ".join(
         described(name, oov) for name, oov in by_set.items()) + "."
 
@@ -106,7 +115,7 @@ def markdown_table(report: dict) -> str:
                   "under this report's config.", ""]
     lines += [
               "Frame accuracy: argmax pdf-id vs the triphone GMM's forced alignment; valid = speakers held out of training.",
-              "WER: Kaldi WFST decoding (HCLG with a 3-gram LM on the training transcripts), LM weight and insertion penalty",
+              f"WER: Kaldi WFST decoding (HCLG with {lm_used(report)}), LM weight and insertion penalty",
               f"chosen on {tuning_description(report.get('tuning_set', 'valid'))}; unseen = sentences that never occur in the LM's training text.",
               f"[95% CI]: bootstrap over whole {resampled(report.get('bootstrap_unit'))} of each set (asrkd/stats.py); rows with several seeds",
               "give the mean over seeds, and their interval resamples the seeds too; one seed: test-set variation only.", ""]
@@ -340,7 +349,7 @@ NOT_RECORDED = "not recorded"
 def machines_note(section) -> str | None:
     """A line saying that ``section``'s rows come from models made on more than one machine,
     naming them, or that some rows' machine is not recorded; None when every row names one.
-    Numbers are bitwise only within a CPU family, so such rows differ by more than their configs."""
+    Numbers are bit for bit only on one CPU model with one code, so such rows differ by more than their configs."""
     cpus = made_on(section)
     unknown = cpus.pop(NOT_RECORDED, [])
 
@@ -351,8 +360,8 @@ def machines_note(section) -> str | None:
     if len(cpus) < 2:
         return f"Machine {unknown_part}." if unknown and cpus else None
     parts = [f"{cpu}: {listed(systems)}" for cpu, systems in cpus.items()] + ([unknown_part] if unknown else [])
-    return ("**Rows made on different machines** (numbers are bitwise only within one CPU family; across families, within seed "
-            f"spread: docs/hardware.md): {'; '.join(parts)}.")
+    return ("**Rows made on different machines** (numbers are bit for bit only on one CPU model with one code; elsewhere, within "
+            f"seed spread: README, 'What reproduces how'): {'; '.join(parts)}.")
 
 
 RESULTS = "RESULTS.md"
@@ -390,7 +399,16 @@ def results_listing(report: dict) -> str:
             lines.append(f"| {entry['listed_as']} | {entry.get('model', '–')} | {entry.get('seeds', 1)} | {with_ci(entry, 'wer', test)} "
                          f"| {with_ci(entry, 'frame_accuracy', test)} | {'current' if comparable(report, entry) else 'earlier'} |")
         lines.append("")
-    return "\n".join(lines)
+    lines += ["## Made by", "", "Each section's machine and code, from its report (CPU, threads, torch, device, code commit; "
+              "'+changes': files differed from that commit; no code named: made before reports named it):", ""]
+    lines += [f"- {section}: {made_by(report, section)}" for section in scored_systems(report)]
+    return "\n".join(lines) + "\n"
+
+
+def made_by(report: dict, section: str) -> str:
+    """Where and with what code a section of report.json was made (the main report's for "systems")."""
+    part = report if section == "systems" else report.get(section)
+    return (part.get("machine") if isinstance(part, dict) else None) or "not recorded"
 
 
 def run_results(cfg) -> None:
@@ -463,6 +481,7 @@ def recipe_command(default: str) -> str:
 
 
 def machine(cfg) -> str:
-    """Where a row was made: CPU model and family, cores, torch threads, torch version, device."""
+    """Where and by what a report was made: CPU model and family, cores, torch threads, torch
+    version, device, and the code's commit (asrkd.stage.code_commit)."""
     return (f"{cpu_description()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"device {pick_device(cfg.train.device)}")
+            f"device {pick_device(cfg.train.device)}, code {code_commit() or 'not from a git checkout'}")

@@ -58,6 +58,7 @@ import os
 import platform
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -471,8 +472,9 @@ def invoked_as(command: str, overrides: list[str]) -> Iterator[None]:
 
 
 def cpu_family(flags: set[str]) -> str:
-    """The instruction set that decides a CPU's floating-point results: runs are bitwise within a
-    family (an AMX Xeon and an AVX2 machine give the same code different last bits)."""
+    """The instruction set of a CPU, the first thing that decides its floating-point results (an AMX
+    Xeon and an AVX2 machine give the same code different last bits); within a family the model
+    can differ too (README, 'What reproduces how'), so records name both (cpu_description)."""
     for flag, family in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("neon", "NEON"), ("asimd", "NEON")):
         if flag in flags:
             return family
@@ -506,6 +508,24 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     model = fields.get("model name") or fields.get("Hardware") or platform.machine()
     generation = f", family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields else ""
     return f"{model} ({cpu_family(cpu_flags(cpuinfo))}{generation})"
+
+
+CODE_PATHS = ("asrkd", "conf", "local", "recipes")  # what decides an output; a change there outside a commit is named
+
+
+@functools.cache
+def code_commit() -> str | None:
+    """The git commit of the code that runs ('3f2a9c1d0b7e'), with '+changes' where the files of
+    CODE_PATHS differ from it; None outside a git checkout (an installed package). A record names it
+    beside its CPU: the two that decide its numbers bit for bit."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True)
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                                 capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
 def invocation() -> dict[str, Any]:
@@ -631,7 +651,7 @@ class Stage:
 
     def commit(self, **summary: Any) -> None:
         record = {**self.record, **({"summary": summary} if summary else {}), "files": output_files(self.out_dir),
-                  "made_by": invocation(), "made_on": cpu_description(), "code": self.code}
+                  "made_by": invocation(), "made_on": cpu_description(), "made_with": code_commit(), "code": self.code}
         write_json(self.out_dir / RECORD, record)
         (self.out_dir / PARTIAL).unlink(missing_ok=True)
         shutil.rmtree(previous_path(self.out_dir), ignore_errors=True)

@@ -9,6 +9,12 @@ In one process on one device, at the configured model and each batch size:
                            resident features by index, loss kept on the device)
   bound_fps                the bare loop on pre-made tensors: forward, cross-entropy, backward, Adam
   ratio                    trainer_fps / bound_fps (1.0: the data path costs nothing)
+  trainer_unfused_adam_fps the trainer's step with the per-tensor Adam loop instead of its fused one (the control)
+  matmul_tflops            the bare matmul of a batch through one hidden layer (batch x hidden by hidden x hidden),
+                           in the training dtype (bf16 under autocast), on the configured threads
+  matmul_bound_fps         matmul_tflops over the model's 6 FLOP per weight per frame (forward 2, backward 4): what
+                           the step would make if every matmul ran at that rate and nothing else cost anything
+  share_of_matmul_bound    trainer_fps / matmul_bound_fps
   ensemble_fused_fps       --members models in one StackedDNN step, per member-frame
   ensemble_sequential_fps  the same members stepped one after another, per member-frame
   student_on_the_fly_fps   a student whose soft targets the --members teacher computes in its step
@@ -16,7 +22,8 @@ Each is the fastest of three timed runs of --steps steps.
 Uses the recipe's features and alignment when --exp-dir has them, else synthetic frames.
 The JSON is rewritten after each batch size, so a run cut short keeps what it measured.
 --profile PATH: where a batch of 1024 or more misses a target (trainer/bound < 0.9, fused/sequential
-< 1.7: the GPU issue's), a torch.profiler summary of that batch's trainer and fused steps, there.
+< 1.7: the GPU issue's; share of the matmul bound < 0.7), a torch.profiler summary of that batch's
+trainer and fused steps, there.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from asrkd.nnet.model import HybridDNN, SplicedFrames, StackedDNN  # noqa: E402
 from asrkd.parallel import pick_device  # noqa: E402
 from asrkd.stage import write_json, write_text  # noqa: E402
 from asrkd.distill.student import TeacherOnTheFly  # noqa: E402
-from asrkd.nnet.train import FrameData, TrainStep  # noqa: E402
+from asrkd.nnet.train import FUSED_ADAM_DEVICES, FrameData, TrainStep  # noqa: E402
 
 
 def timed(step, steps: int, device: torch.device, repeats: int = 3) -> float:
@@ -87,6 +94,19 @@ def batches(data: FrameData, batch_size: int):
     return lambda: torch.randint(0, data.frames.store.num_frames, (batch_size,), device=device, generator=rng)
 
 
+def matmul_tflops(cfg, batch_size: int, device: torch.device, steps: int = 20) -> float:
+    """TFLOP/s of the bare (batch x hidden) @ (hidden x hidden) matmul in the training dtype."""
+    dtype = torch.bfloat16 if cfg.train.bf16_autocast else torch.float32
+    hidden = int(cfg.model.hidden_dim)
+    a, b = torch.randn(batch_size, hidden, device=device, dtype=dtype), torch.randn(hidden, hidden, device=device, dtype=dtype)
+    return 2 * batch_size * hidden * hidden * steps / timed(lambda: a @ b, steps, device) / 1e12
+
+
+def flops_per_frame(net: torch.nn.Module) -> int:
+    """Multiply-adds of forward (2 FLOP a weight) and backward (4: the input's and the weight's gradients)."""
+    return 6 * sum(p.numel() for p in net.parameters() if p.dim() >= 2)
+
+
 def measure(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> dict:
     device = data.pdf_ids.device
     cfg.train.batch_size = batch_size
@@ -95,9 +115,14 @@ def measure(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> 
 
     trainer = TrainStep(cfg, new_model(cfg, data, 0), data, None, data.pdf_ids)
     trainer_s = timed(lambda: trainer(random_batch()), steps, device)
+    unfused = TrainStep(cfg, new_model(cfg, data, 0), data, None, data.pdf_ids)
+    unfused.optimizer = torch.optim.Adam(unfused.optimizer.param_groups[0]["params"], lr=1e-3, fused=False, foreach=False)
+    unfused_s = timed(lambda: unfused(random_batch()), steps, device)
 
     bare = new_model(cfg, data, 0)
-    optimizer = torch.optim.Adam(bare.parameters(), lr=1e-3)
+    tflops = matmul_tflops(cfg, batch_size, device)
+    bound_fps = tflops * 1e12 / flops_per_frame(bare)
+    optimizer = torch.optim.Adam(bare.parameters(), lr=1e-3, fused=device.type in FUSED_ADAM_DEVICES)
     x = torch.randn(batch_size, cfg.model.left_context + 1 + cfg.model.right_context, data.frames.store.dim, device=device)
     y = torch.randint(0, data.num_pdfs, (batch_size,), device=device)
 
@@ -126,11 +151,13 @@ def measure(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> 
     distilling = TrainStep(cfg, new_model(cfg, data, 0), data, loss, data.pdf_ids)
     on_the_fly_s = timed(lambda: distilling(random_batch()), steps, device)
     return {"batch": batch_size, "trainer_fps": per(trainer_s), "bound_fps": per(bound_s), "ratio": round(bound_s / trainer_s, 3),
+            "trainer_unfused_adam_fps": per(unfused_s), "matmul_tflops": round(tflops, 3), "matmul_bound_fps": round(bound_fps, 1),
+            "share_of_matmul_bound": round(steps * batch_size / trainer_s / bound_fps, 3),
             "ensemble_fused_fps": per(fused_s, members), "ensemble_sequential_fps": per(sequential_s, members),
             "fused_over_sequential": round(sequential_s / fused_s, 3), "student_on_the_fly_fps": per(on_the_fly_s)}
 
 
-TARGETS = {"ratio": 0.9, "fused_over_sequential": 1.7}  # met at batches of PROFILED_FROM frames or more, else profiled
+TARGETS = {"ratio": 0.9, "fused_over_sequential": 1.7, "share_of_matmul_bound": 0.7}  # met at batches of PROFILED_FROM frames or more, else profiled
 PROFILED_FROM = 1024
 
 

@@ -22,20 +22,29 @@ import shutil
 import sys
 from pathlib import Path
 
-from asrkd.data import DataDir, DataDirError, corpus_sets
+from asrkd.data import DataDir, DataDirError, corpus_sets, scoring_only
 from asrkd.kaldi.lang import cmudict_path, read_sphinx_dict
-from asrkd.stage import copy_file, digest, plan, write_text
+from asrkd.stage import account_dropped, copy_file, digest, plan, write_text
 
 log = logging.getLogger("local.kaldi_data")
 
 DICT_FILES = ("lexicon.txt", "nonsilence_phones.txt", "silence_phones.txt", "optional_silence.txt", "extra_questions.txt")
 
 
-def import_data_dir(source: Path, dest: Path) -> DataDir:
-    """utils/copy_data_dir.sh after validate_data_dir.sh: the validated copy, wav.scp paths absolute."""
-    data = DataDir.read(source)
+def import_data_dir(source: Path, dest: Path, max_drop_fraction: float, dropped_report: Path) -> DataDir:
+    """utils/copy_data_dir.sh after validate_data_dir.sh: the validated copy, wav.scp paths absolute,
+    without the utterances whose transcript is empty (dropped, counted and listed in
+    ``dropped_report``; more than ``max_drop_fraction`` of the set fails the stage)."""
+    data = DataDir.read(source, empty_transcripts=True)
     if not data.text:
         raise DataDirError(f"{source}/text: missing; training and scoring need transcripts")
+    empty = data.empty_transcripts()
+    account_dropped(f"kaldi_data prep ({source.name})", len(data.utt_ids),
+                    {utt: f"utterance {utt}: empty transcript ({source}/text); give it its words, or remove its text line and "
+                     "run Kaldi's utils/fix_data_dir.sh" for utt in empty}, max_drop_fraction, dropped_report)
+    data = data.subset(sorted(set(data.utt_ids) - set(empty)))
+    if not data.utt2spk:
+        raise DataDirError(f"{source}: no utterance with a transcript")
     base = source.parent.parent
     for utt, path in data.wav_scp.items():
         if not path.rstrip().endswith("|") and not Path(path).is_absolute():
@@ -61,27 +70,37 @@ def cmudict_dictionary(words: set[str], dict_dir: Path, silence_phone: str) -> l
     return missing
 
 
-def prepare(cfg) -> None:
-    """Stage 0: data/<set> for train, the tuning set and the eval sets; data/local/dict."""
-    corpus, data_dir = Path(cfg.corpus_dir).resolve(), Path(cfg.data_dir)
-    names = corpus_sets(cfg)
-    for name in names:
-        if not (corpus / name).is_dir():
-            raise FileNotFoundError(f"{corpus / name}: no such data dir; --corpus-dir must hold train and every set of "
-                                    f"eval_sets / decode.tuning_set ({', '.join(names)})")
+def files_digest(directory: Path) -> str:
+    """The fingerprint of a directory's files (not its subdirectories)."""
+    return digest({p.name: p.read_bytes().decode("latin-1") for p in sorted(directory.glob("*")) if p.is_file()})
+
+
+def import_set(cfg, corpus: Path, data_dir: Path, name: str) -> DataDir:
+    """data/<name> from the corpus's data dir, a stage of its own (its record in
+    data/local/import/<name>): a set added later is imported alone, the others skip as current."""
+    scored = scoring_only(cfg, name)
+    stage = plan(f"kaldi_data import {name}", data_dir / "local" / "import" / name, cfg, (),
+                 values={"files": files_digest(corpus / name), "source": str(corpus / name), "scored_only": scored}, clear=False)
+    if stage.up_to_date:
+        return DataDir.read(data_dir / name)
+    data = import_data_dir(corpus / name, data_dir / name, 1.0 if scored else float(cfg.prep.max_drop_fraction),
+                           data_dir / "local" / f"dropped_{name}.json")
+    log.info("%s: %d utterances, %d speakers", name, len(data.utt2spk), len(data.spk2utt))
+    stage.commit(utterances=len(data.utt2spk), speakers=len(data.spk2utt))
+    return data
+
+
+def prepare_dictionary(cfg, corpus: Path, data_dir: Path, words: set[str], train_words: set[str]) -> None:
+    """data/local/dict, a stage of its own (its record in data/local/import_dictionary): a copy of
+    DIR/local/dict, or CMUdict's pronunciations of ``words``. Its fingerprint is its source and
+    train's words, so a set added later changes nothing the lang is made from: its new words take
+    their pronunciations in its alignment and decoding langs (the dictionary, then CMUdict)."""
     user_dict = corpus / "local" / "dict"
-    files = {f"{name}/{p.name}": p.read_bytes() for name in names for p in sorted((corpus / name).iterdir()) if p.is_file()}
-    files |= {f"local/dict/{p.name}": p.read_bytes() for p in sorted(user_dict.glob("*")) if p.is_file()}
-    stage = plan("kaldi_data prep", data_dir / "local", cfg, ("lang.silence_phone",),
-                 values={"corpus": digest({k: v.decode("latin-1") for k, v in files.items()}), "sets": names,
-                         "corpus_dir": str(corpus)}, clear=False)
+    stage = plan("kaldi_data dictionary", data_dir / "local" / "import_dictionary", cfg, ("lang.silence_phone",),
+                 values={"source": files_digest(user_dict) if user_dict.is_dir() else "cmudict",
+                         "train_words": digest(sorted(train_words))}, clear=False)
     if stage.up_to_date:
         return
-    words: set[str] = set()
-    for name in names:
-        data = import_data_dir(corpus / name, data_dir / name)
-        words.update(w for t in data.text.values() for w in t.split())
-        log.info("%s: %d utterances, %d speakers", name, len(data.utt2spk), len(data.spk2utt))
     dict_dir = data_dir / "local" / "dict"
     shutil.rmtree(dict_dir, ignore_errors=True)
     if user_dict.is_dir():
@@ -97,12 +116,25 @@ def prepare(cfg) -> None:
         write_text(data_dir / "local" / "words_without_pronunciation.txt", "".join(f"{w}\n" for w in missing))
         log.warning("%d words are not in CMUdict, listed in %s (their utterances will be dropped): %s%s. Give them "
                     "pronunciations in %s/local/dict/lexicon.txt, Kaldi's layout, with nonsilence_phones.txt, silence_phones.txt "
-                    "and optional_silence.txt beside it (data/local/dict is rebuilt from there at every run); with lang.use_cmudict "
-                    "(the default) and CMUdict's phones in nonsilence_phones.txt, words your lexicon lacks still come from CMUdict, "
-                    "so it may hold only these.",
+                    "and optional_silence.txt beside it (stage 0 copies it to data/local/dict; run again with --redo); with "
+                    "lang.use_cmudict (the default) and CMUdict's phones in nonsilence_phones.txt, words your lexicon lacks still "
+                    "come from CMUdict, so it may hold only these.",
                     len(missing), data_dir / "local" / "words_without_pronunciation.txt", " ".join(missing[:20]),
                     f" and {len(missing) - 20} more" if len(missing) > 20 else "", corpus)
-    stage.commit(sets=names, words=len(words), without_pronunciation=missing)
+    stage.commit(words=len(words), without_pronunciation=missing)
+
+
+def prepare(cfg) -> None:
+    """Stage 0: data/<set> for train, the tuning set and the eval sets, each imported as a stage of
+    its own; then data/local/dict."""
+    corpus, data_dir = Path(cfg.corpus_dir).resolve(), Path(cfg.data_dir)
+    names = corpus_sets(cfg)
+    for name in names:
+        if not (corpus / name).is_dir():
+            raise FileNotFoundError(f"{corpus / name}: no such data dir; --corpus-dir must hold train and every set of "
+                                    f"eval_sets / decode.tuning_set ({', '.join(names)})")
+    words = {name: {w for t in import_set(cfg, corpus, data_dir, name).text.values() for w in t.split()} for name in names}
+    prepare_dictionary(cfg, corpus, data_dir, set().union(*words.values()), words["train"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,8 +72,25 @@ def run_dir(an4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def an4() -> Path:
     if AN4 is None:
-        pytest.skip("AN4 not found: set AN4_DIR, put it in ../shared/corpora/an4, or run recipes/an4/run.sh once (it downloads it)")
+        pytest.skip(AN4_MISSING)
     return AN4
+
+
+AN4_MISSING = "AN4 not found: set AN4_DIR, put it in ../shared/corpora/an4, or run recipes/an4/run.sh once (it downloads it)"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under CI (CI set, as CI services do), AN4 must be there: a suite that skipped every
+    end-to-end test would otherwise report green."""
+    if AN4 is None and os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.exit(f"CI is set and {AN4_MISSING}; the end-to-end tests would all skip", returncode=1)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Say loudly how many tests skipped for want of AN4 (the end-to-end ones), not one 's' each."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if AN4_MISSING in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep("!", f"{len(skipped)} end-to-end tests SKIPPED: {AN4_MISSING}", red=True, bold=True)
 
 
 def make_mini_an4(an4: Path, dest: Path, train_speakers: int, test_speakers: int) -> Path:
@@ -104,3 +121,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if {"an4", "run_dir"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
+
+
+def assert_drawn(png: Path, min_size: int = 200) -> None:
+    """A figure that was drawn: a PNG that opens, at least ``min_size`` pixels each way, with ink on it
+    (its pixels are not one color), not merely a file of some size."""
+    import numpy as np
+    from matplotlib import image
+
+    pixels = image.imread(png)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) >= min_size, (png, pixels.shape)
+    assert len(np.unique(pixels.reshape(-1, pixels.shape[2]), axis=0)) > 2, f"{png}: a blank figure"
+
+
+def assert_p_above_zero_agrees(summary: dict) -> None:
+    """P(> 0) of a paired difference against its own interval: above 1 - (1 - confidence) / 2 when the
+    interval is above 0, below (1 - confidence) / 2 when below, and between the two when it holds 0, at
+    95% confidence (a P(> 0) that ignored the replicates, or their sign, fails one of these)."""
+    lo, hi = summary["ci"]
+    p = summary["p_above_zero"]
+    if lo > 0:
+        assert p >= 0.97, summary
+    elif hi < 0:
+        assert p <= 0.03, summary
+    else:  # quantiles interpolate between replicates: a little slack at the ends
+        assert 0.02 <= p <= 0.98 or lo == 0 or hi == 0, summary

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from asrkd.kaldi.decode import (check_scores, choice_margin, choose_weights, log_priors, out_of_vocabulary, transition_id_matrix, unseen_sentences,
                                 utterance_errors, word_error_rate)
-from asrkd.kaldi.graph import lm_exclusions, lm_vocabulary
+from asrkd.kaldi.graph import NO_PRONUNCIATION, lm_exclusions, lm_vocabulary, lm_words_left_out
 from asrkd.report import choice_line, out_of_vocabulary_line
 
 
@@ -32,6 +32,9 @@ def test_sweep_choice_is_the_dev_best_pair() -> None:
     hyps = {(8.0, 0.0): {"a": "ONE", "b": "THREE"}, (10.0, 0.5): dict(refs), (12.0, 0.0): {"a": "ONE TWO TWO", "b": "THREE"}}
     best, dev_wer = choose_weights(refs, hyps)
     assert best == (10.0, 0.5) and dev_wer[best] == 0.0 and dev_wer[(8.0, 0.0)] == pytest.approx(1 / 3)
+    # a tie is broken towards the smallest LM weight, then the smallest penalty (the rule the report states)
+    tied = {(12.0, 0.0): dict(refs), (9.0, 0.5): dict(refs), (9.0, 0.0): dict(refs), (8.0, 0.0): {"a": "ONE", "b": "THREE"}}
+    assert choose_weights(refs, tied)[0] == (9.0, 0.0)
 
 
 def test_the_choice_says_its_margin_in_word_errors_and_calls_two_or_fewer_a_tie() -> None:
@@ -113,8 +116,30 @@ def test_the_oov_rate_counts_reference_words_the_lm_cannot_output(tmp_path: Path
     oov = out_of_vocabulary({"a": "ONE TWO THREE", "b": "THREE FOUR ONE"}, vocabulary | {"TWO"})
     assert (oov["tokens"], oov["oov_tokens"], oov["oov_types"]) == (6, 3, 2)
     assert oov["oov_rate"] == pytest.approx(0.5) and list(oov["oov_words"]) == ["THREE", "FOUR"]  # most frequent first
-    assert out_of_vocabulary_line({"test": oov}).endswith("test 50.00% of 6 words (2 word types: THREE FOUR).")
+    assert out_of_vocabulary_line({"test": oov}).endswith("test 50.00% of 6 words (2 word types: THREE FOUR; 2 not in the LM).")
+    # by cause: a word the LM has but make-graph left out (no pronunciation) is told apart from one the LM lacks
+    why = {"THREE": "in the LM, without a usable pronunciation (in neither the corpus dictionary nor CMUdict)"}
+    oov = out_of_vocabulary({"a": "ONE TWO THREE", "b": "THREE FOUR ONE"}, vocabulary, why)
+    assert {cause: (c["tokens"], c["types"], list(c["words"])) for cause, c in oov["causes"].items()} == {
+        why["THREE"]: (2, 1, ["THREE"]), "not in the LM": (2, 2, ["TWO", "FOUR"])}
+    assert out_of_vocabulary_line({"test": oov}).endswith(f"(3 word types: THREE TWO FOUR; 1 {why['THREE']}; 2 not in the LM).")
 
+
+
+def test_an_lm_word_left_out_of_the_graph_keeps_make_graphs_reason(tmp_path: Path) -> None:
+    """The LM's words outside words.txt are told apart from words the LM lacks: each with the reason
+    make-graph recorded (none recorded: without a usable pronunciation); the LM's other words are not listed."""
+    from asrkd.stage import plan
+
+    cfg = graph_cfg(tmp_path)
+    stage = plan("make-graph", tmp_path / "exp" / "graph", cfg, ["seed"])
+    (tmp_path / "exp" / "graph" / "lm_2gram.arpa").write_text(ARPA)
+    (tmp_path / "exp" / "graph" / "words.txt").write_text("<eps> 0\nONE 1\nTHREE 2\n#0 3\n<s> 4\n</s> 5\n")
+    stage.commit(lm_words_left_out={"TWO": "in neither the corpus dictionary nor CMUdict"})
+    assert lm_words_left_out(cfg) == {"TWO": f"{NO_PRONUNCIATION} (in neither the corpus dictionary nor CMUdict)"}
+    oov = out_of_vocabulary({"a": "ONE TWO FOUR"}, lm_vocabulary(cfg), lm_words_left_out(cfg))
+    assert {cause: list(c["words"]) for cause, c in oov["causes"].items()} == {
+        f"{NO_PRONUNCIATION} (in neither the corpus dictionary nor CMUdict)": ["TWO"], "not in the LM": ["FOUR"]}
 
 def test_the_lm_leaves_out_the_tuning_sets_sentences_whichever_set_tunes(tmp_path: Path) -> None:
     dev = tmp_path / "data" / "dev"
@@ -122,3 +147,52 @@ def test_the_lm_leaves_out_the_tuning_sets_sentences_whichever_set_tunes(tmp_pat
     (dev / "text").write_text("dev-1 ONE TWO\ndev-2 TWO\n")
     assert lm_exclusions(graph_cfg(tmp_path, "dev")) == {"dev-1", "dev-2"}
     assert lm_exclusions(OmegaConf.merge(graph_cfg(tmp_path, "dev"), {"graph": {"lm_exclude_valid": False}})) == set()
+
+
+
+def test_the_tiny_runs_lm_never_saw_the_validation_speakers_sentences(run_dir: Path) -> None:
+    """decode.tuning_set=valid (the default): the LM was trained on train's transcripts less the
+    validation speakers' (data.split_by_speaker, a second route), as its record and its text show."""
+    import json
+
+    from asrkd.data import DataDir, split_by_speaker
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(run_dir)
+    train = DataDir.read(run_dir / "data" / "train")
+    valid = set(split_by_speaker(train, float(cfg.train.valid_fraction), int(cfg.seed))[1])
+    summary = json.loads((run_dir / "exp" / "graph" / "stage.json").read_text())["summary"]
+    assert valid and summary["lm_sentences"] + summary["lm_sentences_dropped"] == len(train.text) - len(valid & set(train.text))
+
+def test_the_oov_warning_fires_above_its_threshold_with_each_causes_fix(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On the tiny run (its test set holds words the training transcripts lack): a threshold under the
+    test set's rate warns, naming the words, their cause and the fix; one above it stays silent."""
+    import logging
+
+    from asrkd.evaluate import out_of_vocabulary_by_set
+
+    from .conftest import tiny_config
+
+    rate = out_of_vocabulary_by_set(tiny_config(run_dir))["test"]
+    assert rate["oov_rate"] > 0 and list(rate["causes"]) == ["not in the LM"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asrkd.evaluate"):
+        out_of_vocabulary_by_set(tiny_config(run_dir, f"decode.oov_warning={rate['oov_rate'] * 0.99}"))
+    warned = [r.getMessage() for r in caplog.records if "can never be recognised" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"test: {100 * rate['oov_rate']:.1f}% of its reference words")
+    assert next(iter(rate["causes"]["not in the LM"]["words"])) in warned[0] and "graph.lm_arpa=YOUR.arpa" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asrkd.evaluate"):
+        out_of_vocabulary_by_set(tiny_config(run_dir, f"decode.oov_warning={min(1.0, rate['oov_rate'] * 1.01)}"))
+    assert not [r for r in caplog.records if "can never be recognised" in r.getMessage()]
+
+
+def test_the_priors_are_floored_and_renormalized() -> None:
+    """log P(pdf) = log(max(count / total, floor) / sum of those): a pdf the alignment never saw gets
+    the floor's prior, not log 0 (which would make its scaled likelihood infinite), by hand."""
+    counts = np.array([6.0, 0.0, 3.0, 1.0])
+    floor = 0.05
+    floored = np.maximum(counts / counts.sum(), floor)
+    np.testing.assert_allclose(log_priors(counts, floor), np.log(floored / floored.sum()), rtol=1e-12)
+    assert np.isfinite(log_priors(counts, floor)).all() and log_priors(counts, floor)[1] == pytest.approx(np.log(0.05 / 1.05))

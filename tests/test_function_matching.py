@@ -20,7 +20,7 @@ from asrkd.experiments import function_matching
 from asrkd.nnet import ensemble, train
 from asrkd.nnet.views import View, ViewSpec, draw
 
-from .conftest import REPO, tiny_config
+from .conftest import REPO, assert_drawn, tiny_config
 from .test_reliability import clone, state_dicts_equal
 
 ALL = ViewSpec(freq_masks=2, freq_width=8, time_masks=2, time_width=4, noise_std=0.3, mixup_alpha=0.4, seed=5)
@@ -115,7 +115,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     assert valid["all"] == result["rows"]["all x1 consistent"]["frame_accuracy"]["valid"]
     said = "The headline view (all) is the best of them." if choice["best_on_valid"] == "all" else "The headline view (all) is not the best: clean is"
     assert said in (root / "results" / "function_matching.md").read_text()
-    assert (root / "results" / "function_matching.png").stat().st_size > 0
+    assert_drawn(root / "results" / "function_matching.png")
     assert np.isfinite(headline["minus_control"]["estimate"])
     effect = result["views_effect"]  # each control against the plain baseline, and whether it moves by half the teacher's gain
     assert set(effect["controls_above_half_the_gain"]) == {"all x1 hard", "all x2 hard", "clean x1 hard"}

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,8 @@ def test_generic_recipe_scores_two_eval_sets_end_to_end(run_dir: Path, tmp_path:
     assert wer["tuning_set"] == "dev" and "sweep_dev_wer" in wer and set(wer["utterance_errors"]) == {"dev", "test"}
     table = (work / "exp" / "report" / "report.md").read_text()
     assert "| frame acc. dev [95% CI] | frame acc. test [95% CI] | WER dev [95% CI] | WER test [95% CI] | LMWT |" in table
+    order = report["config"]["graph"]["lm_order"]  # the report names the LM that decoded
+    assert f"HCLG with a {order}-gram LM trained on train's transcripts, the tuning set's sentences left out)" in table
 
     # a set that comes later: features, the trained GMM's alignment, then decoded and scored; nothing retrained
     dev = DataDir.read(work / "data" / "dev")
@@ -114,6 +118,7 @@ def test_generic_recipe_scores_two_eval_sets_end_to_end(run_dir: Path, tmp_path:
     # (data/lang and the acoustic models stay as they are), the OOV rate it reports falls to 0 and so does the WER
     before = report["out_of_vocabulary"]["test"]
     assert before["oov_rate"] > 0 and report["systems"]["baseline"]["wer"]["test"] > 0
+    assert list(before["causes"]) == ["not in the LM"] and before["causes"]["not in the LM"]["types"] == before["oov_types"]
     user_text = [t for name in ("train", "test") for t in DataDir.read(work / "data" / name).text.values()]
     user_dir = tmp_path / "user_lm"
     user_dir.mkdir()
@@ -126,6 +131,7 @@ def test_generic_recipe_scores_two_eval_sets_end_to_end(run_dir: Path, tmp_path:
             (("lang", "data/lang"), ("gmm", "exp/tri"), ("dnn", "exp/dnn/baseline"))} == records
     user = json.loads((work / "exp" / "report" / "report.json").read_text())
     assert before["oov_words"] and user["out_of_vocabulary"]["test"]["oov_rate"] == 0.0
+    assert user["lm"] == f"the ARPA LM {arpa} (3-gram, graph.lm_arpa)" and user["lm"] in (work / "exp" / "report" / "report.md").read_text()
     assert user["systems"]["baseline"]["wer"]["test"] < baseline["wer"]["test"]
 
 
@@ -158,3 +164,89 @@ def test_a_wav_scp_command_is_read_and_a_failing_one_named(tmp_path: Path) -> No
     assert np.array_equal(read_waveform(f"cat {wav} |", "u1", 16000), read_waveform(str(wav), "u1", 16000))
     with pytest.raises(AudioError, match="utterance u2: the wav.scp command failed"):
         read_waveform(f"cat {tmp_path}/missing.wav |", "u2", 16000)
+
+
+def write_raw_data_dir(directory: Path, utts: dict[str, str]) -> None:
+    """A data dir as a user's tools write it (no validation): utterance -> transcript, speaker 'spk'."""
+    directory.mkdir(parents=True)
+    (directory / "wav.scp").write_text("".join(f"{u} /audio/{u}.wav\n" for u in utts))
+    (directory / "text").write_text("".join(f"{u} {t}\n" if t else f"{u}\n" for u, t in utts.items()))
+    (directory / "utt2spk").write_text("".join(f"{u} spk\n" for u in utts))
+    (directory / "spk2utt").write_text(f"spk {' '.join(utts)}\n")
+
+
+def test_an_empty_transcript_is_a_counted_drop_with_its_fix_and_fatal_only_past_the_limit(tmp_path: Path) -> None:
+    """Stage 0 of the generic recipe: an utterance with no words is left out of the copy, named with
+    its fix in data/local/dropped_<set>.json; a training set losing more than prep.max_drop_fraction
+    stops, a scored set never does."""
+    from asrkd.stage import TooManyDropped
+    from local.kaldi_data import import_data_dir
+
+    source = tmp_path / "corpus" / "data" / "test"
+    write_raw_data_dir(source, {"spk-1": "HELLO", "spk-2": "", "spk-3": "WORLD", "spk-4": ""})
+    with pytest.raises(DataDirError, match="'spk-2' has an empty transcript; give it its words, or remove its text line"):
+        DataDir.read(source)  # any other command: one line with the fix
+    report = tmp_path / "dropped_test.json"
+    data = import_data_dir(source, tmp_path / "data" / "test", 1.0, report)
+    assert data.utt_ids == ["spk-1", "spk-3"] and DataDir.read(tmp_path / "data" / "test").utt_ids == ["spk-1", "spk-3"]
+    dropped = json.loads(report.read_text())
+    assert dropped["total"] == 4 and sorted(dropped["dropped"]) == ["spk-2", "spk-4"]
+    assert "empty transcript" in dropped["dropped"]["spk-2"] and "utils/fix_data_dir.sh" in dropped["dropped"]["spk-2"]
+    with pytest.raises(TooManyDropped, match="dropped 2 of 4 utterances, more than prep.max_drop_fraction=0.05"):
+        import_data_dir(source, tmp_path / "data" / "train", 0.05, tmp_path / "dropped_train.json")
+
+
+def test_a_set_added_later_is_the_recipe_run_again_with_it(run_dir: Path, tmp_path: Path) -> None:
+    """docs/own_corpus.md's way to add a set: put it in DIR, then `run.sh --again -- 'eval_sets=[...,new]'`
+    (the last run's --corpus-dir and overrides remembered, not retyped). Only the new set is imported,
+    featurized, aligned, decoded and scored; the lang, GMM, DNN and the other sets' decodes stay; its
+    utterance without audio is a counted drop, not a stop."""
+    corpus = kaldi_corpus(run_dir, tmp_path)
+    recipe = REPO / "recipes" / "kaldi_data" / "run.sh"
+    work = tmp_path / "repo" / "recipes"  # a copy of the recipe: its exp/ remembers the run
+    (work / "kaldi_data").mkdir(parents=True)
+    shutil.copy2(recipe, work / "kaldi_data" / "run.sh")
+    shutil.copy2(REPO / "recipes" / "stages.sh", work / "stages.sh")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("ASRKD_OUTER_RECIPE", None)
+    run = ["bash", str(work / "kaldi_data" / "run.sh")]
+    first = subprocess.run([*run, "--corpus-dir", str(corpus), "--", "corpus=mine", "eval_sets=[test]", "decode.tuning_set=dev",
+                            "jobs.nj=2", *TINY], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    exp = work / "kaldi_data" / "exp"
+    made = {path: json.loads((exp.parent / path / "stage.json").read_text())["fingerprint"]
+            for path in ("data/lang", "exp/tri", "exp/dnn/baseline", "exp/graph")}
+    decoded = (exp / "decode" / "baseline" / "hyp_test.txt").stat().st_mtime_ns
+
+    dev = DataDir.read(corpus / "dev")
+    later = DataDir(wav_scp={f"late_{u}": w for u, w in dev.wav_scp.items()}, text={f"late_{u}": t for u, t in dev.text.items()},
+                    utt2spk={f"late_{u}": f"late_{s}" for u, s in dev.utt2spk.items()})
+    gone = later.utt_ids[0]
+    later.wav_scp[gone] = str(tmp_path / "no_such.wav")
+    later.write(corpus / "later")
+    again = subprocess.run([*run, "--again", "--", "eval_sets=[test,later]"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {path: json.loads((exp.parent / path / "stage.json").read_text())["fingerprint"] for path in made} == made
+    assert (exp / "decode" / "baseline" / "hyp_test.txt").stat().st_mtime_ns == decoded  # test is not decoded again
+    report = json.loads((exp / "report" / "report.json").read_text())
+    assert report["eval_sets"] == ["test", "later"] and set(report["systems"]["baseline"]["wer"]) >= {"test", "later"}
+    assert report["command"].startswith(f"recipes/kaldi_data/run.sh --corpus-dir {corpus} -- ") and report["command"].endswith(
+        "eval_sets=[test,later]")  # what the run amounted to: the remembered arguments, then the new ones
+    assert report["frame_accuracy_utterances"]["later"]["of"] == len(later.utt_ids)
+    assert report["frame_accuracy_utterances"]["later"]["aligned"] < len(later.utt_ids)  # the one without audio: dropped, counted
+    assert list(json.loads((exp / "feats" / "fbank" / "later" / "dropped.json").read_text())["dropped"]) == [gone]
+
+    # the guide's own LM: an ARPA made with kaldingram as the guide writes it, then stages 5-7 again with it (a path
+    # relative to where the recipe is run); the acoustic model stays
+    (tmp_path / "my_text.txt").write_text("".join(f"{t}\n" for name in ("train", "test") for t in DataDir.read(corpus / name).text.values()))
+    arpa = subprocess.run([sys.executable, "-m", "kaldingram.train", "--ngram-order", "3", "--text", "my_text.txt", "--lm", "lm.arpa"],
+                          cwd=tmp_path, env={**env, "TQDM_DISABLE": "1"}, capture_output=True, text=True)
+    assert arpa.returncode == 0, arpa.stderr[-2000:]
+    own = subprocess.run([*run, "--again", "--stage", "5", "--redo", "--", "graph.lm_arpa=lm.arpa"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert own.returncode == 0, own.stderr[-3000:]
+    made.pop("exp/graph")
+    assert {path: json.loads((exp.parent / path / "stage.json").read_text())["fingerprint"] for path in made} == made
+    report = json.loads((exp / "report" / "report.json").read_text())
+    assert report["lm"] == f"the ARPA LM {tmp_path / 'lm.arpa'} (3-gram, graph.lm_arpa)" and report["eval_sets"] == ["test", "later"]
+    assert report["out_of_vocabulary"]["test"]["oov_rate"] == 0.0  # the user's LM knows the test sentences' words

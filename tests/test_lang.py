@@ -94,3 +94,16 @@ def test_kaldilm_messages_go_to_the_log_not_the_terminal(tmp_path: Path, capfd, 
     with pytest.raises(ValueError, match=r"lm.arpa: kaldilm cannot read it .* line 8 .*Invalid n-gram data line.*graph.lm_arpa"):
         arpa_to_g(arpa, words, tmp_path / "G_bad.fst")
     assert not (tmp_path / "G_bad.fst").exists()
+
+
+def test_kaldingram_progress_bars_stay_off_the_terminal_even_after_tqdm_was_imported(tmp_path: Path, capfd) -> None:
+    """tqdm reads TQDM_DISABLE once, when first imported (here: already, by the suite's imports), so the
+    LM is trained in a process of its own where its bars are off; the ARPA it writes is a 2-gram LM."""
+    import tqdm  # noqa: F401  (imported first, as a long-running command has it)
+
+    from asrkd.kaldi.graph import arpa_order, arpa_unigrams, train_arpa
+
+    arpa = train_arpa(["ONE TWO", "TWO THREE ONE", "ONE"], 2, tmp_path)
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "%|" not in err, err[-500:]
+    assert arpa_order(arpa) == 2 and arpa_unigrams(arpa) == {"ONE", "TWO", "THREE"}

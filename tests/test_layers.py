@@ -24,7 +24,6 @@ LAZY = {
     "kaldi_decoder": "kaldilm hangs when imported before it: graph.py imports it right before kaldilm",
     "kaldilm": "after kaldi_decoder (above)",
     "_kaldifst": "graph.py's one low-level call",
-    "kaldingram": "the LM stage only",
 }
 
 

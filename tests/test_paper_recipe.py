@@ -123,9 +123,10 @@ def test_the_gpu_run_script_runs_the_paper_recipe_from_a_packed_recipe_with_its_
     assert (check["rows"]["bf16"]["stage"]["bf16check_bf16"]["config"]["train.bf16_autocast"],
             check["rows"]["fp32"]["stage"]["bf16check_fp32"]["config"]["train.bf16_autocast"]) == (True, False)
     chosen = report["paper_schedule"]["chosen"]  # stage 1 chose the schedule on validation; the baseline trained on it (TINY's epochs win)
-    assert chosen["lr"] in (0.001, 0.003) and chosen["batch_size"] == 128
+    assert chosen["lr"] in (0.001, 0.003) and chosen["dropout"] in (0.0, 0.2) and chosen["batch_size"] == 128
+    assert [(row["lr"], row["dropout"]) for row in report["paper_schedule"]["candidates"]] == [(0.001, 0.0), (0.003, 0.0), (0.001, 0.2), (0.003, 0.2)]
     baseline = json.loads((recipe_copy / "exp_paper" / "dnn" / "baseline" / "stage.json").read_text())["config"]
-    assert baseline["train.lr"] == chosen["lr"] and baseline["train.epochs"] == 2
+    assert (baseline["train.lr"], baseline["model.dropout"], baseline["train.epochs"]) == (chosen["lr"], chosen["dropout"], 2)
     bench = json.loads((out / "train_throughput.json").read_text())
     assert [run["batch"] for run in bench["runs"]] == [64] and bench["profile"] is None  # batches under 1024 are not profiled
     assert bench["model"] == "2x64" and bench["bf16_autocast"]  # the bench took the overrides given (model=tiny)
@@ -154,9 +155,10 @@ def test_relative_corpus_and_results_dirs_are_read_from_where_the_recipe_is_run(
     (recipe / "run.sh").write_text('. "$(dirname "$0")/../stages.sh"\necho "$corpus_dir|$PWD|$ASRKD_RECIPE_COMMAND|${overrides[*]}"\n')
     (tmp_path / "work").mkdir()
     result = subprocess.run(["bash", str(recipe / "run.sh"), "--corpus-dir", "data/mine", "--", "corpus=mine", "results_dir=results/mine",
-                             "exp_dir=exp"], cwd=tmp_path / "work", capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+                             "exp_dir=exp", "graph.lm_arpa=lm/my.arpa"], cwd=tmp_path / "work", capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     corpus_dir, cwd, command, overrides = result.stdout.strip().split("|")
     assert corpus_dir == str(tmp_path / "work" / "data" / "mine") and cwd == str(recipe)  # not recipes/mine/data/mine
-    # results_dir too (it was written under recipes/mine/results/mine); the recipe's own dirs stay the recipe's
-    assert overrides == f"corpus=mine results_dir={tmp_path / 'work' / 'results' / 'mine'} exp_dir=exp"
-    assert command == "recipes/mine/run.sh --corpus-dir data/mine -- corpus=mine results_dir=results/mine exp_dir=exp"  # as the user typed it
+    # results_dir and the user's ARPA too (results were written under recipes/mine/results/mine); the recipe's own dirs stay the recipe's
+    assert overrides == f"corpus=mine results_dir={tmp_path / 'work' / 'results' / 'mine'} exp_dir=exp graph.lm_arpa={tmp_path / 'work' / 'lm' / 'my.arpa'}"
+    assert command == "recipes/mine/run.sh --corpus-dir data/mine -- corpus=mine results_dir=results/mine exp_dir=exp graph.lm_arpa=lm/my.arpa"  # as typed

@@ -19,7 +19,7 @@ from asrkd.stores import FeatureStore
 from asrkd.stage import TooManyDropped, account_dropped
 from local import an4 as an4_prep
 
-from .conftest import TINY, make_mini_an4
+from .conftest import TINY, assert_drawn, assert_p_above_zero_agrees, make_mini_an4
 
 def test_report_has_frame_accuracy_for_every_set(run_dir: Path) -> None:
     report = json.loads((run_dir / "exp" / "report" / "report.json").read_text())
@@ -94,8 +94,11 @@ def test_bad_input_is_dropped_with_reasons(run_dir: Path) -> None:
 
 
 def test_too_many_dropped_fails_the_stage(tmp_path: Path) -> None:
+    """Past prep.max_drop_fraction a stage fails; at it, it goes on (the limit is the share allowed)."""
     with pytest.raises(TooManyDropped, match="dropped 2 of 10"):
         account_dropped("x", 10, {"a": "utterance a: why", "b": "utterance b: why"}, 0.1, tmp_path / "d.json")
+    account_dropped("x", 10, {"a": "utterance a: why"}, 0.1, tmp_path / "d.json")
+    assert json.loads((tmp_path / "d.json").read_text())["dropped"] == {"a": "utterance a: why"}
 
 
 def test_a_set_only_scored_never_fails_alignment_and_says_what_it_lost(run_dir: Path, tmp_path: Path) -> None:
@@ -194,17 +197,32 @@ DISTILL = ["train.epochs=1", "ensemble.size=2", "distill.temperatures=[1,2]", "d
            "distill.students.compact=[2]", "distill.seeds.dense=2", "distill.seeds.compact=2", "distill.seeds.compact_prior=1", "levers.cross_fitted={name:ensemble_xfit,folds:2}", "levers.student_epochs=[2]"]
 
 
-def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) -> None:
-    from asrkd.experiments import distillation, levers
-    from asrkd.nnet import ensemble
+def ensemble_and_speed_perturbed(run_dir: Path):
+    """What the distillation and 3% tests build on, made here when not yet made (each stage skips
+    when current, so every test runs alone as well as after the others): the baseline's seeds, a
+    2-member ensemble, its soft targets, and train_sp with its features and alignment. Returns the
+    distillation config."""
+    from asrkd.distill import soft_targets
     from asrkd.kaldi import features, perturb
-    from asrkd.distill import soft_targets, student
-    from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
+    from asrkd.nnet import ensemble
 
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, *DISTILL])
     train.run(load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "train.seeds=${distill.seeds.dense}"]))
     ensemble.run(cfg)
     soft_targets.run(cfg)
+    perturb.run(cfg)
+    sp = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "features.sets=[${perturb.source}_sp]"])
+    features.run(sp)
+    gmm.run_align(sp)
+    return cfg
+
+
+def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) -> None:
+    from asrkd.experiments import distillation, levers
+    from asrkd.distill import student
+    from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
+
+    cfg = ensemble_and_speed_perturbed(run_dir)
     store = SoftTargetStore.load(store_dir(cfg, 2.0), current_checksum(run_dir / "exp", "train"))
     sharp = SoftTargetStore.load(store_dir(cfg, 1.0), current_checksum(run_dir / "exp", "train"))
     np.testing.assert_allclose(np.asarray(store.dense[:100], dtype=np.float32).sum(1), 1.0, atol=2e-2)
@@ -235,7 +253,7 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
     for name in ("baseline", "ensemble", "distilled"):
         lo, hi = systems[name]["frame_accuracy_ci"]["test"]
         assert lo <= systems[name]["frame_accuracy"]["test"] <= hi and len(systems[name]["wer_ci"]["test"]) == 2
-    assert 0 <= result["differences"]["ensemble − baseline"]["frame_accuracy"]["p_above_zero"] <= 1
+    assert_p_above_zero_agrees(result["differences"]["ensemble − baseline"]["frame_accuracy"])
     forms = {row["form"]: row for row in result["compact_forms"]}
     assert set(forms) == {"topk", "compact", "compact_prior"} and forms["compact"]["seeds"] == 2 and forms["compact_prior"]["seeds"] == 1
     assert forms["compact"]["bytes_per_frame"] <= 0.05 * forms["compact"]["dense_fp32_bytes_per_frame"]  # distill.compact.budget
@@ -244,15 +262,11 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
     assert "scoring ms / 1000 frames" in (run_dir / "exp" / "report" / "distillation.md").read_text()
     assert set(result["levers"]) == {"train"}  # the reference only: no other lever trained yet
     for name in ("distillation_curves.png", "distillation_temperature.png"):
-        assert (run_dir / "exp" / "report" / name).stat().st_size > 10_000
+        assert_drawn(run_dir / "exp" / "report" / name)
     markdown = (run_dir / "exp" / "report" / "distillation.md").read_text()
     assert "| 2x ensemble |" in markdown and "∞ (logit matching)" in markdown and "P(> 0)" in markdown
     assert "| ensemble | 2 x 2x64 | 1 |" in (run_dir / "exp" / "report" / "report.md").read_text()
 
-    perturb.run(cfg)
-    sp = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "features.sets=[${perturb.source}_sp]"])
-    features.run(sp)
-    gmm.run_align(sp)
     levers.EXPERIMENT.train(cfg)
     levers.EXPERIMENT.decode(cfg)
     distillation.EXPERIMENT.publish(cfg)
@@ -264,9 +278,10 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
     assert not list((run_dir / "exp" / "dnn").glob("student_*_train_sp_seed1"))  # levers.seeds = 1: no replicate trained
     assert by_name["cross-fitted"]["teacher"] == "ensemble_xfit" and by_name["epochs 2"]["baselines"] == ["baseline_e2"]  # its own 2-epoch baseline
     for lever in by_name.values():
-        assert len(lever["gain_kept_ci"]) == 2 and 0 <= lever["minus_baseline"]["p_above_zero"] <= 1
+        assert len(lever["gain_kept_ci"]) == 2
+        assert_p_above_zero_agrees(lever["minus_baseline"])
     assert len(train.read_history(run_dir / "exp" / "dnn" / "student_ensemble_T{:g}_dense_e2".format(result["temperature"]))) == 2
-    assert (run_dir / "exp" / "report" / "distillation_levers.png").stat().st_size > 10_000
+    assert_drawn(run_dir / "exp" / "report" / "distillation_levers.png")
 
 
 def test_soft_targets_of_one_teacher_train_a_subset_student(run_dir: Path) -> None:
@@ -314,6 +329,7 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
 def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
     from asrkd.experiments import three_percent
 
+    ensemble_and_speed_perturbed(run_dir)
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "three_percent.fractions=[0.1,0.3]",
                        "three_percent.epochs=2"])
     three_percent.EXPERIMENT.train(cfg)
@@ -321,7 +337,7 @@ def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
     three_percent.EXPERIMENT.publish(cfg)
     report = json.loads((run_dir / "exp" / "report" / "report.json").read_text())["three_percent"]
     rows = {"full_hard", "sub_hard", "sub_hard_early_stop", "sub_soft", "sub_hard_sp", "sub_soft_sp"}
-    # the ensemble test above left T=2 soft targets of a 2-member ensemble (its student is the extra row) and train_sp
+    # T=2 soft targets of a 2-member ensemble (its student is the extra row) and train_sp: ensemble_and_speed_perturbed
     assert set(report["rows"]) == rows | {"sub_soft_ensemble"}
     assert report["fraction"] == 0.1 and [c["fraction"] for c in report["curve"]] == [0.1, 0.3]
     for row in report["rows"].values():
@@ -333,7 +349,7 @@ def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
     assert report["gap_closed_ci"][0] <= report["gap_closed"] <= report["gap_closed_ci"][1]
     assert set(report["curve"][0]["differences"]) == {"sub_soft − sub_hard", "sub_hard_sp − sub_hard", "sub_soft_sp − sub_hard_sp",
                                                      "sub_soft_sp − sub_soft"}
-    assert (run_dir / "exp" / "report" / "three_percent_curves.png").stat().st_size > 10_000
+    assert_drawn(run_dir / "exp" / "report" / "three_percent_curves.png")
     assert "| sub_soft |" in (run_dir / "exp" / "report" / "three_percent.md").read_text()
 
 
@@ -399,6 +415,7 @@ def test_results_lists_every_scored_system_once_as_kaldi_recipes_do(tmp_path: Pa
     listing = (tmp_path / "results" / "RESULTS.md").read_text()
     assert "| baseline | 4x512 | 1 | 6.00% [5.00, 7.00] | 55.00% [54.00, 56.00] |" in listing
     assert "## chains" in listing and "| s (+1 seeds) | 4x512 | 2 |" in listing and listing.count("| baseline |") == 1
+    assert listing.endswith("- systems: m\n- chains: not recorded\n")  # each section's machine and code, as its report names them
 
 
 def test_an_lm_of_ones_own_brings_its_words_into_a_decoding_lang_and_lowers_the_wer(run_dir: Path, tmp_path: Path) -> None:
@@ -426,3 +443,72 @@ def test_an_lm_of_ones_own_brings_its_words_into_a_decoding_lang_and_lowers_the_
     user = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY, f"graph.lm_arpa={arpa}", "redo=true"])
     graph.run(user)
     assert (tmp_path / "exp" / "graph" / "lm.arpa").read_bytes() == arpa.read_bytes() and "TOO" in graph.lm_vocabulary(user)
+
+
+def test_a_record_and_a_report_name_the_commit_of_the_code_that_made_them(tmp_path: Path) -> None:
+    """The commit HEAD names, '+changes' when a tracked file of the code differs from it: after an
+    edit to a tracked file of a scratch clone, its code_commit says so, and a record made there too."""
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-local", str(REPO), str(clone)], check=True)
+    head = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    probe = ("from asrkd.stage import code_commit, plan; from omegaconf import OmegaConf; import json, sys; "
+             "s = plan('probe', sys.argv[1], OmegaConf.create({'seed': 0}), ['seed']); s.commit(); "
+             "print(code_commit(), json.load(open(sys.argv[1] + '/stage.json'))['made_with'])")
+
+    def named(out: Path) -> list[str]:
+        result = subprocess.run([sys.executable, "-c", probe, str(out)], cwd=clone, capture_output=True, text=True,
+                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(clone), "HOME": str(tmp_path)})
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.split()
+
+    assert named(tmp_path / "a") == [head[:12]] * 2
+    shutil.copy2(clone / "conf" / "config.yaml", tmp_path / "config.yaml")
+    (clone / "conf" / "config.yaml").write_text((tmp_path / "config.yaml").read_text() + "\n# an edit\n")
+    assert named(tmp_path / "b") == [f"{head[:12]}+changes"] * 2
+
+
+def test_stats_unit_speaker_reaches_the_bootstrap_of_every_set(run_dir: Path) -> None:
+    """With stats.unit=speaker every replicate gives all utterances of a speaker one weight (whole
+    speakers drawn), for frames and words alike; with utterance the weights differ within a speaker."""
+    from asrkd import evaluate
+    from asrkd.data import DataDir
+
+    from .conftest import tiny_config
+
+    def spread_within_speakers(unit: str) -> float:
+        evaluation = evaluate.Evaluation(tiny_config(run_dir, f"stats.unit={unit}", "stats.replicates=200"))
+        utt2spk = DataDir.read(run_dir / "data" / "test").utt2spk
+        spread = 0.0
+        for boot in (evaluation.frames_by_set["test"], evaluation.words_by_set["test"]):
+            speakers = np.array([utt2spk[u] for u in boot.utt_ids])
+            assert len(set(speakers)) >= 2 and len(speakers) > len(set(speakers))
+            for speaker in set(speakers):
+                weights = boot.weights[:, speakers == speaker]
+                spread = max(spread, float((weights.max(axis=1) - weights.min(axis=1)).max()))
+        return spread
+
+    assert spread_within_speakers("speaker") == 0.0
+    assert spread_within_speakers("utterance") > 0.0
+
+
+def test_the_gmm_trains_without_the_validation_speakers(run_dir: Path) -> None:
+    """The LM weight is chosen on the validation speakers for every system, so the GMM must not train
+    on them: its flat start took train's utterances with features less the validation speakers'
+    (data.split_by_speaker, a second route)."""
+    from asrkd.data import DataDir, split_by_speaker
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(run_dir)
+    data = DataDir.read(run_dir / "data" / "train")
+    with_features = set(FeatureStore.load(run_dir / "exp" / "feats" / "mfcc" / "train").utt_ids)
+    valid = set(split_by_speaker(data, float(cfg.train.valid_fraction), int(cfg.seed))[1]) & with_features
+    assert valid and json.loads((run_dir / "exp" / "mono" / "dropped.json").read_text())["total"] == len(with_features - valid)

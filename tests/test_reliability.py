@@ -95,6 +95,46 @@ def test_an_eval_set_with_new_words_leaves_the_lang_dir_and_the_models_and_is_al
     train.load_system(root / "exp", "baseline", torch.device("cpu"))  # not stale
 
 
+
+def test_prepare_lang_refuses_an_eval_set_spelling_a_training_word_in_another_case(run_dir: Path, tmp_path: Path) -> None:
+    """The stage itself, not only its helper: an eval set's transcript with a training word lower-cased
+    stops prepare-lang before it plans, and the lang dir stays as it was."""
+    root = clone(run_dir, tmp_path, exp=False)
+    text = root / "data" / "test" / "text"
+    utt, words = text.read_text().splitlines()[0].split(" ", 1)
+    word = next(w for w in words.split() if f" {w} " in f" {(root / 'data' / 'train' / 'text').read_text()} ")
+    lines = text.read_text().splitlines()
+    text.write_text("\n".join([f"{utt} {words.replace(word, word.lower(), 1)}", *lines[1:]]) + "\n")
+    record = (root / "data" / "lang" / "stage.json").read_bytes()
+    with pytest.raises(ValueError, match=f"spelled in two cases across .*: {word}/{word.lower()}"):
+        lang.run(tiny_config(root, "redo=true"))
+    assert (root / "data" / "lang" / "stage.json").read_bytes() == record
+
+
+def test_the_align_stage_stops_past_max_drop_fraction_on_a_set_that_trains_and_never_on_a_scored_one(run_dir: Path, tmp_path: Path) -> None:
+    """A data dir a quarter of whose transcripts the audio cannot hold (a sentence said 40 times over:
+    more HMM states than frames, no alignment): aligned as a set that is not scored (as train is),
+    the stage stops past prep.max_drop_fraction; named in eval_sets, the same drops are counted and listed."""
+    root = clone(run_dir, tmp_path)
+    test = DataDir.read(root / "data" / "test")
+    broken = test.utt_ids[: max(2, len(test.utt_ids) // 4)]
+    DataDir(wav_scp=dict(test.wav_scp), utt2spk=dict(test.utt2spk),
+            text={u: (" ".join([t] * 40) if u in broken else t) for u, t in test.text.items()}).write(root / "data" / "heard")
+    features.run(tiny_config(root, "features.sets=[heard]", "jobs.nj=1"))
+    with pytest.raises(TooManyDropped, match=f"align heard: dropped {len(broken)} of {len(test.utt_ids)} utterances, more than "
+                                             "prep.max_drop_fraction=0.05"):
+        gmm.run_align(tiny_config(root, "features.sets=[heard]", "jobs.nj=1"))
+    gmm.run_align(tiny_config(root, "features.sets=[heard]", "eval_sets=[test,heard]", "jobs.nj=1"))
+    listed = json.loads((root / "exp" / "tri" / "ali_heard" / "dropped.json").read_text())
+    assert sorted(listed["dropped"]) == broken and listed["total"] == len(test.utt_ids)
+    # frame accuracy on the set is over the utterances it aligned: the same audio and transcripts as test's others,
+    # so it is test's per-utterance counts summed over those (a second route), never counting the dropped ones' frames
+    scored = evaluate.FrameScorer(tiny_config(root, "eval_sets=[test,heard]")).score("baseline", {})
+    kept = {u: counts for u, counts in scored["test"]["utterances"].items() if u not in broken}
+    assert sorted(scored["heard"]["utterances"]) == sorted(kept)
+    correct, frames = (sum(counts[i] for counts in kept.values()) for i in (0, 1))
+    assert scored["heard"]["frames"] == frames and scored["heard"]["frame_accuracy"] == pytest.approx(correct / frames, abs=1e-12)
+
 def test_new_words_in_train_make_the_lang_dir_and_everything_built_on_it_stale(run_dir: Path, tmp_path: Path) -> None:
     root = clone(run_dir, tmp_path)
     text = root / "data" / "train" / "text"

@@ -66,6 +66,34 @@ def test_the_deepest_exit_teaches_without_being_taught() -> None:
     assert features[-1].grad is None and features[0].grad is not None and logits[0].grad is not None
 
 
+
+def test_the_byot_loss_is_its_formula_with_the_t_squared_kd_term() -> None:
+    """The value for kd_weight w, T and hint weight h, written out by hand (numpy, float64): the deepest
+    exit's CE + for the shallow exit (1 - w) CE + w T^2 sum_k q_k (-log p_k(T)) + h mean squared feature
+    distance. A kd term without its T^2 (or at T = 1 inside) changes the value by far more than the tolerance."""
+    import numpy as np
+
+    torch.manual_seed(1)
+    logits = [torch.randn(5, 4) * 3 for _ in range(2)]
+    features = [torch.randn(5, 6) for _ in range(2)]
+    hard = torch.tensor([0, 3, 1, 2, 1])
+    T, w, h = 4.0, 0.3, 0.2
+
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    shallow, deep = (z.double().numpy() for z in logits)
+    rows = np.arange(5)
+    ce = lambda z: -log_softmax(z)[rows, hard.numpy()].mean()  # noqa: E731
+    q = np.exp(log_softmax(deep / T))
+    kd = -(q * log_softmax(shallow / T)).sum(axis=1).mean()
+    hint = ((features[0].double().numpy() - features[1].double().numpy()) ** 2).mean()
+    expected = ce(deep) + (1 - w) * ce(shallow) + w * T**2 * kd + h * hint
+    assert abs(kd * (T**2 - 1) * w) > 0.05  # the T^2 factor matters at this T: a loss without it misses by this much
+    value = self_distillation_loss(logits, features, hard, T, w, h).item()
+    assert value == pytest.approx(expected, rel=1e-5)
+
 def test_self_distillation_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path) -> None:
     from asrkd.experiments import self_distillation
     from asrkd.nnet import train

@@ -88,3 +88,20 @@ def test_a_store_too_large_for_the_dense_form_keeps_the_top_k_form_alone(tmp_pat
     (agree_full, mass_full), (agree_alone, mass_alone) = (store.label_agreement(frames, labels) for store in (full, alone))
     assert agree_full == agree_alone >= 25
     assert mass_full - float(np.asarray(alone.residual, dtype=np.float32).sum()) - 1e-2 <= mass_alone <= mass_full + 1e-2
+
+
+def test_the_soft_targets_are_the_members_average_softmax_at_t() -> None:
+    """Hinton et al.'s ensemble targets: the arithmetic mean of the members' softmax(z/T), written out
+    by hand in numpy; it differs from the softmax of the members' mean logits (a geometric mean)."""
+    from asrkd.nnet.model import average_softmax
+
+    rng = np.random.default_rng(0)
+    member_logits = rng.normal(size=(3, 4, 6)) * 4  # members, frames, pdfs
+    T = 2.0
+    exp = np.exp(member_logits / T - (member_logits / T).max(-1, keepdims=True))
+    by_hand = (exp / exp.sum(-1, keepdims=True)).mean(0)
+    got = average_softmax(torch.from_numpy(member_logits), T).numpy()
+    np.testing.assert_allclose(got, by_hand, rtol=1e-6)
+    mean_logits = member_logits.mean(0) / T
+    geometric = np.exp(mean_logits - mean_logits.max(-1, keepdims=True))
+    assert np.abs(geometric / geometric.sum(-1, keepdims=True) - by_hand).max() > 0.01  # the two rules differ here

@@ -1,18 +1,20 @@
 """The paper network's schedule, chosen on the validation speakers (never on test): run_paper.sh stage 1.
 
 51M parameters (8 x 2560) on AN4's 0.7 h over-fit within a few epochs, so the schedule the
-paper-size models train with (learning rate, batch size, epochs) is chosen first, by a short
-sweep: one candidate per ``paper_schedule.learning_rates`` at ``paper_schedule.batch_size``
-frames a step, each trained with early stopping (``paper_schedule.patience`` epochs without a
-better validation frame accuracy, at most ``paper_schedule.epochs``). The candidate with the best
-validation frame accuracy is the schedule: its learning rate and batch size, and as epochs the
-epoch of its best validation accuracy (the one the report names; a run of that many epochs ends
-there). Every candidate's train and validation curves are in the report: where validation turns
-is where over-fitting starts.
+paper-size models train with (learning rate, dropout, batch size, epochs) is chosen first, by a
+short sweep: one candidate per ``paper_schedule.learning_rates`` and ``paper_schedule.dropouts``
+(every rate at every dropout) at ``paper_schedule.batch_size`` frames a step, each trained with
+early stopping (``paper_schedule.patience`` epochs without a better validation frame accuracy,
+at most ``paper_schedule.epochs``). The candidate with the best validation frame accuracy is the
+schedule: its learning rate, dropout and batch size, and as epochs the epoch of its best
+validation accuracy (the one the report names; a run of that many epochs ends there). Every
+candidate's train and validation curves are in the report: where validation turns is where
+over-fitting starts. The paper's network has no dropout; on AN4's 0.7 h it may need some (the
+4x512 does), and the sweep says so on validation.
 
 Commands: ``train-paper-schedule`` and ``report-paper-schedule`` (frame accuracy only: no decode).
-The candidates are ``exp/dnn/schedule_lr<rate>_b<batch>`` of the config's model (the recipe's
-``model=paper``, bf16 autocast on a CPU with bf16 matrix units).
+The candidates are ``exp/dnn/schedule_lr<rate>_b<batch>[_drop<dropout>]`` of the config's model
+(the recipe's ``model=paper``, bf16 autocast on a CPU with bf16 matrix units).
 """
 
 from __future__ import annotations
@@ -32,29 +34,37 @@ from asrkd.report import machine, percent, recipe_command, saved_figure
 from asrkd.stage import StageError, cpu_description, cpu_flags, input_record
 
 
-def candidate_cfg(cfg, rate: float):
-    """The config one candidate trains with: the sweep's batch, rate, ceiling and patience."""
+def candidates(cfg) -> list[tuple[float, float]]:
+    """(learning rate, dropout) of every candidate: each rate at each dropout, in that order."""
+    return [(float(rate), float(dropout)) for dropout in cfg.paper_schedule.dropouts for rate in cfg.paper_schedule.learning_rates]
+
+
+def candidate_cfg(cfg, rate: float, dropout: float):
+    """The config one candidate trains with: the sweep's batch, rate, dropout, ceiling and patience
+    (named without a dropout where it has none, as the sweep's first candidates were)."""
     scfg = cfg.paper_schedule
-    return OmegaConf.merge(cfg, {"train": {"name": f"schedule_lr{rate:g}_b{int(scfg.batch_size)}", "lr": float(rate),
-                                           "batch_size": int(scfg.batch_size), "epochs": int(scfg.epochs),
-                                           "patience": int(scfg.patience), "seeds": 1}})
+    name = f"schedule_lr{rate:g}_b{int(scfg.batch_size)}" + (f"_drop{dropout:g}" if dropout else "")
+    return OmegaConf.merge(cfg, {"train": {"name": name, "lr": rate, "batch_size": int(scfg.batch_size), "epochs": int(scfg.epochs),
+                                           "patience": int(scfg.patience), "seeds": 1},
+                                 "model": {"dropout": dropout}})
 
 
 def systems(cfg) -> list[System]:
-    return [System(str(candidate_cfg(cfg, rate).train.name), "model") for rate in cfg.paper_schedule.learning_rates]
+    return [System(str(candidate_cfg(cfg, *candidate).train.name), "model") for candidate in candidates(cfg)]
 
 
 def train(cfg) -> None:
     """Each candidate, one after another (each resumes from its last complete epoch)."""
-    for rate in cfg.paper_schedule.learning_rates:
-        train_dnn.run(candidate_cfg(cfg, rate))
+    for candidate in candidates(cfg):
+        train_dnn.run(candidate_cfg(cfg, *candidate))
 
 
 def candidate_row(exp: Path, system: str) -> dict:
     history = read_history(Layout(exp).model(system))
     record = input_record(Layout(exp).model(system))
     best = record["summary"]["best_epoch"]  # train_stage's: the epoch of the best validation accuracy
-    return {"system": system, "lr": record["config"]["train.lr"], "batch_size": record["config"]["train.batch_size"],
+    return {"system": system, "lr": record["config"]["train.lr"], "dropout": record["config"]["model.dropout"],
+            "batch_size": record["config"]["train.batch_size"],
             "bf16_autocast": record["config"]["train.bf16_autocast"], "epochs_trained": len(history), "best_epoch": best,
             "valid_frame_accuracy": history[best]["valid_frame_accuracy"], "valid_cross_entropy": history[best]["valid_cross_entropy"],
             "train_frame_accuracy": history[best]["train_frame_accuracy"],
@@ -67,7 +77,7 @@ def plot_curves(result: dict, out: Path) -> None:
     with saved_figure(out, (7, 4), "epoch", "frame accuracy", f"{result['model']}: the schedule sweep (train dashed, validation solid)") as ax:
         for row in result["candidates"]:
             epochs = [c["epoch"] for c in row["curves"]]
-            line, = ax.plot(epochs, [c["valid_frame_accuracy"] for c in row["curves"]], marker="o", label=f"lr {row['lr']:g}, batch {row['batch_size']}")
+            line, = ax.plot(epochs, [c["valid_frame_accuracy"] for c in row["curves"]], marker="o", label=f"lr {row['lr']:g}, dropout {row['dropout']:g}, batch {row['batch_size']}")
             ax.plot(epochs, [c["train_frame_accuracy"] for c in row["curves"]], linestyle="--", color=line.get_color())
 
 
@@ -76,13 +86,13 @@ def markdown(result: dict) -> str:
     lines = [f"# The paper network's schedule on AN4 ({result['model']}), chosen on validation", "",
              f"Candidates trained with early stopping (patience {result['patience']} epochs, at most {result['epochs']}); "
              "frame accuracy on the validation speakers (held out of training and of the GMM), never on test.", "",
-             "| lr | batch | bf16 | epochs trained | best epoch | valid frame acc. | valid CE | train frame acc. (sample) | frames/s | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| lr | dropout | batch | bf16 | epochs trained | best epoch | valid frame acc. | valid CE | train frame acc. (sample) | frames/s | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["candidates"]:
-        lines.append(f"| {row['lr']:g} | {row['batch_size']} | {row['bf16_autocast']} | {row['epochs_trained']} | {row['best_epoch']} | "
+        lines.append(f"| {row['lr']:g} | {row['dropout']:g} | {row['batch_size']} | {row['bf16_autocast']} | {row['epochs_trained']} | {row['best_epoch']} | "
                      f"{percent(row['valid_frame_accuracy'])} | {row['valid_cross_entropy']:.3f} | {percent(row['train_frame_accuracy'])} | "
                      f"{row['frames_per_second']:,.0f} | {row['minutes']:.1f} |")
-    lines += ["", f"**Chosen**: lr {chosen['lr']:g}, batch {chosen['batch_size']}, {chosen['epochs']} epochs (the best validation epoch "
+    lines += ["", f"**Chosen**: lr {chosen['lr']:g}, dropout {chosen['dropout']:g}, batch {chosen['batch_size']}, {chosen['epochs']} epochs (the best validation epoch "
               f"{chosen['epochs'] - 1} of the best candidate, counted from 0). One seed per candidate: a single-seed choice.", "",
               f"Command: `{result['command']}`. Machine: {result['machine']}.", ""]
     return "\n".join(lines)
@@ -95,7 +105,7 @@ def report(cfg) -> Report:
     scfg = cfg.paper_schedule
     result = {"model": f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}", "candidates": rows,
               "patience": int(scfg.patience), "epochs": int(scfg.epochs),
-              "chosen": {"lr": best["lr"], "batch_size": best["batch_size"], "epochs": best["best_epoch"] + 1, "system": best["system"]},
+              "chosen": {"lr": best["lr"], "dropout": best["dropout"], "batch_size": best["batch_size"], "epochs": best["best_epoch"] + 1, "system": best["system"]},
               "command": recipe_command("asrkd train-paper-schedule"), "machine": machine(cfg)}
     return Report(result, markdown(result), {"paper_schedule.png": plot_curves})
 
@@ -107,7 +117,8 @@ def chosen_overrides(report_path: Path) -> list[str]:
     """The chosen schedule in ``report_path`` (report.json with this section) as overrides: what
     run_paper.sh gives every later stage (the user's own overrides follow, and win)."""
     chosen = json.loads(Path(report_path).read_text())["paper_schedule"]["chosen"]
-    return [f"train.lr={chosen['lr']:g}", f"train.batch_size={chosen['batch_size']}", f"train.epochs={chosen['epochs']}"]
+    return [f"train.lr={chosen['lr']:g}", f"model.dropout={chosen['dropout']:g}", f"train.batch_size={chosen['batch_size']}",
+            f"train.epochs={chosen['epochs']}"]
 
 
 FP32_BENCH = Path(__file__).resolve().parents[2] / "results" / "bench" / "train_throughput_cpu_paper.json"

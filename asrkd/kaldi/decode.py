@@ -173,13 +173,23 @@ def choice_margin(dev_wer: dict[tuple[float, float], float], best: tuple[float, 
             "tie_broken_by": "the smallest LM weight, then insertion penalty, among the lowest WER"}
 
 
-def out_of_vocabulary(refs: dict[str, str], vocabulary: set[str], listed: int = 20) -> dict:
+NOT_IN_LM = "not in the LM"  # a reference word's cause of being out of the vocabulary when make-graph gave none
+
+
+def out_of_vocabulary(refs: dict[str, str], vocabulary: set[str], left_out: dict[str, str] | None = None, listed: int = 20) -> dict:
     """How much of a set's references the decoder cannot output: the share of word tokens outside
-    ``vocabulary`` (the LM's), the number of such word types and the ``listed`` most frequent."""
+    ``vocabulary`` (the LM's), the number of such word types and the ``listed`` most frequent, and
+    the same by cause (``causes``): why the graph lacks each word, from ``left_out`` (the LM's
+    words make-graph left out, with its reason), else not in the LM; each cause has its own fix."""
     counts = Counter(w for text in refs.values() for w in text.split() if w not in vocabulary)
     tokens = sum(len(text.split()) for text in refs.values())
+    causes: dict[str, Counter] = {}
+    for word, n in counts.items():
+        causes.setdefault((left_out or {}).get(word, NOT_IN_LM), Counter())[word] = n
     return {"tokens": tokens, "oov_tokens": sum(counts.values()), "oov_rate": sum(counts.values()) / max(tokens, 1),
-            "oov_types": len(counts), "oov_words": dict(counts.most_common(listed))}
+            "oov_types": len(counts), "oov_words": dict(counts.most_common(listed)),
+            "causes": {cause: {"tokens": sum(words.values()), "types": len(words), "words": dict(words.most_common(listed))}
+                       for cause, words in sorted(causes.items(), key=lambda item: (-sum(item[1].values()), item[0]))}}
 
 
 def unseen_sentences(test_text: dict[str, str], train_text: dict[str, str]) -> list[str]:

@@ -26,7 +26,7 @@ from asrkd.data import data_split, read_table, tuning_set
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.lang import Lang, dictionary_digest, read_symbol_table, with_words
 from asrkd.layout import Layout
-from asrkd.stage import atomic_write, copy_file, file_digest, optional_values, plan, write_text
+from asrkd.stage import atomic_write, copy_file, file_digest, input_record, optional_values, plan, write_text
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +89,51 @@ def lm_vocabulary(cfg) -> set[str]:
     return arpa_unigrams(path) & set(read_symbol_table(Layout.of(cfg).graph / "words.txt"))
 
 
-def train_arpa(sentences: list[str], order: int, out_dir: Path) -> Path:
-    """Kneser-Ney n-gram ARPA via kaldingram (SRILM-compatible discounting)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # kaldingram reports progress through tqdm
-    from kaldingram import train as kaldingram_train
+def arpa_order(path: Path) -> int:
+    """An ARPA file's n-gram order: the highest n its \\data\\ header counts."""
+    with open(path, encoding="utf-8") as arpa:
+        orders = [int(line.split("=")[0].split()[1]) for line in arpa if line.startswith("ngram ")]
+    return max(orders)
 
+
+def lm_description(cfg) -> str:
+    """Which LM the graph decodes with, in words (the report's): the user's ARPA with its order, or
+    the n-gram trained here and on what."""
+    gcfg = cfg.graph
+    if gcfg.lm_arpa:
+        return f"the ARPA LM {gcfg.lm_arpa} ({arpa_order(arpa_path(cfg))}-gram, graph.lm_arpa)"
+    extra = f" and {len(gcfg.lm_text)} text file{'s' if len(gcfg.lm_text) > 1 else ''} (graph.lm_text)" if gcfg.lm_text else ""
+    left_out = ", the tuning set's sentences left out" if gcfg.lm_exclude_valid else ""
+    return f"a {int(gcfg.lm_order)}-gram LM trained on {gcfg.lm_data}'s transcripts{extra}{left_out}"
+
+
+NO_PRONUNCIATION = "in the LM, without a usable pronunciation"
+
+
+def lm_words_left_out(cfg) -> dict[str, str]:
+    """The LM's words the graph cannot output (make-graph left them out of the decoding lang), each
+    with make-graph's reason: no pronunciation in the dictionary or CMUdict, or one on phones
+    outside the acoustic model's phone set."""
+    layout = Layout.of(cfg)
+    outside = arpa_unigrams(arpa_path(cfg)) - set(read_symbol_table(layout.graph / "words.txt"))
+    recorded = input_record(layout.graph)["summary"].get("lm_words_left_out") or {}
+    return {word: f"{NO_PRONUNCIATION} ({recorded[word]})" if word in recorded else NO_PRONUNCIATION for word in sorted(outside)}
+
+
+def train_arpa(sentences: list[str], order: int, out_dir: Path) -> Path:
+    """Kneser-Ney n-gram ARPA via kaldingram (SRILM-compatible discounting), in a process of its
+    own: its tqdm progress bars are off there (tqdm reads TQDM_DISABLE when it is first imported,
+    which in this process was long before), and what it prints goes to the log."""
     text = out_dir / "lm_text.txt"
     write_text(text, "".join(s + "\n" for s in sentences))
     arpa = out_dir / f"lm_{order}gram.arpa"
     with atomic_write(arpa) as tmp:
-        kaldingram_train.main(["--ngram-order", str(order), "--text", str(text), "--lm", str(tmp)])
+        done = subprocess.run([sys.executable, "-m", "kaldingram.train", "--ngram-order", str(order), "--text", str(text), "--lm", str(tmp)],
+                              capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        for line in (done.stdout + done.stderr).splitlines():
+            log.debug("kaldingram: %s", line)
+        if done.returncode != 0:
+            raise RuntimeError(f"kaldingram could not train the LM on {text}: {(done.stderr.strip().splitlines() or ['exit ' + str(done.returncode)])[-1]}")
     return arpa
 
 
@@ -211,4 +246,4 @@ def run(cfg) -> None:
     log.info("make-graph: %s; %d words; HCLG has %d states", f"the LM {user_arpa}" if user_arpa else
              f"{gcfg.lm_order}-gram LM from {len(sentences)} sentences", len(lang.words), hclg.num_states)
     stage.commit(lm_sentences=len(sentences), lm_sentences_dropped=len(dropped), hclg_states=hclg.num_states,
-                 **({"words_added": len(lang.words) - len(trained.words), "lm_words_left_out": sorted(missing)} if lm_files else {}))
+                 **({"words_added": len(lang.words) - len(trained.words), "lm_words_left_out": dict(sorted(missing.items()))} if lm_files else {}))

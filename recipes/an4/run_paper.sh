@@ -15,7 +15,7 @@
 # Stage 1 chooses the schedule (asrkd/experiments/paper_schedule.py: learning rate, batch, epochs);
 # every later stage runs stages of the other recipes with the paper's overrides and that schedule,
 # e.g. stage 3 is `run_distill.sh --stop-stage 5 -- model=paper train.lr=1e-4 exp_dir=exp_paper
-# train.lr=<chosen> train.batch_size=<chosen> train.epochs=<chosen>`; overrides given here follow
+# train.lr=<chosen> model.dropout=<chosen> train.batch_size=<chosen> train.epochs=<chosen>`; overrides given here follow
 # those (bf16 autocast, seeds) and win.
 set -euo pipefail
 
@@ -62,7 +62,7 @@ with_schedule() {
 }
 
 run_stage 0 "link the features, GMM, alignments, graph and the GMM's decode of exp/ into exp_paper/" link_prepared
-run_stage 1 "bf16 against fp32 (4x512, bf16_check.seeds each); the schedule: learning rates at batch paper_schedule.batch_size, early stopping, on the validation speakers" schedule
+run_stage 1 "bf16 against fp32 (4x512, bf16_check.seeds each); the schedule: learning rates x dropouts at batch paper_schedule.batch_size, early stopping, on the validation speakers" schedule
 run_stage 2 "baseline 8x2560 on the chosen schedule, its decode and report (run.sh stages 4-7)" \
   with_schedule run_scheduled "$recipe_dir/run.sh" --stage 4 --stop-stage 7
 run_stage 3 "replicates, ensemble, soft targets, students, decode, Table 1 (run_distill.sh stages 0-5)" \
