@@ -86,6 +86,7 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, f"images.corpus_dir={tmp_path}/corpus", f"results_dir={tmp_path}/results", "images.valid_images=100",
                       "images.lr=0.01",  # six steps an epoch: at 0.001 a net would end where it began, and be refused as having learned nothing
                       "images.big.width=32", "images.big.epochs=2", "images.small.width=16", "images.small.epochs=2",
+                      "images.big_variants.conv.channels=[4,8]", "images.big_variants.conv.width=16",
                       "images.function_matching.epochs=2", "images.seeds=2",
                       "images.widths=[8,16]", "images.temperatures=[2,20]", "images.replicates=200",
                       "images.bias_shifts.stop=2.0", "images.bias_shifts.step=0.5")
@@ -93,13 +94,15 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     images.run_train_nets(cfg)
     images.run_report(cfg)  # stage 2 not run yet: the nets trained so far
     progress = json.loads((tmp_path / "results" / "report.json").read_text())
-    assert progress["complete"] is False and set(progress["rows"]) == {"small_alone", "big", "big_jitter1", "big_light", "teacher_seeds",
-                                                                       "teacher_ensemble"}
+    assert progress["complete"] is False and set(progress["rows"]) == {"small_alone", "big", "big_jitter1", "big_light", "big_conv",
+                                                                       "teacher_seeds", "teacher_ensemble"}
     ensemble = progress["rows"]["teacher_ensemble"]  # the held-out evidence for images.teacher=ensemble
     assert ensemble["nets"] == [progress["teacher"], f"{progress['teacher']}_seed1"] and 0 <= ensemble["held_out_errors"][0] <= 100
     assert f"seeds' average softmax (images.teacher=ensemble) makes {ensemble['held_out_errors'][0]} held-out errors" in (
         tmp_path / "results" / "report.md").read_text()
-    assert progress["teacher"] in {"big", "big_jitter1", "big_light"} and "student_w16_T20_seed1" in progress["missing"]
+    assert progress["teacher"] in {"big", "big_jitter1", "big_light", "big_conv"} and "student_w16_T20_seed1" in progress["missing"]
+    assert " | conv 4-8 (5x5, 2x2 pooling, dropout 0.25) + 1x16, dropout 0.5 (inputs 0), jitter ±2 px | 1 |" in (
+        tmp_path / "results" / "report.md").read_text()  # the conv candidate: no max-norm
     assert progress["rows"]["small_alone"]["seeds"] == 2 and "ci" in progress["rows"]["big_light"]["fewer_than_small_alone"]
     assert f"| {progress['teacher']} (the teacher) |" in (tmp_path / "results" / "report.md").read_text()
     images.run_train_students(cfg)
@@ -115,13 +118,16 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     seed1 = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_seed1" / "stage.json").read_text())
     teacher = report["teacher"]
     compared = {net["name"]: net["held_out_errors"] for net in report["big_nets"]}
-    assert list(compared) == ["big", "big_jitter1", "big_light"] and compared[teacher] == min(compared.values())
-    assert report["seeds"]["big"] == [teacher, f"{teacher}_seed1"] and report["big"]["jitter"] == {"big": 2, "big_jitter1": 1, "big_light": 0}[teacher]
+    assert list(compared) == ["big", "big_jitter1", "big_light", "big_conv"] and compared[teacher] == min(compared.values())
+    assert report["seeds"]["big"] == [teacher, f"{teacher}_seed1"]
+    assert report["big"]["jitter"] == {"big": 2, "big_jitter1": 1, "big_light": 0, "big_conv": 2}[teacher]
+    assert report["teacher_model"] == ("conv" if teacher == "big_conv" else "mlp")
     assert seed1["config"]["teacher"] == f"{teacher}_seed1"  # seed r is taught by big net r, of the teacher's settings
     matching = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_fm_jitter2" / "stage.json").read_text())
     assert matching["config"]["jitter"] == 2 and matching["config"]["train.patience"] == 20
     histories = report["histories"]
-    assert {"big", "big_jitter1", "big_light", f"{teacher}_seed1", "small_alone_seed1", "student_w16_T20_fm_jitter2", "small_jitter2"} <= set(histories)
+    assert {"big", "big_jitter1", "big_light", "big_conv", f"{teacher}_seed1", "small_alone_seed1", "student_w16_T20_fm_jitter2",
+            "small_jitter2"} <= set(histories)
     assert all(len(h["held_out_error_percent"]) == len(h["train_error_percent"]) == h["epochs"] == 2 for h in histories.values())
     assert (tmp_path / "results" / "curves.png").is_file()
     assert rows["left_out"]["errors_on_class"] >= rows["left_out_corrected"]["errors_on_class"] or rows["left_out_corrected"]["bias_shift"] == 0
@@ -160,3 +166,21 @@ def test_a_big_net_variant_may_change_only_the_big_nets_settings(tmp_path: Path)
     cfg = tiny_config(tmp_path, "+images.big_variants.typo={jiter: 1}")
     with pytest.raises(ValueError, match=r"images.big_variants.typo sets jiter: not keys of images.big"):
         images.big_nets(cfg)
+
+
+def test_the_conv_net_trains_in_the_one_loop_and_loads_as_any_model(tmp_path: Path) -> None:
+    """The image experiment's conv big net: logits of the right shape from a batch of 784-pixel frames,
+    a checkpoint that loads back (its kind registered) to the same outputs, and an unknown kind refused."""
+    from asrkd.experiments.images import ConvImageNet
+    from asrkd.nnet.model import model_from_config
+    from asrkd.nnet.train import load_model, save_model
+
+    torch.manual_seed(0)
+    net = ConvImageNet(feat_dim=784, num_pdfs=10, left_context=0, right_context=0, num_hidden_layers=1, hidden_dim=16, dropout=0.5,
+                       channels=[4, 8], kernel=5, conv_dropout=0.25).eval()
+    x = torch.rand(3, 1, 784)
+    assert net(x).shape == (3, 10) and sum(isinstance(m, torch.nn.Conv2d) for m in net.layers) == 2
+    save_model(tmp_path / "best.pt", net, epoch=0)
+    torch.testing.assert_close(load_model(tmp_path / "best.pt", torch.device("cpu")).eval()(x), net(x))
+    with pytest.raises(ValueError, match="model kind 'capsule' is not known here"):
+        model_from_config({**net.config, "kind": "capsule"})

@@ -61,7 +61,7 @@ from asrkd.distill.student import TeacherOnTheFly
 from asrkd.layout import Layout
 from asrkd.report import machine, publish_corpus_report, recipe_command, saved_figure
 from asrkd.stores import FeatureStore, load_array
-from asrkd.nnet.model import HybridDNN, SplicedFrames, average_softmax
+from asrkd.nnet.model import HybridDNN, SplicedFrames, average_softmax, register_model_kind
 from asrkd.parallel import pick_device
 from asrkd.nnet.train import (FrameData, Model, ModelFrames, load_model, model_path, predict_logits, read_history,
                               replicate_name, train_stage)
@@ -230,6 +230,52 @@ class ImageSet:
 # ----------------------------------------------------------------------------- the nets
 
 
+class ConvImageNet(torch.nn.Module):
+    """The image experiment's convolutional big net (``kind: conv``): each of ``channels`` a block of
+    a ``kernel`` x ``kernel`` convolution (same padding), ReLU, 2x2 max pooling and dropout
+    ``conv_dropout``; then ``num_hidden_layers`` dense ReLU layers of ``hidden_dim`` with dropout
+    ``dropout``, and the class logits. It takes what a HybridDNN without context takes (a batch of
+    one "frame" of 784 pixels) and trains and scores through the same loop; its config holds every
+    constructor argument, so its checkpoints load as any model's (:func:`register_model_kind`)."""
+
+    def __init__(self, feat_dim: int, num_pdfs: int, left_context: int, right_context: int, num_hidden_layers: int, hidden_dim: int,
+                 dropout: float = 0.0, channels: list[int] | None = None, kernel: int = 5, conv_dropout: float = 0.0, init: str = "default"):
+        super().__init__()
+        side = int(round(feat_dim ** 0.5))
+        if side * side != feat_dim or left_context or right_context or not channels:
+            raise ValueError(f"a conv net takes square images without context and at least one channel count, got feat_dim={feat_dim}, "
+                             f"context {left_context}+{right_context}, channels {channels}")
+        channels = [int(c) for c in channels]
+        self.config = dict(kind="conv", feat_dim=feat_dim, num_pdfs=num_pdfs, left_context=0, right_context=0,
+                           num_hidden_layers=num_hidden_layers, hidden_dim=hidden_dim, dropout=dropout, channels=channels,
+                           kernel=int(kernel), conv_dropout=float(conv_dropout))
+        self.side = side
+        layers: list[torch.nn.Module] = []
+        previous = 1
+        for count in channels:
+            layers += [torch.nn.Conv2d(previous, count, int(kernel), padding=int(kernel) // 2), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+            if conv_dropout > 0:
+                layers.append(torch.nn.Dropout(float(conv_dropout)))
+            previous, side = count, side // 2
+        layers.append(torch.nn.Flatten())
+        width = previous * side * side
+        for _ in range(num_hidden_layers):
+            layers += [torch.nn.Linear(width, hidden_dim), torch.nn.ReLU()]
+            if dropout > 0:
+                layers.append(torch.nn.Dropout(dropout))
+            width = hidden_dim
+        layers.append(torch.nn.Linear(width, num_pdfs))
+        self.layers = torch.nn.Sequential(*layers)
+
+    def forward(self, spliced: torch.Tensor) -> torch.Tensor:
+        """(B, 1, pixels) -> (B, classes) logits."""
+        return self.layers(spliced.float().reshape(-1, 1, self.side, self.side))
+
+
+register_model_kind("conv", ConvImageNet)
+CONV_KEYS = ("kind", "channels", "kernel", "conv_dropout")  # a big-net variant's keys beyond images.big's: a conv net's
+
+
 def net_config(cfg, width: int, layers: int, dropout: float, schedule, max_norm: float | None = None):
     """The run config of one net: a context-free HybridDNN of ``layers`` x ``width``, the images'
     optimizer, and ``schedule``'s ceiling of epochs, per-epoch decay and patience (each
@@ -246,7 +292,32 @@ def net_config(cfg, width: int, layers: int, dropout: float, schedule, max_norm:
 def big_config(cfg, settings: dict):
     """The run config of a big net of ``settings`` (``images.big`` or one of its variants)."""
     big = OmegaConf.create(settings)
-    return net_config(cfg, int(big.width), int(big.layers), float(big.dropout), big, float(big.max_norm))
+    return net_config(cfg, int(big.width), int(big.layers), float(big.dropout), big, None if big.max_norm is None else float(big.max_norm))
+
+
+def big_network(settings: dict) -> dict | None:
+    """The constructor arguments a big net of ``settings`` adds to its config's model: a conv net's
+    (``kind: conv``), None for the paper's MLP."""
+    if settings.get("kind", "mlp") == "mlp":
+        return None
+    return {"kind": settings["kind"], "channels": list(settings["channels"]), "kernel": int(settings["kernel"]),
+            "conv_dropout": float(settings["conv_dropout"])}
+
+
+def describe_net(settings: dict) -> str:
+    """'2x1200' for an MLP, 'conv 32-64 (5x5, 2x2 pooling, dropout 0.25) + 1x1024' for a conv net."""
+    dense = f"{settings['layers']}x{settings['width']}"
+    if settings.get("kind", "mlp") == "mlp":
+        return dense
+    return (f"conv {'-'.join(str(c) for c in settings['channels'])} ({settings['kernel']}x{settings['kernel']}, 2x2 pooling, "
+            f"dropout {settings['conv_dropout']:g}) + {dense}")
+
+
+def describe_big(settings: dict) -> str:
+    """A big net's shape and regularization, as the report's tables give it."""
+    max_norm = "" if settings["max_norm"] is None else f", max-norm {settings['max_norm']:g}"
+    return (f"{describe_net(settings)}, dropout {settings['dropout']:g} (inputs {settings['input_dropout']:g}), "
+            f"jitter ±{settings['jitter']} px{max_norm}")
 
 
 def small_config(cfg, width: int | None = None, schedule=None):
@@ -297,9 +368,10 @@ def big_nets(cfg) -> dict[str, dict]:
     big = OmegaConf.to_container(cfg.images.big)
     out = {BIG: big}
     for variant, keys in (OmegaConf.to_container(cfg.images.big_variants) if cfg.images.big_variants else {}).items():
-        unknown = sorted(set(keys) - set(big))
+        unknown = sorted(set(keys) - set(big) - set(CONV_KEYS))
         if unknown:
-            raise ValueError(f"images.big_variants.{variant} sets {', '.join(unknown)}: not keys of images.big ({', '.join(big)})")
+            raise ValueError(f"images.big_variants.{variant} sets {', '.join(unknown)}: not keys of images.big ({', '.join(big)}) "
+                             f"nor a conv net's ({', '.join(CONV_KEYS)})")
         out[f"{BIG}_{variant}"] = {**big, **keys}
     return out
 
@@ -350,7 +422,7 @@ def run_train_nets(cfg) -> None:
     def train_big(name: str, replicate: int, settings: dict) -> None:
         shift, input_dropout = int(settings["jitter"]), float(settings["input_dropout"])
         train_stage(big_config(cfg, settings), [Model(f"train-images {name}", Layout(exp).model(name), replicate,
-                                                      values={"jitter": shift, "input_dropout": input_dropout})],
+                                                      values={"jitter": shift, "input_dropout": input_dropout}, network=big_network(settings))],
                     images.with_augment(jitter(shift, input_dropout)))
 
     for replicate in range(int(icfg.seeds)):  # first: cheap, and the row every big net must beat
@@ -621,7 +693,8 @@ def run_report(cfg) -> None:
     result = {"dataset": str(icfg.dataset), "command": recipe_command("asrkd report-images"), "machine": machine(cfg),
               "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
               "patience": int(icfg.patience), "rows": rows, "seeds": seeds, "temperature_width": grid,
-              "teacher": teacher, "teacher_kind": str(icfg.teacher), "big_nets": big_nets_compared,
+              "teacher": teacher, "teacher_kind": str(icfg.teacher), "teacher_model": candidates[teacher].get("kind", "mlp"),
+              "teacher_net": describe_net(candidates[teacher]), "big_nets": big_nets_compared,
               "temperature": temperature, "small_width": width, "big": candidates[teacher],
               "small": OmegaConf.to_container(icfg.small), "function_matching": OmegaConf.to_container(matching) if matching else None,
               "histories": histories,
@@ -692,9 +765,7 @@ def progress_markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         settings = row["settings"]
-        described = (f"{settings['layers']}x{settings['width']}, no regularization" if name == SMALL else
-                     f"{settings['layers']}x{settings['width']}, dropout {settings['dropout']:g} (inputs {settings['input_dropout']:g}), "
-                     f"jitter ±{settings['jitter']} px, max-norm {settings['max_norm']:g}")
+        described = f"{settings['layers']}x{settings['width']}, no regularization" if name == SMALL else describe_big(settings)
         best = ", ".join(str(result["histories"][n]["best_epoch"] + 1) for n in row["nets"])
         fewer = fewer_cell(row["fewer_than_small_alone"]) if "fewer_than_small_alone" in row else "–"
         teacher = " (the teacher)" if name == result["teacher"] else ""
@@ -745,16 +816,15 @@ def markdown(result: dict) -> str:
              f"{result['patience']} epochs (big net: {big.get('patience') or result['patience']}), at most the stated epochs.", "",
              "| row | net | test errors [95% CI] | paper (MNIST) | fewer errors than the row it improves on [95% CI] |",
              "|---|---|---|---|---|",
-             f"| big net, regularized ({seeds_note(rows['big'])}; {epochs('big')} of ≤ {big['epochs']}) | {big['layers']}x{big['width']}, "
-             f"dropout {big['dropout']:g} (inputs {big['input_dropout']:g}), jitter ±{big['jitter']} px, max-norm {big['max_norm']:g} "
+             f"| big net, regularized ({seeds_note(rows['big'])}; {epochs('big')} of ≤ {big['epochs']}) | {describe_big(big)} "
              f"| {errors_cell(rows['big'])} | {paper['big']} | {fewer_cell(rows['big']['fewer_than_small_alone'])} (vs the small net alone) |",
              f"| small net alone ({seeds_note(rows['small_alone'])}; {epochs('small_alone')}) | 2x{w}, no regularization "
              f"| {errors_cell(rows['small_alone'])} | {paper['small_alone']} | – |",
              *([f"| the big nets' ensemble, the teacher (the {len(rows['big_ensemble']['nets'])} seeds' average probabilities) | "
-                f"{len(rows['big_ensemble']['nets'])} x {big['layers']}x{big['width']} | {errors_cell(rows['big_ensemble'])} | – "
+                f"{len(rows['big_ensemble']['nets'])} x {describe_net(big)} | {errors_cell(rows['big_ensemble'])} | – "
                 f"| {fewer_cell(rows['big_ensemble']['fewer_than_small_alone'])} (vs the small net alone) |"] if ensemble else []),
              *([f"| the big nets' average probabilities, not the teacher ({len(average['nets'])} seeds; held-out errors {average['held_out_errors']}, "
-                f"the seeds' {', '.join(map(str, average['seeds_held_out_errors']))}) | {len(average['nets'])} x {big['layers']}x{big['width']} "
+                f"the seeds' {', '.join(map(str, average['seeds_held_out_errors']))}) | {len(average['nets'])} x {describe_net(big)} "
                 f"| {errors_cell(average)} | – | {fewer_cell(average['fewer_than_small_alone'])} (vs the small net alone) |"]
                if (average := rows.get("big_average")) else []),
              f"| small net distilled, T = {t:g} ({seeds_note(rows['small_distilled'])}, "

@@ -6,7 +6,7 @@ through 8 hidden layers of 2560 ReLUs; every size here comes from ``conf/model/*
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -326,9 +326,24 @@ class SpecialistCombination(nn.Module):
         return q
 
 
+MODEL_KINDS: dict[str, Callable[..., nn.Module]] = {}  # config["kind"] -> the class: a model kind an experiment brings
+
+
+def register_model_kind(kind: str, build: Callable[..., nn.Module]) -> None:
+    """Make checkpoints whose config says ``kind`` loadable: an experiment's own model (the image
+    experiment's convolutional net) registers here, when its module is imported."""
+    MODEL_KINDS[kind] = build
+
+
 def model_from_config(config: dict) -> nn.Module:
-    """The model a checkpoint's config describes: a MultiExitDNN when it has exits, a
-    SpecialistCombination when it has specialists."""
+    """The model a checkpoint's config describes: the registered kind when it names one
+    (``MODEL_KINDS``), a MultiExitDNN when it has exits, a SpecialistCombination when it has
+    specialists, else a HybridDNN."""
+    if config.get("kind"):
+        if config["kind"] not in MODEL_KINDS:
+            raise ValueError(f"model kind {config['kind']!r} is not known here (known: {', '.join(MODEL_KINDS) or 'none'}); "
+                             "it is registered by the experiment that trains it: import that experiment first")
+        return MODEL_KINDS[config["kind"]](**{k: v for k, v in config.items() if k != "kind"})
     if config.get("specialists"):
         return SpecialistCombination(config)
     return MultiExitDNN(**config) if config.get("exits") else HybridDNN(**config)
