@@ -14,6 +14,7 @@ import difflib
 import functools
 import importlib
 import logging
+import pkgutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from asrkd import experiments as experiments_package
 from asrkd import jobs, parallel
+from asrkd.experiments.base import Experiment
 from asrkd.schema import ConfigError, validate
 from asrkd.stage import StageError, abandon_open_stages, code_record, disk_error, invoked_as, verify_every_file
 
@@ -111,17 +114,21 @@ COMMANDS = {
 # experiment -> (its module, its steps): ``asrkd <step>-<experiment>`` is the module's
 # EXPERIMENT.step(<step>) (asrkd.experiments.base); a new experiment is one entry here, its steps
 # listed so that a command loads only its own module (tests check they are the experiment's)
-EXPERIMENTS = {
-    "3pct": ("asrkd.experiments.three_percent", ("train", "decode", "report", "render")),
-    "distill": ("asrkd.experiments.distillation", ("decode", "report", "render")),
-    "levers": ("asrkd.experiments.levers", ("train", "decode")),
-    "chains": ("asrkd.experiments.chains", ("train", "decode", "report", "render")),
-    "self-distill": ("asrkd.experiments.self_distillation", ("train", "decode", "report", "render")),
-    "specialists": ("asrkd.experiments.specialists", ("train", "decode", "report", "render")),
-    "function-matching": ("asrkd.experiments.function_matching", ("train", "report")),
-    "paper-schedule": ("asrkd.experiments.paper_schedule", ("train", "report", "render")),
-    "bf16-check": ("asrkd.experiments.bf16_check", ("train", "report", "render")),
-}
+def discovered_experiments() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every module of asrkd.experiments that ends with ``EXPERIMENT = Experiment(...)``: its
+    command -> (module, the steps it has). An experiment is found here, not listed: its module
+    is the one place that says what it is and which steps it has."""
+    out = {}
+    for info in sorted(pkgutil.iter_modules(experiments_package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{experiments_package.__name__}.{info.name}")
+        experiment = getattr(module, "EXPERIMENT", None)
+        if isinstance(experiment, Experiment):
+            out[experiment.command] = (module.__name__, experiment.steps())
+    return out
+
+
+EXPERIMENTS = discovered_experiments()
+
 COMMANDS |= {f"{step}-{name}": f"{module}:EXPERIMENT.{step}" for name, (module, steps) in EXPERIMENTS.items() for step in steps}
 
 

@@ -80,8 +80,9 @@ def test_every_command_names_a_step_that_exists_and_every_experiment_step_is_a_c
             if isinstance(node, ast.FunctionDef) and node.name.startswith("run_") and [a.arg for a in node.args.args] == ["cfg"]:
                 assert f"{module}:{node.name}" in steps, f"{module}.{node.name} has no command: add the step to cli.COMMANDS"
         experiment = getattr(importlib.import_module(module), "EXPERIMENT", None)
-        if experiment is not None:
-            assert EXPERIMENTS.get(experiment.command) == (module, experiment.steps()), f"{module}: its cli.EXPERIMENTS entry"
+        if experiment is not None:  # discovered: each of its steps is a command, run by this module's EXPERIMENT
+            assert EXPERIMENTS[experiment.command][0] == module
+            assert all(COMMANDS[f"{step}-{experiment.command}"] == f"{module}:EXPERIMENT.{step}" for step in experiment.steps()), module
 
 
 def test_experiments_publish_and_decode_only_through_their_base() -> None:

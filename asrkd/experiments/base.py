@@ -9,8 +9,8 @@ a function of its report.json section alone (``markdown``) also has ``render``: 
 .md written again from report.json, so that a report made before a change of wording reads as
 the code now writes it, with no model retrained or rescored. ``asrkd train-<command>``,
 ``decode-<command>``, ``report-<command>`` and ``render-<command>`` are this object's
-:meth:`Experiment.step`; a new experiment is one module plus its entry in ``cli.EXPERIMENTS``
-and its config section.
+:meth:`Experiment.step`; a new experiment is one module (``asrkd.cli`` finds it: every module of
+this package that ends with an ``EXPERIMENT``) and its config section.
 """
 
 from __future__ import annotations
