@@ -9,7 +9,8 @@ In one process on one device, at the configured model and each batch size:
                            resident features by index, loss kept on the device)
   bound_fps                the bare loop on pre-made tensors: forward, cross-entropy, backward, Adam
   ratio                    trainer_fps / bound_fps (1.0: the data path costs nothing)
-  trainer_unfused_adam_fps the trainer's step with the per-tensor Adam loop instead of its fused one (the control)
+  trainer_unfused_adam_fps the trainer's step with the per-tensor Adam loop instead of its fused one (the control;
+                           the trainer fuses under bf16 autocast and on a GPU: asrkd.nnet.train.fused_adam)
   matmul_tflops            the bare matmul of a batch through one hidden layer (batch x hidden by hidden x hidden),
                            in the training dtype (bf16 under autocast), on the configured threads
   matmul_bound_fps         matmul_tflops over the model's 6 FLOP per weight per frame (forward 2, backward 4): what
@@ -49,7 +50,7 @@ from asrkd.nnet.model import HybridDNN, SplicedFrames, StackedDNN  # noqa: E402
 from asrkd.parallel import pick_device  # noqa: E402
 from asrkd.stage import write_json, write_text  # noqa: E402
 from asrkd.distill.student import TeacherOnTheFly  # noqa: E402
-from asrkd.nnet.train import FUSED_ADAM_DEVICES, FrameData, TrainStep  # noqa: E402
+from asrkd.nnet.train import FrameData, TrainStep, fused_adam  # noqa: E402
 
 
 def timed(step, steps: int, device: torch.device, repeats: int = 3) -> float:
@@ -122,7 +123,7 @@ def measure(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> 
     bare = new_model(cfg, data, 0)
     tflops = matmul_tflops(cfg, batch_size, device)
     bound_fps = tflops * 1e12 / flops_per_frame(bare)
-    optimizer = torch.optim.Adam(bare.parameters(), lr=1e-3, fused=device.type in FUSED_ADAM_DEVICES)
+    optimizer = torch.optim.Adam(bare.parameters(), lr=1e-3, fused=fused_adam(cfg.train, device))
     x = torch.randn(batch_size, cfg.model.left_context + 1 + cfg.model.right_context, data.frames.store.dim, device=device)
     y = torch.randint(0, data.num_pdfs, (batch_size,), device=device)
 

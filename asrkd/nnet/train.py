@@ -244,6 +244,15 @@ def learning_rate(tcfg) -> float:
 FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch.optim.Adam(fused=True) runs
 
 
+def fused_adam(tcfg, device: torch.device) -> bool:
+    """Whether the optimizer is PyTorch's fused Adam (one kernel for every parameter): on a GPU, and
+    under bf16 autocast on a CPU, where it makes 8x2560 a quarter faster
+    (results/bench/train_throughput_cpu_paper_bf16.json). It is the same update in another order,
+    so its last bits differ (3e-8 after 50 steps of a small net): fp32 training on a CPU keeps the
+    per-tensor loop, and its committed results reproduce bit for bit."""
+    return device.type == "cuda" or (bool(tcfg.bf16_autocast) and device.type in FUSED_ADAM_DEVICES)
+
+
 class TrainStep:
     """One optimizer step on a batch of frame indices, everything on the model's device: the
     windows are gathered there, the loss stays there (no host sync per step), bf16 autocast
@@ -262,10 +271,8 @@ class TrainStep:
         self.data, self.loss_fn, self.hard = data, loss_fn, hard
         self.views = views if views is not None and views.active else None
         self.stacked = isinstance(net, StackedDNN)
-        # one fused kernel for every parameter's Adam update: the same update as the per-tensor loop, and on a
-        # CPU a third more 8x2560 frames a second (results/bench/train_throughput_cpu_paper_bf16.json)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(cfg.train), weight_decay=cfg.train.weight_decay,
-                                          fused=hard.device.type in FUSED_ADAM_DEVICES)
+                                          fused=fused_adam(cfg.train, hard.device))
         self.forward = wrap(net)
         if cfg.train.compile:
             self.forward = torch.compile(self.forward, backend=str(cfg.train.compile))
