@@ -101,3 +101,21 @@ def test_one_temperature_trained_is_no_choice() -> None:
     two = {"temperature": 2.0, "temperature_choice": {"runner_up": 5.0, "significant": False,
                                                       "difference": {"estimate": 0.001, "ci": [-0.002, 0.004], "p_above_zero": 0.7}}}
     assert "against the runner-up (T = 5) by +0.10 [-0.20, +0.40] points on validation, P(> 0) = 0.70: not significant" in temperature_sentence(two, 3)
+
+
+def test_three_percent_rows_are_the_replicates_their_stage_trains(tmp_path) -> None:
+    """three_percent.seeds=3: each row is the hard run's or the student's three replicates, named as
+    train-dnn and train-student name them; at 1 seed the names are the committed 4x512 rows'."""
+    from asrkd.cli import load_config
+    from asrkd.experiments import three_percent
+
+    def rows(*overrides: str) -> dict[str, list[str]]:
+        cfg = load_config([f"exp_dir={tmp_path}", "three_percent.fractions=[0.03]", "three_percent.speed_perturbed=false", *overrides])
+        return {row: [s.name for s in systems] for row, systems in three_percent.rows_by_fraction(cfg)[0.03].items()}
+
+    assert rows() == {"sub_hard": ["hard_3pct"], "sub_hard_early_stop": ["hard_3pct@best"], "sub_soft": ["student_baseline_T2_dense_train_3pct"]}
+    three = rows("three_percent.seeds=3")
+    assert three["sub_hard"] == ["hard_3pct", "hard_3pct_seed1", "hard_3pct_seed2"]
+    assert three["sub_hard_early_stop"] == ["hard_3pct@best", "hard_3pct_seed1@best", "hard_3pct_seed2@best"]
+    assert three["sub_soft"] == ["student_baseline_T2_dense_train_3pct", "student_baseline_T2_dense_train_3pct_seed1",
+                                 "student_baseline_T2_dense_train_3pct_seed2"]

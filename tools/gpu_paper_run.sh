@@ -33,13 +33,14 @@
 #   check       the imports, the GPU seen                                              5
 #   bench       batch 1024, 4096, 16384: trainer, bare bound, 10 fused / sequential,
 #               student with the teacher on the fly (10 steps, best of 3)             60
-#   paper 0-1   link the prepared outputs; baseline 8x2560, 12 epochs; decode; report  50
-#   paper 2     2 more baseline seeds, 10 fused members, soft targets T=2, 3 students,
+#   paper 0-2   link the prepared outputs; bf16 check and schedule sweep; baseline 8x2560;
+#               decode; report                                                       100
+#   paper 3     2 more baseline seeds, 10 fused members, soft targets T=2, 3 students,
 #               decode 16 systems, Table 1                                            300
-#   paper 3     3%/10%/30% of train, hard and soft, 30 epochs each; decode; report      75
+#   paper 4     3% of train: hard, soft (100% model, ensemble), 30 epochs; decode       30
 #   total                                                                            ~500
 # The distillation is the paper's Table 1 alone (T = 2, dense soft targets, 3 seeds of baseline
-# and student): the other temperatures and target forms would double stage 2.
+# and student): run_paper.sh's T = 5, patient student and 3% seeds would double stage 3.
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -117,10 +118,10 @@ nj=$(nproc)
 bench_args=(--batch-sizes 1024 4096 16384 --members 10 --steps 10)
 [ -z "$dry_run" ] || bench_args=(--batch-sizes 64 --members 2 --steps 1)
 [ -z "$dry_run" ] || export ASRKD_PAPER_ANY_CPU=1  # a dry run on a CPU is the point: run_paper.sh's machine check lets it through
-# the paper's recipe at Table 1's size; the overrides given here follow (a dry run's model=tiny)
+# run_paper.sh's Table 1 cut to this call's budget (T = 2 alone, no patient student, one seed of each 3% row);
+# the overrides given here follow (a dry run's model=tiny)
 paper_overrides=(train.bf16_autocast=true "jobs.nj=$nj" 'distill.temperatures=[2]' 'distill.students.dense=[2]'
-                 'distill.students.topk=[]' 'distill.students.compact=[]' 'distill.students.compact_prior=[]'
-                 distill.logit_matching=false three_percent.speed_perturbed=false "$@")
+                 'levers.student_epochs=[]' three_percent.seeds=1 "$@")
 paper() {  # paper FIRST LAST: run_paper.sh's stages FIRST..LAST, or nothing past --stop-stage
   [ "$1" -le "$stop_stage" ] || return 0
   recipes/an4/run_paper.sh --publish --stage "$1" --stop-stage "$(( $2 < stop_stage ? $2 : stop_stage ))" -- "${paper_overrides[@]}"

@@ -13,8 +13,10 @@ architecture and config:
   speed-perturbed copies (``train_<pct>pct_sp``, made by the speed-perturb stage): the
   transfer set that adds no audio but the subset's own.
 
-Every test number has its 95% interval, the gap closed ((soft − hard) / (100% − hard)) too,
-and the soft − hard differences their P(> 0) (:mod:`asrkd.stats`, one seed per row).
+Every row trains ``three_percent.seeds`` replicates (``<name>_seed<r>``; the row is their mean,
+and the bootstrap resamples them with the test utterances or speakers). Every test number has
+its 95% interval, the gap closed ((soft − hard) / (100% − hard)) too, and the soft − hard
+differences their P(> 0) (:mod:`asrkd.stats`).
 
 Commands: ``train-3pct``, ``decode-3pct``, ``report-3pct`` (``recipes/an4/run_3pct.sh``).
 """
@@ -22,6 +24,7 @@ Commands: ``train-3pct``, ``decode-3pct``, ``report-3pct`` (``recipes/an4/run_3p
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -29,12 +32,12 @@ from omegaconf import OmegaConf
 from asrkd.data import data_split, fraction_tag, subset_name
 from asrkd.distill import soft_targets, student
 from asrkd.distill.soft_targets import store_dir
-from asrkd.distill.student import dense_only, student_name
+from asrkd.distill.student import dense_only, student_systems
 from asrkd.evaluate import Evaluation, bootstrap_key
 from asrkd.experiments.base import Experiment, Report
-from asrkd.layout import Layout, System
+from asrkd.layout import Layout, System, names
 from asrkd.nnet import train as train_dnn
-from asrkd.nnet.train import read_history
+from asrkd.nnet.train import read_history, replicate_systems
 from asrkd.report import percent, recipe_command, resampled, saved_figure, with_ci
 from asrkd.stage import is_complete
 from asrkd.stats import format_interval
@@ -46,12 +49,12 @@ PAPER = {"full_hard": {"train": 0.634, "test": 0.589}, "sub_hard": {"train": 0.6
 
 
 def subset_cfg(cfg, fraction: float, teacher: str | None = None, perturbed: bool = False):
-    """The config of one subset run: same model and training knobs, the subset's data (or its _sp copies)."""
-    suffix = "_sp" if perturbed else ""
-
-    students = dense_only(cfg, cfg.three_percent.temperature, 1, teacher=teacher or "baseline", transfer=[], epochs=None)
+    """The config of one subset run: same model and training knobs, the subset's data (or its _sp
+    copies), ``three_percent.seeds`` replicates of the hard run and of the student."""
+    suffix, seeds = "_sp" if perturbed else "", int(cfg.three_percent.seeds)
+    students = dense_only(cfg, cfg.three_percent.temperature, seeds, teacher=teacher or "baseline", transfer=[], epochs=None)
     return OmegaConf.merge(students, {"train": {"data": subset_name(fraction) + suffix, "name": f"hard_{fraction_tag(fraction)}{suffix}",
-                                                "epochs": cfg.three_percent.epochs, "seeds": 1}})
+                                                "epochs": cfg.three_percent.epochs, "seeds": seeds}})
 
 
 def teachers(cfg) -> list[str]:
@@ -61,25 +64,26 @@ def teachers(cfg) -> list[str]:
     return ["baseline"] + ([cfg.ensemble.name] if has_ensemble else [])
 
 
-def rows_by_fraction(cfg) -> dict[float, dict[str, System]]:
-    """Row name -> the row's system (exp/dnn/<name>[@best]: the hard runs are the controls) for each fraction."""
-    temperature = float(cfg.three_percent.temperature)
+def rows_by_fraction(cfg) -> dict[float, dict[str, list[System]]]:
+    """Row name -> the row's replicates (exp/dnn/<name>[_seed<r>][@best]: the hard runs are the
+    controls) for each fraction, named by the functions that train them."""
 
-    def soft(teacher: str, data: str) -> System:
-        return System(student_name(teacher, temperature, "dense", data), "student", teacher=teacher, form="dense",
-                      temperature=temperature, data=data)
+    def hard(fraction: float, perturbed: bool = False, best: bool = False) -> list[System]:
+        systems = replicate_systems(subset_cfg(cfg, fraction, perturbed=perturbed), role="control")
+        return [replace(s, name=f"{s.name}@best") for s in systems] if best else systems
+
+    def soft(fraction: float, teacher: str, perturbed: bool = False) -> list[System]:
+        return student_systems(subset_cfg(cfg, fraction, teacher, perturbed))
 
     out = {}
-    for fraction in cfg.three_percent.fractions:
-        data, hard = subset_name(fraction), f"hard_{fraction_tag(fraction)}"
-        rows = {"sub_hard": System(hard, "control", data=data), "sub_hard_early_stop": System(f"{hard}@best", "control", data=data),
-                "sub_soft": soft("baseline", data)}
+    for fraction in map(float, cfg.three_percent.fractions):
+        rows = {"sub_hard": hard(fraction), "sub_hard_early_stop": hard(fraction, best=True), "sub_soft": soft(fraction, "baseline")}
         for teacher in teachers(cfg)[1:]:
-            rows[f"sub_soft_{teacher}"] = soft(teacher, data)
+            rows[f"sub_soft_{teacher}"] = soft(fraction, teacher)
         if cfg.three_percent.speed_perturbed:
-            rows["sub_hard_sp"] = System(f"{hard}_sp", "control", data=f"{data}_sp")
-            rows["sub_soft_sp"] = soft("baseline", f"{data}_sp")
-        out[float(fraction)] = rows
+            rows["sub_hard_sp"] = hard(fraction, perturbed=True)
+            rows["sub_soft_sp"] = soft(fraction, "baseline", perturbed=True)
+        out[fraction] = rows
     return out
 
 
@@ -98,14 +102,14 @@ def train(cfg) -> None:
 def systems(cfg) -> list[System]:
     """Every row's system, which the decode stage decodes: the 100% model (the main recipe's
     baseline), then each fraction's hard runs (controls) and students."""
-    return [System("baseline", "baseline"), *(system for rows in rows_by_fraction(cfg).values() for system in rows.values())]
+    return [System("baseline", "baseline"), *(system for rows in rows_by_fraction(cfg).values() for row in rows.values() for system in row)]
 
 
-def plot_curves(exp: Path, rows: dict[str, System], fraction: float, out: Path) -> None:
-    """Train and validation frame accuracy per epoch, hard vs soft targets (the over-fitting curve)."""
+def plot_curves(exp: Path, rows: dict[str, list[System]], fraction: float, out: Path) -> None:
+    """Train and validation frame accuracy per epoch, hard vs soft targets (the over-fitting curve; the first seed's)."""
     with saved_figure(out, (7, 4.5), "epoch", "frame accuracy (%)", f"{100 * fraction:g}% of the training data: hard vs soft targets") as ax:
         for row, style in (("sub_hard", "tab:red"), ("sub_soft", "tab:blue")):
-            history = read_history(Layout(exp).model(rows[row].name))
+            history = read_history(Layout(exp).model(rows[row][0].name))
             epochs = [h["epoch"] + 1 for h in history]
             ax.plot(epochs, [100 * h["train_frame_accuracy"] for h in history], color=style, linestyle="--", label=f"{row} train")
             ax.plot(epochs, [100 * h["valid_frame_accuracy"] for h in history], color=style, label=f"{row} valid")
@@ -138,7 +142,9 @@ def markdown(result: dict) -> str:
     lines += ["", f"Soft targets: the 100% model (sub_soft) or the ensemble (sub_soft_ensemble) at T = {result['temperature']:g}; "
               "_sp rows train on the subset and its speed-perturbed copies (0.9, 1.1); train accuracy is on each row's own "
               "(unperturbed) training frames.",
-              f"[95% CI]: bootstrap over whole test {resampled(result.get('bootstrap_unit'))} (asrkd/stats.py); one seed per row: test-set variation only.",
+              f"[95% CI]: bootstrap over whole test {resampled(result.get('bootstrap_unit'))} (asrkd/stats.py); "
+              + (f"{result['seeds']} seeds per row (the row is their mean; the bootstrap resamples them too)."
+                 if result.get("seeds", 1) > 1 else "one seed per row: test-set variation only."),
               "Paper: Hinton, Vinyals & Dean (2015), §6 (a speech model on 3% of ~2000 h).", ""]
     return "\n".join(lines)
 
@@ -151,19 +157,19 @@ def report(cfg) -> Report:
     frames = evaluation.frames
     command = recipe_command("asrkd report-3pct")
 
-    def entry(system: str, train_utts: list[str]) -> dict:
-        out = evaluation.entry([system], {"train": train_utts}, command=command)
-        return {"system": system, **{k: out[k] for k in ("frame_accuracy", "frame_accuracy_ci", "wer", "wer_ci", "lmwt", "stage") if k in out}}
+    def entry(systems: list[str], train_utts: list[str]) -> dict:
+        out = evaluation.entry(systems, {"train": train_utts}, command=command)
+        return {"system": systems[0], **{k: out[k] for k in ("seeds", "frame_accuracy", "frame_accuracy_ci", "wer", "wer_ci", "lmwt", "stage") if k in out}}
 
     curve, main = [], None
     for fraction, rows in rows_by_fraction(cfg).items():
         sub_train, _ = data_split(subset_cfg(cfg, fraction))
         entries = {}
         if main is None:
-            entries["full_hard"] = entry("baseline", full_train)
-        for row, system in rows.items():
-            entries[row] = entry(system.name, sub_train)
-        key = {row: bootstrap_key([system.name]) for row, system in rows.items()}
+            entries["full_hard"] = entry(["baseline"], full_train)
+        for row, systems in rows.items():
+            entries[row] = entry(names(systems), sub_train)
+        key = {row: bootstrap_key(names(systems)) for row, systems in rows.items()}
         pairs = {"sub_soft − sub_hard": ("sub_soft", "sub_hard")}
         if "sub_soft_sp" in rows:
             pairs |= {"sub_hard_sp − sub_hard": ("sub_hard_sp", "sub_hard"), "sub_soft_sp − sub_hard_sp": ("sub_soft_sp", "sub_hard_sp"),
@@ -177,7 +183,7 @@ def report(cfg) -> Report:
     gap = frames.share(key["sub_soft"], key["sub_hard"], "baseline")
     result = {"corpus": cfg.corpus, "command": command, "fraction": fraction, "temperature": float(cfg.three_percent.temperature),
               "rows": entries, "gap_closed": gap["estimate"], "gap_closed_ci": gap["ci"], "gap_closed_interval": gap,
-              "curve": curve, "bootstrap_unit": cfg.stats.unit, "eval_set": evaluation.primary}
+              "curve": curve, "bootstrap_unit": cfg.stats.unit, "eval_set": evaluation.primary, "seeds": int(cfg.three_percent.seeds)}
     if "sub_soft_sp" in rows:
         result["gap_closed_sp"] = frames.share(key["sub_soft_sp"], key["sub_hard_sp"], "baseline")
     log.info("3%% experiment: test frame acc full %.4f, hard %.4f, soft %.4f; gap closed %s", full, hard, soft, format_interval(gap))
