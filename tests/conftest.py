@@ -114,12 +114,20 @@ def make_mini_an4(an4: Path, dest: Path, train_speakers: int, test_speakers: int
     return dest
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--reversed", action="store_true",
+                     help="run the tests in the reverse of their order: a test that needs an earlier one's side effects "
+                          "(a stage it ran on the shared run_dir, a file it left) then fails (tools/tests_alone.py)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that run the pipeline on AN4 speakers (the ``an4`` or ``run_dir`` fixture) are
-    ``slow``: ``pytest -m "not slow"`` runs the rest in seconds."""
+    ``slow``: ``pytest -m "not slow"`` runs the rest in seconds. ``--reversed`` reverses the order."""
     for item in items:
         if {"an4", "run_dir"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    if config.getoption("--reversed"):
+        items.reverse()
 
 
 
@@ -146,3 +154,61 @@ def assert_p_above_zero_agrees(summary: dict) -> None:
         assert p <= 0.03, summary
     else:  # quantiles interpolate between replicates: a little slack at the ends
         assert 0.02 <= p <= 0.98 or lo == 0 or hi == 0, summary
+
+
+def frame_accuracy_by_argmax(exp: Path, systems: list[str] | str, set_name: str = "test", model: str = "tiny") -> float:
+    """A second route to a report's frame accuracy (the mean over ``systems``, a row's seeds): each
+    model's argmax on every aligned frame of the set against the alignment, counted here rather
+    than by asrkd.evaluate's per-utterance tables and bootstrap. Differences, gain kept and gap
+    closed recomputed from these hold the report to numbers it did not make."""
+    import numpy as np
+    import torch
+
+    from asrkd.cli import load_config
+    from asrkd.nnet.train import FrameData, load_system
+
+    cpu = torch.device("cpu")
+    data = FrameData.load(exp, set_name, load_config([f"model={model}"]).model, cpu)
+    aligned = np.flatnonzero(data.pdf_ids.numpy() >= 0)
+    accuracy = []
+    for system in [systems] if isinstance(systems, str) else systems:
+        network, hits = load_system(exp, system, cpu).eval(), 0
+        with torch.no_grad():
+            for start in range(0, len(aligned), 4096):
+                batch = torch.from_numpy(aligned[start : start + 4096])
+                hits += int((network(data.frames.context(batch)).argmax(-1) == data.pdf_ids[batch]).sum())
+        accuracy.append(hits / len(aligned))
+    return float(np.mean(accuracy))
+
+
+def majority_pdf_rate(exp: Path, set_name: str = "test") -> float:
+    """The frame accuracy of a model that always says the set's most frequent pdf-id: what a broken
+    model that learned only the prior reaches."""
+    import numpy as np
+
+    pdf_ids = np.load(exp / "tri" / f"ali_{set_name}" / "pdf_ids.npy")
+    counts = np.bincount(pdf_ids[pdf_ids >= 0])
+    return float(counts.max() / counts.sum())
+
+
+def wer_from_hypotheses(run_dir: Path, system: str, set_name: str = "test") -> float:
+    """A second route to a report's WER: the decode's hypotheses (exp/decode/<system>/hyp_<set>.txt)
+    against the data dirs' transcripts by a Levenshtein distance written here."""
+
+    def read(path: Path) -> dict[str, list[str]]:
+        return {utt: words.split() for utt, _, words in (line.partition(" ") for line in path.read_text().splitlines())}
+
+    references = {utt: words for text in (run_dir / "data").glob("*/text") for utt, words in read(text).items()}
+    hypotheses = read(run_dir / "exp" / "decode" / system / f"hyp_{set_name}.txt")
+
+    def distance(a: list[str], b: list[str]) -> int:
+        row = list(range(len(b) + 1))
+        for i, x in enumerate(a, 1):
+            diagonal, row[0] = row[0], i
+            for j, y in enumerate(b, 1):
+                diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
+        return row[-1]
+
+    errors = sum(distance(references[utt], words) for utt, words in hypotheses.items())
+    return errors / sum(len(references[utt]) for utt in hypotheses)
+

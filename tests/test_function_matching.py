@@ -16,11 +16,12 @@ from omegaconf import OmegaConf
 
 from asrkd.cli import load_config
 from asrkd.distill import soft_targets
+from asrkd.evaluate import FrameScorer
 from asrkd.experiments import function_matching
 from asrkd.nnet import ensemble, train
 from asrkd.nnet.views import View, ViewSpec, draw
 
-from .conftest import REPO, assert_drawn, tiny_config
+from .conftest import REPO, assert_drawn, frame_accuracy_by_argmax, tiny_config
 from .test_reliability import clone, state_dicts_equal
 
 ALL = ViewSpec(freq_masks=2, freq_width=8, time_masks=2, time_width=4, noise_std=0.3, mixup_alpha=0.4, seed=5)
@@ -105,8 +106,19 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     student, control, teacher_acc = (result["rows"]["all x2 consistent"]["frame_accuracy"]["test"], result["rows"]["all x2 hard"]["frame_accuracy"]["test"],
                                      result["teacher"]["frame_accuracy"]["test"])
     assert result["gain_kept"]["estimate"] == pytest.approx((student - control) / (teacher_acc - control))
+    for name, accuracy in (("all x2 consistent", student), ("all x2 hard", control)):  # the rows counted a second way
+        assert accuracy == pytest.approx(frame_accuracy_by_argmax(root / "exp", result["rows"][name]["systems"]), abs=1e-9)
+    assert teacher_acc == pytest.approx(frame_accuracy_by_argmax(root / "exp", "pair"), abs=1e-9)
     fid = result["fidelity"]["all x2 precomputed"]
-    assert 0 <= fid["top1_agreement"] <= 1 and fid["kl_teacher_student"] >= 0 and fid["seeds"] == 1
+    scorer = FrameScorer(cfg)
+    data, indices = scorer.eval["test"]
+    teacher_posteriors = function_matching.log_posteriors(root / "exp", "pair", data.frames, indices, 256)
+    itself = function_matching.fidelity(root / "exp", teacher_posteriors, ["pair"], data.frames, indices, 256)
+    assert itself["top1_agreement"] == 1.0 and itself["kl_teacher_student"] == pytest.approx(0.0, abs=1e-5)
+    student_posteriors = torch.cat(function_matching.log_posteriors(root / "exp", result["rows"]["all x2 precomputed"]["systems"][0],
+                                                                    data.frames, indices, 256))
+    agreement = float((torch.cat(teacher_posteriors).argmax(-1) == student_posteriors.argmax(-1)).double().mean())
+    assert fid["top1_agreement"] == pytest.approx(agreement) and fid["seeds"] == 1 and fid["kl_teacher_student"] > 0
     assert {c["schedule"] for c in result["curve"]} == {1, 2}
     assert "| all x2 consistent | 2 | 2 |" in (root / "results" / "function_matching.md").read_text()
     choice = result["view_choice"]  # the ablation's views ranked on validation, never on test

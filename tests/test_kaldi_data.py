@@ -17,7 +17,7 @@ from asrkd.data import DataDir, DataDirError
 from asrkd.kaldi.graph import train_arpa
 from asrkd.kaldi.lang import Dictionary
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, wer_from_hypotheses
 
 
 def kaldi_corpus(run_dir: Path, root: Path) -> Path:
@@ -80,7 +80,7 @@ def test_generic_recipe_scores_two_eval_sets_end_to_end(run_dir: Path, tmp_path:
     assert set(baseline["frame_accuracy_ci"]) == set(baseline["wer_ci"]) == {"dev", "test"}
     for name in ("dev", "test"):
         lo, hi = baseline["frame_accuracy_ci"][name]
-        assert lo <= baseline["frame_accuracy"][name] <= hi and 0.0 <= baseline["wer"][name] < 1.0
+        assert lo <= baseline["frame_accuracy"][name] <= hi and baseline["wer"][name] == pytest.approx(wer_from_hypotheses(work, "baseline", name))
     assert set(report["systems"]["gmm"]["wer"]) == {"dev", "test"}
     wer = json.loads((work / "exp" / "decode" / "baseline" / "wer.json").read_text())
     assert wer["tuning_set"] == "dev" and "sweep_dev_wer" in wer and set(wer["utterance_errors"]) == {"dev", "test"}
@@ -196,36 +196,51 @@ def test_an_empty_transcript_is_a_counted_drop_with_its_fix_and_fatal_only_past_
         import_data_dir(source, tmp_path / "data" / "train", 0.05, tmp_path / "dropped_train.json")
 
 
-def test_a_set_added_later_is_the_recipe_run_again_with_it(run_dir: Path, tmp_path: Path) -> None:
-    """docs/own_corpus.md's way to add a set: put it in DIR, then `run.sh --again -- 'eval_sets=[...,new]'`
-    (the last run's --corpus-dir and overrides remembered, not retyped). Only the new set is imported,
-    featurized, aligned, decoded and scored; the lang, GMM, DNN and the other sets' decodes stay; its
-    utterance without audio is a counted drop, not a stop."""
+def guide_commands() -> list[str]:
+    """The command lines of docs/own_corpus.md's "The guide as one script", as written there."""
+    text = (REPO / "docs" / "own_corpus.md").read_text()
+    block = text.split("## The guide as one script", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_own_corpus_guide_runs_as_written(run_dir: Path, tmp_path: Path) -> None:
+    """docs/own_corpus.md's script, line by line as written (the tiny model's overrides added to the
+    first): the recipe end to end; a set added later, with a new word whose pronunciation the user
+    adds to DIR's lexicon and an utterance without audio, scored by `--again --redo` with the last
+    run's --corpus-dir and overrides remembered (only the dictionary and the new set are imported, the
+    set featurized, aligned, decoded and scored; the lang, GMM, DNN, graph and test's decode stay; the
+    missing audio a counted drop); then an ARPA LM made with kaldingram and stages 5-7 with it."""
     corpus = kaldi_corpus(run_dir, tmp_path)
-    recipe = REPO / "recipes" / "kaldi_data" / "run.sh"
-    work = tmp_path / "repo" / "recipes"  # a copy of the recipe: its exp/ remembers the run
-    (work / "kaldi_data").mkdir(parents=True)
-    shutil.copy2(recipe, work / "kaldi_data" / "run.sh")
-    shutil.copy2(REPO / "recipes" / "stages.sh", work / "stages.sh")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    repo = tmp_path / "repo"  # a copy of the recipe: its exp/ remembers the run
+    (repo / "recipes" / "kaldi_data").mkdir(parents=True)
+    shutil.copy2(REPO / "recipes" / "kaldi_data" / "run.sh", repo / "recipes" / "kaldi_data" / "run.sh")
+    shutil.copy2(REPO / "recipes" / "stages.sh", repo / "recipes" / "stages.sh")
+    dev = DataDir.read(corpus / "dev")
+    later = DataDir(wav_scp={f"late_{u}": w for u, w in dev.wav_scp.items()}, text={f"late_{u}": t for u, t in dev.text.items()},
+                    utt2spk={f"late_{u}": f"late_{s}" for u, s in dev.utt2spk.items()})
+    gone, new_word = later.utt_ids[0], later.utt_ids[1]
+    later.wav_scp[gone] = str(tmp_path / "no_such.wav")
+    later.text[new_word] += " TWOFIVE"
+    later.write(corpus / "later")
+    (repo / "my_text.txt").write_text("".join(f"{t}\n" for name in ("train", "test") for t in DataDir.read(corpus / name).text.values()))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DIR": str(corpus), "TQDM_DISABLE": "1"}
     env.pop("ASRKD_OUTER_RECIPE", None)
-    run = ["bash", str(work / "kaldi_data" / "run.sh")]
-    first = subprocess.run([*run, "--corpus-dir", str(corpus), "--", "corpus=mine", "eval_sets=[test]", "decode.tuning_set=dev",
-                            "jobs.nj=2", *TINY], env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:]
-    exp = work / "kaldi_data" / "exp"
+
+    def run(command: str) -> None:
+        result = subprocess.run(["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-3000:])
+
+    first, new_entry, again, own_lm, with_own_lm = guide_commands()
+    assert first.startswith("recipes/kaldi_data/run.sh --corpus-dir") and again.startswith("recipes/kaldi_data/run.sh --again")
+    run(f"{first} {' '.join(TINY)}")
+    exp = repo / "recipes" / "kaldi_data" / "exp"
     made = {path: json.loads((exp.parent / path / "stage.json").read_text())["fingerprint"]
             for path in ("data/lang", "exp/tri", "exp/dnn/baseline", "exp/graph")}
     decoded = (exp / "decode" / "baseline" / "hyp_test.txt").stat().st_mtime_ns
 
-    dev = DataDir.read(corpus / "dev")
-    later = DataDir(wav_scp={f"late_{u}": w for u, w in dev.wav_scp.items()}, text={f"late_{u}": t for u, t in dev.text.items()},
-                    utt2spk={f"late_{u}": f"late_{s}" for u, s in dev.utt2spk.items()})
-    gone = later.utt_ids[0]
-    later.wav_scp[gone] = str(tmp_path / "no_such.wav")
-    later.write(corpus / "later")
-    again = subprocess.run([*run, "--again", "--", "eval_sets=[test,later]"], env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
+    run(new_entry)
+    run(again)
+    # the dictionary's import is remade; the lang (its phones and the training words' pronunciations), GMM, DNN and graph stay
     assert {path: json.loads((exp.parent / path / "stage.json").read_text())["fingerprint"] for path in made} == made
     assert (exp / "decode" / "baseline" / "hyp_test.txt").stat().st_mtime_ns == decoded  # test is not decoded again
     report = json.loads((exp / "report" / "report.json").read_text())
@@ -233,20 +248,15 @@ def test_a_set_added_later_is_the_recipe_run_again_with_it(run_dir: Path, tmp_pa
     assert report["command"].startswith(f"recipes/kaldi_data/run.sh --corpus-dir {corpus} -- ") and report["command"].endswith(
         "eval_sets=[test,later]")  # what the run amounted to: the remembered arguments, then the new ones
     assert report["frame_accuracy_utterances"]["later"]["of"] == len(later.utt_ids)
-    assert report["frame_accuracy_utterances"]["later"]["aligned"] < len(later.utt_ids)  # the one without audio: dropped, counted
+    # the one without audio is dropped and counted; the one with the new word is aligned (without its entry it would drop too)
+    assert report["frame_accuracy_utterances"]["later"]["aligned"] == len(later.utt_ids) - 1
     assert list(json.loads((exp / "feats" / "fbank" / "later" / "dropped.json").read_text())["dropped"]) == [gone]
+    assert new_word in (exp / "decode" / "baseline" / "hyp_later.txt").read_text()
 
-    # the guide's own LM: an ARPA made with kaldingram as the guide writes it, then stages 5-7 again with it (a path
-    # relative to where the recipe is run); the acoustic model stays
-    (tmp_path / "my_text.txt").write_text("".join(f"{t}\n" for name in ("train", "test") for t in DataDir.read(corpus / name).text.values()))
-    arpa = subprocess.run([sys.executable, "-m", "kaldingram.train", "--ngram-order", "3", "--text", "my_text.txt", "--lm", "lm.arpa"],
-                          cwd=tmp_path, env={**env, "TQDM_DISABLE": "1"}, capture_output=True, text=True)
-    assert arpa.returncode == 0, arpa.stderr[-2000:]
-    own = subprocess.run([*run, "--again", "--stage", "5", "--redo", "--", "graph.lm_arpa=lm.arpa"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
-    assert own.returncode == 0, own.stderr[-3000:]
+    run(own_lm)
+    run(with_own_lm)
     made.pop("exp/graph")
     assert {path: json.loads((exp.parent / path / "stage.json").read_text())["fingerprint"] for path in made} == made
     report = json.loads((exp / "report" / "report.json").read_text())
-    assert report["lm"] == f"the ARPA LM {tmp_path / 'lm.arpa'} (3-gram, graph.lm_arpa)" and report["eval_sets"] == ["test", "later"]
+    assert report["lm"] == f"the ARPA LM {repo / 'lm.arpa'} (3-gram, graph.lm_arpa)" and report["eval_sets"] == ["test", "later"]
     assert report["out_of_vocabulary"]["test"]["oov_rate"] == 0.0  # the user's LM knows the test sentences' words

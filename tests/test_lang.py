@@ -5,6 +5,7 @@ import kaldifst
 import pytest
 
 from asrkd.kaldi.lang import Lang, add_disambig, build_lexicon, position_phones, prepare_lang, read_sphinx_dict, refuse_case_clashes
+from asrkd.stage import StageMismatch
 
 
 def test_sphinx_dict_alternates_and_stress(tmp_path: Path) -> None:
@@ -107,3 +108,33 @@ def test_kaldingram_progress_bars_stay_off_the_terminal_even_after_tqdm_was_impo
     err = capfd.readouterr().err
     assert "it/s" not in err and "%|" not in err, err[-500:]
     assert arpa_order(arpa) == 2 and arpa_unigrams(arpa) == {"ONE", "TWO", "THREE"}
+
+
+def test_a_dictionary_entry_for_a_word_outside_train_leaves_the_lang_and_its_models_current(tmp_path: Path) -> None:
+    """A set added later needs a pronunciation for its new word: the user adds it to the dictionary.
+    The lang (and so the GMM and every model on its phones) stays current, as in Kaldi, where a new
+    lexicon word needs a new graph, not a new model; a new pronunciation of a training word or a
+    phone remakes it (redo=true)."""
+    from asrkd.cli import load_config
+    from asrkd.kaldi import lang
+
+    dict_dir, train = tmp_path / "data" / "local" / "dict", tmp_path / "data" / "train"
+    dict_dir.mkdir(parents=True)
+    train.mkdir(parents=True)
+    (train / "text").write_text("u1 YES ZOO\n")
+    (dict_dir / "nonsilence_phones.txt").write_text("Y\nEH\nS\nZ\nUW\nN\nOW\n")
+    (dict_dir / "silence_phones.txt").write_text("SIL\n")
+    (dict_dir / "optional_silence.txt").write_text("SIL\n")
+    lexicon = dict_dir / "lexicon.txt"
+    lexicon.write_text("YES Y EH S\nZOO Z UW\n")
+    cfg = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", "lang.use_cmudict=false"])
+    lang.run(cfg)
+    record = (tmp_path / "data" / "lang" / "stage.json").read_text()
+
+    lexicon.write_text("YES Y EH S\nZOO Z UW\nNO N OW\n")  # the later set's word
+    lang.run(cfg)
+    assert (tmp_path / "data" / "lang" / "stage.json").read_text() == record  # kept: current
+
+    lexicon.write_text("YES Y EH S\nZOO Z OW\nNO N OW\n")  # a training word pronounced otherwise
+    with pytest.raises(StageMismatch, match="prepare-lang: .* with other settings: .*dict.*redo=true"):
+        lang.run(cfg)

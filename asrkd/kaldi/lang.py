@@ -408,28 +408,35 @@ def run(cfg) -> None:
     """Stage 1: ``data/local/dict`` (+ CMUdict) and the words of the training transcripts ->
     ``data/lang`` (Kaldi's training lang).
 
-    Its fingerprint holds the dictionary files and that vocabulary, so new words in ``train``
-    make the lang dir (and the GMM, graph and models built on its phones) stale. The eval sets'
-    and the tuning set's words are not in it: each such set is aligned with an alignment lang of
-    its own (``tri/ali_<set>/lang``) and decoded with the decoding lang (``graph/lang``), both the
-    training lang with more words on the same phones, so an eval set with new words, added now
-    or later, leaves the acoustic model as it is. Every set's transcripts are still checked for
-    words spelled in two cases.
+    Its fingerprint holds what the lang is made of: the phone set (the dictionary's phone files)
+    and the pronunciations of the training vocabulary, so new words in ``train`` or a new
+    pronunciation of one make the lang dir (and the GMM, graph and models built on its phones)
+    stale, while a dictionary entry for a word only an eval set or the LM uses leaves them as they
+    are (as in Kaldi, where a new lexicon word needs a new L.fst and graph, not a new model). The
+    eval sets' and the tuning set's words are not in it: each such set is aligned with an
+    alignment lang of its own (``tri/ali_<set>/lang``) and decoded with the decoding lang
+    (``graph/lang``, whose fingerprint holds the whole dictionary), both the training lang with
+    more words on the same phones, so an eval set with new words, added now or later, leaves
+    the acoustic model as it is. Every set's transcripts are still checked for words spelled in
+    two cases.
     """
     log = logging.getLogger(__name__)
     data_dir, layout = Path(cfg.data_dir), Layout.of(cfg)
     out_dir, dict_dir = layout.lang, layout.dictionary
     refuse_case_clashes(*vocabulary(data_dir, corpus_sets(cfg)))
     words, texts = vocabulary(data_dir, ["train"])
+    dictionary = Dictionary.read(dict_dir, cfg.lang.silence_phone)
+    primary = dictionary.lexicon
+    # CMUdict (a second of reading) only where a training word is not in the corpus dictionary
+    fallback = read_sphinx_dict(cmudict_path()) if cfg.lang.use_cmudict and not words <= primary.keys() else {}
+    lexicon, missing = build_lexicon(words, primary, fallback, dictionary.nonsilence_phones)
+    made_of = {"phones": sorted(dictionary.nonsilence_phones), "silence": dictionary.silence_phones, "optional": dictionary.optional_silence,
+               "lexicon": lexicon, "without_pronunciation": missing}
     # "phones": every position variant of every dictionary phone (before, only those the words used)
-    stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": dictionary_digest(dict_dir), "vocabulary": digest(sorted(words)),
+    stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": digest(made_of), "vocabulary": digest(sorted(words)),
                                                                   "vocabulary_size": len(words), "phones": "all positions"})
     if stage.up_to_date:
         return
-    dictionary = Dictionary.read(dict_dir, cfg.lang.silence_phone)
-    primary = dictionary.lexicon
-    fallback = read_sphinx_dict(cmudict_path()) if cfg.lang.use_cmudict else {}
-    lexicon, missing = build_lexicon(words, primary, fallback, dictionary.nonsilence_phones)
     from_cmudict = sorted(w for w in lexicon if w not in primary)
     if from_cmudict:
         log.info("prepare-lang: %d words from CMUdict: %s", len(from_cmudict), " ".join(from_cmudict[:20]))

@@ -151,9 +151,11 @@ def decoded_before(cfg, system: str, sets: dict[str, tuple[str, dict[str, str]]]
     """The eval sets of ``system``'s decode when it is complete and current for the config but for
     eval sets added since (as Kaldi decodes a new set into a directory of its own, nothing else
     is redone: the LM weight stays the one chosen on the tuning set); else None. ``sets``: the
-    config's scored sets (:func:`scored_sets`), of which the earlier ones are a part."""
+    config's scored sets (:func:`scored_sets`), of which the earlier ones are a part. ``redo``
+    remakes only what changed, here as in every stage: the earlier sets' decode is kept when it is
+    current, and redone whole when its model, graph or code changed."""
     record = read_record(Layout.of(cfg).decode(system))
-    if record is None or cfg.get("redo"):
+    if record is None:
         return None
     before, now = record["config"].get("eval_sets", DECODE_OPTIONAL_KEYS["eval_sets"]), eval_sets(cfg)
     if not set(before) < set(now) or set(cfg.decode.unseen_sentences) - set(before):
