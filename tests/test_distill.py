@@ -1,7 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from asrkd.distill.losses import distillation_loss, logit_distillation_loss, logit_matching_loss
+from asrkd.distill.losses import distillation_loss, logit_distillation_loss, logit_matching_loss, reverse_kl
 from asrkd.experiments.distillation import temperature_sentence
 
 
@@ -61,7 +62,7 @@ class OneHot:
         return torch.nn.functional.one_hot(dense.argmax(-1), self.num_pdfs).to(dense.dtype)
 
 
-register(TargetForm("top1", DENSE.store, lambda *args: OneHot(DENSE.rows(*args)), DENSE.loss))
+register(TargetForm("top1", DENSE.store, lambda *args: OneHot(DENSE.rows(*args))))
 '''
 
 
@@ -119,3 +120,28 @@ def test_three_percent_rows_are_the_replicates_their_stage_trains(tmp_path) -> N
     assert three["sub_hard_early_stop"] == ["hard_3pct@best", "hard_3pct_seed1@best", "hard_3pct_seed2@best"]
     assert three["sub_soft"] == ["student_baseline_T2_dense_train_3pct", "student_baseline_T2_dense_train_3pct_seed1",
                                  "student_baseline_T2_dense_train_3pct_seed2"]
+
+
+def test_reverse_kl_is_the_divergence_of_the_student_from_the_teacher_on_any_form() -> None:
+    """KL(softmax(z/T) || q) against torch's own KL; finite on top-k targets (zeros outside the k);
+    the student's batch loss takes it in the cross-entropy's place, with the same T^2 and hard term."""
+    from asrkd.distill.forms import FORMS
+    from asrkd.distill.student import batch_loss_of
+    from omegaconf import OmegaConf
+
+    generator = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(6, 30, generator=generator), torch.softmax(torch.randn(6, 30, generator=generator), -1)
+    student = torch.log_softmax(logits / 2.0, -1)
+    expected = F.kl_div(teacher.log(), student, log_target=True, reduction="batchmean")  # KL(student || teacher)
+    torch.testing.assert_close(reverse_kl(logits, teacher, 2.0), expected)
+    assert float(reverse_kl(logits / 2.0 * 2.0, torch.softmax(logits / 2.0, -1), 2.0)) == pytest.approx(0.0, abs=1e-6)
+    top = torch.zeros_like(teacher).scatter(1, teacher.topk(3, -1).indices, teacher.topk(3, -1).values)
+    assert torch.isfinite(reverse_kl(logits, top / top.sum(-1, keepdim=True), 2.0))
+    hard = torch.randint(0, 30, (6,), generator=generator)
+    dcfg = OmegaConf.create({"loss": "reverse_kl", "soft_weight": 1.0, "hard_weight": 0.5})
+    for form in ("dense", "topk", "compact"):
+        torch.testing.assert_close(batch_loss_of(dcfg, FORMS[form], 2.0)(logits, teacher, hard),
+                                   distillation_loss(logits, teacher, hard, 2.0, 1.0, 0.5, reverse_kl))
+    assert not torch.allclose(distillation_loss(logits, teacher, hard, 2.0, 1.0, 0.5, reverse_kl), distillation_loss(logits, teacher, hard, 2.0))
+    with pytest.raises(ValueError, match="distill.loss=forward_kl: no such soft term"):
+        batch_loss_of(OmegaConf.create({"loss": "forward_kl", "soft_weight": 1.0, "hard_weight": 0.5}), FORMS["dense"], 2.0)

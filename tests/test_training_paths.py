@@ -84,6 +84,19 @@ def test_teacher_on_the_fly_matches_the_stored_soft_targets(run_dir: Path, tmp_p
         [h["valid_frame_accuracy"] for h in stored_history], abs=0.01)
     with pytest.raises(ValueError, match="on_the_fly computes dense targets"):
         student.run(tiny_config(root, *common, "train.max_frames_per_epoch=640", "distill.on_the_fly=true", "distill.students.topk=[2]"))
+    # the loss apart from the form: reverse KL on dense and on top-k targets from the store, and on the fly
+    reverse = [*common, "train.max_frames_per_epoch=640", "distill.loss=reverse_kl", "distill.logit_matching=false"]
+    student.run(tiny_config(root, *reverse, "distill.students.topk=[2]"))
+    for form in ("dense", "topk"):
+        assert read_record(root / "exp" / "dnn" / f"student_pair_T2_{form}_reverse_kl")["config"]["loss"] == "reverse_kl"
+    reverse_dir = root / "exp" / "dnn" / "student_pair_T2_dense_reverse_kl"
+    stored_reverse = weights(reverse_dir / "final.pt")
+    assert max(float((stored_reverse[k] - stored_weights[k]).abs().max()) for k in stored_weights) > 10 * 1e-3  # another loss, another model
+    student.run(tiny_config(root, *reverse, "distill.on_the_fly=true", "redo=true"))
+    fly_reverse = weights(reverse_dir / "final.pt")
+    assert read_record(reverse_dir)["config"]["on_the_fly"] is True
+    assert max(float((stored_reverse[k] - fly_reverse[k]).abs().max()) for k in stored_reverse) < 10 * 1e-3  # as the cross-entropy's pair
+    assert "loss" not in read_record(student_dir)["config"]  # the paper's students keep their fingerprints
 
 
 def test_two_processes_with_ddp_train_the_model_of_one_at_the_same_global_batch(run_dir: Path, tmp_path: Path) -> None:

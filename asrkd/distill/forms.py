@@ -2,12 +2,15 @@
 
 A form says where a student's targets lie for each feature store it trains on (the
 soft-target stage's stores), how they are read onto the training device, how the teacher gives
-them on the fly instead (``distill.on_the_fly``; None: only from a store), the loss the student
-trains with, and the values its fingerprint records besides. Built in: ``dense``, ``topk``,
-``compact``, ``compact_prior`` (the stored soft targets at T, :class:`TargetRows`) and
-``logits`` (the teacher's zero-mean logits, §2.1). A new distillation method is one module
-that calls :func:`register` and a config entry: the module in ``distill.methods``, its T's in
-``distill.students`` (tests/test_distill.py adds one).
+them on the fly instead (``distill.on_the_fly``; None: only from a store), whether they are
+probabilities or the teacher's logits, and the values its fingerprint records besides: how the
+targets are stored, not what the student does with them. The loss is apart
+(:mod:`asrkd.distill.losses`, ``distill.loss``): any soft term on any form of probabilities.
+Built in: ``dense``, ``topk``, ``compact``, ``compact_prior`` (the stored soft targets at T,
+:class:`TargetRows`) and ``logits`` (the teacher's zero-mean logits, §2.1: logit matching). A
+new distillation method is one module that calls :func:`register` (or
+:func:`asrkd.distill.losses.register_soft_term`) and a config entry: the module in
+``distill.methods``, its T's in ``distill.students`` (tests/test_distill.py adds one).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from asrkd.distill.losses import distillation_loss, logit_distillation_loss
 from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, logits_dir, pdf_priors, store_dir
 
 LOGITS = "logits"  # the form name of the logit-matching student
@@ -31,9 +33,9 @@ class TargetForm:
     name: str
     store: Callable[..., Path]  # (cfg, T, feature store name) -> the directory of its targets
     rows: Callable[..., TargetRows]  # (cfg, directory, features checksum, T, num_pdfs, device) -> the targets, resident
-    loss: Callable[..., torch.Tensor]  # (distill config, student logits, batch targets, batch pdf-ids, T) -> the loss
     on_the_fly: Callable[..., Callable[[torch.Tensor], torch.Tensor]] | None = None  # (teacher, T) -> batch -> targets
     values: Callable[..., dict] = field(default=lambda cfg: {})  # (cfg) -> what the fingerprint records besides
+    logits: bool = False  # the targets are the teacher's logits (logit matching), not probabilities
 
 
 FORMS: dict[str, TargetForm] = {}
@@ -55,15 +57,6 @@ def form_of(cfg, name: str) -> TargetForm:
     return FORMS[name]
 
 
-def soft_loss(dcfg, logits: torch.Tensor, targets: torch.Tensor, hard: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The paper's: soft_weight T^2 CE(targets, softmax(z/T)) + hard_weight CE(pdf-ids, softmax(z))."""
-    return distillation_loss(logits, targets, hard, temperature, dcfg.soft_weight, dcfg.hard_weight)
-
-
-def logit_loss(dcfg, logits: torch.Tensor, targets: torch.Tensor, hard: torch.Tensor, temperature: float | None) -> torch.Tensor:
-    return logit_distillation_loss(logits, targets, hard, dcfg.soft_weight, dcfg.hard_weight)
-
-
 def stored_rows(form: str) -> Callable[..., TargetRows]:
     """Reading the soft-target store at T in ``form`` (the compact forms with distill.compact)."""
 
@@ -78,12 +71,11 @@ def stored_soft_targets(cfg, temperature: float, store: str) -> Path:
     return store_dir(cfg, temperature, store)
 
 
-register(TargetForm("dense", stored_soft_targets, stored_rows("dense"), soft_loss,
+register(TargetForm("dense", stored_soft_targets, stored_rows("dense"),
                     on_the_fly=lambda teacher, temperature: lambda batch: teacher.soft_targets(batch, temperature)))
-register(TargetForm("topk", stored_soft_targets, stored_rows("topk"), soft_loss))
+register(TargetForm("topk", stored_soft_targets, stored_rows("topk")))
 for _name in COMPACT_FORMS:
-    register(TargetForm(_name, stored_soft_targets, stored_rows(_name), soft_loss,
-                        values=lambda cfg: {"compact": OmegaConf.to_container(cfg.distill.compact)}))
+    register(TargetForm(_name, stored_soft_targets, stored_rows(_name), values=lambda cfg: {"compact": OmegaConf.to_container(cfg.distill.compact)}))
 register(TargetForm(LOGITS, lambda cfg, temperature, store: logits_dir(cfg, store),
                     lambda cfg, directory, checksum, temperature, num_pdfs, device: TeacherLogits.load(directory, checksum, num_pdfs).rows(device),
-                    logit_loss, on_the_fly=lambda teacher, temperature: teacher.zero_mean_logits))
+                    on_the_fly=lambda teacher, temperature: teacher.zero_mean_logits, logits=True))

@@ -7,9 +7,16 @@ cross-entropy with the forced alignment's pdf-ids at T = 1, weighted relative to
 term (0.5 in the paper). ``logit_matching_loss`` is the soft term's high-temperature limit
 (§2.1): squared error between zero-mean student and teacher logits. ``self_distillation_loss``
 is BYOT's (Zhang et al. 2019): a network's deepest exit teaching its shallow ones.
+
+The soft term is a registered function of (student logits, teacher probabilities, T), apart
+from how the targets were stored (dense, top-k, compact, on the fly: :mod:`asrkd.distill.forms`):
+``distill.loss`` names it for every student (:data:`SOFT_TERMS`; a new one is a function and
+a :func:`register_soft_term` line, as torchdistill's loss registry).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +26,35 @@ def soft_cross_entropy(student_logits: torch.Tensor, soft_targets: torch.Tensor,
     """Mean over frames of -sum_k q_k log softmax(z/T)_k, with q the teacher's soft targets."""
     log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return -(soft_targets.float() * log_probs).sum(-1).mean()
+
+
+def reverse_kl(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float, floor: float = 1e-6) -> torch.Tensor:
+    """Mean over frames of KL(softmax(z/T) || q): the student pays for mass where the teacher has
+    little (mode-seeking), where cross-entropy makes it cover all the teacher's mass. The targets are
+    floored at ``floor`` and renormalized first: a top-k form holds zeros, whose log is -inf."""
+    log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    targets = soft_targets.float().clamp(min=floor)
+    log_targets = torch.log(targets / targets.sum(-1, keepdim=True))
+    return (log_probs.exp() * (log_probs - log_targets)).sum(-1).mean()
+
+
+SoftTerm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (student logits, teacher probabilities, T) -> a scalar
+
+DEFAULT_SOFT_TERM = "cross_entropy"  # the paper's
+SOFT_TERMS: dict[str, SoftTerm] = {DEFAULT_SOFT_TERM: soft_cross_entropy, "reverse_kl": reverse_kl}
+
+
+def register_soft_term(name: str, term: SoftTerm) -> SoftTerm:
+    """Make ``term`` a soft term ``distill.loss`` can name (a later registration of the name replaces it)."""
+    SOFT_TERMS[name] = term
+    return term
+
+
+def soft_term_of(name: str) -> SoftTerm:
+    if name not in SOFT_TERMS:
+        raise ValueError(f"distill.loss={name}: no such soft term (known: {', '.join(SOFT_TERMS)}); a new one is a function "
+                         "registered with asrkd.distill.losses.register_soft_term, from a module named in distill.methods")
+    return SOFT_TERMS[name]
 
 
 def hard_term(student_logits: torch.Tensor, hard_targets: torch.Tensor, hard_weight: float) -> torch.Tensor | float:
@@ -40,9 +76,11 @@ def distillation_loss(
     temperature: float,
     soft_weight: float = 1.0,
     hard_weight: float = 0.5,
+    soft_term: SoftTerm = soft_cross_entropy,
 ) -> torch.Tensor:
-    """soft_weight * T^2 * CE(soft targets, softmax(z/T)) + hard_weight * CE(pdf-ids, softmax(z))."""
-    soft = soft_weight * temperature**2 * soft_cross_entropy(student_logits, soft_targets, temperature)
+    """soft_weight * T^2 * CE(soft targets, softmax(z/T)) + hard_weight * CE(pdf-ids, softmax(z)),
+    or another ``soft_term`` in CE's place (reverse KL: its gradient also scales as 1/T^2)."""
+    soft = soft_weight * temperature**2 * soft_term(student_logits, soft_targets, temperature)
     return soft + hard_term(student_logits, hard_targets, hard_weight)
 
 

@@ -6,8 +6,10 @@ dropping the rest costs), ``compact`` or ``compact_prior`` (the k' largest with 
 evenly or by the pdf priors: the forms for a scale where dense does not fit;
 :class:`asrkd.distill.soft_targets.TargetRows`); ``distill.seeds`` gives how many replicates of each form train (seed + 100 r). Their
 loss is the paper's T^2 * CE(soft targets at T, softmax(z/T)) + hard_weight * CE(pdf-ids,
-softmax(z)). With ``distill.logit_matching``, one more student matches the teacher's
-zero-mean logits instead (§2.1, the objective's high-T limit).
+softmax(z)), or with ``distill.loss`` another registered soft term in CE's place, on any form
+(``reverse_kl``: :mod:`asrkd.distill.losses`; its students are named ``..._<loss>``). With
+``distill.logit_matching``, one more student matches the teacher's zero-mean logits instead
+(§2.1, the objective's high-T limit).
 
 The student trains on the labeled utterances of ``train.data`` and, with ``distill.transfer``,
 on the frames of those data dirs too, with the soft term alone (no alignment needed: unlabeled
@@ -25,7 +27,8 @@ from typing import Callable, NamedTuple
 import torch
 from omegaconf import OmegaConf
 
-from asrkd.distill.forms import LOGITS, form_of
+from asrkd.distill.forms import LOGITS, TargetForm, form_of
+from asrkd.distill.losses import DEFAULT_SOFT_TERM, distillation_loss, logit_distillation_loss, soft_term_of
 from asrkd.distill.soft_targets import TargetRows, current_checksum, load_teacher, student_cfg, teacher_groups
 from asrkd.layout import Layout, System
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
@@ -39,11 +42,13 @@ class Student(NamedTuple):
 
 
 def student_name(teacher: str, temperature: float | None, form: str, data: str = "train", transfer: list[str] | tuple = (),
-                 epochs: int | None = None, replicate: int = 0) -> str:
+                 epochs: int | None = None, replicate: int = 0, loss: str = DEFAULT_SOFT_TERM) -> str:
     """exp/dnn/student_<teacher>_T<T>_<form> (student_<teacher>_logits for logit matching),
-    then _<data> when trained on other data than train, _via_<transfer> with a transfer set,
-    _e<epochs> with its own epochs and _seed<r> for replicate r > 0."""
+    then _<loss> with another soft term than the paper's cross-entropy, _<data> when trained on
+    other data than train, _via_<transfer> with a transfer set, _e<epochs> with its own epochs and
+    _seed<r> for replicate r > 0."""
     name = f"student_{teacher}_{LOGITS}" if form == LOGITS else f"student_{teacher}_T{temperature:g}_{form}"
+    name += "" if loss == DEFAULT_SOFT_TERM or form == LOGITS else f"_{loss}"
     name += "" if data == "train" else f"_{data}"
     name += f"_via_{'+'.join(transfer)}" if transfer else ""
     name += f"_e{epochs}" if epochs else ""
@@ -70,7 +75,7 @@ def dense_only(cfg, temperature: float, seeds: int, **distill):
 
 def name_of(cfg, student: Student) -> str:
     return student_name(cfg.distill.teacher, student.temperature, student.form, cfg.train.data, list(cfg.distill.transfer),
-                        cfg.distill.epochs, student.replicate)
+                        cfg.distill.epochs, student.replicate, str(cfg.distill.loss))
 
 
 def student_system(cfg, student: Student) -> System:
@@ -174,6 +179,16 @@ def target_source(cfg, student: Student, training: TrainingSet) -> tuple[Callabl
     return make, {("soft targets" if i == 0 else f"soft targets {store}"): path for i, (store, path) in enumerate(targets.items())}
 
 
+def batch_loss_of(dcfg, form: TargetForm, temperature: float | None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(student logits, the batch's targets in ``form``, its pdf-ids) -> the loss: the soft term
+    ``distill.loss`` names on probabilities of any form, stored or on the fly; logit matching on
+    the teacher's logits (the logits form: T -> inf, no soft term to choose)."""
+    if form.logits:
+        return lambda logits, targets, hard: logit_distillation_loss(logits, targets, hard, dcfg.soft_weight, dcfg.hard_weight)
+    term = soft_term_of(str(dcfg.loss))
+    return lambda logits, targets, hard: distillation_loss(logits, targets, hard, temperature, dcfg.soft_weight, dcfg.hard_weight, term)
+
+
 def run(cfg) -> None:
     """Stage: every student of ``students(cfg)`` that is not complete."""
     dcfg = cfg.distill
@@ -185,12 +200,13 @@ def run(cfg) -> None:
         form = form_of(cfg, student.form)
         make_targets, inputs = target_source(cfg, student, training)
 
-        def loss(data, hard, form=form, temperature=student.temperature, make_targets=make_targets):
+        def loss(data, hard, batch_loss=batch_loss_of(dcfg, form, student.temperature), make_targets=make_targets):
             targets = make_targets(data)
-            return lambda logits, batch: form.loss(dcfg, logits, targets(batch), hard[batch], temperature)
+            return lambda logits, batch: batch_loss(logits, targets(batch), hard[batch])
 
         values = {"teacher": dcfg.teacher, "form": student.form, "temperature": student.temperature, "transfer": list(dcfg.transfer)}
         values |= {"on_the_fly": True} if dcfg.on_the_fly else {}
+        values |= {"loss": str(dcfg.loss)} if str(dcfg.loss) != DEFAULT_SOFT_TERM and not form.logits else {}
         values |= form.values(cfg)
         train_stage(scfg, [Model(f"train-student {name}", layout.model(name), student.replicate, values=values)], training, loss=loss,
                     keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
