@@ -27,9 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from asrkd import experiments as experiments_package
 from asrkd import jobs, parallel
+from asrkd.errors import StageError
 from asrkd.experiments.base import Experiment
+from asrkd.files import disk_error, verify_every_file
+from asrkd.machine import invoked_as
 from asrkd.schema import ConfigError, validate
-from asrkd.stage import StageError, abandon_open_stages, code_record, disk_error, invoked_as, verify_every_file
+from asrkd.stage import abandon_open_stages, code_record
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -150,7 +153,7 @@ def on_sigterm(signum: int, _frame) -> None:
 
 
 def os_error_line(err: OSError) -> str:
-    """An OSError as one line naming the file: a full or unwritable disk with its fix (stage.disk_error), else its own words."""
+    """An OSError as one line naming the file: a full or unwritable disk with its fix (asrkd.files.disk_error), else its own words."""
     known = disk_error(err.filename or "", err)
     if known is not None:
         return str(known)

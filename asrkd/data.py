@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from asrkd.stage import write_text
+from asrkd.files import write_text
 
 log = logging.getLogger(__name__)
 

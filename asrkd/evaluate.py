@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd.data import DataDir, data_split, eval_sets
+from asrkd.errors import StageError
 from asrkd.kaldi.decode import NOT_IN_LM, out_of_vocabulary
 from asrkd.kaldi.graph import NO_PRONUNCIATION, lm_description, lm_vocabulary, lm_words_left_out
 from asrkd.layout import Layout
@@ -29,7 +30,7 @@ from asrkd.nnet.decode import scored_sets
 from asrkd.nnet.train import FrameData, evaluate_frames, load_system, read_history, replicates, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.report import decoding_result, machine, merge_into_report, mixed_configs, recipe_command
-from asrkd.stage import StageError, input_fingerprint, input_record
+from asrkd.stage import input_fingerprint, input_record
 from asrkd.stats import Bootstrap, UtteranceCounts, frame_table
 
 log = logging.getLogger(__name__)

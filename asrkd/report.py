@@ -18,9 +18,12 @@ from typing import Callable, Iterator
 import torch
 from omegaconf import OmegaConf
 
+from asrkd.files import atomic_write, copy_file, write_json, write_text
 from asrkd.layout import Layout
+from asrkd.locks import exclusive
+from asrkd.machine import code_commit, cpu_description
 from asrkd.parallel import pick_device
-from asrkd.stage import atomic_write, code_commit, copy_file, cpu_description, exclusive, input_record, write_json, write_text
+from asrkd.stage import input_record
 from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
@@ -482,6 +485,6 @@ def recipe_command(default: str) -> str:
 
 def machine(cfg) -> str:
     """Where and by what a report was made: CPU model and family, cores, torch threads, torch
-    version, device, and the code's commit (asrkd.stage.code_commit)."""
+    version, device, and the code's commit (asrkd.machine.code_commit)."""
     return (f"{cpu_description()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"device {pick_device(cfg.train.device)}, code {code_commit() or 'not from a git checkout'}")

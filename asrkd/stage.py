@@ -1,4 +1,4 @@
-"""What every stage shares: fingerprinted stage records, atomic writes, dropped-utterance accounting.
+"""Stage records and fingerprints: what makes a stage resumable, skippable and safe.
 
 A stage's output directory holds ``stage.json`` once all its outputs are in place: the
 config keys the stage read (flattened, ``train.lr: 0.001``), the fingerprint of every input
@@ -16,10 +16,6 @@ files) and its own fingerprint, the hash of both. A rerun
 Consumers check an input is current before using it (``input_fingerprint``): a model whose
 features were remade since is stale, and saying so beats decoding with mismatched parts.
 
-Every file is written under a temporary name and renamed into place (``atomic_write``), so a
-kill leaves the old file or the new one, never half of one; a full disk, an unwritable or a
-failing one is one line naming the file (``disk_error``).
-
 A mistake never costs a finished output:
 
 * ``redo`` sets the old output aside (``.<dir>.previous`` beside it) and builds the new one in
@@ -27,50 +23,40 @@ A mistake never costs a finished output:
   fails puts the old output back (``abandon_open_stages``, which the CLI calls on any error);
   one that is killed leaves it aside, and the next run restores it when it asks for the old
   settings, or goes on with the redo when it asks for the new ones.
-* The record lists every output file with its size and SHA-256: a file cut short or changed
-  since is found when the output is read as an input, or when its stage is planned again, and
-  named with the fix (``redo=true`` remakes it even though its settings did not change). A
-  file's hash is compared when its modification time moved, a model's always, every file's with
-  ``verify=true``.
+* The record lists every output file with its size and SHA-256 (:mod:`asrkd.files`): a file
+  cut short or changed since is found when the output is read as an input, or when its stage is
+  planned again, and named with the fix (``redo=true`` remakes it even though its settings did
+  not change).
 * The record holds the asrkd version and a hash of the source of every asrkd module that was
   loaded when the stage ran: a rerun under other code warns, naming the modules, and
   ``redo=true`` remakes it.
-* One run at a time per output directory: ``.<dir>.lock`` beside it names the holder's pid,
-  host and command; a second run is refused naming them, a lock whose process is gone is taken
-  over (and said so).
-* The record says which command made the output (``made_by``: the recipe line, or the asrkd
-  command with its overrides), so a report can name the command that remakes each row, and
-  on which CPU (``made_on``: its model and family, which decide the last bits of its numbers).
+* One run at a time per output directory (:mod:`asrkd.locks`).
+* The record says which command made the output and on which CPU and code (:mod:`asrkd.machine`).
+
+Its neighbours, one concern each: :mod:`asrkd.errors`, :mod:`asrkd.files` (atomic writes,
+checksums), :mod:`asrkd.locks`, :mod:`asrkd.machine`, :mod:`asrkd.progress`, :mod:`asrkd.drops`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
-import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
-import functools
 import os
-import platform
 import shutil
-import socket
-import subprocess
 import sys
-import time
-from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from asrkd import __version__
+from asrkd.errors import CorruptOutput, MissingInput, StageError, StageLocked, StageMismatch, StaleInput
+from asrkd.files import check_writable, compared_by_hash, file_digest, verified_digest, write_json
+from asrkd.locks import acquire_lock, release_lock
+from asrkd.machine import code_commit, cpu_description, invocation
 
 log = logging.getLogger(__name__)
 
@@ -78,145 +64,6 @@ RECORD = "stage.json"
 PARTIAL = "stage.partial.json"
 PACKED = "stage.packed.json"  # tools/pack_prepared.py: the output files left behind on purpose
 DATA_DIR_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "utt2uniq", "segments")
-
-
-class StageError(RuntimeError):
-    """A stage cannot run as asked; the message says which stage, why, and what to do."""
-
-
-class StageMismatch(StageError):
-    """Outputs exist that were made from another config or other inputs."""
-
-
-class StaleInput(StageError):
-    """An input was made from something that has been remade since."""
-
-
-class MissingInput(StageError):
-    """An input a stage needs has not been made (or did not finish)."""
-
-
-class CorruptOutput(StageError):
-    """A stage's output file no longer is what its stage wrote (cut short, changed, missing)."""
-
-
-class StageLocked(StageError):
-    """Another run is writing the same output directory."""
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-DISK_ERRORS = {
-    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large for this file system (or the process's file size limit)",
-    errno.EIO: "input/output error (a failing disk or a network file system gone away)",
-    errno.EACCES: "permission denied", errno.EROFS: "read-only file system", errno.EPERM: "operation not permitted",
-    errno.ENOTDIR: "a part of the path is a file, not a directory",
-}
-UNWRITABLE = (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR)
-
-
-def disk_error(path: Path | str, err: OSError) -> StageError | None:
-    """The one-line StageError for an OSError a full, unwritable or failing disk raises writing
-    ``path`` (None for other errors): it names the file and the fix, and says earlier outputs
-    are intact (every write goes to a temporary name first)."""
-    what = DISK_ERRORS.get(err.errno)
-    if what is None:
-        return None
-    if err.errno in UNWRITABLE:
-        return StageError(f"cannot write {path}: {what}; choose a writable exp_dir/data_dir (earlier outputs are intact)")
-    return StageError(f"{what} writing {path}; free space or fix the disk and rerun (earlier outputs are intact)")
-
-
-@contextmanager
-def atomic_write(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place when the block succeeds.
-
-    A kill or an error inside the block leaves ``path`` as it was (the temporary file is
-    removed on errors). A full disk, an unwritable directory or an I/O error becomes a
-    StageError that names the file and says the previous outputs are intact.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        clear = disk_error(path, err)
-        if clear is not None:
-            raise clear from err
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_bytes(path: Path | str, data: bytes | memoryview) -> None:
-    """Write ``data`` atomically. Writers that bury the OS error in their own (torch.save's
-    zip writer: "unexpected pos") serialize into memory and write through here."""
-    with atomic_write(path) as tmp:
-        with open(tmp, "wb") as out:
-            out.write(data)
-
-
-def new_array(path: Path | str, dtype, shape: tuple[int, ...]):
-    """A memory-mapped .npy array of ``shape`` to fill, its blocks allocated now: a full disk is the
-    one-line error here, not a SIGBUS when a page of the map is first written."""
-    try:
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        if hasattr(os, "posix_fallocate"):
-            fd = os.open(path, os.O_RDWR)
-            try:
-                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-            except OSError as err:
-                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: nothing reserved
-                    raise
-            finally:
-                os.close(fd)
-    except OSError as err:
-        clear = disk_error(path, err)
-        if clear is not None:
-            raise clear from err
-        raise
-    return array
-
-
-def write_text(path: Path | str, text: str) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json(path: Path | str, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=1) + "\n")
-
-
-def save_npy(path: Path | str, array) -> None:
-    with atomic_write(path) as tmp:
-        with open(tmp, "wb") as out:
-            np.save(out, array)
-
-
-def copy_file(source: Path | str, dest: Path | str) -> None:
-    with atomic_write(dest) as tmp:
-        shutil.copyfile(source, tmp)
-
-
-def check_writable(directory: Path | str) -> None:
-    """Fail early, in one line, when an output directory cannot be created or written."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        clear = disk_error(directory, err)
-        if clear is not None and err.errno not in UNWRITABLE:
-            raise clear from err
-        raise StageError(f"cannot write to {directory}: {err.strerror}; choose a writable directory (exp_dir=..., data_dir=...)") from err
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -344,14 +191,6 @@ def describe_changes(old: dict, new: dict) -> list[str]:
 # ----------------------------------------------------------------------------- outputs, code, commands
 
 
-def file_digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as source:
-        for block in iter(lambda: source.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def output_files(directory: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {"bytes", "sha256", "mtime_ns"}} of every file a stage wrote in ``directory``:
     not its records, temporary files, or subdirectories that are stage outputs of their own."""
@@ -372,30 +211,6 @@ def output_files(directory: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-# Files whose SHA-256 is compared whenever they are read as an input, not only when their
-# modification time moved: a model corrupted in place with its size and time kept (a bad copy, a
-# flipped bit) would otherwise score as a model. ``verify=true`` compares every file's.
-ALWAYS_VERIFIED = ("*.pt",)
-_VERIFY_ALL = False
-_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> SHA-256: each file hashed once a process
-
-
-def verify_every_file(on: bool) -> None:
-    """``verify=true`` (recipes: ``--verify``): every output's SHA-256 is compared when it is read
-    as an input or planned again, whatever its modification time (the CLI sets it)."""
-    global _VERIFY_ALL
-    _VERIFY_ALL = bool(on)
-
-
-def verified_digest(path: Path) -> str:
-    """``file_digest`` of ``path``, computed once per process for a file left as it was."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = file_digest(path)
-    return _DIGESTS[key]
-
-
 def output_problems(directory: Path, record: dict) -> list[str]:
     """What differs between ``directory``'s files and those its record lists: a file missing, of
     another size, or of another SHA-256, compared when its modification time moved, always for a
@@ -413,8 +228,7 @@ def output_problems(directory: Path, record: dict) -> list[str]:
         stat = path.stat()
         if stat.st_size != entry["bytes"]:
             problems.append(f"{name} has {stat.st_size} bytes, its stage wrote {entry['bytes']} (cut short or overwritten)")
-        elif ((_VERIFY_ALL or stat.st_mtime_ns != entry["mtime_ns"] or any(path.match(p) for p in ALWAYS_VERIFIED))
-              and verified_digest(path) != entry["sha256"]):
+        elif compared_by_hash(path, entry["mtime_ns"]) and verified_digest(path) != entry["sha256"]:
             problems.append(f"{name} changed since its stage wrote it (SHA-256 differs)")
     return problems
 
@@ -455,170 +269,9 @@ def changed_code(record: dict) -> list[str]:
     return [name for name, recorded in modules.items() if module_source_hash(name) != recorded]
 
 
-_INVOCATION: dict[str, Any] = {}
-
-
-@contextmanager
-def invoked_as(command: str, overrides: list[str]) -> Iterator[None]:
-    """Say which command runs inside the block (the CLI does), for the records' ``made_by``: the
-    recipe line when a recipe runs it (``ASRKD_RECIPE_COMMAND``), else the asrkd command."""
-    shown = [o for o in overrides if not o.startswith(("redo=", "verify="))]
-    recipe = os.environ.get("ASRKD_RECIPE_COMMAND")
-    _INVOCATION.update({"command": recipe or " ".join(["asrkd", command, *shown]), "overrides": shown})
-    try:
-        yield
-    finally:
-        _INVOCATION.clear()
-
-
-def cpu_family(flags: set[str]) -> str:
-    """The instruction set of a CPU, the first thing that decides its floating-point results (an AMX
-    Xeon and an AVX2 machine give the same code different last bits); within a family the model
-    can differ too (README, 'What reproduces how'), so records name both (cpu_description)."""
-    for flag, family in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("neon", "NEON"), ("asimd", "NEON")):
-        if flag in flags:
-            return family
-    return "other"
-
-
-@functools.lru_cache(maxsize=4)
-def cpu_fields(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
-    """/proc/cpuinfo's fields (name -> value; every core lists the same), {} where it cannot be read:
-    the one reader of it, for the machine a record names and the bf16 support a cost names."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return {}
-    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    fields = cpu_fields(cpuinfo)
-    return set((fields.get("flags") or fields.get("Features") or "").split())
-
-
-def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """'AMD EPYC (AVX-512, family 26 model 2)': the CPU's name, instruction-set family and, where
-    /proc/cpuinfo gives them, its family and model numbers (else the platform). The numbers tell
-    generations apart that share a name and an instruction set ("AMD EPYC (AVX-512)" was two
-    machines whose trainings of one config differed)."""
-    fields = cpu_fields(cpuinfo)
-    if not fields:
-        return platform.processor() or platform.machine()
-    model = fields.get("model name") or fields.get("Hardware") or platform.machine()
-    generation = f", family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields else ""
-    return f"{model} ({cpu_family(cpu_flags(cpuinfo))}{generation})"
-
-
-CODE_PATHS = ("asrkd", "conf", "local", "recipes")  # what decides an output; a change there outside a commit is named
-
-
-@functools.cache
-def code_commit() -> str | None:
-    """The git commit of the code that runs ('3f2a9c1d0b7e'), with '+changes' where the files of
-    CODE_PATHS differ from it; None outside a git checkout (an installed package). A record names it
-    beside its CPU: the two that decide its numbers bit for bit."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True)
-        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
-                                 capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
-
-
-def invocation() -> dict[str, Any]:
-    return dict(_INVOCATION) or {"command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv)), "overrides": None}
-
-
-# ----------------------------------------------------------------------------- one run per directory
-
-
-def lock_path(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.lock"
-
-
 def previous_path(out_dir: Path) -> Path:
     """Where a redo keeps the old output until the new one is complete."""
     return out_dir.parent / f".{out_dir.name}.previous"
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs: a zombie (killed, not yet reaped by its parent) does not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def acquire_lock(name: str, out_dir: Path) -> None:
-    """Take ``out_dir``'s lock, or refuse naming who holds it. A lock of a process that is gone
-    (same host) is taken over, and said so; this process may take its own again."""
-    path = lock_path(out_dir)
-    mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": invocation()["command"],
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(3):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_lock(path)
-            if holder is None:  # being written by its taker this instant, or cut by a kill: look again, then take it
-                time.sleep(0.2)
-                holder = read_lock(path) or {"pid": -1, "host": mine["host"]}
-            same_host = holder.get("host") == mine["host"]
-            if same_host and holder.get("pid") == mine["pid"]:
-                path.unlink(missing_ok=True)
-                continue
-            if same_host and not process_alive(int(holder.get("pid", -1))):
-                log.warning("%s: taking over the lock %s of pid %s (%s), which is no longer running", name, path, holder.get("pid"),
-                            holder.get("command"))
-                path.unlink(missing_ok=True)
-                continue
-            raise StageLocked(f"{name}: {out_dir} is being made by another run: pid {holder.get('pid')} on {holder.get('host')} "
-                              f"since {holder.get('since')}, `{holder.get('command')}`. Wait for it to finish"
-                              + ("" if same_host else f", or delete {path} if that run is gone"))
-        except OSError as err:
-            raise (disk_error(path, err) or StageError(f"cannot write {path}: {err.strerror}")) from err
-        with os.fdopen(fd, "w") as out:
-            json.dump(mine, out)
-        return
-    raise StageLocked(f"{name}: could not take the lock {path}; delete it if no run is making {out_dir}")
-
-
-@contextmanager
-def exclusive(path: Path | str) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (a lock file, made if missing) for the block: a second
-    process waits for the first (``flock``; released by the kernel if its holder dies). For a
-    read-modify-write of a file several commands share, the report.json reports merge into."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def read_lock(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def release_lock(out_dir: Path) -> None:
-    holder = read_lock(lock_path(out_dir))
-    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        lock_path(out_dir).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- planning a stage
@@ -839,90 +492,3 @@ def decide(stage: Stage, redo: bool, clear: bool, writer: bool = True) -> None:
     write_json(out_dir / PARTIAL, stage.record)
 
 
-# ----------------------------------------------------------------------------- progress
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None elsewhere (musl, macOS: nothing to do)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def trim_heap() -> None:
-    """Hand the heap's free pages back to the OS. glibc keeps the pages of freed blocks below its
-    mmap threshold, which it raises to the largest block freed (up to 32 MB: a batch's tensors), so
-    a loop over batches held more anonymous memory the more batches it had run (the soft-targets
-    stage's growth in results/bench/scaling.md's fit). A trim once a second costs little; a fixed
-    threshold instead (MALLOC_MMAP_THRESHOLD_) would make every batch map and unmap its tensors."""
-    if (trim := _malloc_trim()) is not None:
-        trim(0)
-
-
-def progress(items, what: str, total: int | None = None, unit: str = "", scale: int = 1) -> Iterator:
-    """Yield ``items``, drawing a one-line counter on stderr when it is a terminal (never in logs):
-    done/total, the rate and the time left. Each item counts ``scale`` ``unit`` (a batch of
-    frames: ``unit="frames", scale=batch_size``), so the rate reads in frames or utterances.
-    Every long loop of a stage runs through here, so here the heap is trimmed once a second
-    (:func:`trim_heap`): a stage's memory stays that of one batch, however many it runs."""
-    terminal = sys.stderr.isatty()
-    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-    start = shown = trimmed = time.monotonic()
-    count = 0
-    suffix = f" {unit}" if unit else ""
-
-    def line(now: float) -> str:
-        rate = count * scale / max(now - start, 1e-9)
-        text = f"\r{what}: {count * scale}" + (f"/{total * scale}" if total else "") + f"{suffix}, {rate:,.0f}{suffix}/s"
-        if total and rate > 0:
-            text += f", {(total - count) * scale / rate:.0f} s left"
-        return text + " "
-
-    for count, item in enumerate(items, 1):
-        yield item
-        now = time.monotonic()
-        if terminal and now - shown > 0.5:
-            sys.stderr.write(line(now))
-            sys.stderr.flush()
-            shown = now
-        if now - trimmed > 1.0:
-            trim_heap()
-            trimmed = now
-    if terminal:
-        sys.stderr.write(line(time.monotonic()) + "done\n")
-
-
-# ----------------------------------------------------------------------------- dropped utterances
-
-
-class TooManyDropped(StageError):
-    """A stage lost more utterances than ``prep.max_drop_fraction`` allows."""
-
-
-def account_dropped(stage: str, total: int, dropped: dict[str, str], max_fraction: float, report: Path) -> None:
-    """Say how many utterances ``stage`` dropped and why; write them out; fail past the limit.
-
-    Nothing is dropped silently: the reasons are logged grouped by kind and every utterance
-    with its reason is written to ``report`` (JSON).
-    """
-    write_json(report, {"stage": stage, "total": total, "dropped": dropped})
-    if not dropped:
-        log.info("%s: kept all %d utterances", stage, total)
-        return
-    kinds = Counter(reason_kind(reason) for reason in dropped.values())
-    log.warning(
-        "%s: dropped %d of %d utterances (%s); list in %s",
-        stage, len(dropped), total, "; ".join(f"{n} x {k}" for k, n in kinds.most_common()), report,
-    )
-    if len(dropped) > max_fraction * total:
-        raise TooManyDropped(
-            f"{stage}: dropped {len(dropped)} of {total} utterances, more than "
-            f"prep.max_drop_fraction={max_fraction}; see {report}"
-        )
-
-
-def reason_kind(reason: str) -> str:
-    """'utterance X: missing audio (wav/...); fix' -> 'missing audio': what groups drop reasons."""
-    return reason.split(": ", 1)[-1].split(" (")[0].split(";")[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 import kaldiio
 import numpy as np
 
-from asrkd.stage import atomic_write, new_array, write_json
+from asrkd.files import atomic_write, new_array, write_json
 
 
 @dataclass

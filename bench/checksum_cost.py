@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""What comparing a model's SHA-256 costs each time it is read (asrkd.stage.ALWAYS_VERIFIED): the
+"""What comparing a model's SHA-256 costs each time it is read (asrkd.files.ALWAYS_VERIFIED): the
 checkpoint of the paper's network (8 x 2560, AN4's 400 pdfs) and of the CPU default (4 x 512),
 written as training writes them, hashed cold (first read in a process) and warm (the same file
-again: the process keeps each file's digest, asrkd.stage.verified_digest), against torch.load of
+again: the process keeps each file's digest, asrkd.files.verified_digest), against torch.load of
 the same file.
 
     python bench/checksum_cost.py [--repeats 3] [--out results/bench/checksum_cost]
@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asrkd.cli import load_config  # noqa: E402
+from asrkd.files import file_digest, verified_digest, write_json, write_text
+from asrkd.machine import cpu_description  # noqa: E402
 from asrkd.nnet.model import HybridDNN, model_arguments  # noqa: E402
 from asrkd.nnet.train import save_model  # noqa: E402
-from asrkd.stage import cpu_description, file_digest, verified_digest, write_json, write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_PDFS = 400  # AN4's tree (gmm.tree.max_leaves)

@@ -264,7 +264,8 @@ def main() -> None:
                         help="measure only these stages again (default: all); the others keep their saved measurements, whatever code made them")
     parser.add_argument("--report-only", action="store_true", help="fit and redraw the PNG and table from --out, measuring nothing")
     args = parser.parse_args()
-    from asrkd.stage import cpu_description, write_json, write_text
+    from asrkd.files import write_json, write_text
+    from asrkd.machine import cpu_description
 
     if args.report_only:  # the fits are made again from the measurements
         result = json.loads(args.out.read_text())

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asrkd.cli import load_config  # noqa: E402
 from asrkd.distill.soft_targets import FRAMES_PER_HOUR, compact_bytes, dense_bytes, id_dtype, stores_dense  # noqa: E402
-from asrkd.stage import write_json, write_text  # noqa: E402
+from asrkd.files import write_json, write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

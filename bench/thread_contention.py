@@ -76,7 +76,7 @@ def main() -> None:
     import torch
 
     from asrkd.nnet.cost import device_name
-    from asrkd.stage import write_json, write_text
+    from asrkd.files import write_json, write_text
 
     cores = os.cpu_count() or 1
     cases = [(1, None), (cores, None), (cores, "ACTIVE"), (cores, "PASSIVE")]

@@ -43,14 +43,14 @@ from torch.profiler import ProfilerActivity, profile as profiled
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asrkd.cli import load_config  # noqa: E402
-from asrkd.nnet.cost import device_name  # noqa: E402
 from asrkd.distill.losses import distillation_loss  # noqa: E402
-from asrkd.stores import FeatureStore  # noqa: E402
-from asrkd.nnet.model import HybridDNN, SplicedFrames, StackedDNN  # noqa: E402
-from asrkd.parallel import pick_device  # noqa: E402
-from asrkd.stage import write_json, write_text  # noqa: E402
 from asrkd.distill.student import TeacherOnTheFly  # noqa: E402
+from asrkd.files import write_json, write_text  # noqa: E402
+from asrkd.nnet.cost import device_name  # noqa: E402
+from asrkd.nnet.model import HybridDNN, SplicedFrames, StackedDNN  # noqa: E402
 from asrkd.nnet.train import FrameData, TrainStep, fused_adam  # noqa: E402
+from asrkd.parallel import pick_device  # noqa: E402
+from asrkd.stores import FeatureStore  # noqa: E402
 
 
 def timed(step, steps: int, device: torch.device, repeats: int = 3) -> float:

@@ -21,7 +21,10 @@ import urllib.request
 from pathlib import Path
 
 from asrkd.data import DataDir, speaker_balanced_subset, subset_name
-from asrkd.stage import StageError, account_dropped, copy_file, digest, plan, read_record, write_text
+from asrkd.drops import account_dropped
+from asrkd.errors import StageError
+from asrkd.files import copy_file, write_text
+from asrkd.stage import digest, plan, read_record
 
 log = logging.getLogger("local.an4")
 

@@ -23,8 +23,10 @@ import sys
 from pathlib import Path
 
 from asrkd.data import DataDir, DataDirError, corpus_sets, scoring_only
+from asrkd.drops import account_dropped
+from asrkd.files import copy_file, write_text
 from asrkd.kaldi.lang import cmudict_path, read_sphinx_dict
-from asrkd.stage import account_dropped, copy_file, digest, plan, write_text
+from asrkd.stage import digest, plan
 
 log = logging.getLogger("local.kaldi_data")
 

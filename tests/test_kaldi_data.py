@@ -179,7 +179,7 @@ def test_an_empty_transcript_is_a_counted_drop_with_its_fix_and_fatal_only_past_
     """Stage 0 of the generic recipe: an utterance with no words is left out of the copy, named with
     its fix in data/local/dropped_<set>.json; a training set losing more than prep.max_drop_fraction
     stops, a scored set never does."""
-    from asrkd.stage import TooManyDropped
+    from asrkd.drops import TooManyDropped
     from local.kaldi_data import import_data_dir
 
     source = tmp_path / "corpus" / "data" / "test"

@@ -4,8 +4,8 @@ from pathlib import Path
 import kaldifst
 import pytest
 
+from asrkd.errors import StageMismatch
 from asrkd.kaldi.lang import Lang, add_disambig, build_lexicon, position_phones, prepare_lang, read_sphinx_dict, refuse_case_clashes
-from asrkd.stage import StageMismatch
 
 
 def test_sphinx_dict_alternates_and_stress(tmp_path: Path) -> None:

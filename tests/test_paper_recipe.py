@@ -60,7 +60,7 @@ SCHEDULE = ["paper_schedule.learning_rates=[0.001,0.003]", "paper_schedule.batch
 
 def test_the_paper_recipe_says_what_a_cpu_without_bf16_matrix_units_would_cost(run_dir: Path) -> None:
     from asrkd.experiments.paper_schedule import FP32_BENCH, RECIPE_MODEL_EPOCHS
-    from asrkd.stage import cpu_flags
+    from asrkd.machine import cpu_flags
 
     def check(*overrides: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "asrkd.cli", "check-paper-machine", "exp_dir=exp", "model=paper", "train.device=cpu",

@@ -13,10 +13,10 @@ from asrkd.kaldi import gmm
 from asrkd.kaldi.decode import best_words, decode_lattice, transition_id_matrix
 from asrkd.nnet import decode
 
-from asrkd.nnet import train
 from asrkd.cli import load_config
+from asrkd.drops import account_dropped, TooManyDropped
+from asrkd.nnet import train
 from asrkd.stores import FeatureStore
-from asrkd.stage import TooManyDropped, account_dropped
 from local import an4 as an4_prep
 
 from .conftest import (TINY, assert_drawn, assert_p_above_zero_agrees, frame_accuracy_by_argmax, majority_pdf_rate, make_mini_an4,
@@ -129,7 +129,7 @@ def test_a_set_only_scored_never_fails_make_feats_and_says_what_it_lost(run_dir:
     import shutil
 
     from asrkd.kaldi import features
-    from asrkd.stage import TooManyDropped
+    from asrkd.drops import TooManyDropped
 
     shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
     shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)
@@ -156,7 +156,7 @@ def test_a_set_only_scored_never_fails_make_feats_and_says_what_it_lost(run_dir:
     evaluation = Evaluation(load_config([*common, "eval_sets=[test,extra]"]))
     assert "extra" not in evaluation.frames_by_set and "extra" in evaluation.words_by_set and "test" in evaluation.frames_by_set
     from asrkd import evaluate
-    from asrkd.stage import StageError
+    from asrkd.errors import StageError
 
     with pytest.raises(StageError, match=r"decode/baseline has not decoded extra: run `asrkd decode` with the same eval_sets=\['test', 'extra'\]"):
         evaluate.run(load_config([*common, "eval_sets=[test,extra]"]))  # named, not decoded yet: one line with the fix
@@ -380,7 +380,7 @@ def test_the_tests_find_an4_where_the_recipe_reads_or_fetched_it(tmp_path: Path)
 
 
 def test_a_report_says_which_cpu_family_made_its_numbers(tmp_path: Path) -> None:
-    from asrkd.stage import cpu_description, cpu_family
+    from asrkd.machine import cpu_description, cpu_family
 
     assert cpu_family({"avx2", "avx512f", "amx_tile"}) == "AMX" and cpu_family({"avx2", "fma"}) == "AVX2" and cpu_family(set()) == "other"
     cpuinfo = tmp_path / "cpuinfo"
@@ -393,7 +393,8 @@ def test_a_report_says_which_cpu_family_made_its_numbers(tmp_path: Path) -> None
 
 def test_a_report_whose_rows_come_from_two_machines_says_so(tmp_path: Path) -> None:
     from asrkd.report import machines_note, made_on
-    from asrkd.stage import cpu_description, plan, read_record
+    from asrkd.machine import cpu_description
+    from asrkd.stage import plan, read_record
 
     cfg = OmegaConf.create({"seed": 0})
     stage = plan("a stage", tmp_path / "out", cfg, ("seed",))

@@ -28,12 +28,15 @@ from asrkd import cli, evaluate
 
 from asrkd.distill import soft_targets
 
-from asrkd.nnet import train
 from asrkd.cli import ConfigError, load_config
 from asrkd.data import DataDir, DataDirError
-from asrkd.stores import FeatureStore
 from asrkd.distill.soft_targets import SoftTargetMismatch, SoftTargetStore
-from asrkd.stage import StageError, StageMismatch, StaleInput, TooManyDropped, account_dropped, atomic_write, input_fingerprint, plan, write_json
+from asrkd.drops import account_dropped, TooManyDropped
+from asrkd.errors import StageError, StageMismatch, StaleInput
+from asrkd.files import atomic_write, write_json
+from asrkd.nnet import train
+from asrkd.stage import input_fingerprint, plan
+from asrkd.stores import FeatureStore
 from local import an4 as an4_prep
 
 from .conftest import REPO, make_mini_an4, tiny_config

@@ -21,11 +21,12 @@ from typing import Iterator
 import pytest
 from omegaconf import OmegaConf
 
-from asrkd import cli, evaluate, stage
+from asrkd import cli, evaluate, files, locks, stage
+from asrkd.errors import CorruptOutput, StageError, StageLocked
 from asrkd.nnet import decode, train
 from asrkd.report import merge_into_report, portable
 from asrkd.schema import DECLARED, ConfigError, leaves
-from asrkd.stage import CorruptOutput, StageError, StageLocked, input_fingerprint, plan, previous_path
+from asrkd.stage import input_fingerprint, plan, previous_path
 from local import an4 as an4_prep
 
 from .conftest import REPO, TINY, tiny_config
@@ -88,7 +89,7 @@ def test_a_training_that_learns_nothing_fails_and_keeps_the_old_model(run_dir: P
     message = str(exit_.value.code)
     assert message.startswith(f"asrkd train-dnn: error: {model_dir}: learned nothing: its best validation frame accuracy")
     assert "is no better than before training" in message and "(the old output, if any, is kept)" in message
-    assert snapshot(model_dir) == before and not previous_path(model_dir).exists() and not stage.lock_path(model_dir).exists()
+    assert snapshot(model_dir) == before and not previous_path(model_dir).exists() and not locks.lock_path(model_dir).exists()
     history = [{"valid_frame_accuracy": 0.05}, {"valid_frame_accuracy": 0.1}]
     with pytest.raises(train.LearnedNothing, match=r"its best validation frame accuracy 0.1000 is no better than before training \(0.1000\)"):
         train.check_learned("m", history, 0.1)  # held to where it started
@@ -125,7 +126,7 @@ def test_a_failed_redo_puts_the_old_model_and_its_record_back(run_dir: Path, tmp
     monkeypatch.setattr(train, "train_model", crash)
     with pytest.raises(RuntimeError, match="fell over"):
         cli.main(["train-dnn", *cli_args(root, "train.lr=0.002", "redo=true")])
-    assert snapshot(model_dir) == before and not previous_path(model_dir).exists() and not stage.lock_path(model_dir).exists()
+    assert snapshot(model_dir) == before and not previous_path(model_dir).exists() and not locks.lock_path(model_dir).exists()
 
 
 def kill_when(command: list[str], ready: Path) -> None:
@@ -171,7 +172,7 @@ def test_an_interrupted_redo_is_one_line_and_gives_the_old_model_back(run_dir: P
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == f"asrkd train-dnn: stopped by {said}; {model_dir}: the old output is back in place"
-    assert snapshot(model_dir) == before and not previous_path(model_dir).exists() and not stage.lock_path(model_dir).exists()
+    assert snapshot(model_dir) == before and not previous_path(model_dir).exists() and not locks.lock_path(model_dir).exists()
 
 
 def test_a_full_disk_in_make_feats_is_one_line(run_dir: Path, tmp_path: Path) -> None:
@@ -205,12 +206,12 @@ def test_a_model_changed_in_place_with_its_size_and_time_kept_is_found(run_dir: 
     index.write_text(text.replace("0", "1", 1))
     os.utime(index, ns=(times.st_atime_ns, times.st_mtime_ns))
     input_fingerprint(features)  # any other file: compared when its time moved, or at verify=true
-    stage.verify_every_file(True)
+    files.verify_every_file(True)
     try:
         with pytest.raises(CorruptOutput, match="index.json changed since its stage wrote it"):
             input_fingerprint(features)
     finally:
-        stage.verify_every_file(False)
+        files.verify_every_file(False)
 
 
 # ----------------------------------------------------------------------------- one writer of a shared report
@@ -221,7 +222,7 @@ def test_reports_merging_at_once_each_keep_their_keys(run_dir: Path, tmp_path: P
     cfg = tiny_config(root, f"results_dir={root}/results")
     script = ("import sys; from asrkd.cli import load_config; from asrkd.report import merge_into_report; "
               "merge_into_report(load_config(sys.argv[1:]), {'second': 2})")
-    with stage.exclusive(root / "results" / ".report.lock"):  # as a first merge would hold it
+    with locks.exclusive(root / "results" / ".report.lock"):  # as a first merge would hold it
         second = subprocess.Popen([sys.executable, "-c", script, *cli_args(root, f"results_dir={root}/results")], env=ENV)
         time.sleep(3)
         assert second.poll() is None  # waits for the first
@@ -313,9 +314,9 @@ def test_a_second_run_of_a_stage_is_refused_and_a_dead_runs_lock_taken_over(
         first.send_signal(signal.SIGKILL)
         first.wait()
     stage_ = plan("train-dnn second", model_dir, tiny_config(root, "train.name=second", "redo=true"), train.TRAIN_KEYS)  # its holder is gone:
-    assert f"taking over the lock {stage.lock_path(model_dir)} of pid {first.pid}" in caplog.text
+    assert f"taking over the lock {locks.lock_path(model_dir)} of pid {first.pid}" in caplog.text
     stage_.abandon()  # taken over, and said so
-    assert not stage.lock_path(model_dir).exists()
+    assert not locks.lock_path(model_dir).exists()
 
 
 # ----------------------------------------------------------------------------- code and commands in the record

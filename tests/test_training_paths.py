@@ -184,7 +184,7 @@ def test_export_reproduces_the_decoders_log_likelihoods_and_cost_is_recorded(run
 def test_progress_shows_the_rate_and_time_left_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
-    from asrkd.stage import progress
+    from asrkd.progress import progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -200,20 +200,20 @@ def test_progress_shows_the_rate_and_time_left_on_a_terminal_only(monkeypatch: p
 def test_a_long_loop_hands_freed_heap_pages_back_once_a_second_on_a_terminal_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
-    from asrkd import stage
+    from asrkd import progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
-    stage.trim_heap()  # the real one (glibc's malloc_trim, or nothing where there is none) runs
+    progress.trim_heap()  # the real one (glibc's malloc_trim, or nothing where there is none) runs
     for stream in (Terminal(), io.StringIO()):
         clock = iter(range(0, 1000, 2))  # two seconds pass between items
-        monkeypatch.setattr(stage.time, "monotonic", lambda: next(clock))
+        monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
         trims: list[int] = []
-        monkeypatch.setattr(stage, "trim_heap", lambda: trims.append(1))
+        monkeypatch.setattr(progress, "trim_heap", lambda: trims.append(1))
         monkeypatch.setattr(sys, "stderr", stream)
-        assert list(stage.progress(range(5), "soft targets")) == [0, 1, 2, 3, 4]
+        assert list(progress.progress(range(5), "soft targets")) == [0, 1, 2, 3, 4]
         assert len(trims) == 5  # without: glibc keeps freed batches' pages, and memory grows with the batches run
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asrkd.stage import PACKED, RECORD, input_fingerprint, is_data_dir, write_json  # noqa: E402
+from asrkd.files import write_json
+from asrkd.stage import input_fingerprint, is_data_dir, PACKED, RECORD  # noqa: E402
 
 LARGE = 2**20  # bytes: what an output packed for its record alone leaves behind
 

@@ -25,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from asrkd.stage import cpu_description, write_json, write_text  # noqa: E402
+from asrkd.files import write_json, write_text
+from asrkd.machine import cpu_description  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ BUGS = (
     Bug("a value out of its range is accepted", "asrkd/schema.py",
         "if bounds is not None and not all(bounds.holds(n) for n in numbers(value)):", "if False:",
         ("tests/test_safety.py", "-k", "out_of_range")),
-    Bug("a drop limit applied at twice its value", "asrkd/stage.py",
+    Bug("a drop limit applied at twice its value", "asrkd/drops.py",
         "if len(dropped) > max_fraction * total:", "if len(dropped) > 2 * max_fraction * total:",
         ("tests/test_pipeline.py", "-k", "too_many_dropped")),
     Bug("the GMM trains on the validation speakers", "asrkd/kaldi/gmm.py",

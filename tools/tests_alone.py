@@ -26,7 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from asrkd.stage import code_commit, cpu_description, write_json, write_text  # noqa: E402
+from asrkd.files import write_json, write_text
+from asrkd.machine import code_commit, cpu_description  # noqa: E402
 
 
 def pytest(*args: str) -> tuple[int, str, float]:

@@ -34,13 +34,15 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd.data import DataDir
+from asrkd.files import new_array, write_json
 from asrkd.jobs import map_jobs, num_jobs, split
-from asrkd.layout import Layout
 from asrkd.kaldi.decode import log_priors
+from asrkd.layout import Layout
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames, average_softmax, average_zero_mean_logits, gather, resident
 from asrkd.nnet.train import TrainingSet, load_system, system_dirs
 from asrkd.parallel import pick_device
-from asrkd.stage import new_array, plan, progress, read_record, write_json
+from asrkd.progress import progress
+from asrkd.stage import plan, read_record
 from asrkd.stores import FeatureStore, load_array
 
 log = logging.getLogger(__name__)

@@ -51,13 +51,13 @@ from omegaconf import OmegaConf
 from asrkd.data import subset_name
 from asrkd.distill.losses import soft_cross_entropy
 from asrkd.distill.student import Student, TeacherOnTheFly, target_source
+from asrkd.errors import StageLocked
 from asrkd.evaluate import experiment_scoring
 from asrkd.experiments.base import Experiment, Report
 from asrkd.layout import Layout, System
-from asrkd.report import percent, saved_figure
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, replicate_name, system_dirs, train_stage
 from asrkd.nnet.views import View, ViewSpec
-from asrkd.stage import StageLocked
+from asrkd.report import percent, saved_figure
 from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)

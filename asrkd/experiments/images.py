@@ -58,16 +58,17 @@ from omegaconf import OmegaConf
 
 from asrkd.distill.losses import distillation_loss
 from asrkd.distill.student import TeacherOnTheFly
+from asrkd.files import atomic_write, save_npy
 from asrkd.layout import Layout
-from asrkd.report import machine, publish_corpus_report, recipe_command, saved_figure
-from asrkd.stores import FeatureStore, load_array
 from asrkd.nnet.model import HybridDNN, SplicedFrames, average_softmax, register_model_kind
-from asrkd.parallel import pick_device
 from asrkd.nnet.train import (FrameData, Model, ModelFrames, load_model, model_path, predict_logits, read_history,
                               replicate_name, train_stage)
 from asrkd.nnet.views import View
-from asrkd.stage import atomic_write, plan, read_record, save_npy
+from asrkd.parallel import pick_device
+from asrkd.report import machine, publish_corpus_report, recipe_command, saved_figure
+from asrkd.stage import plan, read_record
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval
+from asrkd.stores import FeatureStore, load_array
 
 log = logging.getLogger(__name__)
 

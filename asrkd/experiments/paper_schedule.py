@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from asrkd.errors import StageError
 from asrkd.experiments.base import Experiment, Report
 from asrkd.layout import Layout, System, names
+from asrkd.machine import cpu_description, cpu_flags
 from asrkd.nnet import train as train_dnn
 from asrkd.nnet.train import read_history
 from asrkd.report import machine, percent, recipe_command, saved_figure
-from asrkd.stage import StageError, cpu_description, cpu_flags, input_record
+from asrkd.stage import input_record
 
 
 def candidates(cfg) -> list[tuple[float, float]]:

@@ -64,9 +64,10 @@ from asrkd.nnet.cost import system_cost
 from asrkd.nnet.model import HybridDNN, SpecialistCombination
 from asrkd.nnet.train import (Model, ModelFrames, TrainingSet, evaluate_frames, load_model, load_system, model_path, predict_logits,
                               read_history, save_model, train_stage)
+from asrkd.files import write_json
 from asrkd.parallel import pick_device
 from asrkd.report import saved_figure, single_seed_note, with_ci
-from asrkd.stage import plan, read_record, write_json
+from asrkd.stage import plan, read_record
 from asrkd.stats import UtteranceCounts, format_interval, frame_table
 
 log = logging.getLogger(__name__)

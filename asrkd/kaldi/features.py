@@ -30,9 +30,12 @@ from omegaconf import OmegaConf
 from scipy.signal import resample_poly
 
 from asrkd.data import DataDir, feature_sets, scoring_only
+from asrkd.drops import account_dropped
+from asrkd.files import atomic_write
 from asrkd.jobs import map_jobs, num_jobs, split
 from asrkd.layout import Layout
-from asrkd.stage import account_dropped, atomic_write, plan, progress
+from asrkd.progress import progress
+from asrkd.stage import plan
 from asrkd.stores import FeatureStore
 
 log = logging.getLogger(__name__)

@@ -38,11 +38,14 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from asrkd.data import DataDir, feature_sets, scoring_only, split_by_speaker
+from asrkd.drops import account_dropped
+from asrkd.files import atomic_write, save_npy, write_json
 from asrkd.jobs import map_jobs, num_jobs, split
 from asrkd.kaldi import tree as tree_lib
 from asrkd.kaldi.lang import Lang, POSITIONS, with_words
 from asrkd.layout import Layout
-from asrkd.stage import account_dropped, atomic_write, plan, progress, save_npy, write_json
+from asrkd.progress import progress
+from asrkd.stage import plan
 from asrkd.stores import FeatureStore
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,11 @@ import kaldi_hmm_gmm as khg  # noqa: F401  (import order: kaldi_hmm_gmm, then ka
 import kaldifst
 
 from asrkd.data import data_split, read_table, tuning_set
+from asrkd.files import atomic_write, copy_file, file_digest, write_text
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.lang import Lang, dictionary_digest, read_symbol_table, with_words
 from asrkd.layout import Layout
-from asrkd.stage import atomic_write, copy_file, file_digest, input_record, optional_values, plan, write_text
+from asrkd.stage import input_record, optional_values, plan
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import kaldifst
 
 from asrkd.data import corpus_sets, read_table
+from asrkd.files import atomic_write, write_text
 from asrkd.layout import Layout
-from asrkd.stage import atomic_write, digest, plan, write_text
+from asrkd.stage import digest, plan
 
 SILENCE_WORD = "<sil>"
 POSITIONS = ("B", "E", "I", "S")

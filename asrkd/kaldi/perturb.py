@@ -24,8 +24,11 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 from asrkd.data import DataDir, subset_name
+from asrkd.drops import account_dropped
+from asrkd.files import atomic_write
 from asrkd.kaldi.features import read_waveform
-from asrkd.stage import account_dropped, atomic_write, plan, progress
+from asrkd.progress import progress
+from asrkd.stage import plan
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from asrkd.data import eval_sets
+from asrkd.files import write_json
 from asrkd.layout import Layout
+from asrkd.machine import cpu_fields, cpu_flags
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames
 from asrkd.nnet.train import load_system, system_dirs
 from asrkd.parallel import pick_device
-from asrkd.stage import cpu_fields, cpu_flags, plan, read_record, write_json
+from asrkd.stage import plan, read_record
 from asrkd.stores import FeatureStore
 
 COST_FRAMES = 20_000  # test frames scored per pass

@@ -26,17 +26,20 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd.data import DataDir, data_split, eval_sets, read_table, tuning_set
+from asrkd.drops import account_dropped
+from asrkd.files import write_json, write_text
 from asrkd.jobs import map_jobs, num_jobs, split
-from asrkd.layout import Layout
 from asrkd.kaldi.decode import (check_scores, choice_margin, choose_weights, decode_lattice, gmm_loglikes, log_priors, read_graph, sweep,
                                 transition_id_matrix, unseen_sentences, utterance_errors, word_error_rate)
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.graph import lm_vocabulary
 from asrkd.kaldi.lang import read_symbol_table
+from asrkd.layout import Layout
 from asrkd.nnet.model import SplicedFrames
-from asrkd.parallel import pick_device
 from asrkd.nnet.train import load_system, system_dirs
-from asrkd.stage import Stage, account_dropped, optional_values, plan, progress, read_record, write_json, write_text
+from asrkd.parallel import pick_device
+from asrkd.progress import progress
+from asrkd.stage import optional_values, plan, read_record, Stage
 from asrkd.stores import FeatureStore, write_kaldi_matrices
 
 log = logging.getLogger(__name__)

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from asrkd.layout import Layout
+from asrkd.files import atomic_write, write_bytes, write_json, write_text
 from asrkd.kaldi.decode import log_priors
 from asrkd.kaldi.gmm import GmmModel
+from asrkd.layout import Layout
 from asrkd.nnet.train import load_system, system_dirs
-from asrkd.stage import atomic_write, plan, write_bytes, write_json, write_text
+from asrkd.stage import plan
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from asrkd.data import DataDir, data_split, without_valid
+from asrkd.errors import StageError
+from asrkd.files import write_bytes, write_json
 from asrkd.layout import Layout, System, names
 from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, model_arguments, model_from_config
 from asrkd.nnet.views import View, ViewSpec, draw
 from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
-from asrkd.stage import (Stage, StageError, digest, input_fingerprint, is_complete, optional_values, plan, progress, trim_heap,
-                         write_bytes, write_json)
+from asrkd.progress import progress, trim_heap
+from asrkd.stage import digest, input_fingerprint, is_complete, optional_values, plan, Stage
 from asrkd.stores import FeatureStore, load_array
 
 log = logging.getLogger(__name__)
