@@ -163,8 +163,11 @@ def test_an_interrupted_redo_is_one_line_and_gives_the_old_model_back(run_dir: P
     root = clone(run_dir, tmp_path)
     model_dir = root / "exp" / "dnn" / "baseline"
     before = snapshot(model_dir)
+    # Ctrl-C's default action in the child, as at a terminal: a suite started as a background job (no job control)
+    # has SIGINT ignored, which every child inherits, and the training would never see it
     process = subprocess.Popen(training_command(root, "baseline", "redo=true", "train.epochs=30"), env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (model_dir / "last.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
