@@ -110,7 +110,7 @@ check() {  # what the run needs imports (the Kaldi wheels in this order), and th
 assert torch.cuda.is_available() or '$dry_run', 'torch sees no GPU: the paper-size run would take days here (--dry-run runs on a CPU)'"
 }
 
-( while sleep 30; do snapshot; done ) &
+( while sleep 30; do snapshot; done ) >/dev/null 2>&1 &  # not on the log's pipe: a sleep left behind would hold it open
 snapshots=$!
 trap 'kill $snapshots 2>/dev/null; snapshot' EXIT
 
