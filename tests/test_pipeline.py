@@ -14,7 +14,7 @@ from asrkd.kaldi.decode import best_words, decode_lattice, transition_id_matrix
 from asrkd.nnet import decode
 
 from asrkd.cli import load_config
-from asrkd.drops import account_dropped, TooManyDropped
+from asrkd.drops import TooManyDropped, account_dropped
 from asrkd.nnet import train
 from asrkd.stores import FeatureStore
 from local import an4 as an4_prep

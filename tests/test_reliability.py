@@ -31,7 +31,7 @@ from asrkd.distill import soft_targets
 from asrkd.cli import ConfigError, load_config
 from asrkd.data import DataDir, DataDirError
 from asrkd.distill.soft_targets import SoftTargetMismatch, SoftTargetStore
-from asrkd.drops import account_dropped, TooManyDropped
+from asrkd.drops import TooManyDropped, account_dropped
 from asrkd.errors import StageError, StageMismatch, StaleInput
 from asrkd.files import atomic_write, write_json
 from asrkd.nnet import train

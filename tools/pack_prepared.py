@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asrkd.files import write_json
-from asrkd.stage import input_fingerprint, is_data_dir, PACKED, RECORD  # noqa: E402
+from asrkd.stage import PACKED, RECORD, input_fingerprint, is_data_dir  # noqa: E402
 
 LARGE = 2**20  # bytes: what an output packed for its record alone leaves behind
 

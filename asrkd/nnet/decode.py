@@ -39,7 +39,7 @@ from asrkd.nnet.model import SplicedFrames
 from asrkd.nnet.train import load_system, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.progress import progress
-from asrkd.stage import optional_values, plan, read_record, Stage
+from asrkd.stage import Stage, optional_values, plan, read_record
 from asrkd.stores import FeatureStore, write_kaldi_matrices
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, 
 from asrkd.nnet.views import View, ViewSpec, draw
 from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
 from asrkd.progress import progress, trim_heap
-from asrkd.stage import digest, input_fingerprint, is_complete, optional_values, plan, Stage
+from asrkd.stage import Stage, digest, input_fingerprint, is_complete, optional_values, plan
 from asrkd.stores import FeatureStore, load_array
 
 log = logging.getLogger(__name__)
