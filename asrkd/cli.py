@@ -1,6 +1,7 @@
 """``asrkd <command> [hydra overrides]``: one command per pipeline step.
 
-Recipes call these; each command reads ``conf/config.yaml`` composed with the overrides. A
+Recipes call these; each command reads ``conf/config.yaml`` and every experiment's section
+(``asrkd/experiments/<name>/<section>.yaml``) composed with the overrides. A
 stage whose outputs were made from the same config and inputs is skipped; one whose config
 or inputs changed is refused with the keys that changed, unless ``redo=true`` (see
 :mod:`asrkd.stage`). Errors the user can fix (bad input, a mistyped key, a stale stage)
@@ -22,16 +23,18 @@ from pathlib import Path
 from typing import Callable
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from asrkd import experiments as experiments_package
-from asrkd import jobs, parallel
+from asrkd import jobs, parallel, report, sections
 from asrkd.errors import StageError
 from asrkd.experiments.base import Experiment
 from asrkd.files import disk_error, verify_every_file
 from asrkd.machine import invoked_as
-from asrkd.schema import ConfigError, validate
+from asrkd.schema import SHARED, ConfigError, ConfigTypes, validate
 from asrkd.stage import abandon_open_stages, code_record
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -58,11 +61,15 @@ def load_config(overrides: list[str] | None = None, config_dir: Path | None = No
     overrides = list(overrides or [])
     with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
         try:
-            cfg = compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=SECTIONS + overrides)
         except HydraException as err:
-            base = compose(config_name="config")
+            base = compose(config_name="config", overrides=SECTIONS)
             raise ConfigError(explain_override_error(str(err), overrides, base, Path(config_dir or CONF_DIR))) from None
-    validate(cfg, defaults(str(config_dir or CONF_DIR), tuple(o for o in overrides if o.startswith("model="))))
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config: {str(err).splitlines()[0]}") from None
+    validate(resolved, defaults(str(config_dir or CONF_DIR), tuple(o for o in overrides if o.startswith("model="))), CONFIG_TYPES)
     return cfg
 
 
@@ -70,7 +77,7 @@ def load_config(overrides: list[str] | None = None, config_dir: Path | None = No
 def defaults(config_dir: str, model: tuple[str, ...]) -> dict:
     """The config of ``config_dir`` with no overrides but the model's, as a plain tree: the types' reference."""
     with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return OmegaConf.to_container(compose(config_name="config", overrides=list(model)), resolve=False)
+        return OmegaConf.to_container(compose(config_name="config", overrides=SECTIONS + list(model)), resolve=False)
 
 
 def explain_override_error(message: str, overrides: list[str], base: DictConfig, config_dir: Path) -> str:
@@ -85,7 +92,7 @@ def explain_override_error(message: str, overrides: list[str], base: DictConfig,
                 return f"config: {key}={value} is not an option of {key} ({', '.join(options)})" + (f"; did you mean {key}={near[0]}?" if near else "")
         elif key not in known:
             near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            return f"config: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "; see conf/config.yaml")
+            return f"config: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "; see conf/config.yaml and asrkd/experiments/*/*.yaml")
     return "config: " + message.splitlines()[0]
 
 
@@ -104,35 +111,75 @@ COMMANDS = {
     "make-graph": "asrkd.kaldi.graph",
     "decode": "asrkd.nnet.decode",
     "evaluate": "asrkd.evaluate",
-    "prepare-images": "asrkd.experiments.images:run_prepare",
-    "train-image-nets": "asrkd.experiments.images:run_train_nets",
-    "train-image-students": "asrkd.experiments.images:run_train_students",
-    "report-images": "asrkd.experiments.images:run_report",
     "export": "asrkd.nnet.export",
-    "results": "asrkd.report:run_results",
-    "publish": "asrkd.report:run_publish",
-    "check-paper-machine": "asrkd.experiments.paper_schedule:check_machine",
+    "results": "asrkd.cli:run_results",
+    "publish": "asrkd.cli:run_publish",
 }
 
-# experiment -> (its module, its steps): ``asrkd <step>-<experiment>`` is the module's
-# EXPERIMENT.step(<step>) (asrkd.experiments.base); a new experiment is one entry here, its steps
-# listed so that a command loads only its own module (tests check they are the experiment's)
-def discovered_experiments() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Every module of asrkd.experiments that ends with ``EXPERIMENT = Experiment(...)``: its
-    command -> (module, the steps it has). An experiment is found here, not listed: its module
-    is the one place that says what it is and which steps it has."""
+def run_publish(cfg: DictConfig) -> None:
+    """``asrkd publish``: exp/report merged into ``results_dir`` (:func:`asrkd.report.publish`)."""
+    report.publish(sections.report_place(cfg))
+
+
+def run_results(cfg: DictConfig) -> None:
+    """``asrkd results``: RESULTS.md again from report.json (:func:`asrkd.report.write_results`)."""
+    report.write_results(sections.report_place(cfg))
+
+
+EXPERIMENTS_DIR = Path(experiments_package.__file__).resolve().parent
+
+
+def experiment_folders() -> list[Path]:
+    """``asrkd/experiments/<name>/``: every experiment's folder (a package of asrkd.experiments)."""
+    return sorted(path for path in EXPERIMENTS_DIR.iterdir() if (path / "__init__.py").is_file())
+
+
+def discovered_experiments() -> dict[str, tuple[str, Experiment]]:
+    """Every module of an experiment's folder (its tests aside) that ends with ``EXPERIMENT =
+    Experiment(...)``: its command -> (module, the Experiment). An experiment is found here, not
+    listed: its folder is the one place that says what it is, which steps and commands it has
+    and what its config section takes."""
     out = {}
-    for info in sorted(pkgutil.iter_modules(experiments_package.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{experiments_package.__name__}.{info.name}")
-        experiment = getattr(module, "EXPERIMENT", None)
-        if isinstance(experiment, Experiment):
-            out[experiment.command] = (module.__name__, experiment.steps())
+    for folder in experiment_folders():
+        for info in pkgutil.iter_modules([str(folder)]):
+            if info.name.startswith("test_"):
+                continue
+            module = importlib.import_module(f"{experiments_package.__name__}.{folder.name}.{info.name}")
+            experiment = getattr(module, "EXPERIMENT", None)
+            if isinstance(experiment, Experiment):
+                if experiment.command in out:
+                    raise ValueError(f"two experiments are called {experiment.command!r}: {out[experiment.command][0]} and {module.__name__}")
+                out[experiment.command] = (module.__name__, experiment)
     return out
 
 
 EXPERIMENTS = discovered_experiments()
 
-COMMANDS |= {f"{step}-{name}": f"{module}:EXPERIMENT.{step}" for name, (module, steps) in EXPERIMENTS.items() for step in steps}
+# every experiment's commands: ``asrkd <step>-<experiment>`` is its module's EXPERIMENT.step(<step>)
+# (asrkd.experiments.base), as is each command of its own
+COMMANDS |= {command: f"{module}:EXPERIMENT.{step}" for module, experiment in EXPERIMENTS.values()
+             for command, step in experiment.command_names().items()}
+
+# every key's type: the shared sections' (asrkd.schema) and each experiment's section's
+CONFIG_TYPES = functools.reduce(ConfigTypes.joined, (experiment.config for _, experiment in EXPERIMENTS.values()), SHARED)
+
+
+def experiment_sections() -> list[str]:
+    """The overrides that compose every experiment's section into the config: each
+    ``<section>.yaml`` of an experiment's folder, stored as Hydra config group ``<section>``
+    (option ``experiment``) and added as ``+<section>=experiment``, so that conf/config.yaml
+    holds what every run shares and ``<section>.<key>=...`` overrides work as for any key."""
+    store, overrides = ConfigStore.instance(), []
+    for folder in experiment_folders():
+        for path in sorted(folder.glob("*.yaml")):
+            if f"+{path.stem}=experiment" in overrides:
+                raise ValueError(f"two experiment folders have a config section {path.stem!r} (asrkd/experiments/*/{path.name})")
+            store.store(group=path.stem, name="experiment", node=OmegaConf.load(path))
+            overrides.append(f"+{path.stem}=experiment")
+    return overrides
+
+
+SECTIONS = experiment_sections()
 
 
 def step_function(command: str) -> Callable[[DictConfig], None]:

@@ -221,53 +221,65 @@ def speaker_folds(speakers: list[str], folds: int, seed: int) -> list[list[str]]
     return [sorted(order[f::folds]) for f in range(folds)]
 
 
-def eval_sets(cfg) -> list[str]:
-    """The data dirs decode and evaluate score (``eval_sets``; the first is the experiments' test set)."""
-    names = [str(s) for s in cfg.eval_sets]
-    if not names:
-        raise ValueError("eval_sets is empty: name at least one data dir to score, e.g. eval_sets=[test]")
-    if "valid" in names or "train" in names:
-        raise ValueError(f"eval_sets={names}: 'train' and 'valid' are scored anyway (valid: train's held-out speakers); "
-                         "name evaluation data dirs only")
-    return names
+@dataclass(frozen=True)
+class DataSets:
+    """The data dirs a run builds and scores (the config's ``eval_sets``, ``decode.tuning_set``,
+    ``features.sets``; :func:`asrkd.sections.data_sets` reads them): ``evaluated``, the sets decode
+    and evaluate score (the first is the experiments' test set); ``tuning``, where the LM weight is
+    chosen: ``valid`` (train's held-out speakers) or a data dir; ``features``, the sets make-feats
+    and align process (None: :meth:`corpus`)."""
+
+    evaluated: tuple[str, ...]
+    tuning: str = "valid"
+    features: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        names = list(self.evaluated)
+        if not names:
+            raise ValueError("eval_sets is empty: name at least one data dir to score, e.g. eval_sets=[test]")
+        if "valid" in names or "train" in names:
+            raise ValueError(f"eval_sets={names}: 'train' and 'valid' are scored anyway (valid: train's held-out speakers); "
+                             "name evaluation data dirs only")
+
+    def scoring_only(self, name: str) -> bool:
+        """Whether data dir ``name`` is only scored (an eval set, or the tuning set when it is a data
+        dir): its alignment and decoding drops are counted and named, never fatal to a stage."""
+        return name in self.evaluated or name == self.tuning
+
+    def corpus(self) -> list[str]:
+        """The data dirs a system is built and scored on: train, the tuning set (when it is a data
+        dir) and the eval sets: what make-feats and align process by default, and whose transcripts
+        prepare-lang checks for words spelled in two cases (the lang dir's vocabulary is train's alone)."""
+        tuning = [self.tuning] if self.tuning != "valid" else []
+        return list(dict.fromkeys(["train", *tuning, *self.evaluated]))
+
+    def processed(self) -> list[str]:
+        """The data dirs make-feats and align process: ``features``, or :meth:`corpus`."""
+        return list(self.features) if self.features is not None else self.corpus()
 
 
-def tuning_set(cfg) -> str:
-    """Where the LM weight is chosen: ``valid`` (train's held-out speakers) or a data dir."""
-    return str(cfg.decode.tuning_set)
+@dataclass(frozen=True)
+class Split:
+    """Which utterances train and which validate (the config's ``data_dir``, ``train.data``,
+    ``train.valid_fraction``, ``seed``; :func:`asrkd.sections.split`)."""
 
+    data_dir: Path
+    valid_fraction: float
+    seed: int
+    train_data: str = "train"
 
-def scoring_only(cfg, name: str) -> bool:
-    """Whether data dir ``name`` is only scored (an eval set, or the tuning set when it is a data
-    dir): its alignment and decoding drops are counted and named, never fatal to a stage."""
-    return name in eval_sets(cfg) or name == tuning_set(cfg)
+    def utterances(self) -> tuple[list[str], list[str]]:
+        """Training and validation utterances: whole speakers of ``train`` held out for validation.
 
-
-def corpus_sets(cfg) -> list[str]:
-    """The data dirs a system is built and scored on: train, the tuning set (when it is a data
-    dir) and the eval sets: what make-feats and align process by default, and whose transcripts
-    prepare-lang checks for words spelled in two cases (the lang dir's vocabulary is train's alone)."""
-    tuning = [tuning_set(cfg)] if tuning_set(cfg) != "valid" else []
-    return list(dict.fromkeys(["train", *tuning, *eval_sets(cfg)]))
-
-
-def feature_sets(cfg) -> list[str]:
-    """The data dirs make-feats and align process: ``features.sets``, or :func:`corpus_sets`."""
-    return [str(s) for s in cfg.features.sets] if cfg.features.sets is not None else corpus_sets(cfg)
-
-
-def data_split(cfg) -> tuple[list[str], list[str]]:
-    """Training and validation utterances: whole speakers of ``train`` held out for validation.
-
-    The split is made on the full training set, so a run on a subset or a perturbed copy
-    (``train.data``) is validated on the same speakers as the full run; the utterances of
-    ``train.data`` that are (copies of) those speakers' are left out of its training.
-    """
-    full = DataDir.read(Path(cfg.data_dir) / "train")
-    train, valid = split_by_speaker(full, cfg.train.valid_fraction, cfg.seed)
-    if cfg.train.data != "train":
-        train = without_valid(DataDir.read(Path(cfg.data_dir) / cfg.train.data), set(valid), cfg.train.data)
-    return train, valid
+        The split is made on the full training set, so a run on a subset or a perturbed copy
+        (``train_data``) is validated on the same speakers as the full run; the utterances of
+        ``train_data`` that are (copies of) those speakers' are left out of its training.
+        """
+        full = DataDir.read(self.data_dir / "train")
+        train, valid = split_by_speaker(full, self.valid_fraction, self.seed)
+        if self.train_data != "train":
+            train = without_valid(DataDir.read(self.data_dir / self.train_data), set(valid), self.train_data)
+        return train, valid
 
 
 def without_valid(data: DataDir, valid: set[str], name: str) -> list[str]:

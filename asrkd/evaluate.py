@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from asrkd.data import DataDir, data_split, eval_sets
+from asrkd import sections
+from asrkd.data import DataDir
 from asrkd.errors import StageError
 from asrkd.kaldi.decode import NOT_IN_LM, out_of_vocabulary
 from asrkd.kaldi.graph import NO_PRONUNCIATION, lm_description, lm_vocabulary, lm_words_left_out
@@ -29,7 +30,7 @@ from asrkd.layout import Layout
 from asrkd.nnet.decode import scored_sets
 from asrkd.nnet.train import FrameData, evaluate_frames, load_system, read_history, replicates, system_dirs
 from asrkd.parallel import pick_device
-from asrkd.report import decoding_result, machine, merge_into_report, mixed_configs, recipe_command
+from asrkd.report import decoding_result, machine, merge_into_report, recipe_command
 from asrkd.stage import input_fingerprint, input_record
 from asrkd.stats import Bootstrap, UtteranceCounts, frame_table
 
@@ -46,12 +47,12 @@ class FrameScorer:
     """
 
     def __init__(self, cfg):
-        self.exp, self.layout, self.batch_size = Path(cfg.exp_dir), Layout.of(cfg), cfg.eval.batch_size
+        self.exp, self.layout, self.batch_size = Path(cfg.exp_dir), sections.layout(cfg), cfg.eval.batch_size
         self.device = pick_device(cfg.train.device)
         torch.set_num_threads(int(cfg.train.num_threads))
         self.train = FrameData.load(self.exp, "train", cfg.model, self.device)
         self.eval: dict[str, tuple[FrameData, np.ndarray]] = {}
-        for name in eval_sets(cfg):
+        for name in sections.data_sets(cfg).evaluated:
             if not (self.layout.alignment(name) / "pdf_ids.npy").is_file():
                 log.warning("%s has no alignment (exp/tri/ali_%s): no frame accuracy on it; `asrkd align` makes one", name, name)
                 continue
@@ -104,12 +105,12 @@ class Evaluation:
     """
 
     def __init__(self, cfg, scorer: FrameScorer | None = None):
-        self.cfg, self.exp, self.layout = cfg, Path(cfg.exp_dir), Layout.of(cfg)
+        self.cfg, self.exp, self.layout = cfg, Path(cfg.exp_dir), sections.layout(cfg)
         self.scorer = scorer or FrameScorer(cfg)
         scfg = cfg.stats
         if scfg.unit not in ("utterance", "speaker"):
             raise ValueError(f"stats.unit must be 'utterance' or 'speaker', got {scfg.unit!r}")
-        self.sets = eval_sets(cfg)
+        self.sets = sections.data_sets(cfg).evaluated
         self.primary = self.sets[0]
         self.frames_by_set: dict[str, Bootstrap] = {}
         self.words_by_set: dict[str, Bootstrap] = {}
@@ -207,7 +208,7 @@ def model_records(exp: Path, systems: list[str]) -> dict:
 def experiment_scoring(cfg, command: str) -> tuple["Evaluation", dict[str, list[str]], str]:
     """What an experiment's report scores with: the Evaluation, the train and valid utterances
     (the training sets every entry reports), and the recipe line that ran it (else ``command``)."""
-    train_utts, valid_utts = data_split(cfg)
+    train_utts, valid_utts = sections.split(cfg).utterances()
     return Evaluation(cfg), {"train": train_utts, "valid": valid_utts}, recipe_command(command)
 
 
@@ -225,7 +226,7 @@ def out_of_vocabulary_by_set(cfg) -> dict[str, dict]:
     ``decode.oov_warning``."""
     vocabulary, left_out = lm_vocabulary(cfg), lm_words_left_out(cfg)
     out = {name: out_of_vocabulary(refs, vocabulary, left_out) for name, (_, refs) in scored_sets(cfg).items()}
-    for name in eval_sets(cfg):
+    for name in sections.data_sets(cfg).evaluated:
         if out[name]["oov_rate"] > float(cfg.decode.oov_warning):
             for cause, words in out[name]["causes"].items():
                 fix = OOV_FIXES[NOT_IN_LM if cause == NOT_IN_LM else NO_PRONUNCIATION]
@@ -235,10 +236,40 @@ def out_of_vocabulary_by_set(cfg) -> dict[str, dict]:
     return out
 
 
+_ABSENT = object()
+
+
+def config_differences(cfg, records: list[dict]) -> list[str]:
+    """'model.hidden_dim=64 (here 512)' for each key a stage record holds whose value in ``cfg``
+    differs: the row was made under another config than the report's."""
+    differences = {}
+    for record in records:
+        for key, value in record["config"].items():
+            now = OmegaConf.select(cfg, key, default=_ABSENT)
+            now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now
+            if now is not _ABSENT and now != value:
+                differences[key] = f"{key}={value!r} (here {now!r})"
+    return list(differences.values())
+
+
+def mixed_configs(cfg, exp: Path, systems: dict[str, list[Path]]) -> dict:
+    """{row: {"differs": [...], "made_by": command}} for the rows whose stages (model, decode) were
+    made under another config than ``cfg``: a report that mixes configs says so, with the command
+    that remakes each such row."""
+    out = {}
+    for row, dirs in systems.items():
+        records = [input_record(d) for d in dirs if (d / "stage.json").is_file()]
+        differs = config_differences(cfg, records)
+        if differs:
+            made_by = next((r["made_by"]["command"] for r in records if r.get("made_by")), None)
+            out[row] = {"differs": differs, "made_by": made_by}
+    return out
+
+
 def run(cfg) -> None:
     """Stage 7: the GMM and the baseline (its replicates too: the mean over seeds, train.seeds > 1)."""
-    exp, layout = Path(cfg.exp_dir), Layout.of(cfg)
-    train_utts, valid_utts = data_split(cfg)
+    exp, layout = Path(cfg.exp_dir), sections.layout(cfg)
+    train_utts, valid_utts = sections.split(cfg).utterances()
     evaluation = Evaluation(cfg)
     sets = {"train": train_utts, "valid": valid_utts}
     history = read_history(layout.model(cfg.train.name))
@@ -255,7 +286,7 @@ def run(cfg) -> None:
         "command": recipe_command(" ".join(["asrkd", *sys.argv[1:]])),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "mixed_configs": mixed_configs(cfg, exp, rows),
-        "machine": machine(cfg),
+        "machine": machine(cfg.train.device),
         "bootstrap_unit": cfg.stats.unit,
         "eval_sets": evaluation.sets, "tuning_set": str(cfg.decode.tuning_set), "unseen_sentences": list(cfg.decode.unseen_sentences),
         "gmm": {"mono_pdfs": gmm_log["mono"]["num_pdfs"], "tri_pdfs": gmm_log["tri"]["num_pdfs"],
@@ -267,5 +298,5 @@ def run(cfg) -> None:
         "labels": evaluation.scorer.labels,
         "systems": systems,
     }
-    merge_into_report(cfg, report)
+    merge_into_report(sections.report_place(cfg), report)
     log.info("frame accuracy: %s", {k: round(v, 4) for k, v in baseline["frame_accuracy"].items()})

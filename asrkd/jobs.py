@@ -19,24 +19,38 @@ Jobs run with one torch thread, as Kaldi's do, unless the stage says otherwise.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
 
-def num_jobs(cfg) -> int:
-    """``jobs.nj``, or the number of cores when it is null."""
-    nj = cfg.jobs.nj
-    return int(nj) if nj else max(1, os.cpu_count() or 1)
+@dataclass(frozen=True)
+class Jobs:
+    """How a stage's jobs run (the config's ``jobs.*``: :func:`asrkd.sections.jobs`): ``nj`` jobs
+    (``jobs.nj``, else the number of cores) on ``backend``; submitit's ``cluster`` and
+    ``parameters``, and ``logs``, where its per-job logs go (``<exp>/jobs``)."""
+
+    nj: int
+    backend: str = "local"
+    logs: Path = Path("jobs")
+    cluster: str = "slurm"
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def cores() -> int:
+    """The number of cores: ``jobs.nj`` when it is null."""
+    return max(1, os.cpu_count() or 1)
 
 
 def split(items: Sequence, nj: int) -> list[list]:
@@ -78,27 +92,36 @@ def stop_workers() -> None:
     _POOLS.clear()
 
 
-def _with_threads(threads: int, function: Callable, part: Any) -> Any:
+def _in_job(threads: int, modules: list[str], function: Callable, part: Any) -> Any:
+    """``function(part)`` with ``threads`` torch threads, after importing ``modules``: the
+    package's modules the command had imported, so that a job (a fresh process, here or on a
+    cluster) has the command's registries, e.g. the model kinds experiments register."""
+    for module in modules:
+        importlib.import_module(module)
     torch.set_num_threads(threads)
     return function(part)
 
 
-def map_jobs(cfg, function: Callable[[Any], Any], parts: list, stage: str, threads: int = 1) -> list:
+def imported_modules() -> list[str]:
+    """This package's modules imported in this process (the one run as ``__main__`` aside)."""
+    return sorted(name for name in sys.modules if name.split(".")[0] == "asrkd")
+
+
+def map_jobs(jobs: Jobs, function: Callable[[Any], Any], parts: list, stage: str, threads: int = 1) -> list:
     """``[function(part) for part in parts]``, one job per part on ``jobs.backend``, each with
     ``threads`` torch threads (a stage that scores with a network passes its own count, so its
     jobs compute bit for bit what it would); ``function`` must be a module-level function."""
     if len(parts) <= 1:
         return [function(part) for part in parts]
-    backend = str(cfg.jobs.backend)
+    backend, modules = jobs.backend, imported_modules()
     log.info("%s: %d jobs on %s", stage, len(parts), backend)
     if backend == "local":
-        return list(local_pool(len(parts)).map(_with_threads, [threads] * len(parts), [function] * len(parts), parts))
+        return list(local_pool(len(parts)).map(_in_job, [threads] * len(parts), [modules] * len(parts), [function] * len(parts), parts))
     if backend == "submitit":
         import submitit
 
-        folder = Path(cfg.exp_dir) / "jobs" / stage.replace(" ", "_")
-        executor = submitit.AutoExecutor(folder=folder, cluster=str(cfg.jobs.submitit.cluster))
-        executor.update_parameters(**OmegaConf.to_container(cfg.jobs.submitit.parameters))
-        submitted = executor.map_array(_with_threads, [threads] * len(parts), [function] * len(parts), parts)
+        executor = submitit.AutoExecutor(folder=jobs.logs / stage.replace(" ", "_"), cluster=jobs.cluster)
+        executor.update_parameters(**jobs.parameters)
+        submitted = executor.map_array(_in_job, [threads] * len(parts), [modules] * len(parts), [function] * len(parts), parts)
         return [job.result() for job in submitted]
     raise ValueError(f"jobs.backend must be local or submitit, got {backend!r}")

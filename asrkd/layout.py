@@ -15,6 +15,7 @@ nothing else)::
     <exp>/specialists/<name>           the specialists' confusable groups (train-specialists)
     <exp>/export/<system>, <exp>/cost/<system>   a system exported, its decoding cost
     <exp>/report                       reports (results_dir holds the copies README quotes)
+    <exp>/jobs/<stage>                 the per-job logs of jobs run through submitit (jobs.backend=submitit)
 
 Every path into an experiment directory is built here: a new stage adds its directory here,
 and the paragraph above is the whole tree. A trained system is named by its :class:`System`
@@ -60,11 +61,6 @@ class Layout:
 
     exp: Path
     data: Path = Path("data")
-
-    @classmethod
-    def of(cls, cfg) -> "Layout":
-        """The layout of a config's ``exp_dir`` and ``data_dir``."""
-        return cls(Path(cfg.exp_dir), Path(cfg.get("data_dir") or "data"))
 
     # ------------------------------------------------------------------ data side
 
@@ -151,3 +147,7 @@ class Layout:
     @property
     def report(self) -> Path:
         return self.exp / "report"
+
+    @property
+    def jobs(self) -> Path:
+        return self.exp / "jobs"

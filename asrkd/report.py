@@ -12,18 +12,17 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from omegaconf import OmegaConf
 
 from asrkd.files import atomic_write, copy_file, write_json, write_text
 from asrkd.layout import Layout
 from asrkd.locks import exclusive
 from asrkd.machine import code_commit, cpu_description
 from asrkd.parallel import pick_device
-from asrkd.stage import input_record
 from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
@@ -197,36 +196,6 @@ def choice_line(report: dict) -> str | None:
     return ("LM weight chosen on " + tuning_description(report.get("tuning_set", "valid")) + ": " + "; ".join(said) + ".") if said else None
 
 
-_ABSENT = object()
-
-
-def config_differences(cfg, records: list[dict]) -> list[str]:
-    """'model.hidden_dim=64 (here 512)' for each key a stage record holds whose value in ``cfg``
-    differs: the row was made under another config than the report's."""
-    differences = {}
-    for record in records:
-        for key, value in record["config"].items():
-            now = OmegaConf.select(cfg, key, default=_ABSENT)
-            now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now
-            if now is not _ABSENT and now != value:
-                differences[key] = f"{key}={value!r} (here {now!r})"
-    return list(differences.values())
-
-
-def mixed_configs(cfg, exp: Path, systems: dict[str, list[Path]]) -> dict:
-    """{row: {"differs": [...], "made_by": command}} for the rows whose stages (model, decode) were
-    made under another config than ``cfg``: a report that mixes configs says so, with the command
-    that remakes each such row."""
-    out = {}
-    for row, dirs in systems.items():
-        records = [input_record(d) for d in dirs if (d / "stage.json").is_file()]
-        differs = config_differences(cfg, records)
-        if differs:
-            made_by = next((r["made_by"]["command"] for r in records if r.get("made_by")), None)
-            out[row] = {"differs": differs, "made_by": made_by}
-    return out
-
-
 def portable(value):
     """What a report commits, with absolute paths (``/x/y``, and overrides ``key=/x/y``) made
     relative to the repository: the same run in another clone writes the same bytes."""
@@ -241,15 +210,24 @@ def portable(value):
     return value
 
 
-def current_report(cfg) -> dict:
+@dataclass(frozen=True)
+class Place:
+    """Where a run's reports go (:func:`asrkd.sections.report_place`): ``report_dir``, the run's own
+    (exp/report), and ``results_dir`` when set, the committed copies they are merged into."""
+
+    report_dir: Path
+    results_dir: Path | None = None
+
+
+def current_report(place: Place) -> dict:
     """The report reports merge into: ``results_dir/report.json`` when there is one, else exp/report's (or nothing)."""
-    base = Path(cfg.results_dir) / "report.json" if cfg.results_dir else None
+    base = place.results_dir / "report.json" if place.results_dir else None
     if base is None or not base.is_file():
-        base = Layout.of(cfg).report / "report.json"
+        base = place.report_dir / "report.json"
     return json.loads(base.read_text()) if base.is_file() else {}
 
 
-def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
+def merge_into_report(place: Place, section: dict, files: tuple[str, ...] = ()) -> dict:
     """Add ``section``'s keys to the report (its "systems" to the systems there), rewrite
     report.md and RESULTS.md, and copy them and ``files`` (from exp/report) to ``results_dir``.
 
@@ -257,11 +235,11 @@ def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
     recipes committed), else exp/report/report.json: each reporting stage owns its keys, so
     rerunning one recipe, even in a fresh clone, keeps what the others wrote.
     """
-    out_dir = Layout.of(cfg).report
+    out_dir = place.report_dir
     # two report stages at once (two recipes) would each read the report, add their keys and
     # write it back: one's keys lost. The whole read-merge-write holds the lock of the report merged into.
-    with exclusive((Path(cfg.results_dir) if cfg.results_dir else out_dir) / ".report.lock"):
-        report = current_report(cfg)
+    with exclusive((place.results_dir or out_dir) / ".report.lock"):
+        report = current_report(place)
         systems = {**report.get("systems", {}), **section.get("systems", {})}
         report.update(portable(section))
         report["systems"] = portable(systems)
@@ -269,8 +247,8 @@ def merge_into_report(cfg, section: dict, files: tuple[str, ...] = ()) -> dict:
         if is_corpus_report(report):  # an experiment reported before the main report stage has no table of systems yet
             write_text(out_dir / "report.md", markdown_table(report))
             write_text(out_dir / RESULTS, results_listing(report))
-        if cfg.results_dir:
-            results_dir = Path(cfg.results_dir)
+        if place.results_dir:
+            results_dir = place.results_dir
             for name in ("report.json", *(("report.md", RESULTS) if is_corpus_report(report) else ()), *files):
                 copy_file(out_dir / name, results_dir / name)
             log.info("report merged into %s", results_dir)
@@ -282,7 +260,7 @@ def is_corpus_report(report: dict) -> bool:
     return "corpus" in report and "gmm" in report and "systems" in report
 
 
-def run_publish(cfg) -> None:
+def publish(place: Place) -> None:
     """``asrkd publish`` (recipes: ``--publish``): a run's reports (exp/report) merged into
     ``results_dir``, the committed copies README quotes. Recipes write their reports under their
     exp dir only, so running one never modifies a committed file; publishing is this explicit step.
@@ -291,9 +269,9 @@ def run_publish(cfg) -> None:
     there, so publishing one recipe's run keeps what the others published; report.md and
     RESULTS.md are made again from the merged report (an image report, which is its corpus's whole
     report, is copied as it is), and every other report file (a section's .md, figures) is copied."""
-    if not cfg.results_dir:
+    if not place.results_dir:
         raise ValueError("publish needs results_dir=DIR: where the reports are merged (recipes: --publish names results/<corpus>)")
-    source, results = Layout.of(cfg).report, Path(cfg.results_dir)
+    source, results = place.report_dir, place.results_dir
     if not (source / "report.json").is_file():
         raise FileNotFoundError(f"{source}/report.json: nothing to publish; run a recipe's report stage first")
     with exclusive(results / ".report.lock"):
@@ -414,12 +392,12 @@ def made_by(report: dict, section: str) -> str:
     return (part.get("machine") if isinstance(part, dict) else None) or "not recorded"
 
 
-def run_results(cfg) -> None:
+def write_results(place: Place) -> None:
     """``asrkd results``: RESULTS.md beside the report (results_dir, else exp/report) from its report.json."""
-    report = current_report(cfg)
+    report = current_report(place)
+    out_dir = place.results_dir or place.report_dir
     if not report:
-        raise FileNotFoundError(f"no report.json in {cfg.results_dir or Layout.of(cfg).report}: run a recipe's report stage first")
-    out_dir = Path(cfg.results_dir) if cfg.results_dir else Layout.of(cfg).report
+        raise FileNotFoundError(f"no report.json in {out_dir}: run a recipe's report stage first")
     write_text(out_dir / RESULTS, results_listing(report))
 
 
@@ -429,39 +407,39 @@ def with_machines_note(markdown: str, result: dict) -> str:
     return markdown + (f"{note}\n" if note else "")
 
 
-def write_section(cfg, file: str, markdown: str) -> None:
+def write_section(place: Place, file: str, markdown: str) -> None:
     """A section's Markdown (``file``) under exp/report and, when set, in ``results_dir``: what
     :func:`publish_experiment` writes of it, alone (``asrkd render-<experiment>``)."""
-    write_text(Layout.of(cfg).report / file, markdown)
-    if cfg.results_dir:
-        copy_file(Layout.of(cfg).report / file, Path(cfg.results_dir) / file)
+    write_text(place.report_dir / file, markdown)
+    if place.results_dir:
+        copy_file(place.report_dir / file, place.results_dir / file)
 
 
-def publish_experiment(cfg, name: str, result: dict, markdown: str, figures: dict[str, Callable[[dict, Path], None]],
+def publish_experiment(place: Place, name: str, result: dict, markdown: str, figures: dict[str, Callable[[dict, Path], None]],
                        systems: dict | None = None) -> None:
     """An experiment's report, the one way every experiment publishes: ``<name>.md`` (ending with
     a line naming the machines when its rows' models were made on more than one) and each of
     ``figures`` (file name -> what draws it from ``result``) under exp/report, ``result`` as the
     ``name`` section of report.json and ``systems`` among its systems, all merged into ``results_dir``."""
-    out_dir = Layout.of(cfg).report
+    out_dir = place.report_dir
     write_text(out_dir / f"{name}.md", with_machines_note(markdown, result))
     for file, draw in figures.items():
         draw(result, out_dir / file)
-    merge_into_report(cfg, {**({"systems": systems} if systems else {}), name: result}, (f"{name}.md", *figures))
+    merge_into_report(place, {**({"systems": systems} if systems else {}), name: result}, (f"{name}.md", *figures))
 
 
-def publish_corpus_report(cfg, result: dict, markdown: str, figures: dict[str, Callable[[dict, Path], None]], stale: tuple[str, ...] = ()) -> None:
+def publish_corpus_report(place: Place, result: dict, markdown: str, figures: dict[str, Callable[[dict, Path], None]], stale: tuple[str, ...] = ()) -> None:
     """The report of an experiment that is its corpus's whole report (the image experiment's
     results/<dataset>): ``result`` is report.json, ``markdown`` report.md, each of ``figures`` drawn
     under exp/report and all copied to ``results_dir``, where ``stale`` figures (of an earlier,
     fuller report) are removed, as they no longer match."""
-    out_dir = Layout.of(cfg).report
+    out_dir = place.report_dir
     write_json(out_dir / "report.json", result)
     write_text(out_dir / "report.md", markdown)
     for file, draw in figures.items():
         draw(result, out_dir / file)
-    if cfg.results_dir:
-        results = Path(cfg.results_dir)
+    if place.results_dir:
+        results = place.results_dir
         for file in ("report.json", "report.md", *figures):
             copy_file(out_dir / file, results / file)
         for file in stale:
@@ -483,8 +461,8 @@ def recipe_command(default: str) -> str:
     return os.environ.get("ASRKD_RECIPE_COMMAND") or default
 
 
-def machine(cfg) -> str:
+def machine(device: str) -> str:
     """Where and by what a report was made: CPU model and family, cores, torch threads, torch
-    version, device, and the code's commit (asrkd.machine.code_commit)."""
+    version, the device (``train.device``) and the code's commit (asrkd.machine.code_commit)."""
     return (f"{cpu_description()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"device {pick_device(cfg.train.device)}, code {code_commit() or 'not from a git checkout'}")
+            f"device {pick_device(device)}, code {code_commit() or 'not from a git checkout'}")

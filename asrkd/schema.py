@@ -1,6 +1,7 @@
 """The config's types, checked before any stage touches its outputs.
 
-The schema is ``conf/config.yaml`` itself: a key takes values of its default's type (an
+The schema is the config's defaults themselves (``conf/config.yaml`` and each experiment's
+``<section>.yaml``): a key takes values of its default's type (an
 integer, a number, a string, a flag, a list of the same kind of items as the default's), and
 ``DECLARED`` gives the type of the keys whose default does not show it (a null default, an
 option that may also be null, a word from a fixed set). A composed config whose value does not
@@ -17,6 +18,10 @@ A key neither the defaults nor ``DECLARED`` know is refused however it is writte
 ``+key=`` too, with the nearest known key; only the sections that are mappings of names
 (``OPEN``: a student form's temperatures, a view, a big-net variant, a scheduler's parameters)
 take new entries.
+
+These three are the shared sections' (``SHARED``); an experiment's section (its folder's
+``<section>.yaml``) brings its own as a :class:`ConfigTypes` on its ``Experiment``, which
+``asrkd.cli`` joins to these: the types of a key live beside its default.
 """
 
 from __future__ import annotations
@@ -24,11 +29,9 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -80,23 +83,7 @@ DECLARED: dict[str, Kind] = {
     "distill.store_dense": Kind((str, bool), choices=("auto",)),
     "decode.unseen_sentences": Kind((list,), item=STRING),
     "graph.lm_arpa": Kind((str,), nullable=True),
-    "function_matching.subset.view": Kind((str,), nullable=True),
-    "function_matching.plateau": Kind((int, float), nullable=True),
-    "function_matching.train_kinds": Kind((list,), item=Kind((str,), choices=("hard", "consistent", "precomputed"))),
     "graph.lm_text": Kind((list,), item=STRING),
-    "levers.cross_fitted": Kind((dict,), nullable=True),
-    "levers.seeds": Kind((int,), nullable=True),
-    "levers.student_epochs": Kind((list,), item=INTEGER),
-    "chains.epochs": Kind((int,), nullable=True),
-    "self_distillation.head_width": Kind((int,), nullable=True),
-    "specialists.group_size": Kind((int,), nullable=True),
-    "specialists.epochs": Kind((int,), nullable=True),
-    "specialists.random_half": Kind((str,), choices=("remainder", "all")),
-    "images.dataset": Kind((str,), choices=("fashion-mnist", "mnist")),
-    "images.teacher": Kind((str,), choices=("net", "ensemble")),
-    "images.download_url": Kind((str,), nullable=True),
-    "images.big_variants": Kind((dict,), nullable=True),
-    "images.function_matching": Kind((dict,), nullable=True),
     "stats.unit": Kind((str,), choices=("utterance", "speaker")),
     "jobs.nj": Kind((int,), nullable=True),
     "jobs.backend": Kind((str,), choices=("local", "submitit")),
@@ -126,44 +113,56 @@ FRACTION, SHARE, COUNT, SIZE, POSITIVE, NONNEGATIVE, PROBABILITY = (
 # (fnmatch, on the dotted name) gives its range. Keys none matches take any finite number.
 RANGES: tuple[tuple[str, Range], ...] = (
     ("train.valid_fraction", FRACTION),
-    ("prep.subset_fractions", SHARE), ("three_percent.fractions", SHARE), ("function_matching.subset.fraction", SHARE),
+    ("prep.subset_fractions", SHARE),
     ("prep.max_drop_fraction", Range("[0, 1]")), ("decode.oov_warning", Range("[0, 1]")),
     ("decode.prior_floor", FRACTION), ("stats.confidence", FRACTION), ("lang.sil_prob", PROBABILITY),
-    ("distill.compact.max_residual", FRACTION), ("chains.teacher_drop", PROBABILITY),
-    ("self_distillation.kd_weight", Range("[0, 1]")),
+    ("distill.compact.max_residual", FRACTION),
     ("*dropout", PROBABILITY),
     ("*lr_decay", SHARE),
     ("*.lr", POSITIVE), ("*learning_rates", POSITIVE), ("*temperature*", POSITIVE), ("*beam", POSITIVE), ("*acoustic_scale", POSITIVE),
-    ("*_scale", NONNEGATIVE), ("perturb.speeds", POSITIVE), ("function_matching.*schedule*", POSITIVE),
+    ("*_scale", NONNEGATIVE), ("perturb.speeds", POSITIVE),
     ("*max_norm", POSITIVE), ("distill.compact.budget", POSITIVE), ("features.frame_*_ms", POSITIVE),
     ("features.sample_rate", COUNT),
     ("model.left_context", SIZE), ("model.right_context", SIZE), ("ensemble.folds", SIZE), ("*warmup_steps", SIZE),
     ("train.accuracy_sample_frames", SIZE), ("features.dither", NONNEGATIVE), ("*weight_decay", NONNEGATIVE),
     ("*_weight", NONNEGATIVE), ("*noise_std", NONNEGATIVE), ("*mixup_alpha", POSITIVE), ("*_masks", SIZE),
-    ("self_distillation.head_width", COUNT), ("*_width", SIZE),
-    ("function_matching.plateau", NONNEGATIVE), ("distill.dense_limit_gb", NONNEGATIVE), ("*seed", SIZE),
-    ("images.left_out_class", Range("[0, 9]")), ("images.kept_classes", Range("[0, 9]")), ("images.bias_shifts.step", POSITIVE),
-    ("images.bias_shifts.*", NONNEGATIVE),
+    ("*_width", SIZE), ("distill.dense_limit_gb", NONNEGATIVE), ("*seed", SIZE),
     ("*.jitter", SIZE),
     ("*epochs", COUNT), ("*batch_size", COUNT), ("*seeds", COUNT), ("distill.seeds.*", COUNT), ("*patience", COUNT),
     ("model.num_hidden_layers", COUNT), ("model.hidden_dim", COUNT), ("*.layers", COUNT), ("*widths", COUNT), ("*.width", COUNT),
     ("*num_*", COUNT), ("*total_gauss", COUNT), ("*max_leaves", COUNT), ("*min_count", NONNEGATIVE), ("*min_gain", NONNEGATIVE),
     ("*var_floor", POSITIVE), ("*occupancy", NONNEGATIVE), ("*realign_iters", COUNT), ("gmm.mixup.*", NONNEGATIVE),
     ("graph.lm_order", COUNT), ("decode.lmwt", POSITIVE), ("decode.word_ins_penalty", Range("[-inf, inf]")),
-    ("*top_k", COUNT), ("*top_n", COUNT), ("distill.students.*", POSITIVE), ("self_distillation.exits", COUNT),
-    ("specialists.count", COUNT), ("specialists.group_size", COUNT), ("specialists.iterations", COUNT), ("*replicates", COUNT),
-    ("images.valid_images", COUNT), ("*lr_reference_batch", COUNT), ("*shuffle_block_frames", COUNT),
+    ("*top_k", COUNT), ("*top_n", COUNT), ("distill.students.*", POSITIVE), ("*replicates", COUNT),
+    ("*lr_reference_batch", COUNT), ("*shuffle_block_frames", COUNT),
     ("*max_frames_per_epoch", COUNT), ("*nproc", COUNT), ("jobs.nj", COUNT), ("*timeout_min", POSITIVE),
-    ("ensemble.size", COUNT), ("chains.sizes", COUNT),
+    ("ensemble.size", COUNT),
 )
 
 # Sections that are mappings of names: ``+key=`` may add an entry there (and only there).
-OPEN = ("distill.students.", "distill.seeds.", "function_matching.views.", "jobs.submitit.parameters.")
+OPEN = ("distill.students.", "distill.seeds.", "jobs.submitit.parameters.")
 
 
-def range_of(key: str) -> Range | None:
-    """The range of ``key``'s numbers (None: any finite number)."""
-    return next((bounds for pattern, bounds in RANGES if fnmatch.fnmatchcase(key, pattern)), None)
+@dataclass(frozen=True)
+class ConfigTypes:
+    """What the defaults of some sections do not show: ``declared`` (as ``DECLARED``), ``ranges``
+    (as ``RANGES``; an experiment's, naming its own keys, are matched before the shared patterns)
+    and ``open`` (as ``OPEN``)."""
+
+    declared: dict[str, Kind] = field(default_factory=dict)
+    ranges: tuple[tuple[str, Range], ...] = ()
+    open: tuple[str, ...] = ()
+
+    def joined(self, other: "ConfigTypes") -> "ConfigTypes":
+        """These and ``other``'s; ``other``'s ranges are matched first."""
+        return ConfigTypes({**self.declared, **other.declared}, other.ranges + self.ranges, self.open + other.open)
+
+    def range_of(self, key: str) -> Range | None:
+        """The range of ``key``'s numbers (None: any finite number)."""
+        return next((bounds for pattern, bounds in self.ranges if fnmatch.fnmatchcase(key, pattern)), None)
+
+
+SHARED = ConfigTypes(DECLARED, RANGES, OPEN)
 
 
 def numbers(value: Any) -> list[float]:
@@ -211,37 +210,35 @@ def fits(value: Any, kind: Kind) -> bool:
     return kind.item is None or not isinstance(value, list) or all(fits(v, kind.item) for v in value)
 
 
-def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+def leaves(tree: Any, declared: dict[str, Kind], prefix: str = "") -> dict[str, Any]:
     """Dotted key -> value of every leaf of a plain (resolved) config tree; sections recurse,
-    values that are mappings of a key typed ``dict`` stay whole."""
+    values that are mappings of a key ``declared`` ``dict`` stay whole."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and not (name in DECLARED and dict in DECLARED[name].types):
-            out.update(leaves(value, f"{name}."))
+        if isinstance(value, dict) and not (name in declared and dict in declared[name].types):
+            out.update(leaves(value, declared, f"{name}."))
         else:
             out[name] = value
     return out
 
 
-def validate(cfg: DictConfig, defaults: dict[str, Any]) -> None:
-    """Raise a one-line ConfigError for the first key of ``cfg`` whose value does not fit its type;
-    ``defaults``: the config without overrides (but the model's), as a plain tree."""
-    try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"config: {str(err).splitlines()[0]}") from None
-    reference = leaves(defaults)
+def validate(resolved: dict[str, Any], defaults: dict[str, Any], types: ConfigTypes = SHARED) -> None:
+    """Raise a one-line ConfigError for the first key of ``resolved`` (a composed config as a plain
+    tree, interpolations resolved) whose value does not fit its type; ``defaults``:
+    the config without overrides (but the model's), as a plain tree; ``types``: what its defaults
+    do not show (the shared sections' joined to the experiments')."""
+    reference = leaves(defaults, types.declared)
     sections = {key.rsplit(".", depth)[0] for key in reference for depth in range(1, key.count(".") + 1)}
-    for key, value in leaves(resolved).items():
-        if key not in reference and key not in DECLARED and key not in sections and not key.startswith(OPEN):
+    for key, value in leaves(resolved, types.declared).items():
+        if key not in reference and key not in types.declared and key not in sections and not key.startswith(types.open):
             near = difflib.get_close_matches(key, list(reference), n=1, cutoff=0.6)
-            raise ConfigError(f"config: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "; see conf/config.yaml"))
-        kind = DECLARED.get(key) or (kind_of(reference[key]) if key in reference else None)
+            raise ConfigError(f"config: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "; see conf/config.yaml and asrkd/experiments/*/*.yaml"))
+        kind = types.declared.get(key) or (kind_of(reference[key]) if key in reference else None)
         shown = "null" if value is None else repr(value)
         default = f" (default: {reference[key]!r})" if reference.get(key) is not None else ""
         if kind is not None and not fits(value, kind):
             raise ConfigError(f"config: {key}={shown} is not {kind.describe()}{default}")
-        bounds = range_of(key)
+        bounds = types.range_of(key)
         if bounds is not None and not all(bounds.holds(n) for n in numbers(value)):
             raise ConfigError(f"config: {key}={shown} is outside {bounds.text}{default}")

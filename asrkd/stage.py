@@ -50,8 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from asrkd import __version__
 from asrkd.errors import CorruptOutput, MissingInput, StageError, StageLocked, StageMismatch, StaleInput
 from asrkd.files import check_writable, compared_by_hash, file_digest, verified_digest, write_json
@@ -74,32 +72,14 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def config_values(cfg, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """The values of ``keys`` (dotted; a group name stands for all keys under it), flattened."""
-    out: dict[str, Any] = {}
+@dataclass(frozen=True)
+class Settings:
+    """What a stage's outputs depend on in the config (:func:`asrkd.sections.settings`): ``values``,
+    dotted key -> value of each key the stage reads, and ``redo``: remake outputs whose settings
+    or inputs changed (else they are refused)."""
 
-    def flatten(prefix: str, value: Any) -> None:
-        if isinstance(value, DictConfig):
-            for key in value:
-                flatten(f"{prefix}.{key}", value[key])
-        else:
-            out[prefix] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-    for key in keys:
-        flatten(key, OmegaConf.select(cfg, key, throw_on_missing=True))
-    return out
-
-
-def optional_values(cfg, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The keys of ``defaults`` whose config value differs from the default given there: a stage
-    records them only then, so outputs made before the keys existed keep their fingerprints."""
-    out = {}
-    for key, default in defaults.items():
-        value = OmegaConf.select(cfg, key)
-        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        if value != default:
-            out[key] = value
-    return out
+    values: dict[str, Any]
+    redo: bool = False
 
 
 def is_data_dir(path: Path) -> bool:
@@ -375,10 +355,10 @@ def recover_interrupted_redo(name: str, out_dir: Path, fingerprint: str) -> None
 
 
 def plan(
-    name: str, out_dir: Path | str, cfg, keys: tuple[str, ...] | list[str], inputs: dict[str, Path | str] | None = None,
+    name: str, out_dir: Path | str, settings: Settings, inputs: dict[str, Path | str] | None = None,
     values: dict[str, Any] | None = None, clear: bool = True, writer: bool = True, extend: bool = False,
 ) -> Stage:
-    """Fingerprint a stage from the config ``keys`` it reads, its ``inputs`` (paths of upstream
+    """Fingerprint a stage from the config ``settings`` it reads, its ``inputs`` (paths of upstream
     outputs or data dirs) and ``values`` (anything else that decides its outputs), and decide
     whether it must run. ``clear``: on a redo, set the old outputs aside (deleted once the new
     ones are complete; they could otherwise be resumed from); False for directories that hold
@@ -388,13 +368,13 @@ def plan(
     outputs stay, and the new record replaces the old once the rest is made.
     """
     out_dir = Path(out_dir)
-    config = {**config_values(cfg, keys), **(values or {})}
+    config = {**settings.values, **(values or {})}
     recorded = {}
     for input_name, path in (inputs or {}).items():
         recorded[input_name] = {"path": os.path.relpath(path, out_dir), "fingerprint": input_fingerprint(path)}
     stage = Stage(name, out_dir, config, recorded, "")
     stage.fingerprint = digest({"stage": name, "config": config, "inputs": {k: v["fingerprint"] for k, v in recorded.items()}})
-    redo = bool(cfg.get("redo", False)) or extend
+    redo = settings.redo or extend
     clear = clear and not extend
     if not writer:
         decide(stage, redo, clear, writer=False)

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asrkd.cli import load_config  # noqa: E402
-from asrkd.data import data_split  # noqa: E402
+from asrkd import sections  # noqa: E402
 from asrkd.files import write_json  # noqa: E402
 from asrkd.nnet.cost import device_name  # noqa: E402
 from asrkd.nnet.model import HybridDNN  # noqa: E402
@@ -42,7 +42,7 @@ def curve(run: str, args: argparse.Namespace, device: torch.device) -> dict:
     model_name, init, lr = run.split(":")
     cfg = load_config([f"data_dir={args.data_dir}", f"exp_dir={args.exp_dir}", f"model={model_name}", f"train.lr={lr}", *args.overrides])
     data = FrameData.load(args.exp_dir, "train", cfg.model, device)
-    train_utts, valid_utts = data_split(cfg)
+    train_utts, valid_utts = sections.split(cfg).utterances()
     rng = np.random.default_rng(cfg.seed)
     train_idx = torch.as_tensor(rng.permutation(data.frames.frame_indices(train_utts)), device=device)
     held = torch.as_tensor(np.sort(rng.choice(data.frames.frame_indices(valid_utts), 5000, replace=False)), device=device)

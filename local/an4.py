@@ -20,6 +20,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from asrkd import sections
 from asrkd.data import DataDir, speaker_balanced_subset, subset_name
 from asrkd.drops import account_dropped
 from asrkd.errors import StageError
@@ -145,7 +146,7 @@ def prepare(cfg) -> None:
     if root is None:
         log.info("no AN4 at %s: downloading it", corpus)
         root = download_an4(cfg.prep.download_url, data_dir / "local" / "downloads")
-    stage = plan("an4 prep", data_dir / "local", cfg, ("prep.subset_seed", "lang.silence_phone"),
+    stage = plan("an4 prep", data_dir / "local", sections.settings(cfg, ("prep.subset_seed", "lang.silence_phone")),
                  values={"corpus": corpus_fingerprint(root)}, clear=False)
     if stage.up_to_date:
         write_subsets(DataDir.read(data_dir / "train"), cfg)

@@ -22,7 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from asrkd.data import DataDir, DataDirError, corpus_sets, scoring_only
+from asrkd import sections
+from asrkd.data import DataDir, DataDirError
 from asrkd.drops import account_dropped
 from asrkd.files import copy_file, write_text
 from asrkd.kaldi.lang import cmudict_path, read_sphinx_dict
@@ -80,8 +81,8 @@ def files_digest(directory: Path) -> str:
 def import_set(cfg, corpus: Path, data_dir: Path, name: str) -> DataDir:
     """data/<name> from the corpus's data dir, a stage of its own (its record in
     data/local/import/<name>): a set added later is imported alone, the others skip as current."""
-    scored = scoring_only(cfg, name)
-    stage = plan(f"kaldi_data import {name}", data_dir / "local" / "import" / name, cfg, (),
+    scored = sections.data_sets(cfg).scoring_only(name)
+    stage = plan(f"kaldi_data import {name}", data_dir / "local" / "import" / name, sections.settings(cfg, ()),
                  values={"files": files_digest(corpus / name), "source": str(corpus / name), "scored_only": scored}, clear=False)
     if stage.up_to_date:
         return DataDir.read(data_dir / name)
@@ -98,7 +99,7 @@ def prepare_dictionary(cfg, corpus: Path, data_dir: Path, words: set[str], train
     train's words, so a set added later changes nothing the lang is made from: its new words take
     their pronunciations in its alignment and decoding langs (the dictionary, then CMUdict)."""
     user_dict = corpus / "local" / "dict"
-    stage = plan("kaldi_data dictionary", data_dir / "local" / "import_dictionary", cfg, ("lang.silence_phone",),
+    stage = plan("kaldi_data dictionary", data_dir / "local" / "import_dictionary", sections.settings(cfg, ("lang.silence_phone",)),
                  values={"source": files_digest(user_dict) if user_dict.is_dir() else "cmudict",
                          "train_words": digest(sorted(train_words))}, clear=False)
     if stage.up_to_date:
@@ -130,7 +131,7 @@ def prepare(cfg) -> None:
     """Stage 0: data/<set> for train, the tuning set and the eval sets, each imported as a stage of
     its own; then data/local/dict."""
     corpus, data_dir = Path(cfg.corpus_dir).resolve(), Path(cfg.data_dir)
-    names = corpus_sets(cfg)
+    names = sections.data_sets(cfg).corpus()
     for name in names:
         if not (corpus / name).is_dir():
             raise FileNotFoundError(f"{corpus / name}: no such data dir; --corpus-dir must hold train and every set of "

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.data import DataDir, DataDirError, speaker_balanced_subset, split_by_speaker
 from asrkd.layout import Layout
 
@@ -74,4 +75,4 @@ def test_the_layout_names_each_stage_output_as_kaldi_would() -> None:
     assert layout.model("student_T2@best") == Path("exp/dnn/student_T2")  # a system's checkpoint choice is no directory
     assert layout.export("ensemble/member-0") == Path("exp/export/ensemble_member-0")
     assert layout.lang == Path("data/lang")
-    assert Layout.of(OmegaConf.create({"exp_dir": "x/exp", "data_dir": "x/data"})).fbank("test") == Path("x/exp/feats/fbank/test")
+    assert sections.layout(OmegaConf.create({"exp_dir": "x/exp", "data_dir": "x/data"})).fbank("test") == Path("x/exp/feats/fbank/test")

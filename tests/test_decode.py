@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.kaldi.decode import (check_scores, choice_margin, choose_weights, log_priors, out_of_vocabulary, transition_id_matrix, unseen_sentences,
                                 utterance_errors, word_error_rate)
 from asrkd.kaldi.graph import NO_PRONUNCIATION, lm_exclusions, lm_vocabulary, lm_words_left_out
@@ -132,7 +133,7 @@ def test_an_lm_word_left_out_of_the_graph_keeps_make_graphs_reason(tmp_path: Pat
     from asrkd.stage import plan
 
     cfg = graph_cfg(tmp_path)
-    stage = plan("make-graph", tmp_path / "exp" / "graph", cfg, ["seed"])
+    stage = plan("make-graph", tmp_path / "exp" / "graph", sections.settings(cfg, ["seed"]))
     (tmp_path / "exp" / "graph" / "lm_2gram.arpa").write_text(ARPA)
     (tmp_path / "exp" / "graph" / "words.txt").write_text("<eps> 0\nONE 1\nTHREE 2\n#0 3\n<s> 4\n</s> 5\n")
     stage.commit(lm_words_left_out={"TWO": "in neither the corpus dictionary nor CMUdict"})
@@ -157,7 +158,7 @@ def test_the_tiny_runs_lm_never_saw_the_validation_speakers_sentences(run_dir: P
 
     from asrkd.data import DataDir, split_by_speaker
 
-    from .conftest import tiny_config
+    from conftest import tiny_config
 
     cfg = tiny_config(run_dir)
     train = DataDir.read(run_dir / "data" / "train")
@@ -172,7 +173,7 @@ def test_the_oov_warning_fires_above_its_threshold_with_each_causes_fix(run_dir:
 
     from asrkd.evaluate import out_of_vocabulary_by_set
 
-    from .conftest import tiny_config
+    from conftest import tiny_config
 
     rate = out_of_vocabulary_by_set(tiny_config(run_dir))["test"]
     assert rate["oov_rate"] > 0 and list(rate["causes"]) == ["not in the LM"]

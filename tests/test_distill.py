@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from asrkd.distill.losses import distillation_loss, logit_distillation_loss, logit_matching_loss, reverse_kl
-from asrkd.experiments.distillation import temperature_sentence
+from asrkd.experiments.distillation.experiment import temperature_sentence
 
 
 def soft_gradient(student: torch.Tensor, teacher: torch.Tensor, temperature: float, hard_weight: float = 0.0) -> torch.Tensor:
@@ -74,7 +74,7 @@ def test_a_new_distillation_method_is_one_module_and_a_config_entry(run_dir, tmp
     from asrkd.nnet import train
 
     from .test_reliability import clone
-    from .conftest import tiny_config
+    from conftest import tiny_config
 
     root = clone(run_dir, tmp_path / "run")
     (tmp_path / "toy_method.py").write_text(TOY_METHOD)
@@ -108,7 +108,7 @@ def test_three_percent_rows_are_the_replicates_their_stage_trains(tmp_path) -> N
     """three_percent.seeds=3: each row is the hard run's or the student's three replicates, named as
     train-dnn and train-student name them; at 1 seed the names are the committed 4x512 rows'."""
     from asrkd.cli import load_config
-    from asrkd.experiments import three_percent
+    from asrkd.experiments.three_percent import experiment as three_percent
 
     def rows(*overrides: str) -> dict[str, list[str]]:
         cfg = load_config([f"exp_dir={tmp_path}", "three_percent.fractions=[0.03]", "three_percent.speed_perturbed=false", *overrides])

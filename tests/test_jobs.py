@@ -12,13 +12,27 @@ from asrkd.kaldi import features
 from asrkd.jobs import split
 from asrkd.stores import FeatureStore
 
-from .conftest import tiny_config
+from conftest import tiny_config
 from .test_reliability import clone
 
 
 def test_split_is_contiguous_near_equal_and_never_empty() -> None:
     assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert split([1, 2], 5) == [[1], [2]]
+
+
+def test_a_job_knows_the_model_kinds_its_command_registered() -> None:
+    # a worker is a fresh process: it imports what the command had imported (the experiment that registered
+    # the kind), else a checkpoint of that kind loads in the command and fails in its jobs
+    from asrkd.experiments.self_distillation.model import MultiExitDNN
+    from asrkd.jobs import Jobs, map_jobs
+    from asrkd.nnet.model import model_from_config
+
+    plain = {"feat_dim": 4, "num_pdfs": 5, "left_context": 1, "right_context": 1, "num_hidden_layers": 3, "hidden_dim": 8}
+    models = map_jobs(Jobs(nj=2), model_from_config, [plain | {"exits": [1]}, plain | {"exits": [2]}], "kinds")
+    assert [type(m) for m in models] == [MultiExitDNN, MultiExitDNN] and [m.config["exits"] for m in models] == [[1], [2]]
+    with pytest.raises(ValueError, match="a model config with exitz is no HybridDNN's: its model kind is registered by the experiment"):
+        model_from_config(plain | {"exitz": [1]})  # a kind no experiment registered here: named, not a TypeError deep in a job
 
 
 @pytest.mark.parametrize("backend", ["local", "submitit"])

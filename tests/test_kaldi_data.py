@@ -17,7 +17,7 @@ from asrkd.data import DataDir, DataDirError
 from asrkd.kaldi.graph import train_arpa
 from asrkd.kaldi.lang import Dictionary
 
-from .conftest import REPO, TINY, wer_from_hypotheses
+from conftest import REPO, TINY, wer_from_hypotheses
 
 
 def kaldi_corpus(run_dir: Path, root: Path) -> Path:

@@ -7,14 +7,16 @@ import ast
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from asrkd.cli import COMMANDS, EXPERIMENTS, step_function
 
-from .conftest import REPO
+from conftest import REPO
 
 # third-party imports that stay inside the function that needs them, and why
 LAZY = {
@@ -25,6 +27,11 @@ LAZY = {
     "kaldilm": "after kaldi_decoder (above)",
     "_kaldifst": "graph.py's one low-level call",
 }
+
+
+def library_files() -> list[Path]:
+    """The package's modules but an experiment's tests (which import where a test needs and spell paths to check them)."""
+    return sorted(path for path in (REPO / "asrkd").rglob("*.py") if not path.name.startswith("test_"))
 
 
 def layered_modules() -> set[str]:
@@ -51,7 +58,7 @@ def test_every_module_has_a_layer() -> None:
 
 def test_imports_sit_at_the_top_of_their_module() -> None:
     inside = []
-    for path in sorted((REPO / "asrkd").rglob("*.py")):
+    for path in library_files():
         tree = ast.parse(path.read_text())
         top = {id(node) for node in tree.body}
         for node in ast.walk(tree):
@@ -65,30 +72,37 @@ def test_imports_sit_at_the_top_of_their_module() -> None:
 def test_every_path_into_an_experiment_directory_is_built_by_the_layout() -> None:
     # a stage's output directory spelled out elsewhere ('exp / "dnn" / name') drifts from where the others look for it
     spelled = re.compile(r'/\s*"(dnn|soft_targets|decode|feats|graph|tri|mono|report|lang|specialists|cost|export)"')
-    found = [f"{path.relative_to(REPO)}:{number} {line.strip()}" for path in sorted((REPO / "asrkd").rglob("*.py"))
+    found = [f"{path.relative_to(REPO)}:{number} {line.strip()}" for path in library_files()
              if path.name != "layout.py" for number, line in enumerate(path.read_text().splitlines(), 1) if spelled.search(line)]
     assert found == [], "build these paths with asrkd.layout.Layout"
+
+
+def experiment_modules() -> list[tuple[Path, str]]:
+    """Every module of every experiment's folder but its tests: (path, dotted name)."""
+    return [(path, ".".join(path.relative_to(REPO).with_suffix("").parts)) for path in sorted((REPO / "asrkd" / "experiments").glob("*/*.py"))
+            if not path.name.startswith("test_") and path.name != "__init__.py"]
 
 
 def test_every_command_names_a_step_that_exists_and_every_experiment_step_is_a_command() -> None:
     for command in COMMANDS:
         assert callable(step_function(command)), command
-    steps = {target for target in COMMANDS.values()}
-    for path in sorted((REPO / "asrkd" / "experiments").glob("*.py")):
-        module = f"asrkd.experiments.{path.stem}"
+    for path, module in experiment_modules():
+        experiment = getattr(importlib.import_module(module), "EXPERIMENT", None)
+        own = experiment.commands.values() if experiment is not None else []
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("run_") and [a.arg for a in node.args.args] == ["cfg"]:
-                assert f"{module}:{node.name}" in steps, f"{module}.{node.name} has no command: add the step to cli.COMMANDS"
-        experiment = getattr(importlib.import_module(module), "EXPERIMENT", None)
-        if experiment is not None:  # discovered: each of its steps is a command, run by this module's EXPERIMENT
+                function = getattr(importlib.import_module(module), node.name)
+                assert function in own, f"{module}.{node.name} has no command: add it to its EXPERIMENT's commands"
+        if experiment is not None:  # discovered: each of its steps and commands is a command, run by this module's EXPERIMENT
             assert EXPERIMENTS[experiment.command][0] == module
-            assert all(COMMANDS[f"{step}-{experiment.command}"] == f"{module}:EXPERIMENT.{step}" for step in experiment.steps()), module
+            assert all(COMMANDS[command] == f"{module}:EXPERIMENT.{step}" for command, step in experiment.command_names().items()), module
+            assert all(step_function(command) is function for command, function in experiment.commands.items()), module
 
 
 def test_experiments_publish_and_decode_only_through_their_base() -> None:
     # one publisher and one decode path: an experiment that writes its own report drifts from the others'
     private = re.compile(r"\b(publish_experiment|merge_into_report|write_text|decode_systems)\(")
-    found = [f"{path.name}:{number}" for path in sorted((REPO / "asrkd" / "experiments").glob("*.py")) if path.name != "base.py"
+    found = [f"{module}:{number}" for path, module in experiment_modules()
              for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
     assert found == []
 
@@ -104,14 +118,17 @@ def test_an_experiment_has_the_steps_it_defines_and_names_the_ones_it_lacks() ->
         scored.step("train")
 
 
-def test_an_experiment_report_says_over_how_many_utterances_when_some_were_not_aligned(monkeypatch) -> None:
+def test_an_experiment_report_says_over_how_many_utterances_when_some_were_not_aligned(monkeypatch, tmp_path) -> None:
+    from omegaconf import OmegaConf
+
     from asrkd.experiments import base
 
     published = {}
     monkeypatch.setattr(base, "publish_experiment", lambda cfg, section, result, markdown, figures, systems: published.update({section: markdown}))
     for aligned, note in ((130, False), (128, True)):
         counts = {"test": {"aligned": aligned, "of": 130}}
-        base.Experiment("toy", "toy", lambda cfg: [], report=lambda cfg: base.Report({}, "# toy\n", aligned=counts)).publish(None)
+        base.Experiment("toy", "toy", lambda cfg: [], report=lambda cfg: base.Report({}, "# toy\n", aligned=counts)).publish(
+            OmegaConf.create({"exp_dir": str(tmp_path), "results_dir": None}))
         assert ("Frame accuracy is over the utterances the GMM aligned: test 128 of 130." in published["toy"]) == note
 
 
@@ -121,7 +138,7 @@ def test_render_writes_a_sections_markdown_again_from_the_report_and_refuses_a_m
 
     from omegaconf import OmegaConf
 
-    from asrkd.experiments import distillation
+    from asrkd.experiments.distillation import experiment as distillation
 
     committed = REPO / "results" / "an4" / "distillation_current"
     results = tmp_path / "results"
@@ -140,3 +157,48 @@ def test_render_writes_a_sections_markdown_again_from_the_report_and_refuses_a_m
     (results / "report.json").write_text(json.dumps(report))
     with pytest.raises(FileNotFoundError, match="no 'distillation' section in .*report.json: run asrkd report-distill first"):
         step_function("render-distill")(cfg)
+
+
+def test_an_experiment_imports_no_other_experiments_folder_nor_the_cli() -> None:
+    # each folder is a room: what two experiments share lives in a layer below them
+    found = []
+    for path, module in experiment_modules():
+        own = module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            found += [f"{module} imports {name}" for name in names if name.startswith("asrkd.cli")
+                      or (name.startswith("asrkd.experiments.") and not name.startswith((own + ".", "asrkd.experiments.base")) and name != own)]
+    assert found == []
+
+
+def test_contributing_lists_what_an_experiment_folder_holds() -> None:
+    page = (REPO / "docs" / "contributing.md").read_text()
+    listed = [line.split()[0] for line in re.search(r"```text\n(.*?)```", page, re.S).group(1).splitlines() if line.strip()]
+    assert [path for path in listed if not (REPO / path).is_file()] == []
+    kinds = ("__init__.py", "experiment.py", ".yaml", "test_", "model.py", "loss.py")
+    assert all(any(Path(path).name.startswith(kind) or path.endswith(kind) for path in listed) for kind in kinds)
+    folders = sorted(path for path in (REPO / "asrkd" / "experiments").iterdir() if (path / "__init__.py").is_file())
+    assert len(folders) >= 9
+    for folder in folders:  # each names its recipe and write-up, which exist; it holds code, config and tests only
+        doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
+        recipe, write_up = re.search(r"Recipe: ([^;\s]+)", doc).group(1), re.search(r"write-up: ([^;\s]+)", doc).group(1)
+        assert (REPO / recipe).is_file() and (REPO / write_up).is_file(), folder.name
+        assert [p.name for p in folder.iterdir() if p.suffix not in (".py", ".yaml") and p.name != "__pycache__"] == [], folder.name
+
+
+def test_a_folder_copied_under_another_name_is_a_new_experiment(tmp_path) -> None:
+    # what docs/contributing.md promises: the folder alone makes an experiment, its commands and its config section
+    for part in ("asrkd", "conf"):
+        shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    toy = tmp_path / "asrkd" / "experiments" / "toy"
+    shutil.copytree(tmp_path / "asrkd" / "experiments" / "bf16_check", toy)
+    (toy / "bf16_check.yaml").rename(toy / "toy.yaml")
+    code = (toy / "experiment.py").read_text()
+    (toy / "experiment.py").write_text(code.replace('Experiment("bf16-check", "bf16_check"', 'Experiment("toy", "toy"'))
+    check = ("from asrkd.cli import COMMANDS, load_config\nfrom asrkd.schema import ConfigError\n"
+             "print(sorted(c for c in COMMANDS if c.endswith('-toy')), load_config(['toy.seeds=2']).toy.seeds)\n"
+             "try:\n    load_config(['toy.seeds=0'])\nexcept ConfigError as err:\n    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["['render-toy', 'report-toy', 'train-toy'] 2", "config: toy.seeds=0 is outside [1, inf) (default: 3)"]

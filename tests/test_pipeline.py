@@ -13,13 +13,14 @@ from asrkd.kaldi import gmm
 from asrkd.kaldi.decode import best_words, decode_lattice, transition_id_matrix
 from asrkd.nnet import decode
 
+from asrkd import sections
 from asrkd.cli import load_config
 from asrkd.drops import TooManyDropped, account_dropped
 from asrkd.nnet import train
 from asrkd.stores import FeatureStore
 from local import an4 as an4_prep
 
-from .conftest import (TINY, assert_drawn, assert_p_above_zero_agrees, frame_accuracy_by_argmax, majority_pdf_rate, make_mini_an4,
+from conftest import (TINY, assert_drawn, assert_p_above_zero_agrees, frame_accuracy_by_argmax, majority_pdf_rate, make_mini_an4,
                        wer_from_hypotheses)
 
 def test_report_has_frame_accuracy_for_every_set(run_dir: Path) -> None:
@@ -222,7 +223,8 @@ def ensemble_and_speed_perturbed(run_dir: Path):
 
 
 def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) -> None:
-    from asrkd.experiments import distillation, levers
+    from asrkd.experiments.distillation import experiment as distillation
+    from asrkd.experiments.distillation import levers
     from asrkd.distill import student
     from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
 
@@ -314,9 +316,9 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
         subset = DataDir.read(run_dir / "data" / an4_prep.subset_name(fraction))
         assert len(subset.utt2spk) == round(fraction * len(full.utt2spk))
     overrides = [f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY]
-    full_train, full_valid = data_split(load_config(overrides))
+    full_train, full_valid = sections.split(load_config(overrides)).utterances()
     cfg = load_config([*overrides, "train.data=train_30pct", "train.name=sub30", "train.epochs=4", "train.keep_epoch_checkpoints=true"])
-    sub_train, sub_valid = data_split(cfg)
+    sub_train, sub_valid = sections.split(cfg).utterances()
     assert sub_valid == full_valid and set(sub_train) <= set(full_train)
     assert set(sub_train) == set(DataDir.read(run_dir / "data" / "train_30pct").utt_ids) - set(full_valid)
     train.run(cfg)
@@ -334,7 +336,7 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
 
 
 def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
-    from asrkd.experiments import three_percent
+    from asrkd.experiments.three_percent import experiment as three_percent
 
     ensemble_and_speed_perturbed(run_dir)
     cfg = load_config([f"data_dir={run_dir}/data", f"exp_dir={run_dir}/exp", *TINY, "three_percent.fractions=[0.1,0.3]",
@@ -363,7 +365,7 @@ def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
 
 
 def test_the_tests_find_an4_where_the_recipe_reads_or_fetched_it(tmp_path: Path) -> None:
-    from .conftest import find_an4
+    from conftest import find_an4
 
     def corpus(path: Path) -> Path:
         (path / "etc").mkdir(parents=True)
@@ -397,7 +399,7 @@ def test_a_report_whose_rows_come_from_two_machines_says_so(tmp_path: Path) -> N
     from asrkd.stage import plan, read_record
 
     cfg = OmegaConf.create({"seed": 0})
-    stage = plan("a stage", tmp_path / "out", cfg, ("seed",))
+    stage = plan("a stage", tmp_path / "out", sections.settings(cfg, ("seed",)))
     stage.commit()
     assert read_record(tmp_path / "out")["made_on"] == cpu_description()  # every output says where it was made
     record = {"fingerprint": "f", "made_on": ["CPU A (AVX2)"]}
@@ -414,14 +416,14 @@ def test_a_report_whose_rows_come_from_two_machines_says_so(tmp_path: Path) -> N
 
 
 def test_results_lists_every_scored_system_once_as_kaldi_recipes_do(tmp_path: Path) -> None:
-    from asrkd.report import merge_into_report
+    from asrkd.report import Place, merge_into_report
 
     entry = {"model": "4x512", "seeds": 1, "frame_accuracy": {"test": 0.55}, "frame_accuracy_ci": {"test": [0.54, 0.56]},
              "wer": {"test": 0.06}, "wer_ci": {"test": [0.05, 0.07]}}
-    cfg = OmegaConf.create({"exp_dir": str(tmp_path / "exp"), "results_dir": str(tmp_path / "results")})
-    merge_into_report(cfg, {"corpus": "an4", "command": "c", "machine": "m", "gmm": {"mono_pdfs": 1, "tri_pdfs": 2, "seconds": 1.0},
+    place = Place(tmp_path / "exp" / "report", tmp_path / "results")
+    merge_into_report(place, {"corpus": "an4", "command": "c", "machine": "m", "gmm": {"mono_pdfs": 1, "tri_pdfs": 2, "seconds": 1.0},
                             "systems": {"baseline": entry | {"system": "baseline"}}})
-    merge_into_report(cfg, {"chains": {"rows": {"takd": entry | {"system": ["s", "s_seed1"], "seeds": 2}, "again": entry | {"system": "baseline"}}}})
+    merge_into_report(place, {"chains": {"rows": {"takd": entry | {"system": ["s", "s_seed1"], "seeds": 2}, "again": entry | {"system": "baseline"}}}})
     listing = (tmp_path / "results" / "RESULTS.md").read_text()
     assert "| baseline | 4x512 | 1 | 6.00% [5.00, 7.00] | 55.00% [54.00, 56.00] |" in listing
     assert "## chains" in listing and "| s (+1 seeds) | 4x512 | 2 |" in listing and listing.count("| baseline |") == 1
@@ -462,15 +464,15 @@ def test_a_record_and_a_report_name_the_commit_of_the_code_that_made_them(tmp_pa
     import subprocess
     import sys
 
-    from .conftest import REPO
+    from conftest import REPO
 
     if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode:
         pytest.skip("not a git checkout")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "--no-local", str(REPO), str(clone)], check=True)
     head = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    probe = ("from asrkd.stage import code_commit, plan; from omegaconf import OmegaConf; import json, sys; "
-             "s = plan('probe', sys.argv[1], OmegaConf.create({'seed': 0}), ['seed']); s.commit(); "
+    probe = ("from asrkd.stage import Settings, code_commit, plan; import json, sys; "
+             "s = plan('probe', sys.argv[1], Settings({'seed': 0})); s.commit(); "
              "print(code_commit(), json.load(open(sys.argv[1] + '/stage.json'))['made_with'])")
 
     def named(out: Path) -> list[str]:
@@ -491,7 +493,7 @@ def test_stats_unit_speaker_reaches_the_bootstrap_of_every_set(run_dir: Path) ->
     from asrkd import evaluate
     from asrkd.data import DataDir
 
-    from .conftest import tiny_config
+    from conftest import tiny_config
 
     def spread_within_speakers(unit: str) -> float:
         evaluation = evaluate.Evaluation(tiny_config(run_dir, f"stats.unit={unit}", "stats.replicates=200"))
@@ -515,7 +517,7 @@ def test_the_gmm_trains_without_the_validation_speakers(run_dir: Path) -> None:
     (data.split_by_speaker, a second route)."""
     from asrkd.data import DataDir, split_by_speaker
 
-    from .conftest import tiny_config
+    from conftest import tiny_config
 
     cfg = tiny_config(run_dir)
     data = DataDir.read(run_dir / "data" / "train")

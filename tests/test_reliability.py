@@ -24,7 +24,7 @@ import torch
 from asrkd.kaldi import features, gmm, lang
 from asrkd.nnet import decode
 
-from asrkd import cli, evaluate
+from asrkd import cli, evaluate, sections
 
 from asrkd.distill import soft_targets
 
@@ -39,7 +39,7 @@ from asrkd.stage import input_fingerprint, plan
 from asrkd.stores import FeatureStore
 from local import an4 as an4_prep
 
-from .conftest import REPO, make_mini_an4, tiny_config
+from conftest import REPO, make_mini_an4, tiny_config
 
 
 def clone(run_dir: Path, dest: Path, *, exp: bool = True) -> Path:
@@ -156,22 +156,22 @@ def test_new_words_in_train_make_the_lang_dir_and_everything_built_on_it_stale(r
 def test_a_partial_run_of_other_settings_and_unrecorded_outputs_are_refused(run_dir: Path, tmp_path: Path) -> None:
     root = clone(run_dir, tmp_path)
     cfg = tiny_config(root, "train.name=other")
-    stage = plan("train-dnn other", root / "exp" / "dnn" / "other", cfg, train.TRAIN_KEYS)
+    stage = plan("train-dnn other", root / "exp" / "dnn" / "other", sections.settings(cfg, train.TRAIN_KEYS))
     assert not stage.up_to_date and (root / "exp" / "dnn" / "other" / "stage.partial.json").is_file()
     # a run that failed before making anything (its plan alone on disk) does not stand in the way of the right command
-    replanned = plan("train-dnn other", root / "exp" / "dnn" / "other", tiny_config(root, "train.name=other", "train.epochs=3"), train.TRAIN_KEYS)
+    replanned = plan("train-dnn other", root / "exp" / "dnn" / "other", sections.settings(tiny_config(root, "train.name=other", "train.epochs=3"), train.TRAIN_KEYS))
     assert json.loads((root / "exp" / "dnn" / "other" / "stage.partial.json").read_text())["fingerprint"] == replanned.fingerprint
     (root / "exp" / "dnn" / "other" / "last.pt").write_bytes(b"progress")  # one that got somewhere is refused
     with pytest.raises(StageMismatch, match="partly made \\(interrupted\\)"):
-        plan("train-dnn other", root / "exp" / "dnn" / "other", tiny_config(root, "train.name=other", "train.epochs=5"), train.TRAIN_KEYS)
+        plan("train-dnn other", root / "exp" / "dnn" / "other", sections.settings(tiny_config(root, "train.name=other", "train.epochs=5"), train.TRAIN_KEYS))
     replanned.abandon(failed=True)  # a run that stopped on an error (not a kill) left it: no run to resume, cleared for the right command
-    fixed = plan("train-dnn other", root / "exp" / "dnn" / "other", tiny_config(root, "train.name=other", "train.epochs=5"), train.TRAIN_KEYS)
+    fixed = plan("train-dnn other", root / "exp" / "dnn" / "other", sections.settings(tiny_config(root, "train.name=other", "train.epochs=5"), train.TRAIN_KEYS))
     assert not (root / "exp" / "dnn" / "other" / "last.pt").exists() and not fixed.up_to_date
     legacy = root / "exp" / "dnn" / "legacy"
     legacy.mkdir()
     (legacy / ".done").write_text("")
     with pytest.raises(StageMismatch, match="without a stage record"):
-        plan("train-dnn legacy", legacy, cfg, train.TRAIN_KEYS)
+        plan("train-dnn legacy", legacy, sections.settings(cfg, train.TRAIN_KEYS))
 
 
 def test_a_report_carries_each_systems_fingerprint_and_config(run_dir: Path) -> None:
@@ -257,7 +257,7 @@ def test_a_full_disk_or_an_unwritable_dir_is_one_clear_error(tmp_path: Path, mon
     blocker.write_text("")
     cfg = load_config([f"exp_dir={blocker}/exp", f"data_dir={tmp_path}/data"])
     with pytest.raises(StageError, match="cannot write to .*a-file/exp/x.*writable"):
-        plan("x", blocker / "exp" / "x", cfg, ("seed",))
+        plan("x", blocker / "exp" / "x", sections.settings(cfg, ("seed",)))
 
 
 def training_command(root: Path, name: str, *overrides: str) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Iterator
 import pytest
 from omegaconf import OmegaConf
 
-from asrkd import cli, evaluate, files, locks, stage
+from asrkd import cli, evaluate, files, locks, sections, stage
 from asrkd.errors import CorruptOutput, StageError, StageLocked
 from asrkd.nnet import decode, train
 from asrkd.report import merge_into_report, portable
@@ -29,7 +29,7 @@ from asrkd.schema import DECLARED, ConfigError, leaves
 from asrkd.stage import input_fingerprint, plan, previous_path
 from local import an4 as an4_prep
 
-from .conftest import REPO, TINY, tiny_config
+from conftest import REPO, TINY, tiny_config
 from .test_reliability import clone, state_dicts_equal, training_command
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -100,12 +100,16 @@ def test_a_training_that_learns_nothing_fails_and_keeps_the_old_model(run_dir: P
 
 
 def test_every_key_has_a_type() -> None:
-    """A key whose default is null must say its type in asrkd.schema.DECLARED (else any value passes)."""
+    """A key whose default is null must say its type (else any value passes): a shared section's in
+    asrkd.schema.DECLARED, an experiment's in its Experiment's config; each declared key exists."""
     defaults = OmegaConf.to_container(cli.load_config(["model=paper"]), resolve=False)
-    keys = leaves(defaults)
-    untyped = [k for k, v in keys.items() if v is None and k not in DECLARED]
-    assert untyped == [], f"declare their types in asrkd/schema.py: {untyped}"
-    assert [k for k in DECLARED if k not in keys] == []
+    declared = cli.CONFIG_TYPES.declared
+    keys = leaves(defaults, declared)
+    untyped = [k for k, v in keys.items() if v is None and k not in declared]
+    assert untyped == [], f"declare their types (asrkd/schema.py, or the experiment's ConfigTypes): {untyped}"
+    assert [k for k in declared if k not in keys] == []
+    shared = {key.split(".")[0] for key in DECLARED}
+    assert not shared & {path.stem for path in (REPO / "asrkd" / "experiments").glob("*/*.yaml")}, "an experiment's keys are typed beside it"
     with pytest.raises(ConfigError, match=r"chains.sizes=\[\[3, 'x'\]\] is not a list of lists of numbers"):
         cli.load_config(["chains.sizes=[[3,x]]"])
     cli.load_config(["distill.temperatures=[1.5,3]", "specialists.epochs=null", "ensemble.fused=true", "train.max_norm=2"])
@@ -223,14 +227,14 @@ def test_a_model_changed_in_place_with_its_size_and_time_kept_is_found(run_dir: 
 def test_reports_merging_at_once_each_keep_their_keys(run_dir: Path, tmp_path: Path) -> None:
     root = clone(run_dir, tmp_path)
     cfg = tiny_config(root, f"results_dir={root}/results")
-    script = ("import sys; from asrkd.cli import load_config; from asrkd.report import merge_into_report; "
-              "merge_into_report(load_config(sys.argv[1:]), {'second': 2})")
+    script = ("import sys; from asrkd import sections; from asrkd.cli import load_config; from asrkd.report import merge_into_report; "
+              "merge_into_report(sections.report_place(load_config(sys.argv[1:])), {'second': 2})")
     with locks.exclusive(root / "results" / ".report.lock"):  # as a first merge would hold it
         second = subprocess.Popen([sys.executable, "-c", script, *cli_args(root, f"results_dir={root}/results")], env=ENV)
         time.sleep(3)
         assert second.poll() is None  # waits for the first
     assert second.wait(timeout=60) == 0
-    merge_into_report(cfg, {"first": 1})
+    merge_into_report(sections.report_place(cfg), {"first": 1})
     report = json.loads((root / "results" / "report.json").read_text())
     assert report["first"] == 1 and report["second"] == 2
 
@@ -316,7 +320,7 @@ def test_a_second_run_of_a_stage_is_refused_and_a_dead_runs_lock_taken_over(
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    stage_ = plan("train-dnn second", model_dir, tiny_config(root, "train.name=second", "redo=true"), train.TRAIN_KEYS)  # its holder is gone:
+    stage_ = plan("train-dnn second", model_dir, sections.settings(tiny_config(root, "train.name=second", "redo=true"), train.TRAIN_KEYS))  # its holder is gone:
     assert f"taking over the lock {locks.lock_path(model_dir)} of pid {first.pid}" in caplog.text
     stage_.abandon()  # taken over, and said so
     assert not locks.lock_path(model_dir).exists()

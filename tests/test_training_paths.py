@@ -18,7 +18,7 @@ from asrkd.distill import soft_targets, student
 from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
 from asrkd.stage import read_record
 
-from .conftest import REPO, TINY, tiny_config
+from conftest import REPO, TINY, tiny_config
 from .test_reliability import clone
 
 QUICK = ["train.epochs=2", "train.max_frames_per_epoch=3000", "train.accuracy_sample_frames=500"]

@@ -10,6 +10,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from asrkd import sections
 from asrkd.nnet import ensemble, train
 
 from asrkd.kaldi import features, gmm, perturb
@@ -20,7 +21,7 @@ from asrkd.distill.losses import hard_term
 from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
 from asrkd.stage import read_record
 
-from .conftest import tiny_config
+from conftest import tiny_config
 from .test_reliability import clone
 
 
@@ -54,10 +55,10 @@ def test_speed_perturbed_data_dir_features_alignment_and_split(run_dir: Path, tm
     gmm.run_align(sp_cfg)
     ali = json.loads((root / "exp" / "tri" / "ali_train_sp" / "index.json").read_text())
     assert ali["aligned_utterances"] >= 0.9 * ali["utterances"]
-    train_utts, valid_utts = train.data_split(sp_cfg)
+    train_utts, valid_utts = sections.split(sp_cfg).utterances()
     valid_speakers = {train_data.utt2spk[u] for u in valid_utts}
     assert not {train_data.utt2spk[sp.source(u)] for u in train_utts} & valid_speakers  # copies of validation voices stay out
-    assert len(train_utts) == 3 * len(train.data_split(cfg)[0])
+    assert len(train_utts) == 3 * len(sections.split(cfg).utterances()[0])
     assert train.TrainingSet(sp_cfg).stores == ["train_sp"]  # one store holds train_sp and the validation utterances
 
 
@@ -72,7 +73,7 @@ def test_cross_fitted_soft_targets_come_from_members_that_never_saw_the_speaker(
     store = SoftTargetStore.load(store_dir(cfg, 2.0), current_checksum(root / "exp", "train"))
     data = train.FrameData.load(root / "exp", "train", cfg.model, torch.device("cpu"))
     full = DataDir.read(root / "data" / "train")
-    _, valid = train.data_split(cfg)
+    _, valid = sections.split(cfg).utterances()
     members = [train.load_model(root / "exp" / "dnn" / "xfit" / f"member-{i}" / "final.pt", torch.device("cpu")).eval() for i in range(2)]
     for utt in (u for u in full.utt_ids[::7]):
         frames = torch.from_numpy(data.indices([utt]))
@@ -96,7 +97,7 @@ def test_hard_term_is_masked_where_frames_have_no_alignment() -> None:
 def test_unlabeled_audio_is_a_transfer_set(run_dir: Path, tmp_path: Path) -> None:
     root = clone(run_dir, tmp_path)
     train_data = DataDir.read(root / "data" / "train")
-    _, valid = train.data_split(tiny_config(root))
+    _, valid = sections.split(tiny_config(root)).utterances()
     source = [u for u in train_data.utt_ids if u not in set(valid)][:6]
     unlabeled = DataDir()  # audio alone: no transcript, no alignment (here copies of training audio under new ids)
     for i, utt in enumerate(source):

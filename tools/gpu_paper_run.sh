@@ -5,7 +5,7 @@
 #   tools/gpu_paper_run.sh OUT [--wheels DIR] [--prepared DIR] [--stop-stage N] [--dry-run] [-- overrides...]
 #   device: tools/gpu_paper_run.sh "$OUT" --wheels .whl --prepared .carry/an4   (carry .whl and .carry)
 #   --dry-run: on a CPU (a GPU is required otherwise), the bench at one small batch; with -- model=tiny ...
-#   (the overrides go to the bench too) the whole plan runs here in minutes (tests/test_paper_recipe.py)
+#   (the overrides go to the bench too) the whole plan runs here in minutes (asrkd/experiments/paper_schedule/test_paper_recipe.py)
 #
 # Made beforehand on a machine with the index and the corpus (both git-ignored, ~45 MiB together):
 #   python tools/offline_wheels.py --dest .whl --python-version 3.12

@@ -5,11 +5,11 @@
 
 Two checks, each a separate pytest process:
 
-* the whole suite in the reverse of its order (``pytest --reversed``, tests/conftest.py): a test
+* the whole suite in the reverse of its order (``pytest --reversed``, conftest.py): a test
   that relies on an earlier one (a stage it ran on the session's shared ``run_dir``, a file it
   left, a config it changed) runs before it and fails;
 * every test that needs no AN4 run (``-m "not slow"``) alone in its own process
-  (``pytest tests/FILE::TEST``). The end-to-end tests each build the mini AN4 run again when run
+  (``pytest FILE::TEST``). The end-to-end tests each build the mini AN4 run again when run
   alone (minutes each): the reversed run is their check.
 
 Writes <out>.json (the commands, counts, the failures and seconds, the machine) and <out>.md.
@@ -68,7 +68,7 @@ def main() -> None:
             if code != 0:
                 failed.append({"test": test, "summary": summary_line(output)})
             print(f"alone {i + 1}/{len(tests)}: {test}: {'ok' if code == 0 else 'FAILED'}", flush=True)
-        result["alone"] = {"command": "python -m pytest -q tests/FILE::TEST, each test of -m 'not slow' in its own process",
+        result["alone"] = {"command": "python -m pytest -q FILE::TEST, each test of -m 'not slow' in its own process",
                            "tests": len(tests), "failed": failed, "seconds": round(time.monotonic() - start)}
     out = REPO / args.out
     write_json(out.with_suffix(".json"), result)

@@ -5,8 +5,8 @@ teacher's soft targets at temperature T and the student's softmax(z/T), multipli
 its gradients keep their size as T changes (they scale as 1/T^2), plus the hard term,
 cross-entropy with the forced alignment's pdf-ids at T = 1, weighted relative to the soft
 term (0.5 in the paper). ``logit_matching_loss`` is the soft term's high-temperature limit
-(§2.1): squared error between zero-mean student and teacher logits. ``self_distillation_loss``
-is BYOT's (Zhang et al. 2019): a network's deepest exit teaching its shallow ones.
+(§2.1): squared error between zero-mean student and teacher logits. BYOT's loss (a network's
+deepest exit teaching its shallow ones) lives with its experiment, asrkd/experiments/self_distillation/.
 
 The soft term is a registered function of (student logits, teacher probabilities, T), apart
 from how the targets were stored (dense, top-k, compact, on the fly: :mod:`asrkd.distill.forms`):
@@ -104,27 +104,3 @@ def logit_distillation_loss(
 ) -> torch.Tensor:
     """soft_weight * logit matching + hard_weight * CE(pdf-ids, softmax(z)): §2.1's high-T limit of the objective."""
     return soft_weight * logit_matching_loss(student_logits, teacher_logits) + hard_term(student_logits, hard_targets, hard_weight)
-
-
-def self_distillation_loss(
-    logits: list[torch.Tensor],
-    features: list[torch.Tensor],
-    hard_targets: torch.Tensor,
-    temperature: float,
-    kd_weight: float,
-    hint_weight: float,
-) -> torch.Tensor:
-    """"Be Your Own Teacher" (Zhang et al. 2019) over a network's exits, shallow to deep: the
-    deepest exit learns the labels; each shallower one (1 - kd_weight) * its labels' CE +
-    kd_weight * T^2 * CE(the deepest exit's softmax at T, its own) (the KL up to the teacher's
-    entropy, which has no gradient) + hint_weight * the squared L2 distance between its
-    bottleneck features and the deepest features, per dimension (so the weight does not
-    depend on the width). The deepest exit's outputs are the teacher:
-    no gradient flows into them from the shallow exits' terms."""
-    loss = hard_term(logits[-1], hard_targets, 1.0)
-    teacher = torch.softmax(logits[-1].detach().float() / temperature, dim=-1)
-    deepest = features[-1].detach().float()
-    for z, feature in zip(logits[:-1], features[:-1]):
-        loss = loss + hard_term(z, hard_targets, 1.0 - kd_weight) + kd_weight * temperature**2 * soft_cross_entropy(z, teacher, temperature)
-        loss = loss + hint_weight * (feature.float() - deepest).pow(2).mean()
-    return loss

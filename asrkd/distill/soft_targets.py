@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.data import DataDir
 from asrkd.files import new_array, write_json
-from asrkd.jobs import map_jobs, num_jobs, split
+from asrkd.jobs import map_jobs, split
 from asrkd.kaldi.decode import log_priors
 from asrkd.layout import Layout
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames, average_softmax, average_zero_mean_logits, gather, resident
@@ -397,7 +398,7 @@ def load_teacher(cfg, device: torch.device) -> EnsembleDNN:
 
 def spliced_store(cfg, teacher: EnsembleDNN, store: str, device: torch.device) -> SplicedFrames:
     """The fbank frames of ``store`` in memory on ``device``, with the teacher's context windows."""
-    features = FeatureStore.load(Layout.of(cfg).fbank(store))
+    features = FeatureStore.load(sections.layout(cfg).fbank(store))
     return SplicedFrames(features, teacher.config["left_context"], teacher.config["right_context"], device)
 
 
@@ -431,7 +432,8 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
     logits_header = TeacherLogits.make_header(num_frames, num_pdfs, checksum)
     logits_writer = TeacherLogits.writer(logits_dir, logits_header) if logits_dir else None
     batches = [(indices[s : s + batch_size], members) for indices, members in groups for s in range(0, len(indices), batch_size)]
-    if num_jobs(cfg) <= 1 or device.type != "cpu":  # one device scores fastest in one process
+    jobs_of = sections.jobs(cfg)
+    if jobs_of.nj <= 1 or device.type != "cpu":  # one device scores fastest in one process
         fill_batches(teacher, spliced_store(cfg, teacher, store, device), batches, writers, logits_writer, top_k_size)
     else:
         for writer in [*writers.values(), *([logits_writer] if logits_writer else [])]:
@@ -439,8 +441,8 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
         settings = OmegaConf.to_container(cfg, resolve=True)
         arrays = {t: (str(d), store_arrays(headers[t])) for t, d in temperatures.items()}
         jobs = [(settings, store, arrays, str(logits_dir) if logits_dir else None, part)
-                for part in split(batches, num_jobs(cfg))]
-        map_jobs(cfg, fill_part, jobs, f"soft-targets {store}", threads=int(cfg.train.num_threads))
+                for part in split(batches, jobs_of.nj)]
+        map_jobs(jobs_of, fill_part, jobs, f"soft-targets {store}", threads=int(cfg.train.num_threads))
     for t, writer in writers.items():
         writer.close()
         write_json(temperatures[t] / "header.json", headers[t])
@@ -452,11 +454,11 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
 def pdf_priors(cfg) -> np.ndarray:
     """The pdf priors the decoder divides by (the training alignment's floored pdf frequencies):
     what the compact_prior form spreads its residual by."""
-    return np.exp(log_priors(np.load(Layout.of(cfg).pdf_counts), cfg.decode.prior_floor))
+    return np.exp(log_priors(np.load(sections.layout(cfg).pdf_counts), cfg.decode.prior_floor))
 
 
 def teacher_dir(cfg, store: str) -> Path:
-    return Layout.of(cfg).soft_targets(cfg.distill.teacher, store)
+    return sections.layout(cfg).soft_targets(cfg.distill.teacher, store)
 
 
 def store_dir(cfg, temperature: float, store: str = "train") -> Path:
@@ -513,7 +515,7 @@ def run(cfg) -> None:
 
 def run_store(cfg, store: str) -> None:
     """The soft targets of one feature store (``exp/soft_targets/<teacher>/<store>/...``)."""
-    exp, layout = Path(cfg.exp_dir), Layout.of(cfg)
+    exp, layout = Path(cfg.exp_dir), sections.layout(cfg)
     members = system_dirs(exp, cfg.distill.teacher)
     inputs = {f"teacher {d.name}": d for d in members} | {"features": layout.fbank(store)}
     values = {"teacher": cfg.distill.teacher, "store": store}
@@ -522,13 +524,12 @@ def run_store(cfg, store: str) -> None:
     dense = stores_dense(cfg.distill, features.num_frames, num_pdfs)  # decided once: the fingerprint and the stores agree
     todo = {}
     for t in sorted({float(t) for t in cfg.distill.temperatures}):
-        stage = plan(f"soft-targets {cfg.distill.teacher} {store} T={t:g}", store_dir(cfg, t, store), cfg,
-                     ("distill.top_k",), inputs, {**values, "temperature": t, **({} if dense else {"dense": False})})
+        stage = plan(f"soft-targets {cfg.distill.teacher} {store} T={t:g}", store_dir(cfg, t, store), sections.settings(cfg, ("distill.top_k",)), inputs, {**values, "temperature": t, **({} if dense else {"dense": False})})
         if not stage.up_to_date:
             todo[t] = stage
     logits_stage = None
     if cfg.distill.logit_matching:
-        logits_stage = plan(f"soft-targets {cfg.distill.teacher} {store} logits", logits_dir(cfg, store), cfg, (), inputs, values)
+        logits_stage = plan(f"soft-targets {cfg.distill.teacher} {store} logits", logits_dir(cfg, store), sections.settings(cfg, ()), inputs, values)
         logits_stage = None if logits_stage.up_to_date else logits_stage
     if not todo and logits_stage is None:
         return

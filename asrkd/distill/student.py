@@ -27,10 +27,11 @@ from typing import Callable, NamedTuple
 import torch
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.distill.forms import LOGITS, TargetForm, form_of
 from asrkd.distill.losses import DEFAULT_SOFT_TERM, distillation_loss, logit_distillation_loss, soft_term_of
 from asrkd.distill.soft_targets import TargetRows, current_checksum, load_teacher, student_cfg, teacher_groups
-from asrkd.layout import Layout, System
+from asrkd.layout import System
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
 from asrkd.nnet.train import Model, TrainingSet, replicate_name, system_dirs, train_stage
 
@@ -194,7 +195,7 @@ def run(cfg) -> None:
     dcfg = cfg.distill
     scfg = student_cfg(cfg)
     training = TrainingSet(scfg, list(dcfg.transfer))
-    layout = Layout.of(cfg)
+    layout = sections.layout(cfg)
     for student in students(cfg):
         name = name_of(cfg, student)
         form = form_of(cfg, student.form)

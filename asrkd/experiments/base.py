@@ -9,8 +9,13 @@ a function of its report.json section alone (``markdown``) also has ``render``: 
 .md written again from report.json, so that a report made before a change of wording reads as
 the code now writes it, with no model retrained or rescored. ``asrkd train-<command>``,
 ``decode-<command>``, ``report-<command>`` and ``render-<command>`` are this object's
-:meth:`Experiment.step`; a new experiment is one module (``asrkd.cli`` finds it: every module of
-this package that ends with an ``EXPERIMENT``) and its config section.
+:meth:`Experiment.step`, as are the commands an experiment adds under names of its own
+(``commands``: the image experiment's prepare and train steps).
+
+An experiment is a folder, ``asrkd/experiments/<name>/`` (docs/contributing.md): its modules (one
+or more ending with an ``EXPERIMENT``, which ``asrkd.cli`` finds), its config section
+(``<section>.yaml``: the config's ``<section>``, whose keys' types that the defaults do not show
+are the ``config`` of its Experiment), the model and loss pieces only it uses, its tests.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from asrkd import sections
 from asrkd.layout import System, names
 from asrkd.nnet.decode import decode_systems
 from asrkd.report import aligned_utterances_line, current_report, merge_into_report, publish_experiment, with_machines_note, write_section
+from asrkd.schema import ConfigTypes
 
 STEPS = ("train", "decode", "report", "render")
 
@@ -44,20 +51,30 @@ class Report:
 class Experiment:
     command: str  # train-<command>, decode-<command>, report-<command>
     section: str  # report.json's section, <section>.md
-    systems: Callable[..., list[System]]  # (cfg) -> every system it trains or scores
+    systems: Callable[..., list[System]] | None = None  # (cfg) -> every system it trains or scores (None: no layout.System)
     train: Callable[..., None] | None = None  # (cfg) -> None: trains what is not complete
     report: Callable[..., Report] | None = None  # (cfg) -> the scored result (None: another experiment reports it)
     decoded: Callable[..., list[System]] | None = None  # (cfg) -> the systems it decodes (default: all of systems)
     decodes: bool = True  # False: frame-level only, no decode stage
     markdown: Callable[[dict], str] | None = None  # (report.json's section) -> <section>.md: the report's, and render's
+    config: ConfigTypes = ConfigTypes()  # the types of its config section's keys that their defaults do not show
+    commands: dict[str, Callable[..., None]] = field(default_factory=dict)  # commands of its own: full name -> (cfg) -> None
 
     def steps(self) -> tuple[str, ...]:
         """The steps this experiment has, in pipeline order."""
-        have = {"train": self.train is not None, "decode": self.decodes, "report": self.report is not None, "render": self.markdown is not None}
+        have = {"train": self.train is not None, "decode": self.decodes and self.systems is not None, "report": self.report is not None,
+                "render": self.markdown is not None}
         return tuple(step for step in STEPS if have[step])
 
+    def command_names(self) -> dict[str, str]:
+        """Every ``asrkd`` command of this experiment -> its step: ``<step>-<command>`` for the
+        pipeline steps, and the commands of its own under their names."""
+        return {f"{step}-{self.command}": step for step in self.steps()} | {name: name for name in self.commands}
+
     def step(self, name: str) -> Callable[..., None]:
-        """The function of ``asrkd <name>-<command>``."""
+        """The function of ``asrkd <name>-<command>``, or of its own command ``name``."""
+        if name in self.commands:
+            return self.commands[name]
         if name not in self.steps():
             raise ValueError(f"experiment {self.command} has no {name} step (it has {', '.join(self.steps())})")
         return {"train": self.train, "decode": self.decode, "report": self.publish, "render": self.render}[name]
@@ -69,20 +86,22 @@ class Experiment:
     def publish(self, cfg) -> None:
         """The report stage: score, then publish through :func:`asrkd.report.publish_experiment`."""
         report = self.report(cfg)
-        publish_experiment(cfg, self.section, report.result, with_aligned_line(report.markdown, report.aligned), report.figures, report.systems)
+        place = sections.report_place(cfg)
+        publish_experiment(place, self.section, report.result, with_aligned_line(report.markdown, report.aligned), report.figures, report.systems)
         for section, rows in report.rows_elsewhere.items():
-            merge_into_report(cfg, {section: {**current_report(cfg).get(section, {}), **rows}})
+            merge_into_report(place, {section: {**current_report(place).get(section, {}), **rows}})
 
     def render(self, cfg) -> None:
         """``asrkd render-<command>``: <section>.md again from the section of the report (results_dir's
         report.json, else exp/report's), written where the report stage writes it; figures and
         numbers stay as they are."""
-        report = current_report(cfg)
+        place = sections.report_place(cfg)
+        report = current_report(place)
         if self.section not in report:
             raise FileNotFoundError(f"no {self.section!r} section in {cfg.results_dir or 'exp/report'}/report.json: "
                                     f"run asrkd report-{self.command} first")
         result = report[self.section]
-        write_section(cfg, f"{self.section}.md", with_machines_note(with_aligned_line(self.markdown(result), report.get("frame_accuracy_utterances")), result))
+        write_section(place, f"{self.section}.md", with_machines_note(with_aligned_line(self.markdown(result), report.get("frame_accuracy_utterances")), result))
 
 
 def with_aligned_line(markdown: str, aligned: dict[str, dict] | None) -> str:

@@ -29,11 +29,11 @@ import soundfile as sf
 from omegaconf import OmegaConf
 from scipy.signal import resample_poly
 
-from asrkd.data import DataDir, feature_sets, scoring_only
+from asrkd import sections
+from asrkd.data import DataDir
 from asrkd.drops import account_dropped
 from asrkd.files import atomic_write
-from asrkd.jobs import map_jobs, num_jobs, split
-from asrkd.layout import Layout
+from asrkd.jobs import map_jobs, split
 from asrkd.progress import progress
 from asrkd.stage import plan
 from asrkd.stores import FeatureStore
@@ -268,20 +268,20 @@ FEATURE_KEYS = ("features.write_kaldi_ark", "features.sample_rate", "features.fr
 def run(cfg) -> None:
     """Stage 2: fbank (DNN) and MFCC+deltas (GMM) for every set of ``features.sets`` (default: train and
     the evaluation sets), in ``jobs.nj`` jobs."""
-    for name in feature_sets(cfg):
+    for name in sections.data_sets(cfg).processed():
         data_path = Path(cfg.data_dir) / name
         data = DataDir.read(data_path)
         for kind in ("fbank", "mfcc"):
-            out_dir = Layout.of(cfg).features(kind, name)
-            stage = plan(f"make-feats {kind} {name}", out_dir, cfg, FEATURE_KEYS, {"data": data_path}, {"kind": kind})
+            out_dir = sections.layout(cfg).features(kind, name)
+            stage = plan(f"make-feats {kind} {name}", out_dir, sections.settings(cfg, FEATURE_KEYS), {"data": data_path}, {"kind": kind})
             if stage.up_to_date:
                 continue
-            nj = num_jobs(cfg)
-            scored_only = scoring_only(cfg, name)  # a set only scored trains nothing: its drops are counted and listed, never fatal
+            jobs = sections.jobs(cfg)
+            scored_only = sections.data_sets(cfg).scoring_only(name)  # a set only scored trains nothing: its drops are counted and listed, never fatal
             accept = partial(account_dropped, f"make-feats {kind} {name}" + (" (scored only: drops never stop the stage)" if scored_only else ""),
                              len(data.utt2spk), max_fraction=1.0 if scored_only else cfg.prep.max_drop_fraction,
                              report=out_dir / "dropped.json")
-            store, dropped = make_features(data, cfg.features, kind, out_dir, partial(map_jobs, cfg, stage=f"make-feats {kind} {name}"), nj,
+            store, dropped = make_features(data, cfg.features, kind, out_dir, partial(map_jobs, jobs, stage=f"make-feats {kind} {name}"), jobs.nj,
                                            accept_dropped=accept)
             if cfg.features.write_kaldi_ark:
                 store.write_kaldi(out_dir / "feats.ark", out_dir / "feats.scp")

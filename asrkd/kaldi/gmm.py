@@ -37,13 +37,13 @@ import kaldifst
 import numpy as np
 from omegaconf import OmegaConf
 
-from asrkd.data import DataDir, feature_sets, scoring_only, split_by_speaker
+from asrkd import sections
+from asrkd.data import DataDir, split_by_speaker
 from asrkd.drops import account_dropped
 from asrkd.files import atomic_write, save_npy, write_json
-from asrkd.jobs import map_jobs, num_jobs, split
+from asrkd.jobs import map_jobs, split
 from asrkd.kaldi import tree as tree_lib
 from asrkd.kaldi.lang import Lang, POSITIONS, with_words
-from asrkd.layout import Layout
 from asrkd.progress import progress
 from asrkd.stage import plan
 from asrkd.stores import FeatureStore
@@ -276,18 +276,18 @@ class Aligner:
 
     def __init__(self, cfg, text: dict[str, str], feats_dir: Path, stage: str, graph_model: GmmModel | None = None,
                  lang_dir: Path | None = None):
-        self.cfg, self.text, self.feats_dir, self.stage, self.graph_model = cfg, text, feats_dir, stage, graph_model
-        self.nj, self.align_cfg = num_jobs(cfg), OmegaConf.to_container(cfg.gmm.align, resolve=True)
-        self.lang_dir = str(lang_dir or Layout.of(cfg).lang)
+        self.text, self.feats_dir, self.stage, self.graph_model = text, feats_dir, stage, graph_model
+        self.jobs, self.align_cfg = sections.jobs(cfg), OmegaConf.to_container(cfg.gmm.align, resolve=True)
+        self.lang_dir = str(lang_dir or sections.layout(cfg).lang)
 
     def __call__(self, model: GmmModel, utts: list[str], out_dir: Path, equal: bool = False) -> tuple[Alignments, dict[str, str]]:
         """Alignments of ``utts`` (``equal``: the flat start's) in ``out_dir``, and the utterances dropped, with the reason."""
         graph_model = self.graph_model or model
         align_cfg = None if equal else self.align_cfg
         jobs = [(model, graph_model, self.lang_dir, {u: self.text[u] for u in part}, str(self.feats_dir), align_cfg, part,
-                 str(Path(out_dir) / f"ali.{job}")) for job, part in enumerate(split(utts, self.nj))]  # one job runs here, in this process
+                 str(Path(out_dir) / f"ali.{job}")) for job, part in enumerate(split(utts, self.jobs.nj))]  # one job runs here, in this process
         alignments, dropped = Alignments([], [], []), {}
-        for part, part_dropped in map_jobs(self.cfg, align_part, jobs, self.stage):
+        for part, part_dropped in map_jobs(self.jobs, align_part, jobs, self.stage):
             alignments = Alignments(alignments.files + part.files, alignments.utts + part.utts, alignments.lengths + part.lengths)
             dropped |= part_dropped
         return alignments, dropped
@@ -423,7 +423,7 @@ def accumulate(cfg, model: GmmModel, alignments: Alignments, feats_dir: Path, st
     """gmm-acc-stats-ali, one job per alignment job's file (Kaldi's ali.JOB -> JOB.acc), and
     gmm-sum-accs: the statistics of every job summed (exactly: the same for any nj), in Kaldi's
     accumulator; transition counts; the average log-likelihood of a frame."""
-    parts = map_jobs(cfg, gmm_stats_part, [(model, str(feats_dir), part) for part in alignments.parts()], stage)
+    parts = map_jobs(sections.jobs(cfg), gmm_stats_part, [(model, str(feats_dir), part) for part in alignments.parts()], stage)
     stats = sum(parts[1:], parts[0])
     return stats.accumulator(model), stats.transitions.astype(np.float64), stats.loglike / STATS_SCALE / max(stats.frames, 1)
 
@@ -586,9 +586,9 @@ def store_alignment(model: GmmModel, alignments: Alignments, feats: FeatureStore
 
 def run(cfg) -> None:
     """Stage 3: monophone -> triphone, then the alignment of every set in ``features.sets``."""
-    layout = Layout.of(cfg)
+    layout = sections.layout(cfg)
     # train.valid_fraction and seed: which speakers are held out of its training (data.split_by_speaker)
-    stage = plan("train-gmm", layout.gmm, cfg, ("seed", "gmm", "train.valid_fraction"),
+    stage = plan("train-gmm", layout.gmm, sections.settings(cfg, ("seed", "gmm", "train.valid_fraction")),
                  {"lang": layout.lang, "data": layout.data_dir("train"), "features": layout.mfcc("train")})
     if not stage.up_to_date:
         summary = train(cfg)
@@ -603,7 +603,7 @@ def train(cfg) -> dict:
     as they are of every DNN: the decoder's LM weight and insertion penalty are chosen on them
     (``decode.tuning_set=valid``), for the GMM too, so no system is tuned on voices it trained on.
     They are still aligned (``ali_train``) with the final model, as every set is."""
-    layout = Layout.of(cfg)
+    layout = sections.layout(cfg)
     lang = Lang.load(layout.lang)
     topo = read_topology(lang)
     data = DataDir.read(layout.data_dir("train"))
@@ -658,12 +658,12 @@ def run_align(cfg) -> None:
     decoding lang is made), so a set with new words needs no new lang dir, GMM or DNN; words
     without a usable pronunciation are named and their utterances dropped."""
     log = logging.getLogger(__name__)
-    layout = Layout.of(cfg)
+    layout = sections.layout(cfg)
     tri, trained = None, None
-    for name in feature_sets(cfg):
+    for name in sections.data_sets(cfg).processed():
         out_dir = layout.alignment(name)
         mfcc = layout.mfcc(name)
-        stage = plan(f"align {name}", out_dir, cfg, ("gmm.align",), {"model": layout.gmm, "lang": layout.lang, "data": layout.data_dir(name),
+        stage = plan(f"align {name}", out_dir, sections.settings(cfg, ("gmm.align",)), {"model": layout.gmm, "lang": layout.lang, "data": layout.data_dir(name),
                                                                      "features": mfcc})
         if stage.up_to_date:
             continue
@@ -679,7 +679,7 @@ def run_align(cfg) -> None:
             log.warning("align %s: word %s has no pronunciation the model can use (%s); its utterances are dropped", name, word, reason)
         with tempfile.TemporaryDirectory(dir=layout.exp, prefix=f"ali_{name}.") as scratch:  # the jobs' ali.JOB files
             set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}", lang_dir=set_lang.directory)(tri, set_utts, Path(scratch))
-            scored_only = scoring_only(cfg, name)
+            scored_only = sections.data_sets(cfg).scoring_only(name)
             account_dropped(f"align {name}" + (" (scored only: drops never stop the stage)" if scored_only else ""),
                             len(set_utts), dropped, 1.0 if scored_only else cfg.prep.max_drop_fraction, out_dir / "dropped.json")
             counts = store_alignment(tri, set_alignments, set_feats, out_dir)

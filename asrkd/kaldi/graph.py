@@ -22,12 +22,12 @@ from pathlib import Path
 import kaldi_hmm_gmm as khg  # noqa: F401  (import order: kaldi_hmm_gmm, then kaldi_decoder, then kaldilm)
 import kaldifst
 
-from asrkd.data import data_split, read_table, tuning_set
+from asrkd import sections
+from asrkd.data import read_table
 from asrkd.files import atomic_write, copy_file, file_digest, write_text
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.lang import Lang, dictionary_digest, read_symbol_table, with_words
-from asrkd.layout import Layout
-from asrkd.stage import input_record, optional_values, plan
+from asrkd.stage import input_record, plan
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ def lm_exclusions(cfg) -> set[str]:
     is ``valid``, else the utterances of that data dir."""
     if not cfg.graph.lm_exclude_valid:
         return set()
-    tuning = tuning_set(cfg)
+    tuning = str(cfg.decode.tuning_set)
     if tuning == "valid":
-        return set(data_split(cfg)[1])
-    return set(read_table(Layout.of(cfg).data_dir(tuning) / "text"))
+        return set(sections.split(cfg).utterances()[1])
+    return set(read_table(sections.layout(cfg).data_dir(tuning) / "text"))
 
 
 GRAPH_KEYS = ("graph.lm_data", "graph.lm_exclude_valid", "graph.lm_order", "graph.transition_scale", "graph.self_loop_scale",
@@ -63,7 +63,7 @@ GRAPH_OPTIONAL_KEYS = {"decode.tuning_set": "valid", "graph.lm_arpa": None, "gra
 
 def arpa_path(cfg) -> Path:
     """The graph's LM: a copy of the user's ARPA (``graph.lm_arpa``), or the one trained on ``graph.lm_data``."""
-    return Layout.of(cfg).graph / ("lm.arpa" if cfg.graph.lm_arpa else f"lm_{int(cfg.graph.lm_order)}gram.arpa")
+    return sections.layout(cfg).graph / ("lm.arpa" if cfg.graph.lm_arpa else f"lm_{int(cfg.graph.lm_order)}gram.arpa")
 
 
 def arpa_unigrams(path: Path) -> set[str]:
@@ -87,7 +87,7 @@ def lm_vocabulary(cfg) -> set[str]:
     path = arpa_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no LM; run make-graph")
-    return arpa_unigrams(path) & set(read_symbol_table(Layout.of(cfg).graph / "words.txt"))
+    return arpa_unigrams(path) & set(read_symbol_table(sections.layout(cfg).graph / "words.txt"))
 
 
 def arpa_order(path: Path) -> int:
@@ -115,7 +115,7 @@ def lm_words_left_out(cfg) -> dict[str, str]:
     """The LM's words the graph cannot output (make-graph left them out of the decoding lang), each
     with make-graph's reason: no pronunciation in the dictionary or CMUdict, or one on phones
     outside the acoustic model's phone set."""
-    layout = Layout.of(cfg)
+    layout = sections.layout(cfg)
     outside = arpa_unigrams(arpa_path(cfg)) - set(read_symbol_table(layout.graph / "words.txt"))
     recorded = input_record(layout.graph)["summary"].get("lm_words_left_out") or {}
     return {word: f"{NO_PRONUNCIATION} ({recorded[word]})" if word in recorded else NO_PRONUNCIATION for word in sorted(outside)}
@@ -200,10 +200,10 @@ def run(cfg) -> None:
     text files of ``graph.lm_text``; its words that the training lang lacks join a decoding
     lang (``exp/graph/lang``, Kaldi's lang_test: the acoustic model's phones, the larger
     vocabulary), so the vocabulary grows without touching the acoustic model."""
-    layout, gcfg = Layout.of(cfg), cfg.graph
+    layout, gcfg = sections.layout(cfg), cfg.graph
     out_dir = layout.graph
     data_dir = layout.data
-    tuning = tuning_set(cfg)
+    tuning = str(cfg.decode.tuning_set)
     user_arpa = Path(gcfg.lm_arpa) if gcfg.lm_arpa else None
     extra_text = [Path(p) for p in gcfg.lm_text]
     lm_files = [*([user_arpa] if user_arpa else []), *extra_text]
@@ -215,7 +215,7 @@ def run(cfg) -> None:
     files = {str(path): file_digest(path) for path in lm_files}  # what the LM is made from
     if files:  # the decoding lexicon then takes pronunciations from the dictionary too
         files["dict"] = dictionary_digest(layout.dictionary)
-    stage = plan("make-graph", out_dir, cfg, GRAPH_KEYS, inputs, optional_values(cfg, GRAPH_OPTIONAL_KEYS) | ({"lm_files": files} if files else {}))
+    stage = plan("make-graph", out_dir, sections.settings(cfg, GRAPH_KEYS), inputs, sections.optional_values(cfg, GRAPH_OPTIONAL_KEYS) | ({"lm_files": files} if files else {}))
     if stage.up_to_date:
         return
     trained = Lang.load(layout.lang)

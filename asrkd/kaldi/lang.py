@@ -18,9 +18,9 @@ from pathlib import Path
 
 import kaldifst
 
-from asrkd.data import corpus_sets, read_table
+from asrkd import sections
+from asrkd.data import read_table
 from asrkd.files import atomic_write, write_text
-from asrkd.layout import Layout
 from asrkd.stage import digest, plan
 
 SILENCE_WORD = "<sil>"
@@ -358,7 +358,7 @@ def with_words(cfg, lang: Lang, words: set[str], out_dir: Path) -> tuple[Lang, d
     new = {w for w in words if w not in lang.words}
     if not new:
         return lang, {}
-    dictionary = Dictionary.read(Layout.of(cfg).dictionary, cfg.lang.silence_phone)
+    dictionary = Dictionary.read(sections.layout(cfg).dictionary, cfg.lang.silence_phone)
     fallback = read_sphinx_dict(cmudict_path()) if cfg.lang.use_cmudict else {}
     added, missing = build_lexicon(new, dictionary.lexicon, fallback, dictionary.nonsilence_phones)
     silence = frozenset(lang.silence_phones)
@@ -422,9 +422,9 @@ def run(cfg) -> None:
     two cases.
     """
     log = logging.getLogger(__name__)
-    data_dir, layout = Path(cfg.data_dir), Layout.of(cfg)
+    data_dir, layout = Path(cfg.data_dir), sections.layout(cfg)
     out_dir, dict_dir = layout.lang, layout.dictionary
-    refuse_case_clashes(*vocabulary(data_dir, corpus_sets(cfg)))
+    refuse_case_clashes(*vocabulary(data_dir, sections.data_sets(cfg).corpus()))
     words, texts = vocabulary(data_dir, ["train"])
     dictionary = Dictionary.read(dict_dir, cfg.lang.silence_phone)
     primary = dictionary.lexicon
@@ -434,7 +434,7 @@ def run(cfg) -> None:
     made_of = {"phones": sorted(dictionary.nonsilence_phones), "silence": dictionary.silence_phones, "optional": dictionary.optional_silence,
                "lexicon": lexicon, "without_pronunciation": missing}
     # "phones": every position variant of every dictionary phone (before, only those the words used)
-    stage = plan("prepare-lang", out_dir, cfg, ("lang",), values={"dict": digest(made_of), "vocabulary": digest(sorted(words)),
+    stage = plan("prepare-lang", out_dir, sections.settings(cfg, ("lang",)), values={"dict": digest(made_of), "vocabulary": digest(sorted(words)),
                                                                   "vocabulary_size": len(words), "phones": "all positions"})
     if stage.up_to_date:
         return

@@ -23,6 +23,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from asrkd import sections
 from asrkd.data import DataDir, subset_name
 from asrkd.drops import account_dropped
 from asrkd.files import atomic_write
@@ -58,7 +59,7 @@ def run(cfg) -> None:
     data_dir = Path(cfg.data_dir)
     source = data_dir / pcfg.source
     out_dir = data_dir / f"{pcfg.source}_sp"
-    stage = plan(f"speed-perturb {pcfg.source}", out_dir, cfg, ("perturb", "features.sample_rate", "features.channel", "features.resample"),
+    stage = plan(f"speed-perturb {pcfg.source}", out_dir, sections.settings(cfg, ("perturb", "features.sample_rate", "features.channel", "features.resample")),
                  {"data": source})
     if stage.up_to_date:
         return

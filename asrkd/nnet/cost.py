@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from asrkd.data import eval_sets
+from asrkd import sections
 from asrkd.files import write_json
-from asrkd.layout import Layout
 from asrkd.machine import cpu_fields, cpu_flags
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames
 from asrkd.nnet.train import load_system, system_dirs
@@ -63,11 +62,11 @@ def scoring_ms_per_1000_frames(model: torch.nn.Module, frames: SplicedFrames, ba
 
 def system_cost(cfg, system: str) -> dict:
     """The cost record of ``system`` (measured now when it has none, or its model changed)."""
-    exp, layout = Path(cfg.exp_dir), Layout.of(cfg)
+    exp, layout = Path(cfg.exp_dir), sections.layout(cfg)
     out_dir = layout.cost(system)
-    test = eval_sets(cfg)[0]
+    test = sections.data_sets(cfg).evaluated[0]
     inputs = {f"model {d.name}": d for d in system_dirs(exp, system)} | {f"{test} features": layout.fbank(test)}
-    stage = plan(f"cost {system}", out_dir, cfg, ("eval.batch_size", "train.num_threads", "train.device"), inputs, {"system": system})
+    stage = plan(f"cost {system}", out_dir, sections.settings(cfg, ("eval.batch_size", "train.num_threads", "train.device")), inputs, {"system": system})
     if stage.up_to_date:
         return read_record(out_dir)["summary"]
     torch.set_num_threads(int(cfg.train.num_threads))

@@ -25,21 +25,21 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from asrkd.data import DataDir, data_split, eval_sets, read_table, tuning_set
+from asrkd import sections
+from asrkd.data import DataDir, read_table
 from asrkd.drops import account_dropped
 from asrkd.files import write_json, write_text
-from asrkd.jobs import map_jobs, num_jobs, split
+from asrkd.jobs import map_jobs, split
 from asrkd.kaldi.decode import (check_scores, choice_margin, choose_weights, decode_lattice, gmm_loglikes, log_priors, read_graph, sweep,
                                 transition_id_matrix, unseen_sentences, utterance_errors, word_error_rate)
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.graph import lm_vocabulary
 from asrkd.kaldi.lang import read_symbol_table
-from asrkd.layout import Layout
 from asrkd.nnet.model import SplicedFrames
 from asrkd.nnet.train import load_system, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.progress import progress
-from asrkd.stage import Stage, optional_values, plan, read_record
+from asrkd.stage import Stage, plan, read_record
 from asrkd.stores import FeatureStore, write_kaldi_matrices
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def decode_part(job: tuple[dict, str, dict[str, str], list[tuple[str, str]]]) ->
     cfg, system, stores, pairs = job
     sets = {set_name: [u for s, u in pairs if s == set_name] for set_name in dict.fromkeys(s for s, _ in pairs)}
     cfg = OmegaConf.create(cfg)
-    exp, layout, dcfg = Path(cfg.exp_dir), Layout.of(cfg), cfg.decode
+    exp, layout, dcfg = Path(cfg.exp_dir), sections.layout(cfg), cfg.decode
     graph = layout.graph / "HCLG.fst"
     hclg = read_graph(str(graph), graph.stat().st_mtime_ns)
     id2word = {i: w for w, i in read_symbol_table(layout.graph / "words.txt").items()}
@@ -120,34 +120,34 @@ def scored_sets(cfg) -> dict[str, tuple[str, dict[str, str]]]:
     """{set: (its feature store, its references)}: the tuning set (``valid``: train's held-out
     speakers, or a data dir), then every eval set."""
     data_dir = Path(cfg.data_dir)
-    tuning = tuning_set(cfg)
+    tuning = sections.data_sets(cfg).tuning
     if tuning == "valid":
-        _, valid_utts = data_split(cfg)
+        _, valid_utts = sections.split(cfg).utterances()
         train_text = read_table(data_dir / "train" / "text")
         sets = {"valid": ("train", {u: train_text[u] for u in valid_utts})}
     else:
         sets = {tuning: (tuning, DataDir.read(data_dir / tuning).text)}
-    for name in eval_sets(cfg):
+    for name in sections.data_sets(cfg).evaluated:
         sets[name] = (name, DataDir.read(data_dir / name).text)
     for name, (_, refs) in sets.items():
         if not refs:
             raise ValueError(f"{data_dir / name}: no transcripts (text) to score against; decode needs them")
-    unknown = sorted(set(cfg.decode.unseen_sentences) - set(eval_sets(cfg)))
+    unknown = sorted(set(cfg.decode.unseen_sentences) - set(sections.data_sets(cfg).evaluated))
     if unknown:
-        raise ValueError(f"decode.unseen_sentences names {unknown}, which are not in eval_sets {list(eval_sets(cfg))}")
+        raise ValueError(f"decode.unseen_sentences names {unknown}, which are not in eval_sets {list(sections.data_sets(cfg).evaluated)}")
     return sets
 
 
 def decode_stage(cfg, system: str, sets: dict[str, tuple[str, dict[str, str]]], writer: bool = True, extend: bool = False) -> Stage:
     """The decode stage of ``system`` over ``sets`` (its inputs: the model, graph, priors and each set's data and features)."""
-    exp, data_dir, layout = Path(cfg.exp_dir), Path(cfg.data_dir), Layout.of(cfg)
+    exp, data_dir, layout = Path(cfg.exp_dir), Path(cfg.data_dir), sections.layout(cfg)
     kind = "mfcc" if system == "gmm" else "fbank"
     stores = list(dict.fromkeys(store for store, _ in sets.values()))
     models = {"model": layout.gmm} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(exp, system)}
     inputs = {**models, "graph": layout.graph, "priors": layout.alignment("train"), "train": data_dir / "train",
               **{store: data_dir / store for store in stores}, **{f"{store} features": layout.features(kind, store) for store in stores}}
-    return plan(f"decode {system}", layout.decode(system), cfg, DECODE_KEYS, inputs,
-                {"system": system, **optional_values(cfg, DECODE_OPTIONAL_KEYS)}, writer=writer, extend=extend)
+    return plan(f"decode {system}", layout.decode(system), sections.settings(cfg, DECODE_KEYS), inputs,
+                {"system": system, **sections.optional_values(cfg, DECODE_OPTIONAL_KEYS)}, writer=writer, extend=extend)
 
 
 def decoded_before(cfg, system: str, sets: dict[str, tuple[str, dict[str, str]]]) -> list[str] | None:
@@ -157,14 +157,14 @@ def decoded_before(cfg, system: str, sets: dict[str, tuple[str, dict[str, str]]]
     config's scored sets (:func:`scored_sets`), of which the earlier ones are a part. ``redo``
     remakes only what changed, here as in every stage: the earlier sets' decode is kept when it is
     current, and redone whole when its model, graph or code changed."""
-    record = read_record(Layout.of(cfg).decode(system))
+    record = read_record(sections.layout(cfg).decode(system))
     if record is None:
         return None
-    before, now = record["config"].get("eval_sets", DECODE_OPTIONAL_KEYS["eval_sets"]), eval_sets(cfg)
+    before, now = record["config"].get("eval_sets", DECODE_OPTIONAL_KEYS["eval_sets"]), sections.data_sets(cfg).evaluated
     if not set(before) < set(now) or set(cfg.decode.unseen_sentences) - set(before):
         return None
     earlier = OmegaConf.merge(cfg, {"eval_sets": before})
-    earlier_sets = {name: sets[name] for name in (tuning_set(cfg), *before)}
+    earlier_sets = {name: sets[name] for name in (sections.data_sets(cfg).tuning, *before)}
     return before if decode_stage(earlier, system, earlier_sets, writer=False).up_to_date else None
 
 
@@ -173,12 +173,12 @@ def run(cfg) -> None:
     set and every eval set, each set's utterances split over ``jobs.nj`` jobs; the LM weight and
     insertion penalty are chosen on the tuning set and applied to the eval sets. A decode that is
     current but for eval sets added since decodes those alone, with the weights it chose."""
-    data_dir, layout = Path(cfg.data_dir), Layout.of(cfg)
+    data_dir, layout = Path(cfg.data_dir), sections.layout(cfg)
     dcfg = cfg.decode
     id2word = {i: w for w, i in read_symbol_table(layout.graph / "words.txt").items()}
     lm_text = read_table(data_dir / cfg.graph.lm_data / "text")
     sets = scored_sets(cfg)
-    tuning, evaluated = tuning_set(cfg), eval_sets(cfg)
+    tuning, evaluated = sections.data_sets(cfg).tuning, sections.data_sets(cfg).evaluated
     settings = OmegaConf.to_container(cfg, resolve=True)
     stores = {set_name: store for set_name, (store, _) in sets.items()}
 
@@ -192,8 +192,8 @@ def run(cfg) -> None:
         if before is not None:
             log.info("decode %s: %s added to %s; the sets decoded before and their LM weight stay", system, ", ".join(decoding), out_dir)
         pairs = [(set_name, utt) for set_name, refs in decoding.items() for utt in sorted(refs)]
-        jobs = [(settings, system, stores, part) for part in split(pairs, num_jobs(cfg))]
-        results = map_jobs(cfg, decode_part, jobs, f"decode {system}", threads=int(cfg.train.num_threads))
+        jobs = [(settings, system, stores, part) for part in split(pairs, sections.jobs(cfg).nj)]
+        results = map_jobs(sections.jobs(cfg), decode_part, jobs, f"decode {system}", threads=int(cfg.train.num_threads))
         hyps, decode_seconds, audio_seconds = {}, 0.0, 0.0
         for set_name, refs in decoding.items():
             dropped, matrices, hyps[set_name] = {}, {}, {}

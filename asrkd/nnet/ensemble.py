@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from asrkd import sections
 from asrkd.data import DataDir, speaker_folds
-from asrkd.layout import Layout
 from asrkd.parallel import pick_device
 from asrkd.nnet.train import Model, TrainingSet, train_stage
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def member_dirs(cfg, name: str | None = None) -> list[Path]:
-    return [Layout.of(cfg).model(name or cfg.ensemble.name) / f"member-{i}" for i in range(cfg.ensemble.size)]
+    return [sections.layout(cfg).model(name or cfg.ensemble.name) / f"member-{i}" for i in range(cfg.ensemble.size)]
 
 
 def held_out_speakers(cfg, training: TrainingSet) -> list[list[str]]:

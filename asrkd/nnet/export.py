@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from asrkd import sections
 from asrkd.files import atomic_write, write_bytes, write_json, write_text
 from asrkd.kaldi.decode import log_priors
 from asrkd.kaldi.gmm import GmmModel
-from asrkd.layout import Layout
 from asrkd.nnet.train import load_system, system_dirs
 from asrkd.stage import plan
 
@@ -46,11 +46,11 @@ class ScaledLogLikelihoods(nn.Module):
 
 def run(cfg) -> None:
     """Stage: export ``export.system`` (a DNN or an ensemble under exp/dnn)."""
-    exp, layout = Path(cfg.exp_dir), Layout.of(cfg)
+    exp, layout = Path(cfg.exp_dir), sections.layout(cfg)
     system = str(cfg.export.system)
     out_dir = layout.export(system)
     inputs = {f"model {d.name}": d for d in system_dirs(exp, system)} | {"priors": layout.alignment("train"), "transition model": layout.gmm}
-    stage = plan(f"export {system}", out_dir, cfg, ("decode.prior_floor", "features"), inputs, {"system": system})
+    stage = plan(f"export {system}", out_dir, sections.settings(cfg, ("decode.prior_floor", "features")), inputs, {"system": system})
     if stage.up_to_date:
         return
     model = load_system(exp, system, torch.device("cpu")).eval()

@@ -6,7 +6,8 @@ through 8 hidden layers of 2560 ReLUs; every size here comes from ``conf/model/*
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import inspect
+from typing import Callable
 
 import numpy as np
 import torch
@@ -136,217 +137,34 @@ def model_arguments(feat_dim: int, num_pdfs: int, model_cfg) -> dict:
                 init=model_cfg.get("init", "default"))
 
 
-class ExitOutputs(NamedTuple):
-    """What a MultiExitDNN gives in training: every exit's logits and features, shallow to deep."""
-
-    logits: list[torch.Tensor]
-    features: list[torch.Tensor]
-
-
-class MultiExitDNN(HybridDNN):
-    """A HybridDNN with shallow exits (self-distillation, "Be Your Own Teacher"): after each hidden
-    layer k of ``exits``, a head and an output layer. The head is full-width (a Linear to the
-    hidden width + ReLU) unless ``head_width`` is given: then BYOT's bottleneck, reduced to
-    ``head_width`` and expanded back to the hidden width (W -> b -> b -> W, each a Linear +
-    ReLU: its branch's 1x1, kxk and 1x1 convolutions as fully connected layers), so the head's
-    features have the deepest features' width, as the hints' distance needs. In training
-    ``forward`` returns ExitOutputs (the deepest exit is the network's own output, its features
-    the last hidden layer's); in eval the deepest logits, so it validates, checkpoints and
-    resumes as any model; the deepest features are the last hidden layer's before its dropout
-    (dropout noise in the hints' target would be noise the shallow exits are asked to copy).
-    ``exit_model(k)`` is exit k alone as a plain HybridDNN (k hidden layers, the head's as
-    more), which decodes like any other."""
-
-    def __init__(self, feat_dim: int, num_pdfs: int, left_context: int, right_context: int, num_hidden_layers: int, hidden_dim: int,
-                 dropout: float = 0.0, exits: tuple[int, ...] | list[int] = (), init: str = "default", head_width: int | None = None):
-        super().__init__(feat_dim, num_pdfs, left_context, right_context, num_hidden_layers, hidden_dim, dropout, init)
-        exits = sorted({int(k) for k in exits})
-        if not exits or exits[0] < 1 or exits[-1] >= num_hidden_layers:
-            raise ValueError(f"exits {exits}: each must be a hidden layer below the last, in 1..{num_hidden_layers - 1}")
-        self.config["exits"] = exits
-        if head_width is not None:
-            self.config["head_width"] = int(head_width)  # recorded only when set: full-width heads' checkpoints stay as they were
-        self.heads = nn.ModuleList(head(hidden_dim, head_dims(hidden_dim, head_width), num_pdfs) for _ in exits)
-        ends = [i for i, layer in enumerate(self.layers) if isinstance(layer, nn.ReLU)]  # a hidden layer's block ends here,
-        self.block_ends = [end + 1 if dropout > 0 else end for end in ends]  # or at its dropout
-
-    def forward(self, spliced: torch.Tensor) -> torch.Tensor | ExitOutputs:
-        if not self.training:
-            return super().forward(spliced)
-        h = ((spliced - self.feat_mean) * self.feat_inv_std).flatten(1)
-        logits, features = [], []
-        heads = dict(zip(self.config["exits"], self.heads))
-        for i, layer in enumerate(self.layers[:-1]):
-            h = layer(h)
-            if isinstance(layer, nn.ReLU):
-                undropped = h  # the hidden layer's features before its dropout: the hints' target is what the network computes
-            hidden = self.block_ends.index(i) + 1 if i in self.block_ends else None
-            if hidden in heads:
-                feature = heads[hidden][:-1](h)
-                features.append(feature)
-                logits.append(heads[hidden][-1](feature))
-        features.append(undropped)
-        logits.append(self.layers[-1](h))
-        return ExitOutputs(logits, features)
-
-    def exit_model(self, k: int) -> HybridDNN:
-        """Exit ``k`` as a HybridDNN: a shallow one (a hidden layer of ``exits``) with k hidden
-        layers and its head's (one full-width, or the bottleneck's three); the deepest
-        (k = num_hidden_layers) the network without its heads."""
-        linears = [layer for layer in self.layers if isinstance(layer, nn.Linear)]
-        deepest = k == self.config["num_hidden_layers"]
-        if not deepest and k not in self.config["exits"]:
-            raise ValueError(f"no exit after hidden layer {k}: the exits are {self.config['exits']} and {self.config['num_hidden_layers']}")
-        config = {key: value for key, value in self.config.items() if key not in ("exits", "head_width")}
-        if not deepest:
-            config |= exit_shape(self.config["hidden_dim"], k, self.config.get("head_width"))
-        with torch.random.fork_rng(devices=[]):
-            model = HybridDNN(**config).to(self.feat_mean.device)
-        head_linears = [] if deepest else [layer for layer in self.heads[self.config["exits"].index(k)] if isinstance(layer, nn.Linear)]
-        sources = linears if deepest else [*linears[:k], *head_linears]
-        with torch.no_grad():
-            model.feat_mean.copy_(self.feat_mean)
-            model.feat_inv_std.copy_(self.feat_inv_std)
-            for target, source in zip([layer for layer in model.layers if isinstance(layer, nn.Linear)], sources):
-                target.weight.copy_(source.weight)
-                target.bias.copy_(source.bias)
-        return model.eval()
-
-
-def head_dims(hidden_dim: int, head_width: int | None) -> list[int]:
-    """The widths of a shallow exit's head layers: the hidden width (full-width), or BYOT's
-    bottleneck reduced to ``head_width`` and expanded back to the hidden width."""
-    return [hidden_dim] if head_width is None else [int(head_width), int(head_width), hidden_dim]
-
-
-def head(hidden_dim: int, dims: list[int], num_pdfs: int) -> nn.Sequential:
-    """A shallow exit's head: a Linear + ReLU per width of ``dims``, then the output layer."""
-    layers: list[nn.Module] = []
-    width = hidden_dim
-    for dim in dims:
-        layers += [nn.Linear(width, dim), nn.ReLU()]
-        width = dim
-    return nn.Sequential(*layers, nn.Linear(width, num_pdfs))
-
-
-def exit_shape(hidden_dim: int, k: int, head_width: int | None) -> dict:
-    """The HybridDNN shape of the shallow exit after hidden layer k: its k hidden layers and its
-    head's; a uniform width (no ``hidden_dims``) when the head is full-width."""
-    dims = head_dims(hidden_dim, head_width)
-    shape = {"num_hidden_layers": k + len(dims)}
-    return shape if head_width is None else shape | {"hidden_dims": [hidden_dim] * k + dims}
-
-
-class SpecialistCombination(nn.Module):
-    """A generalist and its specialists as one model (Hinton et al. 2015, §5.2).
-
-    Specialist m is a HybridDNN over its group of pdf-ids (``groups[m]``) plus a dustbin class
-    (every other pdf), its dustbin logit raised by ``dustbin_shifts[m]`` (undoing the bias of
-    its training frames' over-sampling of its group; fitted on held-out frames). For a frame, the active specialists are
-    those whose group holds one of the generalist's ``top_n`` most probable pdfs; the output
-    is the distribution q over all pdfs that minimizes KL(p_g || q) + the sum over active m of
-    KL(p_m || q collapsed to m's group + dustbin). That objective is convex in q and a sum of
-    cross-entropies whose dustbin terms are logs of sums of q, so EM solves it without a step
-    size: each iteration gives every pdf the generalist's probability, the in-group probability
-    of each active specialist, and each active dustbin's mass spread over the pdfs outside its
-    group in proportion to the current q, then renormalizes (the objective never rises).
-    ``forward`` returns log q (normalized: the logits of q), so the combination scores,
-    decodes and teaches as any model. The generalist alone decides frames with no active
-    specialist."""
-
-    def __init__(self, config: dict):
-        super().__init__()
-        combination = config["specialists"]
-        base = {key: value for key, value in config.items() if key != "specialists"}
-        self.config = dict(config)
-        self.generalist = HybridDNN(**base)
-        self.specialists = nn.ModuleList(HybridDNN(**(base | {"num_pdfs": len(group) + 1})) for group in combination["groups"])
-        membership = torch.zeros(len(combination["groups"]), base["num_pdfs"], dtype=torch.bool)
-        for m, group in enumerate(combination["groups"]):
-            membership[m, group] = True
-        self.register_buffer("membership", membership)  # (specialists, pdfs): pdf in group m
-        self.register_buffer("dustbin_shifts", torch.tensor(combination["dustbin_shifts"], dtype=torch.float32))
-        self.top_n, self.iterations = int(combination["top_n"]), int(combination["iterations"])
-
-    @classmethod
-    def of(cls, generalist: HybridDNN, specialists: list[HybridDNN], groups: list[list[int]], dustbin_shifts: list[float],
-           top_n: int, iterations: int) -> "SpecialistCombination":
-        """The combination of trained models (their weights copied)."""
-        settings = {"groups": [list(map(int, g)) for g in groups], "dustbin_shifts": [float(s) for s in dustbin_shifts],
-                    "top_n": int(top_n), "iterations": int(iterations)}
-        with torch.random.fork_rng(devices=[]):
-            model = cls({**generalist.config, "specialists": settings}).to(generalist.feat_mean.device)
-        model.generalist.load_state_dict(generalist.state_dict())
-        for target, source in zip(model.specialists, specialists):
-            target.load_state_dict(source.state_dict())
-        return model.eval()
-
-    def active(self, general_log_probs: torch.Tensor) -> torch.Tensor:
-        """(B, specialists) bool: the specialists whose group holds one of the frame's top_n pdfs."""
-        top = general_log_probs.topk(self.top_n, dim=-1).indices  # (B, n)
-        return self.membership[:, top].any(-1).t()
-
-    def specialist_log_probs(self, m: int, spliced: torch.Tensor) -> torch.Tensor:
-        """(B, |group| + 1) log-probabilities of specialist m, its dustbin shift applied."""
-        logits = self.specialists[m](spliced).float()
-        logits[:, -1] += self.dustbin_shifts[m]
-        return torch.log_softmax(logits, dim=-1)
-
-    def forward(self, spliced: torch.Tensor) -> torch.Tensor:
-        general = torch.log_softmax(self.generalist(spliced).float(), dim=-1)
-        active = self.active(general)
-        rows = active.any(1).nonzero().squeeze(1)
-        if not len(rows):
-            return general
-        opinions = [(m, active[rows, m].nonzero().squeeze(1)) for m in range(len(self.specialists))]
-        opinions = [(m, where, self.specialist_log_probs(m, spliced[rows[where]]).double().exp()) for m, where in opinions if len(where)]
-        out = general.clone()
-        q = self.combine(general[rows].double().exp(), opinions)  # float64: float32 probabilities of unlikely pdfs underflow to 0
-        out[rows] = q.clamp_min(torch.finfo(q.dtype).tiny).log().float()
-        return out
-
-    def combine(self, general: torch.Tensor, opinions: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """q (R, pdfs) minimizing KL(general || q) + sum of KL(p_m || collapsed q) by EM, from
-        ``opinions``: (specialist, the rows it is active on, its (rows, |group| + 1) probabilities)."""
-        fixed = general.clone()  # what does not depend on q: the generalist's and the in-group probabilities
-        weight = torch.ones(len(general), 1, dtype=general.dtype, device=general.device)
-        dustbins = []
-        for m, where, probs in opinions:
-            group = self.membership[m].nonzero().squeeze(1)
-            fixed[where[:, None], group[None, :]] += probs[:, :-1]
-            weight[where] += 1.0
-            dustbins.append((~self.membership[m], where, probs[:, -1:]))
-        q = fixed / fixed.sum(-1, keepdim=True)
-        for _ in range(self.iterations):
-            mass = fixed.clone()
-            for outside, where, dustbin in dustbins:
-                share = q[where] * outside
-                mass[where] += dustbin * share / share.sum(-1, keepdim=True).clamp_min(1e-30)
-            q = mass / weight
-        return q
-
-
 MODEL_KINDS: dict[str, Callable[..., nn.Module]] = {}  # config["kind"] -> the class: a model kind an experiment brings
+MARKERS: dict[str, str] = {}  # a config key -> the kind its presence names (checkpoints whose config has no "kind")
 
 
-def register_model_kind(kind: str, build: Callable[..., nn.Module]) -> None:
+def register_model_kind(kind: str, build: Callable[..., nn.Module], marker: str | None = None) -> None:
     """Make checkpoints whose config says ``kind`` loadable: an experiment's own model (the image
-    experiment's convolutional net) registers here, when its module is imported."""
+    experiment's convolutional net, self-distillation's network with exits, the specialists'
+    combination) registers here, when its module is imported; a ``marker`` key names the kind
+    in a config without ``kind`` (``exits``, ``specialists``: their checkpoints always were so)."""
     MODEL_KINDS[kind] = build
+    if marker is not None:
+        MARKERS[marker] = kind
 
 
 def model_from_config(config: dict) -> nn.Module:
-    """The model a checkpoint's config describes: the registered kind when it names one
-    (``MODEL_KINDS``), a MultiExitDNN when it has exits, a SpecialistCombination when it has
-    specialists, else a HybridDNN."""
-    if config.get("kind"):
-        if config["kind"] not in MODEL_KINDS:
-            raise ValueError(f"model kind {config['kind']!r} is not known here (known: {', '.join(MODEL_KINDS) or 'none'}); "
+    """The model a checkpoint's config describes: the registered kind it names (``MODEL_KINDS``,
+    by ``kind`` or a marker key), else a HybridDNN."""
+    kind = config.get("kind") or next((kind for marker, kind in MARKERS.items() if config.get(marker)), None)
+    if kind:
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"model kind {kind!r} is not known here (known: {', '.join(MODEL_KINDS) or 'none'}); "
                              "it is registered by the experiment that trains it: import that experiment first")
-        return MODEL_KINDS[config["kind"]](**{k: v for k, v in config.items() if k != "kind"})
-    if config.get("specialists"):
-        return SpecialistCombination(config)
-    return MultiExitDNN(**config) if config.get("exits") else HybridDNN(**config)
+        return MODEL_KINDS[kind](**{k: v for k, v in config.items() if k != "kind"})
+    unknown = sorted(set(config) - set(inspect.signature(HybridDNN).parameters))
+    if unknown:  # a kind whose experiment is not imported here: its marker key is not known yet
+        raise ValueError(f"a model config with {', '.join(unknown)} is no HybridDNN's: its model kind is registered by the "
+                         f"experiment that trains it (known kinds: {', '.join(MODEL_KINDS) or 'none'}); import that experiment first")
+    return HybridDNN(**config)
 
 
 class StackedDNN(nn.Module):

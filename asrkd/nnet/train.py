@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from asrkd.data import DataDir, data_split, without_valid
+from asrkd import sections
+from asrkd.data import DataDir, without_valid
 from asrkd.errors import StageError
 from asrkd.files import write_bytes, write_json
 from asrkd.layout import Layout, System, names
@@ -35,7 +36,7 @@ from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, 
 from asrkd.nnet.views import View, ViewSpec, draw
 from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
 from asrkd.progress import progress, trim_heap
-from asrkd.stage import Stage, digest, input_fingerprint, is_complete, optional_values, plan
+from asrkd.stage import Stage, digest, input_fingerprint, is_complete, plan
 from asrkd.stores import FeatureStore, load_array
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ class TrainStep:
                 inputs = self.data.augment(inputs)
             view = draw(self.views, inputs, step) if self.views else (View(inputs) if self.data.augment else None)
             logits = self.forward(view.inputs if view else inputs)
-        member_logits = logits if self.stacked else [logits]  # a MultiExitDNN's output is its exits' (ExitOutputs)
+        member_logits = logits if self.stacked else [logits]  # a model with exits (self-distillation's) gives one per exit
         losses = [self.loss(z, batch, view) for z in member_logits]
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         scheduled = [group["lr"] for group in self.optimizer.param_groups]
@@ -334,7 +335,7 @@ def hidden_weights(net: torch.nn.Module) -> list[tuple[torch.Tensor, int]]:
 def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], network: dict | None = None) -> torch.nn.Module:
     """Freshly initialized models, one per weight seed, with the input normalization of the
     training frames: a HybridDNN of ``cfg.model`` for one seed (``network``: its constructor
-    arguments that differ, e.g. exits, which make it a MultiExitDNN), a StackedDNN of them for several."""
+    arguments that differ, e.g. exits, which make it self-distillation's model with exits), a StackedDNN of them for several."""
     device = data.pdf_ids.device
     if data.normalize_inputs:
         sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
@@ -573,8 +574,8 @@ class TrainingSet:
     """
 
     def __init__(self, cfg, transfer: list[str] | tuple[str, ...] = ()):
-        self.cfg, self.exp, self.layout = cfg, Path(cfg.exp_dir), Layout.of(cfg)
-        self.train_utts, self.valid_utts = data_split(cfg)
+        self.cfg, self.exp, self.layout = cfg, Path(cfg.exp_dir), sections.layout(cfg)
+        self.train_utts, self.valid_utts = sections.split(cfg).utterances()
         valid = set(self.valid_utts)
         data_dir = Path(cfg.data_dir)
         transfer_sets = {name: without_valid(DataDir.read(data_dir / name), valid, name) for name in transfer}
@@ -646,7 +647,7 @@ class Model:
     replicate: int = 0
     init_seed: int | None = None
     values: dict | None = None
-    network: dict | None = None  # its constructor arguments that differ from cfg.model (exits: a MultiExitDNN, self-distillation)
+    network: dict | None = None  # its constructor arguments that differ from cfg.model (exits: self-distillation's model with exits)
     initial: Callable[[], HybridDNN] | None = None  # the weights it starts from (default: fresh, seeded)
     frames: Callable[[FrameData, np.ndarray, np.ndarray, torch.Tensor], "ModelFrames"] | None = None  # its own frames and classes
     views: ViewSpec | None = None  # what its training batches are seen through (asrkd.nnet.views); recorded when active
@@ -670,12 +671,12 @@ def train_stage(
     set's inputs + ``inputs``, the seeds and the model's values. ``loss(frames, hard targets)``
     makes the loss function (default: cross-entropy on the hard targets). With ``fused``, the
     models still to train train together as one stack (same replicate: same frame order)."""
-    optional = optional_values(cfg, TRAIN_OPTIONAL_KEYS)
+    optional = sections.optional_values(cfg, TRAIN_OPTIONAL_KEYS)
     if optional.get("train.lr_scaling"):
         optional["train.lr_reference_batch"] = int(cfg.train.lr_reference_batch)
 
     def plan_models() -> list[Stage]:
-        return [plan(m.stage_name, m.out_dir, cfg, TRAIN_KEYS + keys, {**training.inputs, **(inputs or {})},
+        return [plan(m.stage_name, m.out_dir, sections.settings(cfg, TRAIN_KEYS + keys), {**training.inputs, **(inputs or {})},
                      {"replicate": m.replicate, "init_seed": m.init_seed, **optional, **(m.values or {}),
                       **({"views": asdict(m.views)} if m.views is not None and m.views.active else {})}, writer=rank() == 0)
                 for m in models]
@@ -715,4 +716,4 @@ def run(cfg) -> None:
     """Stage 4: ``train.seeds`` replicates of the DNN ``train.name`` (replicate r > 0: ``<name>_seed<r>``)."""
     training = TrainingSet(cfg)
     for replicate, name in enumerate(replicates(cfg)):
-        train_stage(cfg, [Model(f"train-dnn {name}", Layout.of(cfg).model(name), replicate)], training)
+        train_stage(cfg, [Model(f"train-dnn {name}", sections.layout(cfg).model(name), replicate)], training)

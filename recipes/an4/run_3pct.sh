@@ -6,7 +6,7 @@
 #
 #   recipes/an4/run_3pct.sh [--stage N] [--stop-stage M] [--redo] [-- hydra overrides...]  (see recipes/stages.sh)
 #
-# Fractions, temperature and epochs: three_percent.* in conf/config.yaml. With an ensemble's
+# Fractions, temperature and epochs: three_percent.* in asrkd/experiments/three_percent/three_percent.yaml. With an ensemble's
 # soft targets on disk (recipes/an4/run_distill.sh), its student is an extra row. Stages 0-1
 # are run_distill.sh's stages 6-7 (skipped when that recipe made them).
 set -euo pipefail

@@ -8,7 +8,7 @@
 #   recipes/an4/run_chains.sh [--stage N] [--stop-stage M] [--redo] [-- hydra overrides...]  (see recipes/stages.sh)
 #
 # The teacher, the sizes down the chain, the methods, temperatures and DGKD's teacher dropping:
-# chains.* in conf/config.yaml.
+# chains.* in asrkd/experiments/chains/chains.yaml.
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"

@@ -10,7 +10,7 @@
 #   recipes/an4/run_distill.sh [--stage N] [--stop-stage M] [--redo] [-- hydra overrides...]  (see recipes/stages.sh)
 #
 # Ensemble size, temperatures, top-k, seeds, the students and the loss weights: ensemble.* and
-# distill.* in conf/config.yaml; the levers: levers.* and perturb.*.
+# distill.* in conf/config.yaml; the levers: levers.* (asrkd/experiments/distillation/levers.yaml) and perturb.*.
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"

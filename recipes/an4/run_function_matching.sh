@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Distillation as function matching on AN4 (asrkd/experiments/function_matching.py; Beyer et al. 2022):
+# Distillation as function matching on AN4 (asrkd/experiments/function_matching/experiment.py; Beyer et al. 2022):
 # students that see, on the fly, the teacher's outputs on their own augmented view of each batch,
 # for 1x to 8x the baseline's epochs (to a validation plateau), each against a control trained on the same views, epochs and
 # schedule with the pdf-ids; one student on the stored soft targets (the paper's setting) beside.
@@ -7,7 +7,7 @@
 #
 #   recipes/an4/run_function_matching.sh [--stage N] [--stop-stage M] [--redo] [-- hydra overrides...]  (see recipes/stages.sh)
 #
-# Views, schedules, seeds and T: function_matching.* in conf/config.yaml; the teacher: distill.teacher.
+# Views, schedules, seeds and T: function_matching.* in asrkd/experiments/function_matching/function_matching.yaml; the teacher: distill.teacher.
 # Stage 2 runs for hours on 2 CPU cores; rerun it after any interruption: finished models are
 # skipped, the interrupted one resumes from its last epoch. Stage 3 reports what is complete.
 # The controls need no teacher: `--stage 2 --stop-stage 2 -- 'function_matching.train_kinds=[hard]'`

@@ -12,7 +12,7 @@
 #
 #   recipes/an4/run_paper.sh [--stage N] [--stop-stage M] [--redo] [--publish] [-- hydra overrides...]  (see recipes/stages.sh)
 #
-# Stage 1 chooses the schedule (asrkd/experiments/paper_schedule.py: learning rate, batch, epochs);
+# Stage 1 chooses the schedule (asrkd/experiments/paper_schedule/experiment.py: learning rate, batch, epochs);
 # every later stage runs stages of the other recipes with the paper's overrides and that schedule,
 # e.g. stage 2 is `run.sh --stage 4 --stop-stage 7 -- model=paper train.lr=1e-4 exp_dir=exp_paper
 # train.lr=<chosen> model.dropout=<chosen> train.batch_size=<chosen> train.epochs=<chosen>`; stages 3-4 add
@@ -74,7 +74,7 @@ schedule() {  # stage 1: bf16 shown harmless on the small model (its own schedul
 }
 chosen=()  # the schedule stage 1 chose, for every later stage; the overrides given here follow (and win)
 with_schedule() {
-  [ -f exp_paper/report/report.json ] && chosen=($(python3 -m asrkd.experiments.paper_schedule exp_paper/report/report.json 2>/dev/null)) || true
+  [ -f exp_paper/report/report.json ] && chosen=($(python3 -m asrkd.experiments.paper_schedule.experiment exp_paper/report/report.json 2>/dev/null)) || true
   [ ${#chosen[@]} -gt 0 ] || { echo "no schedule chosen yet (exp_paper/report/report.json): run stage 1 first" >&2; return 1; }
   echo "schedule chosen on validation: ${chosen[*]}"
   check_machine && "$@"

@@ -6,7 +6,7 @@
 #
 #   recipes/an4/run_self_distill.sh [--stage N] [--stop-stage M] [--redo] [-- hydra overrides...]  (see recipes/stages.sh)
 #
-# The exits, T and the loss weights: self_distillation.* in conf/config.yaml.
+# The exits, T and the loss weights: self_distillation.* in asrkd/experiments/self_distillation/self_distillation.yaml.
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"

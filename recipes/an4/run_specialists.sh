@@ -7,7 +7,7 @@
 #
 #   recipes/an4/run_specialists.sh [--stage N] [--stop-stage M] [--redo] [-- hydra overrides...]  (see recipes/stages.sh)
 #
-# The number of specialists, their group size, T, the combination: specialists.* in conf/config.yaml.
+# The number of specialists, their group size, T, the combination: specialists.* in asrkd/experiments/specialists/specialists.yaml.
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"

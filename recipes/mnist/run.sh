@@ -10,7 +10,7 @@
 # beside the repository.
 # MNIST instead (downloaded from its canonical source into corpus/mnist when missing):
 #   recipes/mnist/run.sh --corpus-dir corpus/mnist -- images.dataset=mnist exp_dir=exp_mnist results_dir=$PWD/results/mnist
-# Sizes, epochs, T, classes: images.* in conf/config.yaml.
+# Sizes, epochs, T, classes: images.* in asrkd/experiments/images/images.yaml.
 set -euo pipefail
 
 . "$(dirname "$0")/../stages.sh"

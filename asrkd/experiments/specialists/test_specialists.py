@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asrkd.experiments.specialists import confusable_groups, coverage_counts, labels_alone_shift, mixed_frames, specialist_start
-from asrkd.nnet.model import HybridDNN, SpecialistCombination, model_from_config
+from asrkd.experiments.specialists.experiment import confusable_groups, coverage_counts, labels_alone_shift, mixed_frames, specialist_start
+from asrkd.experiments.specialists.model import SpecialistCombination
+from asrkd.nnet.model import HybridDNN, model_from_config
 
-from .conftest import tiny_config
+from conftest import tiny_config
 
 
 def combination(groups: list[list[int]], top_n: int = 1, iterations: int = 200, pdfs: int = 6) -> SpecialistCombination:
@@ -92,7 +93,7 @@ def test_a_specialist_starts_from_the_generalist() -> None:
 
 
 def test_specialist_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path) -> None:
-    from asrkd.experiments import specialists
+    from asrkd.experiments.specialists import experiment as specialists
 
     shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
     shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)
@@ -127,7 +128,7 @@ def test_pdfs_the_generalist_finds_all_but_impossible_keep_finite_scores() -> No
 
 
 def test_the_dustbin_shift_makes_the_mean_dustbin_probability_the_share_outside_the_group() -> None:
-    from asrkd.experiments.specialists import dustbin_shift
+    from asrkd.experiments.specialists.experiment import dustbin_shift
 
     torch.manual_seed(0)
     logits = torch.randn(500, 4) * 2

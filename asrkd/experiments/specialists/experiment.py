@@ -54,19 +54,22 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.distill import soft_targets, student
 from asrkd.distill.losses import distillation_loss
 from asrkd.distill.student import Student, TeacherOnTheFly, dense_only, student_system
 from asrkd.evaluate import experiment_scoring
 from asrkd.experiments.base import Experiment, Report
+from asrkd.experiments.specialists.model import SpecialistCombination
 from asrkd.layout import Layout, System, names
 from asrkd.nnet.cost import system_cost
-from asrkd.nnet.model import HybridDNN, SpecialistCombination
+from asrkd.nnet.model import HybridDNN
 from asrkd.nnet.train import (Model, ModelFrames, TrainingSet, evaluate_frames, load_model, load_system, model_path, predict_logits,
                               read_history, save_model, train_stage)
 from asrkd.files import write_json
 from asrkd.parallel import pick_device
 from asrkd.report import saved_figure, single_seed_note, with_ci
+from asrkd.schema import COUNT, ConfigTypes, Kind
 from asrkd.stage import plan, read_record
 from asrkd.stats import UtteranceCounts, format_interval, frame_table
 
@@ -74,7 +77,7 @@ log = logging.getLogger(__name__)
 
 
 def groups_dir(cfg) -> Path:
-    return Layout.of(cfg).specialists(str(cfg.specialists.name))
+    return sections.layout(cfg).specialists(str(cfg.specialists.name))
 
 
 def specialist_name(cfg, m: int) -> str:
@@ -259,7 +262,7 @@ def train(cfg) -> None:
     exp, scfg = Path(cfg.exp_dir), cfg.specialists
     generalist_dir = Layout(exp).model(str(scfg.generalist))
     training = TrainingSet(cfg)
-    stage = plan(f"specialist groups {scfg.name}", groups_dir(cfg), cfg, ("seed", "specialists.count", "specialists.group_size"),
+    stage = plan(f"specialist groups {scfg.name}", groups_dir(cfg), sections.settings(cfg, ("seed", "specialists.count", "specialists.group_size")),
                  {"generalist": generalist_dir, **training.inputs}, {"generalist": str(scfg.generalist)})
     if not stage.up_to_date:
         data, train_idx, valid_idx, hard = training.load()
@@ -292,8 +295,7 @@ def train(cfg) -> None:
                                                                                  "distill.hard_weight"),
             inputs={"generalist": generalist_dir, "groups": groups_dir(cfg)})
     specialist_dirs = {f"specialist {m}": Layout(exp).model(specialist_name(cfg, m)) for m in range(len(groups))}
-    stage = plan(f"combine specialists {scfg.name}", Layout(exp).model(str(scfg.name)), cfg,
-                 ("specialists.top_n", "specialists.iterations", "model.num_hidden_layers", "model.hidden_dim"),
+    stage = plan(f"combine specialists {scfg.name}", Layout(exp).model(str(scfg.name)), sections.settings(cfg, ("specialists.top_n", "specialists.iterations", "model.num_hidden_layers", "model.hidden_dim")),
                  {"generalist": generalist_dir, "groups": groups_dir(cfg), **specialist_dirs})
     if not stage.up_to_date:
         data, _, valid_idx, _ = training.load()
@@ -463,4 +465,9 @@ def report(cfg) -> Report:
     return Report(result, markdown(result), {"specialists.png": plot}, aligned=evaluation.frame_accuracy_utterances)
 
 
-EXPERIMENT = Experiment("specialists", "specialists", systems, train=train, report=report, markdown=markdown)
+# the types of specialists.* that its defaults (specialists.yaml) do not show
+CONFIG_TYPES = ConfigTypes({"specialists.group_size": Kind((int,), nullable=True), "specialists.epochs": Kind((int,), nullable=True),
+                            "specialists.random_half": Kind((str,), choices=("remainder", "all"))},
+                           (("specialists.count", COUNT), ("specialists.group_size", COUNT), ("specialists.iterations", COUNT)))
+
+EXPERIMENT = Experiment("specialists", "specialists", systems, train=train, report=report, markdown=markdown, config=CONFIG_TYPES)

@@ -14,15 +14,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from asrkd.cli import load_config
 from asrkd.distill import soft_targets
 from asrkd.evaluate import FrameScorer
-from asrkd.experiments import function_matching
+from asrkd.experiments.function_matching import experiment as function_matching
 from asrkd.nnet import ensemble, train
 from asrkd.nnet.views import View, ViewSpec, draw
 
-from .conftest import REPO, assert_drawn, frame_accuracy_by_argmax, tiny_config
-from .test_reliability import clone, state_dicts_equal
+from conftest import REPO, assert_drawn, frame_accuracy_by_argmax, load_config, tiny_config
+from tests.test_reliability import clone, state_dicts_equal
 
 ALL = ViewSpec(freq_masks=2, freq_width=8, time_masks=2, time_width=4, noise_std=0.3, mixup_alpha=0.4, seed=5)
 
@@ -142,7 +141,6 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
 
 
 def test_the_subset_rows_keep_their_view_when_the_headline_takes_another() -> None:
-    from asrkd.cli import load_config
 
     cfg = load_config(["function_matching.headline=clean", "function_matching.subset.view=all"])
     subset = [run for run in function_matching.runs(cfg) if run.data != "train"]
@@ -155,7 +153,6 @@ def test_the_subset_rows_keep_their_view_when_the_headline_takes_another() -> No
 
 
 def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_headline_row(tmp_path: Path) -> None:
-    from asrkd.cli import load_config
 
     cfg = load_config([f"exp_dir={tmp_path}", "function_matching.headline=clean", "function_matching.schedules=[1,2,4,8]",
                        "function_matching.headline_schedule=2", "function_matching.plateau=0.25", "function_matching.temperature=2"])
@@ -204,7 +201,6 @@ def test_the_controls_train_alone_without_a_teacher(run_dir: Path, tmp_path: Pat
     # no teacher exists: only the controls train; the one another process holds is passed over; the 2x
     # control waits for the plateau rule, which needs the 1x student: left for a later run
     assert sorted(p.name for p in dnn.glob("fm_*")) == ["fm_clean_x1_hard"] and lock.is_file()
-    from asrkd.cli import load_config
 
     with pytest.raises(ValueError, match=r"function_matching.train_kinds=\['hardd'\] is not a list of one of hard, consistent, precomputed"):
         load_config(["function_matching.train_kinds=[hardd]"])  # refused before any stage looks at its outputs

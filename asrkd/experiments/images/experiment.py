@@ -56,8 +56,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.distill.losses import distillation_loss
 from asrkd.distill.student import TeacherOnTheFly
+from asrkd.experiments.base import Experiment
 from asrkd.files import atomic_write, save_npy
 from asrkd.layout import Layout
 from asrkd.nnet.model import HybridDNN, SplicedFrames, average_softmax, register_model_kind
@@ -66,6 +68,7 @@ from asrkd.nnet.train import (FrameData, Model, ModelFrames, load_model, model_p
 from asrkd.nnet.views import View
 from asrkd.parallel import pick_device
 from asrkd.report import machine, publish_corpus_report, recipe_command, saved_figure
+from asrkd.schema import COUNT, NONNEGATIVE, POSITIVE, ConfigTypes, Kind, Range
 from asrkd.stage import plan, read_record
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval
 from asrkd.stores import FeatureStore, load_array
@@ -157,7 +160,7 @@ def run_prepare(cfg) -> None:
             raise ValueError(f"{paths[f'{split}_labels']}: labels above {CLASSES - 1} ({int(labels.max())}); not a 10-class set")
         parts.append((split, images, labels))
     checksums = {key: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for key, path in paths.items()}
-    stage = plan("prepare-images", images_dir(cfg), cfg, ("images.dataset",), values={"idx_checksums": checksums})
+    stage = plan("prepare-images", images_dir(cfg), sections.settings(cfg, ("images.dataset",)), values={"idx_checksums": checksums})
     if stage.up_to_date:
         return
     utt_ids = [f"{split}-{i:05d}" for split, images, _ in parts for i in range(len(images))]
@@ -691,7 +694,7 @@ def run_report(cfg) -> None:
     curves = [*(n for names in seeds.values() for n in names), *(n for n in candidates if n != teacher),
                *([control_name(int(matching.jitter)), matching_name(cfg, width, temperature, int(matching.jitter))] if matching else [])]
     histories = {name: history_of(exp, name, len(valid_idx)) for name in curves}
-    result = {"dataset": str(icfg.dataset), "command": recipe_command("asrkd report-images"), "machine": machine(cfg),
+    result = {"dataset": str(icfg.dataset), "command": recipe_command("asrkd report-images"), "machine": machine(cfg.train.device),
               "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
               "patience": int(icfg.patience), "rows": rows, "seeds": seeds, "temperature_width": grid,
               "teacher": teacher, "teacher_kind": str(icfg.teacher), "teacher_model": candidates[teacher].get("kind", "mlp"),
@@ -701,7 +704,7 @@ def run_report(cfg) -> None:
               "histories": histories,
               "bias_shifts": {"start": shifts[0], "stop": shifts[-1], "step": float(icfg.bias_shifts.step)},
               "paper_mnist": PAPER_MNIST, "bootstrap_replicates": int(icfg.replicates)}
-    publish_corpus_report(cfg, result, markdown(result), {"errors.png": plot_errors, "temperature_width.png": plot_temperature_width,
+    publish_corpus_report(sections.report_place(cfg), result, markdown(result), {"errors.png": plot_errors, "temperature_width.png": plot_temperature_width,
                                                          "curves.png": plot_curves})
     log.info("images: %s", {key: row["errors"] for key, row in rows.items()})
 
@@ -748,10 +751,10 @@ def progress_report(cfg, missing: list[str]) -> None:
             for key in ("teacher_seeds", "teacher_ensemble"):
                 rows[key]["fewer_than_small_alone"] = errors.fewer(key.replace("_", " "), SMALL)
     histories = {n: history_of(exp, n, len(valid_idx)) for row in rows.values() for n in row["nets"]}
-    result = {"dataset": str(icfg.dataset), "complete": False, "command": recipe_command("asrkd report-images"), "machine": machine(cfg),
+    result = {"dataset": str(icfg.dataset), "complete": False, "command": recipe_command("asrkd report-images"), "machine": machine(cfg.train.device),
               "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
               "rows": rows, "teacher": teacher, "missing": missing, "histories": histories, "bootstrap_replicates": int(icfg.replicates)}
-    publish_corpus_report(cfg, result, progress_markdown(result), {"curves.png": plot_curves}, stale=("errors.png", "temperature_width.png"))
+    publish_corpus_report(sections.report_place(cfg), result, progress_markdown(result), {"curves.png": plot_curves}, stale=("errors.png", "temperature_width.png"))
     log.info("images so far: %s; missing %d nets", {key: row["errors"] for key, row in rows.items()}, len(missing))
 
 
@@ -920,3 +923,17 @@ def plot_curves(result: dict, out: Path) -> None:
             best = history["best_epoch"]
             ax.plot([best + 1], [history["held_out_error_percent"][best]], "o", color=color)
         ax.set_yscale("log")
+
+
+# the types of images.* that its defaults (images.yaml) do not show
+CONFIG_TYPES = ConfigTypes(
+    {"images.dataset": Kind((str,), choices=("fashion-mnist", "mnist")), "images.teacher": Kind((str,), choices=("net", "ensemble")),
+     "images.download_url": Kind((str,), nullable=True), "images.big_variants": Kind((dict,), nullable=True),
+     "images.function_matching": Kind((dict,), nullable=True)},
+    (("images.left_out_class", Range("[0, 9]")), ("images.kept_classes", Range("[0, 9]")), ("images.bias_shifts.step", POSITIVE),
+     ("images.bias_shifts.*", NONNEGATIVE), ("images.valid_images", COUNT)))
+
+# its own commands (recipes/mnist/run.sh): images are no layout.System, so no train/decode/report steps of the base
+EXPERIMENT = Experiment("images", "images", decodes=False, config=CONFIG_TYPES,
+                        commands={"prepare-images": run_prepare, "train-image-nets": run_train_nets,
+                                  "train-image-students": run_train_students, "report-images": run_report})

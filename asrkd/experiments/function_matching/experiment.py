@@ -58,6 +58,7 @@ from asrkd.layout import Layout, System
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, replicate_name, system_dirs, train_stage
 from asrkd.nnet.views import View, ViewSpec
 from asrkd.report import percent, saved_figure
+from asrkd.schema import ConfigTypes, Kind, NONNEGATIVE, POSITIVE, SHARE
 from asrkd.stats import format_interval
 
 log = logging.getLogger(__name__)
@@ -471,4 +472,12 @@ def plot(result: dict, out: Path) -> None:
                 ax.plot([row["epochs"]], [row["gain_kept"]["estimate"]], "x", label=f"{row['view']} ({row['kind']})")
 
 
-EXPERIMENT = Experiment("function-matching", "function_matching", systems, train=train, report=report, decodes=False)
+# the types of function_matching.* that its defaults (function_matching.yaml) do not show
+CONFIG_TYPES = ConfigTypes(
+    {"function_matching.subset.view": Kind((str,), nullable=True),
+     "function_matching.plateau": Kind((int, float), nullable=True),
+     "function_matching.train_kinds": Kind((list,), item=Kind((str,), choices=("hard", "consistent", "precomputed")))},
+    (("function_matching.subset.fraction", SHARE), ("function_matching.*schedule*", POSITIVE), ("function_matching.plateau", NONNEGATIVE)),
+    ("function_matching.views.",))
+
+EXPERIMENT = Experiment("function-matching", "function_matching", systems, train=train, report=report, decodes=False, config=CONFIG_TYPES)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from asrkd.data import data_split, fraction_tag, subset_name
+from asrkd import sections
+from asrkd.data import fraction_tag, subset_name
 from asrkd.distill import soft_targets, student
 from asrkd.distill.soft_targets import store_dir
 from asrkd.distill.student import dense_only, student_systems
@@ -39,6 +40,7 @@ from asrkd.layout import Layout, System, names
 from asrkd.nnet import train as train_dnn
 from asrkd.nnet.train import read_history, replicate_systems
 from asrkd.report import percent, recipe_command, resampled, saved_figure, with_ci
+from asrkd.schema import ConfigTypes, SHARE
 from asrkd.stage import is_complete
 from asrkd.stats import format_interval
 
@@ -152,7 +154,7 @@ def markdown(result: dict) -> str:
 def report(cfg) -> Report:
     """Stage: the §6 table with intervals, the gap closed, a curve over fractions and the over-fitting plot."""
     exp = Path(cfg.exp_dir)
-    full_train, _ = data_split(cfg)
+    full_train, _ = sections.split(cfg).utterances()
     evaluation = Evaluation(cfg)
     frames = evaluation.frames
     command = recipe_command("asrkd report-3pct")
@@ -163,7 +165,7 @@ def report(cfg) -> Report:
 
     curve, main = [], None
     for fraction, rows in rows_by_fraction(cfg).items():
-        sub_train, _ = data_split(subset_cfg(cfg, fraction))
+        sub_train, _ = sections.split(subset_cfg(cfg, fraction)).utterances()
         entries = {}
         if main is None:
             entries["full_hard"] = entry(["baseline"], full_train)
@@ -191,4 +193,7 @@ def report(cfg) -> Report:
                   aligned=evaluation.frame_accuracy_utterances)
 
 
-EXPERIMENT = Experiment("3pct", "three_percent", systems, train=train, report=report, markdown=markdown)
+# the types of three_percent.* that its defaults (three_percent.yaml) do not show
+CONFIG_TYPES = ConfigTypes(ranges=(("three_percent.fractions", SHARE),))
+
+EXPERIMENT = Experiment("3pct", "three_percent", systems, train=train, report=report, markdown=markdown, config=CONFIG_TYPES)

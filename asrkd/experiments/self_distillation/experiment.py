@@ -37,15 +37,17 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from asrkd.distill.losses import self_distillation_loss
+from asrkd import sections
 from asrkd.evaluate import experiment_scoring
 from asrkd.experiments.base import Experiment, Report
+from asrkd.experiments.self_distillation.loss import self_distillation_loss
+from asrkd.experiments.self_distillation.model import exit_shape
 from asrkd.layout import Layout, System
 from asrkd.nnet.cost import system_cost
-from asrkd.nnet.model import exit_shape
 from asrkd.nnet.train import Model, TrainingSet, load_model, model_path, read_history, save_model, train_stage
 from asrkd.parallel import pick_device
 from asrkd.report import percent, saved_figure, single_seed_note, with_ci
+from asrkd.schema import COUNT, ConfigTypes, Kind, Range
 from asrkd.stage import plan
 from asrkd.stats import format_interval
 
@@ -147,8 +149,8 @@ def write_exits(cfg, name: str, exits: list[int]) -> None:
     network = None
     for k in exits:
         layers = hidden_layers(cfg, k)
-        stage = plan(f"self-distill exit {k}", Layout(exp).model(exit_name(cfg, k, name)), cfg, ("model.hidden_dim", "model.left_context",
-                     "model.right_context"), {"model": Layout(exp).model(name)},
+        stage = plan(f"self-distill exit {k}", Layout(exp).model(exit_name(cfg, k, name)), sections.settings(cfg, ("model.hidden_dim", "model.left_context",
+                     "model.right_context")), {"model": Layout(exp).model(name)},
                      {"exit": k, "model.num_hidden_layers": layers, **head_values(cfg)})
         if stage.up_to_date:
             continue
@@ -250,4 +252,8 @@ def report(cfg) -> Report:
     return Report(result, markdown(result), {"self_distillation.png": plot}, aligned=evaluation.frame_accuracy_utterances)
 
 
-EXPERIMENT = Experiment("self-distill", "self_distillation", systems, train=train, report=report, markdown=markdown)
+# the types of self_distillation.* that its defaults (self_distillation.yaml) do not show
+CONFIG_TYPES = ConfigTypes({"self_distillation.head_width": Kind((int,), nullable=True)},
+                           (("self_distillation.kd_weight", Range("[0, 1]")), ("self_distillation.head_width", COUNT), ("self_distillation.exits", COUNT)))
+
+EXPERIMENT = Experiment("self-distill", "self_distillation", systems, train=train, report=report, markdown=markdown, config=CONFIG_TYPES)

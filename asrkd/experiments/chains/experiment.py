@@ -48,6 +48,7 @@ from typing import Callable, NamedTuple
 import torch
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.distill.losses import distillation_loss
 from asrkd.distill.student import Student, TeacherOnTheFly, target_source
 from asrkd.evaluate import bootstrap_key, experiment_scoring
@@ -55,6 +56,7 @@ from asrkd.experiments.base import Experiment, Report
 from asrkd.layout import Layout, System
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, system_dirs, train_stage
 from asrkd.report import percent, resampled, saved_figure, single_seed_note, with_ci
+from asrkd.schema import COUNT, ConfigTypes, Kind, PROBABILITY
 from asrkd.stats import format_interval
 
 
@@ -116,7 +118,7 @@ def members(cfg) -> tuple[str, ...]:
     """The systems of the teacher ensemble's members (``<teacher>/member-<i>``)."""
     top = str(cfg.chains.teacher)
     dirs = system_dirs(Path(cfg.exp_dir), top)
-    if dirs == [Layout.of(cfg).model(top)]:
+    if dirs == [sections.layout(cfg).model(top)]:
         raise ValueError(f"chains.methods: switching_members switches among an ensemble's members, and chains.teacher={top} is one DNN "
                          "(exp/dnn/<teacher>/member-* not found); make the teacher an ensemble or drop the method")
     return tuple(f"{top}/{d.name}" for d in dirs)
@@ -237,7 +239,7 @@ def train(cfg) -> None:
 
 def valid_accuracy(cfg, student: Link) -> float:
     """The final student's validation frame accuracy at its last epoch, the mean over its seeds."""
-    scores = [read_history(Layout.of(cfg).model(link.name))[-1]["valid_frame_accuracy"] for link in seeds_of(cfg, student)]
+    scores = [read_history(sections.layout(cfg).model(link.name))[-1]["valid_frame_accuracy"] for link in seeds_of(cfg, student)]
     return sum(scores) / len(scores)
 
 
@@ -348,4 +350,7 @@ def report(cfg) -> Report:
     return Report(result, markdown(result), {"chains.png": plot}, aligned=evaluation.frame_accuracy_utterances)
 
 
-EXPERIMENT = Experiment("chains", "chains", systems, train=train, report=report, decoded=decoded, markdown=markdown)
+# the types of chains.* that its defaults (chains.yaml) do not show
+CONFIG_TYPES = ConfigTypes({"chains.epochs": Kind((int,), nullable=True)}, (("chains.teacher_drop", PROBABILITY), ("chains.sizes", COUNT)))
+
+EXPERIMENT = Experiment("chains", "chains", systems, train=train, report=report, decoded=decoded, markdown=markdown, config=CONFIG_TYPES)

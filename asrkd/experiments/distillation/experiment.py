@@ -1,5 +1,5 @@
 """Distillation results (the paper's §4, Table 1) with intervals: baseline / ensemble / distilled,
-the students over T, the top-k cost, and the levers of :mod:`asrkd.experiments.levers`.
+the students over T, the top-k cost, and the levers of :mod:`asrkd.experiments.distillation.levers`.
 
 After ``train-ensemble``, ``soft-targets`` and ``train-student``: ``decode-distill`` decodes
 the ensemble (its members' averaged posteriors), every student and the baseline's replicates;
@@ -29,13 +29,13 @@ from typing import NamedTuple
 import numpy as np
 from omegaconf import OmegaConf
 
-from asrkd.data import data_split
+from asrkd import sections
 from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir, student_cfg
 from asrkd.distill.forms import LOGITS
 from asrkd.distill.student import student_systems
 from asrkd.evaluate import Evaluation, bootstrap_key
 from asrkd.experiments.base import Experiment, Report
-from asrkd.experiments.levers import baseline_replicates, baseline_systems, chosen_temperature, levers
+from asrkd.experiments.distillation.levers import baseline_replicates, baseline_systems, chosen_temperature, levers
 from asrkd.layout import Layout, System
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.ensemble import member_dirs
@@ -71,7 +71,7 @@ def student_rows(cfg) -> dict[str, StudentRow]:
 
 def systems(cfg) -> list[System]:
     """Stage 4 decodes and stage 5 scores: the baseline's replicates (the baseline itself is the main
-    recipe's), the ensemble, every student (the levers' are :mod:`asrkd.experiments.levers`')."""
+    recipe's), the ensemble, every student (the levers' are :mod:`asrkd.experiments.distillation.levers`')."""
     return [*baseline_systems(cfg), System(str(cfg.distill.teacher), "teacher"), *student_systems(cfg)]
 
 
@@ -129,7 +129,7 @@ def soft_target_diagnostics(cfg, teacher: str, store: str, temperature: float, g
     how often their argmax is the aligned pdf, and the mean probability they give it. A teacher
     that memorized its training frames agrees with the labels there far more than on voices it
     never heard: its soft targets there are nearly the hard labels again."""
-    layout = Layout.of(cfg)
+    layout = sections.layout(cfg)
     targets = SoftTargetStore.load(layout.soft_targets(teacher, store) / f"T{temperature:g}", current_checksum(layout.exp, store))
     pdf_ids = np.load(layout.alignment(store) / "pdf_ids.npy")
     features = FeatureStore.load(layout.fbank(store))
@@ -317,7 +317,7 @@ def lever_results(cfg, evaluation, entry, temperature: float, replicates: list[s
     teacher's soft targets say beyond the labels."""
     exp, frames = Path(cfg.exp_dir), evaluation.frames
     results, systems, diagnostics = {}, {}, []
-    _, valid_utts = data_split(cfg)
+    _, valid_utts = sections.split(cfg).utterances()
     for lever in levers(cfg, temperature):
         if not all(is_complete(Layout(exp).model(s)) for s in [*lever.students, *lever.baselines]):
             log.info("lever %s: not all its models are trained (run_distill.sh stage 8); left out", lever.name)
@@ -348,7 +348,7 @@ def report(cfg) -> Report:
     """Stage 5 (and 10): Table 1 with intervals, the differences, the table over T, top-k vs dense,
     the levers whose systems exist, plots; the "distillation" section and systems of report.json."""
     exp = Path(cfg.exp_dir)
-    train_utts, valid_utts = data_split(cfg)
+    train_utts, valid_utts = sections.split(cfg).utterances()
     sets = {"train": train_utts, "valid": valid_utts}
     evaluation = Evaluation(cfg)
     frames, words = evaluation.frames, evaluation.words

@@ -73,7 +73,7 @@ def report(cfg) -> Report:
     result = {"model": f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}", "seeds": int(cfg.bf16_check.seeds),
               "test": evaluation.primary, "unit": str(cfg.stats.unit), "rows": rows,
               "difference": evaluation.frames.difference(keys["bf16"], keys["fp32"]),
-              "command": command, "machine": machine(cfg)}
+              "command": command, "machine": machine(cfg.train.device)}
     return Report(result, markdown(result))
 
 

@@ -16,7 +16,7 @@ import torch
 
 from asrkd.stage import input_fingerprint
 
-from .conftest import REPO, TINY
+from conftest import REPO, TINY
 
 PREPARED = ["data/lang", "data/train", "data/test", "exp/feats/fbank/train", "exp/feats/fbank/test",
             "exp/tri", "exp/tri/ali_train", "exp/tri/ali_test", "exp/graph", "exp/decode/gmm"]
@@ -59,7 +59,7 @@ SCHEDULE = ["paper_schedule.learning_rates=[0.001,0.003]", "paper_schedule.batch
 
 
 def test_the_paper_recipe_says_what_a_cpu_without_bf16_matrix_units_would_cost(run_dir: Path) -> None:
-    from asrkd.experiments.paper_schedule import FP32_BENCH, RECIPE_MODEL_EPOCHS
+    from asrkd.experiments.paper_schedule.experiment import FP32_BENCH, RECIPE_MODEL_EPOCHS
     from asrkd.machine import cpu_flags
 
     def check(*overrides: str) -> subprocess.CompletedProcess:

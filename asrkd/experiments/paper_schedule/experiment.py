@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.errors import StageError
 from asrkd.experiments.base import Experiment, Report
 from asrkd.layout import Layout, System, names
@@ -108,11 +109,8 @@ def report(cfg) -> Report:
     result = {"model": f"{cfg.model.num_hidden_layers}x{cfg.model.hidden_dim}", "candidates": rows,
               "patience": int(scfg.patience), "epochs": int(scfg.epochs),
               "chosen": {"lr": best["lr"], "dropout": best["dropout"], "batch_size": best["batch_size"], "epochs": best["best_epoch"] + 1, "system": best["system"]},
-              "command": recipe_command("asrkd train-paper-schedule"), "machine": machine(cfg)}
+              "command": recipe_command("asrkd train-paper-schedule"), "machine": machine(cfg.train.device)}
     return Report(result, markdown(result), {"paper_schedule.png": plot_curves})
-
-
-EXPERIMENT = Experiment("paper-schedule", "paper_schedule", systems, train=train, report=report, decodes=False, markdown=markdown)
 
 
 def chosen_overrides(report_path: Path) -> list[str]:
@@ -123,7 +121,7 @@ def chosen_overrides(report_path: Path) -> list[str]:
             f"train.epochs={chosen['epochs']}"]
 
 
-FP32_BENCH = Path(__file__).resolve().parents[2] / "results" / "bench" / "train_throughput_cpu_paper.json"
+FP32_BENCH = Path(__file__).resolve().parents[3] / "results" / "bench" / "train_throughput_cpu_paper.json"
 RECIPE_MODEL_EPOCHS = 300  # run_paper.sh's models x epochs at about 10 epochs each: 3 baselines, 10 members, 6 students, 3% rows
 
 
@@ -137,7 +135,7 @@ def check_machine(cfg) -> None:
     units = {"amx_bf16", "avx512_bf16"} & cpu_flags()
     if cfg.train.bf16_autocast and units:
         return
-    frames = int(json.loads((Layout.of(cfg).fbank("train") / "index.json").read_text())["offsets"][-1])
+    frames = int(json.loads((sections.layout(cfg).fbank("train") / "index.json").read_text())["offsets"][-1])
     fps = max(run["trainer_fps"] for run in json.loads(FP32_BENCH.read_text())["runs"])
     why = "train.bf16_autocast is off" if units else "this CPU has no bf16 matrix units (AMX, AVX-512 BF16)"
     raise StageError(f"{cpu_description()}: {why}; at the fp32 speed measured for 8x2560 ({fps:,.0f} frames/s, {FP32_BENCH.name}) "
@@ -145,5 +143,9 @@ def check_machine(cfg) -> None:
                      f"{RECIPE_MODEL_EPOCHS * frames / fps / 3600:.0f} hours")
 
 
-if __name__ == "__main__":  # python -m asrkd.experiments.paper_schedule exp_paper/report/report.json
+EXPERIMENT = Experiment("paper-schedule", "paper_schedule", systems, train=train, report=report, decodes=False, markdown=markdown,
+                        commands={"check-paper-machine": check_machine})
+
+
+if __name__ == "__main__":  # python -m asrkd.experiments.paper_schedule.experiment exp_paper/report/report.json
     print(" ".join(chosen_overrides(Path(sys.argv[1]))))

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from asrkd.distill.losses import self_distillation_loss
-from asrkd.nnet.model import ExitOutputs, MultiExitDNN
+from asrkd.experiments.self_distillation.loss import self_distillation_loss
+from asrkd.experiments.self_distillation.model import ExitOutputs, MultiExitDNN
 from asrkd.nnet.train import load_model, save_model
 
-from .conftest import tiny_config
+from conftest import tiny_config
 
 
 @pytest.mark.parametrize("head_width", [None, 3])
@@ -95,7 +95,7 @@ def test_the_byot_loss_is_its_formula_with_the_t_squared_kd_term() -> None:
     assert value == pytest.approx(expected, rel=1e-5)
 
 def test_self_distillation_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path) -> None:
-    from asrkd.experiments import self_distillation
+    from asrkd.experiments.self_distillation import experiment as self_distillation
     from asrkd.nnet import train
 
     shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
@@ -118,7 +118,7 @@ def test_self_distillation_stages_on_the_tiny_run(run_dir: Path, tmp_path: Path)
 
 
 def test_bottleneck_heads_and_the_plain_models_of_their_shape(run_dir: Path, tmp_path: Path) -> None:
-    from asrkd.experiments import self_distillation
+    from asrkd.experiments.self_distillation import experiment as self_distillation
 
     shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
     shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)

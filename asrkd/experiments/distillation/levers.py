@@ -18,7 +18,7 @@ data, so that no lever wins by a weaker comparison:
   come from the members that never saw its speaker; against the baseline.
 
 Every lever's gain kept is measured against the same ensemble (``distill.teacher``, trained
-on ``train``) and its own same-data baseline; the report is :mod:`asrkd.experiments.distillation`'s.
+on ``train``) and its own same-data baseline; the report is :mod:`asrkd.experiments.distillation.experiment`'s.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from asrkd.layout import Layout, System, names
 from asrkd.nnet import ensemble
 from asrkd.nnet import train as train_dnn
 from asrkd.nnet.train import read_history, replicate_systems, replicates
+from asrkd.schema import ConfigTypes, INTEGER, Kind
 
 
 class Lever(NamedTuple):
@@ -136,4 +137,8 @@ def systems(cfg) -> list[System]:
     return out
 
 
-EXPERIMENT = Experiment("levers", "levers", systems, train=train)
+# the types of levers.* that its defaults (levers.yaml) do not show
+CONFIG_TYPES = ConfigTypes({"levers.cross_fitted": Kind((dict,), nullable=True), "levers.seeds": Kind((int,), nullable=True),
+                            "levers.student_epochs": Kind((list,), item=INTEGER)})
+
+EXPERIMENT = Experiment("levers", "levers", systems, train=train, config=CONFIG_TYPES)

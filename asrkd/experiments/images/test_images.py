@@ -11,9 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from asrkd.experiments.images import IDX_FILES, jitter, read_idx
+from asrkd.experiments.images.experiment import IDX_FILES, jitter, read_idx
 
-from .conftest import tiny_config
+from conftest import tiny_config
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -80,7 +80,7 @@ def test_max_norm_caps_every_hidden_unit(tmp_path: Path) -> None:
 
 
 def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
-    from asrkd.experiments import images
+    from asrkd.experiments.images import experiment as images
 
     synthetic_set(tmp_path / "corpus")
     cfg = tiny_config(tmp_path, f"images.corpus_dir={tmp_path}/corpus", f"results_dir={tmp_path}/results", "images.valid_images=100",
@@ -161,7 +161,7 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
 
 
 def test_a_big_net_variant_may_change_only_the_big_nets_settings(tmp_path: Path) -> None:
-    from asrkd.experiments import images
+    from asrkd.experiments.images import experiment as images
 
     cfg = tiny_config(tmp_path, "+images.big_variants.typo={jiter: 1}")
     with pytest.raises(ValueError, match=r"images.big_variants.typo sets jiter: not keys of images.big"):
@@ -171,7 +171,7 @@ def test_a_big_net_variant_may_change_only_the_big_nets_settings(tmp_path: Path)
 def test_the_conv_net_trains_in_the_one_loop_and_loads_as_any_model(tmp_path: Path) -> None:
     """The image experiment's conv big net: logits of the right shape from a batch of 784-pixel frames,
     a checkpoint that loads back (its kind registered) to the same outputs, and an unknown kind refused."""
-    from asrkd.experiments.images import ConvImageNet
+    from asrkd.experiments.images.experiment import ConvImageNet
     from asrkd.nnet.model import model_from_config
     from asrkd.nnet.train import load_model, save_model
 

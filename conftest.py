@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))  # local/ (corpus-specific prep) lives beside the package
 
+from asrkd.cli import load_config  # noqa: E402  (for an experiment's tests: its folder is below the cli's layer)
 from local.an4 import find_corpus_root  # noqa: E402
 
 
@@ -39,8 +40,6 @@ TINY = [
 
 def tiny_config(root: Path, *overrides: str):
     """The test config of a run dir: its data/ and exp/, tiny models, short GMM training."""
-    from asrkd.cli import load_config
-
     return load_config([f"corpus_dir={root}/corpus", f"data_dir={root}/data", f"exp_dir={root}/exp", *TINY, *overrides])
 
 

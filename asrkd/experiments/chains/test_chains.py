@@ -1,4 +1,4 @@
-"""Multi-step distillation (asrkd/experiments/chains.py): the chains each method builds, how its
+"""Multi-step distillation (asrkd/experiments/chains/experiment.py): the chains each method builds, how its
 teachers mix per batch, and the three stages end to end on the tiny run."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from asrkd.experiments import chains
+from asrkd.experiments.chains import experiment as chains
 
-from .conftest import tiny_config
+from conftest import tiny_config
 
 
 def test_each_method_builds_its_chain_and_shares_the_first_assistant(tmp_path: Path) -> None:
