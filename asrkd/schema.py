@@ -77,6 +77,7 @@ DECLARED: dict[str, Kind] = {
     "train.device": Kind((str,), choices=("auto", "cpu", "cuda")),
     "train.lr_scaling": Kind((str,), choices=("none", "sqrt", "linear")),
     "ensemble.fused": Kind((str, bool), choices=("auto",)),
+    "ensemble.first_seed": Kind((int,), nullable=True),
     "distill.epochs": Kind((int,), nullable=True),
     "distill.transfer": Kind((list,), item=STRING),
     "distill.methods": Kind((list,), item=STRING),

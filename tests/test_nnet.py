@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from asrkd.schema import ConfigError
 from asrkd.stores import FeatureStore
 from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, average_softmax, average_zero_mean_logits
 
@@ -56,6 +57,18 @@ def test_paper_sized_input_and_output() -> None:
     model = HybridDNN(feat_dim=40, num_pdfs=300, left_context=20, right_context=5, num_hidden_layers=2, hidden_dim=64)
     assert model.layers[0].in_features == 26 * 40
     assert model(torch.zeros(7, 26, 40)).shape == (7, 300)
+
+
+def test_a_second_ensemble_draws_other_members_on_the_same_split() -> None:
+    from asrkd import sections
+    from asrkd.cli import load_config
+    from asrkd.nnet.ensemble import member_seeds
+
+    first, second = load_config([]), load_config(["ensemble.name=ensemble_b", "ensemble.first_seed=1001"])
+    assert member_seeds(first) == list(range(1, 11))  # as every committed ensemble was made: their fingerprints stay
+    assert member_seeds(second) == list(range(1001, 1011)) and sections.split(second) == sections.split(first)
+    with pytest.raises(ConfigError, match="ensemble.first_seed=-1 is outside"):
+        load_config(["ensemble.first_seed=-1"])
 
 
 def test_ensemble_predicts_the_members_average_softmax() -> None:

@@ -3,7 +3,7 @@
 Members (``exp/dnn/<ensemble.name>/member-<i>``) train one after another, or with
 ``ensemble.fused`` all in one step as stacked weights (:class:`asrkd.nnet.model.StackedDNN`), on the
 same frame order either way; member i is initialized with seed ``seed + 1 + i`` so none
-repeats the baseline. Fused, they differ from sequential members only in dropout's masks
+repeats the baseline (``ensemble.first_seed + i`` for a second ensemble: :func:`member_seeds`). Fused, they differ from sequential members only in dropout's masks
 (one random stream for the stack) and float summation order.
 
 Cross-fitted teachers (``ensemble.folds`` = K >= 2): the training speakers are dealt into K
@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 
 def member_dirs(cfg, name: str | None = None) -> list[Path]:
     return [sections.layout(cfg).model(name or cfg.ensemble.name) / f"member-{i}" for i in range(cfg.ensemble.size)]
+
+
+def member_seeds(cfg) -> list[int]:
+    """The seed of each member's initial weights: ``ensemble.first_seed + i``, or ``seed + 1 + i``
+    (a second ensemble from other draws needs other seeds, the validation split staying as it is)."""
+    first = cfg.ensemble.first_seed
+    first = int(cfg.seed) + 1 if first is None else int(first)
+    return [first + i for i in range(int(cfg.ensemble.size))]
 
 
 def held_out_speakers(cfg, training: TrainingSet) -> list[list[str]]:
@@ -62,9 +70,9 @@ def run(cfg) -> None:
     full = DataDir.read(Path(cfg.data_dir) / "train")
     data = DataDir.read(Path(cfg.data_dir) / cfg.train.data)
     models = []
-    for i, (out_dir, held_out) in enumerate(zip(member_dirs(cfg), held_out_speakers(cfg, training))):
+    for i, (out_dir, held_out, seed) in enumerate(zip(member_dirs(cfg), held_out_speakers(cfg, training), member_seeds(cfg))):
         hidden = set(held_out)
-        model = Model(f"train-ensemble {cfg.ensemble.name} member {i}", out_dir, init_seed=cfg.seed + 1 + i,
+        model = Model(f"train-ensemble {cfg.ensemble.name} member {i}", out_dir, init_seed=seed,
                       values={"member": i, "held_out_speakers": held_out})
         if hidden:
             member = training.without(lambda utt: full.utt2spk.get(data.source(utt)) in hidden)
