@@ -103,8 +103,9 @@ def _in_job(threads: int, modules: list[str], function: Callable, part: Any) -> 
 
 
 def imported_modules() -> list[str]:
-    """This package's modules imported in this process (the one run as ``__main__`` aside)."""
-    return sorted(name for name in sys.modules if name.split(".")[0] == "asrkd")
+    """This package's modules imported in this process (the one run as ``__main__`` aside), but an
+    experiment's tests (pytest imports them; they need its fixtures, which a job has not)."""
+    return sorted(name for name in sys.modules if name.split(".")[0] == "asrkd" and not name.rpartition(".")[2].startswith("test_"))
 
 
 def map_jobs(jobs: Jobs, function: Callable[[Any], Any], parts: list, stage: str, threads: int = 1) -> list:

@@ -24,9 +24,13 @@ def test_split_is_contiguous_near_equal_and_never_empty() -> None:
 def test_a_job_knows_the_model_kinds_its_command_registered() -> None:
     # a worker is a fresh process: it imports what the command had imported (the experiment that registered
     # the kind), else a checkpoint of that kind loads in the command and fails in its jobs
+    import asrkd.experiments.self_distillation.test_self_distillation  # noqa: F401  (as the whole suite has it imported)
     from asrkd.experiments.self_distillation.model import MultiExitDNN
-    from asrkd.jobs import Jobs, map_jobs
+    from asrkd.jobs import Jobs, imported_modules, map_jobs
     from asrkd.nnet.model import model_from_config
+
+    assert "asrkd.experiments.self_distillation.model" in imported_modules()
+    assert not [m for m in imported_modules() if m.rpartition(".")[2].startswith("test_")]  # a job cannot import a test's fixtures
 
     plain = {"feat_dim": 4, "num_pdfs": 5, "left_context": 1, "right_context": 1, "num_hidden_layers": 3, "hidden_dim": 8}
     models = map_jobs(Jobs(nj=2), model_from_config, [plain | {"exits": [1]}, plain | {"exits": [2]}], "kinds")
