@@ -110,7 +110,7 @@ class Evaluation:
         scfg = cfg.stats
         if scfg.unit not in ("utterance", "speaker"):
             raise ValueError(f"stats.unit must be 'utterance' or 'speaker', got {scfg.unit!r}")
-        self.sets = sections.data_sets(cfg).evaluated
+        self.sets = list(sections.data_sets(cfg).evaluated)
         self.primary = self.sets[0]
         self.frames_by_set: dict[str, Bootstrap] = {}
         self.words_by_set: dict[str, Bootstrap] = {}

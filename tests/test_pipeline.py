@@ -309,7 +309,6 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
     import torch
 
     from asrkd.data import DataDir
-    from asrkd.data import data_split
 
     full = DataDir.read(run_dir / "data" / "train")
     for fraction in (0.03, 0.1, 0.3):
