@@ -78,6 +78,7 @@ DECLARED: dict[str, Kind] = {
     "train.lr_scaling": Kind((str,), choices=("none", "sqrt", "linear")),
     "ensemble.fused": Kind((str, bool), choices=("auto",)),
     "ensemble.first_seed": Kind((int,), nullable=True),
+    "gmm.seed": Kind((int,), nullable=True),
     "distill.epochs": Kind((int,), nullable=True),
     "distill.transfer": Kind((list,), item=STRING),
     "distill.methods": Kind((list,), item=STRING),

@@ -198,6 +198,15 @@ def test_gmm_stage_is_reproducible(run_dir: Path, tmp_path: Path) -> None:
         np.testing.assert_array_equal(again, np.load(run_dir / "exp" / "tri" / f"ali_{name}" / "pdf_ids.npy"))
 
 
+def test_a_gmm_seed_is_recorded_only_when_set() -> None:
+    # another draw of the GMM (bench/gmm_seeds.py) must not make every GMM made before the key existed stale
+    settings, optional = gmm.training_settings(load_config([]))
+    assert "gmm.seed" not in settings.values and optional == {} and settings.values["gmm.tree.max_leaves"] == 400
+    assert {k for k in settings.values if k.startswith("gmm.")} == {k for k in sections.config_values(load_config([]), ("gmm",)) if k != "gmm.seed"}
+    drawn_settings, drawn = gmm.training_settings(load_config(["gmm.seed=3"]))
+    assert drawn == {"gmm.seed": 3} and drawn_settings == settings
+
+
 DISTILL = ["train.epochs=1", "ensemble.size=2", "distill.temperatures=[1,2]", "distill.students.dense=[1,2]", "distill.students.topk=[2]",
            "distill.students.compact=[2]", "distill.seeds.dense=2", "distill.seeds.compact=2", "distill.seeds.compact_prior=1", "levers.cross_fitted={name:ensemble_xfit,folds:2}", "levers.student_epochs=[2]"]
 

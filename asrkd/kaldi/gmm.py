@@ -45,7 +45,7 @@ from asrkd.jobs import map_jobs, split
 from asrkd.kaldi import tree as tree_lib
 from asrkd.kaldi.lang import Lang, POSITIONS, with_words
 from asrkd.progress import progress
-from asrkd.stage import plan
+from asrkd.stage import Settings, plan
 from asrkd.stores import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -584,12 +584,20 @@ def store_alignment(model: GmmModel, alignments: Alignments, feats: FeatureStore
     return counts
 
 
+def training_settings(cfg) -> tuple[Settings, dict]:
+    """What a GMM's training depends on: ``seed`` and ``train.valid_fraction`` (which speakers are
+    held out of it: data.split_by_speaker), ``gmm.*``; and, only when set, ``gmm.seed``, so that
+    GMMs made before that key existed keep their fingerprints."""
+    keys = ("seed", *(f"gmm.{key}" for key in cfg.gmm if key != "seed"), "train.valid_fraction")
+    return sections.settings(cfg, keys), sections.optional_values(cfg, {"gmm.seed": None})
+
+
 def run(cfg) -> None:
     """Stage 3: monophone -> triphone, then the alignment of every set in ``features.sets``."""
     layout = sections.layout(cfg)
-    # train.valid_fraction and seed: which speakers are held out of its training (data.split_by_speaker)
-    stage = plan("train-gmm", layout.gmm, sections.settings(cfg, ("seed", "gmm", "train.valid_fraction")),
-                 {"lang": layout.lang, "data": layout.data_dir("train"), "features": layout.mfcc("train")})
+    settings, optional = training_settings(cfg)
+    stage = plan("train-gmm", layout.gmm, settings, {"lang": layout.lang, "data": layout.data_dir("train"), "features": layout.mfcc("train")},
+                 optional)
     if not stage.up_to_date:
         summary = train(cfg)
         stage.commit(mono_pdfs=summary["mono"]["num_pdfs"], tri_pdfs=summary["tri"]["num_pdfs"])
@@ -615,7 +623,7 @@ def train(cfg) -> dict:
     max_drop = cfg.prep.max_drop_fraction
 
     tic = time.time()
-    rng = np.random.default_rng(cfg.seed)  # the Gaussian splits' perturbation: runs are reproducible
+    rng = np.random.default_rng(cfg.seed if cfg.gmm.seed is None else cfg.gmm.seed)  # the Gaussian splits' perturbation: reproducible
     count, total, sumsq = global_moments(feats.frames, contiguous(sorted(feats.span(u) for u in utts)))
     mono_tree = khg.monophone_context_dependency_shared(
         phone_classes=lang.phone_sets, phone2num_pdf_classes=topo.get_phone_to_num_pdf_classes()
