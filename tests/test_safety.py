@@ -365,7 +365,7 @@ def test_reports_commit_relative_paths_and_a_rerun_changes_no_byte(run_dir: Path
             evaluate.run(tiny_config(Path("."), "results_dir=results"))
             reports.append((root / "results" / "report.json").read_bytes())
     config = json.loads(reports[0])["config"]
-    assert len(set(reports)) == 1 and not [v for v in leaves(config).values() if isinstance(v, str) and v.startswith("/")]
+    assert len(set(reports)) == 1 and not [v for v in leaves(config, DECLARED).values() if isinstance(v, str) and v.startswith("/")]
     assert portable({"results_dir": str(REPO / "results" / "an4"), "n": 3, "overrides": [f"results_dir={REPO}/results"]}) == \
         {"results_dir": "results/an4", "n": 3, "overrides": ["results_dir=results"]}
 
