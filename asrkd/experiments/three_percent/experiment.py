@@ -161,7 +161,8 @@ def report(cfg) -> Report:
 
     def entry(systems: list[str], train_utts: list[str]) -> dict:
         out = evaluation.entry(systems, {"train": train_utts}, command=command)
-        return {"system": systems[0], **{k: out[k] for k in ("seeds", "frame_accuracy", "frame_accuracy_ci", "wer", "wer_ci", "lmwt", "stage") if k in out}}
+        # a row of several seeds names them all (report.json, RESULTS.md: "<first> (+n seeds)"), as every experiment's rows do
+        return {"system": systems if len(systems) > 1 else systems[0], **{k: out[k] for k in ("seeds", "frame_accuracy", "frame_accuracy_ci", "wer", "wer_ci", "lmwt", "stage") if k in out}}
 
     curve, main = [], None
     for fraction, rows in rows_by_fraction(cfg).items():
