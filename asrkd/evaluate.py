@@ -22,10 +22,10 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd import sections
-from asrkd.data import DataDir
+from asrkd.data import DataDir, DataSets, Split
 from asrkd.errors import StageError
 from asrkd.kaldi.decode import NOT_IN_LM, out_of_vocabulary
-from asrkd.kaldi.graph import NO_PRONUNCIATION, lm_description, lm_vocabulary, lm_words_left_out
+from asrkd.kaldi.graph import NO_PRONUNCIATION, LanguageModel, language_model
 from asrkd.layout import Layout
 from asrkd.nnet.decode import scored_sets
 from asrkd.nnet.train import FrameData, evaluate_frames, load_system, read_history, replicates, system_dirs
@@ -220,14 +220,14 @@ OOV_FIXES = {  # what makes a reference word of each cause decodable; make-graph
 }
 
 
-def out_of_vocabulary_by_set(cfg) -> dict[str, dict]:
-    """Per scored set, the share of its reference words the LM cannot output (a vocabulary floor
+def out_of_vocabulary_by_set(lm: LanguageModel, data_sets: DataSets, split: Split, warning: float) -> dict[str, dict]:
+    """Per scored set, the share of its reference words ``lm`` cannot output (a vocabulary floor
     under its WER), by cause, with a warning per cause, naming its fix, for an eval set above
-    ``decode.oov_warning``."""
-    vocabulary, left_out = lm_vocabulary(cfg), lm_words_left_out(cfg)
-    out = {name: out_of_vocabulary(refs, vocabulary, left_out) for name, (_, refs) in scored_sets(cfg).items()}
-    for name in sections.data_sets(cfg).evaluated:
-        if out[name]["oov_rate"] > float(cfg.decode.oov_warning):
+    ``warning`` (``decode.oov_warning``)."""
+    vocabulary, left_out = lm.vocabulary(), lm.words_left_out()
+    out = {name: out_of_vocabulary(refs, vocabulary, left_out) for name, (_, refs) in scored_sets(data_sets, split).items()}
+    for name in data_sets.evaluated:
+        if out[name]["oov_rate"] > warning:
             for cause, words in out[name]["causes"].items():
                 fix = OOV_FIXES[NOT_IN_LM if cause == NOT_IN_LM else NO_PRONUNCIATION]
                 log.warning("%s: %.1f%% of its reference words (%d types, e.g. %s) can never be recognised: %s; make-graph "
@@ -292,8 +292,8 @@ def run(cfg) -> None:
         "gmm": {"mono_pdfs": gmm_log["mono"]["num_pdfs"], "tri_pdfs": gmm_log["tri"]["num_pdfs"],
                 "tree": gmm_log["tri"]["tree"], "seconds": gmm_log["mono"]["seconds"] + gmm_log["tri"]["seconds"],
                 "fingerprint": input_record(layout.gmm)["fingerprint"]},
-        "lm": lm_description(cfg),
-        "out_of_vocabulary": out_of_vocabulary_by_set(cfg),
+        "lm": language_model(cfg).description(),
+        "out_of_vocabulary": out_of_vocabulary_by_set(language_model(cfg), sections.data_sets(cfg), sections.split(cfg), float(cfg.decode.oov_warning)),
         "frame_accuracy_utterances": evaluation.frame_accuracy_utterances,
         "labels": evaluation.scorer.labels,
         "systems": systems,

@@ -51,7 +51,7 @@ def curve(run: str, args: argparse.Namespace, device: torch.device) -> dict:
     net = HybridDNN.from_config(data.frames.store.dim, data.num_pdfs, model_cfg).to(device)
     sample = data.frames.frames[train_idx[:100_000]].float().cpu().numpy()
     net.set_normalization(sample.mean(0), sample.std(0))
-    step = TrainStep(cfg, net, data, None, data.pdf_ids)
+    step = TrainStep(cfg.train, net, data, None, data.pdf_ids)
     batch, points, losses, tic = int(cfg.train.batch_size), [], [], time.perf_counter()
     for s in range(args.steps):
         losses.append(step(train_idx[torch.arange(s * batch, (s + 1) * batch, device=device) % len(train_idx)], s))

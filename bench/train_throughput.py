@@ -114,9 +114,9 @@ def measure(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> 
     random_batch = batches(data, batch_size)
     per = lambda seconds, models=1: round(steps * batch_size * models / seconds, 1)  # noqa: E731
 
-    trainer = TrainStep(cfg, new_model(cfg, data, 0), data, None, data.pdf_ids)
+    trainer = TrainStep(cfg.train, new_model(cfg, data, 0), data, None, data.pdf_ids)
     trainer_s = timed(lambda: trainer(random_batch()), steps, device)
-    unfused = TrainStep(cfg, new_model(cfg, data, 0), data, None, data.pdf_ids)
+    unfused = TrainStep(cfg.train, new_model(cfg, data, 0), data, None, data.pdf_ids)
     unfused.optimizer = torch.optim.Adam(unfused.optimizer.param_groups[0]["params"], lr=1e-3, fused=False, foreach=False)
     unfused_s = timed(lambda: unfused(random_batch()), steps, device)
 
@@ -137,9 +137,9 @@ def measure(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> 
 
     bound_s = timed(bare_step, steps, device)
     stack = [new_model(cfg, data, 1 + i) for i in range(members)]
-    fused = TrainStep(cfg, StackedDNN(stack), data, None, data.pdf_ids)
+    fused = TrainStep(cfg.train, StackedDNN(stack), data, None, data.pdf_ids)
     fused_s = timed(lambda: fused(random_batch()), steps, device)
-    one_by_one = [TrainStep(cfg, model, data, None, data.pdf_ids) for model in stack]
+    one_by_one = [TrainStep(cfg.train, model, data, None, data.pdf_ids) for model in stack]
 
     def sequential_step() -> None:
         batch = random_batch()
@@ -149,7 +149,7 @@ def measure(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> 
     sequential_s = timed(sequential_step, steps, device)
     teacher = TeacherOnTheFly(stack, data.frames)
     loss = lambda logits, batch: distillation_loss(logits, teacher.soft_targets(batch, 2.0), data.pdf_ids[batch], 2.0)  # noqa: E731
-    distilling = TrainStep(cfg, new_model(cfg, data, 0), data, loss, data.pdf_ids)
+    distilling = TrainStep(cfg.train, new_model(cfg, data, 0), data, loss, data.pdf_ids)
     on_the_fly_s = timed(lambda: distilling(random_batch()), steps, device)
     return {"batch": batch_size, "trainer_fps": per(trainer_s), "bound_fps": per(bound_s), "ratio": round(bound_s / trainer_s, 3),
             "trainer_unfused_adam_fps": per(unfused_s), "matmul_tflops": round(tflops, 3), "matmul_bound_fps": round(bound_fps, 1),
@@ -173,8 +173,8 @@ def profile(cfg, data: FrameData, batch_size: int, members: int, steps: int) -> 
     device = data.pdf_ids.device
     cfg.train.batch_size = batch_size
     random_batch = batches(data, batch_size)
-    steppers = {"trainer": TrainStep(cfg, new_model(cfg, data, 0), data, None, data.pdf_ids),
-                f"fused {members} members": TrainStep(cfg, StackedDNN([new_model(cfg, data, 1 + i) for i in range(members)]),
+    steppers = {"trainer": TrainStep(cfg.train, new_model(cfg, data, 0), data, None, data.pdf_ids),
+                f"fused {members} members": TrainStep(cfg.train, StackedDNN([new_model(cfg, data, 1 + i) for i in range(members)]),
                                                       data, None, data.pdf_ids)}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"

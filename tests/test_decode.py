@@ -5,9 +5,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from asrkd import sections
+from asrkd.data import Split
 from asrkd.kaldi.decode import (check_scores, choice_margin, choose_weights, log_priors, out_of_vocabulary, transition_id_matrix, unseen_sentences,
                                 utterance_errors, word_error_rate)
-from asrkd.kaldi.graph import NO_PRONUNCIATION, lm_exclusions, lm_vocabulary, lm_words_left_out
+from asrkd.kaldi.graph import NO_PRONUNCIATION, language_model, lm_exclusions
 from asrkd.report import choice_line, out_of_vocabulary_line
 
 
@@ -112,7 +113,7 @@ def test_the_oov_rate_counts_reference_words_the_lm_cannot_output(tmp_path: Path
     (tmp_path / "exp" / "graph").mkdir(parents=True)
     (tmp_path / "exp" / "graph" / "lm_2gram.arpa").write_text(ARPA)
     (tmp_path / "exp" / "graph" / "words.txt").write_text("<eps> 0\nONE 1\nTHREE 2\n#0 3\n<s> 4\n</s> 5\n")
-    vocabulary = lm_vocabulary(graph_cfg(tmp_path))
+    vocabulary = language_model(graph_cfg(tmp_path)).vocabulary()
     assert vocabulary == {"ONE"}  # the unigrams the lexicon holds: TWO has no pronunciation, THREE no n-gram
     oov = out_of_vocabulary({"a": "ONE TWO THREE", "b": "THREE FOUR ONE"}, vocabulary | {"TWO"})
     assert (oov["tokens"], oov["oov_tokens"], oov["oov_types"]) == (6, 3, 2)
@@ -137,8 +138,9 @@ def test_an_lm_word_left_out_of_the_graph_keeps_make_graphs_reason(tmp_path: Pat
     (tmp_path / "exp" / "graph" / "lm_2gram.arpa").write_text(ARPA)
     (tmp_path / "exp" / "graph" / "words.txt").write_text("<eps> 0\nONE 1\nTHREE 2\n#0 3\n<s> 4\n</s> 5\n")
     stage.commit(lm_words_left_out={"TWO": "in neither the corpus dictionary nor CMUdict"})
-    assert lm_words_left_out(cfg) == {"TWO": f"{NO_PRONUNCIATION} (in neither the corpus dictionary nor CMUdict)"}
-    oov = out_of_vocabulary({"a": "ONE TWO FOUR"}, lm_vocabulary(cfg), lm_words_left_out(cfg))
+    lm = language_model(cfg)
+    assert lm.words_left_out() == {"TWO": f"{NO_PRONUNCIATION} (in neither the corpus dictionary nor CMUdict)"}
+    oov = out_of_vocabulary({"a": "ONE TWO FOUR"}, lm.vocabulary(), lm.words_left_out())
     assert {cause: list(c["words"]) for cause, c in oov["causes"].items()} == {
         f"{NO_PRONUNCIATION} (in neither the corpus dictionary nor CMUdict)": ["TWO"], "not in the LM": ["FOUR"]}
 
@@ -146,8 +148,9 @@ def test_the_lm_leaves_out_the_tuning_sets_sentences_whichever_set_tunes(tmp_pat
     dev = tmp_path / "data" / "dev"
     dev.mkdir(parents=True)
     (dev / "text").write_text("dev-1 ONE TWO\ndev-2 TWO\n")
-    assert lm_exclusions(graph_cfg(tmp_path, "dev")) == {"dev-1", "dev-2"}
-    assert lm_exclusions(OmegaConf.merge(graph_cfg(tmp_path, "dev"), {"graph": {"lm_exclude_valid": False}})) == set()
+    split = Split(tmp_path / "data", 0.1, 0)
+    assert lm_exclusions(True, "dev", split) == {"dev-1", "dev-2"}
+    assert lm_exclusions(False, "dev", split) == set()
 
 
 
@@ -175,17 +178,19 @@ def test_the_oov_warning_fires_above_its_threshold_with_each_causes_fix(run_dir:
 
     from conftest import tiny_config
 
-    rate = out_of_vocabulary_by_set(tiny_config(run_dir))["test"]
+    cfg = tiny_config(run_dir)
+    lm, data_sets, split = language_model(cfg), sections.data_sets(cfg), sections.split(cfg)
+    rate = out_of_vocabulary_by_set(lm, data_sets, split, float(cfg.decode.oov_warning))["test"]
     assert rate["oov_rate"] > 0 and list(rate["causes"]) == ["not in the LM"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="asrkd.evaluate"):
-        out_of_vocabulary_by_set(tiny_config(run_dir, f"decode.oov_warning={rate['oov_rate'] * 0.99}"))
+        out_of_vocabulary_by_set(lm, data_sets, split, rate["oov_rate"] * 0.99)
     warned = [r.getMessage() for r in caplog.records if "can never be recognised" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith(f"test: {100 * rate['oov_rate']:.1f}% of its reference words")
     assert next(iter(rate["causes"]["not in the LM"]["words"])) in warned[0] and "graph.lm_arpa=YOUR.arpa" in warned[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="asrkd.evaluate"):
-        out_of_vocabulary_by_set(tiny_config(run_dir, f"decode.oov_warning={min(1.0, rate['oov_rate'] * 1.01)}"))
+        out_of_vocabulary_by_set(lm, data_sets, split, min(1.0, rate["oov_rate"] * 1.01))
     assert not [r for r in caplog.records if "can never be recognised" in r.getMessage()]
 
 

@@ -101,7 +101,7 @@ def test_every_command_names_a_step_that_exists_and_every_experiment_step_is_a_c
 
 def test_experiments_publish_and_decode_only_through_their_base() -> None:
     # one publisher and one decode path: an experiment that writes its own report drifts from the others'
-    private = re.compile(r"\b(publish_experiment|merge_into_report|write_text|decode_systems)\(")
+    private = re.compile(r"\b(publish_experiment|merge_into_report|write_text|decode\.run)\(")
     found = [f"{module}:{number}" for path, module in experiment_modules()
              for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
     assert found == []
@@ -202,3 +202,29 @@ def test_a_folder_copied_under_another_name_is_a_new_experiment(tmp_path) -> Non
                             env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["['render-toy', 'report-toy', 'train-toy'] 2", "config: toy.seeds=0 is outside [1, inf) (default: 3)"]
+
+
+def config_takers(path: Path) -> list[str]:
+    """The functions of a module with a parameter named ``cfg`` (the whole config), as module.function."""
+    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    return [f"{module}.{node.name}" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef) and "cfg" in [a.arg for a in node.args.args + node.args.kwonlyargs]]
+
+
+# the kaldi layer's functions that take the whole config: each stage's entry point and the readers of its sections
+KALDI_CONFIG_READERS = {"run", "run_align", "train", "training_settings", "of", "language_model"}
+
+
+def test_below_the_experiments_the_config_comes_in_sections() -> None:
+    """Ground modules take no config (``asrkd.sections`` reads it for them); a kaldi module takes it
+    only at its stage's entry point; and nothing below the experiments builds a changed config (a
+    stage reads the config it is given; an experiment composes the configs of its stages)."""
+    ground = [path for path in library_files() if path.parent == REPO / "asrkd" and path.stem not in ("cli", "evaluate", "sections", "__init__")]
+    assert {"data", "stage", "jobs", "report", "layout"} <= {path.stem for path in ground}
+    assert [f for path in ground for f in config_takers(path)] == []
+    kaldi = [f for path in (REPO / "asrkd" / "kaldi").glob("*.py") for f in config_takers(path)]
+    assert kaldi and [f for f in kaldi if f.rsplit(".", 1)[1] not in KALDI_CONFIG_READERS] == []
+    below = [path for path in library_files() if "experiments" not in path.parts and path.stem != "cli"]
+    rewrites = re.compile(r"OmegaConf\.(merge|update)\(|\.merge_with\(|\bcfg(\.\w+)+ = |\bcfg\[[^]]+\] = ")
+    assert [f"{path.relative_to(REPO)}:{n}" for path in below for n, line in enumerate(path.read_text().splitlines(), 1)
+            if rewrites.search(line)] == []

@@ -65,8 +65,8 @@ def test_a_second_ensemble_draws_other_members_on_the_same_split() -> None:
     from asrkd.nnet.ensemble import member_seeds
 
     first, second = load_config([]), load_config(["ensemble.name=ensemble_b", "ensemble.first_seed=1001"])
-    assert member_seeds(first) == list(range(1, 11))  # as every committed ensemble was made: their fingerprints stay
-    assert member_seeds(second) == list(range(1001, 1011)) and sections.split(second) == sections.split(first)
+    assert member_seeds(first.ensemble, first.seed) == list(range(1, 11))  # as every committed ensemble was made: their fingerprints stay
+    assert member_seeds(second.ensemble, second.seed) == list(range(1001, 1011)) and sections.split(second) == sections.split(first)
     with pytest.raises(ConfigError, match="ensemble.first_seed=-1 is outside"):
         load_config(["ensemble.first_seed=-1"])
 

@@ -455,16 +455,16 @@ def test_an_lm_of_ones_own_brings_its_words_into_a_decoding_lang_and_lowers_the_
     cfg = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY, f"graph.lm_text=[{extra}]", "redo=true"])
     graph.run(cfg)
     trained, decoding = Lang.load(tmp_path / "data" / "lang"), Lang.load(tmp_path / "exp" / "graph" / "lang")
-    assert "TOO" not in trained.words and "TOO" in decoding.words and "TOO" in graph.lm_vocabulary(cfg)
+    assert "TOO" not in trained.words and "TOO" in decoding.words and "TOO" in graph.language_model(cfg).vocabulary()
     assert {p: i for p, i in decoding.phones.items() if not p.startswith("#")} == {p: i for p, i in trained.phones.items() if not p.startswith("#")}
     assert len(decoding.disambig_ids) >= len(trained.disambig_ids)  # TOO and TWO sound alike: a #n tells them apart
     decode.run(OmegaConf.merge(cfg, {"decode": {"systems": ["baseline"]}}))  # the graph changed: the decode is redone
     assert json.loads((tmp_path / "exp" / "decode" / "baseline" / "wer.json").read_text())["test"]["wer"] < before
     arpa = tmp_path / "user.arpa"  # the same LM as a user's ARPA file: decoded with as it is
-    shutil.copyfile(graph.arpa_path(cfg), arpa)
+    shutil.copyfile(graph.language_model(cfg).arpa, arpa)
     user = load_config([f"data_dir={tmp_path}/data", f"exp_dir={tmp_path}/exp", *TINY, f"graph.lm_arpa={arpa}", "redo=true"])
     graph.run(user)
-    assert (tmp_path / "exp" / "graph" / "lm.arpa").read_bytes() == arpa.read_bytes() and "TOO" in graph.lm_vocabulary(user)
+    assert (tmp_path / "exp" / "graph" / "lm.arpa").read_bytes() == arpa.read_bytes() and "TOO" in graph.language_model(user).vocabulary()
 
 
 def test_a_record_and_a_report_name_the_commit_of_the_code_that_made_them(tmp_path: Path) -> None:

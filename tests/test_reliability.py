@@ -386,7 +386,7 @@ def test_a_loss_turning_nan_stops_training_naming_epoch_and_batch(run_dir: Path,
         return loss * float("nan") if len(steps) == 4 else loss
 
     with pytest.raises(train.TrainingDiverged, match="loss is nan at epoch 0, batch 3"):
-        train.train_model(cfg, data, train_idx, valid_idx, [root / "exp" / "dnn" / "diverging"], loss_fn)
+        train.train_model(train.TrainSections.of(cfg), data, train_idx, valid_idx, [root / "exp" / "dnn" / "diverging"], loss_fn)
 
 
 def test_non_finite_features_are_dropped_or_refused(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

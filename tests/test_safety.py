@@ -96,7 +96,7 @@ def test_a_training_that_learns_nothing_fails_and_keeps_the_old_model(run_dir: P
     train.check_learned("m", history, 0.0999)
     data, _, valid_idx, _ = train.TrainingSet(tiny_config(root)).load()
     with pytest.raises(train.LearnedNothing, match="no training frames"):
-        train.train_model(tiny_config(root), data, valid_idx[:0], valid_idx, [tmp_path / "none"])
+        train.train_model(train.TrainSections.of(tiny_config(root)), data, valid_idx[:0], valid_idx, [tmp_path / "none"])
 
 
 def test_every_key_has_a_type() -> None:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, logits_dir, pdf_priors, store_dir
 
 LOGITS = "logits"  # the form name of the logit-matching student
@@ -62,7 +63,8 @@ def stored_rows(form: str) -> Callable[..., TargetRows]:
 
     def rows(cfg, directory: Path, checksum: str, temperature: float, num_pdfs: int, device: torch.device) -> TargetRows:
         store = SoftTargetStore.load(directory, checksum, temperature, num_pdfs)
-        return store.rows(form, device, OmegaConf.to_container(cfg.distill.compact), pdf_priors(cfg) if form == "compact_prior" else None)
+        priors = pdf_priors(sections.layout(cfg), float(cfg.decode.prior_floor)) if form == "compact_prior" else None
+        return store.rows(form, device, OmegaConf.to_container(cfg.distill.compact), priors)
 
     return rows
 

@@ -390,15 +390,15 @@ def fill_batches(teacher: EnsembleDNN, frames: SplicedFrames, batches: FrameGrou
             logits_writer.arrays["logits"][indices] = average_zero_mean_logits(member_logits).cpu().numpy()
 
 
-def load_teacher(cfg, device: torch.device) -> EnsembleDNN:
-    """``distill.teacher``: an ensemble's members, or one DNN as an ensemble of one."""
-    teacher = load_system(Path(cfg.exp_dir), cfg.distill.teacher, device)
+def load_teacher(exp_dir: Path, name: str, device: torch.device) -> EnsembleDNN:
+    """The teacher ``name`` (``distill.teacher``): an ensemble's members, or one DNN as an ensemble of one."""
+    teacher = load_system(Path(exp_dir), name, device)
     return teacher if isinstance(teacher, EnsembleDNN) else EnsembleDNN([teacher])
 
 
-def spliced_store(cfg, teacher: EnsembleDNN, store: str, device: torch.device) -> SplicedFrames:
+def spliced_store(layout: Layout, teacher: EnsembleDNN, store: str, device: torch.device) -> SplicedFrames:
     """The fbank frames of ``store`` in memory on ``device``, with the teacher's context windows."""
-    features = FeatureStore.load(sections.layout(cfg).fbank(store))
+    features = FeatureStore.load(layout.fbank(store))
     return SplicedFrames(features, teacher.config["left_context"], teacher.config["right_context"], device)
 
 
@@ -408,8 +408,8 @@ def fill_part(job: tuple) -> None:
     settings, store, temperatures, logits_dir, batches = job
     cfg = OmegaConf.create(settings)
     device = pick_device(cfg.train.device)
-    teacher = load_teacher(cfg, device)
-    frames = spliced_store(cfg, teacher, store, device)
+    teacher = load_teacher(Path(cfg.exp_dir), str(cfg.distill.teacher), device)
+    frames = spliced_store(sections.layout(cfg), teacher, store, device)
     writers = {t: ArrayWriter.reopen(Path(d), list(names)) for t, (d, names) in temperatures.items()}
     logits_writer = ArrayWriter.reopen(Path(logits_dir), ["logits"]) if logits_dir else None
     fill_batches(teacher, frames, batches, writers, logits_writer, int(cfg.distill.top_k))
@@ -434,7 +434,7 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
     batches = [(indices[s : s + batch_size], members) for indices, members in groups for s in range(0, len(indices), batch_size)]
     jobs_of = sections.jobs(cfg)
     if jobs_of.nj <= 1 or device.type != "cpu":  # one device scores fastest in one process
-        fill_batches(teacher, spliced_store(cfg, teacher, store, device), batches, writers, logits_writer, top_k_size)
+        fill_batches(teacher, spliced_store(sections.layout(cfg), teacher, store, device), batches, writers, logits_writer, top_k_size)
     else:
         for writer in [*writers.values(), *([logits_writer] if logits_writer else [])]:
             writer.flush()
@@ -451,10 +451,10 @@ def write_teacher_outputs(cfg, teacher: EnsembleDNN, device: torch.device, num_f
         write_json(logits_dir / "header.json", logits_header)
 
 
-def pdf_priors(cfg) -> np.ndarray:
-    """The pdf priors the decoder divides by (the training alignment's floored pdf frequencies):
-    what the compact_prior form spreads its residual by."""
-    return np.exp(log_priors(np.load(sections.layout(cfg).pdf_counts), cfg.decode.prior_floor))
+def pdf_priors(layout: Layout, prior_floor: float) -> np.ndarray:
+    """The pdf priors the decoder divides by (the training alignment's pdf frequencies, floored at
+    ``decode.prior_floor``): what the compact_prior form spreads its residual by."""
+    return np.exp(log_priors(np.load(layout.pdf_counts), prior_floor))
 
 
 def teacher_dir(cfg, store: str) -> Path:
@@ -477,7 +477,7 @@ def current_checksum(exp_dir: Path, store: str) -> str:
     return source_checksum(features.checksum(), np.load(ali) if ali.is_file() else None)
 
 
-def teacher_groups(cfg, store_utts: list[str], offsets: np.ndarray, member_dirs: list[Path]) -> FrameGroups:
+def teacher_groups(data_dir: Path, store_utts: list[str], offsets: np.ndarray, member_dirs: list[Path]) -> FrameGroups:
     """Which members score which frames: all of them, except for a cross-fitted ensemble, whose
     members recorded the speakers they never saw; an utterance (or a copy of it) of such a
     speaker is scored by exactly those members."""
@@ -486,9 +486,9 @@ def teacher_groups(cfg, store_utts: list[str], offsets: np.ndarray, member_dirs:
     held_out = [set(record["config"].get("held_out_speakers") or []) for record in records]
     if not any(held_out):
         return [(np.arange(int(offsets[-1])), everyone)]
-    full = DataDir.read(Path(cfg.data_dir) / "train")
+    full = DataDir.read(Path(data_dir) / "train")
     sources: dict[str, str] = {}
-    for directory in Path(cfg.data_dir).iterdir():  # copies name their source in utt2uniq
+    for directory in Path(data_dir).iterdir():  # copies name their source in utt2uniq
         if (directory / "utt2uniq").is_file():
             sources |= DataDir.read(directory).utt2uniq
     by_members: dict[tuple[int, ...], list[np.ndarray]] = {}
@@ -499,17 +499,11 @@ def teacher_groups(cfg, store_utts: list[str], offsets: np.ndarray, member_dirs:
     return [(np.concatenate(spans), list(members)) for members, spans in sorted(by_members.items())]
 
 
-def student_cfg(cfg):
-    """The training config of a student (train.epochs replaced by distill.epochs when set): the
-    soft targets cover the stores it trains on."""
-    return OmegaConf.merge(cfg, {"train": {"epochs": cfg.distill.epochs}}) if cfg.distill.epochs else cfg
-
-
 def run(cfg) -> None:
     """Stage: the teacher's average softmax(z/T) per T (and its logits) for every frame of each
     feature store the configured students train on: ``train``'s, a subset's or perturbed copy's
     store (``train.data``), and the stores of ``distill.transfer``'s data dirs."""
-    for store in TrainingSet(student_cfg(cfg), list(cfg.distill.transfer)).stores:
+    for store in TrainingSet(cfg, list(cfg.distill.transfer)).stores:
         run_store(cfg, store)
 
 
@@ -535,8 +529,8 @@ def run_store(cfg, store: str) -> None:
         return
     torch.set_num_threads(int(cfg.train.num_threads))
     device = pick_device(cfg.train.device)
-    teacher = load_teacher(cfg, device)
-    groups = teacher_groups(cfg, features.utt_ids, features.offsets, members)
+    teacher = load_teacher(exp, cfg.distill.teacher, device)
+    groups = teacher_groups(layout.data, features.utt_ids, features.offsets, members)
     write_teacher_outputs(cfg, teacher, device, features.num_frames, groups, {t: stage.out_dir for t, stage in todo.items()},
                           logits_stage.out_dir if logits_stage else None, store, current_checksum(exp, store), dense)
     for t, stage in todo.items():

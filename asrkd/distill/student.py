@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-from omegaconf import OmegaConf
 
 from asrkd import sections
 from asrkd.distill.forms import LOGITS, TargetForm, form_of
 from asrkd.distill.losses import DEFAULT_SOFT_TERM, distillation_loss, logit_distillation_loss, soft_term_of
-from asrkd.distill.soft_targets import TargetRows, current_checksum, load_teacher, student_cfg, teacher_groups
+from asrkd.distill.soft_targets import TargetRows, current_checksum, load_teacher, teacher_groups
 from asrkd.layout import System
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
 from asrkd.nnet.train import Model, TrainingSet, replicate_name, system_dirs, train_stage
@@ -63,15 +62,6 @@ def students(cfg) -> list[Student]:
     out += [Student(LOGITS, None, 0)] if cfg.distill.logit_matching else []
     out += [Student(s.form, s.temperature, r) for s in list(out) for r in range(1, int(seeds.get(s.form, 1)))]
     return out
-
-
-def dense_only(cfg, temperature: float, seeds: int, **distill):
-    """A config whose students are ``seeds`` dense students at ``temperature`` alone (no top-k, no
-    logit matching), with ``distill`` overrides: a lever's students, a subset run's."""
-    merged = OmegaConf.merge(cfg, {"distill": {"temperatures": [temperature], "logit_matching": False, **distill}})
-    merged.distill.students = {"dense": [temperature]}  # replaced, not merged: no top-k student
-    merged.distill.seeds = {"dense": seeds}
-    return merged
 
 
 def name_of(cfg, student: Student) -> str:
@@ -129,9 +119,9 @@ class TeacherOnTheFly:
         cross-fitted teacher's members restricted as its soft-target store would be."""
         exp = Path(cfg.exp_dir)
         device = data.pdf_ids.device
-        members = list(load_teacher(cfg, device).members)
+        members = list(load_teacher(exp, cfg.distill.teacher, device).members)
         store = data.frames.store
-        groups = teacher_groups(cfg, store.utt_ids, store.offsets, system_dirs(exp, cfg.distill.teacher))
+        groups = teacher_groups(Path(cfg.data_dir), store.utt_ids, store.offsets, system_dirs(exp, cfg.distill.teacher))
         group_of = torch.zeros(store.num_frames, dtype=torch.long)
         weights = torch.zeros(len(groups), len(members))
         for g, (indices, chosen) in enumerate(groups):
@@ -193,8 +183,7 @@ def batch_loss_of(dcfg, form: TargetForm, temperature: float | None) -> Callable
 def run(cfg) -> None:
     """Stage: every student of ``students(cfg)`` that is not complete."""
     dcfg = cfg.distill
-    scfg = student_cfg(cfg)
-    training = TrainingSet(scfg, list(dcfg.transfer))
+    training = TrainingSet(cfg, list(dcfg.transfer))
     layout = sections.layout(cfg)
     for student in students(cfg):
         name = name_of(cfg, student)
@@ -209,5 +198,5 @@ def run(cfg) -> None:
         values |= {"on_the_fly": True} if dcfg.on_the_fly else {}
         values |= {"loss": str(dcfg.loss)} if str(dcfg.loss) != DEFAULT_SOFT_TERM and not form.logits else {}
         values |= form.values(cfg)
-        train_stage(scfg, [Model(f"train-student {name}", layout.model(name), student.replicate, values=values)], training, loss=loss,
-                    keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
+        train_stage(cfg, [Model(f"train-student {name}", layout.model(name), student.replicate, values=values)], training, loss=loss,
+                    keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs, epochs=dcfg.epochs or None)

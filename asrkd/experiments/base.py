@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from omegaconf import OmegaConf
+
 from asrkd import sections
 from asrkd.layout import System, names
-from asrkd.nnet.decode import decode_systems
+from asrkd.nnet import decode as decode_stage
 from asrkd.report import aligned_utterances_line, current_report, merge_into_report, publish_experiment, with_machines_note, write_section
 from asrkd.schema import ConfigTypes
 
@@ -81,7 +83,7 @@ class Experiment:
 
     def decode(self, cfg) -> None:
         """WER of every system the experiment decodes, each once (the decode stage's, resumable)."""
-        decode_systems(cfg, names((self.decoded or self.systems)(cfg)))
+        decode_stage.run(cfg, names((self.decoded or self.systems)(cfg)))
 
     def publish(self, cfg) -> None:
         """The report stage: score, then publish through :func:`asrkd.report.publish_experiment`."""
@@ -109,3 +111,13 @@ def with_aligned_line(markdown: str, aligned: dict[str, dict] | None) -> str:
     if aligned and any(n["aligned"] < n["of"] for n in aligned.values()):  # every cell then says over how many
         return markdown + aligned_utterances_line(aligned) + "\n"
     return markdown
+
+
+def dense_only(cfg, temperature: float, seeds: int, **distill):
+    """The config of an experiment's students: ``seeds`` dense students at ``temperature`` alone (no
+    top-k, no logit matching), with ``distill`` overrides (a lever's students, a subset run's). A new
+    config, as a recipe's overrides make one; ``cfg`` is left as it is."""
+    merged = OmegaConf.merge(cfg, {"distill": {"temperatures": [temperature], "logit_matching": False, **distill}})
+    merged.distill.students = {"dense": [temperature]}  # replaced, not merged: no top-k student
+    merged.distill.seeds = {"dense": seeds}
+    return merged

@@ -136,14 +136,14 @@ def utterance_errors(refs: dict[str, str], hyps: dict[str, str]) -> dict[str, li
     return out
 
 
-def sweep(lattices: dict[str, kaldifst.Lattice | None], id2word: dict[int, str], cfg) -> dict[tuple[float, float], dict[str, str]]:
-    """Hypotheses for every (LM weight, insertion penalty) pair of the sweep."""
+def sweep(lattices: dict[str, kaldifst.Lattice | None], id2word: dict[int, str], options) -> dict[tuple[float, float], dict[str, str]]:
+    """Hypotheses for every (LM weight, insertion penalty) pair of the sweep (``options``: the ``decode`` section)."""
     result: dict[tuple[float, float], dict[str, str]] = {}
-    for penalty in cfg.word_ins_penalty:
+    for penalty in options.word_ins_penalty:
         penalized = {u: (add_word_penalty(lat, penalty) if lat is not None else None) for u, lat in lattices.items()}
-        for lm_weight in cfg.lmwt:
+        for lm_weight in options.lmwt:
             result[(float(lm_weight), float(penalty))] = {
-                u: " ".join(id2word[w] for w in best_words(lat, lm_weight, cfg.acoustic_scale)) if lat is not None else ""
+                u: " ".join(id2word[w] for w in best_words(lat, lm_weight, options.acoustic_scale)) if lat is not None else ""
                 for u, lat in penalized.items()
             }
     return result

@@ -121,12 +121,12 @@ def read_waveform(path: str, utt: str, sample_rate: int, channel: int | None = N
     return samples * 32768.0
 
 
-def _frame_options(cfg) -> knf.FrameExtractionOptions:
+def _frame_options(options) -> knf.FrameExtractionOptions:
     opts = knf.FrameExtractionOptions()
-    opts.samp_freq = float(cfg.sample_rate)
-    opts.frame_length_ms = float(cfg.frame_length_ms)
-    opts.frame_shift_ms = float(cfg.frame_shift_ms)
-    opts.dither = float(cfg.dither)
+    opts.samp_freq = float(options.sample_rate)
+    opts.frame_length_ms = float(options.frame_length_ms)
+    opts.frame_shift_ms = float(options.frame_shift_ms)
+    opts.dither = float(options.dither)
     opts.snip_edges = True
     return opts
 
@@ -137,20 +137,20 @@ def _run_online(computer, samples: np.ndarray, sample_rate: int) -> np.ndarray:
     return np.array([computer.get_frame(i) for i in range(computer.num_frames_ready)], dtype=np.float32)
 
 
-def compute_fbank(samples: np.ndarray, cfg) -> np.ndarray:
-    """40-d log-mel filterbank with Kaldi's defaults (povey window, pre-emphasis 0.97)."""
+def compute_fbank(samples: np.ndarray, options) -> np.ndarray:
+    """40-d log-mel filterbank with Kaldi's defaults (povey window, pre-emphasis 0.97); ``options``: the ``features`` section."""
     opts = knf.FbankOptions()
-    opts.frame_opts = _frame_options(cfg)
-    opts.mel_opts.num_bins = int(cfg.num_mel_bins)
-    return _run_online(knf.OnlineFbank(opts), samples, cfg.sample_rate)
+    opts.frame_opts = _frame_options(options)
+    opts.mel_opts.num_bins = int(options.num_mel_bins)
+    return _run_online(knf.OnlineFbank(opts), samples, options.sample_rate)
 
 
-def compute_mfcc_deltas(samples: np.ndarray, cfg) -> np.ndarray:
+def compute_mfcc_deltas(samples: np.ndarray, options) -> np.ndarray:
     """13 MFCCs + deltas + delta-deltas: the GMM's classic input (Kaldi's add-deltas)."""
     opts = knf.MfccOptions()
-    opts.frame_opts = _frame_options(cfg)
-    opts.num_ceps = int(cfg.num_ceps)
-    mfcc = _run_online(knf.OnlineMfcc(opts), samples, cfg.sample_rate)
+    opts.frame_opts = _frame_options(options)
+    opts.num_ceps = int(options.num_ceps)
+    mfcc = _run_online(knf.OnlineMfcc(opts), samples, options.sample_rate)
     return np.asarray(knf.compute_deltas(knf.DeltaOptions(order=2, window=2), mfcc))
 
 
@@ -183,10 +183,10 @@ def compute_part(job: tuple[dict, dict, dict, str, list[str], str]) -> tuple[lis
 
     Features are computed a speaker at a time, normalized (CMVN) and appended to the job's frames
     file in the store's dtype, so a job holds one speaker's frames, never its whole split."""
-    wav_scp, utt2spk, cfg, kind, utts, frames_path = job
-    cfg = OmegaConf.create(cfg)
+    wav_scp, utt2spk, options, kind, utts, frames_path = job
+    options = OmegaConf.create(options)
     compute = {"fbank": compute_fbank, "mfcc": compute_mfcc_deltas}[kind]
-    dtype = np.dtype(cfg.storage_dtype[kind])
+    dtype = np.dtype(options.storage_dtype[kind])
     by_speaker: dict[str, list[str]] = {}
     for utt in utts:
         by_speaker.setdefault(utt2spk[utt], []).append(utt)
@@ -198,8 +198,8 @@ def compute_part(job: tuple[dict, dict, dict, str, list[str], str]) -> tuple[lis
             items: dict[str, np.ndarray] = {}
             for utt in speaker_utts:
                 try:
-                    samples = read_waveform(wav_scp[utt], utt, cfg.sample_rate, cfg.channel, cfg.resample)
-                    feats = compute(samples, cfg)
+                    samples = read_waveform(wav_scp[utt], utt, options.sample_rate, options.channel, options.resample)
+                    feats = compute(samples, options)
                 except AudioError as err:
                     dropped[utt] = str(err)
                     log.warning("%s", err)
@@ -211,7 +211,7 @@ def compute_part(job: tuple[dict, dict, dict, str, list[str], str]) -> tuple[lis
                     dropped[utt] = f"utterance {utt}: NaN or infinite {kind} features (audio {wav_scp[utt]})"
                     continue
                 items[utt] = feats
-            apply_speaker_cmvn(items, utt2spk, norm_vars=bool(cfg.cmvn_norm_vars[kind]))
+            apply_speaker_cmvn(items, utt2spk, norm_vars=bool(options.cmvn_norm_vars[kind]))
             for utt, feats in items.items():
                 out.write(np.ascontiguousarray(feats, dtype=dtype).tobytes())
                 written.append((utt, len(feats)))
@@ -219,9 +219,9 @@ def compute_part(job: tuple[dict, dict, dict, str, list[str], str]) -> tuple[lis
     return written, dim, dropped
 
 
-def make_features(data: DataDir, cfg, kind: str, out_dir: Path, run_jobs=None, nj: int = 1,
+def make_features(data: DataDir, options, kind: str, out_dir: Path, run_jobs=None, nj: int = 1,
                   accept_dropped: Callable[[dict[str, str]], None] | None = None) -> tuple[FeatureStore, dict[str, str]]:
-    """Compute ``kind`` ('fbank' or 'mfcc') for every utterance with readable audio into the
+    """Compute ``kind`` ('fbank' or 'mfcc'; ``options``: the ``features`` section) for every utterance with readable audio into the
     store in ``out_dir``, in ``nj`` jobs of whole speakers (``run_jobs``: :func:`asrkd.jobs.map_jobs`
     bound to a stage), each writing its frames to a file of its own, merged in utterance order.
 
@@ -230,8 +230,8 @@ def make_features(data: DataDir, cfg, kind: str, out_dir: Path, run_jobs=None, n
     the reason for each; ``accept_dropped`` (the caller's judgement of that loss) sees them before
     the store is written, so a stage it refuses leaves no store behind.
     """
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    dtype = np.dtype(cfg.storage_dtype[kind])
+    settings = OmegaConf.to_container(options, resolve=True)
+    dtype = np.dtype(options.storage_dtype[kind])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{kind}-jobs-", dir=out_dir) as work:
@@ -268,16 +268,16 @@ FEATURE_KEYS = ("features.write_kaldi_ark", "features.sample_rate", "features.fr
 def run(cfg) -> None:
     """Stage 2: fbank (DNN) and MFCC+deltas (GMM) for every set of ``features.sets`` (default: train and
     the evaluation sets), in ``jobs.nj`` jobs."""
-    for name in sections.data_sets(cfg).processed():
-        data_path = Path(cfg.data_dir) / name
+    data_sets, layout, jobs, settings = sections.data_sets(cfg), sections.layout(cfg), sections.jobs(cfg), sections.settings(cfg, FEATURE_KEYS)
+    for name in data_sets.processed():
+        data_path = layout.data_dir(name)
         data = DataDir.read(data_path)
         for kind in ("fbank", "mfcc"):
-            out_dir = sections.layout(cfg).features(kind, name)
-            stage = plan(f"make-feats {kind} {name}", out_dir, sections.settings(cfg, FEATURE_KEYS), {"data": data_path}, {"kind": kind})
+            out_dir = layout.features(kind, name)
+            stage = plan(f"make-feats {kind} {name}", out_dir, settings, {"data": data_path}, {"kind": kind})
             if stage.up_to_date:
                 continue
-            jobs = sections.jobs(cfg)
-            scored_only = sections.data_sets(cfg).scoring_only(name)  # a set only scored trains nothing: its drops are counted and listed, never fatal
+            scored_only = data_sets.scoring_only(name)  # a set only scored trains nothing: its drops are counted and listed, never fatal
             accept = partial(account_dropped, f"make-feats {kind} {name}" + (" (scored only: drops never stop the stage)" if scored_only else ""),
                              len(data.utt2spk), max_fraction=1.0 if scored_only else cfg.prep.max_drop_fraction,
                              report=out_dir / "dropped.json")

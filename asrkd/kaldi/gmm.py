@@ -27,7 +27,7 @@ import logging
 import pickle
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -41,7 +41,7 @@ from asrkd import sections
 from asrkd.data import DataDir, split_by_speaker
 from asrkd.drops import account_dropped
 from asrkd.files import atomic_write, save_npy, write_json
-from asrkd.jobs import map_jobs, split
+from asrkd.jobs import Jobs, map_jobs, split
 from asrkd.kaldi import tree as tree_lib
 from asrkd.kaldi.lang import Lang, POSITIONS, with_words
 from asrkd.progress import progress
@@ -203,30 +203,30 @@ def equal_align(graphs: Iterable[tuple[str, Any, str | None]], feats: FeatureSto
         yield utt, np.asarray(tids, dtype=np.int32), None
 
 
-def align(model: GmmModel, graphs: Iterable[tuple[str, Any, str | None]], feats: FeatureStore, cfg,
+def align(model: GmmModel, graphs: Iterable[tuple[str, Any, str | None]], feats: FeatureStore, options,
           total: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """gmm-align-compiled: Viterbi alignment with beam, retried with retry_beam on failure, of the
     ``total`` utterances ``graphs`` yields (:func:`compile_graphs`), as :func:`equal_align` yields them
-    (those without a graph are dropped with its reason)."""
+    (those without a graph are dropped with its reason). ``options``: ``gmm.align``."""
     config = khg.AlignConfig()
-    config.beam, config.retry_beam, config.careful = float(cfg.beam), float(cfg.retry_beam), False
+    config.beam, config.retry_beam, config.careful = float(options.beam), float(options.retry_beam), False
     failed, example = 0, None
     for utt, graph, reason in progress(graphs, "align", total=total, unit="utterances"):
         if graph is None:
             yield utt, None, reason
             continue
         khg.add_transition_probs(
-            trans_model=model.trans_model, transition_scale=cfg.transition_scale, self_loop_scale=cfg.self_loop_scale, fst=graph
+            trans_model=model.trans_model, transition_scale=options.transition_scale, self_loop_scale=options.self_loop_scale, fst=graph
         )
         x = np.ascontiguousarray(feats[utt], dtype=np.float32)
-        decodable = khg.DecodableAmDiagGmmScaled(am=model.am, tm=model.trans_model, feats=x, scale=cfg.acoustic_scale)
+        decodable = khg.DecodableAmDiagGmmScaled(am=model.am, tm=model.trans_model, feats=x, scale=options.acoustic_scale)
         _, num_error, _, _, _, tids, _ = khg.align_utterance_wrapper(
-            config=config, utt=utt, acoustic_scale=cfg.acoustic_scale, fst=graph, decodable=decodable,
+            config=config, utt=utt, acoustic_scale=options.acoustic_scale, fst=graph, decodable=decodable,
             num_done=0, num_error=0, num_retried=0, tot_like=0.0, frame_count=0,
         )
         if num_error or len(tids) != len(x):
             failed, example = failed + 1, example or utt
-            yield utt, None, f"utterance {utt}: alignment failed even with retry_beam={cfg.retry_beam}"
+            yield utt, None, f"utterance {utt}: alignment failed even with retry_beam={options.retry_beam}"
             continue
         yield utt, np.asarray(tids, dtype=np.int32), None
     if failed:  # training goes on without them this pass; the final alignment accounts for them
@@ -255,11 +255,26 @@ def align_part(job: tuple) -> tuple[Alignments, dict[str, str]]:
     frames, or no alignment within retry_beam). A job reads its utterances' features from disk and
     writes its alignment to disk itself, as Kaldi's jobs do: nothing the size of the corpus goes
     through a pipe or stays in memory."""
-    model, graph_model, lang_dir, text, feats_dir, align_cfg, utts, path = job
+    model, graph_model, lang_dir, text, feats_dir, options, utts, path = job
     store = FeatureStore.load(Path(feats_dir))
     graphs = compile_graphs(Lang.load(Path(lang_dir)), graph_model, text, utts)  # FSTs do not pickle: each job compiles its own
-    results = equal_align(graphs, store) if align_cfg is None else align(model, graphs, store, OmegaConf.create(align_cfg), len(utts))
+    results = equal_align(graphs, store) if options is None else align(model, graphs, store, OmegaConf.create(options), len(utts))
     return write_alignments(results, Path(path))
+
+
+@dataclass(frozen=True)
+class AlignJobs:
+    """How alignments are made: the jobs (``jobs.*``), ``gmm.align``'s options and the lang dir
+    whose lexicon compiles the graphs."""
+
+    jobs: Jobs
+    options: dict
+    lang_dir: Path
+
+    @classmethod
+    def of(cls, cfg) -> "AlignJobs":
+        """The training lang's, as ``cfg`` says (``jobs.*``, ``gmm.align``, ``exp_dir``)."""
+        return cls(sections.jobs(cfg), OmegaConf.to_container(cfg.gmm.align, resolve=True), sections.layout(cfg).lang)
 
 
 class Aligner:
@@ -274,17 +289,15 @@ class Aligner:
     model aligning) is the model of that moment, so every realignment sees the graphs one job
     would have."""
 
-    def __init__(self, cfg, text: dict[str, str], feats_dir: Path, stage: str, graph_model: GmmModel | None = None,
-                 lang_dir: Path | None = None):
+    def __init__(self, how: AlignJobs, text: dict[str, str], feats_dir: Path, stage: str, graph_model: GmmModel | None = None):
         self.text, self.feats_dir, self.stage, self.graph_model = text, feats_dir, stage, graph_model
-        self.jobs, self.align_cfg = sections.jobs(cfg), OmegaConf.to_container(cfg.gmm.align, resolve=True)
-        self.lang_dir = str(lang_dir or sections.layout(cfg).lang)
+        self.jobs, self.align_options, self.lang_dir = how.jobs, how.options, str(how.lang_dir)
 
     def __call__(self, model: GmmModel, utts: list[str], out_dir: Path, equal: bool = False) -> tuple[Alignments, dict[str, str]]:
         """Alignments of ``utts`` (``equal``: the flat start's) in ``out_dir``, and the utterances dropped, with the reason."""
         graph_model = self.graph_model or model
-        align_cfg = None if equal else self.align_cfg
-        jobs = [(model, graph_model, self.lang_dir, {u: self.text[u] for u in part}, str(self.feats_dir), align_cfg, part,
+        options = None if equal else self.align_options
+        jobs = [(model, graph_model, self.lang_dir, {u: self.text[u] for u in part}, str(self.feats_dir), options, part,
                  str(Path(out_dir) / f"ali.{job}")) for job, part in enumerate(split(utts, self.jobs.nj))]  # one job runs here, in this process
         alignments, dropped = Alignments([], [], []), {}
         for part, part_dropped in map_jobs(self.jobs, align_part, jobs, self.stage):
@@ -293,13 +306,13 @@ class Aligner:
         return alignments, dropped
 
 
-def realigner(cfg, model: GmmModel, text: dict[str, str], utts: list[str], feats_dir: Path, stage: str,
+def realigner(how: AlignJobs, model: GmmModel, text: dict[str, str], utts: list[str], feats_dir: Path, stage: str,
               scratch: Path) -> Callable[[GmmModel], Alignments]:
     """The realignment step of GMM training for ``model`` (as it is now, before training: its
     graphs are compiled with it): an :class:`Aligner` over ``utts`` in ``jobs.nj`` jobs (one job
     runs in this process), every pass on the graphs of that moment, its files in a new directory
     under ``scratch``."""
-    aligner = Aligner(cfg, text, feats_dir, stage, graph_model=copy.deepcopy(model))
+    aligner = Aligner(how, text, feats_dir, stage, graph_model=copy.deepcopy(model))
     return lambda current: aligner(current, utts, Path(tempfile.mkdtemp(dir=scratch, prefix="ali.")))[0]
 
 
@@ -419,11 +432,11 @@ def gmm_stats_part(job: tuple) -> GmmStats:
     return gmm_stats(model, alignments.items(), FeatureStore.load(Path(feats_dir)))
 
 
-def accumulate(cfg, model: GmmModel, alignments: Alignments, feats_dir: Path, stage: str) -> tuple[khg.AccumAmDiagGmm, np.ndarray, float]:
+def accumulate(jobs: Jobs, model: GmmModel, alignments: Alignments, feats_dir: Path, stage: str) -> tuple[khg.AccumAmDiagGmm, np.ndarray, float]:
     """gmm-acc-stats-ali, one job per alignment job's file (Kaldi's ali.JOB -> JOB.acc), and
     gmm-sum-accs: the statistics of every job summed (exactly: the same for any nj), in Kaldi's
     accumulator; transition counts; the average log-likelihood of a frame."""
-    parts = map_jobs(sections.jobs(cfg), gmm_stats_part, [(model, str(feats_dir), part) for part in alignments.parts()], stage)
+    parts = map_jobs(jobs, gmm_stats_part, [(model, str(feats_dir), part) for part in alignments.parts()], stage)
     stats = sum(parts[1:], parts[0])
     return stats.accumulator(model), stats.transitions.astype(np.float64), stats.loglike / STATS_SCALE / max(stats.frames, 1)
 
@@ -446,15 +459,15 @@ def split_targets(occupancy: np.ndarray, current: np.ndarray, target: int, power
     return counts
 
 
-def mix_up(am: khg.AmDiagGmm, occupancy: np.ndarray, target: int, cfg, rng: np.random.Generator) -> None:
-    """Split Gaussians towards ``target`` in all (gmm-est --mix-up), with a seeded perturbation.
+def mix_up(am: khg.AmDiagGmm, occupancy: np.ndarray, target: int, mixup, rng: np.random.Generator) -> None:
+    """Split Gaussians towards ``target`` in all (gmm-est --mix-up; ``mixup``: ``gmm.mixup``), with a seeded perturbation.
 
     Kaldi's split perturbs the two halves' means by +/- perturb_factor standard deviations of
     noise; the wheel draws that noise from an unseedable std::random_device, which made every
     run's GMM, and so its alignment, differ. This does the same split with a numpy Generator.
     """
     current = np.array([am.get_pdf(i).num_gauss for i in range(am.num_pdfs)])
-    for pdf, count in enumerate(split_targets(occupancy, current, target, cfg.power, cfg.min_count)):
+    for pdf, count in enumerate(split_targets(occupancy, current, target, mixup.power, mixup.min_count)):
         gmm = am.get_pdf(pdf)
         if count <= gmm.num_gauss:
             continue
@@ -463,7 +476,7 @@ def mix_up(am: khg.AmDiagGmm, occupancy: np.ndarray, target: int, cfg, rng: np.r
         while len(weights) < count:
             k = int(np.argmax(weights))  # the heaviest component splits in two
             weights[k] /= 2
-            noise = rng.standard_normal(len(means[k])) * cfg.perturb_factor / np.sqrt(inv_vars[k])
+            noise = rng.standard_normal(len(means[k])) * mixup.perturb_factor / np.sqrt(inv_vars[k])
             weights.append(weights[k])
             means.append(means[k] + noise)
             inv_vars.append(inv_vars[k].copy())
@@ -474,35 +487,36 @@ def mix_up(am: khg.AmDiagGmm, occupancy: np.ndarray, target: int, cfg, rng: np.r
         gmm.compute_gconsts()
 
 
-def update(model: GmmModel, accs: khg.AccumAmDiagGmm, trans_stats: np.ndarray, target_gauss: int, cfg, rng: np.random.Generator) -> None:
-    """gmm-est: ML update of transitions and GMMs, then split Gaussians towards ``target_gauss``."""
+def update(model: GmmModel, accs: khg.AccumAmDiagGmm, trans_stats: np.ndarray, target_gauss: int, gmm, rng: np.random.Generator) -> None:
+    """gmm-est (``gmm``: the ``gmm`` section): ML update of transitions and GMMs, then split Gaussians towards ``target_gauss``."""
     model.trans_model.mle_update(trans_stats, khg.MleTransitionUpdateConfig())
     opts = khg.MleDiagGmmOptions()
-    opts.min_gaussian_occupancy = float(cfg.min_gaussian_occupancy)
+    opts.min_gaussian_occupancy = float(gmm.min_gaussian_occupancy)
     khg.mle_am_diag_gmm_update(config=opts, amdiag_gmm_acc=accs, flags=khg.str_to_gmm_flags("mvw"), am_gmm=model.am)
     occupancy = np.array([accs.get_acc(i).occupancy.sum() for i in range(accs.num_accs)])
     if target_gauss > model.am.num_gauss:
-        mix_up(model.am, occupancy, target_gauss, cfg.mixup, rng)
+        mix_up(model.am, occupancy, target_gauss, gmm.mixup, rng)
 
 
 def train_em(
-    model: GmmModel, realign: Callable[[GmmModel], Alignments], feats_dir: Path, alignments: Alignments, stage_cfg, cfg, name: str,
-    rng: np.random.Generator,
+    model: GmmModel, realign: Callable[[GmmModel], Alignments], feats_dir: Path, alignments: Alignments, schedule, gmm, jobs: Jobs,
+    name: str, rng: np.random.Generator,
 ) -> list:
-    """EM passes as train_mono.sh/train_deltas.sh: realign on realign_iters (a new pass's files
-    replace the last's: ``alignments`` and every pass after it are removed), grow Gaussians linearly."""
+    """EM passes as train_mono.sh/train_deltas.sh (``schedule``: ``gmm.mono`` or ``gmm.tri``): realign on
+    realign_iters (a new pass's files replace the last's: ``alignments`` and every pass after it are
+    removed), grow Gaussians linearly."""
     history = []
     start_gauss = model.am.num_gauss
-    for it in range(stage_cfg.num_iters):
+    for it in range(schedule.num_iters):
         tic = time.time()
-        if it in set(stage_cfg.realign_iters):
+        if it in set(schedule.realign_iters):
             new = realign(model)
             alignments.remove()
             alignments = new
-        accs, trans_stats, like = accumulate(cfg, model, alignments, feats_dir, f"train-gmm {name} stats")
-        grow = min(it + 1, max(1, stage_cfg.num_iters - 5)) / max(1, stage_cfg.num_iters - 5)
-        target = int(start_gauss + (stage_cfg.total_gauss - start_gauss) * grow)
-        update(model, accs, trans_stats, target, cfg.gmm, rng)
+        accs, trans_stats, like = accumulate(jobs, model, alignments, feats_dir, f"train-gmm {name} stats")
+        grow = min(it + 1, max(1, schedule.num_iters - 5)) / max(1, schedule.num_iters - 5)
+        target = int(start_gauss + (schedule.total_gauss - start_gauss) * grow)
+        update(model, accs, trans_stats, target, gmm, rng)
         history.append({"iter": it, "avg_loglike": like, "num_gauss": model.am.num_gauss, "aligned": len(alignments)})
         log.info("%s iter %d: avg log-like %.3f over %d utts, %d Gaussians (%.1fs)", name, it, like, len(alignments), model.am.num_gauss, time.time() - tic)
     alignments.remove()
@@ -528,10 +542,10 @@ def frame_contexts(table: np.ndarray, id2state: np.ndarray, tids: np.ndarray) ->
     return tree_lib.frame_events(phone, hmm_state, pdf_class)
 
 
-def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments: Alignments, feats: FeatureStore, cfg,
+def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments: Alignments, feats: FeatureStore, options,
                    scratch: Path) -> tuple[GmmModel, dict]:
     """Tree stats from the monophone alignment -> questions -> tree -> one Gaussian per leaf
-    (``scratch``: a dir for the statistics' working files, removed after)."""
+    (``options``: ``gmm.tree``; ``scratch``: a dir for the statistics' working files, removed after)."""
     table = transition_state_table(mono, topo)
     id2state = np.asarray(mono.trans_model.id2state, dtype=np.int64)
     phones, pdf_classes = int(table[:, 0].max()) + 1, int(table[:, 2].max()) + 1
@@ -540,10 +554,10 @@ def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments
                                            (phones, phones, phones, pdf_classes), scratch)
     id2phone = lang.id2phone
     position_sets = [[i for i in lang.real_phone_ids if id2phone[i].endswith(f"_{pos}")] for pos in POSITIONS]
-    questions = tree_lib.phone_questions(stats, lang.phone_sets, position_sets, cfg.var_floor)
+    questions = tree_lib.phone_questions(stats, lang.phone_sets, position_sets, options.var_floor)
     num_pdf_classes = dict(enumerate(topo.get_phone_to_num_pdf_classes()))
     root, leaves = tree_lib.build_tree(
-        stats, lang.phone_sets, num_pdf_classes, questions, cfg.max_leaves, cfg.min_count, cfg.min_gain, cfg.var_floor
+        stats, lang.phone_sets, num_pdf_classes, questions, options.max_leaves, options.min_count, options.min_gain, options.var_floor
     )
     data = tree_lib.to_kaldi_binary(root)
     tree = tree_lib.load_context_dependency(data)
@@ -552,9 +566,9 @@ def build_triphone(lang: Lang, mono: GmmModel, topo: khg.HmmTopology, alignments
     for leaf in leaves:
         c = stats.count[leaf.rows].sum()
         if c > 0:
-            gaussians.append(single_gaussian(c, stats.sum[leaf.rows].sum(0), stats.sumsq[leaf.rows].sum(0), cfg.var_floor))
+            gaussians.append(single_gaussian(c, stats.sum[leaf.rows].sum(0), stats.sumsq[leaf.rows].sum(0), options.var_floor))
         else:  # a phone/state never seen in training: the global Gaussian
-            gaussians.append(single_gaussian(count, total, sumsq, cfg.var_floor))
+            gaussians.append(single_gaussian(count, total, sumsq, options.var_floor))
     info = {"num_questions": len(questions), "num_leaves": len(leaves), "num_events": len(stats.count),
             "unseen_leaves": int(sum(stats.count[leaf.rows].sum() == 0 for leaf in leaves))}
     log.info("tree: %d leaves from %d context events and %d questions", len(leaves), len(stats.count), len(questions))
@@ -630,14 +644,15 @@ def train(cfg) -> dict:
     )
     global_gauss = single_gaussian(count, total, sumsq, cfg.gmm.tree.var_floor)
     mono = make_model(mono_tree, topo, [global_gauss] * mono_tree.num_pdfs)
+    how, jobs = AlignJobs.of(cfg), sections.jobs(cfg)
     with tempfile.TemporaryDirectory(dir=layout.exp, prefix="gmm_alignments.") as scratch:  # the passes' ali.JOB files
         scratch = Path(scratch)
-        alignments, dropped = Aligner(cfg, data.text, mfcc_dir, "train-gmm mono flat start")(
+        alignments, dropped = Aligner(how, data.text, mfcc_dir, "train-gmm mono flat start")(
             mono, utts, Path(tempfile.mkdtemp(dir=scratch, prefix="ali.")), equal=True)
         account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, layout.mono / "dropped.json")
         utts = [u for u in utts if u not in dropped]
-        realign = realigner(cfg, mono, data.text, utts, mfcc_dir, "train-gmm mono realign", scratch)
-        mono_history = train_em(mono, realign, mfcc_dir, alignments, cfg.gmm.mono, cfg, "mono", rng)
+        realign = realigner(how, mono, data.text, utts, mfcc_dir, "train-gmm mono realign", scratch)
+        mono_history = train_em(mono, realign, mfcc_dir, alignments, cfg.gmm.mono, cfg.gmm, jobs, "mono", rng)
         alignments = realign(mono)  # the final model's alignment feeds the tree
         mono.save(layout.mono)
         mono_time = time.time() - tic
@@ -645,8 +660,8 @@ def train(cfg) -> dict:
         tic = time.time()
         tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree, layout.exp)
         alignments.remove()
-        realign = realigner(cfg, tri, data.text, utts, mfcc_dir, "train-gmm tri realign", scratch)
-        tri_history = train_em(tri, realign, mfcc_dir, realign(tri), cfg.gmm.tri, cfg, "tri", rng)
+        realign = realigner(how, tri, data.text, utts, mfcc_dir, "train-gmm tri realign", scratch)
+        tri_history = train_em(tri, realign, mfcc_dir, realign(tri), cfg.gmm.tri, cfg.gmm, jobs, "tri", rng)
     tri.save(layout.gmm)
     tri_time = time.time() - tic
 
@@ -666,9 +681,9 @@ def run_align(cfg) -> None:
     decoding lang is made), so a set with new words needs no new lang dir, GMM or DNN; words
     without a usable pronunciation are named and their utterances dropped."""
     log = logging.getLogger(__name__)
-    layout = sections.layout(cfg)
+    layout, data_sets, how = sections.layout(cfg), sections.data_sets(cfg), AlignJobs.of(cfg)
     tri, trained = None, None
-    for name in sections.data_sets(cfg).processed():
+    for name in data_sets.processed():
         out_dir = layout.alignment(name)
         mfcc = layout.mfcc(name)
         stage = plan(f"align {name}", out_dir, sections.settings(cfg, ("gmm.align",)), {"model": layout.gmm, "lang": layout.lang, "data": layout.data_dir(name),
@@ -682,12 +697,12 @@ def run_align(cfg) -> None:
         set_utts = [u for u in set_data.utt_ids if u in set_feats]
         trained = Lang.load(layout.lang) if trained is None else trained
         words = {word for transcript in set_data.text.values() for word in transcript.split()}  # the data dir as read above
-        set_lang, missing = with_words(cfg, trained, words, layout.alignment_lang(name))
+        set_lang, missing = with_words(cfg.lang, layout.dictionary, trained, words, layout.alignment_lang(name))
         for word, reason in sorted(missing.items()):
             log.warning("align %s: word %s has no pronunciation the model can use (%s); its utterances are dropped", name, word, reason)
         with tempfile.TemporaryDirectory(dir=layout.exp, prefix=f"ali_{name}.") as scratch:  # the jobs' ali.JOB files
-            set_alignments, dropped = Aligner(cfg, set_data.text, mfcc, f"align {name}", lang_dir=set_lang.directory)(tri, set_utts, Path(scratch))
-            scored_only = sections.data_sets(cfg).scoring_only(name)
+            set_alignments, dropped = Aligner(replace(how, lang_dir=set_lang.directory), set_data.text, mfcc, f"align {name}")(tri, set_utts, Path(scratch))
+            scored_only = data_sets.scoring_only(name)
             account_dropped(f"align {name}" + (" (scored only: drops never stop the stage)" if scored_only else ""),
                             len(set_utts), dropped, 1.0 if scored_only else cfg.prep.max_drop_fraction, out_dir / "dropped.json")
             counts = store_alignment(tri, set_alignments, set_feats, out_dir)

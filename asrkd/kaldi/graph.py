@@ -17,13 +17,15 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import kaldi_hmm_gmm as khg  # noqa: F401  (import order: kaldi_hmm_gmm, then kaldi_decoder, then kaldilm)
 import kaldifst
 
 from asrkd import sections
-from asrkd.data import read_table
+from asrkd.data import Split, read_table
 from asrkd.files import atomic_write, copy_file, file_digest, write_text
 from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.lang import Lang, dictionary_digest, read_symbol_table, with_words
@@ -44,16 +46,15 @@ def lm_text(transcripts: dict[str, str], lang: Lang) -> tuple[list[str], dict[st
     return sentences, dropped
 
 
-def lm_exclusions(cfg) -> set[str]:
-    """The utterances whose sentences the LM must not see (``graph.lm_exclude_valid``): those of
-    the set that chooses the LM weight (``decode.tuning_set``): the validation speakers' when it
-    is ``valid``, else the utterances of that data dir."""
-    if not cfg.graph.lm_exclude_valid:
+def lm_exclusions(exclude: bool, tuning_set: str, split: Split) -> set[str]:
+    """The utterances whose sentences the LM must not see (``exclude``: ``graph.lm_exclude_valid``):
+    those of the set that chooses the LM weight (``decode.tuning_set``): the validation speakers'
+    (``split``) when it is ``valid``, else the utterances of that data dir."""
+    if not exclude:
         return set()
-    tuning = str(cfg.decode.tuning_set)
-    if tuning == "valid":
-        return set(sections.split(cfg).utterances()[1])
-    return set(read_table(sections.layout(cfg).data_dir(tuning) / "text"))
+    if tuning_set == "valid":
+        return set(split.utterances()[1])
+    return set(read_table(split.data_dir / tuning_set / "text"))
 
 
 GRAPH_KEYS = ("graph.lm_data", "graph.lm_exclude_valid", "graph.lm_order", "graph.transition_scale", "graph.self_loop_scale",
@@ -61,9 +62,50 @@ GRAPH_KEYS = ("graph.lm_data", "graph.lm_exclude_valid", "graph.lm_order", "grap
 GRAPH_OPTIONAL_KEYS = {"decode.tuning_set": "valid", "graph.lm_arpa": None, "graph.lm_text": []}  # recorded when set: older graphs stay current
 
 
-def arpa_path(cfg) -> Path:
-    """The graph's LM: a copy of the user's ARPA (``graph.lm_arpa``), or the one trained on ``graph.lm_data``."""
-    return sections.layout(cfg).graph / ("lm.arpa" if cfg.graph.lm_arpa else f"lm_{int(cfg.graph.lm_order)}gram.arpa")
+NO_PRONUNCIATION = "in the LM, without a usable pronunciation"
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """The LM of the graph in ``graph_dir`` as the ``graph`` section (``options``) asks for it."""
+
+    graph_dir: Path
+    options: Any
+
+    @property
+    def arpa(self) -> Path:
+        """The graph's LM: a copy of the user's ARPA (``graph.lm_arpa``), or the one trained on ``graph.lm_data``."""
+        return self.graph_dir / ("lm.arpa" if self.options.lm_arpa else f"lm_{int(self.options.lm_order)}gram.arpa")
+
+    def vocabulary(self) -> set[str]:
+        """The words the graph can output: its LM's unigrams that its lexicon (words.txt) holds. A
+        lexicon word the LM never saw has no arc in G, nor an LM word without a pronunciation."""
+        if not self.arpa.is_file():
+            raise FileNotFoundError(f"{self.arpa}: no LM; run make-graph")
+        return arpa_unigrams(self.arpa) & set(read_symbol_table(self.graph_dir / "words.txt"))
+
+    def description(self) -> str:
+        """Which LM the graph decodes with, in words (the report's): the user's ARPA with its order, or
+        the n-gram trained here and on what."""
+        options = self.options
+        if options.lm_arpa:
+            return f"the ARPA LM {options.lm_arpa} ({arpa_order(self.arpa)}-gram, graph.lm_arpa)"
+        extra = f" and {len(options.lm_text)} text file{'s' if len(options.lm_text) > 1 else ''} (graph.lm_text)" if options.lm_text else ""
+        left_out = ", the tuning set's sentences left out" if options.lm_exclude_valid else ""
+        return f"a {int(options.lm_order)}-gram LM trained on {options.lm_data}'s transcripts{extra}{left_out}"
+
+    def words_left_out(self) -> dict[str, str]:
+        """The LM's words the graph cannot output (make-graph left them out of the decoding lang), each
+        with make-graph's reason: no pronunciation in the dictionary or CMUdict, or one on phones
+        outside the acoustic model's phone set."""
+        outside = arpa_unigrams(self.arpa) - set(read_symbol_table(self.graph_dir / "words.txt"))
+        recorded = input_record(self.graph_dir)["summary"].get("lm_words_left_out") or {}
+        return {word: f"{NO_PRONUNCIATION} ({recorded[word]})" if word in recorded else NO_PRONUNCIATION for word in sorted(outside)}
+
+
+def language_model(cfg) -> LanguageModel:
+    """The graph's LM as ``cfg`` asks for it (``exp_dir``, ``graph.*``)."""
+    return LanguageModel(sections.layout(cfg).graph, cfg.graph)
 
 
 def arpa_unigrams(path: Path) -> set[str]:
@@ -81,44 +123,11 @@ def arpa_unigrams(path: Path) -> set[str]:
     return words - {"<s>", "</s>", "<unk>", "<UNK>"}
 
 
-def lm_vocabulary(cfg) -> set[str]:
-    """The words the graph can output: its LM's unigrams that its lexicon (words.txt) holds. A
-    lexicon word the LM never saw has no arc in G, nor an LM word without a pronunciation."""
-    path = arpa_path(cfg)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no LM; run make-graph")
-    return arpa_unigrams(path) & set(read_symbol_table(sections.layout(cfg).graph / "words.txt"))
-
-
 def arpa_order(path: Path) -> int:
     """An ARPA file's n-gram order: the highest n its \\data\\ header counts."""
     with open(path, encoding="utf-8") as arpa:
         orders = [int(line.split("=")[0].split()[1]) for line in arpa if line.startswith("ngram ")]
     return max(orders)
-
-
-def lm_description(cfg) -> str:
-    """Which LM the graph decodes with, in words (the report's): the user's ARPA with its order, or
-    the n-gram trained here and on what."""
-    gcfg = cfg.graph
-    if gcfg.lm_arpa:
-        return f"the ARPA LM {gcfg.lm_arpa} ({arpa_order(arpa_path(cfg))}-gram, graph.lm_arpa)"
-    extra = f" and {len(gcfg.lm_text)} text file{'s' if len(gcfg.lm_text) > 1 else ''} (graph.lm_text)" if gcfg.lm_text else ""
-    left_out = ", the tuning set's sentences left out" if gcfg.lm_exclude_valid else ""
-    return f"a {int(gcfg.lm_order)}-gram LM trained on {gcfg.lm_data}'s transcripts{extra}{left_out}"
-
-
-NO_PRONUNCIATION = "in the LM, without a usable pronunciation"
-
-
-def lm_words_left_out(cfg) -> dict[str, str]:
-    """The LM's words the graph cannot output (make-graph left them out of the decoding lang), each
-    with make-graph's reason: no pronunciation in the dictionary or CMUdict, or one on phones
-    outside the acoustic model's phone set."""
-    layout = sections.layout(cfg)
-    outside = arpa_unigrams(arpa_path(cfg)) - set(read_symbol_table(layout.graph / "words.txt"))
-    recorded = input_record(layout.graph)["summary"].get("lm_words_left_out") or {}
-    return {word: f"{NO_PRONUNCIATION} ({recorded[word]})" if word in recorded else NO_PRONUNCIATION for word in sorted(outside)}
 
 
 def train_arpa(sentences: list[str], order: int, out_dir: Path) -> Path:
@@ -218,26 +227,26 @@ def run(cfg) -> None:
     stage = plan("make-graph", out_dir, sections.settings(cfg, GRAPH_KEYS), inputs, sections.optional_values(cfg, GRAPH_OPTIONAL_KEYS) | ({"lm_files": files} if files else {}))
     if stage.up_to_date:
         return
-    trained = Lang.load(layout.lang)
+    trained, lm = Lang.load(layout.lang), language_model(cfg)
     if user_arpa:
-        copy_file(user_arpa, arpa_path(cfg))
+        copy_file(user_arpa, lm.arpa)
         wanted = arpa_unigrams(user_arpa)
         texts: dict[str, str] = {}
     else:
         transcripts = read_table(data_dir / gcfg.lm_data / "text")
-        excluded = lm_exclusions(cfg)  # the set that chooses the LM weight: keep its text unseen
+        excluded = lm_exclusions(bool(gcfg.lm_exclude_valid), tuning, sections.split(cfg))  # the set that chooses the LM weight: keep its text unseen
         texts = {u: t for u, t in transcripts.items() if u not in excluded}
         texts |= {f"{path}:{n}": line.strip() for path in extra_text
                   for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()}
         wanted = {w for text in texts.values() for w in text.split()}
-    lang, missing = with_words(cfg, trained, wanted, layout.decoding_lang)
+    lang, missing = with_words(cfg.lang, layout.dictionary, trained, wanted, layout.decoding_lang)
     if missing:
         log.warning("make-graph: %d LM word(s) without a usable pronunciation are left out of the graph (%s), e.g. %s",
                     len(missing), next(iter(missing.values())), " ".join(sorted(missing)[:10]))
     sentences, dropped = ([], {}) if user_arpa else lm_text(texts, lang)
     if dropped:
         log.warning("make-graph: %d LM sentences left out (%s)", len(dropped), next(iter(dropped.values())))
-    arpa = arpa_path(cfg) if user_arpa else train_arpa(sentences, gcfg.lm_order, out_dir)
+    arpa = lm.arpa if user_arpa else train_arpa(sentences, gcfg.lm_order, out_dir)
     g = arpa_to_g(arpa, lang.directory / "words.txt", out_dir / "G.fst")
     model = GmmModel.load(layout.gmm)
     hclg = make_hclg(lang, model, g, cfg.graph.self_loop_scale, cfg.graph.transition_scale)

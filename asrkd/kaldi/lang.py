@@ -350,16 +350,16 @@ def prepare_lang(
     return lang
 
 
-def with_words(cfg, lang: Lang, words: set[str], out_dir: Path) -> tuple[Lang, dict[str, str]]:
+def with_words(options, dict_dir: Path, lang: Lang, words: set[str], out_dir: Path) -> tuple[Lang, dict[str, str]]:
     """A decoding or alignment lang (Kaldi's lang_test): ``lang`` with ``words`` added, written to
-    ``out_dir`` (``lang`` itself when it has them all, or none of the others can be pronounced). Their pronunciations come from the dictionary, then
-    CMUdict, on ``lang``'s phones with their ids (the acoustic model's); returns it and, per
-    word left out, the reason."""
+    ``out_dir`` (``lang`` itself when it has them all, or none of the others can be pronounced). Their pronunciations come from the dictionary
+    (``dict_dir``), then CMUdict (``options``: the ``lang`` section), on ``lang``'s phones with their ids (the acoustic model's);
+    returns it and, per word left out, the reason."""
     new = {w for w in words if w not in lang.words}
     if not new:
         return lang, {}
-    dictionary = Dictionary.read(sections.layout(cfg).dictionary, cfg.lang.silence_phone)
-    fallback = read_sphinx_dict(cmudict_path()) if cfg.lang.use_cmudict else {}
+    dictionary = Dictionary.read(dict_dir, options.silence_phone)
+    fallback = read_sphinx_dict(cmudict_path()) if options.use_cmudict else {}
     added, missing = build_lexicon(new, dictionary.lexicon, fallback, dictionary.nonsilence_phones)
     silence = frozenset(lang.silence_phones)
     usable: dict[str, list[list[str]]] = {}
@@ -372,8 +372,8 @@ def with_words(cfg, lang: Lang, words: set[str], out_dir: Path) -> tuple[Lang, d
     if not usable:
         return lang, missing
     trained = {word: [[base_phone(p) for p in pron] for pron in prons] for word, prons in lang.lexicon.items() if word != SILENCE_WORD}
-    extended = prepare_lang(trained | usable, out_dir, dictionary.optional_silence, cfg.lang.sil_prob, cfg.lang.num_sil_states,
-                            cfg.lang.num_nonsil_states, lang.silence_phones, phone_table=lang.phones)
+    extended = prepare_lang(trained | usable, out_dir, dictionary.optional_silence, options.sil_prob, options.num_sil_states,
+                            options.num_nonsil_states, lang.silence_phones, phone_table=lang.phones)
     return extended, missing
 
 

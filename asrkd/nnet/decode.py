@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +27,21 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd import sections
-from asrkd.data import DataDir, read_table
+from asrkd.data import DataDir, DataSets, Split, read_table
 from asrkd.drops import account_dropped
 from asrkd.files import write_json, write_text
 from asrkd.jobs import map_jobs, split
 from asrkd.kaldi.decode import (check_scores, choice_margin, choose_weights, decode_lattice, gmm_loglikes, log_priors, read_graph, sweep,
                                 transition_id_matrix, unseen_sentences, utterance_errors, word_error_rate)
 from asrkd.kaldi.gmm import GmmModel
-from asrkd.kaldi.graph import lm_vocabulary
+from asrkd.kaldi.graph import language_model
 from asrkd.kaldi.lang import read_symbol_table
+from asrkd.layout import Layout
 from asrkd.nnet.model import SplicedFrames
 from asrkd.nnet.train import load_system, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.progress import progress
-from asrkd.stage import Stage, plan, read_record
+from asrkd.stage import Settings, Stage, plan, read_record
 from asrkd.stores import FeatureStore, write_kaldi_matrices
 
 log = logging.getLogger(__name__)
@@ -116,84 +118,99 @@ def decode_part(job: tuple[dict, str, dict[str, str], list[tuple[str, str]]]) ->
 DECODE_OPTIONAL_KEYS = {"eval_sets": ["test"], "decode.tuning_set": "valid", "decode.unseen_sentences": ["test"]}
 
 
-def scored_sets(cfg) -> dict[str, tuple[str, dict[str, str]]]:
+def scored_sets(data_sets: DataSets, split: Split) -> dict[str, tuple[str, dict[str, str]]]:
     """{set: (its feature store, its references)}: the tuning set (``valid``: train's held-out
-    speakers, or a data dir), then every eval set."""
-    data_dir = Path(cfg.data_dir)
-    tuning = sections.data_sets(cfg).tuning
-    if tuning == "valid":
-        _, valid_utts = sections.split(cfg).utterances()
+    speakers of ``split``, or a data dir), then every eval set."""
+    data_dir = split.data_dir
+    if data_sets.tuning == "valid":
+        _, valid_utts = split.utterances()
         train_text = read_table(data_dir / "train" / "text")
         sets = {"valid": ("train", {u: train_text[u] for u in valid_utts})}
     else:
-        sets = {tuning: (tuning, DataDir.read(data_dir / tuning).text)}
-    for name in sections.data_sets(cfg).evaluated:
+        sets = {data_sets.tuning: (data_sets.tuning, DataDir.read(data_dir / data_sets.tuning).text)}
+    for name in data_sets.evaluated:
         sets[name] = (name, DataDir.read(data_dir / name).text)
     for name, (_, refs) in sets.items():
         if not refs:
             raise ValueError(f"{data_dir / name}: no transcripts (text) to score against; decode needs them")
-    unknown = sorted(set(cfg.decode.unseen_sentences) - set(sections.data_sets(cfg).evaluated))
-    if unknown:
-        raise ValueError(f"decode.unseen_sentences names {unknown}, which are not in eval_sets {list(sections.data_sets(cfg).evaluated)}")
     return sets
 
 
-def decode_stage(cfg, system: str, sets: dict[str, tuple[str, dict[str, str]]], writer: bool = True, extend: bool = False) -> Stage:
-    """The decode stage of ``system`` over ``sets`` (its inputs: the model, graph, priors and each set's data and features)."""
-    exp, data_dir, layout = Path(cfg.exp_dir), Path(cfg.data_dir), sections.layout(cfg)
-    kind = "mfcc" if system == "gmm" else "fbank"
-    stores = list(dict.fromkeys(store for store, _ in sets.values()))
-    models = {"model": layout.gmm} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(exp, system)}
-    inputs = {**models, "graph": layout.graph, "priors": layout.alignment("train"), "train": data_dir / "train",
-              **{store: data_dir / store for store in stores}, **{f"{store} features": layout.features(kind, store) for store in stores}}
-    return plan(f"decode {system}", layout.decode(system), sections.settings(cfg, DECODE_KEYS), inputs,
-                {"system": system, **sections.optional_values(cfg, DECODE_OPTIONAL_KEYS)}, writer=writer, extend=extend)
+@dataclass(frozen=True)
+class DecodePlan:
+    """The decode stages of a config: where they write (``layout``), what their fingerprints hold
+    (``settings``: DECODE_KEYS; ``optional``: the DECODE_OPTIONAL_KEYS set away from their defaults)
+    and which sets they score (``data_sets``)."""
+
+    layout: Layout
+    settings: Settings
+    optional: dict
+    data_sets: DataSets
+
+    def stage(self, system: str, sets: dict[str, tuple[str, dict[str, str]]], writer: bool = True, extend: bool = False) -> Stage:
+        """The decode stage of ``system`` over ``sets`` (its inputs: the model, graph, priors and each set's data and features)."""
+        layout = self.layout
+        kind = "mfcc" if system == "gmm" else "fbank"
+        stores = list(dict.fromkeys(store for store, _ in sets.values()))
+        models = {"model": layout.gmm} if system == "gmm" else {f"model {d.name}": d for d in system_dirs(layout.exp, system)}
+        inputs = {**models, "graph": layout.graph, "priors": layout.alignment("train"), "train": layout.data_dir("train"),
+                  **{store: layout.data_dir(store) for store in stores}, **{f"{store} features": layout.features(kind, store) for store in stores}}
+        return plan(f"decode {system}", layout.decode(system), self.settings, inputs, {"system": system, **self.optional},
+                    writer=writer, extend=extend)
+
+    def decoded_before(self, system: str, sets: dict[str, tuple[str, dict[str, str]]], unseen: set[str]) -> list[str] | None:
+        """The eval sets of ``system``'s decode when it is complete and current for the config but for
+        eval sets added since (as Kaldi decodes a new set into a directory of its own, nothing else
+        is redone: the LM weight stays the one chosen on the tuning set); else None. ``sets``: the
+        config's scored sets (:func:`scored_sets`), of which the earlier ones are a part; ``unseen``:
+        ``decode.unseen_sentences``. ``redo`` remakes only what changed, here as in every stage: the
+        earlier sets' decode is kept when it is current, and redone whole when its model, graph or
+        code changed."""
+        record = read_record(self.layout.decode(system))
+        if record is None:
+            return None
+        default = DECODE_OPTIONAL_KEYS["eval_sets"]
+        before, now = record["config"].get("eval_sets", default), self.data_sets.evaluated
+        if not set(before) < set(now) or unseen - set(before):
+            return None
+        earlier = replace(self, optional={key: value for key, value in self.optional.items() if key != "eval_sets"}
+                          | ({} if list(before) == default else {"eval_sets": list(before)}))
+        earlier_sets = {name: sets[name] for name in (self.data_sets.tuning, *before)}
+        return before if earlier.stage(system, earlier_sets, writer=False).up_to_date else None
 
 
-def decoded_before(cfg, system: str, sets: dict[str, tuple[str, dict[str, str]]]) -> list[str] | None:
-    """The eval sets of ``system``'s decode when it is complete and current for the config but for
-    eval sets added since (as Kaldi decodes a new set into a directory of its own, nothing else
-    is redone: the LM weight stays the one chosen on the tuning set); else None. ``sets``: the
-    config's scored sets (:func:`scored_sets`), of which the earlier ones are a part. ``redo``
-    remakes only what changed, here as in every stage: the earlier sets' decode is kept when it is
-    current, and redone whole when its model, graph or code changed."""
-    record = read_record(sections.layout(cfg).decode(system))
-    if record is None:
-        return None
-    before, now = record["config"].get("eval_sets", DECODE_OPTIONAL_KEYS["eval_sets"]), sections.data_sets(cfg).evaluated
-    if not set(before) < set(now) or set(cfg.decode.unseen_sentences) - set(before):
-        return None
-    earlier = OmegaConf.merge(cfg, {"eval_sets": before})
-    earlier_sets = {name: sets[name] for name in (sections.data_sets(cfg).tuning, *before)}
-    return before if decode_stage(earlier, system, earlier_sets, writer=False).up_to_date else None
-
-
-def run(cfg) -> None:
-    """Stage 6: decode every system of ``decode.systems`` (the GMM, DNNs, ensembles) on the tuning
-    set and every eval set, each set's utterances split over ``jobs.nj`` jobs; the LM weight and
-    insertion penalty are chosen on the tuning set and applied to the eval sets. A decode that is
-    current but for eval sets added since decodes those alone, with the weights it chose."""
-    data_dir, layout = Path(cfg.data_dir), sections.layout(cfg)
+def run(cfg, systems: list[str] | None = None) -> None:
+    """Stage 6: decode every system of ``decode.systems`` (or ``systems``: an experiment's, each
+    once, in order; the GMM, DNNs, ensembles) on the tuning set and every eval set, each set's
+    utterances split over ``jobs.nj`` jobs; the LM weight and insertion penalty are chosen on the
+    tuning set and applied to the eval sets. A decode that is current but for eval sets added
+    since decodes those alone, with the weights it chose."""
+    layout, data_sets, jobs_of = sections.layout(cfg), sections.data_sets(cfg), sections.jobs(cfg)
     dcfg = cfg.decode
+    unseen = {str(name) for name in dcfg.unseen_sentences}
+    if unseen - set(data_sets.evaluated):
+        raise ValueError(f"decode.unseen_sentences names {sorted(unseen - set(data_sets.evaluated))}, which are not in "
+                         f"eval_sets {list(data_sets.evaluated)}")
     id2word = {i: w for w, i in read_symbol_table(layout.graph / "words.txt").items()}
-    lm_text = read_table(data_dir / cfg.graph.lm_data / "text")
-    sets = scored_sets(cfg)
-    tuning, evaluated = sections.data_sets(cfg).tuning, sections.data_sets(cfg).evaluated
+    lm_text = read_table(layout.data_dir(str(cfg.graph.lm_data)) / "text")
+    sets = scored_sets(data_sets, sections.split(cfg))
+    tuning, evaluated = data_sets.tuning, data_sets.evaluated
+    decode_plan = DecodePlan(layout, sections.settings(cfg, DECODE_KEYS), sections.optional_values(cfg, DECODE_OPTIONAL_KEYS), data_sets)
     settings = OmegaConf.to_container(cfg, resolve=True)
     stores = {set_name: store for set_name, (store, _) in sets.items()}
 
-    for system in dcfg.systems:
+    for system in (dcfg.systems if systems is None else list(dict.fromkeys(systems))):
         out_dir = layout.decode(system)
-        before = decoded_before(cfg, system, sets)
-        stage = decode_stage(cfg, system, sets, extend=before is not None)
+        before = decode_plan.decoded_before(system, sets, unseen)
+        stage = decode_plan.stage(system, sets, extend=before is not None)
         if stage.up_to_date:
             continue
         decoding = {name: refs for name, (_, refs) in sets.items() if before is None or name not in (tuning, *before)}
         if before is not None:
             log.info("decode %s: %s added to %s; the sets decoded before and their LM weight stay", system, ", ".join(decoding), out_dir)
         pairs = [(set_name, utt) for set_name, refs in decoding.items() for utt in sorted(refs)]
-        jobs = [(settings, system, stores, part) for part in split(pairs, sections.jobs(cfg).nj)]
-        results = map_jobs(sections.jobs(cfg), decode_part, jobs, f"decode {system}", threads=int(cfg.train.num_threads))
+        jobs = [(settings, system, stores, part) for part in split(pairs, jobs_of.nj)]
+        results = map_jobs(jobs_of, decode_part, jobs, f"decode {system}", threads=int(cfg.train.num_threads))
         hyps, decode_seconds, audio_seconds = {}, 0.0, 0.0
         for set_name, refs in decoding.items():
             dropped, matrices, hyps[set_name] = {}, {}, {}
@@ -209,7 +226,7 @@ def run(cfg) -> None:
                             out_dir / f"dropped_{set_name}.json")
             if matrices:
                 write_kaldi_matrices(out_dir / f"loglikes_{set_name}.ark", out_dir / f"loglikes_{set_name}.scp", matrices.items())
-        vocabulary = lm_vocabulary(cfg) & set(id2word.values())
+        vocabulary = language_model(cfg).vocabulary() & set(id2word.values())
         oov = sorted({w for name in evaluated for t in sets[name][1].values() for w in t.split() if w not in vocabulary})
         if oov:  # they count as errors: no path of the graph can output them (the report gives each set's rate)
             log.warning("decode %s: references hold %d word types outside the LM's vocabulary: %s", system, len(oov), oov[:10])
@@ -244,8 +261,3 @@ def run(cfg) -> None:
                  100 * result[tuning]["wer"], ", ".join(f"{name} WER {100 * result[name]['wer']:.2f}%" for name in evaluated),
                  result["real_time_factor"])
         stage.commit(**{f"{name}_wer": result[name]["wer"] for name in evaluated}, lmwt=best[0], word_ins_penalty=best[1])
-
-
-def decode_systems(cfg, systems: list[str]) -> None:
-    """Stage 6 for exactly ``systems`` (each once, in order): what every experiment's decode stage runs."""
-    run(OmegaConf.merge(cfg, {"decode": {"systems": list(dict.fromkeys(systems))}}))

@@ -20,57 +20,62 @@ from pathlib import Path
 
 from asrkd import sections
 from asrkd.data import DataDir, speaker_folds
+from asrkd.layout import Layout
 from asrkd.parallel import pick_device
 from asrkd.nnet.train import Model, TrainingSet, train_stage
 
 log = logging.getLogger(__name__)
 
 
-def member_dirs(cfg, name: str | None = None) -> list[Path]:
-    return [sections.layout(cfg).model(name or cfg.ensemble.name) / f"member-{i}" for i in range(cfg.ensemble.size)]
+def member_dirs(layout: Layout, name: str, size: int) -> list[Path]:
+    """exp/dnn/<name>/member-<i>: the ``size`` members of ensemble ``name``."""
+    return [layout.model(name) / f"member-{i}" for i in range(int(size))]
 
 
-def member_seeds(cfg) -> list[int]:
-    """The seed of each member's initial weights: ``ensemble.first_seed + i``, or ``seed + 1 + i``
-    (a second ensemble from other draws needs other seeds, the validation split staying as it is)."""
-    first = cfg.ensemble.first_seed
-    first = int(cfg.seed) + 1 if first is None else int(first)
-    return [first + i for i in range(int(cfg.ensemble.size))]
+def member_seeds(options, seed: int) -> list[int]:
+    """The seed of each member's initial weights (``options``: the ``ensemble`` section):
+    ``ensemble.first_seed + i``, or ``seed + 1 + i`` (a second ensemble from other draws needs
+    other seeds, the validation split staying as it is)."""
+    first = int(seed) + 1 if options.first_seed is None else int(options.first_seed)
+    return [first + i for i in range(int(options.size))]
 
 
-def held_out_speakers(cfg, training: TrainingSet) -> list[list[str]]:
-    """Per member, the training speakers it must not see (empty lists without cross-fitting)."""
-    folds = int(cfg.ensemble.folds)
+def held_out_speakers(options, seed: int, full: DataDir, training: TrainingSet) -> list[list[str]]:
+    """Per member, the training speakers it must not see (empty lists without cross-fitting;
+    ``options``: the ``ensemble`` section; ``full``: the train data dir)."""
+    folds = int(options.folds)
     if folds == 0:
-        return [[] for _ in range(cfg.ensemble.size)]
-    full = DataDir.read(Path(cfg.data_dir) / "train")
-    speakers = speaker_folds([full.utt2spk[u] for u in training.train_utts if u in full.utt2spk], folds, int(cfg.seed))
-    return [speakers[i % folds] for i in range(cfg.ensemble.size)]
+        return [[] for _ in range(options.size)]
+    speakers = speaker_folds([full.utt2spk[u] for u in training.train_utts if u in full.utt2spk], folds, int(seed))
+    return [speakers[i % folds] for i in range(options.size)]
 
 
-def fused(cfg) -> bool:
-    """``ensemble.fused``: true, false, or auto (fused on a GPU; one after another on CPU, where
-    the fused step is no faster: results/bench/train_throughput_cpu.json). Cross-fitted
-    members train on different frames, so they never fuse."""
-    setting = str(cfg.ensemble.fused).lower()
+def fused(options, device: str) -> bool:
+    """``ensemble.fused`` (``options``: the ``ensemble`` section): true, false, or auto (fused on a
+    GPU, ``device`` being ``train.device``; one after another on CPU, where the fused step is no
+    faster: results/bench/train_throughput_cpu.json). Cross-fitted members train on different
+    frames, so they never fuse."""
+    setting = str(options.fused).lower()
     if setting not in ("auto", "true", "false"):
-        raise ValueError(f"ensemble.fused must be auto, true or false, got {cfg.ensemble.fused!r}")
-    if int(cfg.ensemble.folds):
+        raise ValueError(f"ensemble.fused must be auto, true or false, got {options.fused!r}")
+    if int(options.folds):
         if setting == "true":
-            log.warning("ensemble.folds=%s: cross-fitted members see different frames and train one after another", cfg.ensemble.folds)
+            log.warning("ensemble.folds=%s: cross-fitted members see different frames and train one after another", options.folds)
         return False
     if setting == "auto":
-        return pick_device(cfg.train.device).type == "cuda"
+        return pick_device(device).type == "cuda"
     return setting == "true"
 
 
 def run(cfg) -> None:
     """Stage (run_distill.sh): train every member that is not complete, fused or one after another."""
-    training = TrainingSet(cfg)
-    full = DataDir.read(Path(cfg.data_dir) / "train")
-    data = DataDir.read(Path(cfg.data_dir) / cfg.train.data)
+    training, layout, options = TrainingSet(cfg), sections.layout(cfg), cfg.ensemble
+    full = DataDir.read(layout.data_dir("train"))
+    data = DataDir.read(layout.data_dir(str(cfg.train.data)))
+    members = zip(member_dirs(layout, options.name, options.size), held_out_speakers(options, cfg.seed, full, training),
+                  member_seeds(options, cfg.seed))
     models = []
-    for i, (out_dir, held_out, seed) in enumerate(zip(member_dirs(cfg), held_out_speakers(cfg, training), member_seeds(cfg))):
+    for i, (out_dir, held_out, seed) in enumerate(members):
         hidden = set(held_out)
         model = Model(f"train-ensemble {cfg.ensemble.name} member {i}", out_dir, init_seed=seed,
                       values={"member": i, "held_out_speakers": held_out})
@@ -80,4 +85,4 @@ def run(cfg) -> None:
         else:
             models.append(model)
     if models:
-        train_stage(cfg, models, training, keys=("ensemble.folds",), fused=fused(cfg))
+        train_stage(cfg, models, training, keys=("ensemble.folds",), fused=fused(options, cfg.train.device))

@@ -19,9 +19,9 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -201,8 +201,26 @@ def epoch_order(train_idx: np.ndarray, rng: np.random.Generator, block_frames: i
     return np.concatenate([rng.permutation(blocks[b]) for b in rng.permutation(len(blocks))]) if blocks else frames
 
 
-def model_seed(cfg, replicate: int) -> int:
-    return int(cfg.seed) + REPLICATE_SEED_STRIDE * replicate
+def model_seed(seed: int, replicate: int) -> int:
+    """Replicate ``replicate``'s seed of its weights, frame order and dropout (``seed``: the config's)."""
+    return int(seed) + REPLICATE_SEED_STRIDE * replicate
+
+
+@dataclass(frozen=True)
+class TrainSections:
+    """What the training loop reads of the config: the ``train`` and ``model`` sections, ``seed``,
+    ``eval.batch_size``, and the epochs (``train.epochs``, or a student's ``distill.epochs``)."""
+
+    train: Any
+    model: Any
+    seed: int
+    eval_batch_size: int
+    epochs: int
+
+    @classmethod
+    def of(cls, cfg, epochs: int | None = None) -> "TrainSections":
+        """``cfg``'s, with ``epochs`` in place of ``train.epochs`` when given."""
+        return cls(cfg.train, cfg.model, int(cfg.seed), int(cfg.eval.batch_size), int(cfg.train.epochs if epochs is None else epochs))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -269,20 +287,21 @@ class TrainStep:
     own ``augment`` (images: jitter) comes first and is such a view too, so a teacher on the
     fly can score what the model saw."""
 
-    def __init__(self, cfg, net: torch.nn.Module, data: FrameData, loss_fn: LossFn | None, hard: torch.Tensor,
+    def __init__(self, train, net: torch.nn.Module, data: FrameData, loss_fn: LossFn | None, hard: torch.Tensor,
                  views: ViewSpec | None = None):
+        """``train``: the ``train`` section (the optimizer, autocast, compile, warm-up, max-norm)."""
         self.data, self.loss_fn, self.hard = data, loss_fn, hard
         self.views = views if views is not None and views.active else None
         self.stacked = isinstance(net, StackedDNN)
-        self.optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(cfg.train), weight_decay=cfg.train.weight_decay,
-                                          fused=fused_adam(cfg.train, hard.device))
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(train), weight_decay=train.weight_decay,
+                                          fused=fused_adam(train, hard.device))
         self.forward = wrap(net)
-        if cfg.train.compile:
-            self.forward = torch.compile(self.forward, backend=str(cfg.train.compile))
+        if train.compile:
+            self.forward = torch.compile(self.forward, backend=str(train.compile))
         self.rank, self.world = rank(), world_size()
-        self.autocast = dict(device_type=hard.device.type, dtype=torch.bfloat16, enabled=bool(cfg.train.bf16_autocast))
-        self.warmup = int(cfg.train.warmup_steps)
-        self.max_norm = cfg.train.get("max_norm")
+        self.autocast = dict(device_type=hard.device.type, dtype=torch.bfloat16, enabled=bool(train.bf16_autocast))
+        self.warmup = int(train.warmup_steps)
+        self.max_norm = train.get("max_norm")
         self.constrained = hidden_weights(net) if self.max_norm else []
 
     def __call__(self, batch: torch.Tensor, step: int = 0) -> torch.Tensor:
@@ -332,19 +351,20 @@ def hidden_weights(net: torch.nn.Module) -> list[tuple[torch.Tensor, int]]:
     return [(layer.weight, 1) for layer in linears[:-1]]  # (out, in)
 
 
-def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], network: dict | None = None) -> torch.nn.Module:
-    """Freshly initialized models, one per weight seed, with the input normalization of the
-    training frames: a HybridDNN of ``cfg.model`` for one seed (``network``: its constructor
+def new_models(model_options, seed: int, data: FrameData, train_idx: np.ndarray, seeds: list[int],
+               network: dict | None = None) -> torch.nn.Module:
+    """Freshly initialized models, one per weight seed of ``seeds``, with the input normalization of
+    the training frames (a sample drawn with ``seed``): a HybridDNN of ``model_options`` (the ``model`` section) for one seed (``network``: its constructor
     arguments that differ, e.g. exits, which make it self-distillation's model with exits), a StackedDNN of them for several."""
     device = data.pdf_ids.device
     if data.normalize_inputs:
-        sample = np.random.default_rng(cfg.seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
+        sample = np.random.default_rng(seed).choice(train_idx, size=min(len(train_idx), 100_000), replace=False)
         sample_frames = data.frames.rows(np.sort(sample))
         trim_heap()  # the draw permuted every training frame's index (8 bytes a frame): handed back, not kept
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = model_from_config(model_arguments(data.frames.store.dim, data.num_pdfs, cfg.model) | (network or {}))
+        model = model_from_config(model_arguments(data.frames.store.dim, data.num_pdfs, model_options) | (network or {}))
         model = model.to(device)
         if data.normalize_inputs:
             model.set_normalization(sample_frames.mean(0), sample_frames.std(0))
@@ -353,7 +373,7 @@ def new_models(cfg, data: FrameData, train_idx: np.ndarray, seeds: list[int], ne
 
 
 def train_model(
-    cfg, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dirs: list[Path], loss_fn: LossFn | None = None,
+    loop: TrainSections, data: FrameData, train_idx: np.ndarray, valid_idx: np.ndarray, out_dirs: list[Path], loss_fn: LossFn | None = None,
     init_seeds: list[int | None] | None = None, replicate: int = 0, fingerprint: str = "", hard: torch.Tensor | None = None,
     network: dict | None = None, initial: HybridDNN | None = None, targets: torch.Tensor | None = None,
     views: ViewSpec | None = None,
@@ -367,27 +387,27 @@ def train_model(
     frame order and dropout. Several models train fused, as one StackedDNN on the same frame
     order (their ``last.pt`` is the first one's). A ``last.pt`` of the same ``fingerprint`` is
     resumed from. Under torchrun, rank 0 alone evaluates and writes. ``network``: the fresh model's
-    constructor arguments that differ from ``cfg.model`` (:func:`new_models`). ``initial`` is a model to
+    constructor arguments that differ from the ``model`` section (:func:`new_models`). ``initial`` is a model to
     start from instead of fresh weights (a specialist starts from the generalist); ``targets``
     are the classes validation accuracy is measured against (default: the pdf-ids). ``views``:
     what each training batch is seen through (TrainStep).
     """
-    tcfg = cfg.train
+    tcfg = loop.train
     device = data.pdf_ids.device
     hard = data.pdf_ids if hard is None else hard
     if len(train_idx) == 0 or len(valid_idx) == 0:
         which = "training" if len(train_idx) == 0 else "validation"
         raise LearnedNothing(f"{out_dirs[0]}: no {which} frames: train.data={tcfg.data} with train.valid_fraction={tcfg.valid_fraction} "
                              f"leaves {len(train_idx)} training and {len(valid_idx)} validation frames; check both (and the alignment)")
-    seed = model_seed(cfg, replicate)
+    seed = model_seed(loop.seed, replicate)
     init_seeds = init_seeds or [None] * len(out_dirs)
     if initial is not None:
         torch.manual_seed(seed)  # dropout's stream, as for fresh weights
         net = initial.to(device)
     else:
-        net = new_models(cfg, data, train_idx, [seed if s is None else s for s in init_seeds], network)
+        net = new_models(loop.model, loop.seed, data, train_idx, [seed if s is None else s for s in init_seeds], network)
     model_of = (lambda i: net.member(i)) if isinstance(net, StackedDNN) else (lambda i: net)  # model i, as a HybridDNN
-    step_fn = TrainStep(cfg, net, data, loss_fn, hard, views)
+    step_fn = TrainStep(tcfg, net, data, loss_fn, hard, views)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(step_fn.optimizer, gamma=tcfg.lr_decay)
     histories: list[list[dict]] = [[] for _ in out_dirs]
     writer = rank() == 0
@@ -397,7 +417,7 @@ def train_model(
     state = read_checkpoint(last_path, device, fingerprint)
     initial_accuracy = (state or {}).get("initial_accuracy")  # each model's validation accuracy before its first step
     if initial_accuracy is None and writer:
-        initial_accuracy = [evaluate_frames(model_of(i), data, valid_idx, cfg.eval.batch_size, targets)["frame_accuracy"]
+        initial_accuracy = [evaluate_frames(model_of(i), data, valid_idx, loop.eval_batch_size, targets)["frame_accuracy"]
                             for i in range(len(out_dirs))]
     if state is not None:
         net.load_state_dict(state["model"])
@@ -411,10 +431,10 @@ def train_model(
 
     # training-set accuracy per epoch (the over-fitting curve) on a fixed sample of the labeled training frames
     labeled = train_idx[hard[torch.from_numpy(train_idx).to(device)].cpu().numpy() >= 0]
-    train_sample = np.sort(np.random.default_rng(cfg.seed).permutation(labeled)[: int(tcfg.accuracy_sample_frames)])
+    train_sample = np.sort(np.random.default_rng(loop.seed).permutation(labeled)[: int(tcfg.accuracy_sample_frames)])
     label = out_dirs[0].name if len(out_dirs) == 1 else f"{out_dirs[0].parent.name} ({len(out_dirs)} fused)"
     steps_per_epoch = -(-min(len(train_idx), int(tcfg.max_frames_per_epoch or len(train_idx))) // tcfg.batch_size)
-    for epoch in range(len(histories[0]), tcfg.epochs):
+    for epoch in range(len(histories[0]), loop.epochs):
         if patient_enough(histories, tcfg.get("patience"), writer, device):  # checked first: a resumed run may have stopped
             log.info("%s: no better validation accuracy for %d epochs, stopped after epoch %d (train.patience)", label,
                      int(tcfg.patience), epoch - 1)
@@ -443,8 +463,8 @@ def train_model(
             continue
         for i, (out_dir, history, value) in enumerate(zip(out_dirs, histories, losses)):
             model = model_of(i)
-            valid = evaluate_frames(model, data, valid_idx, cfg.eval.batch_size, targets)
-            train_acc = evaluate_frames(model, data, train_sample, cfg.eval.batch_size, targets)["frame_accuracy"] if len(train_sample) else None
+            valid = evaluate_frames(model, data, valid_idx, loop.eval_batch_size, targets)
+            train_acc = evaluate_frames(model, data, train_sample, loop.eval_batch_size, targets)["frame_accuracy"] if len(train_sample) else None
             record = {"epoch": epoch, "train_cross_entropy": value, "train_frame_accuracy": train_acc,
                       "valid_frame_accuracy": valid["frame_accuracy"], "valid_cross_entropy": valid["cross_entropy"],
                       "frames_per_second": seen * len(out_dirs) / seconds, "seconds": seconds / len(out_dirs)}
@@ -452,13 +472,13 @@ def train_model(
                 raise TrainingDiverged(f"{out_dir}: the validation cross-entropy is {record['valid_cross_entropy']} at epoch {epoch}; "
                                        "lower train.lr, or check the features and targets")
             history.append(record)
-            left = tcfg.epochs - epoch - 1  # the ceiling: early stopping (train.patience) may end sooner
+            left = loop.epochs - epoch - 1  # the ceiling: early stopping (train.patience) may end sooner
             log.info("%s epoch %d: train loss %.3f, valid acc %.4f CE %.3f, %.0f frames/s; at most %d epochs left, %.1f h at this pace",
                      out_dir.name, epoch, value, valid["frame_accuracy"], valid["cross_entropy"], record["frames_per_second"], left,
                      left * (time.time() - tic) / 3600)
             if record["valid_frame_accuracy"] > max((h["valid_frame_accuracy"] for h in history[:-1]), default=-1.0):
                 save_model(out_dir / "best.pt", model, epoch)  # early stopping's model: system "<name>@best"
-            if cfg.train.keep_epoch_checkpoints:
+            if tcfg.keep_epoch_checkpoints:
                 save_model(out_dir / f"epoch-{epoch}.pt", model, epoch)
         rng_state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         save_checkpoint(last_path, {"model": net.state_dict(), "optimizer": step_fn.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -470,7 +490,7 @@ def train_model(
         for i, (out_dir, history) in enumerate(zip(out_dirs, histories)):
             save_model(out_dir / "final.pt", model_of(i), len(history) - 1)
             write_json(out_dir / "history.json", history)
-        if not cfg.train.keep_last_checkpoint:
+        if not tcfg.keep_last_checkpoint:
             last_path.unlink(missing_ok=True)  # optimizer state: 2x the model, needed only to resume
     return histories
 
@@ -665,18 +685,22 @@ class ModelFrames(NamedTuple):
 
 def train_stage(
     cfg, models: list[Model], training: TrainingSet, *, loss: Callable[[FrameData, torch.Tensor], LossFn] | None = None,
-    keys: tuple[str, ...] = (), inputs: dict[str, Path] | None = None, fused: bool = False,
+    keys: tuple[str, ...] = (), inputs: dict[str, Path] | None = None, fused: bool = False, epochs: int | None = None,
 ) -> None:
     """Plan, train and record ``models``: each fingerprint holds TRAIN_KEYS + ``keys``, the training
     set's inputs + ``inputs``, the seeds and the model's values. ``loss(frames, hard targets)``
     makes the loss function (default: cross-entropy on the hard targets). With ``fused``, the
-    models still to train train together as one stack (same replicate: same frame order)."""
+    models still to train train together as one stack (same replicate: same frame order).
+    ``epochs`` (a student's ``distill.epochs``) replaces ``train.epochs``, in the fingerprint too."""
+    loop = TrainSections.of(cfg, epochs)
+    settings = sections.settings(cfg, TRAIN_KEYS + keys)
+    settings = replace(settings, values={**settings.values, "train.epochs": loop.epochs}) if epochs is not None else settings
     optional = sections.optional_values(cfg, TRAIN_OPTIONAL_KEYS)
     if optional.get("train.lr_scaling"):
         optional["train.lr_reference_batch"] = int(cfg.train.lr_reference_batch)
 
     def plan_models() -> list[Stage]:
-        return [plan(m.stage_name, m.out_dir, sections.settings(cfg, TRAIN_KEYS + keys), {**training.inputs, **(inputs or {})},
+        return [plan(m.stage_name, m.out_dir, settings, {**training.inputs, **(inputs or {})},
                      {"replicate": m.replicate, "init_seed": m.init_seed, **optional, **(m.values or {}),
                       **({"views": asdict(m.views)} if m.views is not None and m.views.active else {})}, writer=rank() == 0)
                 for m in models]
@@ -701,7 +725,7 @@ def train_stage(
         if len(group) > 1 and any(m.network or m.initial or m.frames or m.views for m, _ in group):
             raise ValueError("models with exits, initial weights, frames or views of their own train one at a time (no fused stack of them)")
         own = first.frames(data, train_idx, valid_idx, hard) if first.frames else ModelFrames(train_idx, valid_idx, hard, None)
-        histories = train_model(cfg, data, own.train_idx, own.valid_idx, [m.out_dir for m, _ in group],
+        histories = train_model(loop, data, own.train_idx, own.valid_idx, [m.out_dir for m, _ in group],
                                 loss(data, own.hard) if loss else None, [m.init_seed for m, _ in group], first.replicate, fingerprint,
                                 own.hard, first.network, first.initial() if first.initial else None, own.targets, first.views)
         if rank() == 0:

@@ -124,9 +124,9 @@ def members(cfg) -> tuple[str, ...]:
     return tuple(f"{top}/{d.name}" for d in dirs)
 
 
-def seeds_of(cfg, link: Link) -> list[Link]:
+def seeds_of(ccfg, link: Link) -> list[Link]:
     """A final student's ``chains.seeds`` replicates: ``<name>``, ``<name>_seed1``, ..."""
-    return [link._replace(name=link.name if r == 0 else f"{link.name}_seed{r}", replicate=r) for r in range(int(cfg.chains.seeds))]
+    return [link._replace(name=link.name if r == 0 else f"{link.name}_seed{r}", replicate=r) for r in range(int(ccfg.seeds))]
 
 
 def model_cfg(cfg, link: Link):
@@ -221,7 +221,7 @@ def systems(cfg) -> list[System]:
     assistants, students = [], []
     for _, temperature, links in runs(cfg):
         assistants += [link.system(temperature, "assistant") for link in links[:-1]]
-        students += [link.system(temperature, "student") for link in seeds_of(cfg, links[-1])]
+        students += [link.system(temperature, "student") for link in seeds_of(cfg.chains, links[-1])]
     return list(dict.fromkeys(assistants + students))
 
 
@@ -231,7 +231,7 @@ def train(cfg) -> None:
     training = TrainingSet(cfg)  # the model's size is no part of it: one set serves every chain model
     done: set[str] = set()
     for _, temperature, links in runs(cfg):
-        for link in [*links[:-1], *seeds_of(cfg, links[-1])]:
+        for link in [*links[:-1], *seeds_of(cfg.chains, links[-1])]:
             if link.name not in done:
                 train_link(cfg, link, temperature or 1.0, training)
                 done.add(link.name)
@@ -239,7 +239,7 @@ def train(cfg) -> None:
 
 def valid_accuracy(cfg, student: Link) -> float:
     """The final student's validation frame accuracy at its last epoch, the mean over its seeds."""
-    scores = [read_history(sections.layout(cfg).model(link.name))[-1]["valid_frame_accuracy"] for link in seeds_of(cfg, student)]
+    scores = [read_history(sections.layout(cfg).model(link.name))[-1]["valid_frame_accuracy"] for link in seeds_of(cfg.chains, student)]
     return sum(scores) / len(scores)
 
 
@@ -254,7 +254,7 @@ def chosen(cfg) -> dict[str, tuple[float | None, list[Link]]]:
 
 def decoded(cfg) -> list[System]:
     """Stage 1 decodes each method's student (every seed) at its chosen T."""
-    return [link.system(temperature, "student") for temperature, links in chosen(cfg).values() for link in seeds_of(cfg, links[-1])]
+    return [link.system(temperature, "student") for temperature, links in chosen(cfg).values() for link in seeds_of(cfg.chains, links[-1])]
 
 
 def temperature_label(temperature: float | None) -> str:
@@ -330,9 +330,9 @@ def report(cfg) -> Report:
     rows = {}
     for method, (temperature, links) in chosen(cfg).items():
         models = [evaluation.entry([link.name], sets) for link in links[:-1]]
-        students = [link.name for link in seeds_of(cfg, links[-1])]
+        students = [link.name for link in seeds_of(cfg.chains, links[-1])]
         student = evaluation.entry(students, sets, command=command, temperature=temperature)
-        seconds = sum(h["seconds"] for link in [*links[:-1], *seeds_of(cfg, links[-1])] for h in read_history(Layout(exp).model(link.name)))
+        seconds = sum(h["seconds"] for link in [*links[:-1], *seeds_of(cfg.chains, links[-1])] for h in read_history(Layout(exp).model(link.name)))
         slim = [{"system": link.name, "frame_accuracy": m["frame_accuracy"]} for link, m in zip(links, [*models, student])]
         rows[ROWS[method]] = student | {"chain": slim, "train_seconds": seconds,
                                         "teacher_passes": teacher_passes(links[-1], top, top_members, float(cfg.chains.teacher_drop))}

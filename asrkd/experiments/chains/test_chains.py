@@ -37,7 +37,7 @@ def test_each_method_builds_its_chain_and_shares_the_first_assistant(tmp_path: P
     [members] = chains.chain(cfg, "switching_members", 2.0)
     assert members.teachers == ("ensemble/member-0", "ensemble/member-1", "ensemble/member-2") and members.rule == "one"
     assert chains.teacher_passes(members, "ensemble", 10, 0.5) == 1.0  # one member per batch
-    assert [(link.name, link.replicate) for link in chains.seeds_of(cfg, members)] == [
+    assert [(link.name, link.replicate) for link in chains.seeds_of(cfg.chains, members)] == [
         ("chain_T2_switching_members_1x16", 0), ("chain_T2_switching_members_1x16_seed1", 1), ("chain_T2_switching_members_1x16_seed2", 2)]
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from asrkd import sections
-from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir, student_cfg
+from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir
 from asrkd.distill.forms import LOGITS
 from asrkd.distill.student import student_systems
 from asrkd.evaluate import Evaluation, bootstrap_key
@@ -299,7 +299,7 @@ def compact_forms(cfg, evaluation, entry, rows_cfg: dict[str, StudentRow], rows:
         entry(systems)
         entry(dense)
         store = SoftTargetStore.load(store_dir(cfg, row.temperature), current_checksum(Path(cfg.exp_dir), "train"))
-        targets = store.rows(row.form, "cpu", OmegaConf.to_container(cfg.distill.compact), pdf_priors(cfg) if row.form == "compact_prior" else None)
+        targets = store.rows(row.form, "cpu", OmegaConf.to_container(cfg.distill.compact), pdf_priors(sections.layout(cfg), float(cfg.decode.prior_floor)) if row.form == "compact_prior" else None)
         residual = targets.mean_residual() if row.form in COMPACT_FORMS else float(np.asarray(store.residual, dtype=np.float64).mean())
         out.append({"form": row.form, "temperature": row.temperature, "k": targets.k, "seeds": seeds,
                     "dense": frames.estimates[bootstrap_key(dense)], "accuracy": frames.estimates[bootstrap_key(systems)],
@@ -336,7 +336,7 @@ def lever_results(cfg, evaluation, entry, temperature: float, replicates: list[s
                                "gain_kept_ci": kept["ci"],
                                "meets_target": bool(kept["whole_gain_significant"] and kept["estimate"] is not None and kept["estimate"] >= 0.8
                                                     and minus["ci"][0] > 0)}
-        training = TrainingSet(student_cfg(lever.student_cfg))
+        training = TrainingSet(lever.student_cfg)
         if not any(d["teacher"] == lever.teacher and d["store"] == training.stores[0] for d in diagnostics):
             groups = {"training speakers": training.train_utts, "validation speakers": valid_utts}
             diagnostics.append({"teacher": lever.teacher, "store": training.stores[0], "lever": lever.name,
@@ -361,7 +361,7 @@ def report(cfg) -> Report:
     def differences(a: str, b: str) -> dict:
         return {"frame_accuracy": frames.difference(a, b), **({"wer": words.difference(a, b)} if a in words.samples and b in words.samples else {})}
 
-    members = member_dirs(cfg, cfg.distill.teacher)
+    members = member_dirs(sections.layout(cfg), cfg.distill.teacher, cfg.ensemble.size)
     replicates = baseline_replicates(cfg)
     baseline = entry([cfg.train.name])
     ensemble = entry([cfg.distill.teacher], members=len(members), train_seconds=sum(h["seconds"] for d in members for h in read_history(d)))

@@ -30,8 +30,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from asrkd.distill import soft_targets, student
-from asrkd.distill.student import dense_only, student_systems
-from asrkd.experiments.base import Experiment
+from asrkd.distill.student import student_systems
+from asrkd.experiments.base import Experiment, dense_only
 from asrkd.layout import Layout, System, names
 from asrkd.nnet import ensemble
 from asrkd.nnet import train as train_dnn
@@ -49,14 +49,14 @@ class Lever(NamedTuple):
     baseline_cfg: object | None  # the config that trains the baseline (None: the main recipe's)
 
 
-def dense_seeds(cfg) -> int:
+def dense_seeds(dcfg) -> int:
     """Replicates of each dense student of stage 3, and of the baseline (stage 0)."""
-    return int(cfg.distill.seeds.get("dense", 1))
+    return int(dcfg.seeds.get("dense", 1))
 
 
 def baseline_systems(cfg) -> list[System]:
     """The baseline's replicates run_distill.sh stage 0 trains (``train.seeds=${distill.seeds.dense}``)."""
-    return replicate_systems(OmegaConf.merge(cfg, {"train": {"seeds": dense_seeds(cfg)}}))
+    return replicate_systems(OmegaConf.merge(cfg, {"train": {"seeds": dense_seeds(cfg.distill)}}))
 
 
 def baseline_replicates(cfg) -> list[str]:
@@ -87,7 +87,7 @@ def chosen_temperature(cfg) -> float:
 def lever_seeds(cfg) -> int:
     """Replicates of each lever's students and same-data baseline: ``levers.seeds``, else the dense students'."""
     seeds = cfg.levers.get("seeds")
-    return dense_seeds(cfg) if seeds is None else int(seeds)
+    return dense_seeds(cfg.distill) if seeds is None else int(seeds)
 
 
 def levers(cfg, temperature: float | None = None) -> list[Lever]:
@@ -95,7 +95,7 @@ def levers(cfg, temperature: float | None = None) -> list[Lever]:
     functions that train them (:func:`asrkd.distill.student.student_systems`, :func:`asrkd.nnet.train.replicates`)."""
     t = chosen_temperature(cfg) if temperature is None else temperature
     seeds, baselines = lever_seeds(cfg), baseline_replicates(cfg)
-    reference = dense_only(cfg, t, dense_seeds(cfg))  # stage 3's students at T
+    reference = dense_only(cfg, t, dense_seeds(cfg.distill))  # stage 3's students at T
     out = [Lever("train", "students on train (stage 3)", names(student_systems(reference)), baselines, cfg.distill.teacher, reference, None)]
     if cfg.levers.speed_perturbed:
         sp = f"{cfg.perturb.source}_sp"

@@ -74,19 +74,18 @@ class Run(NamedTuple):
     data: str = "train"  # the data dir trained on (the subset rows: train_3pct)
 
 
-def run_name(cfg, run: Run) -> str:
+def run_name(fm, run: Run) -> str:
     """exp/dnn/fm_<view>_x<m>_hard, fm_<view>_x<m>_<kind>_T<T> for students; _<data> off train; _seed<r> for replicates."""
-    kind = run.kind if run.kind == "hard" else f"{run.kind}_T{float(cfg.function_matching.temperature):g}"
+    kind = run.kind if run.kind == "hard" else f"{run.kind}_T{float(fm.temperature):g}"
     data = "" if run.data == "train" else f"_{run.data}"
     return replicate_name(f"fm_{run.view}_x{run.schedule}_{kind}{data}", run.replicate)
 
 
-def runs(cfg) -> list[Run]:
+def runs(fm) -> list[Run]:
     """Every run, in training order: the subset rows, the headline rows (every seed), the curve over
     schedules, the ablation over views, the precomputed student (only when the headline view
     changes the frames: on clean frames it is the consistent student). Cheap rows and the headline
     come first, so an interrupted stage has reported what the README quotes."""
-    fm = cfg.function_matching
     headline, best = str(fm.headline), int(fm.headline_schedule)
     for key, names in (("headline", [headline]), ("ablation", list(fm.ablation)), ("subset.view", [subset_view(fm)] if fm.subset else [])):
         unknown = [n for n in names if n not in fm.views]
@@ -122,7 +121,7 @@ def curve_stop(cfg) -> dict | None:
         run = Run(headline, schedule, "consistent", 0)
         if not complete(exp, cfg, [run]):
             return None
-        valid = float(read_history(Layout(exp).model(run_name(cfg, run)))[-1]["valid_frame_accuracy"])
+        valid = float(read_history(Layout(exp).model(run_name(cfg.function_matching, run)))[-1]["valid_frame_accuracy"])
         if previous is not None and (gain := 100 * (valid - previous_valid)) < float(fm.plateau):
             return {"schedule": schedule, "previous": previous, "gain_points": gain, "plateau_points": float(fm.plateau),
                     "skipped": [m for m in schedules if m > schedule]}
@@ -130,15 +129,14 @@ def curve_stop(cfg) -> dict | None:
     return None
 
 
-def on_the_curve(cfg, run: Run) -> bool:
+def on_the_curve(fm, run: Run) -> bool:
     """A run the plateau can leave out: the patience curve's, never a headline row, a subset row or the ablation's 1x."""
-    fm = cfg.function_matching
     return run.view == str(fm.headline) and run.data == "train" and run.schedule != int(fm.headline_schedule)
 
 
 def beyond_plateau(cfg, run: Run, stop: dict | None) -> bool:
     """A run of the patience curve past its plateau."""
-    return stop is not None and run.schedule in stop["skipped"] and on_the_curve(cfg, run)
+    return stop is not None and run.schedule in stop["skipped"] and on_the_curve(cfg.function_matching, run)
 
 
 def plateau_pending(cfg, run: Run) -> bool:
@@ -147,7 +145,7 @@ def plateau_pending(cfg, run: Run) -> bool:
     not all trained."""
     fm = cfg.function_matching
     exp = Path(cfg.exp_dir)
-    if fm.get("plateau") is None or not on_the_curve(cfg, run) or complete(exp, cfg, [run]) or beyond_plateau(cfg, run, curve_stop(cfg)):
+    if fm.get("plateau") is None or not on_the_curve(cfg.function_matching, run) or complete(exp, cfg, [run]) or beyond_plateau(cfg, run, curve_stop(cfg)):
         return False
     earlier = [Run(str(fm.headline), int(m), "consistent", 0) for m in fm.schedules if int(m) < run.schedule]
     return len(complete(exp, cfg, earlier)) < len(earlier)
@@ -164,9 +162,10 @@ def run_cfg(cfg, run: Run):
                                            "lr_decay": float(cfg.train.lr_decay) ** (1.0 / run.schedule)}})
 
 
-def view_spec(cfg, run: Run) -> ViewSpec:
-    """The run's view, drawn from a seed of its own replicate (replicates see other views)."""
-    return ViewSpec.of({**OmegaConf.to_container(cfg.function_matching.views[run.view]), "seed": int(cfg.seed) + 100 * run.replicate})
+def view_spec(fm, seed: int, run: Run) -> ViewSpec:
+    """The run's view (of ``function_matching.views``), drawn from a seed of its own replicate
+    (``seed`` + 100 r: replicates see other views)."""
+    return ViewSpec.of({**OmegaConf.to_container(fm.views[run.view]), "seed": int(seed) + 100 * run.replicate})
 
 
 def view_loss(dcfg, logits: torch.Tensor, soft_targets: torch.Tensor, hard: torch.Tensor, view: View, temperature: float) -> torch.Tensor:
@@ -209,9 +208,9 @@ def precomputed_loss(cfg, temperature: float, training: TrainingSet):
 def systems(cfg) -> list[System]:
     """Every run's system, in training order: the controls (hard) and the students of the teacher."""
     temperature = float(cfg.function_matching.temperature)
-    return [System(run_name(cfg, run), "control", data=run.data, seed=run.replicate) if run.kind == "hard" else
-            System(run_name(cfg, run), "student", teacher=str(cfg.distill.teacher), form="dense", temperature=temperature, data=run.data,
-                   seed=run.replicate) for run in runs(cfg)]
+    return [System(run_name(cfg.function_matching, run), "control", data=run.data, seed=run.replicate) if run.kind == "hard" else
+            System(run_name(cfg.function_matching, run), "student", teacher=str(cfg.distill.teacher), form="dense", temperature=temperature, data=run.data,
+                   seed=run.replicate) for run in runs(cfg.function_matching)]
 
 
 def train(cfg) -> None:
@@ -228,16 +227,16 @@ def train(cfg) -> None:
     trainings: dict[str, TrainingSet] = {}
     teacher_inputs = {f"teacher {d.name}": d for d in system_dirs(exp, cfg.distill.teacher)}
     kinds = set(map(str, fm.train_kinds))  # words of KINDS (the config's schema refuses others)
-    remaining = [run for run in runs(cfg) if run.kind in kinds]
+    remaining = [run for run in runs(cfg.function_matching) if run.kind in kinds]
     while run := next((run for run in remaining if not plateau_pending(cfg, run)), None):  # the first in order that can be decided
         remaining.remove(run)
-        name = run_name(cfg, run)
+        name = run_name(cfg.function_matching, run)
         if beyond_plateau(cfg, run, stop := curve_stop(cfg)):
             log.info("%s: not trained, the patience curve stopped at %dx (validation +%.2f points over %dx, below function_matching.plateau=%g)",
                      name, stop["schedule"], stop["gain_points"], stop["previous"], stop["plateau_points"])
             continue
         values = {"view": run.view, "schedule": run.schedule, "kind": run.kind}
-        model = Model(f"train-function-matching {name}", Layout(exp).model(name), run.replicate, values=values, views=view_spec(cfg, run))
+        model = Model(f"train-function-matching {name}", Layout(exp).model(name), run.replicate, values=values, views=view_spec(cfg.function_matching, cfg.seed, run))
         rcfg = run_cfg(cfg, run)
         if run.data not in trainings:
             trainings[run.data] = TrainingSet(rcfg)  # frames loaded once per data dir
@@ -247,7 +246,7 @@ def train(cfg) -> None:
                 train_stage(rcfg, [model], training)
                 continue
             values |= {"teacher": cfg.distill.teacher, "temperature": temperature}
-            if run.kind == "consistent" and view_spec(cfg, run).active:
+            if run.kind == "consistent" and view_spec(cfg.function_matching, cfg.seed, run).active:
                 loss, inputs = consistent_loss(cfg, temperature), teacher_inputs
             else:  # the paper's stored targets; on clean frames also the consistent student's: the teacher's outputs on them, read, not recomputed
                 loss, inputs = precomputed_loss(cfg, temperature, training)
@@ -256,14 +255,14 @@ def train(cfg) -> None:
             log.info("%s; going on with the next run", locked)
     for run in remaining:
         log.info("%s: not trained yet, the plateau rule decides it once the consistent students of the earlier schedules are trained "
-                 "(function_matching.train_kinds=%s): rerun the stage then", run_name(cfg, run), sorted(kinds))
+                 "(function_matching.train_kinds=%s): rerun the stage then", run_name(cfg.function_matching, run), sorted(kinds))
 
 
 # ----------------------------------------------------------------------------- report
 
 
 def complete(exp: Path, cfg, run_list: list[Run]) -> list[str]:
-    names = [run_name(cfg, r) for r in run_list]
+    names = [run_name(cfg.function_matching, r) for r in run_list]
     return [n for n in names if (Layout(exp).model(n) / "stage.json").is_file()]
 
 
@@ -303,14 +302,14 @@ def report(cfg) -> Report:
     teacher_posteriors = log_posteriors(exp, teacher, data.frames, indices, int(cfg.eval.batch_size))
     stop = curve_stop(cfg)
     groups: dict[tuple[str, int, str, str], list[Run]] = {}
-    for run in runs(cfg):
+    for run in runs(cfg.function_matching):
         if beyond_plateau(cfg, run, stop) and not complete(exp, cfg, [run]):
             continue  # past the plateau and never trained: not missing (one trained before stays a row)
         groups.setdefault((run.view, run.schedule, run.kind, run.data), []).append(run)
     rows, missing = [], []
     for (view, schedule, kind, data_dir), members in groups.items():
         names = complete(exp, cfg, members)
-        missing += [run_name(cfg, r) for r in members if run_name(cfg, r) not in names]
+        missing += [run_name(cfg.function_matching, r) for r in members if run_name(cfg.function_matching, r) not in names]
         if not names:
             continue
         label = row_label(view, schedule, kind, data_dir)

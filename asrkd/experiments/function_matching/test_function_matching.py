@@ -77,7 +77,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     # the consistent student's targets are the teacher's on the student's own view
     data, train_idx, _, hard = train.TrainingSet(cfg).load()
     batch = torch.from_numpy(train_idx[:16])
-    view = draw(function_matching.view_spec(cfg, function_matching.Run("all", 1, "consistent", 0)), data.frames.context(batch), 3)
+    view = draw(function_matching.view_spec(cfg.function_matching, cfg.seed, function_matching.Run("all", 1, "consistent", 0)), data.frames.context(batch), 3)
     teacher = function_matching.TeacherOnTheFly.of_system(cfg, data)
     logits = torch.randn(16, data.num_pdfs)
     loss = function_matching.consistent_loss(cfg, 2.0)(data, hard)(logits, batch, view)
@@ -94,7 +94,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     assert json.loads((exp / "fm_all_x2_hard_seed1" / "stage.json").read_text())["config"]["views"]["seed"] == 100
     clean = json.loads((exp / "fm_clean_x1_consistent_T2" / "stage.json").read_text())  # the teacher's outputs on clean frames: its store
     assert any("soft_targets" in entry["path"] for entry in clean["inputs"].values()) and not any(key.startswith("teacher") for key in clean["inputs"])
-    kinds = {run.kind for run in function_matching.runs(OmegaConf.merge(cfg, {"function_matching": {"headline": "clean"}}))}
+    kinds = {run.kind for run in function_matching.runs(OmegaConf.merge(cfg, {"function_matching": {"headline": "clean"}}).function_matching)}
     assert "precomputed" not in kinds  # on clean frames the precomputed student is the consistent one
     function_matching.EXPERIMENT.publish(cfg)
     result = json.loads((root / "results" / "report.json").read_text())["function_matching"]
@@ -143,13 +143,13 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
 def test_the_subset_rows_keep_their_view_when_the_headline_takes_another() -> None:
 
     cfg = load_config(["function_matching.headline=clean", "function_matching.subset.view=all"])
-    subset = [run for run in function_matching.runs(cfg) if run.data != "train"]
+    subset = [run for run in function_matching.runs(cfg.function_matching) if run.data != "train"]
     assert subset and {run.view for run in subset} == {"all"}  # on 3% of the frames the views widen the support the student is matched on
-    assert {run.view for run in function_matching.runs(cfg) if run.data == "train" and run.replicate > 0} == {"clean"}
+    assert {run.view for run in function_matching.runs(cfg.function_matching) if run.data == "train" and run.replicate > 0} == {"clean"}
     headline_too = load_config(["function_matching.subset.view=null"])
-    assert {run.view for run in function_matching.runs(headline_too) if run.data != "train"} == {str(headline_too.function_matching.headline)}
+    assert {run.view for run in function_matching.runs(headline_too.function_matching) if run.data != "train"} == {str(headline_too.function_matching.headline)}
     with pytest.raises(ValueError, match="function_matching.subset.view names typo"):
-        function_matching.runs(load_config(["function_matching.subset.view=typo"]))
+        function_matching.runs(load_config(["function_matching.subset.view=typo"]).function_matching)
 
 
 def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_headline_row(tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_head
                        "function_matching.headline_schedule=2", "function_matching.plateau=0.25", "function_matching.temperature=2"])
 
     def trained(schedule: int, valid: float) -> None:
-        model_dir = tmp_path / "dnn" / function_matching.run_name(cfg, function_matching.Run("clean", schedule, "consistent", 0))
+        model_dir = tmp_path / "dnn" / function_matching.run_name(cfg.function_matching, function_matching.Run("clean", schedule, "consistent", 0))
         model_dir.mkdir(parents=True)
         (model_dir / "history.json").write_text(json.dumps([{"valid_frame_accuracy": 0.1}, {"valid_frame_accuracy": valid}]))
         (model_dir / "stage.json").write_text("{}")
@@ -175,14 +175,14 @@ def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_head
     stop = function_matching.curve_stop(cfg)
     assert not pending(8)  # decided: left out
     assert stop["schedule"] == 4 and stop["previous"] == 2 and stop["skipped"] == [8] and stop["gain_points"] == pytest.approx(0.12)
-    skipped = [run for run in function_matching.runs(cfg) if function_matching.beyond_plateau(cfg, run, stop)]
+    skipped = [run for run in function_matching.runs(cfg.function_matching) if function_matching.beyond_plateau(cfg, run, stop)]
     assert {(run.schedule, run.kind) for run in skipped} == {(8, "hard"), (8, "consistent")}
     assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": None}})) is None
     assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": 0.1}})) is None  # +0.12 still counts
     assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"schedules": [1, 2, 4]}})) is None  # nothing left to stop
     # the headline schedule is never skipped, even past a plateau reached before it
     late = OmegaConf.merge(cfg, {"function_matching": {"headline_schedule": 8}})
-    assert not any(function_matching.beyond_plateau(late, run, stop) for run in function_matching.runs(late) if run.schedule == 8)
+    assert not any(function_matching.beyond_plateau(late, run, stop) for run in function_matching.runs(late.function_matching) if run.schedule == 8)
 
 
 def test_the_controls_train_alone_without_a_teacher(run_dir: Path, tmp_path: Path) -> None:

@@ -128,9 +128,8 @@ def download(url: str, corpus: Path) -> None:
                                     f"gzipped or not) in {corpus} yourself, or set images.download_url to a mirror") from None
 
 
-def corpus_dir(cfg) -> Path:
+def corpus_dir(icfg) -> Path:
     """``images.corpus_dir``, with the files downloaded when they are missing."""
-    icfg = cfg.images
     corpus = Path(icfg.corpus_dir)
     if any(idx_path(corpus, key) is None for key in IDX_FILES):
         url = icfg.download_url or CANONICAL_URLS.get(str(icfg.dataset))
@@ -146,7 +145,7 @@ def images_dir(cfg) -> Path:
 
 def run_prepare(cfg) -> None:
     """Stage 0: the IDX files, checked, as one FeatureStore of train then test images and their labels."""
-    corpus = corpus_dir(cfg)
+    corpus = corpus_dir(cfg.images)
     paths = {key: idx_path(corpus, key) for key in IDX_FILES}
     arrays = {key: read_idx(path) for key, path in paths.items()}  # checked before the stage may clear a good run's images
     parts = []
@@ -333,19 +332,19 @@ BIG = "big"
 SMALL = "small_alone"
 
 
-def ensemble_teacher(cfg) -> bool:
+def ensemble_teacher(icfg) -> bool:
     """Whether the big row's seeds teach as one ensemble (``images.teacher: ensemble``) rather than big net r student r."""
-    return str(cfg.images.teacher) == "ensemble"
+    return str(icfg.teacher) == "ensemble"
 
 
-def teacher_tag(cfg) -> str:
+def teacher_tag(icfg) -> str:
     """'' for students of one big net (the paper's), '_ensemble' for students of the big row's average."""
-    return "_ensemble" if ensemble_teacher(cfg) else ""
+    return "_ensemble" if ensemble_teacher(icfg) else ""
 
 
-def student_name(cfg, width: int, temperature: float, transfer: str = "all") -> str:
+def student_name(icfg, width: int, temperature: float, transfer: str = "all") -> str:
     """exp/dnn/student_w<width>_T<T> (all training images), _no<c> (class c left out), _only<c+c'>; + _ensemble when the big nets' average teaches."""
-    return f"student_w{width}_T{temperature:g}" + ("" if transfer == "all" else f"_{transfer}") + teacher_tag(cfg)
+    return f"student_w{width}_T{temperature:g}" + ("" if transfer == "all" else f"_{transfer}") + teacher_tag(icfg)
 
 
 def control_name(shift: int) -> str:
@@ -353,25 +352,25 @@ def control_name(shift: int) -> str:
     return f"small_jitter{shift}"
 
 
-def matching_name(cfg, width: int, temperature: float, shift: int) -> str:
+def matching_name(icfg, width: int, temperature: float, shift: int) -> str:
     """exp/dnn/student_w<width>_T<T>_fm_jitter<k>[_ensemble]: the small net taught on the fly on its own jittered views."""
-    return f"student_w{width}_T{temperature:g}_fm_jitter{shift}" + teacher_tag(cfg)
+    return f"student_w{width}_T{temperature:g}_fm_jitter{shift}" + teacher_tag(icfg)
 
 
-def left_out_tag(cfg) -> str:
-    return f"no{int(cfg.images.left_out_class)}"
+def left_out_tag(icfg) -> str:
+    return f"no{int(icfg.left_out_class)}"
 
 
-def kept_tag(cfg) -> str:
-    return "only" + "+".join(str(int(c)) for c in cfg.images.kept_classes)
+def kept_tag(icfg) -> str:
+    return "only" + "+".join(str(int(c)) for c in icfg.kept_classes)
 
 
-def big_nets(cfg) -> dict[str, dict]:
+def big_nets(icfg) -> dict[str, dict]:
     """The big-net candidates, name -> settings: ``images.big`` (exp/dnn/big), and one more per
     entry of ``images.big_variants`` with that entry's keys replacing big's (exp/dnn/big_<variant>)."""
-    big = OmegaConf.to_container(cfg.images.big)
+    big = OmegaConf.to_container(icfg.big)
     out = {BIG: big}
-    for variant, keys in (OmegaConf.to_container(cfg.images.big_variants) if cfg.images.big_variants else {}).items():
+    for variant, keys in (OmegaConf.to_container(icfg.big_variants) if icfg.big_variants else {}).items():
         unknown = sorted(set(keys) - set(big) - set(CONV_KEYS))
         if unknown:
             raise ValueError(f"images.big_variants.{variant} sets {', '.join(unknown)}: not keys of images.big ({', '.join(big)}) "
@@ -397,7 +396,7 @@ def seeds_average(logits_of: Callable[[str, np.ndarray], torch.Tensor], names: l
 def chosen_big(cfg) -> str:
     """The teacher's settings: the big-net candidate (seed 0) with the fewest held-out errors,
     the earlier of :func:`big_nets` on ties (``images.big`` first). Never the test set."""
-    exp, held_out, candidates = Path(cfg.exp_dir), int(cfg.images.valid_images), big_nets(cfg)
+    exp, held_out, candidates = Path(cfg.exp_dir), int(cfg.images.valid_images), big_nets(cfg.images)
     missing = [name for name in candidates if not trained(exp, name)]
     if missing:
         raise FileNotFoundError(f"images: the teacher is the big net with the fewest held-out errors, and {', '.join(str(Layout(exp).model(n)) for n in missing)} "
@@ -406,12 +405,11 @@ def chosen_big(cfg) -> str:
     return min(held, key=held.get)
 
 
-def headline_names(cfg, teacher: str) -> dict[str, list[str]]:
+def headline_names(icfg, teacher: str) -> dict[str, list[str]]:
     """The seeds of the three headline rows: big net r (of the ``teacher`` candidate's settings),
     small net alone r, and small net r distilled from big net r."""
-    icfg = cfg.images
     seeds = range(int(icfg.seeds))
-    distilled = student_name(cfg, int(icfg.small.width), float(icfg.temperature))
+    distilled = student_name(icfg, int(icfg.small.width), float(icfg.temperature))
     return {"big": [replicate_name(teacher, r) for r in seeds], "small_alone": [replicate_name(SMALL, r) for r in seeds],
             "small_distilled": [replicate_name(distilled, r) for r in seeds]}
 
@@ -421,7 +419,7 @@ def run_train_nets(cfg) -> None:
     the other seeds of the candidate with the fewest held-out errors: the teacher."""
     exp, icfg = Path(cfg.exp_dir), cfg.images
     images = ImageSet(cfg)
-    candidates = big_nets(cfg)
+    candidates = big_nets(cfg.images)
 
     def train_big(name: str, replicate: int, settings: dict) -> None:
         shift, input_dropout = int(settings["jitter"]), float(settings["input_dropout"])
@@ -437,7 +435,7 @@ def run_train_nets(cfg) -> None:
     teacher = chosen_big(cfg)
     log.info("images: the teacher is %s (held-out errors: %s)", teacher,
              {name: held_out_error_count(exp, name, int(icfg.valid_images)) for name in candidates})
-    for replicate, name in enumerate(headline_names(cfg, teacher)["big"][1:], start=1):
+    for replicate, name in enumerate(headline_names(cfg.images, teacher)["big"][1:], start=1):
         train_big(name, replicate, candidates[teacher])
 
 
@@ -446,11 +444,11 @@ def teacher_model(cfg, teacher: str, device: torch.device) -> HybridDNN:
     return load_model(model_path(Path(cfg.exp_dir), f"{teacher}@best"), device)
 
 
-def teachers_of(cfg, names: dict[str, list[str]], replicate: int) -> list[str]:
+def teachers_of(icfg, names: dict[str, list[str]], replicate: int) -> list[str]:
     """The big nets that teach student seed ``replicate``: big net r (``images.teacher: net``, the
     paper's), or every seed of the big row, their softmax(z/T) averaged (``ensemble``: a teacher
     better than any one of them, as the paper's speech ensemble)."""
-    return list(names["big"]) if ensemble_teacher(cfg) else [names["big"][replicate]]
+    return list(names["big"]) if ensemble_teacher(icfg) else [names["big"][replicate]]
 
 
 def stored_teacher_loss(cfg, temperature: float, teachers: list[str]):
@@ -513,26 +511,26 @@ def run_train_students(cfg) -> None:
                                                  values={"teacher": teacher_value(teachers), "temperature": t, "transfer": transfer})],
                     images, loss=stored_teacher_loss(cfg, t, teachers), keys=keys, inputs=teacher_inputs(teachers))
 
-    names = headline_names(cfg, chosen_big(cfg))
+    names = headline_names(cfg.images, chosen_big(cfg))
     for replicate, name in enumerate(names["small_distilled"]):
-        train_student(name, width, temperature, teachers_of(cfg, names, replicate), replicate)
-    teachers = teachers_of(cfg, names, 0)
+        train_student(name, width, temperature, teachers_of(cfg.images, names, replicate), replicate)
+    teachers = teachers_of(cfg.images, names, 0)
     matching = icfg.function_matching
     if matching:
         shift, schedule = int(matching.jitter), small_config(cfg, width, matching)
         view = images.with_augment(jitter(shift, 0.0))
         train_stage(schedule, [Model(f"train-images {control_name(shift)}", Layout(exp).model(control_name(shift)), values={"jitter": shift})], view)
-        name = matching_name(cfg, width, temperature, shift)
+        name = matching_name(cfg.images, width, temperature, shift)
         train_stage(schedule, [Model(f"train-images {name}", Layout(exp).model(name),
                                      values={"teacher": teacher_value(teachers), "temperature": temperature, "jitter": shift,
                                              "teacher_sees": "the student's view"})],
                     view, loss=consistent_teacher_loss(cfg, temperature, teachers), keys=keys, inputs=teacher_inputs(teachers))
     for w in icfg.widths:
         for t in icfg.temperatures:
-            train_student(student_name(cfg, int(w), float(t)), int(w), float(t), teachers)
-    train_student(student_name(cfg, width, temperature, left_out_tag(cfg)), width, temperature, teachers, transfer=left_out_tag(cfg),
+            train_student(student_name(cfg.images, int(w), float(t)), int(w), float(t), teachers)
+    train_student(student_name(cfg.images, width, temperature, left_out_tag(cfg.images)), width, temperature, teachers, transfer=left_out_tag(cfg.images),
                   frames=transfer_frames(None, [int(icfg.left_out_class)]))
-    train_student(student_name(cfg, width, temperature, kept_tag(cfg)), width, temperature, teachers, transfer=kept_tag(cfg),
+    train_student(student_name(cfg.images, width, temperature, kept_tag(cfg.images)), width, temperature, teachers, transfer=kept_tag(cfg.images),
                   frames=transfer_frames([int(c) for c in icfg.kept_classes], None))
 
 
@@ -600,20 +598,19 @@ def trained(exp: Path, name: str) -> bool:
     return (Layout(exp).model(name) / "stage.json").is_file()
 
 
-def every_net(cfg, teacher: str | None) -> list[str]:
+def every_net(icfg, teacher: str | None) -> list[str]:
     """Every net stages 1 and 2 train, in their order (the teacher's seeds and the students only once it is chosen)."""
-    icfg = cfg.images
-    nets = [replicate_name(SMALL, r) for r in range(int(icfg.seeds))] + list(big_nets(cfg))
+    nets = [replicate_name(SMALL, r) for r in range(int(icfg.seeds))] + list(big_nets(icfg))
     if teacher is None:
         return nets
-    names = headline_names(cfg, teacher)
+    names = headline_names(icfg, teacher)
     width, temperature = int(icfg.small.width), float(icfg.temperature)
     nets += names["big"][1:] + names["small_distilled"]
     if icfg.function_matching:
         shift = int(icfg.function_matching.jitter)
-        nets += [control_name(shift), matching_name(cfg, width, temperature, shift)]
-    nets += [student_name(cfg, int(w), float(t)) for w in icfg.widths for t in icfg.temperatures]
-    return nets + [student_name(cfg, width, temperature, left_out_tag(cfg)), student_name(cfg, width, temperature, kept_tag(cfg))]
+        nets += [control_name(shift), matching_name(icfg, width, temperature, shift)]
+    nets += [student_name(icfg, int(w), float(t)) for w in icfg.widths for t in icfg.temperatures]
+    return nets + [student_name(icfg, width, temperature, left_out_tag(icfg)), student_name(icfg, width, temperature, kept_tag(icfg))]
 
 
 def run_report(cfg) -> None:
@@ -621,8 +618,8 @@ def run_report(cfg) -> None:
     ``curves.png``; while nets are missing (stages 1–2 run for hours and resume), the nets
     trained so far: report.{json,md} and curves.png (:func:`progress_report`)."""
     exp, icfg = Path(cfg.exp_dir), cfg.images
-    candidates_done = all(trained(exp, name) for name in big_nets(cfg))
-    missing = [name for name in every_net(cfg, chosen_big(cfg) if candidates_done else None) if not trained(exp, name)]
+    candidates_done = all(trained(exp, name) for name in big_nets(cfg.images))
+    missing = [name for name in every_net(cfg.images, chosen_big(cfg) if candidates_done else None) if not trained(exp, name)]
     if missing or not candidates_done:
         progress_report(cfg, missing)
         return
@@ -639,11 +636,11 @@ def run_report(cfg) -> None:
 
     width, temperature = int(icfg.small.width), float(icfg.temperature)
     teacher = chosen_big(cfg)
-    seeds = headline_names(cfg, teacher)
+    seeds = headline_names(cfg.images, teacher)
     rows = {key: errors.add(key, [logits_of(name, test_idx) for name in names]) for key, names in seeds.items()}
     rows["big"]["fewer_than_small_alone"] = errors.fewer("big", "small_alone")
     teacher_row = "big"
-    if ensemble_teacher(cfg):  # the teacher: the big seeds' average probabilities, scored as one system
+    if ensemble_teacher(cfg.images):  # the teacher: the big seeds' average probabilities, scored as one system
         average = average_softmax(torch.stack([logits_of(name, test_idx) for name in seeds["big"]]), 1.0).log()
         rows["big_ensemble"] = errors.add("big_ensemble", [average]) | {"nets": seeds["big"]}
         rows["big_ensemble"]["fewer_than_small_alone"] = errors.fewer("big_ensemble", "small_alone")
@@ -659,7 +656,7 @@ def run_report(cfg) -> None:
     matching = icfg.function_matching
     if matching:
         shift = int(matching.jitter)
-        control, student = control_name(shift), matching_name(cfg, width, temperature, shift)
+        control, student = control_name(shift), matching_name(cfg.images, width, temperature, shift)
         rows["small_jittered"] = errors.add(control, [logits_of(control, test_idx)]) | {"jitter": shift}
         rows["small_jittered"]["fewer_than_small_alone"] = errors.fewer(control, "small_alone")
         rows["function_matching"] = errors.add(student, [logits_of(student, test_idx)]) | {"jitter": shift}
@@ -667,13 +664,13 @@ def run_report(cfg) -> None:
                                       "gap_closed": errors.gap_closed(student, "small_alone", teacher_row)}
     shifts = [float(s) for s in np.arange(float(icfg.bias_shifts.start), float(icfg.bias_shifts.stop) + 1e-9, float(icfg.bias_shifts.step))]
     left_out, kept = int(icfg.left_out_class), [int(c) for c in icfg.kept_classes]
-    name = student_name(cfg, width, temperature, left_out_tag(cfg))
+    name = student_name(cfg.images, width, temperature, left_out_tag(cfg.images))
     test_logits, held_logits = logits_of(name, test_idx), logits_of(name, valid_idx)
     shift = best_shift(held_logits, valid_labels, [left_out], 1.0, shifts)
     rows["left_out"] = errors.add(name, [test_logits], left_out) | {"class": left_out}
     rows["left_out_corrected"] = errors.add(f"{name} +{shift:g}", [shifted(test_logits, [left_out], shift)], left_out) | {"bias_shift": shift}
     rows["left_out_corrected"]["fewer_than_uncorrected"] = errors.fewer(f"{name} +{shift:g}", name)
-    name = student_name(cfg, width, temperature, kept_tag(cfg))
+    name = student_name(cfg.images, width, temperature, kept_tag(cfg.images))
     test_logits, held_logits = logits_of(name, test_idx), logits_of(name, valid_idx)
     shift = best_shift(held_logits, valid_labels, kept, -1.0, shifts)
     rows["kept_only"] = errors.add(name, [test_logits]) | {"classes": kept}
@@ -681,18 +678,18 @@ def run_report(cfg) -> None:
     rows["kept_only_corrected"]["fewer_than_uncorrected"] = errors.fewer(f"{name} -{shift:g}", name)
     grid = []
     for w in icfg.widths:
-        names = [student_name(cfg, int(w), float(t)) for t in icfg.temperatures]
+        names = [student_name(cfg.images, int(w), float(t)) for t in icfg.temperatures]
         cells = [errors.add(name, [logits_of(name, test_idx)]) | {"temperature": float(t)} for name, t in zip(names, icfg.temperatures)]
         held = [held_out_error_count(exp, name, len(valid_idx)) for name in names]
         grid.append({"width": int(w), "cells": cells, "held_out_errors": held, "best_temperature": float(icfg.temperatures[int(np.argmin(held))])})
-    candidates = big_nets(cfg)
+    candidates = big_nets(cfg.images)
     errors.add(f"{teacher} alone", [logits_of(teacher, test_idx)])  # seed 0 alone, as each candidate has one seed
     big_nets_compared = [{"name": name, "settings": settings, "held_out_errors": held_out_error_count(exp, name, len(valid_idx)),
                           "test": errors.add(f"{name} alone", [logits_of(name, test_idx)]),  # not "big": the big row's seeds
                           "fewer_than_teacher": None if name == teacher else errors.fewer(f"{name} alone", f"{teacher} alone")}
                          for name, settings in candidates.items()]
     curves = [*(n for names in seeds.values() for n in names), *(n for n in candidates if n != teacher),
-               *([control_name(int(matching.jitter)), matching_name(cfg, width, temperature, int(matching.jitter))] if matching else [])]
+               *([control_name(int(matching.jitter)), matching_name(cfg.images, width, temperature, int(matching.jitter))] if matching else [])]
     histories = {name: history_of(exp, name, len(valid_idx)) for name in curves}
     result = {"dataset": str(icfg.dataset), "command": recipe_command("asrkd report-images"), "machine": machine(cfg.train.device),
               "test_images": len(test_idx), "held_out_images": len(valid_idx), "checkpoint": "best.pt: the epoch with the fewest held-out errors",
@@ -731,7 +728,7 @@ def progress_report(cfg, missing: list[str]) -> None:
     if small:
         rows[SMALL] = errors.add(SMALL, [logits_of(n) for n in small]) | {"nets": small, "settings": OmegaConf.to_container(icfg.small),
                                                                               "held_out_errors": [held_out_error_count(exp, n, len(valid_idx)) for n in small]}
-    candidates = big_nets(cfg)
+    candidates = big_nets(cfg.images)
     for name, settings in candidates.items():
         if trained(exp, name):
             rows[name] = errors.add(name, [logits_of(name)]) | {"nets": [name], "settings": settings,
@@ -739,7 +736,7 @@ def progress_report(cfg, missing: list[str]) -> None:
             if small:
                 rows[name]["fewer_than_small_alone"] = errors.fewer(name, SMALL)
     teacher = chosen_big(cfg) if all(trained(exp, n) for n in candidates) else None
-    seeds = [n for n in headline_names(cfg, teacher)["big"] if trained(exp, n)] if teacher else []
+    seeds = [n for n in headline_names(cfg.images, teacher)["big"] if trained(exp, n)] if teacher else []
     if len(seeds) > 1:  # the teacher's seeds, and their average (images.teacher=ensemble) with its held-out errors
         settings = candidates[teacher]
         rows["teacher_seeds"] = errors.add("teacher seeds", [logits_of(n) for n in seeds]) | {

@@ -72,7 +72,7 @@ def test_max_norm_caps_every_hidden_unit(tmp_path: Path) -> None:
         frames = Frames()
         augment = None
 
-    step = TrainStep(cfg, net, Data(), None, torch.randint(0, 3, (32,)))
+    step = TrainStep(cfg.train, net, Data(), None, torch.randint(0, 3, (32,)))
     step(torch.arange(32))
     for weight, dim in hidden_weights(net):
         assert weight.norm(dim=dim).max() <= 0.5 + 1e-5
@@ -165,7 +165,7 @@ def test_a_big_net_variant_may_change_only_the_big_nets_settings(tmp_path: Path)
 
     cfg = tiny_config(tmp_path, "+images.big_variants.typo={jiter: 1}")
     with pytest.raises(ValueError, match=r"images.big_variants.typo sets jiter: not keys of images.big"):
-        images.big_nets(cfg)
+        images.big_nets(cfg.images)
 
 
 def test_the_conv_net_trains_in_the_one_loop_and_loads_as_any_model(tmp_path: Path) -> None:

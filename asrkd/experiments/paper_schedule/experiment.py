@@ -37,9 +37,9 @@ from asrkd.report import machine, percent, recipe_command, saved_figure
 from asrkd.stage import input_record
 
 
-def candidates(cfg) -> list[tuple[float, float]]:
+def candidates(schedule) -> list[tuple[float, float]]:
     """(learning rate, dropout) of every candidate: each rate at each dropout, in that order."""
-    return [(float(rate), float(dropout)) for dropout in cfg.paper_schedule.dropouts for rate in cfg.paper_schedule.learning_rates]
+    return [(float(rate), float(dropout)) for dropout in schedule.dropouts for rate in schedule.learning_rates]
 
 
 def candidate_cfg(cfg, rate: float, dropout: float):
@@ -53,12 +53,12 @@ def candidate_cfg(cfg, rate: float, dropout: float):
 
 
 def systems(cfg) -> list[System]:
-    return [System(str(candidate_cfg(cfg, *candidate).train.name), "model") for candidate in candidates(cfg)]
+    return [System(str(candidate_cfg(cfg, *candidate).train.name), "model") for candidate in candidates(cfg.paper_schedule)]
 
 
 def train(cfg) -> None:
     """Each candidate, one after another (each resumes from its last complete epoch)."""
-    for candidate in candidates(cfg):
+    for candidate in candidates(cfg.paper_schedule):
         train_dnn.run(candidate_cfg(cfg, *candidate))
 
 

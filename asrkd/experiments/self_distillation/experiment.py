@@ -69,36 +69,36 @@ def networks(cfg) -> dict[str, tuple[float, float]]:
     scfg = cfg.self_distillation
     out = {str(scfg.name): (float(scfg.kd_weight), float(scfg.hint_weight))}
     if scfg.deep_supervision_control:
-        out[control_name(cfg)] = (0.0, 0.0)
+        out[control_name(cfg.self_distillation)] = (0.0, 0.0)
     return out
 
 
-def control_name(cfg) -> str:
-    return f"{cfg.self_distillation.name}_deep_supervision"
+def control_name(sd) -> str:
+    return f"{sd.name}_deep_supervision"
 
 
-def exit_name(cfg, k: int, network: str | None = None) -> str:
+def exit_name(sd, k: int, network: str | None = None) -> str:
     """exp/dnn/<network>_exit<k>: exit k of ``network`` (BYOT's network unless given) as a model of its own."""
-    return f"{network or cfg.self_distillation.name}_exit{k}"
+    return f"{network or sd.name}_exit{k}"
 
 
-def head_width(cfg) -> int | None:
+def head_width(sd) -> int | None:
     """The bottleneck width of the shallow heads (BYOT's), or None: full-width heads."""
-    width = cfg.self_distillation.get("head_width")
+    width = sd.get("head_width")
     return None if width is None else int(width)
 
 
 def head_values(cfg) -> dict:
     """``head_width`` as a stage records it and the network takes it: only when set, so full-width
     runs keep their fingerprints."""
-    return {} if head_width(cfg) is None else {"head_width": head_width(cfg)}
+    return {} if head_width(cfg.self_distillation) is None else {"head_width": head_width(cfg.self_distillation)}
 
 
 def shape(cfg, k: int) -> dict:
     """Exit k's model shape: HybridDNN arguments (num_hidden_layers; hidden_dims for a bottleneck head)."""
     if k == int(cfg.model.num_hidden_layers):
         return {"num_hidden_layers": k}
-    return exit_shape(int(cfg.model.hidden_dim), k, head_width(cfg))
+    return exit_shape(int(cfg.model.hidden_dim), k, head_width(cfg.self_distillation))
 
 
 def hidden_layers(cfg, k: int) -> int:
@@ -109,8 +109,8 @@ def hidden_layers(cfg, k: int) -> int:
 def plain_name(cfg, k: int) -> str:
     """The plain model of exit k's shape, trained alone (the baseline when it has the baseline's shape)."""
     depth, width = int(cfg.model.num_hidden_layers), int(cfg.model.hidden_dim)
-    if head_width(cfg) is not None and k < depth:
-        return f"plain_{k}x{width}_bottleneck{head_width(cfg)}"
+    if head_width(cfg.self_distillation) is not None and k < depth:
+        return f"plain_{k}x{width}_bottleneck{head_width(cfg.self_distillation)}"
     layers = hidden_layers(cfg, k)
     return str(cfg.train.name) if layers == depth else f"plain_{layers}x{width}"
 
@@ -149,7 +149,7 @@ def write_exits(cfg, name: str, exits: list[int]) -> None:
     network = None
     for k in exits:
         layers = hidden_layers(cfg, k)
-        stage = plan(f"self-distill exit {k}", Layout(exp).model(exit_name(cfg, k, name)), sections.settings(cfg, ("model.hidden_dim", "model.left_context",
+        stage = plan(f"self-distill exit {k}", Layout(exp).model(exit_name(cfg.self_distillation, k, name)), sections.settings(cfg, ("model.hidden_dim", "model.left_context",
                      "model.right_context")), {"model": Layout(exp).model(name)},
                      {"exit": k, "model.num_hidden_layers": layers, **head_values(cfg)})
         if stage.up_to_date:
@@ -165,7 +165,7 @@ def systems(cfg) -> list[System]:
     control's are its "control" role) and the plain models."""
     exits = exit_layers(cfg)
     byot = str(cfg.self_distillation.name)
-    out = [System(exit_name(cfg, k, name), "exit" if name == byot else "control", teacher=byot if name == byot else None)
+    out = [System(exit_name(cfg.self_distillation, k, name), "exit" if name == byot else "control", teacher=byot if name == byot else None)
            for name in networks(cfg) for k in exits]
     return out + [System(plain_name(cfg, k), "baseline") for k in exits]
 
@@ -229,14 +229,14 @@ def report(cfg) -> Report:
     full_plain_entry = evaluation.entry([full_plain], sets)  # before the rows: their differences to it are paired draws
     rows = []
     for k in exit_layers(cfg):
-        exit_system, plain_system = exit_name(cfg, k), plain_name(cfg, k)
+        exit_system, plain_system = exit_name(cfg.self_distillation, k), plain_name(cfg, k)
         exit_entry = evaluation.entry([exit_system], sets, command=command) | {"cost": system_cost(cfg, exit_system)}
         plain_entry = evaluation.entry([plain_system], sets) | {"cost": system_cost(cfg, plain_system)}
         row = {"exit_layer": k, "hidden_layers": hidden_layers(cfg, k), "exit": exit_entry, "plain": plain_entry,
                "minus_plain": evaluation.frames.difference(exit_system, plain_system),
                "minus_full_plain": evaluation.frames.difference(exit_system, full_plain)}
         if cfg.self_distillation.deep_supervision_control:
-            control = exit_name(cfg, k, control_name(cfg))
+            control = exit_name(cfg.self_distillation, k, control_name(cfg.self_distillation))
             row |= {"deep_supervision": evaluation.entry([control], sets),
                     "minus_deep_supervision": evaluation.frames.difference(exit_system, control),
                     "deep_supervision_minus_plain": evaluation.frames.difference(control, plain_system)}
@@ -247,7 +247,7 @@ def report(cfg) -> Report:
               "full_plain_accuracy": full_plain_entry["frame_accuracy"][test],
               "temperature": float(scfg.temperature), "kd_weight": float(scfg.kd_weight), "hint_weight": float(scfg.hint_weight),
               "train_seconds": sum(h["seconds"] for h in read_history(Layout(exp).model(str(scfg.name)))), "bootstrap_unit": cfg.stats.unit,
-              "deep_supervision": control_name(cfg) if scfg.deep_supervision_control else None, "head_width": head_width(cfg)}
+              "deep_supervision": control_name(cfg.self_distillation) if scfg.deep_supervision_control else None, "head_width": head_width(cfg.self_distillation)}
     log.info("self-distillation: %s", {row["exit_layer"]: round(row["exit"]["frame_accuracy"][test], 4) for row in rows})
     return Report(result, markdown(result), {"self_distillation.png": plot}, aligned=evaluation.frame_accuracy_utterances)
 

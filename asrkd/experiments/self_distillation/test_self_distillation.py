@@ -143,7 +143,7 @@ def test_a_network_with_exits_draws_its_weights_as_a_model_built_alone(tmp_path:
     cfg = tiny_config(tmp_path, "model.num_hidden_layers=3")
     data = SimpleNamespace(pdf_ids=torch.zeros(1, dtype=torch.long), normalize_inputs=False, frames=SimpleNamespace(store=SimpleNamespace(dim=4)),
                            num_pdfs=5)
-    net = new_models(cfg, data, None, [7], {"exits": [1], "head_width": 3})
+    net = new_models(cfg.model, cfg.seed, data, None, [7], {"exits": [1], "head_width": 3})
     torch.manual_seed(7)
     alone = MultiExitDNN(4, 5, cfg.model.left_context, cfg.model.right_context, 3, cfg.model.hidden_dim, cfg.model.dropout, [1], head_width=3)
     assert net.config == alone.config

@@ -57,9 +57,9 @@ from omegaconf import OmegaConf
 from asrkd import sections
 from asrkd.distill import soft_targets, student
 from asrkd.distill.losses import distillation_loss
-from asrkd.distill.student import Student, TeacherOnTheFly, dense_only, student_system
+from asrkd.distill.student import Student, TeacherOnTheFly, student_system
 from asrkd.evaluate import experiment_scoring
-from asrkd.experiments.base import Experiment, Report
+from asrkd.experiments.base import Experiment, Report, dense_only
 from asrkd.experiments.specialists.model import SpecialistCombination
 from asrkd.layout import Layout, System, names
 from asrkd.nnet.cost import system_cost
@@ -80,8 +80,8 @@ def groups_dir(cfg) -> Path:
     return sections.layout(cfg).specialists(str(cfg.specialists.name))
 
 
-def specialist_name(cfg, m: int) -> str:
-    return f"{cfg.specialists.name}_{m}"
+def specialist_name(scfg, m: int) -> str:
+    return f"{scfg.name}_{m}"
 
 
 def kmeans(points: np.ndarray, k: int, seed: int, restarts: int = 10, iterations: int = 100) -> tuple[np.ndarray, np.ndarray]:
@@ -285,7 +285,7 @@ def train(cfg) -> None:
     epochs = {"train": {"epochs": scfg.epochs}} if scfg.epochs else {}
     specialist_cfg = OmegaConf.merge(cfg, epochs)
     for m, group in enumerate(groups):
-        name = specialist_name(cfg, m)
+        name = specialist_name(cfg.specialists, m)
         train_stage(specialist_cfg, [Model(
             f"train-specialist {name}", Layout(exp).model(name), values={"group": m, "generalist": str(scfg.generalist),
                                                                    "random_half": str(scfg.random_half)},
@@ -294,7 +294,7 @@ def train(cfg) -> None:
             training, loss=generalist_loss(cfg, group, generalist_dir), keys=("specialists.temperature", "distill.soft_weight",
                                                                                  "distill.hard_weight"),
             inputs={"generalist": generalist_dir, "groups": groups_dir(cfg)})
-    specialist_dirs = {f"specialist {m}": Layout(exp).model(specialist_name(cfg, m)) for m in range(len(groups))}
+    specialist_dirs = {f"specialist {m}": Layout(exp).model(specialist_name(cfg.specialists, m)) for m in range(len(groups))}
     stage = plan(f"combine specialists {scfg.name}", Layout(exp).model(str(scfg.name)), sections.settings(cfg, ("specialists.top_n", "specialists.iterations", "model.num_hidden_layers", "model.hidden_dim")),
                  {"generalist": generalist_dir, "groups": groups_dir(cfg), **specialist_dirs})
     if not stage.up_to_date:
@@ -458,7 +458,7 @@ def report(cfg) -> Report:
                          if k in layout},
               "top_n": int(scfg.top_n), "iterations": int(scfg.iterations), "student_temperature": float(scfg.student_temperature),
               "specialist_seconds": sum(h["seconds"] for m in range(len(layout["groups"]))
-                                        for h in read_history(Layout(exp).model(specialist_name(cfg, m)))),
+                                        for h in read_history(Layout(exp).model(specialist_name(cfg.specialists, m)))),
               "student_seconds": sum(h["seconds"] for h in read_history(Layout(exp).model(redistilled))),
               "control_seconds": sum(h["seconds"] for h in read_history(Layout(exp).model(generalist_student))), "bootstrap_unit": cfg.stats.unit}
     log.info("specialists: %s", {key: round(entries[key]["frame_accuracy"][evaluation.primary], 4) for key in entries})

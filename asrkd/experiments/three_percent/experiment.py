@@ -33,9 +33,9 @@ from asrkd import sections
 from asrkd.data import fraction_tag, subset_name
 from asrkd.distill import soft_targets, student
 from asrkd.distill.soft_targets import store_dir
-from asrkd.distill.student import dense_only, student_systems
+from asrkd.distill.student import student_systems
 from asrkd.evaluate import Evaluation, bootstrap_key
-from asrkd.experiments.base import Experiment, Report
+from asrkd.experiments.base import Experiment, Report, dense_only
 from asrkd.layout import Layout, System, names
 from asrkd.nnet import train as train_dnn
 from asrkd.nnet.train import read_history, replicate_systems
