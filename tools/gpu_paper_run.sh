@@ -37,7 +37,8 @@
 #               decode; report                                                       100
 #   paper 3     2 more baseline seeds, 10 fused members, soft targets T=2, 3 students,
 #               decode 16 systems, Table 1                                            300
-#   paper 4     3% of train: hard, soft (100% model, ensemble), 30 epochs; decode       30
+#   paper 4     the levers' report (no patient student at this budget)                   5
+#   paper 5     3% of train: hard, soft (100% model, ensemble), 30 epochs; decode       30
 #   total                                                                            ~500
 # The distillation is the paper's Table 1 alone (T = 2, dense soft targets, 3 seeds of baseline
 # and student): run_paper.sh's T = 5, patient student and 3% seeds would double stage 3.
@@ -46,7 +47,7 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 [ $# -ge 1 ] || { echo "usage: $0 OUT [--wheels DIR] [--prepared DIR] [--stop-stage N] [--dry-run] [-- overrides...]" >&2; exit 1; }
 out=$(mkdir -p "$1" && cd "$1" && pwd); shift
-wheels= prepared= stop_stage=4 dry_run=
+wheels= prepared= stop_stage=5 dry_run=
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) wheels=$2; shift 2 ;;
@@ -131,7 +132,7 @@ step check check || exit 1
 step bench python3 bench/train_throughput.py --exp-dir recipes/an4/exp --out "$out/train_throughput.json" \
   --profile "$out/train_throughput.profile.txt" "${bench_args[@]}" model=paper train.bf16_autocast=true "$@"
 if step paper-0-2 paper 0 2; then  # the schedule and the baseline: the other stages need them
-  step paper-3 paper 3 3
-  step paper-4 paper 4 4
+  step paper-3 paper 3 4
+  step paper-5 paper 5 5
 fi
 echo "$(date '+%F %T') done: $(tr -d '\n ' < "$steps_json")"

@@ -15,7 +15,7 @@
 # Stage 1 chooses the schedule (asrkd/experiments/paper_schedule/experiment.py: learning rate, batch, epochs);
 # every later stage runs stages of the other recipes with the paper's overrides and that schedule,
 # e.g. stage 2 is `run.sh --stage 4 --stop-stage 7 -- model=paper train.lr=1e-4 exp_dir=exp_paper
-# train.lr=<chosen> model.dropout=<chosen> train.batch_size=<chosen> train.epochs=<chosen>`; stages 3-4 add
+# train.lr=<chosen> model.dropout=<chosen> train.batch_size=<chosen> train.epochs=<chosen>`; stages 3-5 add
 # paper_table (what Table 1 trains at this size); overrides given here follow those (bf16 autocast, seeds) and win.
 set -euo pipefail
 
@@ -44,7 +44,7 @@ check_machine() {  # the paper's network wants a GPU or bf16 matrix units; elsew
   echo "set ASRKD_PAPER_ANY_CPU=1 to go on here, or run on a GPU (tools/gpu_paper_run.sh)" >&2
   return 1
 }
-sized=()  # stages 3-4 add paper_table (below)
+sized=()  # stages 3-5 add paper_table (below)
 run_scheduled() {  # run_scheduled RECIPE ARGS...: RECIPE ARGS -- <paper_base> <chosen schedule> <sized> <overrides given here>
   "$@" -- "${paper_base[@]}" "${chosen[@]}" ${sized[@]+"${sized[@]}"} ${overrides[@]+"${overrides[@]}"}
 }
@@ -56,13 +56,20 @@ run_scheduled() {  # run_scheduled RECIPE ARGS...: RECIPE ARGS -- <paper_base> <
 paper_table=(distill.temperatures=[2,5] distill.students.dense=[2,5] distill.students.topk=[] distill.students.compact=[]
              distill.students.compact_prior=[] distill.logit_matching=false levers.speed_perturbed=false levers.seeds=null
              three_percent.fractions=[0.03] three_percent.speed_perturbed=false three_percent.seeds=3)
-table() {  # stage 3: run_distill.sh stages 0-5, then its levers (stages 8-10) with the patient student alone
+sized_table() {  # paper_table and the patient student's epochs: 2x the chosen schedule's (levers.student_epochs)
   local option epochs=""
   for option in "${chosen[@]}"; do [[ $option == train.epochs=* ]] && epochs=${option#train.epochs=}; done
   sized=("${paper_table[@]}" "levers.student_epochs=[$((2 * epochs))]")
-  run_scheduled "$recipe_dir/run_distill.sh" --stop-stage 5 && run_scheduled "$recipe_dir/run_distill.sh" --stage 8 --stop-stage 10
 }
-three_percent() {  # stage 4: run_3pct.sh stages 2-4 (its speed perturbation is not needed: three_percent.speed_perturbed=false)
+table() {  # stage 3: run_distill.sh stages 0-5 (Table 1, published before the patient student's hours)
+  sized_table
+  run_scheduled "$recipe_dir/run_distill.sh" --stop-stage 5
+}
+patient() {  # stage 4: run_distill.sh's levers (stages 8-10) with the patient student alone
+  sized_table
+  run_scheduled "$recipe_dir/run_distill.sh" --stage 8 --stop-stage 10
+}
+three_percent() {  # stage 5: run_3pct.sh stages 2-4 (its speed perturbation is not needed: three_percent.speed_perturbed=false)
   sized=("${paper_table[@]}")
   run_scheduled "$recipe_dir/run_3pct.sh" --stage 2
 }
@@ -84,9 +91,11 @@ run_stage 0 "link the features, GMM, alignments, graph and the GMM's decode of e
 run_stage 1 "bf16 against fp32 (4x512, bf16_check.seeds each); the schedule: learning rates x dropouts at batch paper_schedule.batch_size, early stopping, on the validation speakers" schedule
 run_stage 2 "baseline 8x2560 on the chosen schedule, its decode and report (run.sh stages 4-7)" \
   with_schedule run_scheduled "$recipe_dir/run.sh" --stage 4 --stop-stage 7
-run_stage 3 "replicates, ensemble, soft targets, students, the patient student, decode, Table 1 (run_distill.sh stages 0-5, 8-10)" \
+run_stage 3 "replicates, ensemble, soft targets, students, decode, Table 1 (run_distill.sh stages 0-5)" \
   with_schedule table
-run_stage 4 "the 3%-data runs, decode, report (run_3pct.sh stages 2-4)" \
+run_stage 4 "the patient student (2x the epochs) against its baseline of as many epochs, decode, report (run_distill.sh stages 8-10)" \
+  with_schedule patient
+run_stage 5 "the 3%-data runs, decode, report (run_3pct.sh stages 2-4)" \
   with_schedule three_percent
 publish_to "$root/results/an4_paper" "${paper[@]}"
 echo "$(date '+%F %T') done"
