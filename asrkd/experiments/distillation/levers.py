@@ -84,17 +84,17 @@ def chosen_temperature(cfg) -> float:
     return max(by_t, key=by_t.get)
 
 
-def lever_seeds(cfg) -> int:
+def lever_seeds(lcfg, dcfg) -> int:
     """Replicates of each lever's students and same-data baseline: ``levers.seeds``, else the dense students'."""
-    seeds = cfg.levers.get("seeds")
-    return dense_seeds(cfg.distill) if seeds is None else int(seeds)
+    seeds = lcfg.get("seeds")
+    return dense_seeds(dcfg) if seeds is None else int(seeds)
 
 
 def levers(cfg, temperature: float | None = None) -> list[Lever]:
     """Every lever the config asks for, with its systems (trained or not), named by the same
     functions that train them (:func:`asrkd.distill.student.student_systems`, :func:`asrkd.nnet.train.replicates`)."""
     t = chosen_temperature(cfg) if temperature is None else temperature
-    seeds, baselines = lever_seeds(cfg), baseline_replicates(cfg)
+    seeds, baselines = lever_seeds(cfg.levers, cfg.distill), baseline_replicates(cfg)
     reference = dense_only(cfg, t, dense_seeds(cfg.distill))  # stage 3's students at T
     out = [Lever("train", "students on train (stage 3)", names(student_systems(reference)), baselines, cfg.distill.teacher, reference, None)]
     if cfg.levers.speed_perturbed:

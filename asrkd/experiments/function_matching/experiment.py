@@ -134,9 +134,9 @@ def on_the_curve(fm, run: Run) -> bool:
     return run.view == str(fm.headline) and run.data == "train" and run.schedule != int(fm.headline_schedule)
 
 
-def beyond_plateau(cfg, run: Run, stop: dict | None) -> bool:
+def beyond_plateau(fm, run: Run, stop: dict | None) -> bool:
     """A run of the patience curve past its plateau."""
-    return stop is not None and run.schedule in stop["skipped"] and on_the_curve(cfg.function_matching, run)
+    return stop is not None and run.schedule in stop["skipped"] and on_the_curve(fm, run)
 
 
 def plateau_pending(cfg, run: Run) -> bool:
@@ -145,7 +145,7 @@ def plateau_pending(cfg, run: Run) -> bool:
     not all trained."""
     fm = cfg.function_matching
     exp = Path(cfg.exp_dir)
-    if fm.get("plateau") is None or not on_the_curve(cfg.function_matching, run) or complete(exp, cfg, [run]) or beyond_plateau(cfg, run, curve_stop(cfg)):
+    if fm.get("plateau") is None or not on_the_curve(cfg.function_matching, run) or complete(exp, cfg, [run]) or beyond_plateau(cfg.function_matching, run, curve_stop(cfg)):
         return False
     earlier = [Run(str(fm.headline), int(m), "consistent", 0) for m in fm.schedules if int(m) < run.schedule]
     return len(complete(exp, cfg, earlier)) < len(earlier)
@@ -231,7 +231,7 @@ def train(cfg) -> None:
     while run := next((run for run in remaining if not plateau_pending(cfg, run)), None):  # the first in order that can be decided
         remaining.remove(run)
         name = run_name(cfg.function_matching, run)
-        if beyond_plateau(cfg, run, stop := curve_stop(cfg)):
+        if beyond_plateau(cfg.function_matching, run, stop := curve_stop(cfg)):
             log.info("%s: not trained, the patience curve stopped at %dx (validation +%.2f points over %dx, below function_matching.plateau=%g)",
                      name, stop["schedule"], stop["gain_points"], stop["previous"], stop["plateau_points"])
             continue
@@ -303,7 +303,7 @@ def report(cfg) -> Report:
     stop = curve_stop(cfg)
     groups: dict[tuple[str, int, str, str], list[Run]] = {}
     for run in runs(cfg.function_matching):
-        if beyond_plateau(cfg, run, stop) and not complete(exp, cfg, [run]):
+        if beyond_plateau(cfg.function_matching, run, stop) and not complete(exp, cfg, [run]):
             continue  # past the plateau and never trained: not missing (one trained before stays a row)
         groups.setdefault((run.view, run.schedule, run.kind, run.data), []).append(run)
     rows, missing = [], []

@@ -175,14 +175,14 @@ def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_head
     stop = function_matching.curve_stop(cfg)
     assert not pending(8)  # decided: left out
     assert stop["schedule"] == 4 and stop["previous"] == 2 and stop["skipped"] == [8] and stop["gain_points"] == pytest.approx(0.12)
-    skipped = [run for run in function_matching.runs(cfg.function_matching) if function_matching.beyond_plateau(cfg, run, stop)]
+    skipped = [run for run in function_matching.runs(cfg.function_matching) if function_matching.beyond_plateau(cfg.function_matching, run, stop)]
     assert {(run.schedule, run.kind) for run in skipped} == {(8, "hard"), (8, "consistent")}
     assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": None}})) is None
     assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": 0.1}})) is None  # +0.12 still counts
     assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"schedules": [1, 2, 4]}})) is None  # nothing left to stop
     # the headline schedule is never skipped, even past a plateau reached before it
     late = OmegaConf.merge(cfg, {"function_matching": {"headline_schedule": 8}})
-    assert not any(function_matching.beyond_plateau(late, run, stop) for run in function_matching.runs(late.function_matching) if run.schedule == 8)
+    assert not any(function_matching.beyond_plateau(late.function_matching, run, stop) for run in function_matching.runs(late.function_matching) if run.schedule == 8)
 
 
 def test_the_controls_train_alone_without_a_teacher(run_dir: Path, tmp_path: Path) -> None:

@@ -139,8 +139,8 @@ def corpus_dir(icfg) -> Path:
     return corpus
 
 
-def images_dir(cfg) -> Path:
-    return Path(cfg.exp_dir) / "images"
+def images_dir(exp_dir) -> Path:
+    return Path(exp_dir) / "images"
 
 
 def run_prepare(cfg) -> None:
@@ -159,7 +159,7 @@ def run_prepare(cfg) -> None:
             raise ValueError(f"{paths[f'{split}_labels']}: labels above {CLASSES - 1} ({int(labels.max())}); not a 10-class set")
         parts.append((split, images, labels))
     checksums = {key: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for key, path in paths.items()}
-    stage = plan("prepare-images", images_dir(cfg), sections.settings(cfg, ("images.dataset",)), values={"idx_checksums": checksums})
+    stage = plan("prepare-images", images_dir(cfg.exp_dir), sections.settings(cfg, ("images.dataset",)), values={"idx_checksums": checksums})
     if stage.up_to_date:
         return
     utt_ids = [f"{split}-{i:05d}" for split, images, _ in parts for i in range(len(images))]
@@ -197,7 +197,7 @@ class ImageSet:
 
     def __init__(self, cfg, augment=None):
         self.cfg, self.augment = cfg, augment
-        self.inputs = {"images": images_dir(cfg)}
+        self.inputs = {"images": images_dir(cfg.exp_dir)}
         self._loaded = None
 
     def with_augment(self, augment) -> "ImageSet":
@@ -208,7 +208,7 @@ class ImageSet:
 
     def split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(training, held-out, test) image indices."""
-        summary = read_record(images_dir(self.cfg))["summary"]
+        summary = read_record(images_dir(self.cfg.exp_dir))["summary"]
         train, test = int(summary["train"]), int(summary["test"])
         held_out = int(self.cfg.images.valid_images)
         if not 0 < held_out < train:
@@ -219,8 +219,8 @@ class ImageSet:
         if self._loaded is None:
             torch.set_num_threads(int(self.cfg.train.num_threads))
             device = pick_device(self.cfg.train.device)
-            store = FeatureStore.load(images_dir(self.cfg) / "store", mmap=False)
-            labels = torch.from_numpy(load_array(images_dir(self.cfg) / "labels.npy", False, "prepare-images")).to(device)
+            store = FeatureStore.load(images_dir(self.cfg.exp_dir) / "store", mmap=False)
+            labels = torch.from_numpy(load_array(images_dir(self.cfg.exp_dir) / "labels.npy", False, "prepare-images")).to(device)
             data = FrameData(SplicedFrames(store, 0, 0, device), labels, CLASSES, normalize_inputs=False)
             train_idx, valid_idx, _ = self.split()
             hard = torch.full_like(labels, -1)
@@ -393,10 +393,10 @@ def seeds_average(logits_of: Callable[[str, np.ndarray], torch.Tensor], names: l
     return average, int((held_out.argmax(-1) != valid_labels).sum())
 
 
-def chosen_big(cfg) -> str:
+def chosen_big(exp_dir, icfg) -> str:
     """The teacher's settings: the big-net candidate (seed 0) with the fewest held-out errors,
     the earlier of :func:`big_nets` on ties (``images.big`` first). Never the test set."""
-    exp, held_out, candidates = Path(cfg.exp_dir), int(cfg.images.valid_images), big_nets(cfg.images)
+    exp, held_out, candidates = Path(exp_dir), int(icfg.valid_images), big_nets(icfg)
     missing = [name for name in candidates if not trained(exp, name)]
     if missing:
         raise FileNotFoundError(f"images: the teacher is the big net with the fewest held-out errors, and {', '.join(str(Layout(exp).model(n)) for n in missing)} "
@@ -432,16 +432,16 @@ def run_train_nets(cfg) -> None:
         train_stage(small_config(cfg), [Model(f"train-images {name}", Layout(exp).model(name), replicate)], images)
     for name, settings in candidates.items():
         train_big(name, 0, settings)
-    teacher = chosen_big(cfg)
+    teacher = chosen_big(cfg.exp_dir, cfg.images)
     log.info("images: the teacher is %s (held-out errors: %s)", teacher,
              {name: held_out_error_count(exp, name, int(icfg.valid_images)) for name in candidates})
     for replicate, name in enumerate(headline_names(cfg.images, teacher)["big"][1:], start=1):
         train_big(name, replicate, candidates[teacher])
 
 
-def teacher_model(cfg, teacher: str, device: torch.device) -> HybridDNN:
+def teacher_model(exp_dir, teacher: str, device: torch.device) -> HybridDNN:
     """The big net ``teacher`` at its best held-out epoch (the checkpoint every image net is scored at)."""
-    return load_model(model_path(Path(cfg.exp_dir), f"{teacher}@best"), device)
+    return load_model(model_path(Path(exp_dir), f"{teacher}@best"), device)
 
 
 def teachers_of(icfg, names: dict[str, list[str]], replicate: int) -> list[str]:
@@ -456,7 +456,7 @@ def stored_teacher_loss(cfg, temperature: float, teachers: list[str]):
     dcfg = cfg.distill
 
     def make(data, hard):
-        logits = torch.stack([predict_logits(teacher_model(cfg, teacher, data.pdf_ids.device), data, np.arange(len(data.pdf_ids)),
+        logits = torch.stack([predict_logits(teacher_model(cfg.exp_dir, teacher, data.pdf_ids.device), data, np.arange(len(data.pdf_ids)),
                                              int(cfg.eval.batch_size)) for teacher in teachers])  # (teachers, images, classes)
         return lambda z, batch: distillation_loss(z, average_softmax(logits[:, batch], temperature), hard[batch], temperature,
                                                   dcfg.soft_weight, dcfg.hard_weight)
@@ -469,7 +469,7 @@ def consistent_teacher_loss(cfg, temperature: float, teachers: list[str]):
     dcfg = cfg.distill
 
     def make(data, hard):
-        on_the_fly = TeacherOnTheFly([teacher_model(cfg, teacher, data.pdf_ids.device) for teacher in teachers], data.frames)
+        on_the_fly = TeacherOnTheFly([teacher_model(cfg.exp_dir, teacher, data.pdf_ids.device) for teacher in teachers], data.frames)
 
         def loss(z: torch.Tensor, batch: torch.Tensor, view: View) -> torch.Tensor:
             return distillation_loss(z, on_the_fly.soft_targets(batch, temperature, view.inputs), hard[batch], temperature,
@@ -511,7 +511,7 @@ def run_train_students(cfg) -> None:
                                                  values={"teacher": teacher_value(teachers), "temperature": t, "transfer": transfer})],
                     images, loss=stored_teacher_loss(cfg, t, teachers), keys=keys, inputs=teacher_inputs(teachers))
 
-    names = headline_names(cfg.images, chosen_big(cfg))
+    names = headline_names(cfg.images, chosen_big(cfg.exp_dir, cfg.images))
     for replicate, name in enumerate(names["small_distilled"]):
         train_student(name, width, temperature, teachers_of(cfg.images, names, replicate), replicate)
     teachers = teachers_of(cfg.images, names, 0)
@@ -619,7 +619,7 @@ def run_report(cfg) -> None:
     trained so far: report.{json,md} and curves.png (:func:`progress_report`)."""
     exp, icfg = Path(cfg.exp_dir), cfg.images
     candidates_done = all(trained(exp, name) for name in big_nets(cfg.images))
-    missing = [name for name in every_net(cfg.images, chosen_big(cfg) if candidates_done else None) if not trained(exp, name)]
+    missing = [name for name in every_net(cfg.images, chosen_big(cfg.exp_dir, cfg.images) if candidates_done else None) if not trained(exp, name)]
     if missing or not candidates_done:
         progress_report(cfg, missing)
         return
@@ -635,7 +635,7 @@ def run_report(cfg) -> None:
         return predict_logits(load_model(model_path(exp, f"{name}@best"), data.pdf_ids.device), data, indices, batch)
 
     width, temperature = int(icfg.small.width), float(icfg.temperature)
-    teacher = chosen_big(cfg)
+    teacher = chosen_big(cfg.exp_dir, cfg.images)
     seeds = headline_names(cfg.images, teacher)
     rows = {key: errors.add(key, [logits_of(name, test_idx) for name in names]) for key, names in seeds.items()}
     rows["big"]["fewer_than_small_alone"] = errors.fewer("big", "small_alone")
@@ -735,7 +735,7 @@ def progress_report(cfg, missing: list[str]) -> None:
                                                                   "held_out_errors": [held_out_error_count(exp, name, len(valid_idx))]}
             if small:
                 rows[name]["fewer_than_small_alone"] = errors.fewer(name, SMALL)
-    teacher = chosen_big(cfg) if all(trained(exp, n) for n in candidates) else None
+    teacher = chosen_big(cfg.exp_dir, cfg.images) if all(trained(exp, n) for n in candidates) else None
     seeds = [n for n in headline_names(cfg.images, teacher)["big"] if trained(exp, n)] if teacher else []
     if len(seeds) > 1:  # the teacher's seeds, and their average (images.teacher=ensemble) with its held-out errors
         settings = candidates[teacher]

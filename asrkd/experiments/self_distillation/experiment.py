@@ -54,22 +54,21 @@ from asrkd.stats import format_interval
 log = logging.getLogger(__name__)
 
 
-def exit_layers(cfg) -> list[int]:
+def exit_layers(sd, model) -> list[int]:
     """Every exit, shallow to deep: the hidden layers of ``self_distillation.exits``, then the last."""
-    depth = int(cfg.model.num_hidden_layers)
-    exits = sorted({int(k) for k in cfg.self_distillation.exits})
+    depth = int(model.num_hidden_layers)
+    exits = sorted({int(k) for k in sd.exits})
     if not exits or exits[0] < 1 or exits[-1] >= depth:
         raise ValueError(f"self_distillation.exits={exits}: each must be a hidden layer in 1..{depth - 1} (model.num_hidden_layers={depth})")
     return [*exits, depth]
 
 
-def networks(cfg) -> dict[str, tuple[float, float]]:
+def networks(sd) -> dict[str, tuple[float, float]]:
     """Each network with exits, name -> (KD weight, hint weight): BYOT's, then (with
     ``self_distillation.deep_supervision_control``) its control, every exit on the labels alone."""
-    scfg = cfg.self_distillation
-    out = {str(scfg.name): (float(scfg.kd_weight), float(scfg.hint_weight))}
-    if scfg.deep_supervision_control:
-        out[control_name(cfg.self_distillation)] = (0.0, 0.0)
+    out = {str(sd.name): (float(sd.kd_weight), float(sd.hint_weight))}
+    if sd.deep_supervision_control:
+        out[control_name(sd)] = (0.0, 0.0)
     return out
 
 
@@ -88,22 +87,22 @@ def head_width(sd) -> int | None:
     return None if width is None else int(width)
 
 
-def head_values(cfg) -> dict:
+def head_values(sd) -> dict:
     """``head_width`` as a stage records it and the network takes it: only when set, so full-width
     runs keep their fingerprints."""
-    return {} if head_width(cfg.self_distillation) is None else {"head_width": head_width(cfg.self_distillation)}
+    return {} if head_width(sd) is None else {"head_width": head_width(sd)}
 
 
-def shape(cfg, k: int) -> dict:
+def shape(sd, model, k: int) -> dict:
     """Exit k's model shape: HybridDNN arguments (num_hidden_layers; hidden_dims for a bottleneck head)."""
-    if k == int(cfg.model.num_hidden_layers):
+    if k == int(model.num_hidden_layers):
         return {"num_hidden_layers": k}
-    return exit_shape(int(cfg.model.hidden_dim), k, head_width(cfg.self_distillation))
+    return exit_shape(int(model.hidden_dim), k, head_width(sd))
 
 
-def hidden_layers(cfg, k: int) -> int:
+def hidden_layers(sd, model, k: int) -> int:
     """The hidden layers of exit k's model: k and its head's, or all of them for the deepest."""
-    return shape(cfg, k)["num_hidden_layers"]
+    return shape(sd, model, k)["num_hidden_layers"]
 
 
 def plain_name(cfg, k: int) -> str:
@@ -111,7 +110,7 @@ def plain_name(cfg, k: int) -> str:
     depth, width = int(cfg.model.num_hidden_layers), int(cfg.model.hidden_dim)
     if head_width(cfg.self_distillation) is not None and k < depth:
         return f"plain_{k}x{width}_bottleneck{head_width(cfg.self_distillation)}"
-    layers = hidden_layers(cfg, k)
+    layers = hidden_layers(cfg.self_distillation, cfg.model, k)
     return str(cfg.train.name) if layers == depth else f"plain_{layers}x{width}"
 
 
@@ -120,11 +119,11 @@ def train(cfg) -> None:
     written as a model of its own, and the plain models as deep as the exits (the baseline is
     the main recipe's)."""
     exp, scfg = Path(cfg.exp_dir), cfg.self_distillation
-    exits = exit_layers(cfg)
+    exits = exit_layers(cfg.self_distillation, cfg.model)
     training = TrainingSet(cfg)
     temperature = float(scfg.temperature)
-    heads = head_values(cfg)
-    for name, (kd_weight, hint_weight) in networks(cfg).items():
+    heads = head_values(cfg.self_distillation)
+    for name, (kd_weight, hint_weight) in networks(cfg.self_distillation).items():
         values = {"exits": exits[:-1], "temperature": temperature, "kd_weight": kd_weight, "hint_weight": hint_weight, **heads}
 
         def loss(data, hard, kd_weight=kd_weight, hint_weight=hint_weight):
@@ -136,9 +135,9 @@ def train(cfg) -> None:
     for k in exits:
         plain = plain_name(cfg, k)
         if plain != str(cfg.train.name):
-            dims = shape(cfg, k).get("hidden_dims")
+            dims = shape(cfg.self_distillation, cfg.model, k).get("hidden_dims")
             widths = {"hidden_dims": dims} if dims else None  # a bottleneck exit's shape: recorded, and built
-            plain_cfg = OmegaConf.merge(cfg, {"model": {"num_hidden_layers": hidden_layers(cfg, k)}})
+            plain_cfg = OmegaConf.merge(cfg, {"model": {"num_hidden_layers": hidden_layers(cfg.self_distillation, cfg.model, k)}})
             train_stage(plain_cfg, [Model(f"train-dnn {plain}", Layout(exp).model(plain), values=widths, network=widths)],
                         training)  # the same frames, loaded once
 
@@ -148,10 +147,10 @@ def write_exits(cfg, name: str, exits: list[int]) -> None:
     exp = Path(cfg.exp_dir)
     network = None
     for k in exits:
-        layers = hidden_layers(cfg, k)
+        layers = hidden_layers(cfg.self_distillation, cfg.model, k)
         stage = plan(f"self-distill exit {k}", Layout(exp).model(exit_name(cfg.self_distillation, k, name)), sections.settings(cfg, ("model.hidden_dim", "model.left_context",
                      "model.right_context")), {"model": Layout(exp).model(name)},
-                     {"exit": k, "model.num_hidden_layers": layers, **head_values(cfg)})
+                     {"exit": k, "model.num_hidden_layers": layers, **head_values(cfg.self_distillation)})
         if stage.up_to_date:
             continue
         if network is None:
@@ -163,10 +162,10 @@ def write_exits(cfg, name: str, exits: list[int]) -> None:
 def systems(cfg) -> list[System]:
     """Every system the report scores (stage 1 decodes): the exits of each network (the deep-supervision
     control's are its "control" role) and the plain models."""
-    exits = exit_layers(cfg)
+    exits = exit_layers(cfg.self_distillation, cfg.model)
     byot = str(cfg.self_distillation.name)
     out = [System(exit_name(cfg.self_distillation, k, name), "exit" if name == byot else "control", teacher=byot if name == byot else None)
-           for name in networks(cfg) for k in exits]
+           for name in networks(cfg.self_distillation) for k in exits]
     return out + [System(plain_name(cfg, k), "baseline") for k in exits]
 
 
@@ -228,11 +227,11 @@ def report(cfg) -> Report:
     full_plain = str(cfg.train.name)
     full_plain_entry = evaluation.entry([full_plain], sets)  # before the rows: their differences to it are paired draws
     rows = []
-    for k in exit_layers(cfg):
+    for k in exit_layers(cfg.self_distillation, cfg.model):
         exit_system, plain_system = exit_name(cfg.self_distillation, k), plain_name(cfg, k)
         exit_entry = evaluation.entry([exit_system], sets, command=command) | {"cost": system_cost(cfg, exit_system)}
         plain_entry = evaluation.entry([plain_system], sets) | {"cost": system_cost(cfg, plain_system)}
-        row = {"exit_layer": k, "hidden_layers": hidden_layers(cfg, k), "exit": exit_entry, "plain": plain_entry,
+        row = {"exit_layer": k, "hidden_layers": hidden_layers(cfg.self_distillation, cfg.model, k), "exit": exit_entry, "plain": plain_entry,
                "minus_plain": evaluation.frames.difference(exit_system, plain_system),
                "minus_full_plain": evaluation.frames.difference(exit_system, full_plain)}
         if cfg.self_distillation.deep_supervision_control:

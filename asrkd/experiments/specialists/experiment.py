@@ -157,16 +157,16 @@ def mixed_frames(in_group: np.ndarray, pool: np.ndarray, rng: np.random.Generato
     return np.sort(np.concatenate([in_group, rng.choice(pool, size=min(len(in_group), len(pool)), replace=False)]))
 
 
-def specialist_frames(cfg, m: int, group: list[int]):
+def specialist_frames(scfg, seed, m: int, group: list[int]):
     """The frames and classes specialist m trains and validates on (a Model's ``frames``)."""
     def frames(data, train_idx: np.ndarray, valid_idx: np.ndarray, hard: torch.Tensor) -> ModelFrames:
         classes = class_of_pdf(group, data.num_pdfs, hard.device)
         members = np.zeros(data.num_pdfs + 1, dtype=bool)
         members[np.asarray(group) + 1] = True
         pdf_ids, labels = data.pdf_ids.cpu().numpy(), hard.cpu().numpy()
-        rng = np.random.default_rng([int(cfg.seed), m])
+        rng = np.random.default_rng([int(seed), m])
         train_in, valid_in = members[labels[train_idx] + 1], members[pdf_ids[valid_idx] + 1]
-        remainder = cfg.specialists.random_half == "remainder"
+        remainder = scfg.random_half == "remainder"
         train = mixed_frames(train_idx[train_in], train_idx[~train_in] if remainder else train_idx, rng)
         valid = mixed_frames(valid_idx[valid_in], valid_idx[~valid_in] if remainder else valid_idx, rng)
         return ModelFrames(train, valid, classes[hard + 1], classes[data.pdf_ids + 1])
@@ -190,10 +190,9 @@ def specialist_start(generalist, group: list[int]):
     return model
 
 
-def generalist_loss(cfg, group: list[int], generalist_dir: Path):
+def generalist_loss(scfg, dcfg, group: list[int], generalist_dir: Path):
     """The specialist's loss factory: T^2 CE(softmax(the generalist's group logits and the
     log-sum-exp of the others, / T)) + hard_weight CE(class)."""
-    scfg, dcfg = cfg.specialists, cfg.distill
     temperature = float(scfg.temperature)
 
     def make(data, hard):
@@ -290,8 +289,8 @@ def train(cfg) -> None:
             f"train-specialist {name}", Layout(exp).model(name), values={"group": m, "generalist": str(scfg.generalist),
                                                                    "random_half": str(scfg.random_half)},
             initial=lambda group=group: specialist_start(load_model(generalist_dir / "final.pt", pick_device(cfg.train.device)), group),
-            frames=specialist_frames(cfg, m, group))],
-            training, loss=generalist_loss(cfg, group, generalist_dir), keys=("specialists.temperature", "distill.soft_weight",
+            frames=specialist_frames(cfg.specialists, cfg.seed, m, group))],
+            training, loss=generalist_loss(cfg.specialists, cfg.distill, group, generalist_dir), keys=("specialists.temperature", "distill.soft_weight",
                                                                                  "distill.hard_weight"),
             inputs={"generalist": generalist_dir, "groups": groups_dir(cfg)})
     specialist_dirs = {f"specialist {m}": Layout(exp).model(specialist_name(cfg.specialists, m)) for m in range(len(groups))}
@@ -336,7 +335,7 @@ def coverage_counts(combination, data, indices: np.ndarray, batch_size: int) -> 
     return np.concatenate(every), np.concatenate(active)
 
 
-def coverage_rows(cfg, evaluation, generalist: str, combined: str) -> dict[str, list[dict]]:
+def coverage_rows(exp_dir, evaluation, generalist: str, combined: str) -> dict[str, list[dict]]:
     """The paper's Table 4 on the first eval set's frames: per number of specialists covering the
     true pdf-id, the frames, both systems' accuracy and the combination's gain, with intervals.
     "coverage" counts every specialist whose group holds it (the paper's count), "coverage_active"
@@ -346,9 +345,9 @@ def coverage_rows(cfg, evaluation, generalist: str, combined: str) -> dict[str, 
     scorer = evaluation.scorer
     data, indices = scorer.eval[evaluation.primary]
     store = data.frames.store
-    combination = load_system(Path(cfg.exp_dir), combined, scorer.device)
+    combination = load_system(Path(exp_dir), combined, scorer.device)
     counts = dict(zip(("coverage", "coverage_active"), coverage_counts(combination, data, indices, scorer.batch_size)))
-    hits = {system: evaluate_frames(load_system(Path(cfg.exp_dir), system, scorer.device), data, indices, scorer.batch_size)["hits"]
+    hits = {system: evaluate_frames(load_system(Path(exp_dir), system, scorer.device), data, indices, scorer.batch_size)["hits"]
             for system in (generalist, combined)}
     bootstrap = evaluation.frames
     empty = {u: [0, 0] for u in bootstrap.utt_ids}
@@ -451,7 +450,7 @@ def report(cfg) -> Report:
                                        for key in ("combined", "redistilled", "generalist_student") if "wer" in entries[key] and "wer" in entries["generalist"]},
               "redistilled_minus_combined": evaluation.frames.difference(redistilled, combined),
               "redistilled_minus_generalist_student": evaluation.frames.difference(redistilled, generalist_student),
-              **coverage_rows(cfg, evaluation, generalist, combined),
+              **coverage_rows(cfg.exp_dir, evaluation, generalist, combined),
               "dustbin": {"fitted_shifts": fitted, "random_half": str(scfg.random_half),
                           "labels_alone_shifts": [labels_alone_shift(share, str(scfg.random_half)) for share in layout["frame_shares"]]},
               "groups": {k: layout[k] for k in ("pdfs_per_group", "frame_shares", "held_out_frames", "mean_groups_per_pdf", "unscaled_largest_cluster")
