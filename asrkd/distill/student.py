@@ -55,29 +55,30 @@ def student_name(teacher: str, temperature: float | None, form: str, data: str =
     return replicate_name(name, replicate)
 
 
-def students(cfg) -> list[Student]:
-    """Every student the config asks for, in training order (replicates after the first of each)."""
-    seeds = cfg.distill.seeds
-    out = [Student(form, float(t), 0) for form, temperatures in cfg.distill.students.items() for t in temperatures]
-    out += [Student(LOGITS, None, 0)] if cfg.distill.logit_matching else []
+def students(dcfg) -> list[Student]:
+    """Every student the ``distill`` section asks for, in training order (replicates after the first of each)."""
+    seeds = dcfg.seeds
+    out = [Student(form, float(t), 0) for form, temperatures in dcfg.students.items() for t in temperatures]
+    out += [Student(LOGITS, None, 0)] if dcfg.logit_matching else []
     out += [Student(s.form, s.temperature, r) for s in list(out) for r in range(1, int(seeds.get(s.form, 1)))]
     return out
 
 
-def name_of(cfg, student: Student) -> str:
-    return student_name(cfg.distill.teacher, student.temperature, student.form, cfg.train.data, list(cfg.distill.transfer),
-                        cfg.distill.epochs, student.replicate, str(cfg.distill.loss))
+def name_of(dcfg, data: str, student: Student) -> str:
+    """exp/dnn/<name> of ``student`` as the ``distill`` section trains it on ``data`` (``train.data``)."""
+    return student_name(dcfg.teacher, student.temperature, student.form, str(data), list(dcfg.transfer), dcfg.epochs, student.replicate,
+                        str(dcfg.loss))
 
 
-def student_system(cfg, student: Student) -> System:
-    """The spec of ``student`` as ``cfg`` trains it: its name (:func:`name_of`) and what the name encodes."""
-    return System(name_of(cfg, student), "student", teacher=str(cfg.distill.teacher), form=student.form, temperature=student.temperature,
-                  data=str(cfg.train.data), seed=student.replicate)
+def student_system(dcfg, data: str, student: Student) -> System:
+    """The spec of ``student`` as the ``distill`` section trains it on ``data``: its name (:func:`name_of`) and what the name encodes."""
+    return System(name_of(dcfg, data, student), "student", teacher=str(dcfg.teacher), form=student.form, temperature=student.temperature,
+                  data=str(data), seed=student.replicate)
 
 
-def student_systems(cfg) -> list[System]:
-    """Every student train-student makes with ``cfg``, in training order."""
-    return [student_system(cfg, student) for student in students(cfg)]
+def student_systems(dcfg, data: str) -> list[System]:
+    """Every student train-student makes with the ``distill`` section on ``data`` (``train.data``), in training order."""
+    return [student_system(dcfg, data, student) for student in students(dcfg)]
 
 
 class StoreParts:
@@ -181,12 +182,12 @@ def batch_loss_of(dcfg, form: TargetForm, temperature: float | None) -> Callable
 
 
 def run(cfg) -> None:
-    """Stage: every student of ``students(cfg)`` that is not complete."""
+    """Stage: every student of :func:`students` that is not complete."""
     dcfg = cfg.distill
     training = TrainingSet(cfg, list(dcfg.transfer))
     layout = sections.layout(cfg)
-    for student in students(cfg):
-        name = name_of(cfg, student)
+    for student in students(dcfg):
+        name = name_of(dcfg, cfg.train.data, student)
         form = form_of(cfg, student.form)
         make_targets, inputs = target_source(cfg, student, training)
 

@@ -62,7 +62,7 @@ class StudentRow(NamedTuple):
 def student_rows(cfg) -> dict[str, StudentRow]:
     """Row name (``<form>_T<T>``, ``logits``) -> every student the config asks for, with its replicates."""
     rows: dict[str, StudentRow] = {}
-    for student in student_systems(cfg):
+    for student in student_systems(cfg.distill, cfg.train.data):
         label = LOGITS if student.form == LOGITS else f"{student.form}_T{student.temperature:g}"
         row = rows.setdefault(label, StudentRow(student.form, student.temperature, []))
         row.systems.append(student.name)
@@ -72,7 +72,7 @@ def student_rows(cfg) -> dict[str, StudentRow]:
 def systems(cfg) -> list[System]:
     """Stage 4 decodes and stage 5 scores: the baseline's replicates (the baseline itself is the main
     recipe's), the ensemble, every student (the levers' are :mod:`asrkd.experiments.distillation.levers`')."""
-    return [*baseline_systems(cfg), System(str(cfg.distill.teacher), "teacher"), *student_systems(cfg)]
+    return [*baseline_systems(cfg), System(str(cfg.distill.teacher), "teacher"), *student_systems(cfg.distill, cfg.train.data)]
 
 
 def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Path) -> None:

@@ -66,7 +66,7 @@ def baseline_replicates(cfg) -> list[str]:
 def dense_students(cfg) -> dict[float, list[str]]:
     """T -> the dense students' replicates of the main sweep (stage 3)."""
     out: dict[float, list[str]] = {}
-    for spec in student_systems(cfg):
+    for spec in student_systems(cfg.distill, cfg.train.data):
         if spec.form == "dense":
             out.setdefault(spec.temperature, []).append(spec.name)
     return out
@@ -96,23 +96,23 @@ def levers(cfg, temperature: float | None = None) -> list[Lever]:
     t = chosen_temperature(cfg) if temperature is None else temperature
     seeds, baselines = lever_seeds(cfg.levers, cfg.distill), baseline_replicates(cfg)
     reference = dense_only(cfg, t, dense_seeds(cfg.distill))  # stage 3's students at T
-    out = [Lever("train", "students on train (stage 3)", names(student_systems(reference)), baselines, cfg.distill.teacher, reference, None)]
+    out = [Lever("train", "students on train (stage 3)", names(student_systems(reference.distill, reference.train.data)), baselines, cfg.distill.teacher, reference, None)]
     if cfg.levers.speed_perturbed:
         sp = f"{cfg.perturb.source}_sp"
         student_cfg = OmegaConf.merge(dense_only(cfg, t, seeds), {"train": {"data": sp}})
         baseline_cfg = OmegaConf.merge(cfg, {"train": {"data": sp, "name": f"{cfg.train.name}_sp", "seeds": seeds}})
         out.append(Lever(sp, f"students and baseline on {sp} (speeds {', '.join(f'{s:g}' for s in cfg.perturb.speeds)})",
-                         names(student_systems(student_cfg)), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
+                         names(student_systems(student_cfg.distill, student_cfg.train.data)), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
     for epochs in cfg.levers.student_epochs:
         student_cfg = dense_only(cfg, t, seeds, epochs=int(epochs))
         baseline_cfg = OmegaConf.merge(cfg, {"train": {"epochs": int(epochs), "name": f"{cfg.train.name}_e{epochs}", "seeds": seeds}})
         out.append(Lever(f"epochs {epochs}", f"students and baseline trained {epochs} epochs (the main baseline: {cfg.train.epochs})",
-                         names(student_systems(student_cfg)), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
+                         names(student_systems(student_cfg.distill, student_cfg.train.data)), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
     if cfg.levers.cross_fitted:
         xfit = cfg.levers.cross_fitted
         student_cfg = OmegaConf.merge(dense_only(cfg, t, seeds, teacher=xfit.name), {"ensemble": {"name": xfit.name, "folds": xfit.folds}})
         out.append(Lever("cross-fitted", f"soft targets from {xfit.folds}-fold cross-fitted members ({xfit.name})",
-                         names(student_systems(student_cfg)), baselines, xfit.name, student_cfg, None))
+                         names(student_systems(student_cfg.distill, student_cfg.train.data)), baselines, xfit.name, student_cfg, None))
     return out
 
 
@@ -131,7 +131,7 @@ def systems(cfg) -> list[System]:
     """Stage 9 decodes every lever's students, baselines and teacher (the distillation report scores them)."""
     out = []
     for lever in levers(cfg)[1:]:
-        out += student_systems(lever.student_cfg)
+        out += student_systems(lever.student_cfg.distill, lever.student_cfg.train.data)
         out += replicate_systems(lever.baseline_cfg) if lever.baseline_cfg is not None else baseline_systems(cfg)
         out.append(System(lever.teacher, "teacher"))
     return out

@@ -252,7 +252,8 @@ def control_config(cfg):
 
 def student_of(cfg, config=student_config) -> System:
     """The student of ``config``: the re-distilled student, or with control_config its control (the generalist's student)."""
-    return student_system(config(cfg), Student("dense", float(cfg.specialists.student_temperature), 0))
+    students = config(cfg)
+    return student_system(students.distill, students.train.data, Student("dense", float(cfg.specialists.student_temperature), 0))
 
 
 def train(cfg) -> None:

@@ -75,7 +75,8 @@ def rows_by_fraction(cfg) -> dict[float, dict[str, list[System]]]:
         return [replace(s, name=f"{s.name}@best") for s in systems] if best else systems
 
     def soft(fraction: float, teacher: str, perturbed: bool = False) -> list[System]:
-        return student_systems(subset_cfg(cfg, fraction, teacher, perturbed))
+        students = subset_cfg(cfg, fraction, teacher, perturbed)
+        return student_systems(students.distill, students.train.data)
 
     out = {}
     for fraction in map(float, cfg.three_percent.fractions):
