@@ -48,7 +48,6 @@ from typing import Callable, NamedTuple
 import torch
 from omegaconf import OmegaConf
 
-from asrkd import sections
 from asrkd.distill.losses import distillation_loss
 from asrkd.distill.student import Student, TeacherOnTheFly, target_source
 from asrkd.evaluate import bootstrap_key, experiment_scoring
@@ -90,9 +89,8 @@ def size_tag(layers: int, width: int) -> str:
     return f"{layers}x{width}"
 
 
-def chain(cfg, method: str, temperature: float) -> list[Link]:
-    """The models ``method`` trains at ``temperature``, top down; the last is its student."""
-    ccfg = cfg.chains
+def chain(ccfg, exp_dir: Path, method: str, temperature: float) -> list[Link]:
+    """The models ``method`` trains at ``temperature`` (``ccfg``: the ``chains`` section), top down; the last is its student."""
     if method not in METHODS:
         raise ValueError(f"chains.methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
     sizes = [(int(layers), int(width)) for layers, width in ccfg.sizes]
@@ -105,7 +103,7 @@ def chain(cfg, method: str, temperature: float) -> list[Link]:
     if method == "direct":
         return [Link(f"chain_T{temperature:g}_{size_tag(*student)}", *student, (top,), "all")]
     if method == "switching_members":
-        return [Link(f"chain_T{temperature:g}_{method}_{size_tag(*student)}", *student, members(cfg), "one")]
+        return [Link(f"chain_T{temperature:g}_{method}_{size_tag(*student)}", *student, members(ccfg, exp_dir), "one")]
     rule = {"takd": "all", "dgkd": "drop", "dgkd_summed": "drop_sum", "ensemble_kd": "all", "switching": "one"}[method]
     links = [Link(f"chain_T{temperature:g}_{size_tag(*sizes[0])}", *sizes[0], (top,), "all")]
     for size in sizes[1:]:
@@ -114,11 +112,11 @@ def chain(cfg, method: str, temperature: float) -> list[Link]:
     return links
 
 
-def members(cfg) -> tuple[str, ...]:
+def members(ccfg, exp_dir: Path) -> tuple[str, ...]:
     """The systems of the teacher ensemble's members (``<teacher>/member-<i>``)."""
-    top = str(cfg.chains.teacher)
-    dirs = system_dirs(Path(cfg.exp_dir), top)
-    if dirs == [sections.layout(cfg).model(top)]:
+    top = str(ccfg.teacher)
+    dirs = system_dirs(Path(exp_dir), top)
+    if dirs == [Layout(Path(exp_dir)).model(top)]:
         raise ValueError(f"chains.methods: switching_members switches among an ensemble's members, and chains.teacher={top} is one DNN "
                          "(exp/dnn/<teacher>/member-* not found); make the teacher an ensemble or drop the method")
     return tuple(f"{top}/{d.name}" for d in dirs)
@@ -207,19 +205,19 @@ def train_link(cfg, link: Link, temperature: float, training: TrainingSet) -> No
                 keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
 
 
-def runs(cfg) -> list[tuple[str, float | None, list[Link]]]:
-    """(method, T, its chain) of every run the config asks for (hard: once, without T)."""
+def runs(ccfg, exp_dir: Path) -> list[tuple[str, float | None, list[Link]]]:
+    """(method, T, its chain) of every run the ``chains`` section asks for (hard: once, without T)."""
     out = []
-    for method in cfg.chains.methods:
-        temperatures = [None] if method == "hard" else [float(t) for t in cfg.chains.temperatures]
-        out += [(str(method), t, chain(cfg, str(method), t or 1.0)) for t in temperatures]
+    for method in ccfg.methods:
+        temperatures = [None] if method == "hard" else [float(t) for t in ccfg.temperatures]
+        out += [(str(method), t, chain(ccfg, exp_dir, str(method), t or 1.0)) for t in temperatures]
     return out
 
 
 def systems(cfg) -> list[System]:
     """Every model of every chain at every T, top down (a shared model once), each final student's seeds."""
     assistants, students = [], []
-    for _, temperature, links in runs(cfg):
+    for _, temperature, links in runs(cfg.chains, cfg.exp_dir):
         assistants += [link.system(temperature, "assistant") for link in links[:-1]]
         students += [link.system(temperature, "student") for link in seeds_of(cfg.chains, links[-1])]
     return list(dict.fromkeys(assistants + students))
@@ -230,31 +228,31 @@ def train(cfg) -> None:
     each final student ``chains.seeds`` times."""
     training = TrainingSet(cfg)  # the model's size is no part of it: one set serves every chain model
     done: set[str] = set()
-    for _, temperature, links in runs(cfg):
+    for _, temperature, links in runs(cfg.chains, cfg.exp_dir):
         for link in [*links[:-1], *seeds_of(cfg.chains, links[-1])]:
             if link.name not in done:
                 train_link(cfg, link, temperature or 1.0, training)
                 done.add(link.name)
 
 
-def valid_accuracy(cfg, student: Link) -> float:
+def valid_accuracy(ccfg, exp_dir: Path, student: Link) -> float:
     """The final student's validation frame accuracy at its last epoch, the mean over its seeds."""
-    scores = [read_history(sections.layout(cfg).model(link.name))[-1]["valid_frame_accuracy"] for link in seeds_of(cfg.chains, student)]
+    scores = [read_history(Layout(Path(exp_dir)).model(link.name))[-1]["valid_frame_accuracy"] for link in seeds_of(ccfg, student)]
     return sum(scores) / len(scores)
 
 
-def chosen(cfg) -> dict[str, tuple[float | None, list[Link]]]:
+def chosen(ccfg, exp_dir: Path) -> dict[str, tuple[float | None, list[Link]]]:
     """Each method's T, chosen on its final student's validation frame accuracy (ties: the lower T)."""
     out: dict[str, tuple[float | None, list[Link]]] = {}
-    for method, temperature, links in runs(cfg):
-        if method not in out or valid_accuracy(cfg, links[-1]) > valid_accuracy(cfg, out[method][1][-1]):
+    for method, temperature, links in runs(ccfg, exp_dir):
+        if method not in out or valid_accuracy(ccfg, exp_dir, links[-1]) > valid_accuracy(ccfg, exp_dir, out[method][1][-1]):
             out[method] = (temperature, links)
     return out
 
 
 def decoded(cfg) -> list[System]:
     """Stage 1 decodes each method's student (every seed) at its chosen T."""
-    return [link.system(temperature, "student") for temperature, links in chosen(cfg).values() for link in seeds_of(cfg.chains, links[-1])]
+    return [link.system(temperature, "student") for temperature, links in chosen(cfg.chains, cfg.exp_dir).values() for link in seeds_of(cfg.chains, links[-1])]
 
 
 def temperature_label(temperature: float | None) -> str:
@@ -328,7 +326,7 @@ def report(cfg) -> Report:
     top = str(cfg.chains.teacher)
     top_members = len(system_dirs(exp, top))
     rows = {}
-    for method, (temperature, links) in chosen(cfg).items():
+    for method, (temperature, links) in chosen(cfg.chains, cfg.exp_dir).items():
         models = [evaluation.entry([link.name], sets) for link in links[:-1]]
         students = [link.name for link in seeds_of(cfg.chains, links[-1])]
         student = evaluation.entry(students, sets, command=command, temperature=temperature)

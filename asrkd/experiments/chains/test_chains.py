@@ -17,7 +17,7 @@ from conftest import tiny_config
 
 def test_each_method_builds_its_chain_and_shares_the_first_assistant(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "chains.sizes=[[2,48],[1,32],[1,16]]")
-    takd, dgkd, direct, hard = (chains.chain(cfg, m, 2.0) for m in ("takd", "dgkd", "direct", "hard"))
+    takd, dgkd, direct, hard = (chains.chain(cfg.chains, cfg.exp_dir, m, 2.0) for m in ("takd", "dgkd", "direct", "hard"))
     assert [link.name for link in takd] == ["chain_T2_2x48", "chain_T2_takd_1x32", "chain_T2_takd_1x16"]
     assert takd[0] == dgkd[0] and takd[0].teachers == ("ensemble",)  # one model: the teacher alone above it
     assert takd[2].teachers == ("chain_T2_takd_1x32",) and takd[2].rule == "all"
@@ -25,16 +25,16 @@ def test_each_method_builds_its_chain_and_shares_the_first_assistant(tmp_path: P
     assert [(link.name, link.teachers) for link in direct] == [("chain_T2_1x16", ("ensemble",))]
     assert hard[0].name == "chain_hard_1x16" and hard[0].rule == "none"
     assert chains.teacher_passes(dgkd[2], "ensemble", 10, 0.5) == pytest.approx(0.5 * 12 + 0.125 * 4)
-    assert chains.teacher_passes(chains.chain(cfg, "switching", 2.0)[2], "ensemble", 10, 0.5) == pytest.approx(4.0)
-    summed = chains.chain(cfg, "dgkd_summed", 2.0)
+    assert chains.teacher_passes(chains.chain(cfg.chains, cfg.exp_dir, "switching", 2.0)[2], "ensemble", 10, 0.5) == pytest.approx(4.0)
+    summed = chains.chain(cfg.chains, cfg.exp_dir, "dgkd_summed", 2.0)
     assert summed[0] == takd[0] and summed[2].teachers == ("ensemble", "chain_T2_2x48", "chain_T2_dgkd_summed_1x32") and summed[2].rule == "drop_sum"
     with pytest.raises(ValueError, match="unknown method"):
-        chains.chain(cfg, "avalanche", 2.0)
+        chains.chain(cfg.chains, cfg.exp_dir, "avalanche", 2.0)
     with pytest.raises(ValueError, match="switching_members switches among an ensemble's members"):
-        chains.chain(cfg, "switching_members", 2.0)  # no exp/dnn/ensemble/member-* here
+        chains.chain(cfg.chains, cfg.exp_dir, "switching_members", 2.0)  # no exp/dnn/ensemble/member-* here
     for i in range(3):
         (tmp_path / "exp" / "dnn" / "ensemble" / f"member-{i}").mkdir(parents=True)
-    [members] = chains.chain(cfg, "switching_members", 2.0)
+    [members] = chains.chain(cfg.chains, cfg.exp_dir, "switching_members", 2.0)
     assert members.teachers == ("ensemble/member-0", "ensemble/member-1", "ensemble/member-2") and members.rule == "one"
     assert chains.teacher_passes(members, "ensemble", 10, 0.5) == 1.0  # one member per batch
     assert [(link.name, link.replicate) for link in chains.seeds_of(cfg.chains, members)] == [
