@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from asrkd import sections
 from asrkd.nnet import ensemble, train
 
 from asrkd.distill import soft_targets, student
@@ -65,7 +66,7 @@ def test_teacher_on_the_fly_matches_the_stored_soft_targets(run_dir: Path, tmp_p
     soft_targets.run(cfg)
     training = train.TrainingSet(cfg)
     data, train_idx, _, _ = training.load()
-    teacher = student.TeacherOnTheFly.of_system(cfg, data)
+    teacher = student.TeacherOnTheFly.of_system(sections.layout(cfg), str(cfg.distill.teacher), data)
     batch = torch.from_numpy(train_idx[::37])
     stored = SoftTargetStore.load(store_dir(cfg, 2.0), current_checksum(root / "exp", "train")).rows("dense").batch(batch)
     np.testing.assert_allclose(teacher.soft_targets(batch, 2.0).numpy(), stored.numpy(), atol=1e-3)  # fp16 storage

@@ -30,7 +30,7 @@ from asrkd import sections
 from asrkd.distill.forms import LOGITS, TargetForm, form_of
 from asrkd.distill.losses import DEFAULT_SOFT_TERM, distillation_loss, logit_distillation_loss, soft_term_of
 from asrkd.distill.soft_targets import TargetRows, current_checksum, load_teacher, teacher_groups
-from asrkd.layout import System
+from asrkd.layout import Layout, System
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
 from asrkd.nnet.train import Model, TrainingSet, replicate_name, system_dirs, train_stage
 
@@ -115,14 +115,13 @@ class TeacherOnTheFly:
         self.weights = torch.full((1, len(members)), 1.0 / len(members), device=device) if weights is None else weights
 
     @classmethod
-    def of_system(cls, cfg, data) -> "TeacherOnTheFly":
-        """``distill.teacher`` (an ensemble's members or one DNN) over ``data``'s frames, with a
-        cross-fitted teacher's members restricted as its soft-target store would be."""
-        exp = Path(cfg.exp_dir)
+    def of_system(cls, layout: Layout, teacher: str, data) -> "TeacherOnTheFly":
+        """``teacher`` (``distill.teacher``: an ensemble's members or one DNN) over ``data``'s frames,
+        with a cross-fitted teacher's members restricted as its soft-target store would be."""
         device = data.pdf_ids.device
-        members = list(load_teacher(exp, cfg.distill.teacher, device).members)
+        members = list(load_teacher(layout.exp, teacher, device).members)
         store = data.frames.store
-        groups = teacher_groups(Path(cfg.data_dir), store.utt_ids, store.offsets, system_dirs(exp, cfg.distill.teacher))
+        groups = teacher_groups(layout.data, store.utt_ids, store.offsets, system_dirs(layout.exp, teacher))
         group_of = torch.zeros(store.num_frames, dtype=torch.long)
         weights = torch.zeros(len(groups), len(members))
         for g, (indices, chosen) in enumerate(groups):
@@ -157,7 +156,7 @@ def target_source(cfg, student: Student, training: TrainingSet) -> tuple[Callabl
                              f"train the {form.name} student from its store (distill.on_the_fly=false)")
 
         def make(data):
-            return form.on_the_fly(TeacherOnTheFly.of_system(cfg, data), temperature)
+            return form.on_the_fly(TeacherOnTheFly.of_system(sections.layout(cfg), str(dcfg.teacher), data), temperature)
 
         return make, {f"teacher {d.name}": d for d in system_dirs(exp, dcfg.teacher)}
     targets = {store: form.store(cfg, temperature, store) for store in training.stores}

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.data import subset_name
 from asrkd.distill.losses import soft_cross_entropy
 from asrkd.distill.student import Student, TeacherOnTheFly, target_source
@@ -178,7 +179,7 @@ def consistent_loss(cfg, temperature: float):
     """The student's loss with the teacher run on the student's own view of each batch."""
 
     def make(data, hard):
-        teacher = TeacherOnTheFly.of_system(cfg, data)
+        teacher = TeacherOnTheFly.of_system(sections.layout(cfg), str(cfg.distill.teacher), data)
 
         def loss(logits: torch.Tensor, batch: torch.Tensor, view: View | None = None) -> torch.Tensor:
             view = view or View(None)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from asrkd import sections
 from asrkd.distill import soft_targets
 from asrkd.evaluate import FrameScorer
 from asrkd.experiments.function_matching import experiment as function_matching
@@ -78,7 +79,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     data, train_idx, _, hard = train.TrainingSet(cfg).load()
     batch = torch.from_numpy(train_idx[:16])
     view = draw(function_matching.view_spec(cfg.function_matching, cfg.seed, function_matching.Run("all", 1, "consistent", 0)), data.frames.context(batch), 3)
-    teacher = function_matching.TeacherOnTheFly.of_system(cfg, data)
+    teacher = function_matching.TeacherOnTheFly.of_system(sections.layout(cfg), str(cfg.distill.teacher), data)
     logits = torch.randn(16, data.num_pdfs)
     loss = function_matching.consistent_loss(cfg, 2.0)(data, hard)(logits, batch, view)
     expected = 4.0 * function_matching.soft_cross_entropy(logits, teacher.soft_targets(batch, 2.0, view.inputs), 2.0) \
