@@ -279,8 +279,8 @@ def run(cfg) -> None:
     systems = {"gmm": evaluation.decoded_only("gmm", f"tri ({gmm_log['tri']['num_pdfs']} pdfs)"), cfg.train.name: baseline}
     rows = {"gmm": [layout.gmm, layout.decode("gmm")], cfg.train.name: [layout.model(cfg.train.name), layout.decode(cfg.train.name)]}
     if int(cfg.train.seeds) > 1:
-        systems[f"{cfg.train.name}_seeds"] = evaluation.entry(replicates(cfg), sets)
-        rows[f"{cfg.train.name}_seeds"] = [d for r in replicates(cfg) for d in (layout.model(r), layout.decode(r))]
+        systems[f"{cfg.train.name}_seeds"] = evaluation.entry(replicates(cfg.train), sets)
+        rows[f"{cfg.train.name}_seeds"] = [d for r in replicates(cfg.train) for d in (layout.model(r), layout.decode(r))]
     report = {
         "corpus": cfg.corpus,
         "command": recipe_command(" ".join(["asrkd", *sys.argv[1:]])),

@@ -74,14 +74,14 @@ def replicate_name(name: str, replicate: int) -> str:
     return name if replicate == 0 else f"{name}_seed{replicate}"
 
 
-def replicate_systems(cfg, role: str = "baseline") -> list[System]:
-    """The systems train-dnn makes with ``cfg``: ``train.seeds`` replicates of ``train.name`` on ``train.data``."""
-    return [System(replicate_name(cfg.train.name, r), role, data=str(cfg.train.data), seed=r) for r in range(int(cfg.train.seeds))]
+def replicate_systems(tcfg, role: str = "baseline") -> list[System]:
+    """The systems train-dnn makes with the ``train`` section: ``train.seeds`` replicates of ``train.name`` on ``train.data``."""
+    return [System(replicate_name(tcfg.name, r), role, data=str(tcfg.data), seed=r) for r in range(int(tcfg.seeds))]
 
 
-def replicates(cfg) -> list[str]:
-    """The names of :func:`replicate_systems`."""
-    return names(replicate_systems(cfg))
+def replicates(tcfg) -> list[str]:
+    """The names of :func:`replicate_systems` (``tcfg``: the ``train`` section)."""
+    return names(replicate_systems(tcfg))
 
 
 @dataclass
@@ -739,5 +739,5 @@ def train_stage(
 def run(cfg) -> None:
     """Stage 4: ``train.seeds`` replicates of the DNN ``train.name`` (replicate r > 0: ``<name>_seed<r>``)."""
     training = TrainingSet(cfg)
-    for replicate, name in enumerate(replicates(cfg)):
+    for replicate, name in enumerate(replicates(cfg.train)):
         train_stage(cfg, [Model(f"train-dnn {name}", sections.layout(cfg).model(name), replicate)], training)

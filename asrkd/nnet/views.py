@@ -41,8 +41,9 @@ class ViewSpec:
     seed: int = 0
 
     @classmethod
-    def of(cls, cfg) -> "ViewSpec":
-        return cls(**{key: cfg[key] for key in VIEW_KEYS if key in cfg})
+    def of(cls, view) -> "ViewSpec":
+        """The view a config entry describes (a mapping of VIEW_KEYS; others are ignored)."""
+        return cls(**{key: view[key] for key in VIEW_KEYS if key in view})
 
     @property
     def active(self) -> bool:

@@ -35,7 +35,7 @@ def precision_cfg(cfg, precision: str):
 
 
 def systems(cfg) -> list[System]:
-    return [spec for precision in PRECISIONS for spec in replicate_systems(precision_cfg(cfg, precision))]
+    return [spec for precision in PRECISIONS for spec in replicate_systems(precision_cfg(cfg, precision).train)]
 
 
 def train(cfg) -> None:
@@ -62,7 +62,7 @@ def report(cfg) -> Report:
     evaluation, sets, command = experiment_scoring(cfg, "asrkd report-bf16-check")
     rows, keys = {}, {}
     for precision in PRECISIONS:
-        replicates = names(replicate_systems(precision_cfg(cfg, precision)))
+        replicates = names(replicate_systems(precision_cfg(cfg, precision).train))
         entry = evaluation.entry(replicates, sets)
         keys[precision] = bootstrap_key(replicates)
         rows[precision] = {"systems": replicates, "seeds": len(replicates), "valid": entry["frame_accuracy"]["valid"],

@@ -56,7 +56,7 @@ def dense_seeds(dcfg) -> int:
 
 def baseline_systems(cfg) -> list[System]:
     """The baseline's replicates run_distill.sh stage 0 trains (``train.seeds=${distill.seeds.dense}``)."""
-    return replicate_systems(OmegaConf.merge(cfg, {"train": {"seeds": dense_seeds(cfg.distill)}}))
+    return replicate_systems(OmegaConf.merge(cfg.train, {"seeds": dense_seeds(cfg.distill)}))
 
 
 def baseline_replicates(cfg) -> list[str]:
@@ -102,12 +102,12 @@ def levers(cfg, temperature: float | None = None) -> list[Lever]:
         student_cfg = OmegaConf.merge(dense_only(cfg, t, seeds), {"train": {"data": sp}})
         baseline_cfg = OmegaConf.merge(cfg, {"train": {"data": sp, "name": f"{cfg.train.name}_sp", "seeds": seeds}})
         out.append(Lever(sp, f"students and baseline on {sp} (speeds {', '.join(f'{s:g}' for s in cfg.perturb.speeds)})",
-                         names(student_systems(student_cfg.distill, student_cfg.train.data)), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
+                         names(student_systems(student_cfg.distill, student_cfg.train.data)), replicates(baseline_cfg.train), cfg.distill.teacher, student_cfg, baseline_cfg))
     for epochs in cfg.levers.student_epochs:
         student_cfg = dense_only(cfg, t, seeds, epochs=int(epochs))
         baseline_cfg = OmegaConf.merge(cfg, {"train": {"epochs": int(epochs), "name": f"{cfg.train.name}_e{epochs}", "seeds": seeds}})
         out.append(Lever(f"epochs {epochs}", f"students and baseline trained {epochs} epochs (the main baseline: {cfg.train.epochs})",
-                         names(student_systems(student_cfg.distill, student_cfg.train.data)), replicates(baseline_cfg), cfg.distill.teacher, student_cfg, baseline_cfg))
+                         names(student_systems(student_cfg.distill, student_cfg.train.data)), replicates(baseline_cfg.train), cfg.distill.teacher, student_cfg, baseline_cfg))
     if cfg.levers.cross_fitted:
         xfit = cfg.levers.cross_fitted
         student_cfg = OmegaConf.merge(dense_only(cfg, t, seeds, teacher=xfit.name), {"ensemble": {"name": xfit.name, "folds": xfit.folds}})
@@ -132,7 +132,7 @@ def systems(cfg) -> list[System]:
     out = []
     for lever in levers(cfg)[1:]:
         out += student_systems(lever.student_cfg.distill, lever.student_cfg.train.data)
-        out += replicate_systems(lever.baseline_cfg) if lever.baseline_cfg is not None else baseline_systems(cfg)
+        out += replicate_systems(lever.baseline_cfg.train) if lever.baseline_cfg is not None else baseline_systems(cfg)
         out.append(System(lever.teacher, "teacher"))
     return out
 

@@ -71,7 +71,7 @@ def rows_by_fraction(cfg) -> dict[float, dict[str, list[System]]]:
     controls) for each fraction, named by the functions that train them."""
 
     def hard(fraction: float, perturbed: bool = False, best: bool = False) -> list[System]:
-        systems = replicate_systems(subset_cfg(cfg, fraction, perturbed=perturbed), role="control")
+        systems = replicate_systems(subset_cfg(cfg, fraction, perturbed=perturbed).train, role="control")
         return [replace(s, name=f"{s.name}@best") for s in systems] if best else systems
 
     def soft(fraction: float, teacher: str, perturbed: bool = False) -> list[System]:
