@@ -59,10 +59,10 @@ class StudentRow(NamedTuple):
     systems: list[str]  # exp/dnn/<system> of each replicate
 
 
-def student_rows(cfg) -> dict[str, StudentRow]:
+def student_rows(dcfg, tcfg) -> dict[str, StudentRow]:
     """Row name (``<form>_T<T>``, ``logits``) -> every student the config asks for, with its replicates."""
     rows: dict[str, StudentRow] = {}
-    for student in student_systems(cfg.distill, cfg.train.data):
+    for student in student_systems(dcfg, tcfg.data):
         label = LOGITS if student.form == LOGITS else f"{student.form}_T{student.temperature:g}"
         row = rows.setdefault(label, StudentRow(student.form, student.temperature, []))
         row.systems.append(student.name)
@@ -72,7 +72,7 @@ def student_rows(cfg) -> dict[str, StudentRow]:
 def systems(cfg) -> list[System]:
     """Stage 4 decodes and stage 5 scores: the baseline's replicates (the baseline itself is the main
     recipe's), the ensemble, every student (the levers' are :mod:`asrkd.experiments.distillation.levers`')."""
-    return [*baseline_systems(cfg), System(str(cfg.distill.teacher), "teacher"), *student_systems(cfg.distill, cfg.train.data)]
+    return [*baseline_systems(cfg.train, cfg.distill), System(str(cfg.distill.teacher), "teacher"), *student_systems(cfg.distill, cfg.train.data)]
 
 
 def plot_curves(exp: Path, members: list[Path], systems: dict[str, str], out: Path) -> None:
@@ -353,7 +353,7 @@ def report(cfg) -> Report:
     evaluation = Evaluation(cfg)
     frames, words = evaluation.frames, evaluation.words
     command = recipe_command("asrkd report-distill")
-    rows_cfg = student_rows(cfg)
+    rows_cfg = student_rows(cfg.distill, cfg.train)
 
     def entry(systems: list[str], train_sets: dict = sets, **extra) -> dict:
         return evaluation.entry(systems, train_sets, command=command, **extra)

@@ -54,19 +54,19 @@ def dense_seeds(dcfg) -> int:
     return int(dcfg.seeds.get("dense", 1))
 
 
-def baseline_systems(cfg) -> list[System]:
+def baseline_systems(tcfg, dcfg) -> list[System]:
     """The baseline's replicates run_distill.sh stage 0 trains (``train.seeds=${distill.seeds.dense}``)."""
-    return replicate_systems(OmegaConf.merge(cfg.train, {"seeds": dense_seeds(cfg.distill)}))
+    return replicate_systems(OmegaConf.merge(tcfg, {"seeds": dense_seeds(dcfg)}))
 
 
 def baseline_replicates(cfg) -> list[str]:
-    return names(baseline_systems(cfg))
+    return names(baseline_systems(cfg.train, cfg.distill))
 
 
-def dense_students(cfg) -> dict[float, list[str]]:
+def dense_students(dcfg, tcfg) -> dict[float, list[str]]:
     """T -> the dense students' replicates of the main sweep (stage 3)."""
     out: dict[float, list[str]] = {}
-    for spec in student_systems(cfg.distill, cfg.train.data):
+    for spec in student_systems(dcfg, tcfg.data):
         if spec.form == "dense":
             out.setdefault(spec.temperature, []).append(spec.name)
     return out
@@ -80,7 +80,7 @@ def validation_accuracy(exp: Path, systems: list[str]) -> float:
 def chosen_temperature(cfg) -> float:
     """The T whose dense students have the best validation frame accuracy, averaged over their seeds."""
     exp = Path(cfg.exp_dir)
-    by_t = {t: validation_accuracy(exp, systems) for t, systems in dense_students(cfg).items()}
+    by_t = {t: validation_accuracy(exp, systems) for t, systems in dense_students(cfg.distill, cfg.train).items()}
     return max(by_t, key=by_t.get)
 
 
@@ -132,7 +132,7 @@ def systems(cfg) -> list[System]:
     out = []
     for lever in levers(cfg)[1:]:
         out += student_systems(lever.student_cfg.distill, lever.student_cfg.train.data)
-        out += replicate_systems(lever.baseline_cfg.train) if lever.baseline_cfg is not None else baseline_systems(cfg)
+        out += replicate_systems(lever.baseline_cfg.train) if lever.baseline_cfg is not None else baseline_systems(cfg.train, cfg.distill)
         out.append(System(lever.teacher, "teacher"))
     return out
 

@@ -451,25 +451,23 @@ def teachers_of(icfg, names: dict[str, list[str]], replicate: int) -> list[str]:
     return list(names["big"]) if ensemble_teacher(icfg) else [names["big"][replicate]]
 
 
-def stored_teacher_loss(cfg, temperature: float, teachers: list[str]):
+def stored_teacher_loss(dcfg, exp_dir, ecfg, temperature: float, teachers: list[str]):
     """The students' loss against the big nets' average softmax at T on the clean images (their logits computed once)."""
-    dcfg = cfg.distill
 
     def make(data, hard):
-        logits = torch.stack([predict_logits(teacher_model(cfg.exp_dir, teacher, data.pdf_ids.device), data, np.arange(len(data.pdf_ids)),
-                                             int(cfg.eval.batch_size)) for teacher in teachers])  # (teachers, images, classes)
+        logits = torch.stack([predict_logits(teacher_model(exp_dir, teacher, data.pdf_ids.device), data, np.arange(len(data.pdf_ids)),
+                                             int(ecfg.batch_size)) for teacher in teachers])  # (teachers, images, classes)
         return lambda z, batch: distillation_loss(z, average_softmax(logits[:, batch], temperature), hard[batch], temperature,
                                                   dcfg.soft_weight, dcfg.hard_weight)
 
     return make
 
 
-def consistent_teacher_loss(cfg, temperature: float, teachers: list[str]):
+def consistent_teacher_loss(dcfg, exp_dir, temperature: float, teachers: list[str]):
     """Function matching: the big nets score, on the fly, the very jittered view the student trains on."""
-    dcfg = cfg.distill
 
     def make(data, hard):
-        on_the_fly = TeacherOnTheFly([teacher_model(cfg.exp_dir, teacher, data.pdf_ids.device) for teacher in teachers], data.frames)
+        on_the_fly = TeacherOnTheFly([teacher_model(exp_dir, teacher, data.pdf_ids.device) for teacher in teachers], data.frames)
 
         def loss(z: torch.Tensor, batch: torch.Tensor, view: View) -> torch.Tensor:
             return distillation_loss(z, on_the_fly.soft_targets(batch, temperature, view.inputs), hard[batch], temperature,
@@ -509,7 +507,7 @@ def run_train_students(cfg) -> None:
     def train_student(name: str, w: int, t: float, teachers: list[str], replicate: int = 0, transfer: str = "all", frames=None) -> None:
         train_stage(small_config(cfg, w), [Model(f"train-images {name}", Layout(exp).model(name), replicate, frames=frames,
                                                  values={"teacher": teacher_value(teachers), "temperature": t, "transfer": transfer})],
-                    images, loss=stored_teacher_loss(cfg, t, teachers), keys=keys, inputs=teacher_inputs(teachers))
+                    images, loss=stored_teacher_loss(cfg.distill, cfg.exp_dir, cfg.eval, t, teachers), keys=keys, inputs=teacher_inputs(teachers))
 
     names = headline_names(cfg.images, chosen_big(cfg.exp_dir, cfg.images))
     for replicate, name in enumerate(names["small_distilled"]):
@@ -524,7 +522,7 @@ def run_train_students(cfg) -> None:
         train_stage(schedule, [Model(f"train-images {name}", Layout(exp).model(name),
                                      values={"teacher": teacher_value(teachers), "temperature": temperature, "jitter": shift,
                                              "teacher_sees": "the student's view"})],
-                    view, loss=consistent_teacher_loss(cfg, temperature, teachers), keys=keys, inputs=teacher_inputs(teachers))
+                    view, loss=consistent_teacher_loss(cfg.distill, cfg.exp_dir, temperature, teachers), keys=keys, inputs=teacher_inputs(teachers))
     for w in icfg.widths:
         for t in icfg.temperatures:
             train_student(student_name(cfg.images, int(w), float(t)), int(w), float(t), teachers)

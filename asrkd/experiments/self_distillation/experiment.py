@@ -105,13 +105,13 @@ def hidden_layers(sd, model, k: int) -> int:
     return shape(sd, model, k)["num_hidden_layers"]
 
 
-def plain_name(cfg, k: int) -> str:
+def plain_name(sd, model, tcfg, k: int) -> str:
     """The plain model of exit k's shape, trained alone (the baseline when it has the baseline's shape)."""
-    depth, width = int(cfg.model.num_hidden_layers), int(cfg.model.hidden_dim)
-    if head_width(cfg.self_distillation) is not None and k < depth:
-        return f"plain_{k}x{width}_bottleneck{head_width(cfg.self_distillation)}"
-    layers = hidden_layers(cfg.self_distillation, cfg.model, k)
-    return str(cfg.train.name) if layers == depth else f"plain_{layers}x{width}"
+    depth, width = int(model.num_hidden_layers), int(model.hidden_dim)
+    if head_width(sd) is not None and k < depth:
+        return f"plain_{k}x{width}_bottleneck{head_width(sd)}"
+    layers = hidden_layers(sd, model, k)
+    return str(tcfg.name) if layers == depth else f"plain_{layers}x{width}"
 
 
 def train(cfg) -> None:
@@ -133,7 +133,7 @@ def train(cfg) -> None:
                     training, loss=loss)
         write_exits(cfg, name, exits)
     for k in exits:
-        plain = plain_name(cfg, k)
+        plain = plain_name(cfg.self_distillation, cfg.model, cfg.train, k)
         if plain != str(cfg.train.name):
             dims = shape(cfg.self_distillation, cfg.model, k).get("hidden_dims")
             widths = {"hidden_dims": dims} if dims else None  # a bottleneck exit's shape: recorded, and built
@@ -166,7 +166,7 @@ def systems(cfg) -> list[System]:
     byot = str(cfg.self_distillation.name)
     out = [System(exit_name(cfg.self_distillation, k, name), "exit" if name == byot else "control", teacher=byot if name == byot else None)
            for name in networks(cfg.self_distillation) for k in exits]
-    return out + [System(plain_name(cfg, k), "baseline") for k in exits]
+    return out + [System(plain_name(cfg.self_distillation, cfg.model, cfg.train, k), "baseline") for k in exits]
 
 
 def plot(result: dict, out: Path) -> None:
@@ -228,7 +228,7 @@ def report(cfg) -> Report:
     full_plain_entry = evaluation.entry([full_plain], sets)  # before the rows: their differences to it are paired draws
     rows = []
     for k in exit_layers(cfg.self_distillation, cfg.model):
-        exit_system, plain_system = exit_name(cfg.self_distillation, k), plain_name(cfg, k)
+        exit_system, plain_system = exit_name(cfg.self_distillation, k), plain_name(cfg.self_distillation, cfg.model, cfg.train, k)
         exit_entry = evaluation.entry([exit_system], sets, command=command) | {"cost": system_cost(cfg, exit_system)}
         plain_entry = evaluation.entry([plain_system], sets) | {"cost": system_cost(cfg, plain_system)}
         row = {"exit_layer": k, "hidden_layers": hidden_layers(cfg.self_distillation, cfg.model, k), "exit": exit_entry, "plain": plain_entry,
