@@ -272,7 +272,7 @@ def temperature_sentence(result: dict, seeds: int) -> str:
 def choose_temperature(cfg, evaluation, sets: dict[str, list[str]], dense: dict[float, list[str]]) -> dict:
     """The T whose dense students have the best validation frame accuracy (mean over seeds), and
     whether it beats the runner-up: a paired bootstrap over validation utterances and seeds."""
-    temperature = chosen_temperature(cfg)
+    temperature = chosen_temperature(cfg.exp_dir, cfg.distill, cfg.train)
     tables = {t: [evaluation.scorer.score(s, sets)["valid"]["utterances"] for s in systems] for t, systems in dense.items()}
     boot = Bootstrap(sorted(tables[temperature][0]), cfg.stats.replicates, cfg.stats.confidence, cfg.stats.seed)
     for t, replicates in tables.items():

@@ -77,10 +77,10 @@ def validation_accuracy(exp: Path, systems: list[str]) -> float:
     return float(np.mean([read_history(Layout(exp).model(s))[-1]["valid_frame_accuracy"] for s in systems]))
 
 
-def chosen_temperature(cfg) -> float:
+def chosen_temperature(exp_dir, dcfg, tcfg) -> float:
     """The T whose dense students have the best validation frame accuracy, averaged over their seeds."""
-    exp = Path(cfg.exp_dir)
-    by_t = {t: validation_accuracy(exp, systems) for t, systems in dense_students(cfg.distill, cfg.train).items()}
+    exp = Path(exp_dir)
+    by_t = {t: validation_accuracy(exp, systems) for t, systems in dense_students(dcfg, tcfg).items()}
     return max(by_t, key=by_t.get)
 
 
@@ -93,7 +93,7 @@ def lever_seeds(lcfg, dcfg) -> int:
 def levers(cfg, temperature: float | None = None) -> list[Lever]:
     """Every lever the config asks for, with its systems (trained or not), named by the same
     functions that train them (:func:`asrkd.distill.student.student_systems`, :func:`asrkd.nnet.train.replicates`)."""
-    t = chosen_temperature(cfg) if temperature is None else temperature
+    t = chosen_temperature(cfg.exp_dir, cfg.distill, cfg.train) if temperature is None else temperature
     seeds, baselines = lever_seeds(cfg.levers, cfg.distill), baseline_replicates(cfg)
     reference = dense_only(cfg, t, dense_seeds(cfg.distill))  # stage 3's students at T
     out = [Lever("train", "students on train (stage 3)", names(student_systems(reference.distill, reference.train.data)), baselines, cfg.distill.teacher, reference, None)]

@@ -120,7 +120,7 @@ def curve_stop(cfg) -> dict | None:
     previous, previous_valid = None, 0.0
     for schedule in schedules[:-1]:  # at the last schedule nothing is left to stop
         run = Run(headline, schedule, "consistent", 0)
-        if not complete(exp, cfg, [run]):
+        if not complete(exp, cfg.function_matching, [run]):
             return None
         valid = float(read_history(Layout(exp).model(run_name(cfg.function_matching, run)))[-1]["valid_frame_accuracy"])
         if previous is not None and (gain := 100 * (valid - previous_valid)) < float(fm.plateau):
@@ -146,10 +146,10 @@ def plateau_pending(cfg, run: Run) -> bool:
     not all trained."""
     fm = cfg.function_matching
     exp = Path(cfg.exp_dir)
-    if fm.get("plateau") is None or not on_the_curve(cfg.function_matching, run) or complete(exp, cfg, [run]) or beyond_plateau(cfg.function_matching, run, curve_stop(cfg)):
+    if fm.get("plateau") is None or not on_the_curve(cfg.function_matching, run) or complete(exp, cfg.function_matching, [run]) or beyond_plateau(cfg.function_matching, run, curve_stop(cfg)):
         return False
     earlier = [Run(str(fm.headline), int(m), "consistent", 0) for m in fm.schedules if int(m) < run.schedule]
-    return len(complete(exp, cfg, earlier)) < len(earlier)
+    return len(complete(exp, cfg.function_matching, earlier)) < len(earlier)
 
 
 def subset_view(fm) -> str:
@@ -262,8 +262,9 @@ def train(cfg) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def complete(exp: Path, cfg, run_list: list[Run]) -> list[str]:
-    names = [run_name(cfg.function_matching, r) for r in run_list]
+def complete(exp: Path, fm, run_list: list[Run]) -> list[str]:
+    """The runs of ``run_list`` trained (``fm``: the ``function_matching`` section)."""
+    names = [run_name(fm, r) for r in run_list]
     return [n for n in names if (Layout(exp).model(n) / "stage.json").is_file()]
 
 
@@ -304,12 +305,12 @@ def report(cfg) -> Report:
     stop = curve_stop(cfg)
     groups: dict[tuple[str, int, str, str], list[Run]] = {}
     for run in runs(cfg.function_matching):
-        if beyond_plateau(cfg.function_matching, run, stop) and not complete(exp, cfg, [run]):
+        if beyond_plateau(cfg.function_matching, run, stop) and not complete(exp, cfg.function_matching, [run]):
             continue  # past the plateau and never trained: not missing (one trained before stays a row)
         groups.setdefault((run.view, run.schedule, run.kind, run.data), []).append(run)
     rows, missing = [], []
     for (view, schedule, kind, data_dir), members in groups.items():
-        names = complete(exp, cfg, members)
+        names = complete(exp, cfg.function_matching, members)
         missing += [run_name(cfg.function_matching, r) for r in members if run_name(cfg.function_matching, r) not in names]
         if not names:
             continue

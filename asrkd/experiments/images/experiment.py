@@ -553,10 +553,10 @@ class TestErrors:
     (paired: every system on the same draws; a row of several seeds has them resampled too:
     :mod:`asrkd.stats`)."""
 
-    def __init__(self, cfg, labels: torch.Tensor, test_ids: list[str]):
+    def __init__(self, stats, replicates: int, labels: torch.Tensor, test_ids: list[str]):
+        """``stats``: the ``stats`` section (confidence, seed); ``replicates``: ``images.replicates``."""
         self.labels, self.ids = labels, test_ids
-        scfg = cfg.stats
-        self.bootstrap = Bootstrap(test_ids, int(cfg.images.replicates), scfg.confidence, scfg.seed)
+        self.bootstrap = Bootstrap(test_ids, int(replicates), stats.confidence, stats.seed)
 
     def add(self, key: str, logits: list[torch.Tensor], of_class: int | None = None) -> dict:
         """{"errors" (the mean over the seeds' logits), "errors_ci", "seeds", and with ``of_class``
@@ -626,7 +626,7 @@ def run_report(cfg) -> None:
     _, _, test_idx = images.split()
     store = data.frames.store
     test_labels, valid_labels = data.pdf_ids[torch.from_numpy(test_idx)], data.pdf_ids[torch.from_numpy(valid_idx)]
-    errors = TestErrors(cfg, test_labels, [store.utt_ids[i] for i in test_idx])
+    errors = TestErrors(cfg.stats, cfg.images.replicates, test_labels, [store.utt_ids[i] for i in test_idx])
     batch = int(cfg.eval.batch_size)
 
     def logits_of(name: str, indices: np.ndarray) -> torch.Tensor:
@@ -715,7 +715,7 @@ def progress_report(cfg, missing: list[str]) -> None:
     data, _, valid_idx, _ = images.load()
     _, _, test_idx = images.split()
     store = data.frames.store
-    errors = TestErrors(cfg, data.pdf_ids[torch.from_numpy(test_idx)], [store.utt_ids[i] for i in test_idx])
+    errors = TestErrors(cfg.stats, cfg.images.replicates, data.pdf_ids[torch.from_numpy(test_idx)], [store.utt_ids[i] for i in test_idx])
     batch = int(cfg.eval.batch_size)
 
     def logits_of(name: str, indices: np.ndarray = test_idx) -> torch.Tensor:

@@ -76,8 +76,9 @@ from asrkd.stats import UtteranceCounts, format_interval, frame_table
 log = logging.getLogger(__name__)
 
 
-def groups_dir(cfg) -> Path:
-    return sections.layout(cfg).specialists(str(cfg.specialists.name))
+def groups_dir(layout: Layout, scfg) -> Path:
+    """exp/specialists/<name>: the specialists' groups and their models (``scfg``: the ``specialists`` section)."""
+    return layout.specialists(str(scfg.name))
 
 
 def specialist_name(scfg, m: int) -> str:
@@ -262,7 +263,7 @@ def train(cfg) -> None:
     exp, scfg = Path(cfg.exp_dir), cfg.specialists
     generalist_dir = Layout(exp).model(str(scfg.generalist))
     training = TrainingSet(cfg)
-    stage = plan(f"specialist groups {scfg.name}", groups_dir(cfg), sections.settings(cfg, ("seed", "specialists.count", "specialists.group_size")),
+    stage = plan(f"specialist groups {scfg.name}", groups_dir(sections.layout(cfg), cfg.specialists), sections.settings(cfg, ("seed", "specialists.count", "specialists.group_size")),
                  {"generalist": generalist_dir, **training.inputs}, {"generalist": str(scfg.generalist)})
     if not stage.up_to_date:
         data, train_idx, valid_idx, hard = training.load()
@@ -280,7 +281,7 @@ def train(cfg) -> None:
         stage.commit(groups=len(groups), sizes=[len(g) for g in groups])
         log.info("%d groups of %s pdf-ids from %d held-out frames; frame shares %s", len(groups), [len(g) for g in groups],
                  len(valid_idx), [round(s, 3) for s in shares])
-    layout = json.loads((groups_dir(cfg) / "groups.json").read_text())
+    layout = json.loads((groups_dir(sections.layout(cfg), cfg.specialists) / "groups.json").read_text())
     groups = layout["groups"]
     epochs = {"train": {"epochs": scfg.epochs}} if scfg.epochs else {}
     specialist_cfg = OmegaConf.merge(cfg, epochs)
@@ -293,10 +294,10 @@ def train(cfg) -> None:
             frames=specialist_frames(cfg.specialists, cfg.seed, m, group))],
             training, loss=generalist_loss(cfg.specialists, cfg.distill, group, generalist_dir), keys=("specialists.temperature", "distill.soft_weight",
                                                                                  "distill.hard_weight"),
-            inputs={"generalist": generalist_dir, "groups": groups_dir(cfg)})
+            inputs={"generalist": generalist_dir, "groups": groups_dir(sections.layout(cfg), cfg.specialists)})
     specialist_dirs = {f"specialist {m}": Layout(exp).model(specialist_name(cfg.specialists, m)) for m in range(len(groups))}
     stage = plan(f"combine specialists {scfg.name}", Layout(exp).model(str(scfg.name)), sections.settings(cfg, ("specialists.top_n", "specialists.iterations", "model.num_hidden_layers", "model.hidden_dim")),
-                 {"generalist": generalist_dir, "groups": groups_dir(cfg), **specialist_dirs})
+                 {"generalist": generalist_dir, "groups": groups_dir(sections.layout(cfg), cfg.specialists), **specialist_dirs})
     if not stage.up_to_date:
         data, _, valid_idx, _ = training.load()
         device = data.pdf_ids.device
@@ -442,7 +443,7 @@ def report(cfg) -> Report:
     entries = {key: evaluation.entry([system], sets, **({"command": command} if key == "combined" else {})) | {"cost": system_cost(cfg, system)}
                for key, system in (("generalist", generalist), ("combined", combined), ("redistilled", redistilled),
                                    ("generalist_student", generalist_student))}
-    layout = json.loads((groups_dir(cfg) / "groups.json").read_text())
+    layout = json.loads((groups_dir(sections.layout(cfg), cfg.specialists) / "groups.json").read_text())
     fitted = read_record(Layout(exp).model(str(scfg.name)))["summary"]["dustbin_shifts"]
     result = {"corpus": cfg.corpus, "command": command, "eval_set": evaluation.primary, **entries,
               "minus_generalist": {key: evaluation.frames.difference(entries[key]["system"], generalist)
