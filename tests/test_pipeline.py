@@ -238,8 +238,8 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
     from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
 
     cfg = ensemble_and_speed_perturbed(run_dir)
-    store = SoftTargetStore.load(store_dir(cfg, 2.0), current_checksum(run_dir / "exp", "train"))
-    sharp = SoftTargetStore.load(store_dir(cfg, 1.0), current_checksum(run_dir / "exp", "train"))
+    store = SoftTargetStore.load(store_dir(sections.layout(cfg), cfg.distill.teacher, 2.0), current_checksum(run_dir / "exp", "train"))
+    sharp = SoftTargetStore.load(store_dir(sections.layout(cfg), cfg.distill.teacher, 1.0), current_checksum(run_dir / "exp", "train"))
     np.testing.assert_allclose(np.asarray(store.dense[:100], dtype=np.float32).sum(1), 1.0, atol=2e-2)
     # a higher temperature gives softer targets
     assert np.asarray(store.dense[:100], dtype=np.float32).max(1).mean() < np.asarray(sharp.dense[:100], dtype=np.float32).max(1).mean()

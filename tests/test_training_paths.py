@@ -68,9 +68,9 @@ def test_teacher_on_the_fly_matches_the_stored_soft_targets(run_dir: Path, tmp_p
     data, train_idx, _, _ = training.load()
     teacher = student.TeacherOnTheFly.of_system(sections.layout(cfg), str(cfg.distill.teacher), data)
     batch = torch.from_numpy(train_idx[::37])
-    stored = SoftTargetStore.load(store_dir(cfg, 2.0), current_checksum(root / "exp", "train")).rows("dense").batch(batch)
+    stored = SoftTargetStore.load(store_dir(sections.layout(cfg), cfg.distill.teacher, 2.0), current_checksum(root / "exp", "train")).rows("dense").batch(batch)
     np.testing.assert_allclose(teacher.soft_targets(batch, 2.0).numpy(), stored.numpy(), atol=1e-3)  # fp16 storage
-    logits = soft_targets.TeacherLogits.load(soft_targets.logits_dir(cfg), current_checksum(root / "exp", "train")).rows().batch(batch)
+    logits = soft_targets.TeacherLogits.load(soft_targets.logits_dir(sections.layout(cfg), cfg.distill.teacher), current_checksum(root / "exp", "train")).rows().batch(batch)
     np.testing.assert_allclose(teacher.zero_mean_logits(batch).numpy(), logits.numpy(), atol=2e-2)  # fp16 of logits ~ 10
     # a student trained each way: the same run, but for the targets' fp16 rounding (which Adam's first steps
     # turn into at most a step's size, lr, for weights of near-zero gradient)

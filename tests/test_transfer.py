@@ -70,7 +70,7 @@ def test_cross_fitted_soft_targets_come_from_members_that_never_saw_the_speaker(
     held_out = [set(read_record(root / "exp" / "dnn" / "xfit" / f"member-{i}")["config"]["held_out_speakers"]) for i in range(2)]
     assert held_out[0] and held_out[1] and not held_out[0] & held_out[1]
     soft_targets.run(cfg)
-    store = SoftTargetStore.load(store_dir(cfg, 2.0), current_checksum(root / "exp", "train"))
+    store = SoftTargetStore.load(store_dir(sections.layout(cfg), cfg.distill.teacher, 2.0), current_checksum(root / "exp", "train"))
     data = train.FrameData.load(root / "exp", "train", cfg.model, torch.device("cpu"))
     full = DataDir.read(root / "data" / "train")
     _, valid = sections.split(cfg).utterances()

@@ -70,7 +70,7 @@ def stored_rows(form: str) -> Callable[..., TargetRows]:
 
 
 def stored_soft_targets(cfg, temperature: float, store: str) -> Path:
-    return store_dir(cfg, temperature, store)
+    return store_dir(sections.layout(cfg), cfg.distill.teacher, temperature, store)
 
 
 register(TargetForm("dense", stored_soft_targets, stored_rows("dense"),
@@ -78,6 +78,6 @@ register(TargetForm("dense", stored_soft_targets, stored_rows("dense"),
 register(TargetForm("topk", stored_soft_targets, stored_rows("topk")))
 for _name in COMPACT_FORMS:
     register(TargetForm(_name, stored_soft_targets, stored_rows(_name), values=lambda cfg: {"compact": OmegaConf.to_container(cfg.distill.compact)}))
-register(TargetForm(LOGITS, lambda cfg, temperature, store: logits_dir(cfg, store),
+register(TargetForm(LOGITS, lambda cfg, temperature, store: logits_dir(sections.layout(cfg), cfg.distill.teacher, store),
                     lambda cfg, directory, checksum, temperature, num_pdfs, device: TeacherLogits.load(directory, checksum, num_pdfs).rows(device),
                     on_the_fly=lambda teacher, temperature: teacher.zero_mean_logits, logits=True))

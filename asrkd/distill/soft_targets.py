@@ -457,16 +457,17 @@ def pdf_priors(layout: Layout, prior_floor: float) -> np.ndarray:
     return np.exp(log_priors(np.load(layout.pdf_counts), prior_floor))
 
 
-def teacher_dir(cfg, store: str) -> Path:
-    return sections.layout(cfg).soft_targets(cfg.distill.teacher, store)
+def teacher_dir(layout: Layout, teacher: str, store: str) -> Path:
+    """exp/soft_targets/<teacher>/<store>: the soft targets ``teacher`` gives the frames of ``store``."""
+    return layout.soft_targets(teacher, store)
 
 
-def store_dir(cfg, temperature: float, store: str = "train") -> Path:
-    return teacher_dir(cfg, store) / f"T{temperature:g}"
+def store_dir(layout: Layout, teacher: str, temperature: float, store: str = "train") -> Path:
+    return teacher_dir(layout, teacher, store) / f"T{temperature:g}"
 
 
-def logits_dir(cfg, store: str = "train") -> Path:
-    return teacher_dir(cfg, store) / "logits"
+def logits_dir(layout: Layout, teacher: str, store: str = "train") -> Path:
+    return teacher_dir(layout, teacher, store) / "logits"
 
 
 def current_checksum(exp_dir: Path, store: str) -> str:
@@ -518,12 +519,12 @@ def run_store(cfg, store: str) -> None:
     dense = stores_dense(cfg.distill, features.num_frames, num_pdfs)  # decided once: the fingerprint and the stores agree
     todo = {}
     for t in sorted({float(t) for t in cfg.distill.temperatures}):
-        stage = plan(f"soft-targets {cfg.distill.teacher} {store} T={t:g}", store_dir(cfg, t, store), sections.settings(cfg, ("distill.top_k",)), inputs, {**values, "temperature": t, **({} if dense else {"dense": False})})
+        stage = plan(f"soft-targets {cfg.distill.teacher} {store} T={t:g}", store_dir(layout, cfg.distill.teacher, t, store), sections.settings(cfg, ("distill.top_k",)), inputs, {**values, "temperature": t, **({} if dense else {"dense": False})})
         if not stage.up_to_date:
             todo[t] = stage
     logits_stage = None
     if cfg.distill.logit_matching:
-        logits_stage = plan(f"soft-targets {cfg.distill.teacher} {store} logits", logits_dir(cfg, store), sections.settings(cfg, ()), inputs, values)
+        logits_stage = plan(f"soft-targets {cfg.distill.teacher} {store} logits", logits_dir(layout, cfg.distill.teacher, store), sections.settings(cfg, ()), inputs, values)
         logits_stage = None if logits_stage.up_to_date else logits_stage
     if not todo and logits_stage is None:
         return

@@ -298,7 +298,7 @@ def compact_forms(cfg, evaluation, entry, rows_cfg: dict[str, StudentRow], rows:
         systems, dense = row.systems[:seeds], rows_cfg[dense_label].systems[:seeds]
         entry(systems)
         entry(dense)
-        store = SoftTargetStore.load(store_dir(cfg, row.temperature), current_checksum(Path(cfg.exp_dir), "train"))
+        store = SoftTargetStore.load(store_dir(sections.layout(cfg), cfg.distill.teacher, row.temperature), current_checksum(Path(cfg.exp_dir), "train"))
         targets = store.rows(row.form, "cpu", OmegaConf.to_container(cfg.distill.compact), pdf_priors(sections.layout(cfg), float(cfg.decode.prior_floor)) if row.form == "compact_prior" else None)
         residual = targets.mean_residual() if row.form in COMPACT_FORMS else float(np.asarray(store.residual, dtype=np.float64).mean())
         out.append({"form": row.form, "temperature": row.temperature, "k": targets.k, "seeds": seeds,

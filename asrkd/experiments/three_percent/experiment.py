@@ -61,8 +61,7 @@ def subset_cfg(cfg, fraction: float, teacher: str | None = None, perturbed: bool
 
 def teachers(cfg) -> list[str]:
     """The 100% model, plus the ensemble when its soft targets exist."""
-    ensemble = OmegaConf.merge(cfg, {"distill": {"teacher": cfg.ensemble.name}})
-    has_ensemble = is_complete(store_dir(ensemble, float(cfg.three_percent.temperature)))
+    has_ensemble = is_complete(store_dir(sections.layout(cfg), cfg.ensemble.name, float(cfg.three_percent.temperature)))
     return ["baseline"] + ([cfg.ensemble.name] if has_ensemble else [])
 
 
