@@ -40,10 +40,10 @@ from asrkd.stage import abandon_open_stages, code_record
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    """Every dotted key of ``cfg``, leaves and groups."""
+def config_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of ``node`` (the config or a group of it), leaves and groups."""
     keys = []
-    for key, value in cfg.items():
+    for key, value in node.items():
         name = f"{prefix}{key}"
         keys.append(name)
         if isinstance(value, DictConfig):

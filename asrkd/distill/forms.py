@@ -48,9 +48,9 @@ def register(form: TargetForm) -> TargetForm:
     return form
 
 
-def form_of(cfg, name: str) -> TargetForm:
-    """The registered form ``name``, once the modules of ``distill.methods`` have registered theirs."""
-    for module in cfg.distill.get("methods") or []:
+def form_of(dcfg, name: str) -> TargetForm:
+    """The registered form ``name``, once the modules of ``distill.methods`` (``dcfg``: the ``distill`` section) have registered theirs."""
+    for module in dcfg.get("methods") or []:
         importlib.import_module(str(module))
     if name not in FORMS:
         raise ValueError(f"distill.students names the form {name!r}, which no module registers (known: {', '.join(FORMS)}); "

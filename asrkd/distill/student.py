@@ -149,7 +149,7 @@ def target_source(cfg, student: Student, training: TrainingSet) -> tuple[Callabl
     """What gives a student its targets per batch, and the inputs its fingerprint records: the
     stores of its form (loaded onto the device once), or the teacher itself on the fly."""
     dcfg, exp = cfg.distill, Path(cfg.exp_dir)
-    form, temperature = form_of(cfg, student.form), student.temperature
+    form, temperature = form_of(cfg.distill, student.form), student.temperature
     if dcfg.on_the_fly:
         if form.on_the_fly is None:
             raise ValueError(f"distill.on_the_fly computes dense targets (or logits), not the {form.name} form; "
@@ -187,7 +187,7 @@ def run(cfg) -> None:
     layout = sections.layout(cfg)
     for student in students(dcfg):
         name = name_of(dcfg, cfg.train.data, student)
-        form = form_of(cfg, student.form)
+        form = form_of(cfg.distill, student.form)
         make_targets, inputs = target_source(cfg, student, training)
 
         def loss(data, hard, batch_loss=batch_loss_of(dcfg, form, student.temperature), make_targets=make_targets):

@@ -124,12 +124,11 @@ def plot_levers(levers: list[dict], out: Path) -> None:
         ax.set_xticks(range(len(names)), names)
 
 
-def soft_target_diagnostics(cfg, teacher: str, store: str, temperature: float, groups: dict[str, list[str]]) -> dict:
+def soft_target_diagnostics(layout: Layout, teacher: str, store: str, temperature: float, groups: dict[str, list[str]]) -> dict:
     """What a teacher's soft targets say beyond the labels, per group of utterances of a store:
     how often their argmax is the aligned pdf, and the mean probability they give it. A teacher
     that memorized its training frames agrees with the labels there far more than on voices it
     never heard: its soft targets there are nearly the hard labels again."""
-    layout = sections.layout(cfg)
     targets = SoftTargetStore.load(layout.soft_targets(teacher, store) / f"T{temperature:g}", current_checksum(layout.exp, store))
     pdf_ids = np.load(layout.alignment(store) / "pdf_ids.npy")
     features = FeatureStore.load(layout.fbank(store))
@@ -269,12 +268,12 @@ def temperature_sentence(result: dict, seeds: int) -> str:
             + ("significant." if choice["significant"] else "not significant (the choice of T is within noise)."))
 
 
-def choose_temperature(cfg, evaluation, sets: dict[str, list[str]], dense: dict[float, list[str]]) -> dict:
-    """The T whose dense students have the best validation frame accuracy (mean over seeds), and
-    whether it beats the runner-up: a paired bootstrap over validation utterances and seeds."""
-    temperature = chosen_temperature(cfg.exp_dir, cfg.distill, cfg.train)
+def choose_temperature(temperature: float, stats, evaluation, sets: dict[str, list[str]], dense: dict[float, list[str]]) -> dict:
+    """Whether ``temperature``, the T whose dense students have the best validation frame accuracy
+    (mean over seeds: :func:`chosen_temperature`), beats the runner-up: a paired bootstrap over
+    validation utterances and seeds (``stats``: the ``stats`` section)."""
     tables = {t: [evaluation.scorer.score(s, sets)["valid"]["utterances"] for s in systems] for t, systems in dense.items()}
-    boot = Bootstrap(sorted(tables[temperature][0]), cfg.stats.replicates, cfg.stats.confidence, cfg.stats.seed)
+    boot = Bootstrap(sorted(tables[temperature][0]), stats.replicates, stats.confidence, stats.seed)
     for t, replicates in tables.items():
         boot.add(f"T{t:g}", UtteranceCounts.from_tables(replicates))
     ranked = sorted(dense, key=lambda t: -boot.estimates[f"T{t:g}"])
@@ -340,7 +339,7 @@ def lever_results(cfg, evaluation, entry, temperature: float, replicates: list[s
         if not any(d["teacher"] == lever.teacher and d["store"] == training.stores[0] for d in diagnostics):
             groups = {"training speakers": training.train_utts, "validation speakers": valid_utts}
             diagnostics.append({"teacher": lever.teacher, "store": training.stores[0], "lever": lever.name,
-                                "groups": soft_target_diagnostics(cfg, lever.teacher, training.stores[0], temperature, groups)})
+                                "groups": soft_target_diagnostics(sections.layout(cfg), lever.teacher, training.stores[0], temperature, groups)})
     return results, systems, diagnostics
 
 
@@ -378,7 +377,7 @@ def report(cfg) -> Report:
     baseline["cost"], ensemble["cost"] = system_cost(cfg, cfg.train.name), system_cost(cfg, cfg.distill.teacher)
 
     dense = {row.temperature: row.systems for row in rows_cfg.values() if row.form == "dense"}
-    choice = choose_temperature(cfg, evaluation, sets, dense)
+    choice = choose_temperature(chosen_temperature(cfg.exp_dir, cfg.distill, cfg.train), cfg.stats, evaluation, sets, dense)
     temperature = choice.pop("temperature")
     distilled_label = f"dense_T{temperature:g}"
     distilled = bootstrap_key(rows_cfg[distilled_label].systems)

@@ -59,10 +59,10 @@ def subset_cfg(cfg, fraction: float, teacher: str | None = None, perturbed: bool
                                                 "epochs": cfg.three_percent.epochs, "seeds": seeds}})
 
 
-def teachers(cfg) -> list[str]:
-    """The 100% model, plus the ensemble when its soft targets exist."""
-    has_ensemble = is_complete(store_dir(sections.layout(cfg), cfg.ensemble.name, float(cfg.three_percent.temperature)))
-    return ["baseline"] + ([cfg.ensemble.name] if has_ensemble else [])
+def teachers(layout: Layout, ensemble: str, temperature: float) -> list[str]:
+    """The 100% model, plus the ensemble ``ensemble`` when its soft targets at ``temperature`` exist."""
+    has_ensemble = is_complete(store_dir(layout, ensemble, float(temperature)))
+    return ["baseline"] + ([ensemble] if has_ensemble else [])
 
 
 def rows_by_fraction(cfg) -> dict[float, dict[str, list[System]]]:
@@ -80,7 +80,7 @@ def rows_by_fraction(cfg) -> dict[float, dict[str, list[System]]]:
     out = {}
     for fraction in map(float, cfg.three_percent.fractions):
         rows = {"sub_hard": hard(fraction), "sub_hard_early_stop": hard(fraction, best=True), "sub_soft": soft(fraction, "baseline")}
-        for teacher in teachers(cfg)[1:]:
+        for teacher in teachers(sections.layout(cfg), str(cfg.ensemble.name), cfg.three_percent.temperature)[1:]:
             rows[f"sub_soft_{teacher}"] = soft(fraction, teacher)
         if cfg.three_percent.speed_perturbed:
             rows["sub_hard_sp"] = hard(fraction, perturbed=True)
@@ -95,7 +95,7 @@ def train(cfg) -> None:
     for fraction in cfg.three_percent.fractions:
         for perturbed in variants:
             train_dnn.run(subset_cfg(cfg, fraction, perturbed=perturbed))
-            for teacher in teachers(cfg) if not perturbed else ["baseline"]:
+            for teacher in teachers(sections.layout(cfg), str(cfg.ensemble.name), cfg.three_percent.temperature) if not perturbed else ["baseline"]:
                 sub = subset_cfg(cfg, fraction, teacher, perturbed)
                 soft_targets.run(sub)
                 student.run(sub)
