@@ -284,10 +284,12 @@ def choose_temperature(temperature: float, stats, evaluation, sets: dict[str, li
             "valid_frame_accuracy": {f"{t:g}": boot.estimates[f"T{t:g}"] for t in dense}}
 
 
-def compact_forms(cfg, evaluation, entry, rows_cfg: dict[str, StudentRow], rows: dict[str, dict]) -> list[dict]:
+def compact_forms(layout: Layout, dcfg, prior_floor: float, evaluation, entry, rows_cfg: dict[str, StudentRow],
+                  rows: dict[str, dict]) -> list[dict]:
     """Each top-k and compact student against the dense students of its T (as many seeds of each,
     the first ones; the bootstrap resamples each system's seeds on its own), with the form's
-    bytes per frame and the mass it leaves outside its k."""
+    bytes per frame and the mass it leaves outside its k (``dcfg``: the ``distill`` section;
+    ``prior_floor``: ``decode.prior_floor``, the compact_prior form's)."""
     frames, out = evaluation.frames, []
     for label, row in rows_cfg.items():
         dense_label = f"dense_T{row.temperature:g}" if row.form in ("topk", *COMPACT_FORMS) else None
@@ -297,8 +299,9 @@ def compact_forms(cfg, evaluation, entry, rows_cfg: dict[str, StudentRow], rows:
         systems, dense = row.systems[:seeds], rows_cfg[dense_label].systems[:seeds]
         entry(systems)
         entry(dense)
-        store = SoftTargetStore.load(store_dir(sections.layout(cfg), cfg.distill.teacher, row.temperature), current_checksum(Path(cfg.exp_dir), "train"))
-        targets = store.rows(row.form, "cpu", OmegaConf.to_container(cfg.distill.compact), pdf_priors(sections.layout(cfg), float(cfg.decode.prior_floor)) if row.form == "compact_prior" else None)
+        store = SoftTargetStore.load(store_dir(layout, dcfg.teacher, row.temperature), current_checksum(layout.exp, "train"))
+        priors = pdf_priors(layout, float(prior_floor)) if row.form == "compact_prior" else None
+        targets = store.rows(row.form, "cpu", OmegaConf.to_container(dcfg.compact), priors)
         residual = targets.mean_residual() if row.form in COMPACT_FORMS else float(np.asarray(store.residual, dtype=np.float64).mean())
         out.append({"form": row.form, "temperature": row.temperature, "k": targets.k, "seeds": seeds,
                     "dense": frames.estimates[bootstrap_key(dense)], "accuracy": frames.estimates[bootstrap_key(systems)],
@@ -398,7 +401,7 @@ def report(cfg) -> Report:
         "baseline_seeds": {"systems": replicates, f"{test}_frame_accuracy": per_seed[: len(replicates)]},
         "members": {f"{test}_frame_accuracy": per_seed[len(replicates):]}, "eval_set": test,
         "students": {row_cfg.systems[0]: rows[label] for label, row_cfg in rows_cfg.items()},
-        "compact_forms": compact_forms(cfg, evaluation, entry, rows_cfg, rows), "levers": levers, "teacher_diagnostics": diagnostics,
+        "compact_forms": compact_forms(sections.layout(cfg), cfg.distill, cfg.decode.prior_floor, evaluation, entry, rows_cfg, rows), "levers": levers, "teacher_diagnostics": diagnostics,
     }
     by_temperature = [rows[f"dense_T{t:g}"] for t in sorted(dense)]
     figures = {"distillation_curves.png": lambda _, out: plot_curves(exp, members, {label: row.systems[0] for label, row in rows_cfg.items()}, out),
