@@ -25,13 +25,14 @@ from asrkd import sections
 from asrkd.data import DataDir, DataSets, Split
 from asrkd.errors import StageError
 from asrkd.kaldi.decode import NOT_IN_LM, out_of_vocabulary
+from asrkd.kaldi.gmm import alignment_labels
 from asrkd.kaldi.graph import NO_PRONUNCIATION, LanguageModel, language_model
 from asrkd.layout import Layout
 from asrkd.nnet.decode import scored_sets
 from asrkd.nnet.train import FrameData, evaluate_frames, load_system, read_history, replicates, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.report import decoding_result, machine, merge_into_report, recipe_command
-from asrkd.stage import input_fingerprint, input_record
+from asrkd.stage import input_record
 from asrkd.stats import Bootstrap, UtteranceCounts, frame_table
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,8 @@ class FrameScorer:
                 continue
             self.eval[name] = (data, labeled)
         self.cache: dict[tuple[str, str], dict] = {}
-        # what frame accuracy is scored against: the fingerprint of each alignment read (train's holds valid's frames too)
-        self.labels = {name: input_fingerprint(self.layout.alignment(name)) for name in ("train", *self.eval)}
+        # what frame accuracy is scored against: each alignment read, by content (train's holds valid's frames too)
+        self.labels = {name: alignment_labels(self.layout.alignment(name)) for name in ("train", *self.eval)}
 
     def utterances(self, name: str) -> list[str]:
         """The utterances of eval set ``name`` with aligned frames (the frame bootstrap's units)."""

@@ -228,6 +228,22 @@ def test_a_run_writes_under_its_exp_dir_and_publish_merges_into_the_committed_re
         cli.main(["publish", f"exp_dir={root}/exp"])
 
 
+
+def test_rows_are_comparable_when_their_pdf_ids_are_however_the_alignment_was_made(run_dir: Path, tmp_path: Path) -> None:
+    """A report's labels are the alignments' content (pdf-ids and the store index they follow), not
+    their history: an alignment remade identically (another lang record, another commit: another
+    fingerprint) keeps its rows comparable; other pdf-ids do not."""
+    root = clone(run_dir, tmp_path)
+    alignment = root / "exp" / "tri" / "ali_test"
+    labels, fingerprint = gmm.alignment_labels(alignment), input_fingerprint(alignment)
+    record = json.loads((alignment / "stage.json").read_text())
+    write_json(alignment / "stage.json", {**record, "fingerprint": "0" * 16, "made_with": "another commit"})
+    assert input_fingerprint(alignment) != fingerprint and gmm.alignment_labels(alignment) == labels
+    files = {**record["files"], "pdf_ids.npy": {**record["files"]["pdf_ids.npy"], "sha256": "1" * 64}}
+    write_json(alignment / "stage.json", {**record, "files": files})
+    assert gmm.alignment_labels(alignment) != labels
+
+
 # ----------------------------------------------------------------------------- atomic writes, kills
 
 

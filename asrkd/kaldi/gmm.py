@@ -45,7 +45,7 @@ from asrkd.jobs import Jobs, map_jobs, split
 from asrkd.kaldi import tree as tree_lib
 from asrkd.kaldi.lang import Lang, POSITIONS, with_words
 from asrkd.progress import progress
-from asrkd.stage import Settings, plan
+from asrkd.stage import Settings, digest, input_fingerprint, plan, read_record
 from asrkd.stores import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -596,6 +596,17 @@ def store_alignment(model: GmmModel, alignments: Alignments, feats: FeatureStore
     write_json(out_dir / "index.json", {"num_pdfs": model.num_pdfs, "features_checksum": feats.checksum(),
                                         "aligned_utterances": len(alignments), "utterances": len(feats.utt_ids)})
     return counts
+
+
+def alignment_labels(alignment_dir: Path) -> str:
+    """What frame accuracy against ``alignment_dir`` (exp/tri/ali_<set>) is scored against, by
+    content: its pdf-ids and the feature store's index they follow (the SHA-256 its record keeps of
+    pdf_ids.npy and index.json). Two alignments with the same pdf-ids are the same labels however
+    they were made (a lang dir remade with the same phones, another commit), so their rows stay
+    comparable; a stale alignment is refused (:func:`asrkd.stage.input_fingerprint`)."""
+    input_fingerprint(alignment_dir)
+    files = read_record(alignment_dir)["files"]
+    return digest([files["pdf_ids.npy"]["sha256"], files["index.json"]["sha256"]])
 
 
 def training_settings(cfg) -> tuple[Settings, dict]:
