@@ -22,7 +22,8 @@ set -euo pipefail
 . "$(dirname "$0")/../stages.sh"
 # Adam at the small model's 1e-3 (and PyTorch's default init) starts the 8-layer stack slowly:
 # bench/init_convergence.py, results/bench/init_convergence_cpu.json
-paper_base=(model=paper train.lr=1e-4 exp_dir=exp_paper)
+# intervals resample the 10 test speakers, as the 4x512 headline's (stats.unit=speaker)
+paper_base=(model=paper train.lr=1e-4 exp_dir=exp_paper stats.unit=speaker)
 paper=("${paper_base[@]}" ${overrides[@]+"${overrides[@]}"})
 
 link_prepared() {  # exp_paper/{feats,tri,graph,decode/gmm} -> exp/: the outputs no model size changes
