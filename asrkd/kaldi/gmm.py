@@ -655,7 +655,7 @@ def train(cfg) -> dict:
     )
     global_gauss = single_gaussian(count, total, sumsq, cfg.gmm.tree.var_floor)
     mono = make_model(mono_tree, topo, [global_gauss] * mono_tree.num_pdfs)
-    how, jobs = AlignJobs.of(cfg), sections.jobs(cfg)
+    how = AlignJobs.of(cfg)
     with tempfile.TemporaryDirectory(dir=layout.exp, prefix="gmm_alignments.") as scratch:  # the passes' ali.JOB files
         scratch = Path(scratch)
         alignments, dropped = Aligner(how, data.text, mfcc_dir, "train-gmm mono flat start")(
@@ -663,7 +663,7 @@ def train(cfg) -> dict:
         account_dropped("train-gmm mono (graphs)", len(utts), dropped, max_drop, layout.mono / "dropped.json")
         utts = [u for u in utts if u not in dropped]
         realign = realigner(how, mono, data.text, utts, mfcc_dir, "train-gmm mono realign", scratch)
-        mono_history = train_em(mono, realign, mfcc_dir, alignments, cfg.gmm.mono, cfg.gmm, jobs, "mono", rng)
+        mono_history = train_em(mono, realign, mfcc_dir, alignments, cfg.gmm.mono, cfg.gmm, how.jobs, "mono", rng)
         alignments = realign(mono)  # the final model's alignment feeds the tree
         mono.save(layout.mono)
         mono_time = time.time() - tic
@@ -672,7 +672,7 @@ def train(cfg) -> dict:
         tri, tree_info = build_triphone(lang, mono, topo, alignments, feats, cfg.gmm.tree, layout.exp)
         alignments.remove()
         realign = realigner(how, tri, data.text, utts, mfcc_dir, "train-gmm tri realign", scratch)
-        tri_history = train_em(tri, realign, mfcc_dir, realign(tri), cfg.gmm.tri, cfg.gmm, jobs, "tri", rng)
+        tri_history = train_em(tri, realign, mfcc_dir, realign(tri), cfg.gmm.tri, cfg.gmm, how.jobs, "tri", rng)
     tri.save(layout.gmm)
     tri_time = time.time() - tic
 
