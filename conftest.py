@@ -119,6 +119,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "(a stage it ran on the shared run_dir, a file it left) then fails (tools/tests_alone.py)")
 
 
+MAX_WORKERS = 4  # each worker builds its own mini AN4 run (run_dir) and holds a torch: more cost more than they save
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """How many processes ``-n auto`` (pyproject's addopts) starts: one per core, at most MAX_WORKERS.
+    The end-to-end tests spend much of their time in one thread (subprocess start-up, Kaldi's decoder
+    and GMM code, Python stages), so two of them share two cores well."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that run the pipeline on AN4 speakers (the ``an4`` or ``run_dir`` fixture) are
     ``slow``: ``pytest -m "not slow"`` runs the rest in seconds. ``--reversed`` reverses the order."""

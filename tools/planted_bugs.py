@@ -150,7 +150,7 @@ def run_bug(bug: Bug) -> dict:
     tic = time.time()
     try:
         path.write_text(original.replace(bug.old, bug.new))
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *bug.tests], cwd=REPO,
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *bug.tests], cwd=REPO,
                                 capture_output=True, text=True)
     finally:
         path.write_text(original)

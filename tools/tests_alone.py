@@ -32,7 +32,7 @@ from asrkd.machine import code_commit, cpu_description  # noqa: E402
 
 def pytest(*args: str) -> tuple[int, str, float]:
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *args], cwd=REPO,
                             capture_output=True, text=True)
     return result.returncode, result.stdout + result.stderr, time.monotonic() - start
 
