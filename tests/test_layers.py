@@ -128,8 +128,26 @@ def test_an_experiment_report_says_over_how_many_utterances_when_some_were_not_a
     for aligned, note in ((130, False), (128, True)):
         counts = {"test": {"aligned": aligned, "of": 130}}
         base.Experiment("toy", "toy", lambda cfg: [], report=lambda cfg: base.Report({}, "# toy\n", aligned=counts)).publish(
-            OmegaConf.create({"exp_dir": str(tmp_path), "results_dir": None}))
+            OmegaConf.create({"exp_dir": str(tmp_path), "results_dir": None, "train": {"device": "cpu"}}))
         assert ("Frame accuracy is over the utterances the GMM aligned: test 128 of 130." in published["toy"]) == note
+
+
+def test_every_experiments_section_names_the_machine_and_code_that_made_it(tmp_path) -> None:
+    # RESULTS.md's "Made by" said "not recorded" for the sections of the experiments (distillation, function matching...)
+    import json
+
+    from omegaconf import OmegaConf
+
+    from asrkd.experiments import base
+    from asrkd.report import machine, results_listing
+
+    rows = {"rows": {"student": {"system": "student", "frame_accuracy": {"test": 0.5}}}}
+    cfg = OmegaConf.create({"exp_dir": str(tmp_path / "exp"), "results_dir": str(tmp_path / "results"), "train": {"device": "cpu"}})
+    base.Experiment("toy", "toy", lambda cfg: [], report=lambda cfg: base.Report(rows, "# toy\n")).publish(cfg)
+    for place in (tmp_path / "exp" / "report", tmp_path / "results"):
+        report = json.loads((place / "report.json").read_text())
+        assert report["toy"]["machine"] == machine("cpu")
+        assert f"- toy: {machine('cpu')}" in results_listing(report).splitlines()
 
 
 def test_render_writes_a_sections_markdown_again_from_the_report_and_refuses_a_missing_section(tmp_path) -> None:

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from asrkd import sections
 from asrkd.layout import System, names
 from asrkd.nnet import decode as decode_stage
-from asrkd.report import aligned_utterances_line, current_report, merge_into_report, publish_experiment, with_machines_note, write_section
+from asrkd.report import aligned_utterances_line, current_report, machine, merge_into_report, publish_experiment, with_machines_note, write_section
 from asrkd.schema import ConfigTypes
 
 STEPS = ("train", "decode", "report", "render")
@@ -86,10 +86,12 @@ class Experiment:
         decode_stage.run(cfg, names((self.decoded or self.systems)(cfg)))
 
     def publish(self, cfg) -> None:
-        """The report stage: score, then publish through :func:`asrkd.report.publish_experiment`."""
+        """The report stage: score, then publish through :func:`asrkd.report.publish_experiment`. The
+        section names the machine and code that made it (RESULTS.md's "Made by"), as the main report does."""
         report = self.report(cfg)
         place = sections.report_place(cfg)
-        publish_experiment(place, self.section, report.result, with_aligned_line(report.markdown, report.aligned), report.figures, report.systems)
+        result = {"machine": machine(cfg.train.device), **report.result}  # an experiment that names its own keeps it
+        publish_experiment(place, self.section, result, with_aligned_line(report.markdown, report.aligned), report.figures, report.systems)
         for section, rows in report.rows_elsewhere.items():
             merge_into_report(place, {section: {**current_report(place).get(section, {}), **rows}})
 
