@@ -343,6 +343,19 @@ def test_subsets_share_the_validation_speakers_and_early_stopping_keeps_the_best
     assert all(torch.equal(final["model"][k], chosen[k]) for k in chosen)
 
 
+def test_the_3pct_experiment_decodes_its_tables_rows_and_not_the_curves(tmp_path: Path) -> None:
+    # only the first fraction's rows have a WER in the report: decoding the curve's other fractions was time for no number
+    from asrkd.experiments.three_percent import experiment as three_percent
+    from asrkd.layout import names
+
+    cfg = load_config([f"exp_dir={tmp_path}/exp", f"data_dir={tmp_path}/data", "three_percent.fractions=[0.1,0.3]", "three_percent.seeds=2"])
+    by_fraction = three_percent.rows_by_fraction(cfg)
+    table, curve = (names([s for row in by_fraction[f].values() for s in row]) for f in (0.1, 0.3))
+    decoded = names(three_percent.EXPERIMENT.decoded(cfg))
+    assert decoded == ["baseline", *table] and len(table) == 2 * len(by_fraction[0.1]) and not set(curve) & set(decoded)
+    assert set(names(three_percent.EXPERIMENT.systems(cfg))) == {"baseline", *table, *curve}  # scored on frames, every one
+
+
 def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
     from asrkd.experiments.three_percent import experiment as three_percent
 
@@ -370,6 +383,8 @@ def test_three_percent_experiment_reports_its_table(run_dir: Path) -> None:
     assert report["gap_closed_ci"][0] <= report["gap_closed"] <= report["gap_closed_ci"][1]
     assert set(report["curve"][0]["differences"]) == {"sub_soft − sub_hard", "sub_hard_sp − sub_hard", "sub_soft_sp − sub_hard_sp",
                                                      "sub_soft_sp − sub_soft"}
+    curve = [s for row in three_percent.rows_by_fraction(cfg)[0.3].values() for s in row]
+    assert curve and not any((run_dir / "exp" / "decode" / s.name).exists() for s in curve)  # the curve's points: frames alone
     assert_drawn(run_dir / "exp" / "report" / "three_percent_curves.png")
     assert "| sub_soft |" in (run_dir / "exp" / "report" / "three_percent.md").read_text()
 
