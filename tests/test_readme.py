@@ -13,7 +13,7 @@ WRITE_UPS = {"experiments/an4.md": ["an4/report.md"], "experiments/three_percent
              "experiments/chains.md": ["an4/chains.md"], "experiments/specialists.md": ["an4/specialists.md"],
              "experiments/images.md": ["fashion_mnist/report.md"],
              "experiments/function_matching.md": ["an4/function_matching.md"],
-             "experiments/paper.md": ["an4_paper/paper_schedule.md", "an4_paper/report.md"]}
+             "experiments/paper.md": ["an4_paper/paper_schedule.md", "an4_paper/report.md", "an4_paper/distillation.md"]}
 
 
 def test_readme_is_short_and_every_line_it_quotes_is_a_committed_reports() -> None:
