@@ -2,8 +2,8 @@
 # The paper's network on AN4 (Hinton et al. 2015, §4: 26 frames of 40 fbank in, 8 hidden layers
 # of 2560 ReLUs): its schedule chosen on the validation speakers, the baseline, the 10-model
 # ensemble, its soft targets, the students and the 3%-data runs, decoded and reported into
-# exp_paper/report (--publish merges them into results/an4_paper/ beside the small model's
-# results/an4/). On a GPU (train.device=auto takes one; ensemble.fused=auto fuses there) or a CPU
+# exp_paper/report, Table 1 also beside the 4x512's (--publish merges them into results/an4_paper/
+# beside the small model's results/an4/). On a GPU (train.device=auto takes one; ensemble.fused=auto fuses there) or a CPU
 # with bf16 matrix units (AMX, AVX-512 BF16: train.bf16_autocast=true).
 # Needs the main recipe's stages 0-3, 5 and 6 (recipes/an4/run.sh: data, lang, features, GMM
 # alignment, graph, the GMM's decode): exp_paper/ links to those outputs of exp/ and holds the
@@ -98,5 +98,7 @@ run_stage 4 "the patient student (2x the epochs) against its baseline of as many
   with_schedule patient
 run_stage 5 "the 3%-data runs, decode, report (run_3pct.sh stages 2-4)" \
   with_schedule three_percent
+run_stage 6 "Table 1 beside the 4x512's (results/an4, published by run_distill.sh): asrkd report-sizes" \
+  asrkd report-sizes corpus=an4 data_dir=data "${paper[@]}" sizes.other="$root/results/an4"
 publish_to "$root/results/an4_paper" "${paper[@]}"
 echo "$(date '+%F %T') done"
