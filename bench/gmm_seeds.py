@@ -50,7 +50,7 @@ def run_seed(recipe_dir: Path, seed: str) -> dict:
         rows[system] = {"wer": entry["wer"]["test"], "wer_ci": entry["wer_ci"]["test"],
                         "word_errors": sum(entry["wer_details"]["test"][k] for k in ("substitutions", "deletions", "insertions")),
                         "lmwt": entry["lmwt"], "word_ins_penalty": entry["word_ins_penalty"], "lmwt_choice": entry.get("lmwt_choice"),
-                        "frame_accuracy": entry.get("frame_accuracy", {}).get("test")}
+                        "frame_accuracy": (entry.get("frame_accuracy") or {}).get("test")}
     return {"seed": seed, "command": " ".join(["recipes/an4/run.sh", *command[1:]]), "labels": report["labels"], "rows": rows,
             "tri_pdfs": report["gmm"]["tri_pdfs"]}
 
@@ -72,8 +72,8 @@ def markdown(result: dict) -> str:
             margin = (row["lmwt_choice"] or {}).get("margin_errors")
             return f"{row['lmwt']:g}, {row['word_ins_penalty']:g} ({margin if margin is not None else '–'}{', a tie' if (row['lmwt_choice'] or {}).get('tie') else ''})"
 
-        lines.append(f"| {run['seed']} | {run['labels']['test']} | {format_interval(100 * gmm['wer'], [100 * x for x in gmm['wer_ci']])} | "
-                     f"{choice(gmm)} | {format_interval(100 * dnn['wer'], [100 * x for x in dnn['wer_ci']])} | {choice(dnn)} | "
+        lines.append(f"| {run['seed']} | {run['labels']['test']} | {format_interval({'estimate': gmm['wer'], 'ci': gmm['wer_ci']})} | "
+                     f"{choice(gmm)} | {format_interval({'estimate': dnn['wer'], 'ci': dnn['wer_ci']})} | {choice(dnn)} | "
                      f"{100 * dnn['frame_accuracy']:.2f}% |")
     spread = result["spread"]
     lines += ["", f"Test WER over the {len(result['runs'])} GMM seeds: GMM {spread['gmm']['mean']:.2f}% ± {spread['gmm']['std']:.2f} "
