@@ -18,11 +18,12 @@ from pathlib import Path
 from asrkd import sections
 from asrkd.experiments.base import Experiment, Report
 from asrkd.experiments.distillation.experiment import PAPER
-from asrkd.report import current_report, recipe_command
+from asrkd.report import current_report, percent, recipe_command, with_ci
 from asrkd.schema import ConfigTypes, Kind
 from asrkd.stats import format_interval
 
 ROWS = {"baseline": "baseline", "ensemble": "10x ensemble", "distilled": "distilled single model"}
+METRICS = ("frame_accuracy", "frame_accuracy_ci", "wer", "wer_ci")  # a row's, on the test set, as its report keeps them
 
 
 def distillation_of(report: dict, where: str) -> dict:
@@ -38,9 +39,8 @@ def size_of(section: dict) -> dict:
     distilled = next(name for name in section["differences"] if name.startswith("distilled") and name.endswith("− baseline"))
     return {"model": table["baseline"]["model"], "temperature": section["temperature"], "unit": section["bootstrap_unit"],
             "labels": table["baseline"].get("labels"), "machine": section.get("machine"), "command": section.get("command"),
-            "rows": {row: {"frame_accuracy": table[row]["frame_accuracy"][test], "frame_accuracy_ci": table[row]["frame_accuracy_ci"][test],
-                           "wer": table[row].get("wer", {}).get(test), "wer_ci": table[row].get("wer_ci", {}).get(test),
-                           "seeds": table[row].get("seeds", 1)} for row in ROWS},
+            "eval_set": test, "rows": {row: {"seeds": table[row].get("seeds", 1), **{key: {test: table[row][key][test]} for key in METRICS
+                                                                                  if test in (table[row].get(key) or {})}} for row in ROWS},
             "differences": {"ensemble − baseline": section["differences"]["ensemble − baseline"], "distilled − baseline": section["differences"][distilled]},
             "gain_kept": section["gain_kept"]["vs_baseline"]}
 
@@ -75,11 +75,6 @@ def report(cfg) -> Report:
     return Report(result, markdown(result))
 
 
-def percent(value: float | None, ci: list[float] | None) -> str:
-    """'55.02% [51.99, 57.93]', or the value alone without an interval, or a dash."""
-    return "–" if value is None else format_interval({"estimate": value, "ci": ci}) if ci else f"{100 * value:.2f}%"
-
-
 def points(difference: dict | None) -> str:
     """A difference in points with its interval, '+1.59 [+1.26, +1.96]'."""
     return format_interval(difference, signed=True) if difference else "–"
@@ -97,11 +92,9 @@ def markdown(result: dict) -> str:
     lines += [f"| system | {' | '.join(f'{m} test frame accuracy [95% CI] | {m} test WER [95% CI]' for m in models)} | paper frame accuracy | paper WER |",
               "|---|" + "---|" * (2 * len(sizes) + 2)]
     for row, label in ROWS.items():
-        cells = [f"{percent(s['rows'][row]['frame_accuracy'], s['rows'][row]['frame_accuracy_ci'])} | {percent(s['rows'][row]['wer'], s['rows'][row]['wer_ci'])}"
-                 for s in sizes]
-        paper = PAPER.get(row, {})
+        cells = [f"{with_ci(s['rows'][row], 'frame_accuracy', s['eval_set'])} | {with_ci(s['rows'][row], 'wer', s['eval_set'])}" for s in sizes]
         seeds = "/".join(str(s["rows"][row]["seeds"]) for s in sizes)
-        lines.append(f"| {label} ({seeds} seeds) | {' | '.join(cells)} | {100 * paper['frame_accuracy']:.2f}% | {100 * paper['wer']:.2f}% |")
+        lines.append(f"| {label} ({seeds} seeds) | {' | '.join(cells)} | {percent(PAPER[row]['frame_accuracy'])} | {percent(PAPER[row]['wer'])} |")
     lines += ["", f"| difference (points) | {' | '.join(f'{m} frame accuracy [95% CI] | {m} WER [95% CI]' for m in models)} |",
               "|---|" + "---|" * (2 * len(sizes))]
     for name in ("ensemble − baseline", "distilled − baseline"):
