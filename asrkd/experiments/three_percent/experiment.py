@@ -102,18 +102,21 @@ def train(cfg) -> None:
                 student.run(sub)
 
 
+def with_full_model(fractions: list[dict[str, list[System]]]) -> list[System]:
+    """The 100% model (the main recipe's baseline), then every row's systems of ``fractions``."""
+    return [System("baseline", "baseline"), *(system for rows in fractions for row in rows.values() for system in row)]
+
+
 def systems(cfg) -> list[System]:
-    """Every row's system: the 100% model (the main recipe's baseline), then each fraction's hard
-    runs (controls) and students."""
-    return [System("baseline", "baseline"), *(system for rows in rows_by_fraction(cfg).values() for row in rows.values() for system in row)]
+    """Every row's system: the 100% model, then each fraction's hard runs (controls) and students."""
+    return with_full_model(list(rows_by_fraction(cfg).values()))
 
 
 def decoded(cfg) -> list[System]:
     """The systems whose WER the report gives, which the decode stage decodes: the 100% model and the
     rows of the first fraction (the table's). The other fractions are points of the curve, scored on
     frames alone: decoding them cost time and no number used it."""
-    table = next(iter(rows_by_fraction(cfg).values()))
-    return [System("baseline", "baseline"), *(system for row in table.values() for system in row)]
+    return with_full_model(list(rows_by_fraction(cfg).values())[:1])
 
 
 def plot_curves(exp: Path, rows: dict[str, list[System]], fraction: float, out: Path) -> None:
