@@ -14,6 +14,8 @@ interval, so it is not the default).
 * Every system is resampled with the same utterance draws, so a difference (and a ratio such
   as gain kept) is paired, as Bisani & Ney prescribe, and ``p_above_zero`` is the share of
   replicates in which the difference is positive.
+* Where the teacher is a draw too (two ensembles of one recipe), a share of its gain draws the
+  (student, teacher) pairs with replacement as well (``share_drawn``).
 
 Intervals are percentile intervals of ``stats.replicates`` draws at ``stats.confidence``.
 """
@@ -71,6 +73,7 @@ class Bootstrap:
     def __init__(self, utt_ids: list[str], replicates: int = 10000, confidence: float = 0.95, seed: int = 0,
                  unit_of: dict[str, str] | None = None):
         self.utt_ids, self.replicates, self.confidence = sorted(utt_ids), int(replicates), float(confidence)
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         unit_of = unit_of or {u: u for u in self.utt_ids}
         units = sorted(set(unit_of.values()))
@@ -135,6 +138,29 @@ class Bootstrap:
         lo, hi = gain["ci"]
         return {**self.combine([part, baseline, whole], lambda p, b, w: (p - b) / (w - b)),
                 "whole_gain_ci": gain["ci"], "whole_gain_significant": bool(lo > 0 or hi < 0)}
+
+
+    def share_drawn(self, pairs: list[tuple[str, str]], baseline: str) -> dict:
+        """The share of the wholes' mean gain over ``baseline`` that the parts' mean keeps, each
+        (part, whole) pair drawn with replacement in every replicate (a student and the teacher
+        it learned from; another teacher is another draw of the same recipe): the interval then
+        holds which teacher was drawn, as it holds the seeds. Its own generator (seeded from the
+        bootstrap's), so the rates' draws, and every other interval, stay as they were."""
+        if not pairs:
+            raise ValueError("share_drawn: no pairs (part, whole) to draw from")
+        parts = np.stack([self.samples[part] for part, _ in pairs])  # (pairs, B)
+        wholes = np.stack([self.samples[whole] for _, whole in pairs])
+        chosen = np.random.default_rng([self.seed, len(pairs)]).integers(0, len(pairs), size=(self.replicates, len(pairs)))
+        columns = np.arange(self.replicates)[:, None]
+        part_mean, whole_mean = parts[chosen, columns].mean(1), wholes[chosen, columns].mean(1)
+        estimates = {"part": np.mean([self.estimates[part] for part, _ in pairs]), "whole": np.mean([self.estimates[whole] for _, whole in pairs])}
+        gain = self._summary(float(estimates["whole"] - self.estimates[baseline]), whole_mean - self.samples[baseline])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            estimate = (estimates["part"] - self.estimates[baseline]) / (estimates["whole"] - self.estimates[baseline])
+            samples = (part_mean - self.samples[baseline]) / (whole_mean - self.samples[baseline])
+        lo, hi = gain["ci"]
+        return {**self._summary(float(estimate) if np.isfinite(estimate) else None, samples),
+                "whole_gain_ci": gain["ci"], "whole_gain_significant": bool(lo > 0 or hi < 0), "pairs": len(pairs)}
 
 
 def mean_std(values: list[float]) -> dict:

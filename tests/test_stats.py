@@ -65,6 +65,30 @@ def test_gain_kept_of_a_student_half_way_is_one_half_in_every_replicate() -> Non
     assert format_interval(kept) == "50.00% [50.00, 50.00]"
 
 
+def test_a_share_with_the_teacher_drawn_holds_both_teachers() -> None:
+    """Two teachers of one student recipe: the student keeps all of teacher a's gain (+4) and none
+    of b's (+2, which it does not reach). Each pair alone has no spread; drawn with the teachers,
+    the interval holds both pairs' shares, and the estimate is the share of the mean gain."""
+    rng = np.random.default_rng(11)
+    totals = np.full(200, 10)
+    baseline = rng.integers(2, 6, 200)
+    boot = Bootstrap([f"u{i:04d}" for i in range(200)], replicates=2000, seed=12)
+    for key, hits in (("b", baseline), ("teacher a", baseline + 4), ("student a", baseline + 4),
+                      ("teacher b", baseline + 2), ("student b", baseline)):
+        boot.add(key, counts([hits.tolist()], totals.tolist()))
+    assert boot.share("student a", "b", "teacher a")["ci"] == pytest.approx([1.0, 1.0])
+    assert boot.share("student b", "b", "teacher b")["ci"] == pytest.approx([0.0, 0.0])
+    drawn = boot.share_drawn([("student a", "teacher a"), ("student b", "teacher b")], "b")
+    assert drawn["estimate"] == pytest.approx((4 + 0) / 2 / ((4 + 2) / 2))  # the mean student's gain over the mean teacher's
+    assert drawn["ci"] == pytest.approx([0.0, 1.0]) and drawn["whole_gain_significant"] and drawn["pairs"] == 2
+    state = boot.rng.bit_generator.state
+    boot.share_drawn([("student a", "teacher a"), ("student b", "teacher b")], "b")
+    assert boot.rng.bit_generator.state == state  # its draws leave the rates' draws as they were: other keys keep their intervals
+    assert boot.share_drawn([("student a", "teacher a")], "b") == boot.share("student a", "b", "teacher a") | {"pairs": 1}
+    with pytest.raises(ValueError, match="no pairs"):
+        boot.share_drawn([], "b")
+
+
 def test_a_share_of_a_gain_that_may_be_zero_is_undefined() -> None:
     rng = np.random.default_rng(9)
     totals = np.full(200, 10)

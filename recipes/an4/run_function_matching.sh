@@ -19,7 +19,7 @@ args=(corpus=an4 data_dir=data exp_dir=exp ${overrides[@]+"${overrides[@]}"})
 
 run_stage 0 "the teacher: the ensemble of run_distill.sh stage 1" asrkd train-ensemble "${args[@]}"
 run_stage 1 "its soft targets (the precomputed student's)" asrkd soft-targets "${args[@]}"
-run_stage 2 "controls and students: every view at 1x, the headline view at every schedule, its seeds" asrkd train-function-matching "${args[@]}"
+run_stage 2 "controls and students: every view at 1x, the headline view at every schedule, its seeds, its other teachers (function_matching.teachers) and their students" asrkd train-function-matching "${args[@]}"
 run_stage 3 "report: gain kept over each control (speaker intervals), fidelity, the patience curve" asrkd report-function-matching "${args[@]}"
 publish_to "$root/results/an4" "${args[@]}"
 echo "$(date '+%F %T') done"

@@ -26,7 +26,10 @@ seed); with ``subset``, its view (``subset.view``; null: the headline's) on that
 views widen what the student is matched on, where on all of them the clean frames lead); the ``headline`` view at every schedule (one seed,
 the patience curve, which stops at a validation plateau: ``plateau``); the precomputed student at
 the headline view and schedule; the headline view and schedule with ``seeds`` seeds (the headline
-rows). Rows share models where they
+rows). With ``teachers`` (other ensembles of the same recipe, other member seeds), the headline's
+student is also trained from each of them (``seeds`` seeds, against the same controls): a
+teacher is a draw too, and the headline's gain kept then draws the teachers with the speakers
+and seeds. Rows share models where they
 coincide. The headline view is chosen on the validation accuracy of the ablation's students
 (the report says when another view is ahead).
 
@@ -50,12 +53,14 @@ from omegaconf import OmegaConf
 
 from asrkd import sections
 from asrkd.data import subset_name
+from asrkd.distill import soft_targets
 from asrkd.distill.losses import soft_cross_entropy
 from asrkd.distill.student import Student, TeacherOnTheFly, target_source
 from asrkd.errors import StageLocked
 from asrkd.evaluate import experiment_scoring
-from asrkd.experiments.base import Experiment, Report
+from asrkd.experiments.base import Experiment, Report, dense_only
 from asrkd.layout import Layout, System
+from asrkd.nnet import ensemble
 from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, replicate_name, system_dirs, train_stage
 from asrkd.nnet.views import View, ViewSpec
 from asrkd.report import percent, saved_figure
@@ -73,18 +78,45 @@ class Run(NamedTuple):
     kind: str  # hard | consistent | precomputed
     replicate: int
     data: str = "train"  # the data dir trained on (the subset rows: train_3pct)
+    teacher: str = ""  # another teacher of the headline rows (function_matching.teachers); "": distill.teacher
 
 
 def run_name(fm, run: Run) -> str:
-    """exp/dnn/fm_<view>_x<m>_hard, fm_<view>_x<m>_<kind>_T<T> for students; _<data> off train; _seed<r> for replicates."""
+    """exp/dnn/fm_<view>_x<m>_hard, fm_<view>_x<m>_<kind>_T<T> for students; _<data> off train; _<teacher> for
+    another teacher's; _seed<r> for replicates."""
     kind = run.kind if run.kind == "hard" else f"{run.kind}_T{float(fm.temperature):g}"
     data = "" if run.data == "train" else f"_{run.data}"
-    return replicate_name(f"fm_{run.view}_x{run.schedule}_{kind}{data}", run.replicate)
+    teacher = f"_{run.teacher}" if run.teacher else ""
+    return replicate_name(f"fm_{run.view}_x{run.schedule}_{kind}{data}{teacher}", run.replicate)
+
+
+def other_teachers(fm) -> dict[str, int]:
+    """``function_matching.teachers``: name -> first_seed of each other ensemble of the headline rows."""
+    out: dict[str, int] = {}
+    for i, teacher in enumerate(fm.teachers):
+        if set(teacher) != {"name", "first_seed"}:
+            raise ValueError(f"function_matching.teachers[{i}] = {dict(teacher)}: give each teacher a name and a first_seed, "
+                             "e.g. {name: ensemble_b, first_seed: 1001}")
+        if str(teacher.name) in out:
+            raise ValueError(f"function_matching.teachers names {teacher.name} twice")
+        out[str(teacher.name)] = int(teacher.first_seed)
+    return out
+
+
+def teacher_cfg(cfg, name: str):
+    """The config that trains another teacher (its ensemble: ``ensemble.name`` = its name, its
+    first_seed) and stores its soft targets at the rows' temperature; its students' config too."""
+    teachers = other_teachers(cfg.function_matching)
+    if name == str(cfg.distill.teacher) or name not in teachers:
+        raise ValueError(f"function_matching.teachers: {name} is distill.teacher or not one of them ({', '.join(teachers)}): "
+                         "give the other teachers names of their own")
+    return OmegaConf.merge(dense_only(cfg, float(cfg.function_matching.temperature), 1, teacher=name),
+                           {"ensemble": {"name": name, "first_seed": teachers[name]}})
 
 
 def runs(fm) -> list[Run]:
-    """Every run, in training order: the subset rows, the headline rows (every seed), the curve over
-    schedules, the ablation over views, the precomputed student (only when the headline view
+    """Every run, in training order: the subset rows, the headline rows (every seed; then each other
+    teacher's students), the curve over schedules, the ablation over views, the precomputed student (only when the headline view
     changes the frames: on clean frames it is the consistent student). Cheap rows and the headline
     come first, so an interrupted stage has reported what the README quotes."""
     headline, best = str(fm.headline), int(fm.headline_schedule)
@@ -97,6 +129,7 @@ def runs(fm) -> list[Run]:
         subset = subset_name(float(fm.subset.fraction))
         out += [Run(subset_view(fm), int(fm.subset.schedule), kind, r, subset) for r in range(int(fm.seeds)) for kind in ("hard", "consistent")]
     out += [Run(headline, best, kind, r) for r in range(int(fm.seeds)) for kind in ("hard", "consistent")]
+    out += [Run(headline, best, "consistent", r, teacher=name) for name in other_teachers(fm) for r in range(int(fm.seeds))]
     out += [Run(headline, int(m), kind, 0) for m in fm.schedules for kind in ("hard", "consistent")]
     ablation = sorted(map(str, fm.ablation), key=lambda view: view != headline)  # the headline view's pair first
     out += [Run(view, 1, kind, 0) for view in ablation for kind in ("hard", "consistent")]
@@ -158,8 +191,9 @@ def subset_view(fm) -> str:
 
 
 def run_cfg(cfg, run: Run):
-    """The training config of a run: its data, m x the epochs, the per-epoch decay stretched to end at the same rate."""
-    return OmegaConf.merge(cfg, {"train": {"data": run.data, "epochs": int(cfg.train.epochs) * run.schedule,
+    """The training config of a run: its data, m x the epochs, the per-epoch decay stretched to end at the same rate;
+    another teacher's run, that teacher's config."""
+    return OmegaConf.merge(teacher_cfg(cfg, run.teacher) if run.teacher else cfg, {"train": {"data": run.data, "epochs": int(cfg.train.epochs) * run.schedule,
                                            "lr_decay": float(cfg.train.lr_decay) ** (1.0 / run.schedule)}})
 
 
@@ -210,7 +244,7 @@ def systems(cfg) -> list[System]:
     """Every run's system, in training order: the controls (hard) and the students of the teacher."""
     temperature = float(cfg.function_matching.temperature)
     return [System(run_name(cfg.function_matching, run), "control", data=run.data, seed=run.replicate) if run.kind == "hard" else
-            System(run_name(cfg.function_matching, run), "student", teacher=str(cfg.distill.teacher), form="dense", temperature=temperature, data=run.data,
+            System(run_name(cfg.function_matching, run), "student", teacher=run.teacher or str(cfg.distill.teacher), form="dense", temperature=temperature, data=run.data,
                    seed=run.replicate) for run in runs(cfg.function_matching)]
 
 
@@ -226,7 +260,7 @@ def train(cfg) -> None:
     exp, fm = Path(cfg.exp_dir), cfg.function_matching
     temperature = float(fm.temperature)
     trainings: dict[str, TrainingSet] = {}
-    teacher_inputs = {f"teacher {d.name}": d for d in system_dirs(exp, cfg.distill.teacher)}
+    ready: set[str] = set()  # the other teachers trained, with their soft targets
     kinds = set(map(str, fm.train_kinds))  # words of KINDS (the config's schema refuses others)
     remaining = [run for run in runs(cfg.function_matching) if run.kind in kinds]
     while run := next((run for run in remaining if not plateau_pending(cfg, run)), None):  # the first in order that can be decided
@@ -239,6 +273,10 @@ def train(cfg) -> None:
         values = {"view": run.view, "schedule": run.schedule, "kind": run.kind}
         model = Model(f"train-function-matching {name}", Layout(exp).model(name), run.replicate, values=values, views=view_spec(cfg.function_matching, cfg.seed, run))
         rcfg = run_cfg(cfg, run)
+        if run.teacher and run.teacher not in ready:  # its ensemble and soft targets first (each resumes; both skip when complete)
+            ensemble.run(teacher_cfg(cfg, run.teacher))
+            soft_targets.run(teacher_cfg(cfg, run.teacher))
+            ready.add(run.teacher)
         if run.data not in trainings:
             trainings[run.data] = TrainingSet(rcfg)  # frames loaded once per data dir
         training = trainings[run.data]
@@ -246,11 +284,11 @@ def train(cfg) -> None:
             if run.kind == "hard":
                 train_stage(rcfg, [model], training)
                 continue
-            values |= {"teacher": cfg.distill.teacher, "temperature": temperature}
+            values |= {"teacher": rcfg.distill.teacher, "temperature": temperature}
             if run.kind == "consistent" and view_spec(cfg.function_matching, cfg.seed, run).active:
-                loss, inputs = consistent_loss(cfg, temperature), teacher_inputs
+                loss, inputs = consistent_loss(rcfg, temperature), {f"teacher {d.name}": d for d in system_dirs(exp, rcfg.distill.teacher)}
             else:  # the paper's stored targets; on clean frames also the consistent student's: the teacher's outputs on them, read, not recomputed
-                loss, inputs = precomputed_loss(cfg, temperature, training)
+                loss, inputs = precomputed_loss(rcfg, temperature, training)
             train_stage(rcfg, [model], training, loss=loss, keys=("distill.soft_weight", "distill.hard_weight"), inputs=inputs)
         except StageLocked as locked:  # another process of this stage is training it: this one goes on with the next run
             log.info("%s; going on with the next run", locked)
@@ -301,27 +339,31 @@ def report(cfg) -> Report:
     data, indices = evaluation.scorer.eval[test]
     teacher = str(cfg.distill.teacher)
     entries = {"teacher": evaluation.entry([teacher], sets, key="teacher")}
-    teacher_posteriors = log_posteriors(exp, teacher, data.frames, indices, int(cfg.eval.batch_size))
+    posteriors = {"": log_posteriors(exp, teacher, data.frames, indices, int(cfg.eval.batch_size))}  # per teacher of the rows ("": distill.teacher)
     stop = curve_stop(cfg)
-    groups: dict[tuple[str, int, str, str], list[Run]] = {}
+    groups: dict[tuple[str, int, str, str, str], list[Run]] = {}
     for run in runs(cfg.function_matching):
         if beyond_plateau(cfg.function_matching, run, stop) and not complete(exp, cfg.function_matching, [run]):
             continue  # past the plateau and never trained: not missing (one trained before stays a row)
-        groups.setdefault((run.view, run.schedule, run.kind, run.data), []).append(run)
+        groups.setdefault((run.view, run.schedule, run.kind, run.data, run.teacher), []).append(run)
     rows, missing = [], []
-    for (view, schedule, kind, data_dir), members in groups.items():
+    for (view, schedule, kind, data_dir, other), members in groups.items():
         names = complete(exp, cfg.function_matching, members)
         missing += [run_name(cfg.function_matching, r) for r in members if run_name(cfg.function_matching, r) not in names]
         if not names:
             continue
-        label = row_label(view, schedule, kind, data_dir)
+        label = row_label(view, schedule, kind, data_dir, other)
         entry = evaluation.entry(names, sets, key=label)
         row = {"label": label, "view": view, "schedule": schedule, "epochs": int(cfg.train.epochs) * schedule, "kind": kind, "data": data_dir,
                "systems": names, "seeds": len(names), "frame_accuracy": entry["frame_accuracy"],
                "frame_accuracy_ci": entry["frame_accuracy_ci"],
                "train_seconds": float(np.mean([sum(h["seconds"] for h in read_history(Layout(exp).model(n))) for n in names]))}
         if kind != "hard":
-            row["fidelity"] = fidelity(exp, teacher_posteriors, names, data.frames, indices, int(cfg.eval.batch_size))
+            if other not in posteriors:  # another teacher's students: scored against that teacher, which is then a row of the table's head
+                entries[teacher_key(other)] = evaluation.entry([other], sets, key=teacher_key(other))
+                posteriors[other] = log_posteriors(exp, other, data.frames, indices, int(cfg.eval.batch_size))
+            row["teacher"] = other or teacher
+            row["fidelity"] = fidelity(exp, posteriors[other], names, data.frames, indices, int(cfg.eval.batch_size))
         entries[label] = entry
         rows.append(row)
     by_label = {row["label"]: row for row in rows}
@@ -331,8 +373,8 @@ def report(cfg) -> Report:
             continue
         row["control"] = control
         row["minus_control"] = evaluation.frames.difference(row["label"], control)
-        row["gain_kept"] = {**evaluation.frames.share(row["label"], control, "teacher"), "unit": "speaker"}
-        row["teacher_minus_control"] = evaluation.frames.difference("teacher", control)
+        row["gain_kept"] = {**evaluation.frames.share(row["label"], control, teacher_key(other_of(row, teacher))), "unit": "speaker"}
+        row["teacher_minus_control"] = evaluation.frames.difference(teacher_key(other_of(row, teacher)), control)
     views_effect = None
     baseline = str(cfg.train.name)
     if (Layout(exp).model(baseline) / "stage.json").is_file():  # do the views alone move the plain baseline by half the teacher's gain?
@@ -344,14 +386,15 @@ def report(cfg) -> Report:
             if row["kind"] == "hard":
                 controls[row["label"]] = row["minus_baseline"]["estimate"] > 0.5 * teacher_gain["estimate"]
             else:  # the share of the teacher's gain over the plain baseline: the paper's measure, whatever the views did to the control
-                row["gain_kept_over_baseline"] = {**evaluation.frames.share(row["label"], "baseline", "teacher"), "unit": "speaker"}
+                row["gain_kept_over_baseline"] = {**evaluation.frames.share(row["label"], "baseline", teacher_key(other_of(row, teacher))), "unit": "speaker"}
         views_effect = {"baseline": baseline, "teacher_minus_baseline": teacher_gain, "controls_above_half_the_gain": controls,
                         "teacher_on_views_needed": any(controls.values())}
     headline = by_label.get(row_label(str(fm.headline), int(fm.headline_schedule), "consistent", "train"))
     headline = headline if headline and "gain_kept" in headline else None
     curve = [{"schedule": row["schedule"], "epochs": row["epochs"], "kind": row["kind"], "test": row["frame_accuracy"][test],
               "valid": row["frame_accuracy"]["valid"], **({"gain_kept": row["gain_kept"]["estimate"], **row["fidelity"]} if "gain_kept" in row else {})}
-             for row in rows if row["view"] == str(fm.headline) and row["kind"] in ("hard", "consistent") and row["data"] == "train"]
+             for row in rows if row["view"] == str(fm.headline) and row["kind"] in ("hard", "consistent") and row["data"] == "train"
+             and other_of(row, teacher) == ""]
     ablation = {row["view"]: row["frame_accuracy"]["valid"] for row in rows
                 if row["schedule"] == 1 and row["kind"] == "consistent" and row["data"] == "train" and row["view"] in fm.ablation}
     view_choice = ({"valid_frame_accuracy": ablation, "best_on_valid": max(ablation, key=ablation.get), "headline": str(fm.headline),
@@ -375,6 +418,8 @@ def report(cfg) -> Report:
         "fidelity": {row["label"]: row["fidelity"] for row in rows if "fidelity" in row},
         "curve": sorted(curve, key=lambda c: (c["schedule"], c["kind"])), "subset": subset, "views_effect": views_effect,
         "view_choice": view_choice, "plateau": stop,
+        "teachers": {name: entries[teacher_key(name)] for name in posteriors if name},
+        "gain_kept_teachers": headline_teachers(evaluation.frames, cfg, by_label, headline),
     }
     # with a subset row, the 3%-data table's function-matching row too, beside what run_3pct.sh reported
     return Report(result, markdown(result, cfg), {"function_matching.png": plot},
@@ -382,8 +427,34 @@ def report(cfg) -> Report:
                   aligned=evaluation.frame_accuracy_utterances)
 
 
-def row_label(view: str, schedule: int, kind: str, data: str) -> str:
-    return f"{view} x{schedule} {kind}" + ("" if data == "train" else f" {data}")
+def row_label(view: str, schedule: int, kind: str, data: str, teacher: str = "") -> str:
+    return f"{view} x{schedule} {kind}" + ("" if data == "train" else f" {data}") + (f" ({teacher})" if teacher else "")
+
+
+def teacher_key(other: str) -> str:
+    """The bootstrap key of a row's teacher: "teacher" (distill.teacher) or "teacher <name>"."""
+    return f"teacher {other}" if other else "teacher"
+
+
+def other_of(row: dict, teacher: str) -> str:
+    """A row's other teacher ("" for distill.teacher's students and for the controls, which have none)."""
+    return "" if row.get("teacher", teacher) == teacher else row["teacher"]
+
+
+def headline_teachers(frames, cfg, by_label: dict, headline: dict | None) -> dict | None:
+    """The headline's gain kept with the teacher drawn too: every teacher's headline students
+    (distill.teacher's and function_matching.teachers') against their one control, the (students,
+    teacher) pairs drawn with the speakers and seeds. None without another teacher's complete row."""
+    fm = cfg.function_matching
+    labels = [row_label(str(fm.headline), int(fm.headline_schedule), "consistent", "train", other) for other in other_teachers(fm)]
+    others = [by_label[label] for label in labels if "gain_kept" in by_label.get(label, {})]
+    if headline is None or not others:
+        return None
+    rows = [headline, *others]
+    pairs = [(row["label"], teacher_key(other_of(row, str(cfg.distill.teacher)))) for row in rows]
+    return {**frames.share_drawn(pairs, headline["control"]), "unit": "speaker, seed and teacher", "rows": [row["label"] for row in rows],
+            "teachers": [row["teacher"] for row in rows], "seeds": [row["seeds"] for row in rows],
+            "per_teacher": {row["teacher"]: {"estimate": row["gain_kept"]["estimate"], "ci": row["gain_kept"]["ci"]} for row in rows}}
 
 
 def fallen(result: dict, effect: dict) -> list[str]:
@@ -399,7 +470,9 @@ def markdown(result: dict, cfg) -> str:
     lines = [f"# Function matching on {cfg.corpus}: students that see what the teacher sees", "",
              f"Teacher: {teacher['system']} ({teacher['model']}), {test} frame accuracy {percent(teacher['frame_accuracy'][test])}; "
              f"T = {result['temperature']:g}. Every student is compared with its control: the same view, epochs, learning-rate "
-             "schedule and checkpoint (final.pt), trained on the pdf-ids.", "",
+             "schedule and checkpoint (final.pt), trained on the pdf-ids."
+             + "".join(f" Other teacher: {name} ({entry['model']}), {test} frame accuracy {percent(entry['frame_accuracy'][test])}."
+                       for name, entry in result.get("teachers", {}).items()), "",
              f"| row | seeds | epochs | valid frame acc. | {test} frame acc. [95% CI] | − control [95% CI] | gain kept [95% CI] "
              "| − plain baseline [95% CI] | gain kept over it [95% CI] | top-1 agreement | KL(teacher‖student) | CPU min |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -446,6 +519,12 @@ def markdown(result: dict, cfg) -> str:
         kept, over = result["gain_kept"], result.get("gain_kept_over_baseline")
         lines += ["", f"Headline ({kept['row']}, {kept['seeds']} seed(s)): gain kept {format_interval(kept)} over its control"
                   + (f", {format_interval(over)} over the plain baseline." if over else ".")]
+    drawn = result.get("gain_kept_teachers")
+    if drawn:
+        each = "; ".join(f"{name} {format_interval(value)}" for name, value in drawn["per_teacher"].items())
+        lines += ["", f"The teacher drawn too ({len(drawn['teachers'])} ensembles of the same recipe, other member seeds, each teaching "
+                  f"{'/'.join(map(str, drawn['seeds']))} student seed(s) against the same control): gain kept {format_interval(drawn)}, "
+                  f"the (students, teacher) pairs resampled with the speakers and seeds. Each teacher alone: {each}."]
     if result["subset"]:
         subset = result["subset"]
         lines += ["", f"{subset['row']} ({subset['seeds']} seed(s)): the gap between its control and the 100% model "
@@ -476,6 +555,7 @@ def plot(result: dict, out: Path) -> None:
 # the types of function_matching.* that its defaults (function_matching.yaml) do not show
 CONFIG_TYPES = ConfigTypes(
     {"function_matching.subset.view": Kind((str,), nullable=True),
+     "function_matching.teachers": Kind((list,), item=Kind((dict,))),
      "function_matching.plateau": Kind((int, float), nullable=True),
      "function_matching.train_kinds": Kind((list,), item=Kind((str,), choices=("hard", "consistent", "precomputed")))},
     (("function_matching.subset.fraction", SHARE), ("function_matching.*schedule*", POSITIVE), ("function_matching.plateau", NONNEGATIVE)),

@@ -72,7 +72,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
                       "train.epochs=1", "train.max_frames_per_epoch=1000", f"results_dir={root}/results",
                       "function_matching.ablation=[all,clean]", "function_matching.headline=all",
                       "function_matching.schedules=[1,2]", "function_matching.headline_schedule=2", "function_matching.seeds=2",
-                      "function_matching.subset={fraction:0.1,schedule:2}")
+                      "function_matching.subset={fraction:0.1,schedule:2}", "function_matching.teachers=[{name:pair_b,first_seed:50}]")
     ensemble.run(cfg)
     soft_targets.run(cfg)
     # the consistent student's targets are the teacher's on the student's own view
@@ -136,6 +136,20 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     over = result["gain_kept_over_baseline"]  # the paper's measure beside it: against the plain baseline
     baseline_acc = teacher_acc - effect["teacher_minus_baseline"]["estimate"]
     assert over["row"] == "all x2 consistent" and over["estimate"] == pytest.approx((student - baseline_acc) / (teacher_acc - baseline_acc))
+    # another teacher of the same recipe (other member seeds), trained by the stage: its students against the same control
+    assert not state_dicts_equal(exp / "pair" / "member-0" / "final.pt", exp / "pair_b" / "member-0" / "final.pt")
+    other = result["rows"]["all x2 consistent (pair_b)"]
+    assert other["seeds"] == 2 and other["control"] == "all x2 hard" and other["teacher"] == "pair_b" and headline["teacher"] == "pair"
+    assert any("pair_b" in entry["path"] for entry in json.loads((exp / "fm_all_x2_consistent_T2_pair_b_seed1" / "stage.json").read_text())["inputs"].values())
+    teacher_b = result["teachers"]["pair_b"]["frame_accuracy"]["test"]
+    assert teacher_b == pytest.approx(frame_accuracy_by_argmax(root / "exp", "pair_b"), abs=1e-9)
+    student_b = other["frame_accuracy"]["test"]
+    assert other["gain_kept"]["estimate"] == pytest.approx((student_b - control) / (teacher_b - control))
+    drawn = result["gain_kept_teachers"]  # the teacher drawn with the speakers and seeds
+    assert drawn["teachers"] == ["pair", "pair_b"] and drawn["pairs"] == 2 and drawn["unit"] == "speaker, seed and teacher"
+    assert drawn["estimate"] == pytest.approx(((student + student_b) / 2 - control) / ((teacher_acc + teacher_b) / 2 - control))
+    assert "The teacher drawn too (2 ensembles of the same recipe" in (root / "results" / "function_matching.md").read_text()
+    assert all(c["schedule"] in (1, 2) for c in result["curve"]) and len(result["curve"]) == 4  # distill.teacher's rows alone
     subset = json.loads((root / "results" / "report.json").read_text())["three_percent"]["function_matching"]
     assert subset["row"] == "all x2 consistent train_10pct" and subset["seeds"] == 2 and len(subset["gap_closed_ci"]) == 2
     assert json.loads((exp / "fm_all_x2_hard_train_10pct" / "stage.json").read_text())["config"]["train.data"] == "train_10pct"
@@ -151,6 +165,20 @@ def test_the_subset_rows_keep_their_view_when_the_headline_takes_another() -> No
     assert {run.view for run in function_matching.runs(headline_too.function_matching) if run.data != "train"} == {str(headline_too.function_matching.headline)}
     with pytest.raises(ValueError, match="function_matching.subset.view names typo"):
         function_matching.runs(load_config(["function_matching.subset.view=typo"]).function_matching)
+
+
+def test_another_teacher_trains_the_headline_students_alone_under_names_of_its_own() -> None:
+    cfg = load_config(["function_matching.headline=clean", "function_matching.seeds=2", "function_matching.teachers=[{name:ens_b,first_seed:1001}]"])
+    others = [run for run in function_matching.runs(cfg.function_matching) if run.teacher]
+    assert [(run.view, run.schedule, run.kind, run.replicate) for run in others] == [("clean", 2, "consistent", 0), ("clean", 2, "consistent", 1)]
+    assert [function_matching.run_name(cfg.function_matching, run) for run in others] == ["fm_clean_x2_consistent_T2_ens_b", "fm_clean_x2_consistent_T2_ens_b_seed1"]
+    run_cfg = function_matching.run_cfg(cfg, others[0])
+    assert run_cfg.distill.teacher == "ens_b" and run_cfg.ensemble.name == "ens_b" and run_cfg.ensemble.first_seed == 1001
+    assert function_matching.run_cfg(cfg, function_matching.runs(cfg.function_matching)[0]).distill.teacher == "ensemble"  # the others keep theirs
+    with pytest.raises(ValueError, match="ensemble is distill.teacher"):
+        function_matching.teacher_cfg(load_config(["function_matching.teachers=[{name:ensemble,first_seed:7}]"]), "ensemble")
+    with pytest.raises(ValueError, match=r"function_matching.teachers\[0\] = \{'name': 'b'\}: give each teacher a name and a first_seed"):
+        function_matching.runs(load_config(["function_matching.teachers=[{name:b}]"]).function_matching)
 
 
 def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_headline_row(tmp_path: Path) -> None:
@@ -202,6 +230,7 @@ def test_the_controls_train_alone_without_a_teacher(run_dir: Path, tmp_path: Pat
     # no teacher exists: only the controls train; the one another process holds is passed over; the 2x
     # control waits for the plateau rule, which needs the 1x student: left for a later run
     assert sorted(p.name for p in dnn.glob("fm_*")) == ["fm_clean_x1_hard"] and lock.is_file()
+    assert not (dnn / "ensemble_b").exists()  # nor the other teacher (function_matching.teachers' default): controls need none
 
     with pytest.raises(ValueError, match=r"function_matching.train_kinds=\['hardd'\] is not a list of one of hard, consistent, precomputed"):
         load_config(["function_matching.train_kinds=[hardd]"])  # refused before any stage looks at its outputs
