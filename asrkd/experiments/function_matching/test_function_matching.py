@@ -18,6 +18,8 @@ from asrkd import sections
 from asrkd.distill import soft_targets
 from asrkd.evaluate import FrameScorer
 from asrkd.experiments.function_matching import experiment as function_matching
+from asrkd.experiments.function_matching import report as fm_report
+from asrkd.experiments.function_matching import runs as fm_runs
 from asrkd.nnet import ensemble, train
 from asrkd.nnet.views import View, ViewSpec, draw
 
@@ -78,7 +80,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     # the consistent student's targets are the teacher's on the student's own view
     data, train_idx, _, hard = train.TrainingSet(cfg).load()
     batch = torch.from_numpy(train_idx[:16])
-    view = draw(function_matching.view_spec(cfg.function_matching, cfg.seed, function_matching.Run("all", 1, "consistent", 0)), data.frames.context(batch), 3)
+    view = draw(fm_runs.view_spec(cfg.function_matching, cfg.seed, fm_runs.Run("all", 1, "consistent", 0)), data.frames.context(batch), 3)
     teacher = function_matching.TeacherOnTheFly.of_system(sections.layout(cfg), str(cfg.distill.teacher), data)
     logits = torch.randn(16, data.num_pdfs)
     loss = function_matching.consistent_loss(cfg, 2.0)(data, hard)(logits, batch, view)
@@ -95,7 +97,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     assert json.loads((exp / "fm_all_x2_hard_seed1" / "stage.json").read_text())["config"]["views"]["seed"] == 100
     clean = json.loads((exp / "fm_clean_x1_consistent_T2" / "stage.json").read_text())  # the teacher's outputs on clean frames: its store
     assert any("soft_targets" in entry["path"] for entry in clean["inputs"].values()) and not any(key.startswith("teacher") for key in clean["inputs"])
-    kinds = {run.kind for run in function_matching.runs(OmegaConf.merge(cfg, {"function_matching": {"headline": "clean"}}).function_matching)}
+    kinds = {run.kind for run in fm_runs.runs(OmegaConf.merge(cfg, {"function_matching": {"headline": "clean"}}).function_matching)}
     assert "precomputed" not in kinds  # on clean frames the precomputed student is the consistent one
     function_matching.EXPERIMENT.publish(cfg)
     result = json.loads((root / "results" / "report.json").read_text())["function_matching"]
@@ -112,10 +114,10 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     fid = result["fidelity"]["all x2 precomputed"]
     scorer = FrameScorer(cfg)
     data, indices = scorer.eval["test"]
-    teacher_posteriors = function_matching.log_posteriors(root / "exp", "pair", data.frames, indices, 256)
-    itself = function_matching.fidelity(root / "exp", teacher_posteriors, ["pair"], data.frames, indices, 256)
+    teacher_posteriors = fm_report.log_posteriors(root / "exp", "pair", data.frames, indices, 256)
+    itself = fm_report.fidelity(root / "exp", teacher_posteriors, ["pair"], data.frames, indices, 256)
     assert itself["top1_agreement"] == 1.0 and itself["kl_teacher_student"] == pytest.approx(0.0, abs=1e-5)
-    student_posteriors = torch.cat(function_matching.log_posteriors(root / "exp", result["rows"]["all x2 precomputed"]["systems"][0],
+    student_posteriors = torch.cat(fm_report.log_posteriors(root / "exp", result["rows"]["all x2 precomputed"]["systems"][0],
                                                                     data.frames, indices, 256))
     agreement = float((torch.cat(teacher_posteriors).argmax(-1) == student_posteriors.argmax(-1)).double().mean())
     assert fid["top1_agreement"] == pytest.approx(agreement) and fid["seeds"] == 1 and fid["kl_teacher_student"] > 0
@@ -158,27 +160,27 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
 def test_the_subset_rows_keep_their_view_when_the_headline_takes_another() -> None:
 
     cfg = load_config(["function_matching.headline=clean", "function_matching.subset.view=all"])
-    subset = [run for run in function_matching.runs(cfg.function_matching) if run.data != "train"]
+    subset = [run for run in fm_runs.runs(cfg.function_matching) if run.data != "train"]
     assert subset and {run.view for run in subset} == {"all"}  # on 3% of the frames the views widen the support the student is matched on
-    assert {run.view for run in function_matching.runs(cfg.function_matching) if run.data == "train" and run.replicate > 0} == {"clean"}
+    assert {run.view for run in fm_runs.runs(cfg.function_matching) if run.data == "train" and run.replicate > 0} == {"clean"}
     headline_too = load_config(["function_matching.subset.view=null"])
-    assert {run.view for run in function_matching.runs(headline_too.function_matching) if run.data != "train"} == {str(headline_too.function_matching.headline)}
+    assert {run.view for run in fm_runs.runs(headline_too.function_matching) if run.data != "train"} == {str(headline_too.function_matching.headline)}
     with pytest.raises(ValueError, match="function_matching.subset.view names typo"):
-        function_matching.runs(load_config(["function_matching.subset.view=typo"]).function_matching)
+        fm_runs.runs(load_config(["function_matching.subset.view=typo"]).function_matching)
 
 
 def test_another_teacher_trains_the_headline_students_alone_under_names_of_its_own() -> None:
     cfg = load_config(["function_matching.headline=clean", "function_matching.seeds=2", "function_matching.teachers=[{name:ens_b,first_seed:1001}]"])
-    others = [run for run in function_matching.runs(cfg.function_matching) if run.teacher]
+    others = [run for run in fm_runs.runs(cfg.function_matching) if run.teacher]
     assert [(run.view, run.schedule, run.kind, run.replicate) for run in others] == [("clean", 2, "consistent", 0), ("clean", 2, "consistent", 1)]
-    assert [function_matching.run_name(cfg.function_matching, run) for run in others] == ["fm_clean_x2_consistent_T2_ens_b", "fm_clean_x2_consistent_T2_ens_b_seed1"]
-    run_cfg = function_matching.run_cfg(cfg, others[0])
+    assert [fm_runs.run_name(cfg.function_matching, run) for run in others] == ["fm_clean_x2_consistent_T2_ens_b", "fm_clean_x2_consistent_T2_ens_b_seed1"]
+    run_cfg = fm_runs.run_cfg(cfg, others[0])
     assert run_cfg.distill.teacher == "ens_b" and run_cfg.ensemble.name == "ens_b" and run_cfg.ensemble.first_seed == 1001
-    assert function_matching.run_cfg(cfg, function_matching.runs(cfg.function_matching)[0]).distill.teacher == "ensemble"  # the others keep theirs
+    assert fm_runs.run_cfg(cfg, fm_runs.runs(cfg.function_matching)[0]).distill.teacher == "ensemble"  # the others keep theirs
     with pytest.raises(ValueError, match="ensemble is distill.teacher"):
-        function_matching.teacher_cfg(load_config(["function_matching.teachers=[{name:ensemble,first_seed:7}]"]), "ensemble")
+        fm_runs.teacher_cfg(load_config(["function_matching.teachers=[{name:ensemble,first_seed:7}]"]), "ensemble")
     with pytest.raises(ValueError, match=r"function_matching.teachers\[0\] = \{'name': 'b'\}: give each teacher a name and a first_seed"):
-        function_matching.runs(load_config(["function_matching.teachers=[{name:b}]"]).function_matching)
+        fm_runs.runs(load_config(["function_matching.teachers=[{name:b}]"]).function_matching)
 
 
 def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_headline_row(tmp_path: Path) -> None:
@@ -187,31 +189,31 @@ def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_head
                        "function_matching.headline_schedule=2", "function_matching.plateau=0.25", "function_matching.temperature=2"])
 
     def trained(schedule: int, valid: float) -> None:
-        model_dir = tmp_path / "dnn" / function_matching.run_name(cfg.function_matching, function_matching.Run("clean", schedule, "consistent", 0))
+        model_dir = tmp_path / "dnn" / fm_runs.run_name(cfg.function_matching, fm_runs.Run("clean", schedule, "consistent", 0))
         model_dir.mkdir(parents=True)
         (model_dir / "history.json").write_text(json.dumps([{"valid_frame_accuracy": 0.1}, {"valid_frame_accuracy": valid}]))
         (model_dir / "stage.json").write_text("{}")
 
     def pending(schedule: int, kind: str = "hard") -> bool:
-        return function_matching.plateau_pending(cfg, function_matching.Run("clean", schedule, kind, 0))
+        return fm_runs.plateau_pending(cfg, fm_runs.Run("clean", schedule, kind, 0))
 
     trained(1, 0.5638)
     assert pending(4) and pending(8, "consistent") and not pending(2) and not pending(1)  # the headline schedule never waits
     trained(2, 0.5706)  # +0.68 points: patience still pays
-    assert function_matching.curve_stop(cfg) is None
+    assert fm_runs.curve_stop(cfg) is None
     assert not pending(4) and pending(8)  # 4x is decided (trained), 8x waits for the 4x student
     trained(4, 0.5718)  # +0.12 points: the plateau
-    stop = function_matching.curve_stop(cfg)
+    stop = fm_runs.curve_stop(cfg)
     assert not pending(8)  # decided: left out
     assert stop["schedule"] == 4 and stop["previous"] == 2 and stop["skipped"] == [8] and stop["gain_points"] == pytest.approx(0.12)
-    skipped = [run for run in function_matching.runs(cfg.function_matching) if function_matching.beyond_plateau(cfg.function_matching, run, stop)]
+    skipped = [run for run in fm_runs.runs(cfg.function_matching) if fm_runs.beyond_plateau(cfg.function_matching, run, stop)]
     assert {(run.schedule, run.kind) for run in skipped} == {(8, "hard"), (8, "consistent")}
-    assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": None}})) is None
-    assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": 0.1}})) is None  # +0.12 still counts
-    assert function_matching.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"schedules": [1, 2, 4]}})) is None  # nothing left to stop
+    assert fm_runs.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": None}})) is None
+    assert fm_runs.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": 0.1}})) is None  # +0.12 still counts
+    assert fm_runs.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"schedules": [1, 2, 4]}})) is None  # nothing left to stop
     # the headline schedule is never skipped, even past a plateau reached before it
     late = OmegaConf.merge(cfg, {"function_matching": {"headline_schedule": 8}})
-    assert not any(function_matching.beyond_plateau(late.function_matching, run, stop) for run in function_matching.runs(late.function_matching) if run.schedule == 8)
+    assert not any(fm_runs.beyond_plateau(late.function_matching, run, stop) for run in fm_runs.runs(late.function_matching) if run.schedule == 8)
 
 
 def test_the_controls_train_alone_without_a_teacher(run_dir: Path, tmp_path: Path) -> None:
@@ -241,8 +243,8 @@ def test_the_views_sentence_says_which_controls_rise_and_which_fall_by_half_the_
     (specaugment -3.02, all -3.52); the sentence says both, and the committed text is the code's."""
     result = json.loads((REPO / "results" / "an4" / "report.json").read_text())["function_matching"]
     effect = result["views_effect"]
-    assert not effect["teacher_on_views_needed"] and function_matching.fallen(result, effect) == ["specaugment x1 hard", "all x1 hard"]
-    (line,) = [line for line in function_matching.markdown(result, load_config([])).splitlines() if "half of it" in line]
+    assert not effect["teacher_on_views_needed"] and fm_report.fallen(result, effect) == ["specaugment x1 hard", "all x1 hard"]
+    (line,) = [line for line in fm_report.markdown(result, load_config([])).splitlines() if "half of it" in line]
     assert line.endswith("No control rises by half of it: the teacher trained on clean frames stays the reference. specaugment x1 hard, "
                          "all x1 hard fall by more than half of it: those views cost the plain model accuracy.")
     assert line in (REPO / "results" / "an4" / "function_matching.md").read_text().splitlines()
