@@ -11,7 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from asrkd.experiments.images.experiment import IDX_FILES, jitter, read_idx
+from asrkd.experiments.images import nets
+from asrkd.experiments.images import report as image_report
+from asrkd.experiments.images.data import IDX_FILES, jitter, read_idx, run_prepare
+from asrkd.experiments.images.model import ConvImageNet
+from asrkd.nnet.model import HybridDNN, model_from_config
+from asrkd.nnet.train import TrainStep, hidden_weights, load_model, save_model
 
 from conftest import tiny_config
 
@@ -58,9 +63,6 @@ def test_jitter_moves_images_whole_by_at_most_the_shift() -> None:
 
 
 def test_max_norm_caps_every_hidden_unit(tmp_path: Path) -> None:
-    from asrkd.nnet.model import HybridDNN
-    from asrkd.nnet.train import TrainStep, hidden_weights
-
     cfg = tiny_config(tmp_path, "train.max_norm=0.5", "train.lr=0.5")
     net = HybridDNN(feat_dim=4, num_pdfs=3, left_context=0, right_context=0, num_hidden_layers=2, hidden_dim=6)
 
@@ -80,8 +82,6 @@ def test_max_norm_caps_every_hidden_unit(tmp_path: Path) -> None:
 
 
 def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
-    from asrkd.experiments.images import experiment as images
-
     synthetic_set(tmp_path / "corpus")
     cfg = tiny_config(tmp_path, f"images.corpus_dir={tmp_path}/corpus", f"results_dir={tmp_path}/results", "images.valid_images=100",
                       "images.lr=0.01",  # six steps an epoch: at 0.001 a net would end where it began, and be refused as having learned nothing
@@ -90,9 +90,9 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
                       "images.function_matching.epochs=2", "images.seeds=2",
                       "images.widths=[8,16]", "images.temperatures=[2,20]", "images.replicates=200",
                       "images.bias_shifts.stop=2.0", "images.bias_shifts.step=0.5")
-    images.run_prepare(cfg)
-    images.run_train_nets(cfg)
-    images.run_report(cfg)  # stage 2 not run yet: the nets trained so far
+    run_prepare(cfg)
+    nets.run_train_nets(cfg)
+    image_report.run_report(cfg)  # stage 2 not run yet: the nets trained so far
     progress = json.loads((tmp_path / "results" / "report.json").read_text())
     assert progress["complete"] is False and set(progress["rows"]) == {"small_alone", "big", "big_jitter1", "big_light", "big_conv",
                                                                        "teacher_seeds", "teacher_ensemble"}
@@ -105,8 +105,8 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
         tmp_path / "results" / "report.md").read_text()  # the conv candidate: no max-norm
     assert progress["rows"]["small_alone"]["seeds"] == 2 and "ci" in progress["rows"]["big_light"]["fewer_than_small_alone"]
     assert f"| {progress['teacher']} (the teacher) |" in (tmp_path / "results" / "report.md").read_text()
-    images.run_train_students(cfg)
-    images.run_report(cfg)
+    nets.run_train_students(cfg)
+    image_report.run_report(cfg)
     report = json.loads((tmp_path / "results" / "report.json").read_text())
     rows = report["rows"]
     assert {"big", "small_alone", "small_distilled", "left_out", "left_out_corrected", "kept_only", "kept_only_corrected",
@@ -142,8 +142,8 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     left_out = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_no3" / "stage.json").read_text())
     assert left_out["config"]["transfer"] == "no3"
     ensemble_cfg = OmegaConf.merge(cfg, {"images": {"teacher": "ensemble"}})  # the big seeds' average teaches every student
-    images.run_train_students(ensemble_cfg)
-    images.run_report(ensemble_cfg)
+    nets.run_train_students(ensemble_cfg)
+    image_report.run_report(ensemble_cfg)
     report = json.loads((tmp_path / "results" / "report.json").read_text())
     assert report["seeds"]["small_distilled"] == ["student_w16_T20_ensemble", "student_w16_T20_ensemble_seed1"]  # beside the others
     seed1 = json.loads((tmp_path / "exp" / "dnn" / "student_w16_T20_ensemble_seed1" / "stage.json").read_text())
@@ -151,30 +151,24 @@ def test_image_recipe_stages_on_a_synthetic_set(tmp_path: Path) -> None:
     assert report["rows"]["big_ensemble"]["nets"] == [teacher, f"{teacher}_seed1"] and "ci" in report["rows"]["big_ensemble"]["fewer_than_small_alone"]
     assert "| the big nets' ensemble, the teacher (the 2 seeds' average probabilities) |" in (tmp_path / "results" / "report.md").read_text()
     made = (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns
-    images.run_prepare(cfg)  # current: nothing remade
+    run_prepare(cfg)  # current: nothing remade
     assert (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns == made
     cut = bytes([0, 0, 0x08, 1]) + (200).to_bytes(4, "big") + bytes(150)  # 200 labels announced, 150 there
     (tmp_path / "corpus" / f"{IDX_FILES['test_labels']}.gz").write_bytes(gzip.compress(cut))
     with pytest.raises(ValueError, match="cut short"):
-        images.run_prepare(tiny_config(tmp_path, f"images.corpus_dir={tmp_path}/corpus", "redo=true"))
+        run_prepare(tiny_config(tmp_path, f"images.corpus_dir={tmp_path}/corpus", "redo=true"))
     assert (tmp_path / "exp" / "images" / "labels.npy").stat().st_mtime_ns == made  # the last good images are kept
 
 
 def test_a_big_net_variant_may_change_only_the_big_nets_settings(tmp_path: Path) -> None:
-    from asrkd.experiments.images import experiment as images
-
     cfg = tiny_config(tmp_path, "+images.big_variants.typo={jiter: 1}")
     with pytest.raises(ValueError, match=r"images.big_variants.typo sets jiter: not keys of images.big"):
-        images.big_nets(cfg.images)
+        nets.big_nets(cfg.images)
 
 
 def test_the_conv_net_trains_in_the_one_loop_and_loads_as_any_model(tmp_path: Path) -> None:
     """The image experiment's conv big net: logits of the right shape from a batch of 784-pixel frames,
     a checkpoint that loads back (its kind registered) to the same outputs, and an unknown kind refused."""
-    from asrkd.experiments.images.experiment import ConvImageNet
-    from asrkd.nnet.model import model_from_config
-    from asrkd.nnet.train import load_model, save_model
-
     torch.manual_seed(0)
     net = ConvImageNet(feat_dim=784, num_pdfs=10, left_context=0, right_context=0, num_hidden_layers=1, hidden_dim=16, dropout=0.5,
                        channels=[4, 8], kernel=5, conv_dropout=0.25).eval()
