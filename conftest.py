@@ -47,9 +47,9 @@ def tiny_config(root: Path, *overrides: str):
 def run_dir(an4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A mini AN4 (8 training, 2 test speakers) through prep -> ... -> evaluate, with two defects
     the stages must survive and report: a missing wav, a word no lexicon knows."""
+    from asrkd import evaluate
     from asrkd.kaldi import features, gmm, graph, lang
     from asrkd.nnet import decode
-    from asrkd import evaluate
     from asrkd.nnet import train
     from local import an4 as an4_prep
 
@@ -174,7 +174,8 @@ def frame_accuracy_by_argmax(exp: Path, systems: list[str] | str, set_name: str 
     import torch
 
     from asrkd.cli import load_config
-    from asrkd.nnet.train import FrameData, load_system
+    from asrkd.nnet.checkpoints import load_system
+    from asrkd.nnet.training_set import FrameData
 
     cpu = torch.device("cpu")
     data = FrameData.load(exp, set_name, load_config([f"model={model}"]).model, cpu)

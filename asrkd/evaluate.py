@@ -28,8 +28,10 @@ from asrkd.kaldi.decode import NOT_IN_LM, out_of_vocabulary
 from asrkd.kaldi.gmm import alignment_labels
 from asrkd.kaldi.graph import NO_PRONUNCIATION, LanguageModel, language_model
 from asrkd.layout import Layout
+from asrkd.nnet.checkpoints import load_system, read_history, system_dirs
 from asrkd.nnet.decode import scored_sets
-from asrkd.nnet.train import FrameData, evaluate_frames, load_system, read_history, replicates, system_dirs
+from asrkd.nnet.train import replicates
+from asrkd.nnet.training_set import FrameData, evaluate_frames
 from asrkd.parallel import pick_device
 from asrkd.report import decoding_result, machine, merge_into_report, recipe_command
 from asrkd.stage import input_record

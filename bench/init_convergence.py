@@ -27,12 +27,13 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asrkd.cli import load_config  # noqa: E402
 from asrkd import sections  # noqa: E402
+from asrkd.cli import load_config  # noqa: E402
 from asrkd.files import write_json  # noqa: E402
 from asrkd.nnet.cost import device_name  # noqa: E402
 from asrkd.nnet.model import HybridDNN  # noqa: E402
-from asrkd.nnet.train import FrameData, TrainStep  # noqa: E402
+from asrkd.nnet.train import TrainStep  # noqa: E402
+from asrkd.nnet.training_set import FrameData
 from asrkd.parallel import pick_device  # noqa: E402
 
 RUNS = ["paper:default:1e-3", "paper:default:3e-4", "paper:he:1e-3", "paper:he:3e-4", "paper:he:1e-4", "small:default:1e-3"]

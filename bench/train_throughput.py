@@ -48,7 +48,8 @@ from asrkd.distill.student import TeacherOnTheFly  # noqa: E402
 from asrkd.files import write_json, write_text  # noqa: E402
 from asrkd.nnet.cost import device_name  # noqa: E402
 from asrkd.nnet.model import HybridDNN, SplicedFrames, StackedDNN  # noqa: E402
-from asrkd.nnet.train import FrameData, TrainStep, fused_adam  # noqa: E402
+from asrkd.nnet.train import TrainStep, fused_adam  # noqa: E402
+from asrkd.nnet.training_set import FrameData
 from asrkd.parallel import pick_device  # noqa: E402
 from asrkd.stores import FeatureStore  # noqa: E402
 

@@ -71,7 +71,7 @@ def test_a_new_distillation_method_is_one_module_and_a_config_entry(run_dir, tmp
     import json
 
     from asrkd.distill import soft_targets, student
-    from asrkd.nnet import train
+    from asrkd.nnet.training_set import TrainingSet
 
     from .test_reliability import clone
     from conftest import tiny_config
@@ -87,7 +87,7 @@ def test_a_new_distillation_method_is_one_module_and_a_config_entry(run_dir, tmp
     student.run(cfg)
     record = json.loads((root / "exp" / "dnn" / "student_baseline_T2_top1" / "stage.json").read_text())
     assert record["config"]["form"] == "top1" and "soft targets" in record["inputs"]
-    training = train.TrainingSet(cfg)
+    training = TrainingSet(cfg)
     data, train_idx, _, _ = training.load()
     batch = torch.from_numpy(train_idx[:64])
     top1 = student.target_source(cfg, student.Student("top1", 2.0, 0), training)[0](data)(batch)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, average_softmax, average_zero_mean_logits
 from asrkd.schema import ConfigError
 from asrkd.stores import FeatureStore
-from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, average_softmax, average_zero_mean_logits
 
 
 def test_splicing_repeats_edge_frames_and_never_crosses_utterances() -> None:
@@ -117,7 +117,7 @@ def test_he_init_keeps_the_signal_through_the_papers_depth() -> None:
 
 
 def test_a_block_shuffle_reads_the_store_a_block_at_a_time_and_the_default_is_a_permutation() -> None:
-    from asrkd.nnet.train import epoch_order
+    from asrkd.nnet.training_set import epoch_order
 
     train_idx = np.random.default_rng(0).choice(10_000, size=2_500, replace=False)
     assert np.array_equal(epoch_order(train_idx, np.random.default_rng([0, 3]), None), np.random.default_rng([0, 3]).permutation(train_idx))

@@ -17,6 +17,7 @@ from asrkd import sections
 from asrkd.cli import load_config
 from asrkd.drops import TooManyDropped, account_dropped
 from asrkd.nnet import train
+from asrkd.nnet.checkpoints import read_history
 from asrkd.stores import FeatureStore
 from local import an4 as an4_prep
 
@@ -129,8 +130,8 @@ def test_a_set_only_scored_never_fails_make_feats_and_says_what_it_lost(run_dir:
     it trains nothing; the same set made for training stops at prep.max_drop_fraction."""
     import shutil
 
-    from asrkd.kaldi import features
     from asrkd.drops import TooManyDropped
+    from asrkd.kaldi import features
 
     shutil.copytree(run_dir / "data", tmp_path / "data", symlinks=True)
     shutil.copytree(run_dir / "exp", tmp_path / "exp", symlinks=True)
@@ -232,10 +233,10 @@ def ensemble_and_speed_perturbed(run_dir: Path):
 
 
 def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) -> None:
-    from asrkd.experiments.distillation import experiment as distillation
-    from asrkd.experiments.distillation import levers
     from asrkd.distill import student
     from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
+    from asrkd.experiments.distillation import experiment as distillation
+    from asrkd.experiments.distillation import levers
 
     cfg = ensemble_and_speed_perturbed(run_dir)
     store = SoftTargetStore.load(store_dir(sections.layout(cfg), cfg.distill.teacher, 2.0), current_checksum(run_dir / "exp", "train"))
@@ -254,7 +255,7 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
     assert {"baseline", "ensemble", "distilled", "distilled_dense_T1", "distilled_dense_T2", "distilled_topk_T2",
             "distilled_logits"} <= set(systems)
     # T is chosen on validation, averaged over the students' seeds
-    valid = {t: np.mean([train.read_history(run_dir / "exp" / "dnn" / f"student_ensemble_T{t}_dense{s}")[-1]["valid_frame_accuracy"]
+    valid = {t: np.mean([read_history(run_dir / "exp" / "dnn" / f"student_ensemble_T{t}_dense{s}")[-1]["valid_frame_accuracy"]
                          for s in ("", "_seed1")]) for t in (1, 2)}
     assert result["temperature"] == max(valid, key=valid.get) and systems["distilled"]["seeds"] == 2
     assert set(result["temperature_choice"]["valid_frame_accuracy"]) == {"1", "2"}
@@ -297,7 +298,7 @@ def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) 
     for lever in by_name.values():
         assert len(lever["gain_kept_ci"]) == 2
         assert_p_above_zero_agrees(lever["minus_baseline"])
-    assert len(train.read_history(run_dir / "exp" / "dnn" / "student_ensemble_T{:g}_dense_e2".format(result["temperature"]))) == 2
+    assert len(read_history(run_dir / "exp" / "dnn" / "student_ensemble_T{:g}_dense_e2".format(result["temperature"]))) == 2
     assert_drawn(run_dir / "exp" / "report" / "distillation_levers.png")
 
 
@@ -419,8 +420,8 @@ def test_a_report_says_which_cpu_family_made_its_numbers(tmp_path: Path) -> None
 
 
 def test_a_report_whose_rows_come_from_two_machines_says_so(tmp_path: Path) -> None:
-    from asrkd.report import machines_note, made_on
     from asrkd.machine import cpu_description
+    from asrkd.report import machines_note, made_on
     from asrkd.stage import plan, read_record
 
     cfg = OmegaConf.create({"seed": 0})

@@ -34,7 +34,9 @@ from asrkd.distill.soft_targets import SoftTargetMismatch, SoftTargetStore
 from asrkd.drops import TooManyDropped, account_dropped
 from asrkd.errors import StageError, StageMismatch, StaleInput
 from asrkd.files import atomic_write, write_json
-from asrkd.nnet import train
+from asrkd.nnet import checkpoints, train
+from asrkd.nnet.checkpoints import load_model, load_system
+from asrkd.nnet.training_set import FrameData, TrainingSet
 from asrkd.stage import input_fingerprint, plan
 from asrkd.stores import FeatureStore
 from local import an4 as an4_prep
@@ -95,7 +97,7 @@ def test_an_eval_set_with_new_words_leaves_the_lang_dir_and_the_models_and_is_al
     assert f"\n{word} " not in (root / "data" / "lang" / "words.txt").read_text()
     assert f"\n{word} " in (alignment / "lang" / "words.txt").read_text()
     assert json.loads((alignment / "stage.json").read_text())["summary"]["aligned"] >= len(extra.utt_ids) - 1
-    train.load_system(root / "exp", "baseline", torch.device("cpu"))  # not stale
+    load_system(root / "exp", "baseline", torch.device("cpu"))  # not stale
 
 
 
@@ -150,7 +152,7 @@ def test_new_words_in_train_make_the_lang_dir_and_everything_built_on_it_stale(r
     with pytest.raises(StageMismatch, match="train-gmm.*input lang"):
         gmm.run(tiny_config(root))
     with pytest.raises(StaleInput, match="baseline is stale"):  # trained on the transcripts and alignment as they were
-        train.load_system(root / "exp", "baseline", torch.device("cpu"))
+        load_system(root / "exp", "baseline", torch.device("cpu"))
 
 
 def test_a_partial_run_of_other_settings_and_unrecorded_outputs_are_refused(run_dir: Path, tmp_path: Path) -> None:
@@ -304,7 +306,7 @@ def test_a_kill_during_a_checkpoint_write_or_a_cut_checkpoint_resumes_to_the_sam
     root = clone(run_dir, tmp_path)
     overrides = ("model.dropout=0.2", "train.epochs=3", "train.batch_size=64")
     train.run(tiny_config(root, "train.name=whole", *overrides))
-    real_write, calls = train.write_bytes, []
+    real_write, calls = checkpoints.write_bytes, []
 
     def dying_write(path, data):
         calls.append(path)
@@ -314,7 +316,7 @@ def test_a_kill_during_a_checkpoint_write_or_a_cut_checkpoint_resumes_to_the_sam
                 raise KeyboardInterrupt
         return real_write(path, data)
 
-    monkeypatch.setattr(train, "write_bytes", dying_write)
+    monkeypatch.setattr(checkpoints, "write_bytes", dying_write)
     with pytest.raises(KeyboardInterrupt):
         train.run(tiny_config(root, "train.name=killed", *overrides))
     monkeypatch.undo()
@@ -392,7 +394,7 @@ def test_interrupted_feature_alignment_and_soft_target_stages_finish_identically
 def test_a_loss_turning_nan_stops_training_naming_epoch_and_batch(run_dir: Path, tmp_path: Path) -> None:
     root = clone(run_dir, tmp_path)
     cfg = tiny_config(root, "train.name=diverging")
-    training = train.TrainingSet(cfg)
+    training = TrainingSet(cfg)
     data, train_idx, valid_idx, hard = training.load()
     steps = []
 
@@ -429,7 +431,7 @@ def test_non_finite_features_are_dropped_or_refused(run_dir: Path, tmp_path: Pat
     frames[10, 0] = np.inf
     np.save(path / "frames.npy", frames)
     with pytest.raises(ValueError, match="NaN/inf features in 1 utterance"):
-        train.FrameData.load(root / "exp", "test", tiny_config(root).model, torch.device("cpu"))
+        FrameData.load(root / "exp", "test", tiny_config(root).model, torch.device("cpu"))
 
 
 def test_alignments_that_do_not_fit_the_features_are_refused(run_dir: Path, tmp_path: Path) -> None:
@@ -439,18 +441,18 @@ def test_alignments_that_do_not_fit_the_features_are_refused(run_dir: Path, tmp_
     model_cfg = tiny_config(root).model
     np.save(ali, pdf_ids[:-5])
     with pytest.raises(ValueError, match="has .* frames, the features .*realign"):
-        train.FrameData.load(root / "exp", "test", model_cfg, torch.device("cpu"))
+        FrameData.load(root / "exp", "test", model_cfg, torch.device("cpu"))
     pdf_ids[7] = 10_000
     np.save(ali, pdf_ids)
     with pytest.raises(ValueError, match="pdf-ids outside"):
-        train.FrameData.load(root / "exp", "test", model_cfg, torch.device("cpu"))
+        FrameData.load(root / "exp", "test", model_cfg, torch.device("cpu"))
 
 
 def test_a_cut_model_file_is_named(run_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "final.pt"
     path.write_bytes((run_dir / "exp" / "dnn" / "baseline" / "final.pt").read_bytes()[:300])
     with pytest.raises(ValueError, match="final.pt is truncated or corrupt"):
-        train.load_model(path, torch.device("cpu"))
+        load_model(path, torch.device("cpu"))
 
 
 def test_soft_target_stores_that_do_not_fit_are_refused(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from asrkd import cli, evaluate, files, locks, sections, stage
 from asrkd.errors import CorruptOutput, StageError, StageLocked
 from asrkd.nnet import decode, train
+from asrkd.nnet.training_set import TrainingSet
 from asrkd.report import merge_into_report, portable
 from asrkd.schema import DECLARED, ConfigError, leaves
 from asrkd.stage import input_fingerprint, plan, previous_path
@@ -94,7 +95,7 @@ def test_a_training_that_learns_nothing_fails_and_keeps_the_old_model(run_dir: P
     with pytest.raises(train.LearnedNothing, match=r"its best validation frame accuracy 0.1000 is no better than before training \(0.1000\)"):
         train.check_learned("m", history, 0.1)  # held to where it started
     train.check_learned("m", history, 0.0999)
-    data, _, valid_idx, _ = train.TrainingSet(tiny_config(root)).load()
+    data, _, valid_idx, _ = TrainingSet(tiny_config(root)).load()
     with pytest.raises(train.LearnedNothing, match="no training frames"):
         train.train_model(train.TrainSections.of(tiny_config(root)), data, valid_idx[:0], valid_idx, [tmp_path / "none"])
 

@@ -14,6 +14,8 @@ import torch
 
 from asrkd import sections
 from asrkd.nnet import ensemble, train
+from asrkd.nnet.checkpoints import load_system, read_history
+from asrkd.nnet.training_set import TrainingSet
 
 from asrkd.distill import soft_targets, student
 from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
@@ -45,7 +47,7 @@ def test_fused_ensemble_equals_training_the_members_one_by_one(run_dir: Path, tm
         # at most two Adam steps (lr 1e-3): Adam's normalized step turns a last-bit difference in a gradient near 0 (the
         # stack sums in another order) into a step of up to lr; on the held-out-GMM alignment one weight moved by 0.88 of one
         assert max_difference(dnn / "one_by_one" / f"member-{i}" / "final.pt", dnn / "fused" / f"member-{i}" / "final.pt") < 2e-3
-        one, fused_history = (train.read_history(dnn / name / f"member-{i}") for name in ("one_by_one", "fused"))
+        one, fused_history = (read_history(dnn / name / f"member-{i}") for name in ("one_by_one", "fused"))
         assert [h["valid_frame_accuracy"] for h in one] == pytest.approx([h["valid_frame_accuracy"] for h in fused_history], abs=2e-3)
         assert read_record(dnn / "fused" / f"member-{i}")["summary"]["fused"] == 3
     assert max_difference(dnn / "fused" / "member-0" / "final.pt", dnn / "fused" / "member-1" / "final.pt") > 1e-3  # own init seeds
@@ -64,7 +66,7 @@ def test_teacher_on_the_fly_matches_the_stored_soft_targets(run_dir: Path, tmp_p
     cfg = tiny_config(root, *common)
     ensemble.run(cfg)
     soft_targets.run(cfg)
-    training = train.TrainingSet(cfg)
+    training = TrainingSet(cfg)
     data, train_idx, _, _ = training.load()
     teacher = student.TeacherOnTheFly.of_system(sections.layout(cfg), str(cfg.distill.teacher), data)
     batch = torch.from_numpy(train_idx[::37])
@@ -76,12 +78,12 @@ def test_teacher_on_the_fly_matches_the_stored_soft_targets(run_dir: Path, tmp_p
     # turn into at most a step's size, lr, for weights of near-zero gradient)
     student.run(tiny_config(root, *common, "train.max_frames_per_epoch=640"))
     student_dir = root / "exp" / "dnn" / "student_pair_T2_dense"
-    stored_weights, stored_history = weights(student_dir / "final.pt"), train.read_history(student_dir)
+    stored_weights, stored_history = weights(student_dir / "final.pt"), read_history(student_dir)
     student.run(tiny_config(root, *common, "train.max_frames_per_epoch=640", "distill.on_the_fly=true", "redo=true"))
     assert read_record(student_dir)["config"]["on_the_fly"] is True and "teacher member-0" in read_record(student_dir)["inputs"]
     fly_weights = weights(student_dir / "final.pt")
     assert max(float((stored_weights[k] - fly_weights[k]).abs().max()) for k in stored_weights) < 10 * 1e-3  # 10 steps
-    assert [h["valid_frame_accuracy"] for h in train.read_history(student_dir)] == pytest.approx(
+    assert [h["valid_frame_accuracy"] for h in read_history(student_dir)] == pytest.approx(
         [h["valid_frame_accuracy"] for h in stored_history], abs=0.01)
     with pytest.raises(ValueError, match="on_the_fly computes dense targets"):
         student.run(tiny_config(root, *common, "train.max_frames_per_epoch=640", "distill.on_the_fly=true", "distill.students.topk=[2]"))
@@ -144,15 +146,15 @@ def test_export_reproduces_the_decoders_log_likelihoods_and_cost_is_recorded(run
     from asrkd.kaldi import decode
     from asrkd.nnet import cost, export
     from asrkd.nnet.decode import dnn_loglikes
-    from asrkd.stores import FeatureStore
     from asrkd.nnet.model import SplicedFrames
+    from asrkd.stores import FeatureStore
 
     root = clone(run_dir, tmp_path)
     cfg = tiny_config(root)
     export.run(cfg)
     out = root / "exp" / "export" / "baseline"
     exported = torch.export.load(str(out / "model.pt2")).module()
-    model = train.load_system(root / "exp", "baseline", torch.device("cpu")).eval()
+    model = load_system(root / "exp", "baseline", torch.device("cpu")).eval()
     store = FeatureStore.load(root / "exp" / "feats" / "fbank" / "test", mmap=False)
     frames = SplicedFrames(store, model.config["left_context"], model.config["right_context"])
     utt = store.utt_ids[0]
@@ -223,7 +225,7 @@ def test_early_stopping_ends_training_patience_epochs_after_the_best(run_dir: Pa
     root = clone(run_dir, tmp_path)
     train.run(tiny_config(root, *QUICK, "train.name=patient", "train.epochs=10", "train.patience=1"))
     record = read_record(root / "exp" / "dnn" / "patient")
-    history = train.read_history(root / "exp" / "dnn" / "patient")
+    history = read_history(root / "exp" / "dnn" / "patient")
     best = max(range(len(history)), key=lambda e: history[e]["valid_frame_accuracy"])
     assert len(history) == best + 2 < 10  # stopped one epoch (the patience) after its best, before the ceiling
     assert record["summary"]["epochs"] == len(history) and record["summary"]["best_epoch"] == best and record["config"]["train.patience"] == 1

@@ -11,12 +11,14 @@ import soundfile as sf
 import torch
 
 from asrkd import sections
-from asrkd.nnet import ensemble, train
+from asrkd.nnet import ensemble
+from asrkd.nnet.checkpoints import load_model
+from asrkd.nnet.training_set import FrameData, TrainingSet
 
 from asrkd.kaldi import features, gmm, perturb
 
-from asrkd.distill import soft_targets, student
 from asrkd.data import DataDir
+from asrkd.distill import soft_targets, student
 from asrkd.distill.losses import hard_term
 from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
 from asrkd.stage import read_record
@@ -59,7 +61,7 @@ def test_speed_perturbed_data_dir_features_alignment_and_split(run_dir: Path, tm
     valid_speakers = {train_data.utt2spk[u] for u in valid_utts}
     assert not {train_data.utt2spk[sp.source(u)] for u in train_utts} & valid_speakers  # copies of validation voices stay out
     assert len(train_utts) == 3 * len(sections.split(cfg).utterances()[0])
-    assert train.TrainingSet(sp_cfg).stores == ["train_sp"]  # one store holds train_sp and the validation utterances
+    assert TrainingSet(sp_cfg).stores == ["train_sp"]  # one store holds train_sp and the validation utterances
 
 
 def test_cross_fitted_soft_targets_come_from_members_that_never_saw_the_speaker(run_dir: Path, tmp_path: Path) -> None:
@@ -71,10 +73,10 @@ def test_cross_fitted_soft_targets_come_from_members_that_never_saw_the_speaker(
     assert held_out[0] and held_out[1] and not held_out[0] & held_out[1]
     soft_targets.run(cfg)
     store = SoftTargetStore.load(store_dir(sections.layout(cfg), cfg.distill.teacher, 2.0), current_checksum(root / "exp", "train"))
-    data = train.FrameData.load(root / "exp", "train", cfg.model, torch.device("cpu"))
+    data = FrameData.load(root / "exp", "train", cfg.model, torch.device("cpu"))
     full = DataDir.read(root / "data" / "train")
     _, valid = sections.split(cfg).utterances()
-    members = [train.load_model(root / "exp" / "dnn" / "xfit" / f"member-{i}" / "final.pt", torch.device("cpu")).eval() for i in range(2)]
+    members = [load_model(root / "exp" / "dnn" / "xfit" / f"member-{i}" / "final.pt", torch.device("cpu")).eval() for i in range(2)]
     for utt in (u for u in full.utt_ids[::7]):
         frames = torch.from_numpy(data.indices([utt]))
         with torch.no_grad():
@@ -109,7 +111,7 @@ def test_unlabeled_audio_is_a_transfer_set(run_dir: Path, tmp_path: Path) -> Non
     features.run(tiny_config(root, "features.sets=[extra]"))
     cfg = tiny_config(root, "distill.teacher=baseline", "distill.temperatures=[2]", "distill.students.dense=[2]", "distill.students.topk=[]",
                       "distill.logit_matching=false", "distill.seeds.dense=1", "distill.transfer=[extra]", "train.epochs=1")
-    training = train.TrainingSet(cfg, ["extra"])
+    training = TrainingSet(cfg, ["extra"])
     assert training.stores == ["train", "extra"]
     data, train_idx, _, hard = training.load()
     extra = np.arange(training.parts["extra"], data.frames.store.num_frames)

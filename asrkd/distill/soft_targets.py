@@ -39,8 +39,9 @@ from asrkd.files import new_array, write_json
 from asrkd.jobs import map_jobs, split
 from asrkd.kaldi.decode import log_priors
 from asrkd.layout import Layout
+from asrkd.nnet.checkpoints import load_system, system_dirs
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames, average_softmax, average_zero_mean_logits, gather, resident
-from asrkd.nnet.train import TrainingSet, load_system, system_dirs
+from asrkd.nnet.training_set import TrainingSet
 from asrkd.parallel import pick_device
 from asrkd.progress import progress
 from asrkd.stage import plan, read_record

@@ -31,8 +31,10 @@ from asrkd.distill.forms import LOGITS, TargetForm, form_of
 from asrkd.distill.losses import DEFAULT_SOFT_TERM, distillation_loss, logit_distillation_loss, soft_term_of
 from asrkd.distill.soft_targets import TargetRows, current_checksum, load_teacher, teacher_groups
 from asrkd.layout import Layout, System
+from asrkd.nnet.checkpoints import system_dirs
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits
-from asrkd.nnet.train import Model, TrainingSet, replicate_name, system_dirs, train_stage
+from asrkd.nnet.train import Model, replicate_name, train_stage
+from asrkd.nnet.training_set import TrainingSet
 
 
 class Student(NamedTuple):

@@ -17,8 +17,8 @@ import torch
 from asrkd import sections
 from asrkd.files import write_json
 from asrkd.machine import cpu_fields, cpu_flags
+from asrkd.nnet.checkpoints import load_system, system_dirs
 from asrkd.nnet.model import EnsembleDNN, SplicedFrames
-from asrkd.nnet.train import load_system, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.stage import plan, read_record
 from asrkd.stores import FeatureStore

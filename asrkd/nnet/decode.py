@@ -37,8 +37,8 @@ from asrkd.kaldi.gmm import GmmModel
 from asrkd.kaldi.graph import language_model
 from asrkd.kaldi.lang import read_symbol_table
 from asrkd.layout import Layout
+from asrkd.nnet.checkpoints import load_system, system_dirs
 from asrkd.nnet.model import SplicedFrames
-from asrkd.nnet.train import load_system, system_dirs
 from asrkd.parallel import pick_device
 from asrkd.progress import progress
 from asrkd.stage import Settings, Stage, plan, read_record

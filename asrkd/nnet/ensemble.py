@@ -21,8 +21,9 @@ from pathlib import Path
 from asrkd import sections
 from asrkd.data import DataDir, speaker_folds
 from asrkd.layout import Layout
+from asrkd.nnet.train import Model, train_stage
+from asrkd.nnet.training_set import TrainingSet
 from asrkd.parallel import pick_device
-from asrkd.nnet.train import Model, TrainingSet, train_stage
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from asrkd import sections
 from asrkd.files import atomic_write, write_bytes, write_json, write_text
 from asrkd.kaldi.decode import log_priors
 from asrkd.kaldi.gmm import GmmModel
-from asrkd.nnet.train import load_system, system_dirs
+from asrkd.nnet.checkpoints import load_system, system_dirs
 from asrkd.stage import plan
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,6 @@ has not beaten its best for that many epochs (early stopping; ``best.pt`` is its
 
 from __future__ import annotations
 
-import copy
-import io
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,16 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from asrkd import sections
-from asrkd.data import DataDir, without_valid
 from asrkd.errors import StageError
-from asrkd.files import write_bytes, write_json
-from asrkd.layout import Layout, System, names
-from asrkd.nnet.model import EnsembleDNN, HybridDNN, SplicedFrames, StackedDNN, model_arguments, model_from_config
+from asrkd.files import write_json
+from asrkd.layout import System, names
+from asrkd.nnet.checkpoints import read_checkpoint, save_checkpoint, save_model
+from asrkd.nnet.model import HybridDNN, StackedDNN, model_arguments, model_from_config
+from asrkd.nnet.training_set import FrameData, TrainingSet, epoch_order, evaluate_frames
 from asrkd.nnet.views import View, ViewSpec, draw
-from asrkd.parallel import all_reduce_sum, barrier, pick_device, rank, world_size, wrap
+from asrkd.parallel import all_reduce_sum, barrier, rank, world_size, wrap
 from asrkd.progress import progress, trim_heap
-from asrkd.stage import Stage, digest, input_fingerprint, is_complete, plan
-from asrkd.stores import FeatureStore, load_array
+from asrkd.stage import Stage, digest, plan
 
 log = logging.getLogger(__name__)
 
@@ -84,121 +81,7 @@ def replicates(tcfg) -> list[str]:
     return names(replicate_systems(tcfg))
 
 
-@dataclass
-class FrameData:
-    """Spliced fbank frames of one feature store with the pdf-id of every frame (-1: unaligned).
-
-    ``pdf_ids`` are the alignment's int32 as stored, memory-mapped on the CPU (nothing per frame
-    is held in memory; a store and its alignment larger than memory train as well): the losses
-    take them as int64 a batch at a time."""
-
-    frames: SplicedFrames
-    pdf_ids: torch.Tensor
-    num_pdfs: int
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to training batches' inputs (images: jitter)
-    normalize_inputs: bool = True  # models learn the training frames' mean and std (False: inputs used as they are)
-
-    @classmethod
-    def load(cls, exp_dir: Path, name: str, model_cfg, device: torch.device, require_alignment: bool = True) -> "FrameData":
-        """Features of ``exp/feats/fbank/<name>`` and the alignment ``exp/tri/ali_<name>``, checked
-        against each other. Without an alignment (unlabeled audio, ``require_alignment=False``)
-        every frame is -1: it can carry soft targets only."""
-        layout = Layout(Path(exp_dir))
-        store_path = layout.fbank(name)
-        store = FeatureStore.load(store_path)
-        utts = store.nonfinite_utterances()
-        if utts:
-            raise ValueError(f"{store_path}: NaN/inf features in {len(utts)} utterance(s), e.g. {utts[:3]}; rerun make-feats with redo=true")
-        ali_dir = layout.alignment(name)
-        if not (ali_dir / "pdf_ids.npy").is_file():
-            if require_alignment:
-                raise FileNotFoundError(f"{ali_dir}: no alignment of {name}; run `asrkd align features.sets=[{name}]`")
-            num_pdfs = json.loads((layout.gmm / "log.json").read_text())["tri"]["num_pdfs"]
-            pdf_ids = np.full(store.num_frames, -1, dtype=np.int32)
-        else:
-            pdf_ids = load_array(ali_dir / "pdf_ids.npy", True, "align", writable=True)  # int32, mapped: no copy in memory
-            num_pdfs = int(json.loads((ali_dir / "index.json").read_text())["num_pdfs"])
-            mfcc_index = json.loads((layout.mfcc(name) / FeatureStore.INDEX).read_text())
-            if mfcc_index["utt_ids"] != store.utt_ids or mfcc_index["offsets"] != store.offsets.tolist():
-                raise ValueError(f"{store_path} and the alignment's mfcc store hold different utterances or lengths; "
-                                 "recompute the features of both (make-feats) and realign")
-            if len(pdf_ids) != store.num_frames:
-                raise ValueError(f"{ali_dir}/pdf_ids.npy has {len(pdf_ids)} frames, the features {store.num_frames}; realign")
-            if pdf_ids.max(initial=-1) >= num_pdfs or pdf_ids.min(initial=-1) < -1:
-                raise ValueError(f"{ali_dir}/pdf_ids.npy holds pdf-ids outside [0, {num_pdfs}) (max {pdf_ids.max()}); "
-                                 "it belongs to another model: realign")
-        frames = SplicedFrames(store, model_cfg.left_context, model_cfg.right_context, device)
-        return cls(frames, torch.from_numpy(pdf_ids).to(device), num_pdfs)
-
-    @classmethod
-    def combine(cls, parts: list["FrameData"]) -> "FrameData":
-        """The frames of several stores end to end (a transfer set in a store of its own): each
-        part's frames start where the previous part's end; windows never cross utterances."""
-        if len(parts) == 1:
-            return parts[0]
-        store = FeatureStore.concat([part.frames.store for part in parts])
-        pdfs = {part.num_pdfs for part in parts}
-        if len(pdfs) > 1:
-            raise ValueError(f"the stores' alignments come from models with different numbers of pdfs {sorted(pdfs)}; realign them")
-        first = parts[0].frames
-        frames = SplicedFrames(store, first.left, first.right, first.device)
-        return cls(frames, torch.cat([part.pdf_ids for part in parts]), pdfs.pop())
-
-    def indices(self, utt_ids: list[str]) -> np.ndarray:
-        """Frame indices of ``utt_ids`` (those in the store), aligned or not."""
-        return self.frames.frame_indices([u for u in utt_ids if u in self.frames.store])
-
-    def labeled(self, utt_ids: list[str]) -> np.ndarray:
-        """Frame indices of ``utt_ids`` that have an alignment."""
-        indices = self.indices(utt_ids)
-        return indices[self.pdf_ids.cpu().numpy()[indices] >= 0]
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, data: FrameData, indices: np.ndarray, batch_size: int) -> torch.Tensor:
-    """(frames, outputs) logits of ``model`` on the frames ``indices``, in batches."""
-    model.eval()
-    device = data.pdf_ids.device
-    return torch.cat([model(data.frames.context(torch.from_numpy(indices[s : s + batch_size]).to(device))).float()
-                      for s in range(0, len(indices), batch_size)])
-
-
-@torch.no_grad()
-def evaluate_frames(model: HybridDNN, data: FrameData, indices: np.ndarray, batch_size: int, targets: torch.Tensor | None = None) -> dict:
-    """Frame accuracy (argmax vs forced alignment) and cross-entropy over ``indices``; ``hits``
-    is 1 for every frame whose argmax is the alignment's (for per-utterance statistics).
-    ``targets`` (one class per frame) replaces the alignment for a model over other classes
-    (a specialist's group and dustbin)."""
-    model.eval()
-    device = data.pdf_ids.device
-    targets = data.pdf_ids if targets is None else targets
-    hits = np.zeros(len(indices), dtype=np.int8)
-    loss = 0.0
-    for start in range(0, len(indices), batch_size):
-        batch = torch.from_numpy(indices[start : start + batch_size]).to(device)
-        logits = model(data.frames.context(batch)).float()
-        target = targets[batch]
-        hits[start : start + len(batch)] = (logits.argmax(-1) == target).cpu().numpy()
-        loss += float(F.cross_entropy(logits, target.long(), reduction="sum"))
-    total = len(indices)
-    return {"frame_accuracy": float(hits.sum()) / max(total, 1), "cross_entropy": loss / max(total, 1), "frames": total, "hits": hits}
-
-
 LossFn = Callable[..., torch.Tensor]  # (logits, frame indices) -> loss; trained on views: (logits, frame indices, View) -> loss
-
-
-def epoch_order(train_idx: np.ndarray, rng: np.random.Generator, block_frames: int | None) -> np.ndarray:
-    """The frames of an epoch in the order they are trained: a permutation of ``train_idx``, or
-    with ``block_frames`` (train.shuffle_block_frames) its frames in store order cut into blocks
-    of that many, the blocks in random order and the frames shuffled within each, as Kaldi's egs
-    archives are: a store read through its memory map is then read a block at a time, near
-    sequentially, instead of at random over the whole file (what a store larger than the page
-    cache needs), at the price of batches drawn from fewer utterances."""
-    if not block_frames:
-        return rng.permutation(train_idx)
-    frames = np.sort(train_idx)
-    blocks = [frames[start : start + int(block_frames)] for start in range(0, len(frames), int(block_frames))]
-    return np.concatenate([rng.permutation(blocks[b]) for b in rng.permutation(len(blocks))]) if blocks else frames
 
 
 def model_seed(seed: int, replicate: int) -> int:
@@ -221,33 +104,6 @@ class TrainSections:
     def of(cls, cfg, epochs: int | None = None) -> "TrainSections":
         """``cfg``'s, with ``epochs`` in place of ``train.epochs`` when given."""
         return cls(cfg.train, cfg.model, int(cfg.seed), int(cfg.eval.batch_size), int(cfg.train.epochs if epochs is None else epochs))
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save through memory: torch's zip writer turns a full disk into "unexpected pos";
-    written by write_bytes it is the one-line error naming the file."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes(path, buffer.getbuffer())
-
-
-def save_model(path: Path, model: HybridDNN, epoch: int) -> None:
-    save_checkpoint(path, {"model": model.state_dict(), "config": model.config, "epoch": epoch})
-
-
-def read_checkpoint(path: Path, device: torch.device, fingerprint: str) -> dict | None:
-    """``last.pt`` when it is readable and of this very run; else None (with a warning when unusable)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # a file cut short by a kill or a full disk: torch's zip reader fails
-        log.warning("%s is unreadable (%s): training starts from epoch 0", path, str(err).splitlines()[0])
-        return None
-    if state.get("fingerprint") != fingerprint:
-        log.warning("%s belongs to another configuration: training starts from epoch 0", path)
-        return None
-    return state
 
 
 def learning_rate(tcfg) -> float:
@@ -509,147 +365,6 @@ def patient_enough(histories: list[list[dict]], patience: int | None, writer: bo
         return False
     stop = writer and all(epochs_since_best(history) >= int(patience) for history in histories)
     return bool(all_reduce_sum(torch.tensor([float(stop)], dtype=torch.float64, device=device)).item() > 0)
-
-
-def read_history(model_dir: Path) -> list[dict]:
-    """The per-epoch records train_model wrote (loss, frame accuracies, seconds)."""
-    return json.loads((Path(model_dir) / "history.json").read_text())
-
-
-def model_path(exp_dir: Path, system: str) -> Path:
-    """``exp/dnn/<name>/final.pt`` (the last epoch), or ``best.pt`` for ``<name>@best`` (early stopping)."""
-    name, _, which = system.partition("@")
-    return Layout(Path(exp_dir)).model(name) / f"{which or 'final'}.pt"
-
-
-def load_model(path: Path, device: torch.device) -> HybridDNN:
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such model; train it first") from None
-    except Exception as err:
-        raise ValueError(f"{path} is truncated or corrupt ({str(err).splitlines()[0]}); remake it: rerun the stage that trained it "
-                         "with redo=true (recipes: --redo)") from err
-    model = model_from_config(state["config"]).to(device)
-    model.load_state_dict(state["model"])
-    return model
-
-
-def system_dirs(exp_dir: Path, system: str) -> list[Path]:
-    """The model directories behind a system: one DNN, or an ensemble's members."""
-    name = system.partition("@")[0]
-    model_dir = Layout(Path(exp_dir)).model(name)
-    members = sorted(model_dir.glob("member-*"), key=lambda d: int(d.name.split("-")[1]))
-    return members or [model_dir]
-
-
-def load_system(exp_dir: Path, system: str, device: torch.device) -> HybridDNN | EnsembleDNN:
-    """The model of a DNN system: ``<name>[@best]`` under exp/dnn, or an ensemble's directory
-    (``exp/dnn/<name>/member-<i>``), whose members' average softmax is its prediction."""
-    name, at, which = system.partition("@")
-    dirs = system_dirs(exp_dir, system)
-    for directory in dirs:
-        input_fingerprint(directory)  # complete, and not made from inputs that were remade since
-    if dirs != [Layout(Path(exp_dir)).model(name)]:
-        return EnsembleDNN([load_model(model_path(exp_dir, f"{name}/{d.name}{at}{which}"), device) for d in dirs])
-    return load_model(model_path(exp_dir, system), device)
-
-
-def store_for(exp_dir: Path, utts: set[str]) -> str | None:
-    """The smallest complete fbank store that holds all ``utts`` (a subset of train uses train's), or None."""
-    candidates = []
-    for directory in Layout(Path(exp_dir)).feature_stores("fbank"):
-        if is_complete(directory):
-            held = FeatureStore.utterances(directory)
-            if utts <= set(held):
-                candidates.append((len(held), directory.name))
-    return min(candidates)[1] if candidates else None
-
-
-def stores_for(exp_dir: Path, groups: dict[str, set[str]]) -> list[str]:
-    """The feature stores that hold the utterances of ``groups`` (data dir -> utterances): one
-    when a store holds them all, else the smallest store of each data dir, in order."""
-    single = store_for(exp_dir, set().union(*groups.values()))
-    if single is not None:
-        return [single]
-    stores = []
-    for name, utts in groups.items():
-        store = store_for(exp_dir, utts)
-        if store is None:
-            raise FileNotFoundError(f"no feature store in {exp_dir}/feats/fbank holds the {len(utts)} utterances of {name} "
-                                    f"(e.g. {sorted(utts)[:2]}); run make-feats features.sets=[{name}]")
-        if store not in stores:
-            stores.append(store)
-    return stores
-
-
-class TrainingSet:
-    """What a model trains on: the labeled utterances of ``train.data``, optionally a transfer set
-    (data dirs whose frames carry soft targets only; no alignment or transcript needed), and
-    the validation utterances.
-
-    Construction is cheap (utterance lists, the feature stores that hold them, the input paths
-    a stage fingerprints); ``load`` reads the frames once, the stores end to end when the
-    transfer set has a store of its own (``parts``: store name -> first frame).
-    """
-
-    def __init__(self, cfg, transfer: list[str] | tuple[str, ...] = ()):
-        self.cfg, self.exp, self.layout = cfg, Path(cfg.exp_dir), sections.layout(cfg)
-        self.train_utts, self.valid_utts = sections.split(cfg).utterances()
-        valid = set(self.valid_utts)
-        data_dir = Path(cfg.data_dir)
-        transfer_sets = {name: without_valid(DataDir.read(data_dir / name), valid, name) for name in transfer}
-        self.transfer_utts = sorted({u for utts in transfer_sets.values() for u in utts})
-        groups = {cfg.train.data: set(self.train_utts), "train": valid} | {name: set(utts) for name, utts in transfer_sets.items()}
-        self.stores = stores_for(self.exp, groups)
-        self.inputs: dict[str, Path] = {"data": data_dir / cfg.train.data, "split": data_dir / "train"}
-        for i, store in enumerate(self.stores):
-            suffix = "" if i == 0 else f" {store}"
-            self.inputs[f"features{suffix}"] = self.layout.fbank(store)
-            if i == 0 or self.layout.alignment(store).is_dir():
-                self.inputs[f"alignment{suffix}"] = self.layout.alignment(store)
-        self.inputs |= {f"transfer {name}": data_dir / name for name in transfer}
-        self.parts: dict[str, int] = {}
-        self._loaded: tuple | None = None
-        self._parent: TrainingSet | None = None
-
-    def without(self, excluded: Callable[[str], bool]) -> "TrainingSet":
-        """The same set without the training utterances ``excluded`` picks (a cross-fitted member's);
-        the frames are shared, not loaded again."""
-        view = copy.copy(self)
-        view.train_utts = [u for u in self.train_utts if not excluded(u)]
-        view.transfer_utts = [u for u in self.transfer_utts if not excluded(u)]
-        view._parent, view._loaded = self._parent or self, None
-        return view
-
-    def load(self) -> tuple[FrameData, np.ndarray, np.ndarray, torch.Tensor]:
-        """(frames, training frame indices, validation frame indices, hard targets: pdf-id or -1)."""
-        if self._loaded is None:
-            if self._parent is not None:
-                data, _, valid_idx, _ = self._parent.load()
-                self.parts = self._parent.parts
-            else:
-                torch.set_num_threads(int(self.cfg.train.num_threads))
-                device = pick_device(self.cfg.train.device)
-                parts = [FrameData.load(self.exp, store, self.cfg.model, device, require_alignment=i == 0) for i, store in enumerate(self.stores)]
-                starts = np.cumsum([0] + [part.frames.store.num_frames for part in parts])
-                self.parts = {store: int(start) for store, start in zip(self.stores, starts)}
-                data = FrameData.combine(parts)
-                valid_idx = data.labeled(self.valid_utts)
-            labeled = data.labeled(self.train_utts)
-            if self.transfer_utts:  # the hard term only where train.data is aligned, none on the transfer set's frames
-                hard = torch.full_like(data.pdf_ids, -1)
-                index = torch.from_numpy(labeled).to(hard.device)
-                hard[index] = data.pdf_ids[index]
-            else:  # every training frame is one of train.data's aligned ones: the alignment as it is, not a copy
-                hard = data.pdf_ids
-            train_idx = np.union1d(labeled, data.indices(self.transfer_utts)) if self.transfer_utts else labeled
-            log.info("%d training frames (%d labeled, %d utts + %d transfer utts), %d validation frames (%d utts), %d pdfs, "
-                     "stores %s, device %s", len(train_idx), len(labeled), len(self.train_utts), len(self.transfer_utts),
-                     len(valid_idx), len(self.valid_utts), data.num_pdfs, "+".join(self.stores), hard.device)
-            self._loaded = (data, train_idx, valid_idx, hard)
-            trim_heap()  # the index temporaries of the selection above, kept by the heap otherwise (bytes a frame)
-        return self._loaded
 
 
 # keys that decide a model only when set away from their default: recorded then, so models

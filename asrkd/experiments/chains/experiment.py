@@ -53,7 +53,9 @@ from asrkd.distill.student import Student, TeacherOnTheFly, target_source
 from asrkd.evaluate import bootstrap_key, experiment_scoring
 from asrkd.experiments.base import Experiment, Report
 from asrkd.layout import Layout, System
-from asrkd.nnet.train import Model, TrainingSet, load_system, read_history, system_dirs, train_stage
+from asrkd.nnet.checkpoints import load_system, read_history, system_dirs
+from asrkd.nnet.train import Model, train_stage
+from asrkd.nnet.training_set import TrainingSet
 from asrkd.report import percent, resampled, saved_figure, single_seed_note, with_ci
 from asrkd.schema import COUNT, ConfigTypes, Kind, PROBABILITY
 from asrkd.stats import format_interval

@@ -30,16 +30,17 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from asrkd import sections
-from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir
 from asrkd.distill.forms import LOGITS
+from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir
 from asrkd.distill.student import student_systems
 from asrkd.evaluate import Evaluation, bootstrap_key
 from asrkd.experiments.base import Experiment, Report
 from asrkd.experiments.distillation.levers import baseline_replicates, baseline_systems, chosen_temperature, levers
 from asrkd.layout import Layout, System
+from asrkd.nnet.checkpoints import read_history
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.ensemble import member_dirs
-from asrkd.nnet.train import TrainingSet, read_history
+from asrkd.nnet.training_set import TrainingSet
 from asrkd.report import percent, recipe_command, resampled, saved_figure
 from asrkd.report import with_ci as with_ci_on
 from asrkd.stage import is_complete

@@ -35,7 +35,8 @@ from asrkd.experiments.base import Experiment, dense_only
 from asrkd.layout import Layout, System, names
 from asrkd.nnet import ensemble
 from asrkd.nnet import train as train_dnn
-from asrkd.nnet.train import read_history, replicate_systems, replicates
+from asrkd.nnet.checkpoints import read_history
+from asrkd.nnet.train import replicate_systems, replicates
 from asrkd.schema import ConfigTypes, INTEGER, Kind
 
 

@@ -58,7 +58,9 @@ from asrkd.experiments.function_matching.report import report
 from asrkd.experiments.function_matching.runs import KINDS, beyond_plateau, curve_stop, plateau_pending, run_cfg, run_name, runs, teacher_cfg, view_spec
 from asrkd.layout import Layout, System
 from asrkd.nnet import ensemble
-from asrkd.nnet.train import Model, TrainingSet, system_dirs, train_stage
+from asrkd.nnet.checkpoints import system_dirs
+from asrkd.nnet.train import Model, train_stage
+from asrkd.nnet.training_set import TrainingSet
 from asrkd.nnet.views import View
 from asrkd.schema import ConfigTypes, Kind, NONNEGATIVE, POSITIVE, SHARE
 

@@ -17,7 +17,7 @@ from asrkd.evaluate import experiment_scoring
 from asrkd.experiments.base import Report
 from asrkd.experiments.function_matching.runs import Run, beyond_plateau, complete, curve_stop, other_teachers, run_name, runs, subset_view
 from asrkd.layout import Layout
-from asrkd.nnet.train import load_system, read_history
+from asrkd.nnet.checkpoints import load_system, read_history
 from asrkd.report import percent, saved_figure
 from asrkd.stats import format_interval
 

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from asrkd.data import subset_name
 from asrkd.experiments.base import dense_only
 from asrkd.layout import Layout
-from asrkd.nnet.train import read_history, replicate_name
+from asrkd.nnet.checkpoints import read_history
+from asrkd.nnet.train import replicate_name
 from asrkd.nnet.views import ViewSpec
 
 

@@ -21,6 +21,8 @@ from asrkd.experiments.function_matching import experiment as function_matching
 from asrkd.experiments.function_matching import report as fm_report
 from asrkd.experiments.function_matching import runs as fm_runs
 from asrkd.nnet import ensemble, train
+from asrkd.nnet.checkpoints import read_history
+from asrkd.nnet.training_set import TrainingSet
 from asrkd.nnet.views import View, ViewSpec, draw
 
 from conftest import REPO, assert_drawn, frame_accuracy_by_argmax, load_config, tiny_config
@@ -59,7 +61,7 @@ def test_mixup_mixes_the_labels_and_the_soft_targets_as_it_mixed_the_inputs() ->
 def test_training_on_views_is_reproducible_and_records_the_view(run_dir: Path, tmp_path: Path) -> None:
     root = clone(run_dir, tmp_path)
     cfg = tiny_config(root, "train.max_frames_per_epoch=3000", "train.epochs=1")
-    training = train.TrainingSet(cfg)
+    training = TrainingSet(cfg)
     for name in ("a", "b"):
         train.train_stage(cfg, [train.Model(f"train-dnn {name}", root / "exp" / "dnn" / name, views=ALL)], training)
     assert state_dicts_equal(root / "exp" / "dnn" / "a" / "final.pt", root / "exp" / "dnn" / "b" / "final.pt")
@@ -78,7 +80,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
     ensemble.run(cfg)
     soft_targets.run(cfg)
     # the consistent student's targets are the teacher's on the student's own view
-    data, train_idx, _, hard = train.TrainingSet(cfg).load()
+    data, train_idx, _, hard = TrainingSet(cfg).load()
     batch = torch.from_numpy(train_idx[:16])
     view = draw(fm_runs.view_spec(cfg.function_matching, cfg.seed, fm_runs.Run("all", 1, "consistent", 0)), data.frames.context(batch), 3)
     teacher = function_matching.TeacherOnTheFly.of_system(sections.layout(cfg), str(cfg.distill.teacher), data)
@@ -91,7 +93,7 @@ def test_function_matching_trains_controls_and_students_and_reports_gain_kept_an
 
     function_matching.EXPERIMENT.train(cfg)
     exp = root / "exp" / "dnn"
-    assert len(train.read_history(exp / "fm_all_x2_consistent_T2_seed1")) == 2
+    assert len(read_history(exp / "fm_all_x2_consistent_T2_seed1")) == 2
     x2 = json.loads((exp / "fm_all_x2_hard" / "stage.json").read_text())["config"]
     assert x2["train.epochs"] == 2 and x2["train.lr_decay"] == pytest.approx(0.85 ** 0.5) and x2["views"]["seed"] == 0
     assert json.loads((exp / "fm_all_x2_hard_seed1" / "stage.json").read_text())["config"]["views"]["seed"] == 100

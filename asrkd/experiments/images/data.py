@@ -18,7 +18,7 @@ import torch
 from asrkd import sections
 from asrkd.files import atomic_write, save_npy
 from asrkd.nnet.model import SplicedFrames
-from asrkd.nnet.train import FrameData
+from asrkd.nnet.training_set import FrameData
 from asrkd.parallel import pick_device
 from asrkd.stage import plan, read_record
 from asrkd.stores import FeatureStore, load_array

@@ -18,8 +18,10 @@ from asrkd.distill.student import TeacherOnTheFly
 from asrkd.experiments.images.data import ImageSet, jitter
 from asrkd.experiments.images.model import CONV_KEYS
 from asrkd.layout import Layout
+from asrkd.nnet.checkpoints import load_model, model_path, read_history
 from asrkd.nnet.model import HybridDNN, average_softmax
-from asrkd.nnet.train import Model, ModelFrames, load_model, model_path, predict_logits, read_history, replicate_name, train_stage
+from asrkd.nnet.train import Model, ModelFrames, replicate_name, train_stage
+from asrkd.nnet.training_set import predict_logits
 from asrkd.nnet.views import View
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,10 @@ from asrkd import sections
 from asrkd.experiments.images.data import ImageSet
 from asrkd.experiments.images.nets import SMALL, big_nets, chosen_big, control_name, describe_big, describe_net, ensemble_teacher, headline_names, held_out_error_count, kept_tag, left_out_tag, matching_name, seeds_average, student_name, trained
 from asrkd.layout import Layout
+from asrkd.nnet.checkpoints import load_model, model_path, read_history
 from asrkd.nnet.model import average_softmax
-from asrkd.nnet.train import load_model, model_path, predict_logits, read_history, replicate_name
+from asrkd.nnet.train import replicate_name
+from asrkd.nnet.training_set import predict_logits
 from asrkd.report import machine, publish_corpus_report, recipe_command, saved_figure
 from asrkd.stats import Bootstrap, UtteranceCounts, format_interval
 

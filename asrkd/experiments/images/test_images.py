@@ -15,8 +15,9 @@ from asrkd.experiments.images import nets
 from asrkd.experiments.images import report as image_report
 from asrkd.experiments.images.data import IDX_FILES, jitter, read_idx, run_prepare
 from asrkd.experiments.images.model import ConvImageNet
+from asrkd.nnet.checkpoints import load_model, save_model
 from asrkd.nnet.model import HybridDNN, model_from_config
-from asrkd.nnet.train import TrainStep, hidden_weights, load_model, save_model
+from asrkd.nnet.train import TrainStep, hidden_weights
 
 from conftest import tiny_config
 

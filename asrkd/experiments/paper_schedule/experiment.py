@@ -32,7 +32,7 @@ from asrkd.experiments.base import Experiment, Report
 from asrkd.layout import Layout, System, names
 from asrkd.machine import cpu_description, cpu_flags
 from asrkd.nnet import train as train_dnn
-from asrkd.nnet.train import read_history
+from asrkd.nnet.checkpoints import read_history
 from asrkd.report import machine, percent, recipe_command, saved_figure
 from asrkd.stage import input_record
 

@@ -43,8 +43,10 @@ from asrkd.experiments.base import Experiment, Report
 from asrkd.experiments.self_distillation.loss import self_distillation_loss
 from asrkd.experiments.self_distillation.model import exit_shape
 from asrkd.layout import Layout, System
+from asrkd.nnet.checkpoints import load_model, model_path, read_history, save_model
 from asrkd.nnet.cost import system_cost
-from asrkd.nnet.train import Model, TrainingSet, load_model, model_path, read_history, save_model, train_stage
+from asrkd.nnet.train import Model, train_stage
+from asrkd.nnet.training_set import TrainingSet
 from asrkd.parallel import pick_device
 from asrkd.report import percent, saved_figure, single_seed_note, with_ci
 from asrkd.schema import COUNT, ConfigTypes, Kind, Range

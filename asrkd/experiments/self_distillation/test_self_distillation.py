@@ -11,7 +11,7 @@ import torch
 
 from asrkd.experiments.self_distillation.loss import self_distillation_loss
 from asrkd.experiments.self_distillation.model import ExitOutputs, MultiExitDNN
-from asrkd.nnet.train import load_model, save_model
+from asrkd.nnet.checkpoints import load_model, save_model
 
 from conftest import tiny_config
 

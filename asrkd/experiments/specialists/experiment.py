@@ -61,12 +61,13 @@ from asrkd.distill.student import Student, TeacherOnTheFly, student_system
 from asrkd.evaluate import experiment_scoring
 from asrkd.experiments.base import Experiment, Report, dense_only
 from asrkd.experiments.specialists.model import SpecialistCombination
+from asrkd.files import write_json
 from asrkd.layout import Layout, System, names
+from asrkd.nnet.checkpoints import load_model, load_system, model_path, read_history, save_model
 from asrkd.nnet.cost import system_cost
 from asrkd.nnet.model import HybridDNN
-from asrkd.nnet.train import (Model, ModelFrames, TrainingSet, evaluate_frames, load_model, load_system, model_path, predict_logits,
-                              read_history, save_model, train_stage)
-from asrkd.files import write_json
+from asrkd.nnet.train import Model, ModelFrames, train_stage
+from asrkd.nnet.training_set import TrainingSet, evaluate_frames, predict_logits
 from asrkd.parallel import pick_device
 from asrkd.report import saved_figure, single_seed_note, with_ci
 from asrkd.schema import COUNT, ConfigTypes, Kind

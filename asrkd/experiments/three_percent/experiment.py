@@ -39,7 +39,8 @@ from asrkd.evaluate import Evaluation, bootstrap_key
 from asrkd.experiments.base import Experiment, Report, dense_only
 from asrkd.layout import Layout, System, names
 from asrkd.nnet import train as train_dnn
-from asrkd.nnet.train import read_history, replicate_systems
+from asrkd.nnet.checkpoints import read_history
+from asrkd.nnet.train import replicate_systems
 from asrkd.report import percent, recipe_command, resampled, saved_figure, with_ci
 from asrkd.schema import ConfigTypes, SHARE
 from asrkd.stage import is_complete
