@@ -6,7 +6,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from asrkd.jobs import split
-from asrkd.kaldi.gmm import Alignments, GmmModel, STATS_SCALE, gmm_stats, global_moments, mix_up, single_gaussian, split_targets, write_alignments
+from asrkd.kaldi.gmm_align import Alignments, write_alignments
+from asrkd.kaldi.gmm_em import STATS_SCALE, gmm_stats, mix_up, split_targets
+from asrkd.kaldi.gmm_model import GmmModel, global_moments, single_gaussian
 from asrkd.stores import FeatureStore
 
 

@@ -55,7 +55,7 @@ def test_a_known_state_sequence_decodes_to_its_words(run_dir: Path) -> None:
     import kaldifst
 
     from asrkd.data import DataDir
-    from asrkd.kaldi.gmm import GmmModel
+    from asrkd.kaldi.gmm_model import GmmModel
     from asrkd.kaldi.lang import read_symbol_table
 
     exp = run_dir / "exp"

@@ -22,7 +22,7 @@ import kaldi_decoder
 import kaldifst
 import numpy as np
 
-from asrkd.kaldi.gmm import GmmModel
+from asrkd.kaldi.gmm_model import GmmModel
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import kaldifst
 from asrkd import sections
 from asrkd.data import Split, read_table
 from asrkd.files import atomic_write, copy_file, file_digest, write_text
-from asrkd.kaldi.gmm import GmmModel
+from asrkd.kaldi.gmm_model import GmmModel
 from asrkd.kaldi.lang import Lang, dictionary_digest, read_symbol_table, with_words
 from asrkd.stage import input_record, plan
 

@@ -33,7 +33,7 @@ from asrkd.files import write_json, write_text
 from asrkd.jobs import map_jobs, split
 from asrkd.kaldi.decode import (check_scores, choice_margin, choose_weights, decode_lattice, gmm_loglikes, log_priors, read_graph, sweep,
                                 transition_id_matrix, unseen_sentences, utterance_errors, word_error_rate)
-from asrkd.kaldi.gmm import GmmModel
+from asrkd.kaldi.gmm_model import GmmModel
 from asrkd.kaldi.graph import language_model
 from asrkd.kaldi.lang import read_symbol_table
 from asrkd.layout import Layout

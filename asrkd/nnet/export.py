@@ -25,7 +25,7 @@ from torch import nn
 from asrkd import sections
 from asrkd.files import atomic_write, write_bytes, write_json, write_text
 from asrkd.kaldi.decode import log_priors
-from asrkd.kaldi.gmm import GmmModel
+from asrkd.kaldi.gmm_model import GmmModel
 from asrkd.nnet.checkpoints import load_system, system_dirs
 from asrkd.stage import plan
 
