@@ -23,7 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asrkd.cli import load_config  # noqa: E402
-from asrkd.distill.soft_targets import FRAMES_PER_HOUR, compact_bytes, dense_bytes, id_dtype, stores_dense  # noqa: E402
+from asrkd.distill.soft_targets import stores_dense  # noqa: E402
+from asrkd.distill.target_store import FRAMES_PER_HOUR, compact_bytes, dense_bytes, id_dtype
 from asrkd.files import write_json, write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

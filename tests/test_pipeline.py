@@ -234,7 +234,8 @@ def ensemble_and_speed_perturbed(run_dir: Path):
 
 def test_ensemble_soft_targets_seeded_students_table1_and_levers(run_dir: Path) -> None:
     from asrkd.distill import student
-    from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
+    from asrkd.distill.soft_targets import current_checksum
+    from asrkd.distill.target_store import SoftTargetStore, store_dir
     from asrkd.experiments.distillation import experiment as distillation
     from asrkd.experiments.distillation import levers
 

@@ -28,9 +28,11 @@ from asrkd import cli, evaluate, sections
 
 from asrkd.distill import soft_targets
 
+from asrkd.distill.target_store import ArrayWriter
+
 from asrkd.cli import ConfigError, load_config
 from asrkd.data import DataDir, DataDirError
-from asrkd.distill.soft_targets import SoftTargetMismatch, SoftTargetStore
+from asrkd.distill.target_store import SoftTargetMismatch, SoftTargetStore
 from asrkd.drops import TooManyDropped, account_dropped
 from asrkd.errors import StageError, StageMismatch, StaleInput
 from asrkd.files import atomic_write, write_json
@@ -354,7 +356,6 @@ def interrupt_once(monkeypatch: pytest.MonkeyPatch, module, name: str, when) -> 
 def test_interrupted_feature_alignment_and_soft_target_stages_finish_identically(
         run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import asrkd.kaldi.gmm
-    import asrkd.distill.soft_targets
     import asrkd.stores
 
     root = clone(run_dir, tmp_path)
@@ -380,7 +381,7 @@ def test_interrupted_feature_alignment_and_soft_target_stages_finish_identically
     soft_targets.run(cfg)
     whole = np.load(root / "exp" / "soft_targets" / "baseline" / "train" / "T2" / "dense.npy")
     shutil.rmtree(root / "exp" / "soft_targets")
-    interrupt_once(monkeypatch, asrkd.distill.soft_targets.ArrayWriter, "close", lambda self: True)
+    interrupt_once(monkeypatch, ArrayWriter, "close", lambda self: True)
     with pytest.raises(KeyboardInterrupt):
         soft_targets.run(cfg)
     assert not (root / "exp" / "soft_targets" / "baseline" / "train" / "T2" / "dense.npy").exists()  # no half store under the final name

@@ -5,8 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from asrkd.distill.soft_targets import (FRAMES_PER_HOUR, SoftTargetMismatch, SoftTargetStore, TeacherLogits, compact_k, source_checksum,
-                                        stores_dense, top_k)
+from asrkd.distill.target_store import FRAMES_PER_HOUR, SoftTargetMismatch, SoftTargetStore, TeacherLogits, compact_k, source_checksum, stores_dense, top_k
 
 
 def test_top_k_renormalizes_and_accounts_for_the_rest() -> None:

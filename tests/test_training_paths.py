@@ -18,7 +18,10 @@ from asrkd.nnet.checkpoints import load_system, read_history
 from asrkd.nnet.training_set import TrainingSet
 
 from asrkd.distill import soft_targets, student
-from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
+
+from asrkd.distill.soft_targets import current_checksum
+from asrkd.distill.target_store import TeacherLogits, logits_dir
+from asrkd.distill.target_store import SoftTargetStore, store_dir
 from asrkd.stage import read_record
 
 from conftest import REPO, TINY, tiny_config
@@ -72,7 +75,7 @@ def test_teacher_on_the_fly_matches_the_stored_soft_targets(run_dir: Path, tmp_p
     batch = torch.from_numpy(train_idx[::37])
     stored = SoftTargetStore.load(store_dir(sections.layout(cfg), cfg.distill.teacher, 2.0), current_checksum(root / "exp", "train")).rows("dense").batch(batch)
     np.testing.assert_allclose(teacher.soft_targets(batch, 2.0).numpy(), stored.numpy(), atol=1e-3)  # fp16 storage
-    logits = soft_targets.TeacherLogits.load(soft_targets.logits_dir(sections.layout(cfg), cfg.distill.teacher), current_checksum(root / "exp", "train")).rows().batch(batch)
+    logits = TeacherLogits.load(logits_dir(sections.layout(cfg), cfg.distill.teacher), current_checksum(root / "exp", "train")).rows().batch(batch)
     np.testing.assert_allclose(teacher.zero_mean_logits(batch).numpy(), logits.numpy(), atol=2e-2)  # fp16 of logits ~ 10
     # a student trained each way: the same run, but for the targets' fp16 rounding (which Adam's first steps
     # turn into at most a step's size, lr, for weights of near-zero gradient)

@@ -20,7 +20,8 @@ from asrkd.kaldi import features, gmm, perturb
 from asrkd.data import DataDir
 from asrkd.distill import soft_targets, student
 from asrkd.distill.losses import hard_term
-from asrkd.distill.soft_targets import SoftTargetStore, current_checksum, store_dir
+from asrkd.distill.soft_targets import current_checksum
+from asrkd.distill.target_store import SoftTargetStore, store_dir
 from asrkd.stage import read_record
 
 from conftest import tiny_config

@@ -24,7 +24,8 @@ import torch
 from omegaconf import OmegaConf
 
 from asrkd import sections
-from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, logits_dir, pdf_priors, store_dir
+from asrkd.distill.soft_targets import pdf_priors
+from asrkd.distill.target_store import COMPACT_FORMS, SoftTargetStore, TargetRows, TeacherLogits, logits_dir, store_dir
 
 LOGITS = "logits"  # the form name of the logit-matching student
 

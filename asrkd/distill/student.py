@@ -29,7 +29,8 @@ import torch
 from asrkd import sections
 from asrkd.distill.forms import LOGITS, TargetForm, form_of
 from asrkd.distill.losses import DEFAULT_SOFT_TERM, distillation_loss, logit_distillation_loss, soft_term_of
-from asrkd.distill.soft_targets import TargetRows, current_checksum, load_teacher, teacher_groups
+from asrkd.distill.soft_targets import current_checksum, load_teacher, teacher_groups
+from asrkd.distill.target_store import TargetRows
 from asrkd.layout import Layout, System
 from asrkd.nnet.checkpoints import system_dirs
 from asrkd.nnet.model import StackedDNN, average_softmax, average_zero_mean_logits

@@ -31,8 +31,9 @@ from omegaconf import OmegaConf
 
 from asrkd import sections
 from asrkd.distill.forms import LOGITS
-from asrkd.distill.soft_targets import COMPACT_FORMS, SoftTargetStore, current_checksum, pdf_priors, store_dir
+from asrkd.distill.soft_targets import current_checksum, pdf_priors
 from asrkd.distill.student import student_systems
+from asrkd.distill.target_store import COMPACT_FORMS, SoftTargetStore, store_dir
 from asrkd.evaluate import Evaluation, bootstrap_key
 from asrkd.experiments.base import Experiment, Report
 from asrkd.experiments.distillation.levers import baseline_replicates, baseline_systems, chosen_temperature, levers

@@ -33,8 +33,8 @@ from omegaconf import OmegaConf
 from asrkd import sections
 from asrkd.data import fraction_tag, subset_name
 from asrkd.distill import soft_targets, student
-from asrkd.distill.soft_targets import store_dir
 from asrkd.distill.student import student_systems
+from asrkd.distill.target_store import store_dir
 from asrkd.evaluate import Evaluation, bootstrap_key
 from asrkd.experiments.base import Experiment, Report, dense_only
 from asrkd.layout import Layout, System, names
