@@ -69,6 +69,14 @@ def test_imports_sit_at_the_top_of_their_module() -> None:
     assert inside == []
 
 
+MAX_MODULE_LINES = 500  # issue 53: a module over this holds more than one idea; split it by concern
+
+
+def test_no_module_is_longer_than_one_idea() -> None:
+    long = {str(path.relative_to(REPO)): n for path in library_files() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}, f"split these by concern (one idea a file): {long}"
+
+
 def test_every_path_into_an_experiment_directory_is_built_by_the_layout() -> None:
     # a stage's output directory spelled out elsewhere ('exp / "dnn" / name') drifts from where the others look for it
     spelled = re.compile(r'/\s*"(dnn|soft_targets|decode|feats|graph|tri|mono|report|lang|specialists|cost|export)"')
