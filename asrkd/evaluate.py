@@ -149,6 +149,7 @@ class Evaluation:
         if len(systems) > 1:
             out["per_seed"] = {f"{self.primary}_frame_accuracy": counts[self.primary].per_seed()}
         out["labels"] = self.scorer.labels
+        out["bootstrap_unit"] = str(self.cfg.stats.unit)  # what its intervals resample: a table of rows from several reports says where it differs
         out["stage"] = model_records(self.exp, systems)
         return out | extra
 

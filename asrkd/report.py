@@ -121,6 +121,13 @@ def markdown_table(report: dict) -> str:
               f"chosen on {tuning_description(report.get('tuning_set', 'valid'))}; unseen = sentences that never occur in the LM's training text.",
               f"[95% CI]: bootstrap over whole {resampled(report.get('bootstrap_unit'))} of each set (asrkd/stats.py); rows with several seeds",
               "give the mean over seeds, and their interval resamples the seeds too; one seed: test-set variation only.", ""]
+    unit = report.get("bootstrap_unit") or "utterance"
+    other_units = {}  # rows a later report added (distillation: stats.unit=speaker), whose intervals resample something else
+    for name, system in report["systems"].items():
+        if system.get("bootstrap_unit", unit) != unit:
+            other_units.setdefault(system["bootstrap_unit"], []).append(name)
+    for other, names in other_units.items():
+        lines += [f"Intervals over {resampled(other)} instead (made by a report with stats.unit={other}): {', '.join(names)}.", ""]
     if choice_line(report):
         lines += [choice_line(report), ""]
     if report.get("frame_accuracy_utterances"):

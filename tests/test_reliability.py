@@ -25,6 +25,7 @@ from asrkd.kaldi import features, gmm, lang
 from asrkd.nnet import decode
 
 from asrkd import cli, evaluate, sections
+from asrkd.report import markdown_table
 
 from asrkd.distill import soft_targets
 
@@ -230,6 +231,16 @@ def test_a_run_writes_under_its_exp_dir_and_publish_merges_into_the_committed_re
     assert "| ensemble | 10 x 4x512 | 1 | – | 58.00% | earlier |" in (results / "RESULTS.md").read_text()
     with pytest.raises(SystemExit, match="publish needs results_dir=DIR"):
         cli.main(["publish", f"exp_dir={root}/exp"])
+
+
+def test_a_row_whose_intervals_resample_other_units_says_so(run_dir: Path) -> None:
+    """The main report's table holds rows later reports added (the distillation's, over speakers):
+    each entry records what its intervals resample, and the table names the rows that differ."""
+    report = json.loads((run_dir / "exp" / "report" / "report.json").read_text())
+    assert report["systems"]["baseline"]["bootstrap_unit"] == report["bootstrap_unit"] == "utterance"
+    assert "instead" not in markdown_table(report)
+    report["systems"]["ensemble"] = {**report["systems"]["baseline"], "system": "ensemble", "bootstrap_unit": "speaker"}
+    assert "Intervals over speakers instead (made by a report with stats.unit=speaker): ensemble." in markdown_table(report).splitlines()
 
 
 
