@@ -170,7 +170,7 @@ def test_render_writes_a_sections_markdown_again_from_the_report_and_refuses_a_m
 
     from asrkd.experiments.distillation import experiment as distillation
 
-    committed = REPO / "results" / "an4" / "distillation_current"
+    committed = REPO / "results" / "an4"
     results = tmp_path / "results"
     results.mkdir()
     report = json.loads((committed / "report.json").read_text())
