@@ -366,7 +366,7 @@ def report(cfg) -> Report:
         return {"frame_accuracy": frames.difference(a, b), **({"wer": words.difference(a, b)} if a in words.samples and b in words.samples else {})}
 
     members = member_dirs(sections.layout(cfg), cfg.distill.teacher, cfg.ensemble.size)
-    replicates = baseline_replicates(cfg)
+    replicates = baseline_replicates(cfg.train, cfg.distill)
     baseline = entry([cfg.train.name])
     ensemble = entry([cfg.distill.teacher], members=len(members), train_seconds=sum(h["seconds"] for d in members for h in read_history(d)))
     single_models = entry([*replicates, *(f"{cfg.distill.teacher}/{d.name}" for d in members)], {}, key="single models")

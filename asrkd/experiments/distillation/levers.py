@@ -60,8 +60,9 @@ def baseline_systems(tcfg, dcfg) -> list[System]:
     return replicate_systems(OmegaConf.merge(tcfg, {"seeds": dense_seeds(dcfg)}))
 
 
-def baseline_replicates(cfg) -> list[str]:
-    return names(baseline_systems(cfg.train, cfg.distill))
+def baseline_replicates(tcfg, dcfg) -> list[str]:
+    """The names of the baseline's replicates (``train`` and ``distill`` sections)."""
+    return names(baseline_systems(tcfg, dcfg))
 
 
 def dense_students(dcfg, tcfg) -> dict[float, list[str]]:
@@ -95,7 +96,7 @@ def levers(cfg, temperature: float | None = None) -> list[Lever]:
     """Every lever the config asks for, with its systems (trained or not), named by the same
     functions that train them (:func:`asrkd.distill.student.student_systems`, :func:`asrkd.nnet.train.replicates`)."""
     t = chosen_temperature(cfg.exp_dir, cfg.distill, cfg.train) if temperature is None else temperature
-    seeds, baselines = lever_seeds(cfg.levers, cfg.distill), baseline_replicates(cfg)
+    seeds, baselines = lever_seeds(cfg.levers, cfg.distill), baseline_replicates(cfg.train, cfg.distill)
     reference = dense_only(cfg, t, dense_seeds(cfg.distill))  # stage 3's students at T
     out = [Lever("train", "students on train (stage 3)", names(student_systems(reference.distill, reference.train.data)), baselines, cfg.distill.teacher, reference, None)]
     if cfg.levers.speed_perturbed:

@@ -127,10 +127,10 @@ def train(cfg) -> None:
     ready: set[str] = set()  # the other teachers trained, with their soft targets
     kinds = set(map(str, fm.train_kinds))  # words of KINDS (the config's schema refuses others)
     remaining = [run for run in runs(cfg.function_matching) if run.kind in kinds]
-    while run := next((run for run in remaining if not plateau_pending(cfg, run)), None):  # the first in order that can be decided
+    while run := next((run for run in remaining if not plateau_pending(cfg.function_matching, exp, run)), None):  # the first in order that can be decided
         remaining.remove(run)
         name = run_name(cfg.function_matching, run)
-        if beyond_plateau(cfg.function_matching, run, stop := curve_stop(cfg)):
+        if beyond_plateau(cfg.function_matching, run, stop := curve_stop(cfg.function_matching, exp)):
             log.info("%s: not trained, the patience curve stopped at %dx (validation +%.2f points over %dx, below function_matching.plateau=%g)",
                      name, stop["schedule"], stop["gain_points"], stop["previous"], stop["plateau_points"])
             continue

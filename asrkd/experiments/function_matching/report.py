@@ -56,7 +56,7 @@ def report(cfg) -> Report:
     teacher = str(cfg.distill.teacher)
     entries = {"teacher": evaluation.entry([teacher], sets, key="teacher")}
     posteriors = {"": log_posteriors(exp, teacher, data.frames, indices, int(cfg.eval.batch_size))}  # per teacher of the rows ("": distill.teacher)
-    stop = curve_stop(cfg)
+    stop = curve_stop(fm, exp)
     groups: dict[tuple[str, int, str, str, str], list[Run]] = {}
     for run in runs(cfg.function_matching):
         if beyond_plateau(cfg.function_matching, run, stop) and not complete(exp, cfg.function_matching, [run]):
@@ -135,10 +135,10 @@ def report(cfg) -> Report:
         "curve": sorted(curve, key=lambda c: (c["schedule"], c["kind"])), "subset": subset, "views_effect": views_effect,
         "view_choice": view_choice, "plateau": stop,
         "teachers": {name: entries[teacher_key(name)] for name in posteriors if name},
-        "gain_kept_teachers": headline_teachers(evaluation.frames, cfg, by_label, headline),
+        "gain_kept_teachers": headline_teachers(evaluation.frames, fm, teacher, by_label, headline),
     }
     # with a subset row, the 3%-data table's function-matching row too, beside what run_3pct.sh reported
-    return Report(result, markdown(result, cfg), {"function_matching.png": plot},
+    return Report(result, markdown(result, str(cfg.corpus)), {"function_matching.png": plot},
                   rows_elsewhere={"three_percent": {"function_matching": subset}} if subset else {},
                   aligned=evaluation.frame_accuracy_utterances)
 
@@ -157,17 +157,17 @@ def other_of(row: dict, teacher: str) -> str:
     return "" if row.get("teacher", teacher) == teacher else row["teacher"]
 
 
-def headline_teachers(frames, cfg, by_label: dict, headline: dict | None) -> dict | None:
+def headline_teachers(frames, fm, teacher: str, by_label: dict, headline: dict | None) -> dict | None:
     """The headline's gain kept with the teacher drawn too: every teacher's headline students
     (distill.teacher's and function_matching.teachers') against their one control, the (students,
-    teacher) pairs drawn with the speakers and seeds. None without another teacher's complete row."""
-    fm = cfg.function_matching
+    teacher) pairs drawn with the speakers and seeds (``teacher``: distill.teacher). None without
+    another teacher's complete row."""
     labels = [row_label(str(fm.headline), int(fm.headline_schedule), "consistent", "train", other) for other in other_teachers(fm)]
     others = [by_label[label] for label in labels if "gain_kept" in by_label.get(label, {})]
     if headline is None or not others:
         return None
     rows = [headline, *others]
-    pairs = [(row["label"], teacher_key(other_of(row, str(cfg.distill.teacher)))) for row in rows]
+    pairs = [(row["label"], teacher_key(other_of(row, teacher))) for row in rows]
     return {**frames.share_drawn(pairs, headline["control"]), "unit": "speaker, seed and teacher", "rows": [row["label"] for row in rows],
             "teachers": [row["teacher"] for row in rows], "seeds": [row["seeds"] for row in rows],
             "per_teacher": {row["teacher"]: {"estimate": row["gain_kept"]["estimate"], "ci": row["gain_kept"]["ci"]} for row in rows}}
@@ -180,10 +180,10 @@ def fallen(result: dict, effect: dict) -> list[str]:
     return [label for label in effect["controls_above_half_the_gain"] if result["rows"][label]["minus_baseline"]["estimate"] < -0.5 * gain]
 
 
-def markdown(result: dict, cfg) -> str:
+def markdown(result: dict, corpus: str) -> str:
     test = result["test_set"]
     teacher = result["teacher"]
-    lines = [f"# Function matching on {cfg.corpus}: students that see what the teacher sees", "",
+    lines = [f"# Function matching on {corpus}: students that see what the teacher sees", "",
              f"Teacher: {teacher['system']} ({teacher['model']}), {test} frame accuracy {percent(teacher['frame_accuracy'][test])}; "
              f"T = {result['temperature']:g}. Every student is compared with its control: the same view, epochs, learning-rate "
              "schedule and checkpoint (final.pt), trained on the pdf-ids."

@@ -87,24 +87,23 @@ def runs(fm) -> list[Run]:
     return list(dict.fromkeys(out))
 
 
-def curve_stop(cfg) -> dict | None:
+def curve_stop(fm, exp: Path) -> dict | None:
     """Where the patience curve stops: at the first schedule whose consistent student (the headline
     view, seed 0) is less than ``function_matching.plateau`` points of validation frame accuracy
     (its final epoch's, the checkpoint every row is scored at) above the previous schedule's.
     Patience is measured until it stops paying on data the test set never sees; None while no
     two consecutive schedules are trained, when each still gains, when the plateau is the last
-    schedule, or with ``plateau`` null."""
-    fm = cfg.function_matching
+    schedule, or with ``plateau`` null. ``fm``: the ``function_matching`` section; ``exp``: the exp dir."""
     if fm.get("plateau") is None:
         return None
-    exp, headline = Path(cfg.exp_dir), str(fm.headline)
+    headline = str(fm.headline)
     schedules = sorted(map(int, fm.schedules))
     previous, previous_valid = None, 0.0
     for schedule in schedules[:-1]:  # at the last schedule nothing is left to stop
         run = Run(headline, schedule, "consistent", 0)
-        if not complete(exp, cfg.function_matching, [run]):
+        if not complete(exp, fm, [run]):
             return None
-        valid = float(read_history(Layout(exp).model(run_name(cfg.function_matching, run)))[-1]["valid_frame_accuracy"])
+        valid = float(read_history(Layout(exp).model(run_name(fm, run)))[-1]["valid_frame_accuracy"])
         if previous is not None and (gain := 100 * (valid - previous_valid)) < float(fm.plateau):
             return {"schedule": schedule, "previous": previous, "gain_points": gain, "plateau_points": float(fm.plateau),
                     "skipped": [m for m in schedules if m > schedule]}
@@ -122,16 +121,14 @@ def beyond_plateau(fm, run: Run, stop: dict | None) -> bool:
     return stop is not None and run.schedule in stop["skipped"] and on_the_curve(fm, run)
 
 
-def plateau_pending(cfg, run: Run) -> bool:
+def plateau_pending(fm, exp: Path, run: Run) -> bool:
     """Whether the plateau rule may yet leave ``run`` (not trained) out but cannot tell: not past a
     plateau found so far, and the consistent students of the earlier schedules it decides on are
     not all trained."""
-    fm = cfg.function_matching
-    exp = Path(cfg.exp_dir)
-    if fm.get("plateau") is None or not on_the_curve(cfg.function_matching, run) or complete(exp, cfg.function_matching, [run]) or beyond_plateau(cfg.function_matching, run, curve_stop(cfg)):
+    if fm.get("plateau") is None or not on_the_curve(fm, run) or complete(exp, fm, [run]) or beyond_plateau(fm, run, curve_stop(fm, exp)):
         return False
     earlier = [Run(str(fm.headline), int(m), "consistent", 0) for m in fm.schedules if int(m) < run.schedule]
-    return len(complete(exp, cfg.function_matching, earlier)) < len(earlier)
+    return len(complete(exp, fm, earlier)) < len(earlier)
 
 
 def subset_view(fm) -> str:

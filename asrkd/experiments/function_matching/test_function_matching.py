@@ -197,22 +197,22 @@ def test_the_patience_curve_stops_at_a_validation_plateau_and_never_skips_a_head
         (model_dir / "stage.json").write_text("{}")
 
     def pending(schedule: int, kind: str = "hard") -> bool:
-        return fm_runs.plateau_pending(cfg, fm_runs.Run("clean", schedule, kind, 0))
+        return fm_runs.plateau_pending(cfg.function_matching, tmp_path, fm_runs.Run("clean", schedule, kind, 0))
 
     trained(1, 0.5638)
     assert pending(4) and pending(8, "consistent") and not pending(2) and not pending(1)  # the headline schedule never waits
     trained(2, 0.5706)  # +0.68 points: patience still pays
-    assert fm_runs.curve_stop(cfg) is None
+    assert fm_runs.curve_stop(cfg.function_matching, tmp_path) is None
     assert not pending(4) and pending(8)  # 4x is decided (trained), 8x waits for the 4x student
     trained(4, 0.5718)  # +0.12 points: the plateau
-    stop = fm_runs.curve_stop(cfg)
+    stop = fm_runs.curve_stop(cfg.function_matching, tmp_path)
     assert not pending(8)  # decided: left out
     assert stop["schedule"] == 4 and stop["previous"] == 2 and stop["skipped"] == [8] and stop["gain_points"] == pytest.approx(0.12)
     skipped = [run for run in fm_runs.runs(cfg.function_matching) if fm_runs.beyond_plateau(cfg.function_matching, run, stop)]
     assert {(run.schedule, run.kind) for run in skipped} == {(8, "hard"), (8, "consistent")}
-    assert fm_runs.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": None}})) is None
-    assert fm_runs.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": 0.1}})) is None  # +0.12 still counts
-    assert fm_runs.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"schedules": [1, 2, 4]}})) is None  # nothing left to stop
+    assert fm_runs.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": None}}).function_matching, tmp_path) is None
+    assert fm_runs.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"plateau": 0.1}}).function_matching, tmp_path) is None  # +0.12 still counts
+    assert fm_runs.curve_stop(OmegaConf.merge(cfg, {"function_matching": {"schedules": [1, 2, 4]}}).function_matching, tmp_path) is None  # nothing left to stop
     # the headline schedule is never skipped, even past a plateau reached before it
     late = OmegaConf.merge(cfg, {"function_matching": {"headline_schedule": 8}})
     assert not any(fm_runs.beyond_plateau(late.function_matching, run, stop) for run in fm_runs.runs(late.function_matching) if run.schedule == 8)
@@ -246,7 +246,7 @@ def test_the_views_sentence_says_which_controls_rise_and_which_fall_by_half_the_
     result = json.loads((REPO / "results" / "an4" / "report.json").read_text())["function_matching"]
     effect = result["views_effect"]
     assert not effect["teacher_on_views_needed"] and fm_report.fallen(result, effect) == ["specaugment x1 hard", "all x1 hard"]
-    (line,) = [line for line in fm_report.markdown(result, load_config([])).splitlines() if "half of it" in line]
+    (line,) = [line for line in fm_report.markdown(result, "an4").splitlines() if "half of it" in line]
     assert line.endswith("No control rises by half of it: the teacher trained on clean frames stays the reference. specaugment x1 hard, "
                          "all x1 hard fall by more than half of it: those views cost the plain model accuracy.")
     assert line in (REPO / "results" / "an4" / "function_matching.md").read_text().splitlines()
