@@ -133,12 +133,11 @@ class Bootstrap:
 
         A share of a gain that may be zero says nothing (its replicates divide by values on both
         sides of 0): ``whole_gain_ci`` is that gain's interval and ``whole_gain_significant``
-        whether it excludes 0; :func:`format_interval` prints such a share as undefined."""
-        gain = self.difference(whole, baseline)
-        lo, hi = gain["ci"]
-        return {**self.combine([part, baseline, whole], lambda p, b, w: (p - b) / (w - b)),
-                "whole_gain_ci": gain["ci"], "whole_gain_significant": bool(lo > 0 or hi < 0)}
-
+        whether it excludes 0; :func:`format_interval` prints such a share as undefined. The one-pair
+        case of :meth:`share_drawn` (a single pair drawn every time: the same replicates)."""
+        drawn = self.share_drawn([(part, whole)], baseline)
+        del drawn["pairs"]
+        return drawn
 
     def share_drawn(self, pairs: list[tuple[str, str]], baseline: str) -> dict:
         """The share of the wholes' mean gain over ``baseline`` that the parts' mean keeps, each

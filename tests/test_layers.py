@@ -94,17 +94,15 @@ def experiment_modules() -> list[tuple[Path, str]]:
 def test_every_command_names_a_step_that_exists_and_every_experiment_step_is_a_command() -> None:
     for command in COMMANDS:
         assert callable(step_function(command)), command
+    modules = [(path, module, getattr(importlib.import_module(module), "EXPERIMENT", None)) for path, module in experiment_modules()]
     folders: dict[Path, list] = {}  # an experiment's folder -> the commands of its EXPERIMENTs (a step may live in any module of it)
-    for path, module in experiment_modules():
-        experiment = getattr(importlib.import_module(module), "EXPERIMENT", None)
+    for path, _, experiment in modules:
         folders.setdefault(path.parent, []).extend(experiment.commands.values() if experiment is not None else [])
-    for path, module in experiment_modules():
+    for path, module, experiment in modules:
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("run_") and [a.arg for a in node.args.args] == ["cfg"]:
                 function = getattr(importlib.import_module(module), node.name)
                 assert function in folders[path.parent], f"{module}.{node.name} has no command: add it to its folder's EXPERIMENT's commands"
-    for path, module in experiment_modules():
-        experiment = getattr(importlib.import_module(module), "EXPERIMENT", None)
         if experiment is not None:  # discovered: each of its steps and commands is a command, run by this module's EXPERIMENT
             assert EXPERIMENTS[experiment.command][0] == module
             assert all(COMMANDS[command] == f"{module}:EXPERIMENT.{step}" for command, step in experiment.command_names().items()), module

@@ -9,15 +9,8 @@ saw its speaker; frames of other speakers (validation, unlabeled audio) average 
 With ``distill.logit_matching``, also the teacher's average zero-mean logits
 (``.../logits``), the target of the logit-matching student.
 
-A store holds the targets twice: dense fp16 (frames x pdfs) and the top-k form (the k largest,
-renormalized, ids int16 where pdfs < 32768, plus the mass outside them per frame). Students read
-three forms (``TargetRows``): ``dense``; ``topk``, the k renormalized (the mass outside is lost);
-``compact``, the k' <= k largest with the mass outside spread evenly over the other pdfs, k'
-chosen per T from the residual within a size budget (``distill.compact``). ``header.json`` records T,
-k, the number of pdfs and frames and the checksum of the features (and alignment) they were
-computed from; loading a store against other features, another T, k or number of pdfs, or
-a file cut short fails with the reason instead of training on wrong targets. Arrays are
-written batch by batch into memory-mapped files, so a store may be larger than RAM.
+How a store keeps them (dense and top-k arrays, the header that ties them to their features,
+the forms students read) is :mod:`asrkd.distill.target_store`'s.
 """
 
 from __future__ import annotations

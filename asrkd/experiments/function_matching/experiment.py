@@ -138,8 +138,9 @@ def train(cfg) -> None:
         model = Model(f"train-function-matching {name}", Layout(exp).model(name), run.replicate, values=values, views=view_spec(cfg.function_matching, cfg.seed, run))
         rcfg = run_cfg(cfg, run)
         if run.teacher and run.teacher not in ready:  # its ensemble and soft targets first (each resumes; both skip when complete)
-            ensemble.run(teacher_cfg(cfg, run.teacher))
-            soft_targets.run(teacher_cfg(cfg, run.teacher))
+            other = teacher_cfg(cfg, run.teacher)
+            ensemble.run(other)
+            soft_targets.run(other)
             ready.add(run.teacher)
         if run.data not in trainings:
             trainings[run.data] = TrainingSet(rcfg)  # frames loaded once per data dir

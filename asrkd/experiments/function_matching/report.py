@@ -89,8 +89,8 @@ def report(cfg) -> Report:
             continue
         row["control"] = control
         row["minus_control"] = evaluation.frames.difference(row["label"], control)
-        row["gain_kept"] = {**evaluation.frames.share(row["label"], control, teacher_key(other_of(row, teacher))), "unit": "speaker"}
-        row["teacher_minus_control"] = evaluation.frames.difference(teacher_key(other_of(row, teacher)), control)
+        row["gain_kept"] = {**evaluation.frames.share(row["label"], control, row_teacher_key(row, teacher)), "unit": "speaker"}
+        row["teacher_minus_control"] = evaluation.frames.difference(row_teacher_key(row, teacher), control)
     views_effect = None
     baseline = str(cfg.train.name)
     if (Layout(exp).model(baseline) / "stage.json").is_file():  # do the views alone move the plain baseline by half the teacher's gain?
@@ -102,7 +102,7 @@ def report(cfg) -> Report:
             if row["kind"] == "hard":
                 controls[row["label"]] = row["minus_baseline"]["estimate"] > 0.5 * teacher_gain["estimate"]
             else:  # the share of the teacher's gain over the plain baseline: the paper's measure, whatever the views did to the control
-                row["gain_kept_over_baseline"] = {**evaluation.frames.share(row["label"], "baseline", teacher_key(other_of(row, teacher))), "unit": "speaker"}
+                row["gain_kept_over_baseline"] = {**evaluation.frames.share(row["label"], "baseline", row_teacher_key(row, teacher)), "unit": "speaker"}
         views_effect = {"baseline": baseline, "teacher_minus_baseline": teacher_gain, "controls_above_half_the_gain": controls,
                         "teacher_on_views_needed": any(controls.values())}
     headline = by_label.get(row_label(str(fm.headline), int(fm.headline_schedule), "consistent", "train"))
@@ -152,6 +152,11 @@ def teacher_key(other: str) -> str:
     return f"teacher {other}" if other else "teacher"
 
 
+def row_teacher_key(row: dict, teacher: str) -> str:
+    """The bootstrap key of the teacher a student row learned from (``teacher``: distill.teacher)."""
+    return teacher_key(other_of(row, teacher))
+
+
 def other_of(row: dict, teacher: str) -> str:
     """A row's other teacher ("" for distill.teacher's students and for the controls, which have none)."""
     return "" if row.get("teacher", teacher) == teacher else row["teacher"]
@@ -167,7 +172,7 @@ def headline_teachers(frames, fm, teacher: str, by_label: dict, headline: dict |
     if headline is None or not others:
         return None
     rows = [headline, *others]
-    pairs = [(row["label"], teacher_key(other_of(row, teacher))) for row in rows]
+    pairs = [(row["label"], row_teacher_key(row, teacher)) for row in rows]
     return {**frames.share_drawn(pairs, headline["control"]), "unit": "speaker, seed and teacher", "rows": [row["label"] for row in rows],
             "teachers": [row["teacher"] for row in rows], "seeds": [row["seeds"] for row in rows],
             "per_teacher": {row["teacher"]: {"estimate": row["gain_kept"]["estimate"], "ci": row["gain_kept"]["ci"]} for row in rows}}
